@@ -1,0 +1,361 @@
+//! Connecting to a relay's data plane as source or destination: culvert-relay or AWS's
+//! `data.tunneling.iot.<region>.amazonaws.com`. TLS 1.2+ with rustls, the system trust store
+//! plus an optional extra CA file, the AWS handshake headers, and a classification of failures
+//! into "refused, do not retry" (4xx, as AWS defines it) and "try again later".
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+
+use crate::message::MAX_WS_MESSAGE;
+use crate::{Format, Mode, SUBPROTOCOLS};
+
+/// Time allowed for TCP connect + TLS + WebSocket upgrade.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub type RelayStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Where the relay is: `host[:port]`, optionally with a `wss://` prefix. Port 443 by default.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+impl Endpoint {
+    pub fn parse(s: &str) -> Result<Endpoint, String> {
+        let rest = s.strip_prefix("wss://").unwrap_or(s);
+        if rest.starts_with("ws://") || rest.starts_with("http://") {
+            return Err(format!(
+                "{s:?}: the data plane is TLS only; use wss://host:port or host:port"
+            ));
+        }
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (h, p) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("{s:?}: unclosed [ in IPv6 address"))?;
+            (h.to_owned(), p.strip_prefix(':'))
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') => (h.to_owned(), Some(p)),
+                _ => (rest.to_owned(), None),
+            }
+        };
+        if host.is_empty() || host.contains('/') {
+            return Err(format!("{s:?}: expected host[:port]"));
+        }
+        let port = match port {
+            Some(p) => p
+                .parse()
+                .map_err(|_| format!("{s:?}: port {p:?} is not a number 1-65535"))?,
+            None => 443,
+        };
+        Ok(Endpoint { host, port })
+    }
+
+    /// AWS's data-plane endpoint for a region.
+    pub fn aws_region(region: &str) -> Endpoint {
+        let suffix = if region.starts_with("cn-") {
+            ".amazonaws.com.cn"
+        } else {
+            ".amazonaws.com"
+        };
+        Endpoint {
+            host: format!("data.tunneling.iot.{region}{suffix}"),
+            port: 443,
+        }
+    }
+
+    fn url(&self, mode: Mode) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        format!(
+            "wss://{host}:{}/tunnel?local-proxy-mode={}",
+            self.port,
+            mode.as_str()
+        )
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A TLS client configuration trusting the system's roots plus, optionally, a PEM CA file
+/// (for a relay with a private CA, such as `culvert-relay --dev`).
+pub fn tls_config(extra_ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = extra_ca {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+        let mut n = 0;
+        for cert in rustls_pemfile::certs(&mut &pem[..]) {
+            let cert = cert.map_err(|e| format!("CA file {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(format!(
+                "CA file {} contains no PEM certificate",
+                path.display()
+            ));
+        }
+    }
+    if roots.is_empty() {
+        return Err("no trusted CA certificates: install ca-certificates or pass a CA file".into());
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// How to reach and authenticate to a relay.
+#[derive(Clone)]
+pub struct ConnectOptions {
+    pub endpoint: Endpoint,
+    pub mode: Mode,
+    pub access_token: String,
+    /// Binds the first connection and allows reconnecting with the same access token.
+    pub client_token: Option<String>,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("endpoint", &self.endpoint)
+            .field("mode", &self.mode)
+            .field("access_token", &"***")
+            .field("client_token", &self.client_token.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The relay refused the token or the request (HTTP 4xx). Retrying cannot help.
+    #[error("relay refused the connection (HTTP {status}): {message}")]
+    Refused { status: u16, message: String },
+    /// The relay is there but not able to serve now (HTTP 5xx). Retry with backoff.
+    #[error("relay unavailable (HTTP {status}): {message}")]
+    Unavailable { status: u16, message: String },
+    /// TCP, TLS or WebSocket failure. Retry with backoff.
+    #[error("cannot reach relay {endpoint}: {message}")]
+    Transport { endpoint: String, message: String },
+}
+
+impl ConnectError {
+    /// Whether retrying can succeed (AWS: 5xx and transport errors yes, 4xx no).
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, ConnectError::Refused { .. })
+    }
+}
+
+/// WebSocket limits of the AWS protocol.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_WS_MESSAGE))
+        .max_frame_size(Some(MAX_WS_MESSAGE))
+}
+
+/// Open the data-plane WebSocket. Returns the stream and the message format the negotiated
+/// subprotocol implies.
+pub async fn connect(opts: &ConnectOptions) -> Result<(RelayStream, Format), ConnectError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, connect_inner(opts))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ConnectError::Transport {
+                endpoint: opts.endpoint.to_string(),
+                message: format!("handshake took longer than {HANDSHAKE_TIMEOUT:?}"),
+            })
+        })
+}
+
+async fn connect_inner(opts: &ConnectOptions) -> Result<(RelayStream, Format), ConnectError> {
+    let transport = |message: String| ConnectError::Transport {
+        endpoint: opts.endpoint.to_string(),
+        message,
+    };
+    let mut req = opts
+        .endpoint
+        .url(opts.mode)
+        .into_client_request()
+        .map_err(|e| transport(e.to_string()))?;
+    let headers = req.headers_mut();
+    let hv = |v: &str, what: &str| {
+        HeaderValue::from_str(v).map_err(|_| transport(format!("{what} contains invalid characters")))
+    };
+    headers.insert("sec-websocket-protocol", hv(&SUBPROTOCOLS.join(", "), "protocol")?);
+    headers.insert("access-token", hv(&opts.access_token, "access token")?);
+    if let Some(ct) = &opts.client_token {
+        headers.insert("client-token", hv(ct, "client token")?);
+    }
+    let tcp = TcpStream::connect((opts.endpoint.host.as_str(), opts.endpoint.port))
+        .await
+        .map_err(|e| transport(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    let result = tokio_tungstenite::client_async_tls_with_config(
+        req,
+        tcp,
+        Some(ws_config()),
+        Some(Connector::Rustls(opts.tls.clone())),
+    )
+    .await;
+    let (ws, resp) = match result {
+        Ok(ok) => ok,
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let status = resp.status().as_u16();
+            let message = error_message(resp.body().as_deref().unwrap_or_default())
+                .unwrap_or_else(|| resp.status().canonical_reason().unwrap_or("").to_owned());
+            return Err(if resp.status().is_client_error() {
+                ConnectError::Refused { status, message }
+            } else {
+                ConnectError::Unavailable { status, message }
+            });
+        }
+        Err(e) => return Err(transport(e.to_string())),
+    };
+    let chosen = resp
+        .headers()
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .and_then(Format::from_subprotocol)
+        .ok_or_else(|| transport("relay returned no tunnel subprotocol".into()))?;
+    Ok((ws, chosen))
+}
+
+/// The human message in an error body: a JSON `{"message": ...}` (culvert-relay), or the text.
+fn error_message(body: &[u8]) -> Option<String> {
+    if body.is_empty() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(body);
+    // Avoid a JSON dependency for one field: look for "message":"...".
+    if let Some(i) = text.find("\"message\"") {
+        let rest = &text[i + 9..];
+        if let Some(start) = rest.find('"') {
+            let rest = &rest[start + 1..];
+            let mut out = String::new();
+            let mut esc = false;
+            for ch in rest.chars() {
+                match (esc, ch) {
+                    (true, c) => {
+                        out.push(c);
+                        esc = false;
+                    }
+                    (false, '\\') => esc = true,
+                    (false, '"') => return Some(out),
+                    (false, c) => out.push(c),
+                }
+            }
+        }
+    }
+    Some(text.trim().chars().take(500).collect())
+}
+
+/// Exponential backoff with full jitter, for reconnecting to a relay or broker.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Backoff {
+        Backoff {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The next delay: uniformly random in [base/2, min(max, base·2^attempt)].
+    pub fn next_delay(&mut self) -> Duration {
+        let cap = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let lo = (self.base / 2).min(cap);
+        let span = cap.saturating_sub(lo).as_millis() as u64;
+        lo + Duration::from_millis(if span == 0 {
+            0
+        } else {
+            rand::random::<u64>() % (span + 1)
+        })
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        let e = Endpoint::parse("wss://relay.example:8443").unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("relay.example", 8443));
+        assert_eq!(Endpoint::parse("relay.example").unwrap().port, 443);
+        let v6 = Endpoint::parse("[::1]:9000").unwrap();
+        assert_eq!((v6.host.as_str(), v6.port), ("::1", 9000));
+        assert_eq!(v6.url(Mode::Source), "wss://[::1]:9000/tunnel?local-proxy-mode=source");
+        assert!(Endpoint::parse("ws://x:1").is_err());
+        assert!(Endpoint::parse("x:notaport").is_err());
+        assert_eq!(
+            Endpoint::aws_region("cn-north-1").host,
+            "data.tunneling.iot.cn-north-1.amazonaws.com.cn"
+        );
+    }
+
+    #[test]
+    fn error_bodies() {
+        assert_eq!(
+            error_message(br#"{"error":"token_reused","message":"access token \"x\" was used"}"#),
+            Some("access token \"x\" was used".into())
+        );
+        assert_eq!(error_message(b"plain"), Some("plain".into()));
+        assert_eq!(error_message(b""), None);
+    }
+
+    #[test]
+    fn backoff_grows_and_stays_bounded() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        for _ in 0..40 {
+            let d = b.next_delay();
+            assert!(d >= Duration::from_millis(50) && d <= Duration::from_secs(5), "{d:?}");
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,216 @@
+//! Framing: a tunnel carries a byte stream of `[u16 big-endian length][protobuf Message]`
+//! frames, "very loosely coupled" with WebSocket messages: one WebSocket message may carry many
+//! frames or a slice of one. [`FrameReader`] reassembles frames from WebSocket message payloads
+//! without copying in the common case (whole frames per message); [`encode`] writes one.
+//!
+//! "Need more bytes" is `Ok(None)`-like (nothing is returned yet), never an error.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use prost::Message as _;
+
+use crate::message::{MAX_PAYLOAD, Message};
+
+/// Size of the length prefix.
+pub const LENGTH_PREFIX: usize = 2;
+
+/// Largest encoded message: the payload limit plus room for every other field
+/// (the localproxy's `max_size` is 65536; the 2-byte prefix caps it at 65535 anyway).
+pub const MAX_MESSAGE_LEN: usize = u16::MAX as usize;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("tunnel frame of length 0 (a message needs at least its type)")]
+    Empty,
+    #[error("tunnel frame does not decode as a tunnel Message: {0}")]
+    Decode(String),
+    #[error("DATA payload of {0} bytes exceeds the protocol limit of {MAX_PAYLOAD}")]
+    PayloadTooLarge(usize),
+    #[error("message of {0} bytes does not fit a tunnel frame (at most {MAX_MESSAGE_LEN})")]
+    MessageTooLarge(usize),
+}
+
+/// Reassembles frames from a sequence of byte chunks.
+#[derive(Default, Debug)]
+pub struct FrameReader {
+    /// Bytes of an incomplete frame carried over from earlier chunks (at most one frame's worth).
+    partial: BytesMut,
+}
+
+impl FrameReader {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes held back waiting for the rest of a frame.
+    pub fn buffered(&self) -> usize {
+        self.partial.len()
+    }
+
+    /// Feed one chunk. Calls `on_frame` with the body (without length prefix) of every frame the
+    /// chunk completes, in order, and returns the wire bytes of exactly those complete frames
+    /// (prefixes included) so a relay can forward them verbatim. If `on_frame` fails, the error
+    /// is returned and the reader should be discarded together with its connection.
+    pub fn feed<E>(
+        &mut self,
+        chunk: Bytes,
+        mut on_frame: impl FnMut(Bytes) -> Result<(), E>,
+    ) -> Result<Bytes, E>
+    where
+        E: From<FrameError>,
+    {
+        if self.partial.is_empty() {
+            // Fast path: scan the chunk in place; only a trailing partial frame is copied.
+            let end = scan(&chunk, &mut on_frame)?;
+            if end < chunk.len() {
+                self.partial.extend_from_slice(&chunk[end..]);
+            }
+            return Ok(chunk.slice(..end));
+        }
+        self.partial.extend_from_slice(&chunk);
+        let whole = {
+            let view = Bytes::copy_from_slice(&self.partial);
+            let end = scan(&view, &mut on_frame)?;
+            view.slice(..end)
+        };
+        self.partial.advance(whole.len());
+        Ok(whole)
+    }
+}
+
+/// Calls `on_frame` for each complete frame at the start of `buf`; returns the end offset of the
+/// last complete frame.
+fn scan<E: From<FrameError>>(
+    buf: &Bytes,
+    on_frame: &mut impl FnMut(Bytes) -> Result<(), E>,
+) -> Result<usize, E> {
+    let mut pos = 0;
+    while buf.len() - pos >= LENGTH_PREFIX {
+        let len = u16::from_be_bytes([buf[pos], buf[pos + 1]]) as usize;
+        if len == 0 {
+            return Err(FrameError::Empty.into());
+        }
+        let start = pos + LENGTH_PREFIX;
+        if buf.len() - start < len {
+            break;
+        }
+        on_frame(buf.slice(start..start + len))?;
+        pos = start + len;
+    }
+    Ok(pos)
+}
+
+/// Decode one frame body into a [`Message`], enforcing the payload limit.
+pub fn decode(body: Bytes) -> Result<Message, FrameError> {
+    let msg = Message::decode(body).map_err(|e| FrameError::Decode(e.to_string()))?;
+    if msg.payload.len() > MAX_PAYLOAD {
+        return Err(FrameError::PayloadTooLarge(msg.payload.len()));
+    }
+    Ok(msg)
+}
+
+/// Append one frame (length prefix + message) to `out`.
+pub fn encode(msg: &Message, out: &mut BytesMut) -> Result<(), FrameError> {
+    let len = msg.encoded_len();
+    if len > MAX_MESSAGE_LEN {
+        return Err(FrameError::MessageTooLarge(len));
+    }
+    out.reserve(LENGTH_PREFIX + len);
+    out.put_u16(len as u16);
+    msg.encode(out)
+        .expect("reserved capacity always suffices for prost encoding");
+    Ok(())
+}
+
+/// One frame as its own buffer.
+pub fn encode_to_bytes(msg: &Message) -> Result<Bytes, FrameError> {
+    let mut out = BytesMut::with_capacity(LENGTH_PREFIX + msg.encoded_len());
+    encode(msg, &mut out)?;
+    Ok(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::MessageType;
+
+    fn frames(msgs: &[Message]) -> Bytes {
+        let mut out = BytesMut::new();
+        for m in msgs {
+            encode(m, &mut out).unwrap();
+        }
+        out.freeze()
+    }
+
+    fn collect(reader: &mut FrameReader, chunk: Bytes) -> (Vec<Message>, Bytes) {
+        let mut got = Vec::new();
+        let fwd = reader
+            .feed::<FrameError>(chunk, |b| {
+                got.push(decode(b)?);
+                Ok(())
+            })
+            .unwrap();
+        (got, fwd)
+    }
+
+    #[test]
+    fn frames_split_at_every_byte_reassemble() {
+        let msgs = vec![
+            Message::stream_start(1, "SSH", 1),
+            Message::data(1, "SSH", 1, Bytes::from(vec![7u8; 1000])),
+            Message::connection_reset(1, "SSH", 1),
+        ];
+        let wire = frames(&msgs);
+        for split in 0..wire.len() {
+            let mut r = FrameReader::new();
+            let (mut a, fa) = collect(&mut r, wire.slice(..split));
+            let (b, fb) = collect(&mut r, wire.slice(split..));
+            a.extend(b);
+            assert_eq!(a, msgs, "split at {split}");
+            assert_eq!([fa, fb].concat(), wire.to_vec(), "forwarded bytes at split {split}");
+            assert_eq!(r.buffered(), 0);
+        }
+    }
+
+    #[test]
+    fn whole_frames_are_forwarded_without_copy() {
+        let wire = frames(&[Message::stream_start(1, "SSH", 1)]);
+        let mut r = FrameReader::new();
+        let (_, fwd) = collect(&mut r, wire.clone());
+        assert_eq!(fwd.as_ptr(), wire.as_ptr());
+    }
+
+    #[test]
+    fn zero_length_frame_is_an_error() {
+        let mut r = FrameReader::new();
+        let err = r
+            .feed::<FrameError>(Bytes::from_static(&[0, 0, 1]), |_| Ok(()))
+            .unwrap_err();
+        assert_eq!(err, FrameError::Empty);
+    }
+
+    #[test]
+    fn garbage_fails_to_decode_and_oversized_payload_is_refused() {
+        assert!(matches!(
+            decode(Bytes::from_static(&[0xff, 0xff, 0xff])),
+            Err(FrameError::Decode(_))
+        ));
+        let big = Message::data(1, "SSH", 1, Bytes::from(vec![0u8; MAX_PAYLOAD + 1]));
+        let wire = encode_to_bytes(&big).unwrap();
+        assert_eq!(
+            decode(wire.slice(2..)),
+            Err(FrameError::PayloadTooLarge(MAX_PAYLOAD + 1))
+        );
+        let huge = Message::data(1, "SSH", 1, Bytes::from(vec![0u8; 70_000]));
+        assert!(matches!(
+            encode_to_bytes(&huge),
+            Err(FrameError::MessageTooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn defaults_are_not_encoded_like_the_localproxy() {
+        // proto3 omits default values: SESSION_RESET is just the type field.
+        let wire = encode_to_bytes(&Message::session_reset()).unwrap();
+        assert_eq!(&wire[..], &[0, 2, 0x08, MessageType::SessionReset as u8]);
+    }
+}

@@ -1,0 +1,161 @@
+//! culvert-protocol: everything both ends of a tunnel share.
+//!
+//! # Layout
+//! - [`message`]: the AWS IoT Secure Tunneling protobuf `Message` and its limits.
+//! - [`frame`]: the byte-stream framing (2-byte big-endian length + message), independent of
+//!   WebSocket message boundaries. Every length is checked before anything is allocated.
+//! - [`mux`]: the multiplexer state machine that maps `(service, stream id, connection id)` to
+//!   local connections, speaking the V1, V2 and V3 message formats. It has no sockets, no clock and
+//!   no async: feed it messages and calls, it hands back messages to send and events.
+//! - [`rules`]: what each side of a tunnel may send, as the relay enforces it.
+//! - [`session`]: the tokio shell that runs a [`mux::Mux`] over a WebSocket and exposes each tunnel
+//!   connection as an `AsyncRead + AsyncWrite` [`session::TunnelStream`].
+//! - [`client`]: connecting to a relay (AWS's or ours) as source or destination, TLS included.
+//!
+//! The core modules (`message`, `frame`, `mux`, `rules`) are deterministic and tested as an
+//! in-memory pair; only `session` and `client` touch the runtime.
+
+pub mod client;
+pub mod frame;
+pub mod message;
+pub mod mux;
+pub mod rules;
+pub mod session;
+
+pub use message::{Message, MessageType};
+
+/// Which end of a tunnel a program is. AWS calls this the local proxy mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// The operator's side: accepts local TCP connections and starts streams.
+    Source,
+    /// The device side: receives streams and connects them to local targets.
+    Destination,
+}
+
+impl Mode {
+    /// The spelling used in the `local-proxy-mode` query parameter and in notifications.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Source => "source",
+            Mode::Destination => "destination",
+        }
+    }
+
+    pub fn other(self) -> Mode {
+        match self {
+            Mode::Source => Mode::Destination,
+            Mode::Destination => Mode::Source,
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "source" | "src" => Ok(Mode::Source),
+            "destination" | "dst" => Ok(Mode::Destination),
+            other => Err(format!(
+                "unknown mode {other:?}: expected \"source\" or \"destination\""
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The WebSocket subprotocols of the AWS tunnel protocol, newest first (the order a server
+/// prefers them in).
+pub const SUBPROTOCOLS: [&str; 3] = [
+    "aws.iot.securetunneling-3.0",
+    "aws.iot.securetunneling-2.0",
+    "aws.iot.securetunneling-1.0",
+];
+
+/// The message format a peer uses. Negotiated through the subprotocol, and on the destination
+/// side detected per stream from what the source sends (as the AWS localproxy does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Format {
+    /// One stream per tunnel, no service id.
+    V1,
+    /// Several services, one connection per service at a time.
+    V2,
+    /// Several services, several simultaneous connections per service (`connectionId`).
+    V3,
+}
+
+impl Format {
+    /// The format that belongs to a negotiated subprotocol name.
+    pub fn from_subprotocol(p: &str) -> Option<Format> {
+        match p {
+            "aws.iot.securetunneling-3.0" => Some(Format::V3),
+            "aws.iot.securetunneling-2.0" => Some(Format::V2),
+            "aws.iot.securetunneling-1.0" => Some(Format::V1),
+            _ => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_uppercase().as_str() {
+            "V1" => Ok(Format::V1),
+            "V2" => Ok(Format::V2),
+            "V3" => Ok(Format::V3),
+            _ => Err(format!("unknown protocol format {s:?}: expected V1, V2 or V3")),
+        }
+    }
+}
+
+/// Is `name` a valid service id or thing name as AWS allows them (`[A-Za-z0-9:_-]`, 1–128 chars)?
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'))
+}
+
+/// Is `token` a valid client token (`^[A-Za-z0-9-]{32,128}$`)?
+pub fn valid_client_token(token: &str) -> bool {
+    (32..=128).contains(&token.len())
+        && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// A fresh random client token (a UUIDv4-shaped string, as AWS recommends).
+pub fn new_client_token() -> String {
+    let b: [u8; 16] = rand::random();
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-4{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_client_tokens() {
+        assert!(valid_name("SSH"));
+        assert!(valid_name("robot:3_hmi-1"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("a b"));
+        assert!(!valid_name(&"x".repeat(129)));
+        let t = new_client_token();
+        assert!(valid_client_token(&t), "{t}");
+        assert!(!valid_client_token("short"));
+        assert!(!valid_client_token(&format!("{}_", "a".repeat(40))));
+    }
+}

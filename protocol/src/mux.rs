@@ -1,0 +1,904 @@
+//! The stream multiplexer: one tunnel session carries many TCP connections, each named on the
+//! wire by `(service id, stream id, connection id)`. [`Mux`] keeps that table for one end of one
+//! WebSocket session and translates between wire messages and local connection handles
+//! ([`ConnId`]).
+//!
+//! No sockets, no clock, no async: every call takes an [`Output`] to which it appends the
+//! messages to transmit and the events for the application, so the whole state machine runs as
+//! an in-memory pair in tests.
+//!
+//! Formats, as the AWS localproxy 3.x speaks them:
+//! - **V3**: the first connection of a service sends `STREAM_START` (connection id 1); later ones,
+//!   while the stream lives, `CONNECTION_START` with the next connection id; a closed connection
+//!   sends `CONNECTION_RESET` and leaves the stream alive.
+//! - **V2**: one connection per stream: every connection gets a new stream id and `STREAM_START`
+//!   without connection id; a close sends `STREAM_RESET`. A new connection on a service replaces
+//!   the previous one (that is how the format works).
+//! - **V1**: like V2 without a service id; only for tunnels with one service.
+//!
+//! A destination detects the format per stream from the `STREAM_START` it receives and answers in
+//! the same format. Data for a stream or connection that is no longer current is dropped (and
+//! counted): with no acknowledgements in the protocol, late frames after a reset are normal.
+//!
+//! Flow control (a later extension) slots in here: a per-connection credit window charged in
+//! [`Mux::data`] and replenished by an application-consumed call, with the window updates leaving
+//! through the same [`Output`].
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+
+use crate::message::{MAX_PAYLOAD, MAX_SERVICES, Message, MessageType};
+use crate::{Format, Mode, valid_name};
+
+/// A local handle for one tunnel connection, unique for the lifetime of a [`Mux`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "c{}", self.0)
+    }
+}
+
+/// Why a connection ended from the peer's side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseCause {
+    /// `CONNECTION_RESET`, or `STREAM_RESET` of a one-connection (V1/V2) stream.
+    ConnectionReset,
+    /// `STREAM_RESET` of the stream the connection belonged to.
+    StreamReset,
+    /// `SESSION_RESET` from the relay.
+    SessionReset,
+    /// A new stream started on the same service and replaced this one.
+    Replaced,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Event {
+    /// The relay told us which services the tunnel has (first `SERVICE_IDS` of the session).
+    ServiceIds(Vec<String>),
+    /// Destination: the source started a connection to `service`.
+    Opened { id: ConnId, service: String },
+    /// Bytes for a connection, in order.
+    Data { id: ConnId, payload: Bytes },
+    /// The peer ended a connection; no more data will arrive for it.
+    Closed { id: ConnId, cause: CloseCause },
+}
+
+/// What one call produced: messages to send (in order) and events for the application.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub transmit: Vec<Message>,
+    pub events: Vec<Event>,
+}
+
+impl Output {
+    pub fn is_empty(&self) -> bool {
+        self.transmit.is_empty() && self.events.is_empty()
+    }
+}
+
+/// The peer broke the protocol: the session must end (reconnecting is allowed).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("message type {0} is unknown and not marked ignorable")]
+    UnknownType(i32),
+    #[error("{kind:?} is not valid for a {role} to receive")]
+    Unexpected { kind: MessageType, role: Mode },
+    #[error("SERVICE_IDS lists {0} services (at most {MAX_SERVICES} are accepted)")]
+    TooManyServices(usize),
+    #[error("SERVICE_IDS contains an invalid service id {0:?}")]
+    BadServiceId(String),
+    #[error("{0:?} with stream id {1} (stream ids must be positive)")]
+    BadStreamId(MessageType, i32),
+}
+
+/// A local call that cannot be carried out.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MuxError {
+    #[error("the relay has not sent the tunnel's service ids yet")]
+    NoServiceIds,
+    #[error("service {0:?} is not one of this tunnel's services ({1})")]
+    UnknownService(String, String),
+    #[error("the V1 format carries one service only, but this tunnel has {0}")]
+    V1NeedsOneService(usize),
+    #[error("connection {0} is not open")]
+    NotOpen(ConnId),
+    #[error("only a source starts connections")]
+    NotSource,
+    #[error("payload of {0} bytes exceeds {MAX_PAYLOAD}; split it")]
+    PayloadTooLarge(usize),
+}
+
+#[derive(Debug)]
+struct Conn {
+    service: String,
+    stream_id: i32,
+    /// The connection id on the wire; 1 for V1/V2 streams (they carry none).
+    connection_id: u32,
+    format: Format,
+}
+
+#[derive(Debug)]
+struct Stream {
+    id: i32,
+    format: Format,
+    next_connection_id: u32,
+    conns: BTreeMap<u32, ConnId>,
+}
+
+#[derive(Debug, Default)]
+struct ServiceState {
+    /// Source: the id the next STREAM_START uses (starts at 1, wraps at `i32::MAX` to 1).
+    next_stream_id: i32,
+    active: Option<Stream>,
+}
+
+/// Counters of things dropped or refused, for logs and metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MuxStats {
+    /// DATA for a stream or connection that is not (or no longer) open.
+    pub stale_data: u64,
+    /// Resets and starts that named nothing we know, answered or ignored.
+    pub stale_control: u64,
+    /// Ignorable messages of unknown type that were skipped.
+    pub ignored: u64,
+}
+
+/// One end of one tunnel session.
+#[derive(Debug)]
+pub struct Mux {
+    role: Mode,
+    /// Source: the format it speaks. Destination: unused (detected per stream).
+    format: Format,
+    /// Destination: the service names it can serve (its rules). `None`: anything, the
+    /// application decides and closes what it cannot serve.
+    local_services: Option<Vec<String>>,
+    service_ids: Option<Vec<String>>,
+    /// The service a V1 (service-id-less) stream maps to.
+    v1_service: Option<String>,
+    services: HashMap<String, ServiceState>,
+    conns: HashMap<ConnId, Conn>,
+    next_id: u64,
+    stats: MuxStats,
+}
+
+impl Mux {
+    /// A source speaking `format` (normally the one the subprotocol negotiated).
+    pub fn source(format: Format) -> Mux {
+        Mux::new(Mode::Source, format, None)
+    }
+
+    /// A destination. `local_services` are the services it has rules for, if known.
+    pub fn destination(local_services: Option<Vec<String>>) -> Mux {
+        Mux::new(Mode::Destination, Format::V3, local_services)
+    }
+
+    fn new(role: Mode, format: Format, local_services: Option<Vec<String>>) -> Mux {
+        Mux {
+            role,
+            format,
+            local_services,
+            service_ids: None,
+            v1_service: None,
+            services: HashMap::new(),
+            conns: HashMap::new(),
+            next_id: 1,
+            stats: MuxStats::default(),
+        }
+    }
+
+    pub fn role(&self) -> Mode {
+        self.role
+    }
+
+    pub fn service_ids(&self) -> Option<&[String]> {
+        self.service_ids.as_deref()
+    }
+
+    pub fn stats(&self) -> MuxStats {
+        self.stats
+    }
+
+    /// Number of open connections.
+    pub fn open_connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// The service a connection belongs to.
+    pub fn service_of(&self, id: ConnId) -> Option<&str> {
+        self.conns.get(&id).map(|c| c.service.as_str())
+    }
+
+    pub fn is_open(&self, id: ConnId) -> bool {
+        self.conns.contains_key(&id)
+    }
+
+    fn alloc(&mut self) -> ConnId {
+        let id = ConnId(self.next_id);
+        self.next_id += 1;
+        id
+    }
+
+    /// Handle one message received from the peer (through the relay).
+    pub fn handle(&mut self, msg: Message, out: &mut Output) -> Result<(), ProtocolError> {
+        let Some(kind) = msg.kind() else {
+            if msg.ignorable {
+                self.stats.ignored += 1;
+                return Ok(());
+            }
+            return Err(ProtocolError::UnknownType(msg.r#type));
+        };
+        if kind.is_stream_bound() && msg.stream_id <= 0 {
+            return Err(ProtocolError::BadStreamId(kind, msg.stream_id));
+        }
+        match kind {
+            MessageType::Unknown => Err(ProtocolError::UnknownType(0)),
+            MessageType::ServiceIds => self.on_service_ids(msg, out),
+            MessageType::SessionReset => {
+                self.close_all(CloseCause::SessionReset, out);
+                Ok(())
+            }
+            MessageType::StreamStart if self.role == Mode::Destination => {
+                self.on_stream_start(msg, out);
+                Ok(())
+            }
+            MessageType::ConnectionStart if self.role == Mode::Destination => {
+                self.on_connection_start(msg, out);
+                Ok(())
+            }
+            MessageType::StreamStart | MessageType::ConnectionStart => {
+                Err(ProtocolError::Unexpected {
+                    kind,
+                    role: self.role,
+                })
+            }
+            MessageType::Data => {
+                match self.lookup(&msg) {
+                    Some(id) => out.events.push(Event::Data {
+                        id,
+                        payload: msg.payload,
+                    }),
+                    None => self.stats.stale_data += 1,
+                }
+                Ok(())
+            }
+            MessageType::StreamReset => {
+                let service = self.resolve_service(&msg.service_id);
+                let current = service
+                    .as_deref()
+                    .and_then(|s| self.services.get(s))
+                    .and_then(|st| st.active.as_ref())
+                    .is_some_and(|stream| stream.id == msg.stream_id);
+                match (current, service) {
+                    (true, Some(s)) => self.end_stream(&s, CloseCause::StreamReset, out),
+                    _ => self.stats.stale_control += 1,
+                }
+                Ok(())
+            }
+            MessageType::ConnectionReset => {
+                match self.lookup(&msg) {
+                    Some(id) => {
+                        self.forget(id);
+                        out.events.push(Event::Closed {
+                            id,
+                            cause: CloseCause::ConnectionReset,
+                        });
+                    }
+                    None => self.stats.stale_control += 1,
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn on_service_ids(&mut self, msg: Message, out: &mut Output) -> Result<(), ProtocolError> {
+        if self.service_ids.is_some() {
+            // The localproxy ignores later SERVICE_IDS during a session; so do we.
+            self.stats.stale_control += 1;
+            return Ok(());
+        }
+        if msg.available_service_ids.len() > MAX_SERVICES {
+            return Err(ProtocolError::TooManyServices(
+                msg.available_service_ids.len(),
+            ));
+        }
+        let mut ids: Vec<String> = Vec::new();
+        for id in msg.available_service_ids {
+            if !valid_name(&id) {
+                return Err(ProtocolError::BadServiceId(id));
+            }
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        self.service_ids = Some(ids.clone());
+        out.events.push(Event::ServiceIds(ids));
+        Ok(())
+    }
+
+    /// The service a message names; the empty id (V1) maps to the tunnel's single service.
+    fn resolve_service(&self, service_id: &str) -> Option<String> {
+        if !service_id.is_empty() {
+            return Some(service_id.to_owned());
+        }
+        if let Some(s) = &self.v1_service {
+            return Some(s.clone());
+        }
+        let single = |v: &Vec<String>| (v.len() == 1).then(|| v[0].clone());
+        self.local_services
+            .as_ref()
+            .and_then(single)
+            .or_else(|| self.service_ids.as_ref().and_then(single))
+    }
+
+    fn lookup(&self, msg: &Message) -> Option<ConnId> {
+        let service: &str = if msg.service_id.is_empty() {
+            self.v1_service.as_deref()?
+        } else {
+            &msg.service_id
+        };
+        let stream = self.services.get(service)?.active.as_ref()?;
+        if stream.id != msg.stream_id {
+            return None;
+        }
+        let cid = if stream.format == Format::V3 {
+            msg.connection_id.max(1)
+        } else {
+            1
+        };
+        stream.conns.get(&cid).copied()
+    }
+
+    fn serves(&self, service: &str) -> bool {
+        self.local_services
+            .as_ref()
+            .is_none_or(|l| l.iter().any(|s| s == service))
+    }
+
+    fn on_stream_start(&mut self, msg: Message, out: &mut Output) {
+        let format = if msg.service_id.is_empty() {
+            Format::V1
+        } else if msg.connection_id == 0 {
+            Format::V2
+        } else {
+            Format::V3
+        };
+        let service = match self.resolve_service(&msg.service_id) {
+            Some(s) if self.serves(&s) => s,
+            _ => {
+                self.stats.stale_control += 1;
+                out.transmit
+                    .push(Message::stream_reset(msg.stream_id, &msg.service_id));
+                return;
+            }
+        };
+        if format == Format::V1 {
+            self.v1_service = Some(service.clone());
+        }
+        self.end_stream(&service, CloseCause::Replaced, out);
+        let cid = msg.connection_id.max(1);
+        let id = self.alloc();
+        let mut conns = BTreeMap::new();
+        conns.insert(cid, id);
+        self.services.entry(service.clone()).or_default().active = Some(Stream {
+            id: msg.stream_id,
+            format,
+            next_connection_id: cid.wrapping_add(1).max(1),
+            conns,
+        });
+        self.conns.insert(
+            id,
+            Conn {
+                service: service.clone(),
+                stream_id: msg.stream_id,
+                connection_id: cid,
+                format,
+            },
+        );
+        out.events.push(Event::Opened { id, service });
+    }
+
+    fn on_connection_start(&mut self, msg: Message, out: &mut Output) {
+        let cid = msg.connection_id;
+        let id = self.alloc();
+        let service = self.resolve_service(&msg.service_id);
+        let stream = service
+            .as_deref()
+            .and_then(|s| self.services.get_mut(s))
+            .and_then(|st| st.active.as_mut())
+            .filter(|s| s.id == msg.stream_id && s.format == Format::V3);
+        match (stream, service) {
+            (Some(stream), Some(service)) if cid != 0 && !stream.conns.contains_key(&cid) => {
+                stream.conns.insert(cid, id);
+                self.conns.insert(
+                    id,
+                    Conn {
+                        service: service.clone(),
+                        stream_id: msg.stream_id,
+                        connection_id: cid,
+                        format: Format::V3,
+                    },
+                );
+                out.events.push(Event::Opened { id, service });
+            }
+            _ => {
+                // Unknown stream, or a connection id already in use: refuse this connection.
+                self.stats.stale_control += 1;
+                out.transmit.push(Message::connection_reset(
+                    msg.stream_id,
+                    &msg.service_id,
+                    cid,
+                ));
+            }
+        }
+    }
+
+    /// End the active stream of `service` (if any), reporting its connections as closed.
+    fn end_stream(&mut self, service: &str, cause: CloseCause, out: &mut Output) {
+        let Some(stream) = self.services.get_mut(service).and_then(|s| s.active.take()) else {
+            return;
+        };
+        for id in stream.conns.into_values() {
+            self.conns.remove(&id);
+            let cause = if stream.format == Format::V3 {
+                cause
+            } else if cause == CloseCause::StreamReset {
+                CloseCause::ConnectionReset
+            } else {
+                cause
+            };
+            out.events.push(Event::Closed { id, cause });
+        }
+    }
+
+    fn close_all(&mut self, cause: CloseCause, out: &mut Output) {
+        let services: Vec<String> = self.services.keys().cloned().collect();
+        for s in services {
+            self.end_stream(&s, cause, out);
+        }
+    }
+
+    /// Remove a connection from the tables; ends a V1/V2 stream with it.
+    fn forget(&mut self, id: ConnId) -> Option<Conn> {
+        let conn = self.conns.remove(&id)?;
+        if let Some(state) = self.services.get_mut(&conn.service) {
+            if let Some(stream) = state.active.as_mut().filter(|s| s.id == conn.stream_id) {
+                stream.conns.remove(&conn.connection_id);
+                if stream.format != Format::V3 {
+                    state.active = None;
+                }
+            }
+        }
+        Some(conn)
+    }
+
+    /// Source: start a new connection to `service`.
+    pub fn open(&mut self, service: &str, out: &mut Output) -> Result<ConnId, MuxError> {
+        if self.role != Mode::Source {
+            return Err(MuxError::NotSource);
+        }
+        let ids = self.service_ids.as_ref().ok_or(MuxError::NoServiceIds)?;
+        if !ids.iter().any(|s| s == service) {
+            return Err(MuxError::UnknownService(service.to_owned(), ids.join(", ")));
+        }
+        if self.format == Format::V1 {
+            if ids.len() > 1 {
+                return Err(MuxError::V1NeedsOneService(ids.len()));
+            }
+            self.v1_service = Some(service.to_owned());
+        }
+        let format = self.format;
+        let id = self.alloc();
+        let state = self.services.entry(service.to_owned()).or_default();
+        let wire_service = if format == Format::V1 { "" } else { service };
+        if format == Format::V3 {
+            if let Some(stream) = state.active.as_mut() {
+                let cid = stream.next_connection_id;
+                stream.next_connection_id = cid.wrapping_add(1).max(1);
+                stream.conns.insert(cid, id);
+                out.transmit
+                    .push(Message::connection_start(stream.id, wire_service, cid));
+                let stream_id = stream.id;
+                self.conns.insert(
+                    id,
+                    Conn {
+                        service: service.to_owned(),
+                        stream_id,
+                        connection_id: cid,
+                        format,
+                    },
+                );
+                return Ok(id);
+            }
+        }
+        // A new stream. In V1/V2 it replaces the service's current connection, if any.
+        let replaced: Vec<ConnId> = state
+            .active
+            .take()
+            .map(|s| s.conns.into_values().collect())
+            .unwrap_or_default();
+        let stream_id = state.next_stream_id.max(1);
+        state.next_stream_id = if stream_id == i32::MAX {
+            1
+        } else {
+            stream_id + 1
+        };
+        let wire_cid = if format == Format::V3 { 1 } else { 0 };
+        let mut conns = BTreeMap::new();
+        conns.insert(1, id);
+        state.active = Some(Stream {
+            id: stream_id,
+            format,
+            next_connection_id: 2,
+            conns,
+        });
+        for old in replaced {
+            self.conns.remove(&old);
+            out.events.push(Event::Closed {
+                id: old,
+                cause: CloseCause::Replaced,
+            });
+        }
+        out.transmit
+            .push(Message::stream_start(stream_id, wire_service, wire_cid));
+        self.conns.insert(
+            id,
+            Conn {
+                service: service.to_owned(),
+                stream_id,
+                connection_id: 1,
+                format,
+            },
+        );
+        Ok(id)
+    }
+
+    /// A DATA message carrying `payload` (at most [`MAX_PAYLOAD`] bytes) for connection `id`.
+    pub fn data(&self, id: ConnId, payload: Bytes) -> Result<Message, MuxError> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(MuxError::PayloadTooLarge(payload.len()));
+        }
+        let c = self.conns.get(&id).ok_or(MuxError::NotOpen(id))?;
+        let (service, cid) = wire_names(c);
+        Ok(Message::data(c.stream_id, service, cid, payload))
+    }
+
+    /// Close connection `id` from our side (local EOF, error, or a target that refused).
+    /// Closing a connection that is already gone is a no-op.
+    pub fn close(&mut self, id: ConnId, out: &mut Output) {
+        let Some(c) = self.forget(id) else { return };
+        let (service, cid) = wire_names(&c);
+        out.transmit.push(match c.format {
+            Format::V3 => Message::connection_reset(c.stream_id, service, cid),
+            Format::V1 | Format::V2 => Message::stream_reset(c.stream_id, service),
+        });
+    }
+}
+
+/// The service id and connection id a connection's messages carry on the wire.
+fn wire_names(c: &Conn) -> (&str, u32) {
+    match c.format {
+        Format::V1 => ("", 0),
+        Format::V2 => (&c.service, 0),
+        Format::V3 => (&c.service, c.connection_id),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The multiplexer as an in-memory pair: a source and a destination wired through a
+    //! "relay" that passes messages verbatim, as culvert-relay and AWS's service do.
+    use super::*;
+
+    struct Pair {
+        src: Mux,
+        dst: Mux,
+        /// Events seen by each side, drained by the tests.
+        src_events: Vec<Event>,
+        dst_events: Vec<Event>,
+    }
+
+    impl Pair {
+        fn new(format: Format, services: &[&str]) -> Pair {
+            let ids: Vec<String> = services.iter().map(|s| s.to_string()).collect();
+            let mut p = Pair {
+                src: Mux::source(format),
+                dst: Mux::destination(Some(ids.clone())),
+                src_events: vec![],
+                dst_events: vec![],
+            };
+            let mut out = Output::default();
+            p.src.handle(Message::service_ids(&ids), &mut out).unwrap();
+            p.dst.handle(Message::service_ids(&ids), &mut out).unwrap();
+            assert!(out.transmit.is_empty());
+            p
+        }
+
+        /// Deliver messages produced by one side to the other until both are quiet.
+        fn pump(&mut self, mut from_src: Vec<Message>, mut from_dst: Vec<Message>) {
+            while !from_src.is_empty() || !from_dst.is_empty() {
+                for m in std::mem::take(&mut from_src) {
+                    let mut out = Output::default();
+                    self.dst.handle(m, &mut out).unwrap();
+                    from_dst.extend(out.transmit);
+                    self.dst_events.extend(out.events);
+                }
+                for m in std::mem::take(&mut from_dst) {
+                    let mut out = Output::default();
+                    self.src.handle(m, &mut out).unwrap();
+                    from_src.extend(out.transmit);
+                    self.src_events.extend(out.events);
+                }
+            }
+        }
+
+        fn open(&mut self, service: &str) -> (ConnId, ConnId) {
+            let mut out = Output::default();
+            let s = self.src.open(service, &mut out).unwrap();
+            self.src_events.extend(out.events);
+            self.pump(out.transmit, vec![]);
+            let d = match self.dst_events.pop() {
+                Some(Event::Opened { id, service: got }) => {
+                    assert_eq!(got, service);
+                    id
+                }
+                other => panic!("expected Opened, got {other:?}"),
+            };
+            (s, d)
+        }
+
+        fn send_src(&mut self, id: ConnId, data: &'static [u8]) {
+            let m = self.src.data(id, Bytes::from_static(data)).unwrap();
+            self.pump(vec![m], vec![]);
+        }
+
+        fn send_dst(&mut self, id: ConnId, data: &'static [u8]) {
+            let m = self.dst.data(id, Bytes::from_static(data)).unwrap();
+            self.pump(vec![], vec![m]);
+        }
+    }
+
+    fn data(id: ConnId, p: &'static [u8]) -> Event {
+        Event::Data {
+            id,
+            payload: Bytes::from_static(p),
+        }
+    }
+
+    #[test]
+    fn v3_many_connections_per_service_and_two_services() {
+        let mut p = Pair::new(Format::V3, &["SSH", "HMI"]);
+        let (s1, d1) = p.open("SSH");
+        let (s2, d2) = p.open("SSH");
+        let (s3, d3) = p.open("HMI");
+        p.send_src(s1, b"one");
+        p.send_src(s2, b"two");
+        p.send_src(s3, b"three");
+        assert_eq!(
+            p.dst_events,
+            vec![data(d1, b"one"), data(d2, b"two"), data(d3, b"three")]
+        );
+        p.send_dst(d2, b"back");
+        assert_eq!(p.src_events, vec![data(s2, b"back")]);
+        // Closing one V3 connection leaves the others (and the stream) alive.
+        let mut out = Output::default();
+        p.src.close(s1, &mut out);
+        assert_eq!(out.transmit[0].kind(), Some(MessageType::ConnectionReset));
+        p.pump(out.transmit, vec![]);
+        assert_eq!(
+            p.dst_events.pop(),
+            Some(Event::Closed {
+                id: d1,
+                cause: CloseCause::ConnectionReset
+            })
+        );
+        p.dst_events.clear();
+        p.send_src(s2, b"still");
+        assert_eq!(p.dst_events, vec![data(d2, b"still")]);
+        // The next connection uses CONNECTION_START on the same stream.
+        let mut out = Output::default();
+        p.src.open("SSH", &mut out).unwrap();
+        assert_eq!(out.transmit[0].kind(), Some(MessageType::ConnectionStart));
+        assert_eq!(out.transmit[0].stream_id, 1);
+        assert_eq!(out.transmit[0].connection_id, 3);
+    }
+
+    #[test]
+    fn v2_format_one_connection_per_stream() {
+        let mut p = Pair::new(Format::V2, &["SSH", "HMI"]);
+        let (s1, d1) = p.open("SSH");
+        let mut out = Output::default();
+        let m = p.src.data(s1, Bytes::from_static(b"x")).unwrap();
+        assert_eq!((m.service_id.as_str(), m.connection_id), ("SSH", 0));
+        // A second connection on the same service is a new stream that replaces the first.
+        let s2 = p.src.open("SSH", &mut out).unwrap();
+        assert_eq!(out.transmit[0].kind(), Some(MessageType::StreamStart));
+        assert_eq!(out.transmit[0].stream_id, 2);
+        assert_eq!(
+            out.events,
+            vec![Event::Closed {
+                id: s1,
+                cause: CloseCause::Replaced
+            }]
+        );
+        p.pump(out.transmit, vec![]);
+        assert!(matches!(p.dst_events[0], Event::Closed { id, .. } if id == d1));
+        let Event::Opened { id: d2, .. } = p.dst_events[1] else {
+            panic!("{:?}", p.dst_events)
+        };
+        p.dst_events.clear();
+        // The destination answers in V2 format; a close is a STREAM_RESET.
+        let back = p.dst.data(d2, Bytes::from_static(b"y")).unwrap();
+        assert_eq!((back.service_id.as_str(), back.connection_id), ("SSH", 0));
+        p.pump(vec![], vec![back]);
+        assert_eq!(p.src_events.pop(), Some(data(s2, b"y")));
+        let mut out = Output::default();
+        p.dst.close(d2, &mut out);
+        assert_eq!(out.transmit[0].kind(), Some(MessageType::StreamReset));
+        p.pump(vec![], out.transmit);
+        assert_eq!(
+            p.src_events.pop(),
+            Some(Event::Closed {
+                id: s2,
+                cause: CloseCause::ConnectionReset
+            })
+        );
+        assert_eq!(p.src.open_connections(), 0);
+    }
+
+    #[test]
+    fn v1_format_has_no_service_id() {
+        let mut p = Pair::new(Format::V1, &["SSH"]);
+        let (s, d) = p.open("SSH");
+        let m = p.src.data(s, Bytes::from_static(b"hi")).unwrap();
+        assert_eq!((m.service_id.as_str(), m.connection_id), ("", 0));
+        p.pump(vec![m], vec![]);
+        assert_eq!(p.dst_events, vec![data(d, b"hi")]);
+        let back = p.dst.data(d, Bytes::from_static(b"ho")).unwrap();
+        assert_eq!(back.service_id, "");
+        p.pump(vec![], vec![back]);
+        assert_eq!(p.src_events, vec![data(s, b"ho")]);
+        // V1 cannot address one of several services.
+        let mut two = Pair::new(Format::V1, &["A", "B"]);
+        assert_eq!(
+            two.src.open("A", &mut Output::default()),
+            Err(MuxError::V1NeedsOneService(2))
+        );
+    }
+
+    #[test]
+    fn stale_data_after_reset_is_dropped_and_counted() {
+        let mut p = Pair::new(Format::V3, &["SSH"]);
+        let (s1, d1) = p.open("SSH");
+        let late = p.dst.data(d1, Bytes::from_static(b"late")).unwrap();
+        let mut out = Output::default();
+        p.src.close(s1, &mut out);
+        p.pump(out.transmit, vec![]);
+        p.pump(vec![], vec![late]);
+        assert!(p.src_events.is_empty(), "{:?}", p.src_events);
+        assert_eq!(p.src.stats().stale_data, 1);
+    }
+
+    #[test]
+    fn unknown_service_and_duplicate_connection_are_refused() {
+        let mut p = Pair::new(Format::V3, &["SSH"]);
+        let mut out = Output::default();
+        p.dst
+            .handle(Message::stream_start(1, "VNC", 1), &mut out)
+            .unwrap();
+        assert_eq!(out.transmit, vec![Message::stream_reset(1, "VNC")]);
+        assert!(out.events.is_empty());
+        let (_s, _d) = p.open("SSH");
+        let mut out = Output::default();
+        p.dst
+            .handle(Message::connection_start(1, "SSH", 1), &mut out)
+            .unwrap();
+        assert_eq!(out.transmit, vec![Message::connection_reset(1, "SSH", 1)]);
+    }
+
+    #[test]
+    fn new_stream_start_replaces_the_active_stream() {
+        // A source that reconnected restarts stream ids; the destination takes the new stream.
+        let mut p = Pair::new(Format::V3, &["SSH"]);
+        let (_s, d1) = p.open("SSH");
+        let mut out = Output::default();
+        p.dst
+            .handle(Message::stream_start(1, "SSH", 1), &mut out)
+            .unwrap();
+        assert_eq!(
+            out.events[0],
+            Event::Closed {
+                id: d1,
+                cause: CloseCause::Replaced
+            }
+        );
+        assert!(matches!(out.events[1], Event::Opened { .. }));
+    }
+
+    #[test]
+    fn stream_and_session_resets_close_everything_they_name() {
+        let mut p = Pair::new(Format::V3, &["SSH", "HMI"]);
+        let (_a, _) = p.open("SSH");
+        let (_b, _) = p.open("SSH");
+        let (c, _) = p.open("HMI");
+        let mut out = Output::default();
+        p.src
+            .handle(Message::stream_reset(1, "SSH"), &mut out)
+            .unwrap();
+        assert_eq!(out.events.len(), 2);
+        assert!(p.src.is_open(c));
+        let mut out = Output::default();
+        p.src.handle(Message::session_reset(), &mut out).unwrap();
+        assert_eq!(
+            out.events,
+            vec![Event::Closed {
+                id: c,
+                cause: CloseCause::SessionReset
+            }]
+        );
+        assert_eq!(p.src.open_connections(), 0);
+    }
+
+    #[test]
+    fn protocol_violations() {
+        let mut src = Mux::source(Format::V3);
+        let mut out = Output::default();
+        assert_eq!(
+            src.handle(Message::stream_start(1, "SSH", 1), &mut out),
+            Err(ProtocolError::Unexpected {
+                kind: MessageType::StreamStart,
+                role: Mode::Source
+            })
+        );
+        let unknown = Message {
+            r#type: 42,
+            ..Default::default()
+        };
+        assert_eq!(
+            src.handle(unknown.clone(), &mut out),
+            Err(ProtocolError::UnknownType(42))
+        );
+        let ignorable = Message {
+            ignorable: true,
+            ..unknown
+        };
+        assert_eq!(src.handle(ignorable, &mut out), Ok(()));
+        assert_eq!(src.stats().ignored, 1);
+        assert_eq!(
+            src.handle(Message::data(0, "SSH", 1, Bytes::new()), &mut out),
+            Err(ProtocolError::BadStreamId(MessageType::Data, 0))
+        );
+        assert_eq!(
+            src.open("SSH", &mut out),
+            Err(MuxError::NoServiceIds),
+            "a source cannot open before SERVICE_IDS"
+        );
+        src.handle(Message::service_ids(&["SSH".into()]), &mut out)
+            .unwrap();
+        assert!(matches!(
+            src.open("VNC", &mut out),
+            Err(MuxError::UnknownService(..))
+        ));
+        let bad = Message::service_ids(&["no spaces".into()]);
+        assert!(matches!(
+            Mux::source(Format::V3).handle(bad, &mut out),
+            Err(ProtocolError::BadServiceId(_))
+        ));
+    }
+
+    #[test]
+    fn stream_ids_wrap_to_one() {
+        let mut src = Mux::source(Format::V2);
+        let mut out = Output::default();
+        src.handle(Message::service_ids(&["S".into()]), &mut out)
+            .unwrap();
+        src.services.get_mut("S").map(|_| ()).unwrap_or(());
+        src.services.entry("S".into()).or_default().next_stream_id = i32::MAX;
+        src.open("S", &mut out).unwrap();
+        src.open("S", &mut out).unwrap();
+        let ids: Vec<i32> = out.transmit.iter().map(|m| m.stream_id).collect();
+        assert_eq!(ids, vec![i32::MAX, 1]);
+    }
+}

@@ -1,0 +1,195 @@
+//! What each side of a tunnel may send, as a relay enforces it before forwarding a frame
+//! verbatim. A [`Violation`] closes only the peer that sent the frame.
+//!
+//! The relay also tracks which streams the source has started, so it can refuse frames for a
+//! stream that never existed and tell a surviving peer which streams died when the other side
+//! went away or was replaced.
+
+use std::collections::HashMap;
+
+use crate::Mode;
+use crate::message::{Message, MessageType};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Violation {
+    #[error("message type {0} is unknown and not marked ignorable")]
+    UnknownType(i32),
+    #[error("{kind:?} may not be sent by a {from}")]
+    NotAllowed { kind: MessageType, from: Mode },
+    #[error("{0:?} with stream id {1}: stream ids must be positive")]
+    BadStreamId(MessageType, i32),
+    #[error("service id {0:?} is not one of this tunnel's services ({1})")]
+    UnknownService(String, String),
+    #[error("a message without service id is only valid in a tunnel with one service (this one has {0})")]
+    MissingServiceId(usize),
+    #[error("{kind:?} for stream {stream} of service {service:?}, which was never started")]
+    UnknownStream {
+        kind: MessageType,
+        stream: i32,
+        service: String,
+    },
+}
+
+/// Per-tunnel frame rules; one instance shared by both sides of a tunnel.
+#[derive(Debug)]
+pub struct TunnelRules {
+    services: Vec<String>,
+    /// Highest stream id the source has started, per wire service id ("" for V1).
+    max_started: HashMap<String, i32>,
+    /// The stream the source started last, per wire service id, until it is reset.
+    active: HashMap<String, i32>,
+}
+
+impl TunnelRules {
+    pub fn new(services: Vec<String>) -> TunnelRules {
+        TunnelRules {
+            services,
+            max_started: HashMap::new(),
+            active: HashMap::new(),
+        }
+    }
+
+    /// Check a message `from` one side. `Ok(())` means forward it verbatim.
+    pub fn check(&mut self, from: Mode, msg: &Message) -> Result<(), Violation> {
+        let Some(kind) = msg.kind() else {
+            // Extensions travel as new ignorable types; the receiver decides.
+            return if msg.ignorable {
+                Ok(())
+            } else {
+                Err(Violation::UnknownType(msg.r#type))
+            };
+        };
+        match kind {
+            MessageType::Unknown => return Err(Violation::UnknownType(0)),
+            MessageType::SessionReset | MessageType::ServiceIds => {
+                return Err(Violation::NotAllowed { kind, from });
+            }
+            MessageType::StreamStart | MessageType::ConnectionStart if from == Mode::Destination => {
+                return Err(Violation::NotAllowed { kind, from });
+            }
+            _ => {}
+        }
+        if msg.stream_id <= 0 {
+            return Err(Violation::BadStreamId(kind, msg.stream_id));
+        }
+        if msg.service_id.is_empty() {
+            if self.services.len() > 1 {
+                return Err(Violation::MissingServiceId(self.services.len()));
+            }
+        } else if !self.services.iter().any(|s| *s == msg.service_id) {
+            return Err(Violation::UnknownService(
+                msg.service_id.clone(),
+                self.services.join(", "),
+            ));
+        }
+        if kind == MessageType::StreamStart {
+            let max = self.max_started.entry(msg.service_id.clone()).or_insert(0);
+            *max = (*max).max(msg.stream_id);
+            self.active.insert(msg.service_id.clone(), msg.stream_id);
+            return Ok(());
+        }
+        // Every other stream-bound message must name a stream the source has started. Stale
+        // ids (lower than the newest) are legal: frames cross resets in flight.
+        let started = self
+            .max_started
+            .get(msg.service_id.as_str())
+            .is_some_and(|max| msg.stream_id <= *max);
+        if !started {
+            return Err(Violation::UnknownStream {
+                kind,
+                stream: msg.stream_id,
+                service: msg.service_id.clone(),
+            });
+        }
+        if kind == MessageType::StreamReset
+            && self.active.get(msg.service_id.as_str()) == Some(&msg.stream_id)
+        {
+            self.active.remove(msg.service_id.as_str());
+        }
+        Ok(())
+    }
+
+    /// One side went away or was replaced: the streams it shared with the other side are dead.
+    /// Returns the `STREAM_RESET`s to send to the surviving side.
+    pub fn peer_gone(&mut self) -> Vec<Message> {
+        self.active
+            .drain()
+            .map(|(service, stream)| Message::stream_reset(stream, &service))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn rules() -> TunnelRules {
+        TunnelRules::new(vec!["SSH".into(), "HMI".into()])
+    }
+
+    #[test]
+    fn who_may_send_what() {
+        let mut r = rules();
+        assert_eq!(
+            r.check(Mode::Destination, &Message::stream_start(1, "SSH", 1)),
+            Err(Violation::NotAllowed {
+                kind: MessageType::StreamStart,
+                from: Mode::Destination
+            })
+        );
+        assert!(matches!(
+            r.check(Mode::Source, &Message::session_reset()),
+            Err(Violation::NotAllowed { .. })
+        ));
+        assert!(matches!(
+            r.check(Mode::Source, &Message::service_ids(&[])),
+            Err(Violation::NotAllowed { .. })
+        ));
+        assert!(matches!(
+            r.check(Mode::Source, &Message::stream_start(0, "SSH", 1)),
+            Err(Violation::BadStreamId(..))
+        ));
+        assert!(matches!(
+            r.check(Mode::Source, &Message::stream_start(1, "VNC", 1)),
+            Err(Violation::UnknownService(..))
+        ));
+        assert_eq!(
+            r.check(Mode::Source, &Message::stream_start(1, "", 0)),
+            Err(Violation::MissingServiceId(2))
+        );
+        let ext = Message {
+            r#type: 100,
+            ignorable: true,
+            ..Default::default()
+        };
+        assert_eq!(r.check(Mode::Source, &ext), Ok(()));
+        assert_eq!(
+            r.check(
+                Mode::Source,
+                &Message {
+                    ignorable: false,
+                    ..ext
+                }
+            ),
+            Err(Violation::UnknownType(100))
+        );
+    }
+
+    #[test]
+    fn frames_must_name_a_started_stream() {
+        let mut r = rules();
+        let data = |s| Message::data(s, "SSH", 1, Bytes::from_static(b"x"));
+        assert!(matches!(
+            r.check(Mode::Destination, &data(1)),
+            Err(Violation::UnknownStream { .. })
+        ));
+        r.check(Mode::Source, &Message::stream_start(3, "SSH", 1))
+            .unwrap();
+        assert_eq!(r.check(Mode::Destination, &data(3)), Ok(()));
+        assert_eq!(r.check(Mode::Destination, &data(2)), Ok(()), "stale is legal");
+        assert!(r.check(Mode::Destination, &data(4)).is_err());
+        assert_eq!(r.peer_gone(), vec![Message::stream_reset(3, "SSH")]);
+        assert!(r.peer_gone().is_empty());
+    }
+}
