@@ -1,0 +1,371 @@
+//! The control API: JSON over HTTPS under `/api/v1`, authenticated with a bearer API key.
+//!
+//! | method | path | does |
+//! |---|---|---|
+//! | POST | /api/v1/tunnels | open a tunnel → id + source and destination tokens |
+//! | GET | /api/v1/tunnels?thingName=&status=&maxResults=&nextToken= | list, newest first |
+//! | GET | /api/v1/tunnels/{id} | describe |
+//! | POST | /api/v1/tunnels/{id}/close | close (`{"delete": true}` also deletes it) |
+//! | POST | /api/v1/tunnels/{id}/rotate | new tokens (`{"clientMode": "source"|"destination"|"all"}`) |
+//!
+//! Errors are `{"error": "<code>", "message": "<what went wrong and what to do>"}`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::registry::{ApiError, IssuedTokens, OpenRequest, RotateWhich, TunnelView};
+use crate::server::AppState;
+use crate::store::{CloseReason, Status};
+
+/// An error response.
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(serde_json::json!({"error": code, "message": message.into()})),
+    )
+        .into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let msg = self.to_string();
+        match self {
+            ApiError::Invalid(_) => error(StatusCode::BAD_REQUEST, "invalid_request", msg),
+            ApiError::NotFound(_) => error(StatusCode::NOT_FOUND, "not_found", msg),
+            ApiError::Conflict(_) => error(StatusCode::CONFLICT, "conflict", msg),
+            ApiError::Store(e) => {
+                tracing::error!(error = %e, "tunnel store failed");
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the relay could not save tunnel state; try again, and check the relay's log and disk",
+                )
+            }
+        }
+    }
+}
+
+/// Check the bearer API key in constant time.
+pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(value) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing API key: send the header `Authorization: Bearer <api key>`",
+        ));
+    };
+    let presented = value.strip_prefix("Bearer ").unwrap_or("").trim();
+    if presented.as_bytes().ct_eq(state.api_key.0.as_bytes()).into() {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "API key not accepted: check the key in the relay's configuration",
+        ))
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ConnectionState {
+    status: &'static str,
+    last_updated_at: String,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TunnelJson {
+    tunnel_id: String,
+    thing_name: String,
+    status: Status,
+    services: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<String>,
+    tags: BTreeMap<String, String>,
+    created_at: String,
+    expires_at: String,
+    lifetime_minutes: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    closed_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    close_reason: Option<CloseReason>,
+    source_connection_state: ConnectionState,
+    destination_connection_state: ConnectionState,
+}
+
+fn tunnel_json(v: &TunnelView) -> TunnelJson {
+    let cs = |connected: bool, ms: i64| ConnectionState {
+        status: if connected {
+            "CONNECTED"
+        } else {
+            "DISCONNECTED"
+        },
+        last_updated_at: rfc3339(ms),
+    };
+    TunnelJson {
+        tunnel_id: v.rec.id.clone(),
+        thing_name: v.rec.thing_name.clone(),
+        status: v.rec.status,
+        services: v.rec.services.clone(),
+        description: v.rec.description.clone(),
+        tags: v.rec.tags.clone(),
+        created_at: rfc3339(v.rec.created_ms),
+        expires_at: rfc3339(v.rec.expires_ms),
+        lifetime_minutes: v.rec.lifetime_minutes,
+        closed_at: v.rec.closed_ms.map(rfc3339),
+        close_reason: v.rec.close_reason,
+        source_connection_state: cs(v.source_connected, v.source_changed_ms),
+        destination_connection_state: cs(v.destination_connected, v.destination_changed_ms),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OpenBody {
+    thing_name: String,
+    services: Vec<String>,
+    #[serde(default)]
+    lifetime_minutes: Option<u32>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TokensJson {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_access_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    destination_access_token: Option<String>,
+}
+
+fn tokens_json(t: IssuedTokens) -> TokensJson {
+    TokensJson {
+        source_access_token: t.source,
+        destination_access_token: t.destination,
+    }
+}
+
+type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
+
+fn body<T>(b: JsonBody<T>) -> Result<T, Response> {
+    b.map(|Json(v)| v).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("request body: {}", e.body_text()),
+        )
+    })
+}
+
+pub async fn open(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    b: JsonBody<OpenBody>,
+) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return r;
+    }
+    let b = match body(b) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let req = OpenRequest {
+        thing_name: b.thing_name,
+        services: b.services,
+        lifetime_minutes: b
+            .lifetime_minutes
+            .unwrap_or(OpenRequest::DEFAULT_LIFETIME_MINUTES),
+        description: b.description,
+        tags: b.tags,
+    };
+    let registry = state.registry.clone();
+    let r = tokio::task::spawn_blocking(move || registry.open(req)).await;
+    match r {
+        Ok(Ok((view, tokens))) => {
+            let mut v = serde_json::to_value(tunnel_json(&view)).unwrap_or_default();
+            if let serde_json::Value::Object(m) = &mut v {
+                if let Ok(serde_json::Value::Object(t)) = serde_json::to_value(tokens_json(tokens)) {
+                    m.extend(t);
+                }
+            }
+            (StatusCode::CREATED, Json(v)).into_response()
+        }
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListQuery {
+    thing_name: Option<String>,
+    status: Option<String>,
+    max_results: Option<usize>,
+    next_token: Option<String>,
+}
+
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return r;
+    }
+    let Ok(Query(q)) = q else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "query: expected thingName, status, maxResults, nextToken",
+        );
+    };
+    let status = match q.status.as_deref().map(str::to_ascii_uppercase).as_deref() {
+        None => None,
+        Some("OPEN") => Some(Status::Open),
+        Some("CLOSED") => Some(Status::Closed),
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("status {other:?}: expected OPEN or CLOSED"),
+            );
+        }
+    };
+    let max = q.max_results.unwrap_or(50);
+    if !(1..=100).contains(&max) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "maxResults must be 1-100",
+        );
+    }
+    let after = match q.next_token.as_deref() {
+        None => None,
+        Some(t) => match t.split_once('.').and_then(|(c, id)| Some((c.parse().ok()?, id.to_owned()))) {
+            Some(a) => Some(a),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "nextToken is not one this relay issued",
+                );
+            }
+        },
+    };
+    let (page, next) = state
+        .registry
+        .list(q.thing_name.as_deref(), status, after, max);
+    let tunnels: Vec<TunnelJson> = page.iter().map(tunnel_json).collect();
+    Json(serde_json::json!({
+        "tunnels": tunnels,
+        "nextToken": next.map(|(c, id)| format!("{c}.{id}")),
+    }))
+    .into_response()
+}
+
+pub async fn describe(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return r;
+    }
+    match state.registry.describe(&id) {
+        Ok(v) => Json(tunnel_json(&v)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CloseBody {
+    #[serde(default)]
+    delete: bool,
+}
+
+pub async fn close(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    b: Option<Json<CloseBody>>,
+) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return r;
+    }
+    let delete = b.map(|Json(b)| b.delete).unwrap_or(false);
+    let registry = state.registry.clone();
+    match tokio::task::spawn_blocking(move || registry.close(&id, delete)).await {
+        Ok(Ok(v)) => {
+            let mut j = serde_json::to_value(tunnel_json(&v)).unwrap_or_default();
+            j["deleted"] = serde_json::Value::Bool(delete);
+            Json(j).into_response()
+        }
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RotateBody {
+    client_mode: String,
+}
+
+pub async fn rotate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    b: JsonBody<RotateBody>,
+) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return r;
+    }
+    let b = match body(b) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let which = match b.client_mode.to_ascii_lowercase().as_str() {
+        "source" => RotateWhich::Source,
+        "destination" => RotateWhich::Destination,
+        "all" => RotateWhich::All,
+        other => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("clientMode {other:?}: expected source, destination or all"),
+            );
+        }
+    };
+    let registry = state.registry.clone();
+    let tid = id.clone();
+    match tokio::task::spawn_blocking(move || registry.rotate(&tid, which)).await {
+        Ok(Ok(t)) => {
+            let mut j = serde_json::to_value(tokens_json(t)).unwrap_or_default();
+            j["tunnelId"] = serde_json::Value::String(id);
+            Json(j).into_response()
+        }
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}

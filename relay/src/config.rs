@@ -1,0 +1,179 @@
+//! Relay configuration: a TOML file read in two stages — a raw serde struct that refuses unknown
+//! keys, then [`RawConfig::validate`] into typed values with errors that name the key and say
+//! what to do.
+//!
+//! ```toml
+//! listen = "0.0.0.0:443"
+//! state_dir = "/var/lib/culvert-relay"
+//! api_key_file = "/etc/culvert/relay-api-key"   # or: api_key = "..."
+//!
+//! [tls]
+//! cert = "/etc/culvert/relay.pem"      # certificate chain, PEM
+//! key = "/etc/culvert/relay-key.pem"   # private key, PEM
+//!
+//! [limits]
+//! max_services = 8                  # services per tunnel
+//! closed_retention_minutes = 1440   # closed tunnels stay visible this long
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::registry::Limits;
+use crate::tokens::Secret;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listen: String,
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub api_key: Option<String>,
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    pub tls: RawTls,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    #[serde(default = "default_max_services")]
+    pub max_services: usize,
+    #[serde(default = "default_retention")]
+    pub closed_retention_minutes: u64,
+}
+
+fn default_max_services() -> usize {
+    Limits::default().max_services
+}
+fn default_retention() -> u64 {
+    Limits::default().closed_retention.as_secs() / 60
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_services: default_max_services(),
+            closed_retention_minutes: default_retention(),
+        }
+    }
+}
+
+pub struct RelayConfig {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub api_key: Secret,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub limits: Limits,
+}
+
+/// A configuration problem, naming the file and key.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub message: String,
+}
+
+impl RawConfig {
+    pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError {
+            file: file.clone(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        raw.validate(base).map_err(|message| ConfigError { file, message })
+    }
+
+    /// Relative paths are taken relative to `base` (the config file's directory).
+    pub fn validate(self, base: &Path) -> Result<RelayConfig, String> {
+        let listen: SocketAddr = self.listen.parse().map_err(|_| {
+            format!(
+                "listen: {:?} is not an address:port such as \"0.0.0.0:443\"",
+                self.listen
+            )
+        })?;
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
+        let api_key = match (self.api_key, self.api_key_file) {
+            (Some(k), None) => k,
+            (None, Some(f)) => std::fs::read_to_string(resolve(&f))
+                .map_err(|e| format!("api_key_file: cannot read {}: {e}", f.display()))?
+                .trim()
+                .to_owned(),
+            (Some(_), Some(_)) => {
+                return Err("set either api_key or api_key_file, not both".into());
+            }
+            (None, None) => {
+                return Err("api_key_file (or api_key) is required: the control API needs a key".into());
+            }
+        };
+        if api_key.len() < 16 {
+            return Err("api_key: use at least 16 random characters".into());
+        }
+        if self.limits.max_services == 0 {
+            return Err("limits.max_services must be at least 1".into());
+        }
+        let tls = server_tls(&resolve(&self.tls.cert), &resolve(&self.tls.key))?;
+        Ok(RelayConfig {
+            listen,
+            state_dir: resolve(&self.state_dir),
+            api_key: Secret(api_key),
+            tls,
+            limits: Limits {
+                max_services: self.limits.max_services,
+                closed_retention: Duration::from_secs(self.limits.closed_retention_minutes * 60),
+            },
+        })
+    }
+}
+
+/// A rustls server configuration (TLS 1.2 and 1.3, ring) from PEM files.
+pub fn server_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+    let cert_pem =
+        std::fs::read(cert).map_err(|e| format!("tls.cert: cannot read {}: {e}", cert.display()))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &cert_pem[..])
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("tls.cert: {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("tls.cert: {} holds no PEM certificate", cert.display()));
+    }
+    let key_pem =
+        std::fs::read(key).map_err(|e| format!("tls.key: cannot read {}: {e}", key.display()))?;
+    let key = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(|e| format!("tls.key: {}: {e}", key.display()))?
+        .ok_or_else(|| format!("tls.key: {} holds no PEM private key", key.display()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("tls: certificate and key do not fit together: {e}"))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}

@@ -1,0 +1,117 @@
+//! `culvert-relay --dev`: everything a local trial needs, generated on first start and reused
+//! after: a private CA and a server certificate for localhost / 127.0.0.1 / ::1, an API key, a
+//! state directory, and `client.env` with what a client needs to reach this relay.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+
+use crate::config::{RelayConfig, server_tls};
+use crate::registry::Limits;
+use crate::tokens::{Secret, new_secret};
+
+pub struct DevFiles {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())
+}
+
+/// Create (or reuse) the dev state directory and return a relay configuration for it.
+pub fn prepare(dir: &Path, listen: SocketAddr) -> anyhow::Result<(RelayConfig, DevFiles)> {
+    if !listen.ip().is_loopback() {
+        anyhow::bail!(
+            "--dev serves only on loopback (it uses a throwaway CA and key); got {listen}. \
+             Use a configuration file for anything else."
+        );
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let ca = dir.join("ca.pem");
+    let cert = dir.join("server.pem");
+    let key = dir.join("server-key.pem");
+    if !(ca.exists() && cert.exists() && key.exists()) {
+        generate_pki(&ca, &cert, &key)?;
+    }
+    let key_file = dir.join("api-key");
+    let api_key = match std::fs::read_to_string(&key_file) {
+        Ok(k) if k.trim().len() >= 16 => k.trim().to_owned(),
+        _ => {
+            let k = new_secret();
+            write_private(&key_file, &format!("{k}\n"))?;
+            k
+        }
+    };
+    let tls = server_tls(&cert, &key).map_err(|e| anyhow::anyhow!(e))?;
+    Ok((
+        RelayConfig {
+            listen,
+            state_dir: dir.clone(),
+            api_key: Secret(api_key),
+            tls,
+            limits: Limits::default(),
+        },
+        DevFiles { dir, ca },
+    ))
+}
+
+fn generate_pki(ca_path: &Path, cert_path: &Path, key_path: &Path) -> anyhow::Result<()> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "culvert dev CA (local use only)");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ])?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "culvert-relay (dev)");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = params.signed_by(&key, &issuer)?;
+    std::fs::write(ca_path, ca_cert.pem())?;
+    std::fs::write(cert_path, format!("{}{}", cert.pem(), ca_cert.pem()))?;
+    write_private(key_path, &key.serialize_pem())?;
+    Ok(())
+}
+
+/// Write `client.env` (shell syntax) for clients of the running dev relay.
+pub fn write_client_env(files: &DevFiles, addr: SocketAddr, api_key: &Secret) -> std::io::Result<PathBuf> {
+    let path = files.dir.join("client.env");
+    write_private(
+        &path,
+        &format!(
+            "# written by culvert-relay --dev; source it: . {}\nexport CULVERT_RELAY={addr}\nexport CULVERT_API_KEY={}\nexport CULVERT_CA={}\n",
+            path.display(),
+            api_key.0,
+            files.ca.display()
+        ),
+    )?;
+    Ok(path)
+}

@@ -1,0 +1,21 @@
+//! culvert-relay: the hosted tunnel service.
+//!
+//! # Layout
+//! - [`server`]: the HTTPS listener (rustls) and router; [`server::Relay::run`] is the entry point.
+//! - [`api`]: the control API (open / list / describe / close / rotate), JSON, bearer API key.
+//! - [`dataplane`]: the AWS-compatible WebSocket endpoint `/tunnel` and frame forwarding.
+//! - [`registry`]: tunnels, single-use tokens, and the live pairing of each tunnel's two peers.
+//! - [`store`]: persistence of tunnel records (embedded redb file by default).
+//! - [`tokens`]: token generation and hashing.
+//! - [`config`] / [`dev`]: configuration file and the zero-setup `--dev` mode.
+//!
+//! Not here (yet): MQTT notification of devices, metrics, multi-node operation.
+
+pub mod api;
+pub mod config;
+pub mod dataplane;
+pub mod dev;
+pub mod registry;
+pub mod server;
+pub mod store;
+pub mod tokens;

@@ -1,0 +1,107 @@
+//! `culvert-relay`: parse arguments, load the configuration, serve until SIGTERM / SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use culvert_relay::config::RawConfig;
+use culvert_relay::{dev, server::Relay};
+use tokio_util::sync::CancellationToken;
+
+/// culvert's tunnel relay: control API and AWS-compatible WebSocket data plane on one HTTPS port.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Configuration file (TOML). Not needed with --dev.
+    #[arg(long, short, required_unless_present = "dev")]
+    config: Option<PathBuf>,
+    /// Local trial mode: generate a CA, certificate and API key in --state-dir and serve on loopback.
+    #[arg(long, conflicts_with = "config")]
+    dev: bool,
+    /// State directory for --dev.
+    #[arg(long, default_value = ".culvert-dev", requires = "dev")]
+    state_dir: PathBuf,
+    /// Listen address for --dev (port 0: any free port; see client.env for the one chosen).
+    #[arg(long, default_value = "127.0.0.1:8443", requires = "dev")]
+    listen: std::net::SocketAddr,
+    /// Check the configuration and exit (0: valid, 64: invalid).
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let (cfg, dev_files) = if args.dev {
+        match dev::prepare(&args.state_dir, args.listen) {
+            Ok((c, f)) => (c, Some(f)),
+            Err(e) => {
+                eprintln!("culvert-relay: {e:#}");
+                return ExitCode::from(64);
+            }
+        }
+    } else {
+        let path = args.config.expect("clap requires --config without --dev");
+        match RawConfig::load(&path) {
+            Ok(c) => (c, None),
+            Err(e) => {
+                eprintln!("culvert-relay: invalid configuration: {e}");
+                return ExitCode::from(64);
+            }
+        }
+    };
+    if args.check_config {
+        println!("configuration OK");
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("culvert-relay: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(serve(cfg, dev_files)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("culvert-relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(
+    cfg: culvert_relay::config::RelayConfig,
+    dev_files: Option<dev::DevFiles>,
+) -> anyhow::Result<()> {
+    let relay = Relay::bind(&cfg).await?;
+    let addr = relay.local_addr()?;
+    if let Some(files) = &dev_files {
+        let env = dev::write_client_env(files, addr, &cfg.api_key)?;
+        println!("culvert-relay (dev mode) serving https://{addr}");
+        println!("  state directory  {}", files.dir.display());
+        println!("  CA certificate   {}", files.ca.display());
+        println!("  API key          {}", files.dir.join("api-key").display());
+        println!("  client settings  . {}   (then: culvert tunnel open --thing NAME --service SSH)", env.display());
+    } else {
+        println!("culvert-relay serving https://{addr}");
+    }
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        stop.cancel();
+    });
+    relay.run(shutdown).await
+}

@@ -1,0 +1,173 @@
+//! The relay's one HTTPS listener: rustls (TLS 1.2+) in front of an axum router that serves the
+//! control API under `/api/v1` and the data plane at `/tunnel`, plus the periodic sweeper that
+//! expires tunnels.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::RelayConfig;
+use crate::registry::Registry;
+use crate::store::Store;
+use crate::tokens::Secret;
+use crate::{api, dataplane};
+
+/// Time allowed for a TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest API request body.
+const MAX_API_BODY: usize = 64 * 1024;
+
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub api_key: Secret,
+    /// Every peer task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/tunnel", get(dataplane::handshake))
+        .route("/api/v1/tunnels", post(api::open).get(api::list))
+        .route("/api/v1/tunnels/{id}", get(api::describe))
+        .route("/api/v1/tunnels/{id}/close", post(api::close))
+        .route("/api/v1/tunnels/{id}/rotate", post(api::rotate))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(|| async {
+            api::error(
+                axum::http::StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint: the data plane is GET /tunnel, the API is under /api/v1/tunnels",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_API_BODY))
+        .with_state(state)
+}
+
+/// A bound relay, ready to serve.
+pub struct Relay {
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    state: Arc<AppState>,
+}
+
+impl Relay {
+    /// Open the store, load the tunnels, and bind the listener.
+    pub async fn bind(cfg: &RelayConfig) -> anyhow::Result<Relay> {
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
+            anyhow::anyhow!("cannot create state directory {}: {e}", cfg.state_dir.display())
+        })?;
+        let store = Store::open(&cfg.state_dir.join("tunnels.redb"))?;
+        let registry = Arc::new(Registry::load(store, cfg.limits.clone())?);
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+        Ok(Relay {
+            listener,
+            tls: TlsAcceptor::from(cfg.tls.clone()),
+            state: Arc::new(AppState {
+                registry,
+                api_key: cfg.api_key.clone(),
+                tasks: TaskTracker::new(),
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serve until `shutdown` is cancelled, then disconnect every peer and return.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Relay {
+            listener,
+            tls,
+            state,
+        } = self;
+        let app = router(state.clone());
+        let sweeper = {
+            let registry = state.registry.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => {
+                            let r = registry.clone();
+                            let _ = tokio::task::spawn_blocking(move || r.sweep()).await;
+                        }
+                    }
+                }
+            })
+        };
+        let conns = TaskTracker::new();
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let tls = tls.clone();
+            let app = app.clone();
+            let stop = shutdown.clone();
+            conns.spawn(async move {
+                let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let svc = TowerToHyperService::new(app);
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .max_buf_size(64 * 1024)
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .with_upgrades();
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            debug!(%peer, error = %e, "HTTP connection ended with an error");
+                        }
+                    }
+                    _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+                }
+            });
+        }
+        info!("shutting down: disconnecting peers");
+        drop(listener);
+        state.registry.kick_all("relay shutting down");
+        state.tasks.close();
+        conns.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            state.tasks.wait().await;
+            conns.wait().await;
+        })
+        .await;
+        sweeper.abort();
+        Ok(())
+    }
+}
