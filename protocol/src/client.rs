@@ -210,9 +210,13 @@ async fn connect_inner(opts: &ConnectOptions) -> Result<(RelayStream, Format), C
         .map_err(|e| transport(e.to_string()))?;
     let headers = req.headers_mut();
     let hv = |v: &str, what: &str| {
-        HeaderValue::from_str(v).map_err(|_| transport(format!("{what} contains invalid characters")))
+        HeaderValue::from_str(v)
+            .map_err(|_| transport(format!("{what} contains invalid characters")))
     };
-    headers.insert("sec-websocket-protocol", hv(&SUBPROTOCOLS.join(", "), "protocol")?);
+    headers.insert(
+        "sec-websocket-protocol",
+        hv(&SUBPROTOCOLS.join(", "), "protocol")?,
+    );
     headers.insert("access-token", hv(&opts.access_token, "access token")?);
     if let Some(ct) = &opts.client_token {
         headers.insert("client-token", hv(ct, "client token")?);
@@ -329,7 +333,10 @@ mod tests {
         assert_eq!(Endpoint::parse("relay.example").unwrap().port, 443);
         let v6 = Endpoint::parse("[::1]:9000").unwrap();
         assert_eq!((v6.host.as_str(), v6.port), ("::1", 9000));
-        assert_eq!(v6.url(Mode::Source), "wss://[::1]:9000/tunnel?local-proxy-mode=source");
+        assert_eq!(
+            v6.url(Mode::Source),
+            "wss://[::1]:9000/tunnel?local-proxy-mode=source"
+        );
         assert!(Endpoint::parse("ws://x:1").is_err());
         assert!(Endpoint::parse("x:notaport").is_err());
         assert_eq!(
@@ -353,7 +360,10 @@ mod tests {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         for _ in 0..40 {
             let d = b.next_delay();
-            assert!(d >= Duration::from_millis(50) && d <= Duration::from_secs(5), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(50) && d <= Duration::from_secs(5),
+                "{d:?}"
+            );
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));

@@ -99,6 +99,20 @@ fn scan<E: From<FrameError>>(
     Ok(pos)
 }
 
+/// Whether an encoded frame (length prefix included) is a `STREAM_START` or `CONNECTION_START`.
+///
+/// Such a frame must be the last one in its WebSocket message: the AWS localproxy (3.3.1), as
+/// destination, stops its read loop on a start to connect to the target, and when it resumes it
+/// reads the socket again without first processing frames left in its buffer, so a DATA frame
+/// that shared the message with the start would wait until more traffic arrives. Writers end a
+/// WebSocket message after each start frame; the relay also splits incoming messages there.
+pub fn is_start_frame(frame: &[u8]) -> bool {
+    // proto3 encoders write field 1 (type, varint tag 0x08) first; types 2 and 6 fit one byte.
+    frame.len() > LENGTH_PREFIX + 1
+        && frame[LENGTH_PREFIX] == 0x08
+        && matches!(frame[LENGTH_PREFIX + 1], 2 | 6)
+}
+
 /// Decode one frame body into a [`Message`], enforcing the payload limit.
 pub fn decode(body: Bytes) -> Result<Message, FrameError> {
     let msg = Message::decode(body).map_err(|e| FrameError::Decode(e.to_string()))?;
@@ -166,7 +180,11 @@ mod tests {
             let (b, fb) = collect(&mut r, wire.slice(split..));
             a.extend(b);
             assert_eq!(a, msgs, "split at {split}");
-            assert_eq!([fa, fb].concat(), wire.to_vec(), "forwarded bytes at split {split}");
+            assert_eq!(
+                [fa, fb].concat(),
+                wire.to_vec(),
+                "forwarded bytes at split {split}"
+            );
             assert_eq!(r.buffered(), 0);
         }
     }
@@ -205,6 +223,15 @@ mod tests {
             encode_to_bytes(&huge),
             Err(FrameError::MessageTooLarge(_))
         ));
+    }
+
+    #[test]
+    fn start_frames_are_recognised() {
+        let start = encode_to_bytes(&Message::stream_start(1, "SSH", 1)).unwrap();
+        let conn = encode_to_bytes(&Message::connection_start(1, "SSH", 2)).unwrap();
+        let data = encode_to_bytes(&Message::data(1, "SSH", 1, Bytes::from_static(b"x"))).unwrap();
+        assert!(is_start_frame(&start) && is_start_frame(&conn));
+        assert!(!is_start_frame(&data) && !is_start_frame(&[0, 1]));
     }
 
     #[test]

@@ -108,7 +108,9 @@ impl std::str::FromStr for Format {
             "V1" => Ok(Format::V1),
             "V2" => Ok(Format::V2),
             "V3" => Ok(Format::V3),
-            _ => Err(format!("unknown protocol format {s:?}: expected V1, V2 or V3")),
+            _ => Err(format!(
+                "unknown protocol format {s:?}: expected V1, V2 or V3"
+            )),
         }
     }
 }
@@ -125,7 +127,9 @@ pub fn valid_name(name: &str) -> bool {
 /// Is `token` a valid client token (`^[A-Za-z0-9-]{32,128}$`)?
 pub fn valid_client_token(token: &str) -> bool {
     (32..=128).contains(&token.len())
-        && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 /// A fresh random client token (a UUIDv4-shaped string, as AWS recommends).

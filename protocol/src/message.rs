@@ -88,7 +88,12 @@ impl Message {
     }
 
     pub fn stream_start(stream_id: i32, service_id: &str, connection_id: u32) -> Message {
-        Message::with(MessageType::StreamStart, stream_id, service_id, connection_id)
+        Message::with(
+            MessageType::StreamStart,
+            stream_id,
+            service_id,
+            connection_id,
+        )
     }
 
     pub fn stream_reset(stream_id: i32, service_id: &str) -> Message {

@@ -20,7 +20,9 @@ pub enum Violation {
     BadStreamId(MessageType, i32),
     #[error("service id {0:?} is not one of this tunnel's services ({1})")]
     UnknownService(String, String),
-    #[error("a message without service id is only valid in a tunnel with one service (this one has {0})")]
+    #[error(
+        "a message without service id is only valid in a tunnel with one service (this one has {0})"
+    )]
     MissingServiceId(usize),
     #[error("{kind:?} for stream {stream} of service {service:?}, which was never started")]
     UnknownStream {
@@ -64,7 +66,9 @@ impl TunnelRules {
             MessageType::SessionReset | MessageType::ServiceIds => {
                 return Err(Violation::NotAllowed { kind, from });
             }
-            MessageType::StreamStart | MessageType::ConnectionStart if from == Mode::Destination => {
+            MessageType::StreamStart | MessageType::ConnectionStart
+                if from == Mode::Destination =>
+            {
                 return Err(Violation::NotAllowed { kind, from });
             }
             _ => {}
@@ -187,7 +191,11 @@ mod tests {
         r.check(Mode::Source, &Message::stream_start(3, "SSH", 1))
             .unwrap();
         assert_eq!(r.check(Mode::Destination, &data(3)), Ok(()));
-        assert_eq!(r.check(Mode::Destination, &data(2)), Ok(()), "stale is legal");
+        assert_eq!(
+            r.check(Mode::Destination, &data(2)),
+            Ok(()),
+            "stale is legal"
+        );
         assert!(r.check(Mode::Destination, &data(4)).is_err());
         assert_eq!(r.peer_gone(), vec![Message::stream_reset(3, "SSH")]);
         assert!(r.peer_gone().is_empty());

@@ -372,25 +372,33 @@ async fn writer_task<S>(
                 None => return,
             },
         };
-        // Coalesce what is already queued into one WebSocket message.
-        let msg = match rx.try_recv() {
-            Err(_) => first,
-            Ok(second) => {
-                batch.clear();
-                batch.extend_from_slice(&first);
-                let mut next = Some(second);
-                while let Some(f) = next.take() {
-                    if batch.len() + f.len() > MAX_WS_MESSAGE {
-                        if let Err(e) = sink.feed(WsMessage::Binary(batch.split().freeze())).await
-                        {
-                            finish(&shared, SessionEnd::Transport(e.to_string()));
-                            return;
+        // Coalesce what is already queued into one WebSocket message, ending the message after
+        // a start frame (see `frame::is_start_frame`).
+        let msg = if frame::is_start_frame(&first) {
+            first
+        } else {
+            match rx.try_recv() {
+                Err(_) => first,
+                Ok(second) => {
+                    batch.clear();
+                    batch.extend_from_slice(&first);
+                    let mut next = Some(second);
+                    while let Some(f) = next.take() {
+                        if batch.len() + f.len() > MAX_WS_MESSAGE {
+                            let full = batch.split().freeze();
+                            if let Err(e) = sink.feed(WsMessage::Binary(full)).await {
+                                finish(&shared, SessionEnd::Transport(e.to_string()));
+                                return;
+                            }
                         }
+                        batch.extend_from_slice(&f);
+                        if frame::is_start_frame(&f) {
+                            break;
+                        }
+                        next = rx.try_recv().ok();
                     }
-                    batch.extend_from_slice(&f);
-                    next = rx.try_recv().ok();
+                    batch.split().freeze()
                 }
-                batch.split().freeze()
             }
         };
         if let Err(e) = sink.send(WsMessage::Binary(msg)).await {
@@ -403,19 +411,37 @@ async fn writer_task<S>(
 /// One tunnel connection. Reading yields the peer's bytes in order and EOF when the peer resets
 /// the connection or the session ends. Writing sends DATA; shutting down (or dropping) sends the
 /// reset that closes the connection on the other end: the AWS protocol has no half-close.
+#[derive(Debug)]
 pub struct TunnelStream {
+    reader: TunnelReader,
+    writer: TunnelWriter,
+}
+
+/// The receiving half of a [`TunnelStream`]; also an `AsyncBufRead` that hands out the peer's
+/// chunks without copying.
+pub struct TunnelReader {
+    rx: mpsc::Receiver<Bytes>,
+    pending: Bytes,
+}
+
+/// The sending half of a [`TunnelStream`]. Dropping it resets the connection.
+pub struct TunnelWriter {
     id: ConnId,
     service: String,
     shared: Arc<Shared>,
-    rx: mpsc::Receiver<Bytes>,
-    pending: Bytes,
     writer: PollSender<Bytes>,
     closed_local: bool,
 }
 
-impl std::fmt::Debug for TunnelStream {
+impl std::fmt::Debug for TunnelReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TunnelStream")
+        f.debug_struct("TunnelReader").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for TunnelWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelWriter")
             .field("id", &self.id)
             .field("service", &self.service)
             .finish()
@@ -425,32 +451,42 @@ impl std::fmt::Debug for TunnelStream {
 impl TunnelStream {
     fn new(id: ConnId, service: String, h: &SessionHandle, rx: mpsc::Receiver<Bytes>) -> Self {
         TunnelStream {
-            id,
-            service,
-            shared: h.shared.clone(),
-            rx,
-            pending: Bytes::new(),
-            writer: PollSender::new(h.writer.clone()),
-            closed_local: false,
+            reader: TunnelReader {
+                rx,
+                pending: Bytes::new(),
+            },
+            writer: TunnelWriter {
+                id,
+                service,
+                shared: h.shared.clone(),
+                writer: PollSender::new(h.writer.clone()),
+                closed_local: false,
+            },
         }
     }
 
     pub fn id(&self) -> ConnId {
-        self.id
+        self.writer.id
     }
 
     pub fn service(&self) -> &str {
-        &self.service
+        &self.writer.service
+    }
+
+    pub fn into_split(self) -> (TunnelReader, TunnelWriter) {
+        (self.reader, self.writer)
     }
 
     /// Refuse or end this connection (e.g. the LAN target refused): sends the reset now.
     pub async fn reset(mut self) {
-        let msgs = self.take_close();
-        if let Some(tx) = self.writer.get_ref().cloned() {
+        let msgs = self.writer.take_close();
+        if let Some(tx) = self.writer.writer.get_ref().cloned() {
             let _ = send_all(&tx, &msgs).await;
         }
     }
+}
 
+impl TunnelWriter {
     fn take_close(&mut self) -> Vec<Message> {
         if self.closed_local {
             return Vec::new();
@@ -464,7 +500,7 @@ impl TunnelStream {
     }
 }
 
-impl AsyncRead for TunnelStream {
+impl AsyncRead for TunnelReader {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -482,7 +518,24 @@ impl AsyncRead for TunnelStream {
     }
 }
 
-impl AsyncWrite for TunnelStream {
+impl tokio::io::AsyncBufRead for TunnelReader {
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
+        let this = self.get_mut();
+        if this.pending.is_empty() {
+            if let Some(b) = ready!(this.rx.poll_recv(cx)) {
+                this.pending = b;
+            }
+        }
+        Poll::Ready(Ok(&this.pending))
+    }
+
+    fn consume(mut self: Pin<&mut Self>, amt: usize) {
+        let n = amt.min(self.pending.len());
+        let _ = self.pending.split_to(n);
+    }
+}
+
+impl AsyncWrite for TunnelWriter {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -539,32 +592,144 @@ impl AsyncWrite for TunnelStream {
     }
 }
 
-impl Drop for TunnelStream {
+impl Drop for TunnelWriter {
     fn drop(&mut self) {
         let msgs = self.take_close();
         if msgs.is_empty() {
             return;
         }
-        if let Some(tx) = self.writer.get_ref().cloned() {
-            let frames: Vec<Bytes> = msgs
-                .iter()
-                .filter_map(|m| frame::encode_to_bytes(m).ok())
-                .collect();
-            // Queue the reset behind this connection's data; never block in drop.
-            let mut rest = frames.into_iter();
-            for f in rest.by_ref() {
-                if let Err(mpsc::error::TrySendError::Full(f)) = tx.try_send(f) {
-                    let later: Vec<Bytes> = std::iter::once(f).chain(rest).collect();
-                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                        rt.spawn(async move {
-                            for f in later {
-                                let _ = tx.send(f).await;
-                            }
-                        });
-                    }
-                    return;
+        let Some(tx) = self.writer.get_ref().cloned() else {
+            return;
+        };
+        let mut frames = msgs.iter().filter_map(|m| frame::encode_to_bytes(m).ok());
+        // Queue the reset behind this connection's data; never block in drop.
+        while let Some(f) = frames.next() {
+            if let Err(mpsc::error::TrySendError::Full(f)) = tx.try_send(f) {
+                let later: Vec<Bytes> = std::iter::once(f).chain(frames).collect();
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        for f in later {
+                            let _ = tx.send(f).await;
+                        }
+                    });
                 }
+                return;
             }
         }
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.reader).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.writer).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.writer).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.writer).poll_shutdown(cx)
+    }
+}
+
+/// Bytes carried by [`splice`], and who ended it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Spliced {
+    /// Local → tunnel.
+    pub sent: u64,
+    /// Tunnel → local.
+    pub received: u64,
+    /// The peer (or the session) ended the connection, rather than the local side.
+    pub peer_closed: bool,
+}
+
+/// Counts bytes written through it.
+struct Counting<'a, W> {
+    inner: W,
+    n: &'a std::sync::atomic::AtomicU64,
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Counting<'_, W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = ready!(Pin::new(&mut self.inner).poll_write(cx, buf));
+        if let Ok(n) = &r {
+            self.n
+                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        Poll::Ready(r)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Carry bytes both ways between a local socket and a tunnel connection until one side ends.
+///
+/// - Local EOF or error: the tunnel connection is reset (no half-close in the protocol); what
+///   the peer had already sent is still written out locally.
+/// - Peer reset or session end: everything received is written, then the local socket is shut
+///   down.
+pub async fn splice<L>(local: L, tunnel: TunnelStream) -> Spliced
+where
+    L: AsyncRead + AsyncWrite + Unpin,
+{
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncWriteExt, BufReader, copy_buf};
+    let sent = AtomicU64::new(0);
+    let received = AtomicU64::new(0);
+    let (lr, lw) = tokio::io::split(local);
+    let (mut tr, tw) = tunnel.into_split();
+    let mut lr = BufReader::with_capacity(MAX_PAYLOAD, lr);
+    let mut tw = Counting {
+        inner: tw,
+        n: &sent,
+    };
+    let mut lw = Counting {
+        inner: lw,
+        n: &received,
+    };
+    let up = async {
+        let _ = copy_buf(&mut lr, &mut tw).await;
+        let _ = tw.shutdown().await;
+    };
+    let down = async {
+        let _ = copy_buf(&mut tr, &mut lw).await;
+        let _ = lw.shutdown().await;
+    };
+    tokio::pin!(up, down);
+    let peer_closed = tokio::select! {
+        _ = &mut down => true,
+        _ = &mut up => {
+            // The reset is queued; the peer's earlier bytes drain, then the channel ends.
+            down.await;
+            false
+        }
+    };
+    Spliced {
+        sent: sent.load(Ordering::Relaxed),
+        received: received.load(Ordering::Relaxed),
+        peer_closed,
     }
 }

@@ -64,7 +64,11 @@ pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> 
         ));
     };
     let presented = value.strip_prefix("Bearer ").unwrap_or("").trim();
-    if presented.as_bytes().ct_eq(state.api_key.0.as_bytes()).into() {
+    if presented
+        .as_bytes()
+        .ct_eq(state.api_key.0.as_bytes())
+        .into()
+    {
         Ok(())
     } else {
         Err(error(
@@ -204,7 +208,8 @@ pub async fn open(
         Ok(Ok((view, tokens))) => {
             let mut v = serde_json::to_value(tunnel_json(&view)).unwrap_or_default();
             if let serde_json::Value::Object(m) = &mut v {
-                if let Ok(serde_json::Value::Object(t)) = serde_json::to_value(tokens_json(tokens)) {
+                if let Ok(serde_json::Value::Object(t)) = serde_json::to_value(tokens_json(tokens))
+                {
                     m.extend(t);
                 }
             }
@@ -261,7 +266,10 @@ pub async fn list(
     }
     let after = match q.next_token.as_deref() {
         None => None,
-        Some(t) => match t.split_once('.').and_then(|(c, id)| Some((c.parse().ok()?, id.to_owned()))) {
+        Some(t) => match t
+            .split_once('.')
+            .and_then(|(c, id)| Some((c.parse().ok()?, id.to_owned())))
+        {
             Some(a) => Some(a),
             None => {
                 return error(

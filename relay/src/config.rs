@@ -100,7 +100,8 @@ impl RawConfig {
             message: e.to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        raw.validate(base).map_err(|message| ConfigError { file, message })
+        raw.validate(base)
+            .map_err(|message| ConfigError { file, message })
     }
 
     /// Relative paths are taken relative to `base` (the config file's directory).
@@ -128,7 +129,9 @@ impl RawConfig {
                 return Err("set either api_key or api_key_file, not both".into());
             }
             (None, None) => {
-                return Err("api_key_file (or api_key) is required: the control API needs a key".into());
+                return Err(
+                    "api_key_file (or api_key) is required: the control API needs a key".into(),
+                );
             }
         };
         if api_key.len() < 16 {
@@ -153,13 +156,16 @@ impl RawConfig {
 
 /// A rustls server configuration (TLS 1.2 and 1.3, ring) from PEM files.
 pub fn server_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
-    let cert_pem =
-        std::fs::read(cert).map_err(|e| format!("tls.cert: cannot read {}: {e}", cert.display()))?;
+    let cert_pem = std::fs::read(cert)
+        .map_err(|e| format!("tls.cert: cannot read {}: {e}", cert.display()))?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut &cert_pem[..])
         .collect::<Result<_, _>>()
         .map_err(|e| format!("tls.cert: {}: {e}", cert.display()))?;
     if certs.is_empty() {
-        return Err(format!("tls.cert: {} holds no PEM certificate", cert.display()));
+        return Err(format!(
+            "tls.cert: {} holds no PEM certificate",
+            cert.display()
+        ));
     }
     let key_pem =
         std::fs::read(key).map_err(|e| format!("tls.key: cannot read {}: {e}", key.display()))?;

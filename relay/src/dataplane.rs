@@ -12,7 +12,7 @@ use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUp
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use culvert_protocol::frame::{self, FrameError, FrameReader};
 use culvert_protocol::message::{MAX_WS_MESSAGE, Message, MessageType};
 use culvert_protocol::rules::Violation;
@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::api::error;
-use crate::registry::{AdmitError, Admission, Kick};
+use crate::registry::{Admission, AdmitError, Chunk, Kick};
 use crate::server::AppState;
 
 /// Frames queued towards one peer.
@@ -206,11 +206,11 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
         mode,
         thing_name,
     } = adm;
-    let (tx, mut rx) = mpsc::channel::<Bytes>(PEER_QUEUE);
+    let (tx, mut rx) = mpsc::channel::<Chunk>(PEER_QUEUE);
     if format != Format::V1 {
         // SERVICE_IDS goes first, before anything forwarded (the channel is empty now).
         if let Ok(f) = frame::encode_to_bytes(&Message::service_ids(&live.services)) {
-            let _ = tx.try_send(f);
+            let _ = tx.try_send(Chunk::new(f));
         }
     }
     let kick = Kick::default();
@@ -233,28 +233,36 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
                     break;
                 }
             };
-            let msg = match rx.try_recv() {
-                Err(_) => first,
-                Ok(second) => {
-                    batch.clear();
-                    batch.extend_from_slice(&first);
-                    let mut next = Some(second);
-                    let mut failed = false;
-                    while let Some(f) = next.take() {
-                        if batch.len() + f.len() > MAX_WS_MESSAGE {
-                            let out = batch.split().freeze();
-                            if sink.feed(WsMessage::Binary(out)).await.is_err() {
-                                failed = true;
+            // Coalesce queued chunks into one WebSocket message, ending it after a start frame.
+            let msg = if first.ends_message {
+                first.bytes
+            } else {
+                match rx.try_recv() {
+                    Err(_) => first.bytes,
+                    Ok(second) => {
+                        batch.clear();
+                        batch.extend_from_slice(&first.bytes);
+                        let mut next = Some(second);
+                        let mut failed = false;
+                        while let Some(c) = next.take() {
+                            if batch.len() + c.bytes.len() > MAX_WS_MESSAGE {
+                                let out = batch.split().freeze();
+                                if sink.feed(WsMessage::Binary(out)).await.is_err() {
+                                    failed = true;
+                                    break;
+                                }
+                            }
+                            batch.extend_from_slice(&c.bytes);
+                            if c.ends_message {
                                 break;
                             }
+                            next = rx.try_recv().ok();
                         }
-                        batch.extend_from_slice(&f);
-                        next = rx.try_recv().ok();
+                        if failed {
+                            break;
+                        }
+                        batch.split().freeze()
                     }
-                    if failed {
-                        break;
-                    }
-                    batch.split().freeze()
                 }
             };
             if sink.send(WsMessage::Binary(msg)).await.is_err() {
@@ -265,6 +273,7 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
 
     let mut frames = FrameReader::new();
     let mut replies: Vec<Message> = Vec::new();
+    let mut splits: Vec<usize> = Vec::new();
     let end = loop {
         let next = tokio::select! {
             n = stream.next() => n,
@@ -275,19 +284,31 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
             Some(Err(e)) => break End::Transport(e.to_string()),
             Some(Ok(WsMessage::Binary(b))) => b,
             Some(Ok(WsMessage::Text(_))) => {
-                break End::Violation("text WebSocket frame (only binary frames are allowed)".into());
+                break End::Violation(
+                    "text WebSocket frame (only binary frames are allowed)".into(),
+                );
             }
             Some(Ok(WsMessage::Close(_))) => break End::Closed,
             Some(Ok(_)) => continue, // ping/pong: answered by the WebSocket layer
         };
-        // Validate every complete frame under the tunnel lock; forward them verbatim after.
+        // Validate every complete frame under the tunnel lock; forward them verbatim after,
+        // split after each start frame.
         replies.clear();
+        splits.clear();
         let (fwd, to) = {
             let mut g = live.lock();
             let peer_there = g.tx(mode.other()).is_some();
+            let mut offset = 0;
             let checked = frames.feed::<FwdError>(data, |body| {
+                offset += frame::LENGTH_PREFIX + body.len();
                 let msg = frame::decode(body)?;
                 g.rules.check(mode, &msg)?;
+                if matches!(
+                    msg.kind(),
+                    Some(MessageType::StreamStart | MessageType::ConnectionStart)
+                ) {
+                    splits.push(offset);
+                }
                 if !peer_there {
                     if let Some(r) = reset_for_absent_peer(&msg) {
                         replies.push(r);
@@ -304,7 +325,7 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
             debug!(count = replies.len(), "other side not connected: resetting");
             for r in replies.drain(..) {
                 if let Ok(f) = frame::encode_to_bytes(&r) {
-                    if tx.send(f).await.is_err() {
+                    if tx.send(Chunk::new(f)).await.is_err() {
                         break;
                     }
                 }
@@ -312,7 +333,19 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
         }
         if let (Some(to), false) = (to, fwd.is_empty()) {
             // Waits while the other peer is slow: back-pressure, never an unbounded queue.
-            let _ = to.send(fwd).await;
+            let mut start = 0;
+            for &end in splits.iter().chain(std::iter::once(&fwd.len())) {
+                if end > start {
+                    let chunk = Chunk {
+                        bytes: fwd.slice(start..end),
+                        ends_message: end != fwd.len() || splits.last() == Some(&end),
+                    };
+                    if to.send(chunk).await.is_err() {
+                        break;
+                    }
+                }
+                start = end;
+            }
         }
     };
     match &end {

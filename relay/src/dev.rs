@@ -20,8 +20,8 @@ pub struct DevFiles {
 }
 
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -102,7 +102,11 @@ fn generate_pki(ca_path: &Path, cert_path: &Path, key_path: &Path) -> anyhow::Re
 }
 
 /// Write `client.env` (shell syntax) for clients of the running dev relay.
-pub fn write_client_env(files: &DevFiles, addr: SocketAddr, api_key: &Secret) -> std::io::Result<PathBuf> {
+pub fn write_client_env(
+    files: &DevFiles,
+    addr: SocketAddr,
+    api_key: &Secret,
+) -> std::io::Result<PathBuf> {
     let path = files.dir.join("client.env");
     write_private(
         &path,

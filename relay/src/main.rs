@@ -33,10 +33,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let (cfg, dev_files) = if args.dev {
         match dev::prepare(&args.state_dir, args.listen) {
@@ -88,7 +88,10 @@ async fn serve(
         println!("  state directory  {}", files.dir.display());
         println!("  CA certificate   {}", files.ca.display());
         println!("  API key          {}", files.dir.join("api-key").display());
-        println!("  client settings  . {}   (then: culvert tunnel open --thing NAME --service SSH)", env.display());
+        println!(
+            "  client settings  . {}   (then: culvert tunnel open --thing NAME --service SSH)",
+            env.display()
+        );
     } else {
         println!("culvert-relay serving https://{addr}");
     }

@@ -160,11 +160,16 @@ impl OpenRequest {
         }
         if let Some(d) = &self.description {
             if d.is_empty() || d.chars().count() > 2048 || d.chars().any(char::is_control) {
-                return bad("description must be 1-2048 characters without control characters".into());
+                return bad(
+                    "description must be 1-2048 characters without control characters".into(),
+                );
             }
         }
         if self.tags.len() > 50 {
-            return bad(format!("{} tags given, at most 50 allowed", self.tags.len()));
+            return bad(format!(
+                "{} tags given, at most 50 allowed",
+                self.tags.len()
+            ));
         }
         for (k, v) in &self.tags {
             if k.is_empty() || k.len() > 128 || v.len() > 256 {
@@ -221,11 +226,30 @@ impl Kick {
     }
 }
 
+/// Whole frames on their way to a peer.
+#[derive(Debug)]
+pub struct Chunk {
+    pub bytes: Bytes,
+    /// The chunk ends with a start frame: it must end its WebSocket message
+    /// (see `culvert_protocol::frame::is_start_frame`).
+    pub ends_message: bool,
+}
+
+impl Chunk {
+    pub fn new(bytes: Bytes) -> Chunk {
+        let ends_message = frame::is_start_frame(&bytes);
+        Chunk {
+            bytes,
+            ends_message,
+        }
+    }
+}
+
 /// One connected peer as the data path sees it.
 pub struct PeerSlot {
     pub peer_id: u64,
     /// Frames towards this peer (bounded: a slow peer holds back its sender).
-    pub tx: mpsc::Sender<Bytes>,
+    pub tx: mpsc::Sender<Chunk>,
     pub kick: Kick,
 }
 
@@ -251,7 +275,7 @@ impl LiveInner {
     }
 
     /// The sender towards the peer of `mode`, if connected.
-    pub fn tx(&self, mode: Mode) -> Option<mpsc::Sender<Bytes>> {
+    pub fn tx(&self, mode: Mode) -> Option<mpsc::Sender<Chunk>> {
         match mode {
             Mode::Source => &self.source,
             Mode::Destination => &self.destination,
@@ -295,7 +319,7 @@ impl Live {
 
     /// Register a new peer for `mode`, replacing (and kicking) any previous one. The surviving
     /// other side is told which streams died.
-    pub fn attach(&self, mode: Mode, tx: mpsc::Sender<Bytes>, kick: Kick) -> u64 {
+    pub fn attach(&self, mode: Mode, tx: mpsc::Sender<Chunk>, kick: Kick) -> u64 {
         let mut g = self.lock();
         let peer_id = g.next_peer;
         g.next_peer += 1;
@@ -341,10 +365,10 @@ impl Live {
 }
 
 /// Queue STREAM_RESETs towards a peer without waiting (spawning if its queue is full).
-fn send_resets(tx: Option<mpsc::Sender<Bytes>>, resets: Vec<culvert_protocol::Message>) {
+fn send_resets(tx: Option<mpsc::Sender<Chunk>>, resets: Vec<culvert_protocol::Message>) {
     let Some(tx) = tx else { return };
     for m in resets {
-        let Ok(f) = frame::encode_to_bytes(&m) else {
+        let Ok(f) = frame::encode_to_bytes(&m).map(Chunk::new) else {
             continue;
         };
         if let Err(mpsc::error::TrySendError::Full(f)) = tx.try_send(f) {
@@ -381,8 +405,7 @@ impl State {
     fn index(&mut self, rec: &TunnelRecord) {
         for mode in [Mode::Source, Mode::Destination] {
             let side = side_of(rec, mode);
-            self.tokens
-                .insert(side.token, (rec.id.clone(), mode, true));
+            self.tokens.insert(side.token, (rec.id.clone(), mode, true));
             for old in &side.rotated {
                 self.tokens.insert(*old, (rec.id.clone(), mode, false));
             }
@@ -457,10 +480,7 @@ impl Registry {
             .values()
             .filter(|e| e.rec.status == Status::Open)
             .count();
-        info!(
-            tunnels = state.tunnels.len(),
-            open, "tunnel store loaded"
-        );
+        info!(tunnels = state.tunnels.len(), open, "tunnel store loaded");
         Ok(Registry {
             state: Mutex::new(state),
             store,
@@ -559,7 +579,12 @@ impl Registry {
         self.close_with(id, CloseReason::Closed, delete)
     }
 
-    fn close_with(&self, id: &str, reason: CloseReason, delete: bool) -> Result<TunnelView, ApiError> {
+    fn close_with(
+        &self,
+        id: &str,
+        reason: CloseReason,
+        delete: bool,
+    ) -> Result<TunnelView, ApiError> {
         let mut st = self.lock();
         let st = &mut *st;
         let e = st
@@ -908,14 +933,29 @@ mod tests {
         let l = Limits::default();
         let mut r = req();
         r.services = vec!["SSH".into(), "SSH".into()];
-        assert!(r.validate(&l).unwrap_err().to_string().contains("listed twice"));
+        assert!(
+            r.validate(&l)
+                .unwrap_err()
+                .to_string()
+                .contains("listed twice")
+        );
         r.services = vec![];
-        assert!(r.validate(&l).unwrap_err().to_string().contains("at least one"));
+        assert!(
+            r.validate(&l)
+                .unwrap_err()
+                .to_string()
+                .contains("at least one")
+        );
         r = req();
         r.lifetime_minutes = 721;
         assert!(r.validate(&l).unwrap_err().to_string().contains("1 to 720"));
         r = req();
         r.thing_name = "bad name".into();
-        assert!(r.validate(&l).unwrap_err().to_string().contains("thingName"));
+        assert!(
+            r.validate(&l)
+                .unwrap_err()
+                .to_string()
+                .contains("thingName")
+        );
     }
 }

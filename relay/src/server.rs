@@ -65,7 +65,10 @@ impl Relay {
     /// Open the store, load the tunnels, and bind the listener.
     pub async fn bind(cfg: &RelayConfig) -> anyhow::Result<Relay> {
         std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
-            anyhow::anyhow!("cannot create state directory {}: {e}", cfg.state_dir.display())
+            anyhow::anyhow!(
+                "cannot create state directory {}: {e}",
+                cfg.state_dir.display()
+            )
         })?;
         let store = Store::open(&cfg.state_dir.join("tunnels.redb"))?;
         let registry = Arc::new(Registry::load(store, cfg.limits.clone())?);
@@ -130,17 +133,18 @@ impl Relay {
             let app = app.clone();
             let stop = shutdown.clone();
             conns.spawn(async move {
-                let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
+                let stream =
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
                 let svc = TowerToHyperService::new(app);
                 let conn = hyper::server::conn::http1::Builder::new()
                     .max_buf_size(64 * 1024)

@@ -1,0 +1,334 @@
+//! `culvert connect`: the source-side local proxy.
+//!
+//! Listens on local ports mapped to the tunnel's services (`-s SSH=5555,HMI=8080`), carries each
+//! accepted connection through the tunnel (many at once per service with the V3 format), and
+//! keeps the relay session up: when it drops, reconnect with the same access token and client
+//! token, with exponential backoff. The listeners stay bound across reconnects, so
+//! `ssh -p 5555 localhost` keeps working once the relay is back. A 4xx from the relay (token
+//! refused, tunnel closed or expired) ends the proxy with [`ConnectError::Refused`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use culvert_protocol::client::{self, Backoff, ConnectOptions, Endpoint};
+use culvert_protocol::mux::Mux;
+use culvert_protocol::session::{self, SessionConfig, SessionHandle};
+use culvert_protocol::{Format, Mode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Most simultaneous local connections the proxy carries (the localproxy caps at 128).
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long an accepted connection waits for a relay session before it is dropped.
+const WAIT_FOR_SESSION: Duration = Duration::from_secs(20);
+/// How long to wait for the relay's SERVICE_IDS after connecting.
+const WAIT_FOR_SERVICE_IDS: Duration = Duration::from_secs(20);
+
+/// One `-s` mapping: a service (or none, the V1 single-service form) and a local port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub service: Option<String>,
+    pub port: u16,
+}
+
+/// Parse `SSH=5555,HMI=8080` (or a bare `5555` for a one-service tunnel).
+pub fn parse_mappings(s: &str) -> Result<Vec<Mapping>, String> {
+    let mut out: Vec<Mapping> = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (service, port) = match part.split_once('=') {
+            Some((svc, port)) => {
+                if !culvert_protocol::valid_name(svc) {
+                    return Err(format!(
+                        "{part:?}: service name {svc:?} must be 1-128 characters of A-Z a-z 0-9 : _ -"
+                    ));
+                }
+                (Some(svc.to_owned()), port)
+            }
+            None => (None, part),
+        };
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{part:?}: {port:?} is not a port number (0 picks a free one)"))?;
+        if out.iter().any(|m| m.service == service) {
+            return Err(format!("{part:?}: service mapped twice"));
+        }
+        out.push(Mapping { service, port });
+    }
+    if out.is_empty() {
+        return Err("no service mapping given: use -s SERVICE=PORT[,SERVICE=PORT…]".into());
+    }
+    if out.len() > 1 && out.iter().any(|m| m.service.is_none()) {
+        return Err("a bare port (no SERVICE=) is only valid as the only mapping".into());
+    }
+    Ok(out)
+}
+
+pub struct ConnectArgs {
+    pub endpoint: Endpoint,
+    pub access_token: String,
+    pub client_token: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub mappings: Vec<Mapping>,
+    pub bind: String,
+    /// Message format to speak; by default the one the negotiated subprotocol implies.
+    pub format: Option<Format>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The relay refused the token, or the tunnel is closed or expired.
+    #[error("the relay refused the connection (HTTP {status}): {message}")]
+    Refused { status: u16, message: String },
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// Run the proxy until `shutdown` is cancelled or the relay refuses us.
+pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), ConnectError> {
+    let tls = client::tls_config(args.ca.as_deref()).map_err(ConnectError::Fatal)?;
+    let client_token = args
+        .client_token
+        .clone()
+        .unwrap_or_else(culvert_protocol::new_client_token);
+    if !culvert_protocol::valid_client_token(&client_token) {
+        return Err(ConnectError::Fatal(
+            "--client-token must be 32-128 characters of A-Z a-z 0-9 and -".into(),
+        ));
+    }
+    let opts = ConnectOptions {
+        endpoint: args.endpoint.clone(),
+        mode: Mode::Source,
+        access_token: args.access_token.clone(),
+        client_token: Some(client_token),
+        tls,
+    };
+
+    // Bind every listener first: a port that cannot be bound is a fatal, local error.
+    let v1_service: Arc<OnceLock<String>> = Arc::new(OnceLock::new());
+    let (current_tx, current) = watch::channel::<Option<SessionHandle>>(None);
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    for m in &args.mappings {
+        let listener = TcpListener::bind((args.bind.as_str(), m.port))
+            .await
+            .map_err(|e| {
+                ConnectError::Fatal(format!("cannot listen on {}:{}: {e}", args.bind, m.port))
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| ConnectError::Fatal(e.to_string()))?;
+        let name = m
+            .service
+            .clone()
+            .unwrap_or_else(|| "(the tunnel's service)".into());
+        println!("culvert: service {name} listening on {addr}");
+        tokio::spawn(accept_loop(
+            listener,
+            m.service.clone(),
+            v1_service.clone(),
+            current.clone(),
+            limit.clone(),
+            shutdown.clone(),
+        ));
+    }
+
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut first = true;
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = client::connect(&opts) => r,
+        };
+        let (ws, negotiated) = match attempt {
+            Ok(x) => x,
+            Err(client::ConnectError::Refused { status, message }) => {
+                return Err(ConnectError::Refused { status, message });
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_in = ?delay, "cannot connect to relay");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => continue,
+                }
+            }
+        };
+        let format = args.format.map_or(negotiated, |f| f.min(negotiated));
+        let (handle, _incoming) = session::spawn(ws, Mux::source(format), SessionConfig::default());
+        let ids = match tokio::time::timeout(WAIT_FOR_SERVICE_IDS, handle.wait_service_ids()).await
+        {
+            Ok(Ok(ids)) => ids,
+            Ok(Err(_)) | Err(_) => {
+                let why = handle
+                    .ended()
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "no SERVICE_IDS from the relay".into());
+                handle.close();
+                let delay = backoff.next_delay();
+                warn!(reason = %why, retry_in = ?delay, "relay session failed to start");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+        };
+        check_mappings(&args.mappings, &ids, &v1_service)?;
+        if first {
+            info!(relay = %args.endpoint, services = ?ids, ?format, "connected to relay");
+            first = false;
+        } else {
+            info!(relay = %args.endpoint, "reconnected to relay");
+        }
+        backoff.reset();
+        current_tx.send_replace(Some(handle.clone()));
+        let why = tokio::select! {
+            _ = shutdown.cancelled() => {
+                handle.close();
+                return Ok(());
+            }
+            why = handle.closed() => why,
+        };
+        current_tx.send_replace(None);
+        warn!(reason = %why, "relay session ended; reconnecting");
+    }
+}
+
+/// Every mapped service must exist in the tunnel (the localproxy refuses to run otherwise).
+fn check_mappings(
+    mappings: &[Mapping],
+    ids: &[String],
+    v1_service: &OnceLock<String>,
+) -> Result<(), ConnectError> {
+    for m in mappings {
+        match &m.service {
+            Some(s) if !ids.contains(s) => {
+                return Err(ConnectError::Fatal(format!(
+                    "service {s:?} is not in this tunnel; its services are: {}",
+                    ids.join(", ")
+                )));
+            }
+            Some(_) => {}
+            None if ids.len() == 1 => {
+                let _ = v1_service.set(ids[0].clone());
+            }
+            None => {
+                return Err(ConnectError::Fatal(format!(
+                    "a bare port needs a one-service tunnel; this one has {}: map each, e.g. -s {}",
+                    ids.join(", "),
+                    ids.iter()
+                        .enumerate()
+                        .map(|(i, s)| format!("{s}={}", 5555 + i))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    service: Option<String>,
+    v1_service: Arc<OnceLock<String>>,
+    current: watch::Receiver<Option<SessionHandle>>,
+    limit: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            warn!(%peer, max = MAX_CONNECTIONS, "too many connections; refusing");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let service = service.clone();
+        let v1 = v1_service.clone();
+        let current = current.clone();
+        tokio::spawn(async move {
+            carry(tcp, peer, service, v1, current).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn carry(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    service: Option<String>,
+    v1: Arc<OnceLock<String>>,
+    mut current: watch::Receiver<Option<SessionHandle>>,
+) {
+    let live = |h: &Option<SessionHandle>| h.as_ref().is_some_and(|h| h.ended().is_none());
+    let handle: Option<SessionHandle> =
+        match tokio::time::timeout(WAIT_FOR_SESSION, current.wait_for(live)).await {
+            Ok(Ok(h)) => h.clone(),
+            _ => None,
+        };
+    let handle = match handle {
+        Some(h) => h,
+        None => {
+            warn!(%peer, "no relay session within {WAIT_FOR_SESSION:?}; dropping connection");
+            return;
+        }
+    };
+    let Some(service) = service.or_else(|| v1.get().cloned()) else {
+        return;
+    };
+    let stream = match handle.open(&service).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(%peer, %service, error = %e, "cannot open tunnel connection");
+            return;
+        }
+    };
+    let id = stream.id();
+    debug!(%peer, %service, conn = %id, "connection opened");
+    let r = session::splice(tcp, stream).await;
+    debug!(%peer, %service, conn = %id, sent = r.sent, received = r.received, peer_closed = r.peer_closed, "connection closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mappings() {
+        assert_eq!(
+            parse_mappings("SSH=5555,HMI=0").unwrap(),
+            vec![
+                Mapping {
+                    service: Some("SSH".into()),
+                    port: 5555
+                },
+                Mapping {
+                    service: Some("HMI".into()),
+                    port: 0
+                }
+            ]
+        );
+        assert_eq!(parse_mappings("5555").unwrap()[0].service, None);
+        assert!(parse_mappings("SSH=x").unwrap_err().contains("not a port"));
+        assert!(parse_mappings("SSH=1,SSH=2").unwrap_err().contains("twice"));
+        assert!(
+            parse_mappings("5555,HMI=1")
+                .unwrap_err()
+                .contains("only mapping")
+        );
+        assert!(parse_mappings("bad name=1").is_err());
+    }
+}

@@ -1,0 +1,17 @@
+//! culvert, the operator's tool.
+//!
+//! # Layout
+//! - [`api`]: a small blocking client of culvert-relay's control API.
+//! - [`tunnel`]: `culvert tunnel open|list|describe|close|rotate` and their output.
+//! - [`connect`]: `culvert connect`, the source-side local proxy (listen on local ports, carry
+//!   each connection through the tunnel, reconnect with the client token when the relay drops).
+//!
+//! Exit codes: 0 success; 1 an error (message on stderr); 2 bad usage; 3 the relay refused
+//! the token or the tunnel is closed/expired (`connect`), so scripts can tell "gone" from "broken".
+
+pub mod api;
+pub mod connect;
+pub mod tunnel;
+
+/// Exit code for "the relay refused us / the tunnel is gone".
+pub const EXIT_REFUSED: u8 = 3;

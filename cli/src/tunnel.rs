@@ -1,0 +1,196 @@
+//! `culvert tunnel …`: manage tunnels through the relay's API. Human output by default,
+//! `--json` prints the relay's JSON for scripts.
+
+use serde_json::{Value, json};
+
+use crate::api::{ApiClient, ApiError};
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v[k].as_str().unwrap_or("-")
+}
+
+fn print_json(v: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}
+
+pub struct OpenArgs {
+    pub thing: String,
+    pub services: Vec<String>,
+    pub lifetime_minutes: Option<u32>,
+    pub description: Option<String>,
+    pub tags: Vec<(String, String)>,
+}
+
+pub fn open(api: &ApiClient, a: OpenArgs, as_json: bool) -> Result<(), ApiError> {
+    let mut body = json!({"thingName": a.thing, "services": a.services});
+    if let Some(m) = a.lifetime_minutes {
+        body["lifetimeMinutes"] = json!(m);
+    }
+    if let Some(d) = a.description {
+        body["description"] = json!(d);
+    }
+    if !a.tags.is_empty() {
+        body["tags"] = Value::Object(a.tags.into_iter().map(|(k, v)| (k, json!(v))).collect());
+    }
+    let v = api.post("/tunnels", &body)?;
+    if as_json {
+        print_json(&v);
+        return Ok(());
+    }
+    let services: Vec<&str> = v["services"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    println!(
+        "tunnel {} opened for thing {}",
+        s(&v, "tunnelId"),
+        s(&v, "thingName")
+    );
+    println!("  services           {}", services.join(", "));
+    println!("  expires            {}", s(&v, "expiresAt"));
+    println!("  source token       {}", s(&v, "sourceAccessToken"));
+    println!("  destination token  {}", s(&v, "destinationAccessToken"));
+    let mapping: Vec<String> = services
+        .iter()
+        .enumerate()
+        .map(|(i, s)| format!("{s}={}", 5555 + i))
+        .collect();
+    println!();
+    println!(
+        "operator side:  culvert connect --token {} -s {}",
+        s(&v, "sourceAccessToken"),
+        mapping.join(",")
+    );
+    Ok(())
+}
+
+pub fn list(
+    api: &ApiClient,
+    thing: Option<String>,
+    status: Option<String>,
+    max: Option<u32>,
+    as_json: bool,
+) -> Result<(), ApiError> {
+    let mut all = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let mut q = Vec::new();
+        if let Some(t) = &thing {
+            q.push(("thingName", t.clone()));
+        }
+        if let Some(st) = &status {
+            q.push(("status", st.to_ascii_uppercase()));
+        }
+        q.push(("maxResults", max.unwrap_or(100).min(100).to_string()));
+        if let Some(n) = &next {
+            q.push(("nextToken", n.clone()));
+        }
+        let v = api.get("/tunnels", &q)?;
+        all.extend(v["tunnels"].as_array().cloned().unwrap_or_default());
+        next = v["nextToken"].as_str().map(str::to_owned);
+        let enough = max.is_some_and(|m| all.len() >= m as usize);
+        if next.is_none() || enough {
+            break;
+        }
+    }
+    if let Some(m) = max {
+        all.truncate(m as usize);
+    }
+    if as_json {
+        print_json(&json!({"tunnels": all}));
+        return Ok(());
+    }
+    if all.is_empty() {
+        println!("no tunnels");
+        return Ok(());
+    }
+    println!(
+        "{:<36}  {:<20}  {:<6}  {:<12}  {:<12}  CREATED",
+        "TUNNEL", "THING", "STATUS", "SOURCE", "DESTINATION"
+    );
+    for t in &all {
+        println!(
+            "{:<36}  {:<20}  {:<6}  {:<12}  {:<12}  {}",
+            s(t, "tunnelId"),
+            s(t, "thingName"),
+            s(t, "status"),
+            s(&t["sourceConnectionState"], "status"),
+            s(&t["destinationConnectionState"], "status"),
+            s(t, "createdAt")
+        );
+    }
+    Ok(())
+}
+
+pub fn describe(api: &ApiClient, id: &str, as_json: bool) -> Result<(), ApiError> {
+    let v = api.get(&format!("/tunnels/{id}"), &[])?;
+    if as_json {
+        print_json(&v);
+        return Ok(());
+    }
+    print_tunnel(&v);
+    Ok(())
+}
+
+fn print_tunnel(v: &Value) {
+    let services: Vec<&str> = v["services"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    println!("tunnel       {}", s(v, "tunnelId"));
+    println!("thing        {}", s(v, "thingName"));
+    println!("status       {}", s(v, "status"));
+    println!("services     {}", services.join(", "));
+    if let Some(d) = v["description"].as_str() {
+        println!("description  {d}");
+    }
+    println!("created      {}", s(v, "createdAt"));
+    println!("expires      {}", s(v, "expiresAt"));
+    if let Some(c) = v["closedAt"].as_str() {
+        println!("closed       {c} ({})", s(v, "closeReason"));
+    }
+    for (label, key) in [
+        ("source     ", "sourceConnectionState"),
+        ("destination", "destinationConnectionState"),
+    ] {
+        println!(
+            "{label}  {} since {}",
+            s(&v[key], "status"),
+            s(&v[key], "lastUpdatedAt")
+        );
+    }
+}
+
+pub fn close(api: &ApiClient, id: &str, delete: bool, as_json: bool) -> Result<(), ApiError> {
+    let v = api.post(&format!("/tunnels/{id}/close"), &json!({"delete": delete}))?;
+    if as_json {
+        print_json(&v);
+    } else if delete {
+        println!("tunnel {id} closed and deleted");
+    } else {
+        println!("tunnel {id} closed");
+    }
+    Ok(())
+}
+
+pub fn rotate(api: &ApiClient, id: &str, mode: &str, as_json: bool) -> Result<(), ApiError> {
+    let v = api.post(
+        &format!("/tunnels/{id}/rotate"),
+        &json!({"clientMode": mode}),
+    )?;
+    if as_json {
+        print_json(&v);
+        return Ok(());
+    }
+    println!("tunnel {id}: new tokens issued; the old ones no longer work");
+    if let Some(t) = v["sourceAccessToken"].as_str() {
+        println!("  source token       {t}");
+    }
+    if let Some(t) = v["destinationAccessToken"].as_str() {
+        println!("  destination token  {t}");
+    }
+    Ok(())
+}

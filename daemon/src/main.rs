@@ -1,0 +1,129 @@
+//! `culvertd`: parse arguments, load the rules, serve the tunnel until SIGTERM / SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use culvert_protocol::client::Endpoint;
+use culvertd::gateway::{TunnelArgs, TunnelError, run_tunnel};
+use culvertd::{EXIT_CONFIG, EXIT_REFUSED, config};
+use tokio_util::sync::CancellationToken;
+
+/// culvert's gateway daemon: carries tunnel connections to LAN targets by rules.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Rules file (TOML).
+    #[arg(long, short, default_value = "/etc/culvert/culvertd.toml")]
+    config: PathBuf,
+    /// Check the configuration, print every problem, and exit (0: valid, 64: invalid).
+    #[arg(long)]
+    check_config: bool,
+    /// The tunnel's destination access token.
+    #[arg(
+        long,
+        short = 't',
+        env = "CULVERT_DESTINATION_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// Client token to bind the access token with (generated if absent).
+    #[arg(long, env = "CULVERT_CLIENT_TOKEN", hide_env_values = true)]
+    client_token: Option<String>,
+    /// Relay host:port (overrides relay.endpoint in the config).
+    #[arg(long, env = "CULVERT_RELAY")]
+    relay: Option<String>,
+    /// Extra CA certificate to trust (overrides relay.ca in the config).
+    #[arg(long, env = "CULVERT_CA")]
+    ca: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cfg = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!(
+                "culvertd: the configuration has {} problem(s); nothing was started",
+                e.problems.len()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if args.check_config {
+        println!(
+            "{}: OK ({} service(s): {})",
+            args.config.display(),
+            cfg.services.len(),
+            cfg.service_names().join(", ")
+        );
+        return ExitCode::SUCCESS;
+    }
+    let endpoint = match args.relay.as_deref().map(Endpoint::parse) {
+        Some(Ok(e)) => e,
+        Some(Err(e)) => {
+            eprintln!("culvertd: --relay {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        None => match cfg.endpoint.clone() {
+            Some(e) => e,
+            None => {
+                eprintln!(
+                    "culvertd: no relay: set relay.endpoint in {} or pass --relay",
+                    args.config.display()
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    let Some(token) = args.token else {
+        eprintln!("culvertd: no destination token: pass --token or set CULVERT_DESTINATION_TOKEN");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let tunnel = TunnelArgs {
+        endpoint,
+        ca: args.ca.or_else(|| cfg.ca.clone()),
+        access_token: token,
+        client_token: args.client_token,
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("culvertd: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    rt.spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        stop.cancel();
+    });
+    let r = rt.block_on(run_tunnel(tunnel, Arc::new(cfg), shutdown));
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ TunnelError::Refused { .. }) => {
+            eprintln!("culvertd: {e}");
+            ExitCode::from(EXIT_REFUSED)
+        }
+        Err(e) => {
+            eprintln!("culvertd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
