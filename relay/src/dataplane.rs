@@ -197,6 +197,8 @@ enum End {
     Closed,
     Kicked(String),
     Violation(String),
+    /// A WebSocket message over the protocol's limit.
+    TooBig(String),
     Transport(String),
 }
 
@@ -224,14 +226,18 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
         let mut batch = BytesMut::new();
         loop {
             let first = tokio::select! {
-                f = rx.recv() => match f { Some(f) => f, None => break },
+                // A kick (with its close frame) wins over a queue that closed at the same time.
+                biased;
                 reason = writer_kick.kicked() => {
-                    let _ = sink.send(WsMessage::Close(Some(CloseFrame {
-                        code: close_code(&reason),
-                        reason: truncate(&reason).into(),
-                    }))).await;
+                    if !reason.is_empty() {
+                        let _ = sink.send(WsMessage::Close(Some(CloseFrame {
+                            code: close_code(&reason),
+                            reason: truncate(&reason).into(),
+                        }))).await;
+                    }
                     break;
                 }
+                f = rx.recv() => match f { Some(f) => f, None => break },
             };
             // Coalesce queued chunks into one WebSocket message, ending it after a start frame.
             let msg = if first.ends_message {
@@ -281,7 +287,13 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
         };
         let data = match next {
             None => break End::Closed,
-            Some(Err(e)) => break End::Transport(e.to_string()),
+            Some(Err(e)) => {
+                let e = e.to_string();
+                if e.contains("Message too long") || e.contains("Space limit") {
+                    break End::TooBig(e);
+                }
+                break End::Transport(e);
+            }
             Some(Ok(WsMessage::Binary(b))) => b,
             Some(Ok(WsMessage::Text(_))) => {
                 break End::Violation(
@@ -311,7 +323,9 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
                 }
                 if !peer_there {
                     if let Some(r) = reset_for_absent_peer(&msg) {
-                        replies.push(r);
+                        if !replies.contains(&r) {
+                            replies.push(r);
+                        }
                     }
                 }
                 Ok(())
@@ -355,25 +369,29 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
             warn!(violation = %v, "closing peer: protocol violation");
             kick.kick(&format!("protocol violation: {v}"));
         }
+        End::TooBig(e) => {
+            warn!(error = %e, "closing peer: WebSocket message too big");
+            kick.kick(&format!(
+                "message too big: WebSocket messages are limited to {MAX_WS_MESSAGE} bytes"
+            ));
+        }
         End::Transport(e) => info!(error = %e, "peer connection failed"),
     }
     live.detach(mode, peer_id);
-    if !matches!(end, End::Violation(_) | End::Kicked(_)) {
+    if !matches!(end, End::Violation(_) | End::TooBig(_) | End::Kicked(_)) {
         kick.kick("");
     }
     drop(tx);
     let _ = writer.await;
 }
 
-/// The reset that tells a sender its connection cannot be carried (the other side is absent).
+/// The reset that tells a sender its stream cannot be carried: with the other side absent every
+/// stream is dead, so the whole stream is reset (a CONNECTION_RESET would leave a V3 source
+/// sending CONNECTION_STARTs on a stream the other side never saw).
 fn reset_for_absent_peer(msg: &Message) -> Option<Message> {
     match msg.kind()? {
         MessageType::StreamStart | MessageType::ConnectionStart | MessageType::Data => {
-            Some(if msg.connection_id != 0 {
-                Message::connection_reset(msg.stream_id, &msg.service_id, msg.connection_id)
-            } else {
-                Message::stream_reset(msg.stream_id, &msg.service_id)
-            })
+            Some(Message::stream_reset(msg.stream_id, &msg.service_id))
         }
         _ => None,
     }
@@ -387,10 +405,13 @@ enum FwdError {
     Rule(#[from] Violation),
 }
 
-/// 1008 (policy violation) for rule breaks, 1000 (normal) for closes the relay decided.
+/// 1008 (policy violation) for rule breaks, 1009 (too big) for oversized messages, 1000
+/// (normal) for closes the relay decided.
 fn close_code(reason: &str) -> u16 {
     if reason.starts_with("protocol violation") {
         1008
+    } else if reason.starts_with("message too big") {
+        1009
     } else {
         1000
     }

@@ -1,0 +1,613 @@
+//! Test harness for culvert's end-to-end tests: starts the real programs (`culvert-relay`,
+//! `culvertd`, `culvert`) as separate processes on loopback, with ports chosen by the OS, plus
+//! real OpenSSH and simple in-process TCP targets.
+//!
+//! Every wait is bounded and fails with a message saying what did not happen; nothing asserts
+//! on elapsed time. A missing tool (sshd, ssh, scp, ssh-keygen) fails the test with the Debian
+//! package to install.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use serde_json::Value;
+
+/// How long any one wait may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The directory holding the built binaries (building them once per test process).
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current_exe");
+        // target/<profile>/deps/<test binary>
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in target/<profile>/deps")
+            .to_owned();
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--bins",
+            "-p",
+            "culvert-relay",
+            "-p",
+            "culvertd",
+            "-p",
+            "culvert-cli",
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build for the binaries");
+        assert!(
+            status.success(),
+            "cargo build of the culvert binaries failed"
+        );
+        dir
+    })
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} was not built", p.display());
+    p
+}
+
+/// Fail with an install hint when a system tool is missing.
+pub fn require_tool(path_or_name: &str, package: &str) -> PathBuf {
+    let candidates: Vec<PathBuf> = if path_or_name.contains('/') {
+        vec![PathBuf::from(path_or_name)]
+    } else {
+        std::env::var("PATH")
+            .unwrap_or_default()
+            .split(':')
+            .chain(["/usr/sbin", "/sbin"])
+            .map(|d| Path::new(d).join(path_or_name))
+            .collect()
+    };
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{path_or_name} is required for this test: install it with `apt-get install {package}`")
+        })
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "culvert-e2e-{}-{}-{}",
+        name,
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Poll `f` until it returns `Some`, or fail after [`WAIT`] saying `what` did not happen.
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed when dropped, with its stderr kept in a log file for diagnostics.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, dir: &Path) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let err = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stderr(err)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Wait for the process to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self) -> i32 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit; log:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status();
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- {} log ({}) ----\n{}",
+                self.name,
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// A running `culvert-relay --dev`.
+pub struct Relay {
+    pub proc: Proc,
+    pub dir: PathBuf,
+    pub addr: SocketAddr,
+    pub api_key: String,
+    pub ca: PathBuf,
+}
+
+impl Relay {
+    pub fn start(dir: &Path) -> Relay {
+        Relay::start_on(dir, "127.0.0.1:0".parse().unwrap())
+    }
+
+    /// Start (or restart, reusing the state directory) on a given address.
+    pub fn start_on(dir: &Path, listen: SocketAddr) -> Relay {
+        let state = dir.join("relay-state");
+        std::fs::create_dir_all(dir).unwrap();
+        let env_file = state.join("client.env");
+        let _ = std::fs::remove_file(&env_file);
+        let proc = Proc::spawn(
+            "culvert-relay",
+            Command::new(bin("culvert-relay"))
+                .args(["--dev", "--state-dir"])
+                .arg(&state)
+                .args(["--listen", &listen.to_string()])
+                .env("RUST_LOG", "info,culvert_relay=debug")
+                .stdout(Stdio::null()),
+            dir,
+        );
+        let env = wait_for("the relay to write client.env", || {
+            let t = std::fs::read_to_string(&env_file).ok()?;
+            let vars: HashMap<String, String> = t
+                .lines()
+                .filter_map(|l| l.strip_prefix("export "))
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            (vars.len() == 3).then_some(vars)
+        });
+        let addr: SocketAddr = env["CULVERT_RELAY"].parse().unwrap();
+        wait_for("the relay to accept connections", || {
+            TcpStream::connect(addr).ok()
+        });
+        Relay {
+            proc,
+            dir: dir.to_owned(),
+            addr,
+            api_key: env["CULVERT_API_KEY"].clone(),
+            ca: PathBuf::from(&env["CULVERT_CA"]),
+        }
+    }
+
+    /// A `culvert` command with this relay's settings in its environment.
+    pub fn culvert(&self) -> Command {
+        let mut c = Command::new(bin("culvert"));
+        c.env("CULVERT_RELAY", self.addr.to_string())
+            .env("CULVERT_API_KEY", &self.api_key)
+            .env("CULVERT_CA", &self.ca)
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    /// Run `culvert --json <args>` and parse its output; panics on failure.
+    pub fn api(&self, args: &[&str]) -> Value {
+        let out = self.culvert().arg("--json").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "culvert {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("culvert --json prints JSON")
+    }
+
+    pub fn open_tunnel(&self, thing: &str, services: &[&str]) -> Tunnel {
+        let svc = services.join(",");
+        let v = self.api(&["tunnel", "open", "--thing", thing, "--service", &svc]);
+        Tunnel {
+            id: v["tunnelId"].as_str().unwrap().to_owned(),
+            source: v["sourceAccessToken"].as_str().unwrap().to_owned(),
+            destination: v["destinationAccessToken"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    pub fn describe(&self, id: &str) -> Value {
+        self.api(&["tunnel", "describe", id])
+    }
+
+    /// Wait until a side of a tunnel shows `status` (CONNECTED / DISCONNECTED).
+    pub fn wait_side(&self, id: &str, side: &str, status: &str) {
+        wait_for(&format!("tunnel {id} {side} to be {status}"), || {
+            let v = self.describe(id);
+            (v[format!("{side}ConnectionState")]["status"] == status).then_some(())
+        });
+    }
+
+    /// Start `culvertd` for a tunnel with a rules file.
+    pub fn gateway(&self, dir: &Path, rules: &Path, token: &str) -> Proc {
+        Proc::spawn(
+            "culvertd",
+            Command::new(bin("culvertd"))
+                .arg("--config")
+                .arg(rules)
+                .args(["--relay", &self.addr.to_string()])
+                .arg("--ca")
+                .arg(&self.ca)
+                .env("CULVERT_DESTINATION_TOKEN", token)
+                .env("RUST_LOG", "info,culvertd=debug")
+                .stdout(Stdio::null()),
+            dir,
+        )
+    }
+
+    /// Start `culvert connect` with `services` mapped to OS-chosen ports; returns the ports.
+    pub fn proxy(
+        &self,
+        dir: &Path,
+        token: &str,
+        services: &[&str],
+    ) -> (Proc, HashMap<String, u16>) {
+        let map: Vec<String> = services.iter().map(|s| format!("{s}=0")).collect();
+        let mut cmd = self.culvert();
+        cmd.args(["connect", "-s", &map.join(",")])
+            .env("CULVERT_ACCESS_TOKEN", token)
+            .env("RUST_LOG", "info,culvert_cli=debug")
+            .stdout(Stdio::piped());
+        let mut proc = Proc::spawn("culvert-connect", &mut cmd, dir);
+        let stdout = proc.child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut ports = HashMap::new();
+        while ports.len() < services.len() {
+            let line = rx.recv_timeout(WAIT).unwrap_or_else(|_| {
+                panic!(
+                    "culvert connect did not report its ports; log:\n{}",
+                    proc.log_text()
+                )
+            });
+            // "culvert: service SSH listening on 127.0.0.1:PORT"
+            if let Some(rest) = line.strip_prefix("culvert: service ") {
+                let mut it = rest.split_whitespace();
+                let name = it.next().unwrap().to_owned();
+                let addr: SocketAddr = it.last().unwrap().parse().unwrap();
+                ports.insert(name, addr.port());
+            }
+        }
+        (proc, ports)
+    }
+}
+
+pub struct Tunnel {
+    pub id: String,
+    pub source: String,
+    pub destination: String,
+}
+
+/// Write a culvertd rules file mapping services to targets.
+pub fn rules(dir: &Path, services: &[(&str, String)]) -> PathBuf {
+    let mut t = String::new();
+    for (name, target) in services {
+        t.push_str(&format!("[services.{name}]\ntarget = \"{target}\"\n\n"));
+    }
+    let p = dir.join("culvertd.toml");
+    std::fs::write(&p, t).unwrap();
+    p
+}
+
+/// A TCP echo server on 127.0.0.1 (threads; lives as long as the test process).
+pub fn echo_server() -> SocketAddr {
+    transform_server(|b| b.to_vec())
+}
+
+/// A TCP server that answers every read with `f(bytes)`.
+pub fn transform_server(f: fn(&[u8]) -> Vec<u8>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&f(&buf[..n])).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Connect to a local port (the proxy's), retrying while the tunnel comes up.
+pub fn connect_local(port: u16) -> TcpStream {
+    let s = wait_for(&format!("a connection to 127.0.0.1:{port}"), || {
+        TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+/// Send `data` and read back exactly `data.len()` bytes, writing from a second thread so large
+/// payloads cannot deadlock on socket buffers.
+pub fn round_trip(mut s: TcpStream, data: Vec<u8>) -> Vec<u8> {
+    let mut w = s.try_clone().unwrap();
+    let n = data.len();
+    let writer = std::thread::spawn(move || w.write_all(&data));
+    let mut got = vec![0u8; n];
+    s.read_exact(&mut got).expect("reading the echo");
+    writer.join().unwrap().unwrap();
+    got
+}
+
+/// One echo exchange through the tunnel, retried until the whole path is up (the first
+/// connections may be reset while the gateway is still connecting).
+pub fn echo_works(port: u16, msg: &[u8]) -> bool {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut got = vec![0u8; msg.len()];
+            if s.write_all(msg).is_ok() && s.read_exact(&mut got).is_ok() && got == msg {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rand::fill(&mut v[..]);
+    v
+}
+
+pub fn sha256(data: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub fn stderr_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A real OpenSSH server on 127.0.0.1 with its own host key and one authorized client key.
+pub struct Sshd {
+    pub proc: Proc,
+    pub port: u16,
+    pub client_key: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Sshd {
+    pub fn start(dir: &Path) -> Sshd {
+        let sshd = require_tool("/usr/sbin/sshd", "openssh-server");
+        let keygen = require_tool("ssh-keygen", "openssh-client");
+        let d = dir.join("sshd");
+        std::fs::create_dir_all(&d).unwrap();
+        // sshd refuses to start without its privilege-separation directory.
+        let _ = std::fs::create_dir_all("/run/sshd");
+        for (name, kind) in [("host_key", "ed25519"), ("client_key", "ed25519")] {
+            let st = Command::new(&keygen)
+                .args(["-q", "-t", kind, "-N", "", "-f"])
+                .arg(d.join(name))
+                .status()
+                .unwrap();
+            assert!(st.success(), "ssh-keygen failed");
+        }
+        std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
+        let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+        let config = d.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "ListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {ak}\nPidFile {pid}\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+                 PermitRootLogin prohibit-password\nStrictModes no\nAllowUsers {user}\n\
+                 Subsystem sftp internal-sftp\nLogLevel VERBOSE\n",
+                hk = d.join("host_key").display(),
+                ak = d.join("authorized_keys").display(),
+                pid = d.join("sshd.pid").display(),
+            ),
+        )
+        .unwrap();
+        // sshd needs a port in its configuration: take one the OS hands out, retrying if
+        // another process grabs it first.
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut proc = Proc::spawn(
+                "sshd",
+                Command::new(&sshd)
+                    .args(["-D", "-e", "-f"])
+                    .arg(&config)
+                    .args(["-p", &port.to_string()])
+                    .stdout(Stdio::null()),
+                dir,
+            );
+            let up = wait_for("sshd to listen or exit", || {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    Some(true)
+                } else if !proc.is_running() {
+                    Some(false)
+                } else {
+                    None
+                }
+            });
+            if up {
+                return Sshd {
+                    proc,
+                    port,
+                    client_key: d.join("client_key"),
+                    dir: d,
+                };
+            }
+        }
+        panic!("sshd did not start; see its log under {}", dir.display());
+    }
+
+    /// Common options for ssh/scp to reach this server through `port`.
+    pub fn client_opts(&self) -> Vec<String> {
+        vec![
+            "-i".into(),
+            self.client_key.display().to_string(),
+            "-o".into(),
+            "StrictHostKeyChecking=no".into(),
+            "-o".into(),
+            "UserKnownHostsFile=/dev/null".into(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "LogLevel=ERROR".into(),
+            "-o".into(),
+            "ConnectTimeout=20".into(),
+        ]
+    }
+
+    pub fn user() -> String {
+        std::env::var("USER").unwrap_or_else(|_| "root".into())
+    }
+}
+
+/// Raw data-plane access for tests that must send exactly what they choose.
+pub mod raw {
+    use super::*;
+    use culvert_protocol::Mode;
+    use culvert_protocol::client::{self, ConnectError, ConnectOptions, Endpoint, RelayStream};
+    use futures_util::{SinkExt, StreamExt};
+    pub use tokio_tungstenite::tungstenite::Message as Ws;
+
+    pub fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Open a data-plane WebSocket to `relay` with exactly these credentials.
+    pub async fn connect(
+        relay: &Relay,
+        token: &str,
+        mode: Mode,
+        client_token: Option<&str>,
+    ) -> Result<RelayStream, ConnectError> {
+        let opts = ConnectOptions {
+            endpoint: Endpoint::parse(&relay.addr.to_string()).unwrap(),
+            mode,
+            access_token: token.to_owned(),
+            client_token: client_token.map(str::to_owned),
+            tls: client::tls_config(Some(&relay.ca)).unwrap(),
+        };
+        client::connect(&opts).await.map(|(ws, _)| ws)
+    }
+
+    /// The status and message of a refused handshake.
+    pub async fn refused(
+        relay: &Relay,
+        token: &str,
+        mode: Mode,
+        client_token: Option<&str>,
+    ) -> (u16, String) {
+        match connect(relay, token, mode, client_token).await {
+            Err(ConnectError::Refused { status, message }) => (status, message),
+            Err(e) => panic!("expected a 4xx refusal, got {e}"),
+            Ok(_) => panic!("expected a refusal, but the relay accepted the connection"),
+        }
+    }
+
+    /// Read until the relay closes the socket; returns the close code and reason.
+    pub async fn closed_with(ws: &mut RelayStream) -> (u16, String) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let next = tokio::time::timeout_at(deadline, ws.next())
+                .await
+                .expect("the relay did not close the connection");
+            match next {
+                Some(Ok(Ws::Close(Some(f)))) => return (f.code.into(), f.reason.to_string()),
+                Some(Ok(Ws::Close(None))) | None => return (0, String::new()),
+                Some(Err(e)) => return (0, e.to_string()),
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Send one WebSocket message (errors ignored: the relay may already have closed).
+    pub async fn send(ws: &mut RelayStream, m: Ws) {
+        let _ = ws.send(m).await;
+    }
+}
