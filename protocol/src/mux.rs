@@ -463,12 +463,12 @@ impl Mux {
     /// Remove a connection from the tables; ends a V1/V2 stream with it.
     fn forget(&mut self, id: ConnId) -> Option<Conn> {
         let conn = self.conns.remove(&id)?;
-        if let Some(state) = self.services.get_mut(&conn.service) {
-            if let Some(stream) = state.active.as_mut().filter(|s| s.id == conn.stream_id) {
-                stream.conns.remove(&conn.connection_id);
-                if stream.format != Format::V3 {
-                    state.active = None;
-                }
+        if let Some(state) = self.services.get_mut(&conn.service)
+            && let Some(stream) = state.active.as_mut().filter(|s| s.id == conn.stream_id)
+        {
+            stream.conns.remove(&conn.connection_id);
+            if stream.format != Format::V3 {
+                state.active = None;
             }
         }
         Some(conn)
@@ -493,25 +493,25 @@ impl Mux {
         let id = self.alloc();
         let state = self.services.entry(service.to_owned()).or_default();
         let wire_service = if format == Format::V1 { "" } else { service };
-        if format == Format::V3 {
-            if let Some(stream) = state.active.as_mut() {
-                let cid = stream.next_connection_id;
-                stream.next_connection_id = cid.wrapping_add(1).max(1);
-                stream.conns.insert(cid, id);
-                out.transmit
-                    .push(Message::connection_start(stream.id, wire_service, cid));
-                let stream_id = stream.id;
-                self.conns.insert(
-                    id,
-                    Conn {
-                        service: service.to_owned(),
-                        stream_id,
-                        connection_id: cid,
-                        format,
-                    },
-                );
-                return Ok(id);
-            }
+        if format == Format::V3
+            && let Some(stream) = state.active.as_mut()
+        {
+            let cid = stream.next_connection_id;
+            stream.next_connection_id = cid.wrapping_add(1).max(1);
+            stream.conns.insert(cid, id);
+            out.transmit
+                .push(Message::connection_start(stream.id, wire_service, cid));
+            let stream_id = stream.id;
+            self.conns.insert(
+                id,
+                Conn {
+                    service: service.to_owned(),
+                    stream_id,
+                    connection_id: cid,
+                    format,
+                },
+            );
+            return Ok(id);
         }
         // A new stream. In V1/V2 it replaces the service's current connection, if any.
         let replaced: Vec<ConnId> = state

@@ -80,7 +80,7 @@ impl TunnelRules {
             if self.services.len() > 1 {
                 return Err(Violation::MissingServiceId(self.services.len()));
             }
-        } else if !self.services.iter().any(|s| *s == msg.service_id) {
+        } else if !self.services.contains(&msg.service_id) {
             return Err(Violation::UnknownService(
                 msg.service_id.clone(),
                 self.services.join(", "),

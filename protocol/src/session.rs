@@ -521,10 +521,10 @@ impl AsyncRead for TunnelReader {
 impl tokio::io::AsyncBufRead for TunnelReader {
     fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
         let this = self.get_mut();
-        if this.pending.is_empty() {
-            if let Some(b) = ready!(this.rx.poll_recv(cx)) {
-                this.pending = b;
-            }
+        if this.pending.is_empty()
+            && let Some(b) = ready!(this.rx.poll_recv(cx))
+        {
+            this.pending = b;
         }
         Poll::Ready(Ok(&this.pending))
     }

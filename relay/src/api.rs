@@ -10,6 +10,10 @@
 //!
 //! Errors are `{"error": "<code>", "message": "<what went wrong and what to do>"}`.
 
+// Handlers return an early `Response` on their (cold) error paths, the usual axum shape;
+// boxing it would only add an allocation.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -207,11 +211,10 @@ pub async fn open(
     match r {
         Ok(Ok((view, tokens))) => {
             let mut v = serde_json::to_value(tunnel_json(&view)).unwrap_or_default();
-            if let serde_json::Value::Object(m) = &mut v {
-                if let Ok(serde_json::Value::Object(t)) = serde_json::to_value(tokens_json(tokens))
-                {
-                    m.extend(t);
-                }
+            if let serde_json::Value::Object(m) = &mut v
+                && let Ok(serde_json::Value::Object(t)) = serde_json::to_value(tokens_json(tokens))
+            {
+                m.extend(t);
             }
             (StatusCode::CREATED, Json(v)).into_response()
         }

@@ -321,12 +321,11 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
                 ) {
                     splits.push(offset);
                 }
-                if !peer_there {
-                    if let Some(r) = reset_for_absent_peer(&msg) {
-                        if !replies.contains(&r) {
-                            replies.push(r);
-                        }
-                    }
+                if !peer_there
+                    && let Some(r) = reset_for_absent_peer(&msg)
+                    && !replies.contains(&r)
+                {
+                    replies.push(r);
                 }
                 Ok(())
             });
@@ -338,10 +337,10 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
         if !replies.is_empty() {
             debug!(count = replies.len(), "other side not connected: resetting");
             for r in replies.drain(..) {
-                if let Ok(f) = frame::encode_to_bytes(&r) {
-                    if tx.send(Chunk::new(f)).await.is_err() {
-                        break;
-                    }
+                if let Ok(f) = frame::encode_to_bytes(&r)
+                    && tx.send(Chunk::new(f)).await.is_err()
+                {
+                    break;
                 }
             }
         }

@@ -158,12 +158,10 @@ impl OpenRequest {
                 self.lifetime_minutes
             ));
         }
-        if let Some(d) = &self.description {
-            if d.is_empty() || d.chars().count() > 2048 || d.chars().any(char::is_control) {
-                return bad(
-                    "description must be 1-2048 characters without control characters".into(),
-                );
-            }
+        if let Some(d) = &self.description
+            && (d.is_empty() || d.chars().count() > 2048 || d.chars().any(char::is_control))
+        {
+            return bad("description must be 1-2048 characters without control characters".into());
         }
         if self.tags.len() > 50 {
             return bad(format!(
@@ -735,10 +733,10 @@ impl Registry {
                 (None, _) => return Err(Refusal::Spent(mode).into()),
             }
         } else {
-            if let Some(ct) = ct {
-                if st.client_tokens.get(&ct).is_some_and(|t| *t != tid) {
-                    return Err(Refusal::ClientTokenInUse.into());
-                }
+            if let Some(ct) = ct
+                && st.client_tokens.get(&ct).is_some_and(|t| *t != tid)
+            {
+                return Err(Refusal::ClientTokenInUse.into());
             }
             let mut rec = e.rec.clone();
             let side = side_of_mut(&mut rec, mode);

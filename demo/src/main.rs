@@ -1,0 +1,282 @@
+//! `cargo run -p culvert-demo`: the whole system on this machine, no setup.
+//!
+//! 1. builds `culvert-relay`, `culvertd` and `culvert`;
+//! 2. starts `culvert-relay --dev` (CA, certificate, API key in `.culvert-dev/`);
+//! 3. starts a demo "robot cell": a web page on 127.0.0.1:18080 and an echo service on
+//!    127.0.0.1:18007 (the targets in `config/culvertd-demo.toml`);
+//! 4. opens a tunnel with `culvert tunnel open`, starts `culvertd` with the demo rules and the
+//!    destination token, and `culvert connect` with the source token;
+//! 5. checks that the web page and the echo come back through the tunnel, then prints what to
+//!    connect to. `--once` stops after the check (used by the test suite).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn die(msg: impl std::fmt::Display) -> ! {
+    eprintln!("culvert-demo: {msg}");
+    std::process::exit(1)
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("demo/ lives in the workspace")
+        .to_owned()
+}
+
+fn build(root: &Path, release: bool) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root).args([
+        "build",
+        "--bins",
+        "-p",
+        "culvert-relay",
+        "-p",
+        "culvertd",
+        "-p",
+        "culvert-cli",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    if !cmd.status().map(|s| s.success()).unwrap_or(false) {
+        die("building the culvert binaries failed (see above)");
+    }
+    let exe = std::env::current_exe().unwrap_or_else(|e| die(e));
+    exe.parent()
+        .unwrap_or_else(|| die("no target dir"))
+        .to_owned()
+}
+
+/// The demo "robot cell": a web page and an echo service on the ports the demo rules name.
+fn start_targets() {
+    let web = TcpListener::bind("127.0.0.1:18080").unwrap_or_else(|e| {
+        die(format!(
+            "cannot start the demo web target on 127.0.0.1:18080 ({e}); is another demo running?"
+        ))
+    });
+    let echo = TcpListener::bind("127.0.0.1:18007").unwrap_or_else(|e| {
+        die(format!(
+            "cannot start the demo echo target on 127.0.0.1:18007 ({e}); is another demo running?"
+        ))
+    });
+    std::thread::spawn(move || {
+        for s in web.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut req = [0u8; 4096];
+                let _ = s.read(&mut req);
+                let body = "<!doctype html><title>robot cell 7</title>\
+                    <h1>Hello from robot cell 7</h1>\
+                    <p>This page travelled: browser &rarr; culvert connect &rarr; culvert-relay &rarr; culvertd &rarr; here.</p>\n";
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    std::thread::spawn(move || {
+        for s in echo.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut buf = [0u8; 16384];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            die(format!("timed out waiting for {what}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn http_get(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nhost: robot\r\nconnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.contains("Hello from robot cell 7").then_some(out)
+}
+
+fn echo(port: u16, msg: &[u8]) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut got = vec![0u8; msg.len()];
+    s.write_all(msg).is_ok() && s.read_exact(&mut got).is_ok() && got == msg
+}
+
+fn main() -> ExitCode {
+    let once = std::env::args().any(|a| a == "--once");
+    let root = workspace_root();
+    let release = std::env::current_exe()
+        .map(|e| e.components().any(|c| c.as_os_str() == "release"))
+        .unwrap_or(false);
+    let bins = build(&root, release);
+    let state = std::env::var_os("CULVERT_DEMO_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".culvert-dev"));
+    std::fs::create_dir_all(&state).unwrap_or_else(|e| die(e));
+    let env_file = state.join("client.env");
+    let _ = std::fs::remove_file(&env_file);
+
+    start_targets();
+    let log = |name: &str| {
+        std::fs::File::create(state.join(format!("{name}.log"))).unwrap_or_else(|e| die(e))
+    };
+    let _relay = Kill(
+        Command::new(bins.join("culvert-relay"))
+            .args(["--dev", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(&state)
+            .stdout(Stdio::null())
+            .stderr(log("relay"))
+            .spawn()
+            .unwrap_or_else(|e| die(format!("cannot start culvert-relay: {e}"))),
+    );
+    let env: Vec<(String, String)> = wait("the relay to start", || {
+        let t = std::fs::read_to_string(&env_file).ok()?;
+        let v: Vec<(String, String)> = t
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        (v.len() == 3).then_some(v)
+    });
+    let culvert = || {
+        let mut c = Command::new(bins.join("culvert"));
+        c.envs(env.iter().map(|(k, v)| (k, v)));
+        c
+    };
+    let out = culvert()
+        .args([
+            "--json",
+            "tunnel",
+            "open",
+            "--thing",
+            "robot-cell-7",
+            "--service",
+            "WEB,ECHO,SSH",
+        ])
+        .output()
+        .unwrap_or_else(|e| die(e));
+    if !out.status.success() {
+        die(format!(
+            "opening the tunnel failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let t: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| die(e));
+    let token = |k: &str| {
+        t[k].as_str()
+            .unwrap_or_else(|| die("no token in the answer"))
+            .to_owned()
+    };
+
+    let _gateway = Kill(
+        Command::new(bins.join("culvertd"))
+            .arg("--config")
+            .arg(root.join("config/culvertd-demo.toml"))
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("CULVERT_DESTINATION_TOKEN", token("destinationAccessToken"))
+            .stdout(Stdio::null())
+            .stderr(log("culvertd"))
+            .spawn()
+            .unwrap_or_else(|e| die(format!("cannot start culvertd: {e}"))),
+    );
+    let mut proxy = culvert();
+    proxy
+        .args(["connect", "-s", "WEB=0,ECHO=0,SSH=0"])
+        .env("CULVERT_ACCESS_TOKEN", token("sourceAccessToken"))
+        .stdout(Stdio::piped())
+        .stderr(log("culvert-connect"));
+    let mut proxy = Kill(
+        proxy
+            .spawn()
+            .unwrap_or_else(|e| die(format!("cannot start culvert connect: {e}"))),
+    );
+    let stdout = proxy.0.stdout.take().unwrap_or_else(|| die("no stdout"));
+    let mut ports = std::collections::HashMap::new();
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        if let Some(rest) = line.strip_prefix("culvert: service ") {
+            let mut it = rest.split_whitespace();
+            let name = it.next().unwrap_or_default().to_owned();
+            let port = it
+                .last()
+                .and_then(|a| a.rsplit(':').next()?.parse::<u16>().ok());
+            if let Some(p) = port {
+                ports.insert(name, p);
+            }
+        }
+        if ports.len() == 3 {
+            break;
+        }
+    }
+    let (web, echo_port, ssh) = (ports["WEB"], ports["ECHO"], ports["SSH"]);
+    wait("the web page through the tunnel", || http_get(web));
+    wait("the echo through the tunnel", || {
+        echo(echo_port, b"ping").then_some(())
+    });
+
+    println!();
+    println!(
+        "culvert is up: relay, gateway (culvertd) and operator proxy (culvert connect) are running."
+    );
+    println!(
+        "Tunnel {} to thing robot-cell-7, services WEB, ECHO, SSH.",
+        t["tunnelId"].as_str().unwrap_or("?")
+    );
+    println!();
+    println!("  web page of the robot cell   curl http://127.0.0.1:{web}/");
+    println!("  echo service                 nc 127.0.0.1 {echo_port}");
+    println!(
+        "  SSH to this machine's sshd   ssh -p {ssh} $USER@127.0.0.1   (needs an sshd on port 22)"
+    );
+    println!(
+        "  manage tunnels               . {} && culvert tunnel list",
+        env_file.display()
+    );
+    println!(
+        "                               ({} is the culvert binary)",
+        bins.join("culvert").display()
+    );
+    println!("  logs                         {}/*.log", state.display());
+    println!();
+    println!("Checked: the web page and an echo came back through the tunnel.");
+    if once {
+        return ExitCode::SUCCESS;
+    }
+    println!("Press Ctrl-C to stop everything.");
+    let _ = proxy.0.wait();
+    ExitCode::SUCCESS
+}
