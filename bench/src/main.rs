@@ -1,0 +1,332 @@
+//! `cargo run --release -p culvert-bench`: measures, in one run on loopback,
+//! - single-stream throughput: N bytes written by a client, counted by a sink that acknowledges
+//!   the last byte (so buffering is not mistaken for delivery);
+//! - 64-byte round-trip latency: ping-pong against an echo server, p50 / p99;
+//!
+//! once directly (client → target) and once through culvert's full path (client →
+//! `culvert connect` → `culvert-relay` → `culvertd` → target, TLS on both hops), and prints the
+//! ratios. Every loop is bounded by a count; nothing runs open-ended.
+//!
+//! Options: `--bytes N` (per throughput round, default 1 GiB), `--rounds N` (default 3, the
+//! median is reported), `--pings N` (default 20000).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn die(msg: impl std::fmt::Display) -> ! {
+    eprintln!("culvert-bench: {msg}");
+    std::process::exit(1)
+}
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            let (num, mult) = match v.chars().last() {
+                Some('G') => (&v[..v.len() - 1], 1 << 30),
+                Some('M') => (&v[..v.len() - 1], 1 << 20),
+                Some('K') => (&v[..v.len() - 1], 1 << 10),
+                _ => (v.as_str(), 1),
+            };
+            num.parse::<u64>()
+                .unwrap_or_else(|_| die(format!("{name} {v}: not a number")))
+                * mult
+        })
+        .unwrap_or(default)
+}
+
+/// A sink: reads until it has `n` bytes (the first 8 bytes of the stream announce n), then
+/// answers one byte.
+fn sink_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut hdr = [0u8; 8];
+                if s.read_exact(&mut hdr).is_err() {
+                    return;
+                }
+                let mut left = u64::from_be_bytes(hdr);
+                let mut buf = vec![0u8; 256 * 1024];
+                while left > 0 {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => left = left.saturating_sub(n as u64),
+                    }
+                }
+                let _ = s.write_all(b"!");
+            });
+        }
+    });
+    addr
+}
+
+fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let _ = s.set_nodelay(true);
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Gbit/s for one transfer of `n` bytes to a sink reached at `port`.
+fn throughput(port: u16, n: u64) -> f64 {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| die(e));
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    let buf = vec![0x5au8; 256 * 1024];
+    let start = Instant::now();
+    s.write_all(&n.to_be_bytes()).unwrap();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..k])
+            .unwrap_or_else(|e| die(format!("write: {e}")));
+        left -= k as u64;
+    }
+    let mut ack = [0u8; 1];
+    s.read_exact(&mut ack)
+        .unwrap_or_else(|e| die(format!("no acknowledgement: {e}")));
+    (n as f64 * 8.0) / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// (p50, p99) in µs of `count` 64-byte round trips through `port`.
+fn latency(port: u16, count: usize) -> (f64, f64) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| die(e));
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let msg = [7u8; 64];
+    let mut back = [0u8; 64];
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..count + 1000 {
+        let t = Instant::now();
+        s.write_all(&msg).unwrap();
+        s.read_exact(&mut back)
+            .unwrap_or_else(|e| die(format!("echo: {e}")));
+        if i >= 1000 {
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    (samples[count / 2], samples[count * 99 / 100])
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn build() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let ok = Command::new(cargo)
+        .current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "--bins",
+            "-p",
+            "culvert-relay",
+            "-p",
+            "culvertd",
+            "-p",
+            "culvert-cli",
+        ])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        die("building the release binaries failed");
+    }
+    root.join("target/release")
+}
+
+fn main() {
+    let bytes = arg("--bytes", 1 << 30);
+    let rounds = arg("--rounds", 3).max(1) as usize;
+    let pings = arg("--pings", 20_000).max(100) as usize;
+    let bins = build();
+    let dir = std::env::temp_dir().join(format!("culvert-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let sink = sink_server();
+    let echo = echo_server();
+    let _relay = Kill(
+        Command::new(bins.join("culvert-relay"))
+            .args(["--dev", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(dir.join("relay"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| die(e)),
+    );
+    let env_file = dir.join("relay/client.env");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let env: Vec<(String, String)> = loop {
+        let v: Vec<(String, String)> = std::fs::read_to_string(&env_file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        if v.len() == 3 {
+            break v;
+        }
+        if Instant::now() > deadline {
+            die("the relay did not start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = Command::new(bins.join("culvert"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .args([
+            "--json",
+            "tunnel",
+            "open",
+            "--thing",
+            "bench",
+            "--service",
+            "SINK,ECHO",
+        ])
+        .output()
+        .unwrap();
+    let t: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| die(String::from_utf8_lossy(&out.stderr)));
+    let rules = dir.join("rules.toml");
+    std::fs::write(
+        &rules,
+        format!("[services.SINK]\ntarget = \"{sink}\"\n[services.ECHO]\ntarget = \"{echo}\"\n"),
+    )
+    .unwrap();
+    let _gw = Kill(
+        Command::new(bins.join("culvertd"))
+            .arg("--config")
+            .arg(&rules)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env(
+                "CULVERT_DESTINATION_TOKEN",
+                t["destinationAccessToken"].as_str().unwrap(),
+            )
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap_or_else(|e| die(e)),
+    );
+    let mut px = Kill(
+        Command::new(bins.join("culvert"))
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .args(["connect", "-s", "SINK=0,ECHO=0"])
+            .env(
+                "CULVERT_ACCESS_TOKEN",
+                t["sourceAccessToken"].as_str().unwrap(),
+            )
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| die(e)),
+    );
+    let mut ports = std::collections::HashMap::new();
+    for line in BufReader::new(px.0.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        if let Some(rest) = line.strip_prefix("culvert: service ") {
+            let mut it = rest.split_whitespace();
+            let name = it.next().unwrap().to_owned();
+            let port: u16 = it
+                .last()
+                .unwrap()
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            ports.insert(name, port);
+        }
+        if ports.len() == 2 {
+            break;
+        }
+    }
+    // Wait for the whole path: a small transfer must be acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::panic::catch_unwind(|| throughput(ports["SINK"], 1024)).is_err() {
+        if Instant::now() > deadline {
+            die("the tunnel did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    eprintln!("measuring: {rounds} round(s) of {bytes} bytes, {pings} pings each way …");
+    let direct_tp = median(
+        (0..rounds)
+            .map(|_| throughput(sink.port(), bytes))
+            .collect(),
+    );
+    let tunnel_tp = median(
+        (0..rounds)
+            .map(|_| throughput(ports["SINK"], bytes))
+            .collect(),
+    );
+    let (d50, d99) = latency(echo.port(), pings);
+    let (t50, t99) = latency(ports["ECHO"], pings);
+
+    println!();
+    println!(
+        "culvert full path (culvert connect → relay → culvertd, TLS on both hops) vs direct loopback"
+    );
+    println!(
+        "{:<32} {:>14} {:>14} {:>10}",
+        "", "direct", "culvert", "ratio"
+    );
+    println!(
+        "{:<32} {:>11.2} Gb {:>11.2} Gb {:>9.2}×",
+        "1-stream throughput (Gbit/s)",
+        direct_tp,
+        tunnel_tp,
+        tunnel_tp / direct_tp
+    );
+    println!(
+        "{:<32} {:>11.1} µs {:>11.1} µs {:>9.2}×",
+        "64-byte round trip p50",
+        d50,
+        t50,
+        t50 / d50
+    );
+    println!(
+        "{:<32} {:>11.1} µs {:>11.1} µs {:>9.2}×",
+        "64-byte round trip p99",
+        d99,
+        t99,
+        t99 / d99
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
