@@ -138,26 +138,14 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut first = true;
     loop {
-        if shutdown.is_cancelled() {
-            return Ok(());
-        }
-        let attempt = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            r = client::connect(&opts) => r,
-        };
-        let (ws, negotiated) = match attempt {
-            Ok(x) => x,
+        let (ws, negotiated) = match client::connect_retrying(&opts, &mut backoff, &shutdown).await
+        {
+            Ok(Some(x)) => x,
+            Ok(None) => return Ok(()),
             Err(client::ConnectError::Refused { status, message }) => {
                 return Err(ConnectError::Refused { status, message });
             }
-            Err(e) => {
-                let delay = backoff.next_delay();
-                warn!(error = %e, retry_in = ?delay, "cannot connect to relay");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => continue,
-                }
-            }
+            Err(e) => return Err(ConnectError::Fatal(e.to_string())),
         };
         let format = args.format.map_or(negotiated, |f| f.min(negotiated));
         let (handle, _incoming) = session::spawn(ws, Mux::source(format), SessionConfig::default());

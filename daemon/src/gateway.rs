@@ -54,23 +54,13 @@ pub async fn run_tunnel(
     let conns = TaskTracker::new();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let result = loop {
-        let attempt = tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            r = client::connect(&opts) => r,
-        };
-        let (ws, format) = match attempt {
-            Ok(x) => x,
+        let (ws, format) = match client::connect_retrying(&opts, &mut backoff, &shutdown).await {
+            Ok(Some(x)) => x,
+            Ok(None) => break Ok(()),
             Err(client::ConnectError::Refused { status, message }) => {
                 break Err(TunnelError::Refused { status, message });
             }
-            Err(e) => {
-                let delay = backoff.next_delay();
-                warn!(error = %e, retry_in = ?delay, "cannot connect to relay");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break Ok(()),
-                    _ = tokio::time::sleep(delay) => continue,
-                }
-            }
+            Err(e) => break Err(TunnelError::Fatal(e.to_string())),
         };
         backoff.reset();
         let mux = Mux::destination(Some(config.service_names()));

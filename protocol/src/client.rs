@@ -255,6 +255,34 @@ async fn connect_inner(opts: &ConnectOptions) -> Result<(RelayStream, Format), C
     Ok((ws, chosen))
 }
 
+/// Connect, retrying transport failures and 5xx answers with `backoff` (logging each), until
+/// it succeeds, the relay refuses (a 4xx, returned as `Err`), or `shutdown` is cancelled
+/// (`Ok(None)`).
+pub async fn connect_retrying(
+    opts: &ConnectOptions,
+    backoff: &mut Backoff,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<Option<(RelayStream, Format)>, ConnectError> {
+    loop {
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            r = connect(opts) => r,
+        };
+        match attempt {
+            Ok(x) => return Ok(Some(x)),
+            Err(e) if !e.is_retryable() => return Err(e),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to relay");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
 /// The human message in an error body: a JSON `{"message": ...}` (culvert-relay), or the text.
 fn error_message(body: &[u8]) -> Option<String> {
     if body.is_empty() {

@@ -173,6 +173,22 @@ fn tokens_json(t: IssuedTokens) -> TokensJson {
     }
 }
 
+/// Run a registry call (which may write to the store) off the async workers.
+async fn blocking<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&crate::registry::Registry) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, Response> {
+    let registry = state.registry.clone();
+    match tokio::task::spawn_blocking(move || f(&registry)).await {
+        Ok(r) => r.map_err(IntoResponse::into_response),
+        Err(e) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e.to_string(),
+        )),
+    }
+}
+
 type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
 
 fn body<T>(b: JsonBody<T>) -> Result<T, Response> {
@@ -206,10 +222,8 @@ pub async fn open(
         description: b.description,
         tags: b.tags,
     };
-    let registry = state.registry.clone();
-    let r = tokio::task::spawn_blocking(move || registry.open(req)).await;
-    match r {
-        Ok(Ok((view, tokens))) => {
+    match blocking(&state, move |r| r.open(req)).await {
+        Ok((view, tokens)) => {
             let mut v = serde_json::to_value(tunnel_json(&view)).unwrap_or_default();
             if let serde_json::Value::Object(m) = &mut v
                 && let Ok(serde_json::Value::Object(t)) = serde_json::to_value(tokens_json(tokens))
@@ -218,8 +232,7 @@ pub async fn open(
             }
             (StatusCode::CREATED, Json(v)).into_response()
         }
-        Ok(Err(e)) => e.into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        Err(r) => r,
     }
 }
 
@@ -325,15 +338,13 @@ pub async fn close(
         return r;
     }
     let delete = b.map(|Json(b)| b.delete).unwrap_or(false);
-    let registry = state.registry.clone();
-    match tokio::task::spawn_blocking(move || registry.close(&id, delete)).await {
-        Ok(Ok(v)) => {
+    match blocking(&state, move |r| r.close(&id, delete)).await {
+        Ok(v) => {
             let mut j = serde_json::to_value(tunnel_json(&v)).unwrap_or_default();
             j["deleted"] = serde_json::Value::Bool(delete);
             Json(j).into_response()
         }
-        Ok(Err(e)) => e.into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        Err(r) => r,
     }
 }
 
@@ -368,15 +379,13 @@ pub async fn rotate(
             );
         }
     };
-    let registry = state.registry.clone();
     let tid = id.clone();
-    match tokio::task::spawn_blocking(move || registry.rotate(&tid, which)).await {
-        Ok(Ok(t)) => {
+    match blocking(&state, move |r| r.rotate(&tid, which)).await {
+        Ok(t) => {
             let mut j = serde_json::to_value(tokens_json(t)).unwrap_or_default();
             j["tunnelId"] = serde_json::Value::String(id);
             Json(j).into_response()
         }
-        Ok(Err(e)) => e.into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        Err(r) => r,
     }
 }
