@@ -199,7 +199,7 @@ fn main() {
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
-        if v.len() == 3 {
+        if v.len() >= 3 {
             break v;
         }
         if Instant::now() > deadline {

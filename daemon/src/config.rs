@@ -13,6 +13,19 @@
 //! connect_timeout_secs = 5             # optional, default 10
 //! ```
 //!
+//! With an `[mqtt]` section and no `--token`, culvertd waits for tunnel notifications instead:
+//!
+//! ```toml
+//! [mqtt]
+//! broker = "mqtts://relay.example.com:8883"  # the relay's embedded broker, or any MQTT broker
+//! thing_name = "robot-cell-7"                # this gateway's identity
+//! password_file = "/etc/culvert/mqtt-password"  # username defaults to thing_name
+//! # client_cert = "/etc/culvert/device.pem"  # and/or a client certificate
+//! # client_key = "/etc/culvert/device-key.pem"
+//! # ca = "/etc/culvert/broker-ca.pem"        # default: relay.ca
+//! # topic = "$aws/things/{thing}/tunnels/notify"
+//! ```
+//!
 //! Errors name the file, the line and the key, e.g.
 //! `gateway.toml:7: services.SSH.target: "10.0.0.5" needs a port (host:port)`.
 
@@ -31,6 +44,7 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     relay: Option<RawRelay>,
+    mqtt: Option<RawMqtt>,
     #[serde(default)]
     services: BTreeMap<Spanned<String>, RawService>,
 }
@@ -41,6 +55,46 @@ struct RawRelay {
     endpoint: Option<Spanned<String>>,
     region: Option<String>,
     ca: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqtt {
+    broker: Spanned<String>,
+    thing_name: Spanned<String>,
+    username: Option<String>,
+    password: Option<String>,
+    password_file: Option<Spanned<PathBuf>>,
+    client_id: Option<String>,
+    client_cert: Option<Spanned<PathBuf>>,
+    client_key: Option<Spanned<PathBuf>>,
+    ca: Option<Spanned<PathBuf>>,
+    topic: Option<Spanned<String>>,
+}
+
+/// How culvertd receives tunnel notifications.
+#[derive(Clone)]
+pub struct MqttConfig {
+    pub broker: Endpoint,
+    pub thing_name: String,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// PEM certificate chain and key for TLS client authentication.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    pub ca: Option<PathBuf>,
+    pub topic: String,
+}
+
+impl std::fmt::Debug for MqttConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttConfig")
+            .field("broker", &self.broker)
+            .field("thing_name", &self.thing_name)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Deserialize)]
@@ -122,6 +176,7 @@ pub struct Service {
 pub struct Config {
     pub endpoint: Option<Endpoint>,
     pub ca: Option<PathBuf>,
+    pub mqtt: Option<MqttConfig>,
     pub services: BTreeMap<String, Service>,
 }
 
@@ -235,6 +290,120 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             ca = Some(p);
         }
     }
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            base.join(p)
+        }
+    };
+    let mut mqtt = None;
+    if let Some(m) = raw.mqtt {
+        let file =
+            |key: &str,
+             p: &Spanned<PathBuf>,
+             push: &mut dyn FnMut(std::ops::Range<usize>, String, String)| {
+                let path = resolve(p.get_ref());
+                if !path.is_file() {
+                    push(
+                        p.span(),
+                        format!("mqtt.{key}"),
+                        format!("{} does not exist or is not a file", path.display()),
+                    );
+                }
+                path
+            };
+        let broker = match Endpoint::parse_mqtt(m.broker.get_ref()) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                push(m.broker.span(), "mqtt.broker".into(), e);
+                None
+            }
+        };
+        if !culvert_protocol::valid_name(m.thing_name.get_ref()) {
+            push(
+                m.thing_name.span(),
+                "mqtt.thing_name".into(),
+                "thing names are 1-128 characters of A-Z a-z 0-9 : _ -".into(),
+            );
+        }
+        let password = match (&m.password, &m.password_file) {
+            (Some(_), Some(f)) => {
+                push(
+                    f.span(),
+                    "mqtt.password_file".into(),
+                    "set password or password_file, not both".into(),
+                );
+                None
+            }
+            (Some(p), None) => Some(p.clone()),
+            (None, Some(f)) => {
+                let path = file("password_file", f, &mut push);
+                std::fs::read_to_string(&path)
+                    .ok()
+                    .map(|p| p.trim().to_owned())
+            }
+            (None, None) => None,
+        };
+        let client_cert = match (&m.client_cert, &m.client_key) {
+            (Some(c), Some(k)) => Some((
+                file("client_cert", c, &mut push),
+                file("client_key", k, &mut push),
+            )),
+            (Some(c), None) => {
+                push(
+                    c.span(),
+                    "mqtt.client_key".into(),
+                    "client_cert needs client_key".into(),
+                );
+                None
+            }
+            (None, Some(k)) => {
+                push(
+                    k.span(),
+                    "mqtt.client_cert".into(),
+                    "client_key needs client_cert".into(),
+                );
+                None
+            }
+            (None, None) => None,
+        };
+        if password.is_none() && client_cert.is_none() && m.password_file.is_none() {
+            push(
+                m.thing_name.span(),
+                "mqtt".into(),
+                "give the device identity: password_file (or password) and/or client_cert + client_key".into(),
+            );
+        }
+        let ca_path = m.ca.as_ref().map(|c| file("ca", c, &mut push));
+        let thing = m.thing_name.get_ref().clone();
+        let topic = match &m.topic {
+            Some(t) if t.get_ref().contains(['+', '#']) => {
+                push(
+                    t.span(),
+                    "mqtt.topic".into(),
+                    "the notify topic may not contain wildcards".into(),
+                );
+                String::new()
+            }
+            Some(t) => t.get_ref().replace("{thing}", &thing),
+            None => format!("$aws/things/{thing}/tunnels/notify"),
+        };
+        if let Some(broker) = broker {
+            mqtt = Some(MqttConfig {
+                broker,
+                client_id: m.client_id.unwrap_or_else(|| thing.clone()),
+                username: m
+                    .username
+                    .or_else(|| password.is_some().then(|| thing.clone())),
+                thing_name: thing,
+                password,
+                client_cert,
+                ca: ca_path,
+                topic,
+            });
+        }
+    }
     let mut services = BTreeMap::new();
     for (name, svc) in raw.services {
         let key = format!("services.{}", name.get_ref());
@@ -285,6 +454,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
         Ok(Config {
             endpoint,
             ca,
+            mqtt,
             services,
         })
     } else {

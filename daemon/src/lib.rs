@@ -6,10 +6,13 @@
 //! - [`gateway`]: connect to the relay as destination, keep the session up (reconnecting with
 //!   the client token), and forward each tunnel connection to its rule's target.
 //!
-//! Not here yet: MQTT notifications, ACLs and limits, HTTP routing, systemd integration.
+//! - [`notify`]: MQTT notifications: each one starts a destination session for its token.
+//!
+//! Not here yet: ACLs and limits, HTTP routing, systemd integration.
 
 pub mod config;
 pub mod gateway;
+pub mod notify;
 
 /// Exit code for a configuration error (EX_USAGE / EX_CONFIG convention: 64).
 pub const EXIT_CONFIG: u8 = 64;

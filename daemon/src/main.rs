@@ -7,7 +7,7 @@ use std::sync::Arc;
 use clap::Parser;
 use culvert_protocol::client::Endpoint;
 use culvertd::gateway::{TunnelArgs, TunnelError, run_tunnel};
-use culvertd::{EXIT_CONFIG, EXIT_REFUSED, config};
+use culvertd::{EXIT_CONFIG, EXIT_REFUSED, config, notify};
 use tokio_util::sync::CancellationToken;
 
 /// culvert's gateway daemon: carries tunnel connections to LAN targets by rules.
@@ -85,16 +85,15 @@ fn main() -> ExitCode {
             }
         },
     };
-    let Some(token) = args.token else {
-        eprintln!("culvertd: no destination token: pass --token or set CULVERT_DESTINATION_TOKEN");
+    let ca = args.ca.or_else(|| cfg.ca.clone());
+    if args.token.is_none() && cfg.mqtt.is_none() {
+        eprintln!(
+            "culvertd: nothing to do: add an [mqtt] section to {} to wait for tunnel notifications, \
+             or pass a destination token (--token / CULVERT_DESTINATION_TOKEN)",
+            args.config.display()
+        );
         return ExitCode::from(EXIT_CONFIG);
-    };
-    let tunnel = TunnelArgs {
-        endpoint,
-        ca: args.ca.or_else(|| cfg.ca.clone()),
-        access_token: token,
-        client_token: args.client_token,
-    };
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -113,7 +112,23 @@ fn main() -> ExitCode {
         }
         stop.cancel();
     });
-    let r = rt.block_on(run_tunnel(tunnel, Arc::new(cfg), shutdown));
+    let cfg = Arc::new(cfg);
+    let r = match args.token {
+        // One tunnel, its token given by hand.
+        Some(token) => {
+            let tunnel = TunnelArgs {
+                endpoint,
+                ca,
+                access_token: token,
+                client_token: args.client_token,
+            };
+            rt.block_on(run_tunnel(tunnel, cfg, shutdown))
+        }
+        // Tunnels announced over MQTT.
+        None => rt
+            .block_on(notify::run(cfg, endpoint, ca, shutdown))
+            .map_err(TunnelError::Fatal),
+    };
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -171,7 +171,7 @@ fn main() -> ExitCode {
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
-        (v.len() == 3).then_some(v)
+        (v.len() >= 3).then_some(v)
     });
     let culvert = || {
         let mut c = Command::new(bins.join("culvert"));

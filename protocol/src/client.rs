@@ -30,6 +30,24 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn parse(s: &str) -> Result<Endpoint, String> {
+        Endpoint::parse_with_port(s, 443)
+    }
+
+    /// An MQTT broker: `mqtts://host[:port]` or `host[:port]`, port 8883 by default. TLS only.
+    pub fn parse_mqtt(s: &str) -> Result<Endpoint, String> {
+        if s.starts_with("mqtt://") || s.starts_with("tcp://") {
+            return Err(format!(
+                "{s:?}: culvert talks to MQTT brokers over TLS only (mqtts://)"
+            ));
+        }
+        let rest = s
+            .strip_prefix("mqtts://")
+            .or_else(|| s.strip_prefix("ssl://"))
+            .unwrap_or(s);
+        Endpoint::parse_with_port(rest, 8883)
+    }
+
+    fn parse_with_port(s: &str, default_port: u16) -> Result<Endpoint, String> {
         let rest = s.strip_prefix("wss://").unwrap_or(s);
         if rest.starts_with("ws://") || rest.starts_with("http://") {
             return Err(format!(
@@ -55,7 +73,7 @@ impl Endpoint {
             Some(p) => p
                 .parse()
                 .map_err(|_| format!("{s:?}: port {p:?} is not a number 1-65535"))?,
-            None => 443,
+            None => default_port,
         };
         Ok(Endpoint { host, port })
     }
@@ -100,6 +118,19 @@ impl std::fmt::Display for Endpoint {
 /// A TLS client configuration trusting the system's roots plus, optionally, a PEM CA file
 /// (for a relay with a private CA, such as `culvert-relay --dev`).
 pub fn tls_config(extra_ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let roots = root_store(extra_ca)?;
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// The system's trusted roots plus, optionally, the certificates of a PEM CA file.
+pub fn root_store(extra_ca: Option<&Path>) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
@@ -126,14 +157,7 @@ pub fn tls_config(extra_ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, 
     if roots.is_empty() {
         return Err("no trusted CA certificates: install ca-certificates or pass a CA file".into());
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(Arc::new(cfg))
+    Ok(roots)
 }
 
 /// How to reach and authenticate to a relay.
@@ -367,6 +391,12 @@ mod tests {
         );
         assert!(Endpoint::parse("ws://x:1").is_err());
         assert!(Endpoint::parse("x:notaport").is_err());
+        assert_eq!(
+            Endpoint::parse_mqtt("mqtts://b.example").unwrap().port,
+            8883
+        );
+        assert_eq!(Endpoint::parse_mqtt("b.example:1883").unwrap().port, 1883);
+        assert!(Endpoint::parse_mqtt("mqtt://b.example").is_err());
         assert_eq!(
             Endpoint::aws_region("cn-north-1").host,
             "data.tunneling.iot.cn-north-1.amazonaws.com.cn"

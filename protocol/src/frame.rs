@@ -5,7 +5,7 @@
 //!
 //! "Need more bytes" is `Ok(None)`-like (nothing is returned yet), never an error.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message as _;
 
 use crate::message::{MAX_PAYLOAD, Message};
@@ -66,15 +66,31 @@ impl FrameReader {
             }
             return Ok(chunk.slice(..end));
         }
+        // Slow path: bytes carried over. Append (each byte is copied once), and only once a
+        // frame is complete hand the complete prefix on, without copying it again.
         self.partial.extend_from_slice(&chunk);
-        let whole = {
-            let view = Bytes::copy_from_slice(&self.partial);
-            let end = scan(&view, &mut on_frame)?;
-            view.slice(..end)
-        };
-        self.partial.advance(whole.len());
+        let end = complete_prefix(&self.partial);
+        if end == 0 {
+            return Ok(Bytes::new());
+        }
+        let whole = self.partial.split_to(end).freeze();
+        scan(&whole, &mut on_frame)?;
         Ok(whole)
     }
+}
+
+/// Length of the longest prefix of `buf` made of complete frames.
+fn complete_prefix(buf: &[u8]) -> usize {
+    let mut pos = 0;
+    while buf.len() - pos >= LENGTH_PREFIX {
+        let len = u16::from_be_bytes([buf[pos], buf[pos + 1]]) as usize;
+        if len == 0 || buf.len() - pos - LENGTH_PREFIX < len {
+            // An empty frame is reported by `scan`; stop here either way.
+            return if len == 0 { pos + LENGTH_PREFIX } else { pos };
+        }
+        pos += LENGTH_PREFIX + len;
+    }
+    pos
 }
 
 /// Calls `on_frame` for each complete frame at the start of `buf`; returns the end offset of the
@@ -195,6 +211,20 @@ mod tests {
         let mut r = FrameReader::new();
         let (_, fwd) = collect(&mut r, wire.clone());
         assert_eq!(fwd.as_ptr(), wire.as_ptr());
+    }
+
+    #[test]
+    fn byte_by_byte_input_is_not_rescanned() {
+        // A 60 KiB frame fed one byte per chunk: nothing is returned until it is complete.
+        let wire = frames(&[Message::data(1, "S", 1, Bytes::from(vec![1u8; 60_000]))]);
+        let mut r = FrameReader::new();
+        for i in 0..wire.len() - 1 {
+            let (got, fwd) = collect(&mut r, wire.slice(i..i + 1));
+            assert!(got.is_empty() && fwd.is_empty());
+        }
+        let (got, fwd) = collect(&mut r, wire.slice(wire.len() - 1..));
+        assert_eq!(got.len(), 1);
+        assert_eq!(fwd, wire);
     }
 
     #[test]

@@ -86,17 +86,24 @@ impl TunnelRules {
                 self.services.join(", "),
             ));
         }
+        // In a one-service tunnel a V1 peer names the service "" while the other may name it:
+        // both mean the same stream.
+        let service = if msg.service_id.is_empty() && self.services.len() == 1 {
+            self.services[0].as_str()
+        } else {
+            msg.service_id.as_str()
+        };
         if kind == MessageType::StreamStart {
-            let max = self.max_started.entry(msg.service_id.clone()).or_insert(0);
+            let max = self.max_started.entry(service.to_owned()).or_insert(0);
             *max = (*max).max(msg.stream_id);
-            self.active.insert(msg.service_id.clone(), msg.stream_id);
+            self.active.insert(service.to_owned(), msg.stream_id);
             return Ok(());
         }
         // Every other stream-bound message must name a stream the source has started. Stale
         // ids (lower than the newest) are legal: frames cross resets in flight.
         let started = self
             .max_started
-            .get(msg.service_id.as_str())
+            .get(service)
             .is_some_and(|max| msg.stream_id <= *max);
         if !started {
             return Err(Violation::UnknownStream {
@@ -105,10 +112,8 @@ impl TunnelRules {
                 service: msg.service_id.clone(),
             });
         }
-        if kind == MessageType::StreamReset
-            && self.active.get(msg.service_id.as_str()) == Some(&msg.stream_id)
-        {
-            self.active.remove(msg.service_id.as_str());
+        if kind == MessageType::StreamReset && self.active.get(service) == Some(&msg.stream_id) {
+            self.active.remove(service);
         }
         Ok(())
     }
@@ -178,6 +183,15 @@ mod tests {
             ),
             Err(Violation::UnknownType(100))
         );
+    }
+
+    #[test]
+    fn v1_and_named_service_are_the_same_stream_in_a_one_service_tunnel() {
+        let mut r = TunnelRules::new(vec!["SSH".into()]);
+        r.check(Mode::Source, &Message::stream_start(1, "SSH", 1))
+            .unwrap();
+        let v1_reply = Message::data(1, "", 0, Bytes::from_static(b"x"));
+        assert_eq!(r.check(Mode::Destination, &v1_reply), Ok(()));
     }
 
     #[test]

@@ -292,7 +292,12 @@ async fn reader_task<S>(
                 failed = Some(SessionEnd::Protocol(e.to_string()));
                 break;
             }
-            if deliver(&handle, out, &incoming).await.is_err() {
+            // Delivery waits on slow local readers; a close must still get through.
+            let delivered = tokio::select! {
+                r = deliver(&handle, out, &incoming) => r.is_ok(),
+                _ = shared.cancel.cancelled() => false,
+            };
+            if !delivered {
                 failed = Some(SessionEnd::Cancelled);
                 break;
             }

@@ -7,6 +7,11 @@
 //! | GET | /api/v1/tunnels/{id} | describe |
 //! | POST | /api/v1/tunnels/{id}/close | close (`{"delete": true}` also deletes it) |
 //! | POST | /api/v1/tunnels/{id}/rotate | new tokens (`{"clientMode": "source"|"destination"|"all"}`) |
+//! | POST | /api/v1/devices | register a device for the embedded broker (or reset its password) |
+//! | GET | /api/v1/devices | list devices |
+//! | DELETE | /api/v1/devices/{thing} | remove a device |
+//!
+//! Opening a tunnel, and rotating its destination token, notify the device over MQTT.
 //!
 //! Errors are `{"error": "<code>", "message": "<what went wrong and what to do>"}`.
 
@@ -224,6 +229,12 @@ pub async fn open(
     };
     match blocking(&state, move |r| r.open(req)).await {
         Ok((view, tokens)) => {
+            if let Some(t) = &tokens.destination {
+                state
+                    .notifier
+                    .notify(&view.rec.thing_name, t, &view.rec.services)
+                    .await;
+            }
             let mut v = serde_json::to_value(tunnel_json(&view)).unwrap_or_default();
             if let serde_json::Value::Object(m) = &mut v
                 && let Ok(serde_json::Value::Object(t)) = serde_json::to_value(tokens_json(tokens))
@@ -382,10 +393,101 @@ pub async fn rotate(
     let tid = id.clone();
     match blocking(&state, move |r| r.rotate(&tid, which)).await {
         Ok(t) => {
+            if let (Some(token), Ok(v)) = (&t.destination, state.registry.describe(&id)) {
+                state
+                    .notifier
+                    .notify(&v.rec.thing_name, token, &v.rec.services)
+                    .await;
+            }
             let mut j = serde_json::to_value(tokens_json(t)).unwrap_or_default();
             j["tunnelId"] = serde_json::Value::String(id);
             Json(j).into_response()
         }
         Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeviceBody {
+    thing_name: String,
+}
+
+/// Register a device for the embedded broker, or give it a new password.
+pub async fn add_device(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    b: JsonBody<DeviceBody>,
+) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return r;
+    }
+    let b = match body(b) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if !culvert_protocol::valid_name(&b.thing_name) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "thingName {:?} is invalid: 1-128 characters of A-Z a-z 0-9 : _ -",
+                b.thing_name
+            ),
+        );
+    }
+    let thing = b.thing_name.clone();
+    let devices = state.devices.clone();
+    match tokio::task::spawn_blocking(move || devices.issue(&thing)).await {
+        Ok(Ok(password)) => (
+            StatusCode::CREATED,
+            Json(serde_json::json!({
+                "thingName": b.thing_name,
+                "clientId": b.thing_name,
+                "username": b.thing_name,
+                "password": password,
+                "broker": state.mqtt_listen.map(|a| a.to_string()),
+            })),
+        )
+            .into_response(),
+        Ok(Err(e)) => ApiError::Store(e).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+pub async fn list_devices(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return r;
+    }
+    let list: Vec<serde_json::Value> = state
+        .devices
+        .list()
+        .into_iter()
+        .map(|d| serde_json::json!({"thingName": d.thing_name, "createdAt": rfc3339(d.created_ms)}))
+        .collect();
+    Json(serde_json::json!({ "devices": list })).into_response()
+}
+
+pub async fn remove_device(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(thing): Path<String>,
+) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return r;
+    }
+    let devices = state.devices.clone();
+    let t = thing.clone();
+    match tokio::task::spawn_blocking(move || devices.remove(&t)).await {
+        Ok(Ok(true)) => {
+            Json(serde_json::json!({"thingName": thing, "deleted": true})).into_response()
+        }
+        Ok(Ok(false)) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no device {thing:?}"),
+        ),
+        Ok(Err(e)) => ApiError::Store(e).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
 }

@@ -14,6 +14,15 @@
 //! [limits]
 //! max_services = 8                  # services per tunnel
 //! closed_retention_minutes = 1440   # closed tunnels stay visible this long
+//!
+//! [mqtt]                            # device notification (all keys optional)
+//! listen = "0.0.0.0:8883"           # embedded broker's TLS listener (when no broker is set)
+//! # broker = "mqtts://broker.example.com:8883"   # an external broker instead
+//! # username = "culvert-relay"
+//! # password_file = "/etc/culvert/mqtt-password"
+//! # ca = "/etc/culvert/broker-ca.pem"
+//! topic = "$aws/things/{thing}/tunnels/notify"
+//! region = "culvert"
 //! ```
 
 use std::net::SocketAddr;
@@ -38,6 +47,103 @@ pub struct RawConfig {
     pub tls: RawTls,
     #[serde(default)]
     pub limits: RawLimits,
+    #[serde(default)]
+    pub mqtt: RawMqtt,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawMqtt {
+    pub listen: Option<String>,
+    pub broker: Option<String>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub client_id: Option<String>,
+    pub ca: Option<PathBuf>,
+    pub topic: Option<String>,
+    pub region: Option<String>,
+}
+
+/// Where device notifications go.
+#[derive(Clone)]
+pub enum BrokerMode {
+    /// Run rumqttd in-process; gateways connect to `listen` (TLS, the relay's certificate).
+    Embedded { listen: SocketAddr },
+    /// Publish to an external broker (mosquitto, EMQX, VerneMQ, HiveMQ …).
+    External(crate::notify::BrokerClient),
+}
+
+#[derive(Clone)]
+pub struct MqttSettings {
+    pub mode: BrokerMode,
+    /// `{thing}` is replaced by the thing name.
+    pub topic_template: String,
+    /// The `region` field of notifications.
+    pub region: String,
+}
+
+pub const DEFAULT_TOPIC: &str = "$aws/things/{thing}/tunnels/notify";
+pub const DEFAULT_REGION: &str = "culvert";
+
+impl RawMqtt {
+    pub fn validate(self, resolve: impl Fn(&Path) -> PathBuf) -> Result<MqttSettings, String> {
+        let topic_template = self.topic.unwrap_or_else(|| DEFAULT_TOPIC.to_owned());
+        if !topic_template.contains("{thing}") || topic_template.contains(['+', '#']) {
+            return Err(format!(
+                "mqtt.topic {topic_template:?} must contain {{thing}} and no wildcards"
+            ));
+        }
+        let region = self.region.unwrap_or_else(|| DEFAULT_REGION.to_owned());
+        let mode = match self.broker {
+            None => {
+                if self.username.is_some() || self.password_file.is_some() || self.ca.is_some() {
+                    return Err("mqtt.username/password_file/ca only apply with mqtt.broker".into());
+                }
+                let listen = self.listen.unwrap_or_else(|| "0.0.0.0:8883".into());
+                let listen = listen.parse().map_err(|_| {
+                    format!(
+                        "mqtt.listen: {listen:?} is not an address:port such as \"0.0.0.0:8883\""
+                    )
+                })?;
+                BrokerMode::Embedded { listen }
+            }
+            Some(url) => {
+                if self.listen.is_some() {
+                    return Err(
+                        "mqtt.listen is for the embedded broker; remove it or mqtt.broker".into(),
+                    );
+                }
+                let ep = culvert_protocol::client::Endpoint::parse_mqtt(&url)
+                    .map_err(|e| format!("mqtt.broker: {e}"))?;
+                let (host, port) = (ep.host, ep.port);
+                let password = match &self.password_file {
+                    Some(f) => std::fs::read_to_string(resolve(f))
+                        .map_err(|e| {
+                            format!("mqtt.password_file: cannot read {}: {e}", f.display())
+                        })?
+                        .trim()
+                        .to_owned(),
+                    None => String::new(),
+                };
+                let ca = self.ca.as_ref().map(|c| resolve(c));
+                let tls = culvert_protocol::client::tls_config(ca.as_deref())
+                    .map_err(|e| format!("mqtt.ca: {e}"))?;
+                BrokerMode::External(crate::notify::BrokerClient {
+                    host,
+                    port,
+                    tls: Some(tls),
+                    client_id: self.client_id.unwrap_or_else(|| "culvert-relay".into()),
+                    username: self.username.unwrap_or_else(|| "culvert-relay".into()),
+                    password,
+                })
+            }
+        };
+        Ok(MqttSettings {
+            mode,
+            topic_template,
+            region,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -78,6 +184,7 @@ pub struct RelayConfig {
     pub api_key: Secret,
     pub tls: Arc<rustls::ServerConfig>,
     pub limits: Limits,
+    pub mqtt: MqttSettings,
 }
 
 /// A configuration problem, naming the file and key.
@@ -141,6 +248,7 @@ impl RawConfig {
             return Err("limits.max_services must be at least 1".into());
         }
         let tls = server_tls(&resolve(&self.tls.cert), &resolve(&self.tls.key))?;
+        let mqtt = self.mqtt.validate(resolve)?;
         Ok(RelayConfig {
             listen,
             state_dir: resolve(&self.state_dir),
@@ -150,6 +258,7 @@ impl RawConfig {
                 max_services: self.limits.max_services,
                 closed_retention: Duration::from_secs(self.limits.closed_retention_minutes * 60),
             },
+            mqtt,
         })
     }
 }

@@ -32,6 +32,10 @@ const PEER_QUEUE: usize = 64;
 /// Largest upgrade request (AWS: "must not exceed 4k bytes").
 const MAX_UPGRADE_REQUEST: usize = 4096;
 
+/// A peer that sends nothing at all for this long is dropped (the localproxy and culvert ping
+/// every 20 s), so a half-open connection does not stay CONNECTED forever.
+const PEER_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+
 #[derive(Deserialize)]
 pub struct TunnelQuery {
     #[serde(rename = "local-proxy-mode")]
@@ -167,10 +171,11 @@ pub async fn handshake(
             );
         }
         Err(e) => {
+            tracing::error!(error = %e, "handshake task failed");
             return refuse(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
-                e.to_string(),
+                "internal error; see the relay's log",
                 &channel,
             );
         }
@@ -271,7 +276,13 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
                     }
                 }
             };
-            if sink.send(WsMessage::Binary(msg)).await.is_err() {
+            // A peer that stops reading must not keep this task (and its queue) alive after a kick.
+            let sent = tokio::select! {
+                biased;
+                _ = writer_kick.kicked() => false,
+                r = sink.send(WsMessage::Binary(msg)) => r.is_ok(),
+            };
+            if !sent {
                 break;
             }
         }
@@ -279,13 +290,19 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
 
     let mut frames = FrameReader::new();
     let mut replies: Vec<Message> = Vec::new();
-    let mut splits: Vec<usize> = Vec::new();
+    // End offset of each forwarded frame, and whether it is a start frame.
+    let mut ends: Vec<(usize, bool)> = Vec::new();
     let end = loop {
         let next = tokio::select! {
-            n = stream.next() => n,
+            biased;
             reason = kick.kicked() => break End::Kicked(reason),
+            n = tokio::time::timeout(PEER_IDLE_TIMEOUT, stream.next()) => n,
         };
         let data = match next {
+            Err(_) => break End::Transport(format!("nothing received for {PEER_IDLE_TIMEOUT:?}")),
+            Ok(next) => next,
+        };
+        let data = match data {
             None => break End::Closed,
             Some(Err(e)) => {
                 let e = e.to_string();
@@ -303,24 +320,25 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
             Some(Ok(WsMessage::Close(_))) => break End::Closed,
             Some(Ok(_)) => continue, // ping/pong: answered by the WebSocket layer
         };
-        // Validate every complete frame under the tunnel lock; forward them verbatim after,
-        // split after each start frame.
+        // Validate every complete frame under the tunnel lock; forward them verbatim after.
         replies.clear();
-        splits.clear();
+        ends.clear();
         let (fwd, to) = {
             let mut g = live.lock();
+            if !g.is_current(mode, peer_id) {
+                break End::Kicked("replaced by a new connection".into());
+            }
             let peer_there = g.tx(mode.other()).is_some();
             let mut offset = 0;
             let checked = frames.feed::<FwdError>(data, |body| {
                 offset += frame::LENGTH_PREFIX + body.len();
                 let msg = frame::decode(body)?;
                 g.rules.check(mode, &msg)?;
-                if matches!(
+                let start = matches!(
                     msg.kind(),
                     Some(MessageType::StreamStart | MessageType::ConnectionStart)
-                ) {
-                    splits.push(offset);
-                }
+                );
+                ends.push((offset, start));
                 if !peer_there
                     && let Some(r) = reset_for_absent_peer(&msg)
                     && !replies.contains(&r)
@@ -330,7 +348,7 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
                 Ok(())
             });
             match checked {
-                Ok(fwd) => (fwd, g.tx(mode.other())),
+                Ok(fwd) => (fwd, g.target(mode.other())),
                 Err(e) => break End::Violation(e.to_string()),
             }
         };
@@ -344,20 +362,33 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
                 }
             }
         }
-        if let (Some(to), false) = (to, fwd.is_empty()) {
-            // Waits while the other peer is slow: back-pressure, never an unbounded queue.
+        if let (Some((to, to_kick)), false) = (to, fwd.is_empty()) {
+            // Whole frames, at most one WebSocket message each, ending after start frames.
+            // Waits while the other peer is slow (back-pressure, never an unbounded queue), but
+            // not past a kick of either side.
             let mut start = 0;
-            for &end in splits.iter().chain(std::iter::once(&fwd.len())) {
-                if end > start {
-                    let chunk = Chunk {
-                        bytes: fwd.slice(start..end),
-                        ends_message: end != fwd.len() || splits.last() == Some(&end),
-                    };
-                    if to.send(chunk).await.is_err() {
-                        break;
-                    }
+            for (i, &(end, is_start)) in ends.iter().enumerate() {
+                let last = i + 1 == ends.len();
+                let next_too_big = ends
+                    .get(i + 1)
+                    .is_some_and(|&(next, _)| next - start > MAX_WS_MESSAGE);
+                if !(is_start || last || next_too_big) {
+                    continue;
                 }
+                let chunk = Chunk {
+                    bytes: fwd.slice(start..end),
+                    ends_message: is_start,
+                };
                 start = end;
+                let sent = tokio::select! {
+                    biased;
+                    _ = kick.kicked() => false,
+                    _ = to_kick.kicked() => false,
+                    r = to.send(chunk) => r.is_ok(),
+                };
+                if !sent {
+                    break;
+                }
             }
         }
     };

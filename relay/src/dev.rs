@@ -10,7 +10,7 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-use crate::config::{RelayConfig, server_tls};
+use crate::config::{MqttSettings, RelayConfig, server_tls};
 use crate::registry::Limits;
 use crate::tokens::{Secret, new_secret};
 
@@ -32,7 +32,11 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 }
 
 /// Create (or reuse) the dev state directory and return a relay configuration for it.
-pub fn prepare(dir: &Path, listen: SocketAddr) -> anyhow::Result<(RelayConfig, DevFiles)> {
+pub fn prepare(
+    dir: &Path,
+    listen: SocketAddr,
+    mqtt: impl FnOnce(&Path) -> Result<MqttSettings, String>,
+) -> anyhow::Result<(RelayConfig, DevFiles)> {
     if !listen.ip().is_loopback() {
         anyhow::bail!(
             "--dev serves only on loopback (it uses a throwaway CA and key); got {listen}. \
@@ -58,6 +62,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> anyhow::Result<(RelayConfig, D
         }
     };
     let tls = server_tls(&cert, &key).map_err(|e| anyhow::anyhow!(e))?;
+    let mqtt = mqtt(&ca).map_err(|e| anyhow::anyhow!(e))?;
     Ok((
         RelayConfig {
             listen,
@@ -65,6 +70,7 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> anyhow::Result<(RelayConfig, D
             api_key: Secret(api_key),
             tls,
             limits: Limits::default(),
+            mqtt,
         },
         DevFiles { dir, ca },
     ))
@@ -106,16 +112,21 @@ pub fn write_client_env(
     files: &DevFiles,
     addr: SocketAddr,
     api_key: &Secret,
+    mqtt: Option<SocketAddr>,
 ) -> std::io::Result<PathBuf> {
     let path = files.dir.join("client.env");
-    write_private(
-        &path,
-        &format!(
-            "# written by culvert-relay --dev; source it: . {}\nexport CULVERT_RELAY={addr}\nexport CULVERT_API_KEY={}\nexport CULVERT_CA={}\n",
-            path.display(),
-            api_key.0,
-            files.ca.display()
-        ),
-    )?;
+    let mut text = format!(
+        "# written by culvert-relay --dev; source it: . {}\nexport CULVERT_RELAY={addr}\nexport CULVERT_API_KEY={}\nexport CULVERT_CA={}\n",
+        path.display(),
+        api_key.0,
+        files.ca.display()
+    );
+    if let Some(m) = mqtt {
+        text.push_str(&format!("export CULVERT_MQTT={m}\n"));
+    }
+    // Written whole, then renamed into place, so a reader never sees half of it.
+    let tmp = files.dir.join("client.env.tmp");
+    write_private(&tmp, &text)?;
+    std::fs::rename(&tmp, &path)?;
     Ok(path)
 }

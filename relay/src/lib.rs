@@ -8,13 +8,19 @@
 //! - [`store`]: persistence of tunnel records (embedded redb file by default).
 //! - [`tokens`]: token generation and hashing.
 //! - [`config`] / [`dev`]: configuration file and the zero-setup `--dev` mode.
+//! - [`notify`]: MQTT notification of devices on open and rotation.
+//! - [`broker`] / [`devices`]: the embedded MQTT broker (rumqttd behind culvert's TLS and topic
+//!   rules) and the device credentials it accepts.
 //!
-//! Not here (yet): MQTT notification of devices, metrics, multi-node operation.
+//! Not here (yet): metrics, multi-node operation.
 
 pub mod api;
+pub mod broker;
 pub mod config;
 pub mod dataplane;
 pub mod dev;
+pub mod devices;
+pub mod notify;
 pub mod registry;
 pub mod server;
 pub mod store;

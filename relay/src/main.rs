@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use culvert_relay::config::RawConfig;
+use culvert_relay::config::{RawConfig, RawMqtt};
 use culvert_relay::{dev, server::Relay};
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +27,21 @@ struct Args {
     /// Check the configuration and exit (0: valid, 64: invalid).
     #[arg(long)]
     check_config: bool,
+    /// --dev: the embedded MQTT broker's TLS listener (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0", requires = "dev")]
+    mqtt_listen: String,
+    /// --dev: notify devices through this external broker (mqtts://host:port) instead.
+    #[arg(long, requires = "dev")]
+    mqtt_broker: Option<String>,
+    /// --dev: username on the external broker.
+    #[arg(long, requires = "mqtt_broker")]
+    mqtt_username: Option<String>,
+    /// --dev: file holding the password on the external broker.
+    #[arg(long, requires = "mqtt_broker")]
+    mqtt_password_file: Option<PathBuf>,
+    /// --dev: CA of the external broker (default: the dev CA).
+    #[arg(long, requires = "mqtt_broker")]
+    mqtt_ca: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -39,7 +54,23 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let (cfg, dev_files) = if args.dev {
-        match dev::prepare(&args.state_dir, args.listen) {
+        let broker = args.mqtt_broker.clone();
+        let raw = |dev_ca: &std::path::Path| {
+            RawMqtt {
+                listen: broker.is_none().then(|| args.mqtt_listen.clone()),
+                ca: broker
+                    .as_ref()
+                    .map(|_| args.mqtt_ca.clone().unwrap_or_else(|| dev_ca.to_owned())),
+                broker: broker.clone(),
+                username: args.mqtt_username.clone(),
+                password_file: args.mqtt_password_file.clone(),
+                client_id: None,
+                topic: None,
+                region: None,
+            }
+            .validate(|p| p.to_owned())
+        };
+        match dev::prepare(&args.state_dir, args.listen, raw) {
             Ok((c, f)) => (c, Some(f)),
             Err(e) => {
                 eprintln!("culvert-relay: {e:#}");
@@ -83,11 +114,14 @@ async fn serve(
     let relay = Relay::bind(&cfg).await?;
     let addr = relay.local_addr()?;
     if let Some(files) = &dev_files {
-        let env = dev::write_client_env(files, addr, &cfg.api_key)?;
+        let env = dev::write_client_env(files, addr, &cfg.api_key, relay.mqtt_addr())?;
         println!("culvert-relay (dev mode) serving https://{addr}");
         println!("  state directory  {}", files.dir.display());
         println!("  CA certificate   {}", files.ca.display());
         println!("  API key          {}", files.dir.join("api-key").display());
+        if let Some(m) = relay.mqtt_addr() {
+            println!("  MQTT broker      mqtts://{m}   (devices: culvert device add --thing NAME)");
+        }
         println!(
             "  client settings  . {}   (then: culvert tunnel open --thing NAME --service SSH)",
             env.display()

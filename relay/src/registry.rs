@@ -272,15 +272,28 @@ impl LiveInner {
         }
     }
 
-    /// The sender towards the peer of `mode`, if connected.
-    pub fn tx(&self, mode: Mode) -> Option<mpsc::Sender<Chunk>> {
+    fn peer(&self, mode: Mode) -> Option<&PeerSlot> {
         match mode {
             Mode::Source => &self.source,
             Mode::Destination => &self.destination,
         }
         .peer
         .as_ref()
-        .map(|p| p.tx.clone())
+    }
+
+    /// The sender towards the peer of `mode`, if connected.
+    pub fn tx(&self, mode: Mode) -> Option<mpsc::Sender<Chunk>> {
+        self.peer(mode).map(|p| p.tx.clone())
+    }
+
+    /// The sender towards the peer of `mode` and the kick that ends it.
+    pub fn target(&self, mode: Mode) -> Option<(mpsc::Sender<Chunk>, Kick)> {
+        self.peer(mode).map(|p| (p.tx.clone(), p.kick.clone()))
+    }
+
+    /// Is `peer_id` still the attached peer of `mode`? (A replaced peer must stop forwarding.)
+    pub fn is_current(&self, mode: Mode, peer_id: u64) -> bool {
+        self.peer(mode).is_some_and(|p| p.peer_id == peer_id)
     }
 }
 
@@ -460,13 +473,13 @@ pub struct TunnelView {
 
 pub struct Registry {
     state: Mutex<State>,
-    store: Store,
+    store: Arc<Store>,
     limits: Limits,
 }
 
 impl Registry {
     /// Load every stored tunnel. Open tunnels come back with both sides disconnected.
-    pub fn load(store: Store, limits: Limits) -> Result<Registry, StoreError> {
+    pub fn load(store: Arc<Store>, limits: Limits) -> Result<Registry, StoreError> {
         let mut state = State::default();
         for rec in store.load_all()? {
             state.index(&rec);
@@ -639,6 +652,7 @@ impl Registry {
         let live = e.live.clone();
         let mut issued = IssuedTokens::default();
         let mut index_changes = Vec::new();
+        let mut unbound = Vec::new();
         for mode in [Mode::Source, Mode::Destination] {
             if !which.includes(mode) {
                 continue;
@@ -652,7 +666,7 @@ impl Registry {
                 index_changes.push((gone, None));
             }
             if let Some(ct) = side.client_token.take() {
-                st.client_tokens.remove(&ct);
+                unbound.push(ct);
             }
             side.token = TokenHash::of(&secret);
             side.used = false;
@@ -664,6 +678,9 @@ impl Registry {
             }
         }
         self.store.put(&rec)?;
+        for ct in unbound {
+            st.client_tokens.remove(&ct);
+        }
         for (h, v) in index_changes {
             match v {
                 Some(v) => st.tokens.insert(h, v),
@@ -829,7 +846,7 @@ mod tests {
             rand::random::<u32>()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let store = Store::open(&dir.join("t.redb")).unwrap();
+        let store = Arc::new(Store::open(&dir.join("t.redb")).unwrap());
         (Registry::load(store, Limits::default()).unwrap(), dir)
     }
 
@@ -915,7 +932,7 @@ mod tests {
         let ct = culvert_protocol::new_client_token();
         reg.admit(&src, Mode::Source, Some(&ct)).unwrap();
         drop(reg);
-        let store = Store::open(&dir.join("t.redb")).unwrap();
+        let store = Arc::new(Store::open(&dir.join("t.redb")).unwrap());
         let reg = Registry::load(store, Limits::default()).unwrap();
         assert_eq!(reg.describe(&v.rec.id).unwrap().rec.status, Status::Open);
         reg.admit(&src, Mode::Source, Some(&ct)).unwrap();

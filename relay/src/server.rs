@@ -17,7 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::config::RelayConfig;
+use crate::broker;
+use crate::config::{BrokerMode, RelayConfig};
+use crate::devices::Devices;
+use crate::notify::{BrokerClient, Notifier};
 use crate::registry::Registry;
 use crate::store::Store;
 use crate::tokens::Secret;
@@ -30,6 +33,11 @@ const MAX_API_BODY: usize = 64 * 1024;
 
 pub struct AppState {
     pub registry: Arc<Registry>,
+    /// Devices allowed on the embedded broker.
+    pub devices: Arc<Devices>,
+    pub notifier: Notifier,
+    /// The embedded broker's TLS listener, if it runs.
+    pub mqtt_listen: Option<SocketAddr>,
     pub api_key: Secret,
     /// Every peer task, so shutdown can wait for them.
     pub tasks: TaskTracker,
@@ -42,6 +50,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/tunnels/{id}", get(api::describe))
         .route("/api/v1/tunnels/{id}/close", post(api::close))
         .route("/api/v1/tunnels/{id}/rotate", post(api::rotate))
+        .route(
+            "/api/v1/devices",
+            post(api::add_device).get(api::list_devices),
+        )
+        .route(
+            "/api/v1/devices/{thing}",
+            axum::routing::delete(api::remove_device),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(|| async {
             api::error(
@@ -59,6 +75,8 @@ pub struct Relay {
     listener: TcpListener,
     tls: TlsAcceptor,
     state: Arc<AppState>,
+    /// Stops the MQTT client and the embedded broker.
+    background: CancellationToken,
 }
 
 impl Relay {
@@ -70,24 +88,63 @@ impl Relay {
                 cfg.state_dir.display()
             )
         })?;
-        let store = Store::open(&cfg.state_dir.join("tunnels.redb"))?;
-        let registry = Arc::new(Registry::load(store, cfg.limits.clone())?);
+        let store = Arc::new(Store::open(&cfg.state_dir.join("tunnels.redb"))?);
+        let registry = Arc::new(Registry::load(store.clone(), cfg.limits.clone())?);
+        let devices = Arc::new(Devices::load(store)?);
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+        let background = CancellationToken::new();
+        let (client, mqtt_listen) = match &cfg.mqtt.mode {
+            BrokerMode::Embedded { listen } => {
+                let b = broker::start(
+                    *listen,
+                    cfg.tls.clone(),
+                    devices.clone(),
+                    cfg.mqtt.topic_template.clone(),
+                    background.clone(),
+                )
+                .await?;
+                let client = BrokerClient {
+                    host: b.internal.ip().to_string(),
+                    port: b.internal.port(),
+                    tls: None,
+                    client_id: b.relay_username.clone(),
+                    username: b.relay_username,
+                    password: b.relay_password,
+                };
+                (client, Some(b.listen))
+            }
+            BrokerMode::External(c) => (c.clone(), None),
+        };
+        let notifier = Notifier::start(
+            client,
+            cfg.mqtt.topic_template.clone(),
+            cfg.mqtt.region.clone(),
+            background.clone(),
+        );
         Ok(Relay {
             listener,
             tls: TlsAcceptor::from(cfg.tls.clone()),
             state: Arc::new(AppState {
                 registry,
+                devices,
+                notifier,
+                mqtt_listen,
                 api_key: cfg.api_key.clone(),
                 tasks: TaskTracker::new(),
             }),
+            background,
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The embedded MQTT broker's TLS address, when it runs.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.state.mqtt_listen
     }
 
     /// Serve until `shutdown` is cancelled, then disconnect every peer and return.
@@ -96,6 +153,7 @@ impl Relay {
             listener,
             tls,
             state,
+            background,
         } = self;
         let app = router(state.clone());
         let sweeper = {
@@ -172,6 +230,7 @@ impl Relay {
         })
         .await;
         sweeper.abort();
+        background.cancel();
         Ok(())
     }
 }

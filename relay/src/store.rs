@@ -16,6 +16,15 @@ use serde::{Deserialize, Serialize};
 use crate::tokens::TokenHash;
 
 const TUNNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("tunnels");
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+
+/// A device allowed on the embedded MQTT broker.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub thing_name: String,
+    pub password: TokenHash,
+    pub created_ms: i64,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -107,6 +116,7 @@ impl Store {
         // Make sure the table exists so reads of an empty store work.
         let tx = s.db.begin_write().map_err(|e| err(e.to_string()))?;
         tx.open_table(TUNNELS).map_err(|e| err(e.to_string()))?;
+        tx.open_table(DEVICES).map_err(|e| err(e.to_string()))?;
         tx.commit().map_err(|e| err(e.to_string()))?;
         Ok(s)
     }
@@ -118,39 +128,70 @@ impl Store {
         }
     }
 
-    /// Write one record durably.
-    pub fn put(&self, rec: &TunnelRecord) -> Result<(), StoreError> {
+    fn put_in<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        rec: &T,
+    ) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(rec).map_err(|e| self.err(e))?;
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         {
-            let mut t = tx.open_table(TUNNELS).map_err(|e| self.err(e))?;
-            t.insert(rec.id.as_str(), bytes.as_slice())
-                .map_err(|e| self.err(e))?;
+            let mut t = tx.open_table(table).map_err(|e| self.err(e))?;
+            t.insert(key, bytes.as_slice()).map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))
     }
 
-    pub fn remove(&self, id: &str) -> Result<(), StoreError> {
+    fn remove_in(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         {
-            let mut t = tx.open_table(TUNNELS).map_err(|e| self.err(e))?;
-            t.remove(id).map_err(|e| self.err(e))?;
+            let mut t = tx.open_table(table).map_err(|e| self.err(e))?;
+            t.remove(key).map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))
     }
 
-    /// Every stored record. A record that does not parse is reported, not silently dropped.
-    pub fn load_all(&self) -> Result<Vec<TunnelRecord>, StoreError> {
+    /// Every record of a table. A record that does not parse is reported, not silently dropped.
+    fn load_in<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, StoreError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = tx.open_table(TUNNELS).map_err(|e| self.err(e))?;
+        let t = tx.open_table(table).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for row in t.iter().map_err(|e| self.err(e))? {
             let (k, v) = row.map_err(|e| self.err(e))?;
-            let rec: TunnelRecord = serde_json::from_slice(v.value())
+            let rec: T = serde_json::from_slice(v.value())
                 .map_err(|e| self.err(format!("record {:?} is corrupt: {e}", k.value())))?;
             out.push(rec);
         }
         Ok(out)
+    }
+
+    /// Write one tunnel record durably.
+    pub fn put(&self, rec: &TunnelRecord) -> Result<(), StoreError> {
+        self.put_in(TUNNELS, &rec.id, rec)
+    }
+
+    pub fn remove(&self, id: &str) -> Result<(), StoreError> {
+        self.remove_in(TUNNELS, id)
+    }
+
+    pub fn load_all(&self) -> Result<Vec<TunnelRecord>, StoreError> {
+        self.load_in(TUNNELS)
+    }
+
+    pub fn put_device(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
+        self.put_in(DEVICES, &rec.thing_name, rec)
+    }
+
+    pub fn remove_device(&self, thing: &str) -> Result<(), StoreError> {
+        self.remove_in(DEVICES, thing)
+    }
+
+    pub fn load_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.load_in(DEVICES)
     }
 }
 

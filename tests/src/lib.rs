@@ -224,7 +224,7 @@ impl Relay {
                 .filter_map(|l| l.split_once('='))
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect();
-            (vars.len() == 3).then_some(vars)
+            (vars.len() >= 3).then_some(vars)
         });
         let addr: SocketAddr = env["CULVERT_RELAY"].parse().unwrap();
         wait_for("the relay to accept connections", || {

@@ -1,0 +1,272 @@
+//! Waiting for tunnels: culvertd as an MQTT client of the broker the relay notifies through.
+//!
+//! - Connects with the device identity from its config (username/password and/or a client
+//!   certificate, TLS), with a persistent session (`clean_session = false`, QoS 1), so a
+//!   notification published while the gateway was offline is delivered when it comes back.
+//! - Subscribes to its own notify topic only.
+//! - Validates every payload (size, JSON, `clientMode`, token, services known to the rules);
+//!   a bad one is logged with the reason and ignored.
+//! - Each valid notification starts a destination session for that token; several run at once.
+//!   A duplicate delivery of a token already seen is ignored; a notification for a tunnel that
+//!   is no longer open ends at the relay's 4xx, logged. A rotation arrives as a new token: the
+//!   relay disconnects the old session, whose reconnect is refused, so it ends by itself.
+//! - Reconnects to the broker with exponential backoff and jitter; tunnels already up do not
+//!   depend on the broker.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use culvert_protocol::client::{Backoff, Endpoint};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeReasonCode, Transport};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::config::{Config, MqttConfig};
+use crate::gateway::{TunnelArgs, TunnelError, run_tunnel};
+
+/// Largest notification payload accepted (the AWS payload is a few hundred bytes).
+pub const MAX_NOTIFICATION: usize = 8 * 1024;
+/// Largest MQTT packet read from the broker; bigger payloads are read, then refused by size
+/// (refusing them at the MQTT layer would drop the connection and have the broker redeliver).
+const MAX_MQTT_PACKET: usize = 2 * 1024 * 1024;
+/// Tokens remembered for duplicate detection.
+const SEEN_TOKENS: usize = 1024;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Notification {
+    client_access_token: String,
+    client_mode: String,
+    #[serde(default)]
+    services: Vec<String>,
+}
+
+/// A notification that passed validation.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Valid {
+    pub token: String,
+    pub services: Vec<String>,
+}
+
+/// Check a notification payload against the rules; the error says why it is ignored.
+pub fn validate(payload: &[u8], cfg: &Config) -> Result<Valid, String> {
+    if payload.len() > MAX_NOTIFICATION {
+        return Err(format!(
+            "payload of {} bytes is larger than {MAX_NOTIFICATION}",
+            payload.len()
+        ));
+    }
+    let n: Notification = serde_json::from_slice(payload)
+        .map_err(|e| format!("not a tunnel notification (JSON): {e}"))?;
+    if n.client_mode != "destination" {
+        return Err(format!(
+            "clientMode is {:?}; a gateway only acts on \"destination\"",
+            n.client_mode
+        ));
+    }
+    let t = &n.client_access_token;
+    if t.is_empty() || t.len() > 4096 || !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("clientAccessToken is empty, too long or not printable".into());
+    }
+    if n.services.is_empty() {
+        return Err("services is empty".into());
+    }
+    if let Some(s) = n.services.iter().find(|s| !cfg.services.contains_key(*s)) {
+        return Err(format!(
+            "service {s:?} has no rule in this gateway's configuration (it has: {})",
+            cfg.service_names().join(", ")
+        ));
+    }
+    Ok(Valid {
+        token: n.client_access_token,
+        services: n.services,
+    })
+}
+
+fn tls_config(
+    m: &MqttConfig,
+    relay_ca: Option<&std::path::Path>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let ca = m.ca.as_deref().or(relay_ca);
+    let Some((cert, key)) = &m.client_cert else {
+        return culvert_protocol::client::tls_config(ca);
+    };
+    let certs = rustls_pemfile::certs(
+        &mut &std::fs::read(cert).map_err(|e| format!("{}: {e}", cert.display()))?[..],
+    )
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let key = rustls_pemfile::private_key(
+        &mut &std::fs::read(key).map_err(|e| format!("{}: {e}", key.display()))?[..],
+    )
+    .map_err(|e| format!("{}: {e}", key.display()))?
+    .ok_or_else(|| format!("{}: no private key", key.display()))?;
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(culvert_protocol::client::root_store(ca)?)
+    .with_client_auth_cert(certs, key)
+    .map_err(|e| format!("client certificate: {e}"))?;
+    Ok(Arc::new(cfg))
+}
+
+/// Serve notifications until `shutdown`.
+pub async fn run(
+    cfg: Arc<Config>,
+    relay: Endpoint,
+    relay_ca: Option<std::path::PathBuf>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let m = cfg
+        .mqtt
+        .clone()
+        .ok_or("no [mqtt] section in the configuration")?;
+    let tls = tls_config(&m, relay_ca.as_deref())?;
+    let mut opts = MqttOptions::new(m.client_id.clone(), m.broker.host.clone(), m.broker.port);
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(false)
+        .set_max_packet_size(MAX_MQTT_PACKET, 64 * 1024)
+        .set_transport(Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls),
+        ));
+    if let Some(u) = &m.username {
+        opts.set_credentials(u.clone(), m.password.clone().unwrap_or_default());
+    }
+    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    let tunnels = TaskTracker::new();
+    let mut seen: (HashSet<String>, VecDeque<String>) = Default::default();
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+    info!(broker = %m.broker, thing = %m.thing_name, topic = %m.topic, "waiting for tunnel notifications");
+    loop {
+        let ev = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            ev = eventloop.poll() => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff.reset();
+                info!(
+                    session_present = ack.session_present,
+                    "connected to MQTT broker"
+                );
+                if let Err(e) = client.try_subscribe(m.topic.clone(), QoS::AtLeastOnce) {
+                    warn!(error = %e, "cannot queue the subscription");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
+                    error!(topic = %m.topic, "the broker refused the subscription: check its ACL for this device");
+                } else {
+                    debug!(topic = %m.topic, "subscribed");
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if p.topic != m.topic {
+                    warn!(topic = %p.topic, "message on an unexpected topic ignored");
+                    continue;
+                }
+                let n = match validate(&p.payload, &cfg) {
+                    Ok(n) => n,
+                    Err(why) => {
+                        warn!(reason = %why, "notification ignored");
+                        continue;
+                    }
+                };
+                if seen.0.contains(&n.token) {
+                    debug!("duplicate notification ignored");
+                    continue;
+                }
+                seen.0.insert(n.token.clone());
+                seen.1.push_back(n.token.clone());
+                if seen.1.len() > SEEN_TOKENS
+                    && let Some(old) = seen.1.pop_front()
+                {
+                    seen.0.remove(&old);
+                }
+                info!(services = ?n.services, "tunnel notification: connecting to the relay");
+                let args = TunnelArgs {
+                    endpoint: relay.clone(),
+                    ca: relay_ca.clone(),
+                    access_token: n.token,
+                    client_token: None,
+                };
+                let (cfg, stop) = (cfg.clone(), shutdown.clone());
+                let span = info_span!("tunnel", id = %tunnels.len());
+                tunnels.spawn(
+                    async move {
+                        match run_tunnel(args, cfg, stop).await {
+                            Ok(()) => {}
+                            Err(TunnelError::Refused { status, message }) => {
+                                info!(status, reason = %message, "tunnel ended: the relay no longer accepts its token");
+                            }
+                            Err(e) => warn!(error = %e, "tunnel ended"),
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let delay = backoff.next_delay();
+                warn!(broker = %m.broker, error = %e, retry_in = ?delay, "MQTT broker connection failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    tunnels.close();
+    let _ = tokio::time::timeout(Duration::from_secs(3), tunnels.wait()).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        crate::config::parse(
+            "[services.SSH]\ntarget = \"127.0.0.1:22\"\n",
+            std::path::Path::new("."),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn notifications_are_validated() {
+        let c = cfg();
+        let ok = br#"{"clientAccessToken":"abc","clientMode":"destination","region":"x","services":["SSH"]}"#;
+        assert_eq!(
+            validate(ok, &c),
+            Ok(Valid {
+                token: "abc".into(),
+                services: vec!["SSH".into()]
+            })
+        );
+        let err = |p: &[u8]| validate(p, &c).unwrap_err();
+        assert!(err(b"not json").contains("JSON"));
+        assert!(err(&vec![b' '; 1 << 20]).contains("larger than"));
+        assert!(
+            err(br#"{"clientAccessToken":"a","clientMode":"source","services":["SSH"]}"#)
+                .contains("clientMode")
+        );
+        assert!(
+            err(br#"{"clientAccessToken":"a","clientMode":"destination","services":["VNC"]}"#)
+                .contains("no rule")
+        );
+        assert!(
+            err(br#"{"clientAccessToken":"a","clientMode":"destination","services":[]}"#)
+                .contains("empty")
+        );
+        assert!(
+            err(br#"{"clientAccessToken":"","clientMode":"destination","services":["SSH"]}"#)
+                .contains("clientAccessToken")
+        );
+    }
+}

@@ -1,0 +1,62 @@
+//! Devices (gateways) allowed on the embedded MQTT broker: a thing name and a password issued
+//! once by the API (`POST /api/v1/devices`), stored only as a SHA-256 hash and compared in
+//! constant time. With an external broker, device identities live in that broker instead.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use crate::store::{DeviceRecord, Store, StoreError};
+use crate::tokens::{TokenHash, new_secret};
+
+pub struct Devices {
+    store: Arc<Store>,
+    map: Mutex<BTreeMap<String, DeviceRecord>>,
+}
+
+impl Devices {
+    pub fn load(store: Arc<Store>) -> Result<Devices, StoreError> {
+        let map = store
+            .load_devices()?
+            .into_iter()
+            .map(|d| (d.thing_name.clone(), d))
+            .collect();
+        Ok(Devices {
+            store,
+            map: Mutex::new(map),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, DeviceRecord>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Create the device, or issue it a new password. Returns the password (shown once).
+    pub fn issue(&self, thing: &str) -> Result<String, StoreError> {
+        let password = new_secret();
+        let rec = DeviceRecord {
+            thing_name: thing.to_owned(),
+            password: TokenHash::of(&password),
+            created_ms: crate::registry::now_ms(),
+        };
+        self.store.put_device(&rec)?;
+        self.lock().insert(thing.to_owned(), rec);
+        Ok(password)
+    }
+
+    pub fn remove(&self, thing: &str) -> Result<bool, StoreError> {
+        self.store.remove_device(thing)?;
+        Ok(self.lock().remove(thing).is_some())
+    }
+
+    pub fn list(&self) -> Vec<DeviceRecord> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// Does `password` belong to device `thing`?
+    pub fn verify(&self, thing: &str, password: &str) -> bool {
+        let presented = TokenHash::of(password);
+        self.lock()
+            .get(thing)
+            .is_some_and(|d| d.password.matches(&presented))
+    }
+}
