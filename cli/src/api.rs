@@ -90,6 +90,16 @@ impl ApiClient {
         self.finish(&url, req.call())
     }
 
+    pub fn delete(&self, path: &str) -> Result<Value, ApiError> {
+        let url = format!("{}{path}", self.base);
+        let r = self
+            .agent
+            .delete(&url)
+            .header("authorization", &format!("Bearer {}", self.key))
+            .call();
+        self.finish(&url, r)
+    }
+
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, ApiError> {
         let url = format!("{}{path}", self.base);
         let r = self

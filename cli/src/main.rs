@@ -38,6 +38,14 @@ enum Command {
         #[command(subcommand)]
         command: TunnelCommand,
     },
+    /// Manage gateways allowed on the relay's embedded MQTT broker.
+    Device {
+        /// The relay's API key.
+        #[arg(long, env = "CULVERT_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
     /// Run the local proxy: listen on local ports and carry connections through the tunnel.
     Connect {
         /// The tunnel's source access token.
@@ -69,6 +77,19 @@ enum Command {
         #[arg(long)]
         format: Option<Format>,
     },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Register a device (or give it a new password); prints its MQTT settings.
+    Add {
+        #[arg(long)]
+        thing: String,
+    },
+    /// List registered devices.
+    List,
+    /// Remove a device.
+    Remove { thing: String },
 }
 
 #[derive(Subcommand)]
@@ -144,15 +165,32 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let api_client = |key: Option<String>| -> Result<ApiClient, String> {
+        let relay = cli
+            .relay
+            .clone()
+            .ok_or("no relay given: pass --relay HOST:PORT or set CULVERT_RELAY")?;
+        let key = key.ok_or("no API key given: pass --api-key or set CULVERT_API_KEY")?;
+        ApiClient::new(&relay, &key, cli.ca.as_deref()).map_err(|e| e.to_string())
+    };
     match cli.command {
+        Command::Device { api_key, command } => {
+            let api = match api_client(api_key) {
+                Ok(a) => a,
+                Err(e) => return fail(e),
+            };
+            let r = match command {
+                DeviceCommand::Add { thing } => tunnel::device_add(&api, &thing, cli.json),
+                DeviceCommand::List => tunnel::device_list(&api, cli.json),
+                DeviceCommand::Remove { thing } => tunnel::device_remove(&api, &thing, cli.json),
+            };
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
         Command::Tunnel { api_key, command } => {
-            let Some(relay) = cli.relay else {
-                return fail("no relay given: pass --relay HOST:PORT or set CULVERT_RELAY");
-            };
-            let Some(key) = api_key else {
-                return fail("no API key given: pass --api-key or set CULVERT_API_KEY");
-            };
-            let api = match ApiClient::new(&relay, &key, cli.ca.as_deref()) {
+            let api = match api_client(api_key) {
                 Ok(a) => a,
                 Err(e) => return fail(e),
             };

@@ -194,3 +194,55 @@ pub fn rotate(api: &ApiClient, id: &str, mode: &str, as_json: bool) -> Result<()
     }
     Ok(())
 }
+
+/// `culvert device add`: register a gateway on the relay's embedded MQTT broker.
+pub fn device_add(api: &ApiClient, thing: &str, as_json: bool) -> Result<(), ApiError> {
+    let v = api.post("/devices", &json!({"thingName": thing}))?;
+    if as_json {
+        print_json(&v);
+        return Ok(());
+    }
+    let broker = v["broker"].as_str().unwrap_or("RELAY-HOST:8883");
+    println!("device {thing} registered; its password is shown only now.");
+    println!();
+    println!("In the gateway's culvertd.toml:");
+    println!();
+    println!("[mqtt]");
+    println!("broker = \"mqtts://{broker}\"");
+    println!("thing_name = \"{thing}\"");
+    println!(
+        "password = \"{}\"   # or password_file = \"/etc/culvert/mqtt-password\"",
+        s(&v, "password")
+    );
+    Ok(())
+}
+
+pub fn device_list(api: &ApiClient, as_json: bool) -> Result<(), ApiError> {
+    let v = api.get("/devices", &[])?;
+    if as_json {
+        print_json(&v);
+        return Ok(());
+    }
+    let list = v["devices"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no devices");
+    }
+    for d in &list {
+        println!(
+            "{:<40}  registered {}",
+            s(d, "thingName"),
+            s(d, "createdAt")
+        );
+    }
+    Ok(())
+}
+
+pub fn device_remove(api: &ApiClient, thing: &str, as_json: bool) -> Result<(), ApiError> {
+    let v = api.delete(&format!("/devices/{thing}"))?;
+    if as_json {
+        print_json(&v);
+    } else {
+        println!("device {thing} removed");
+    }
+    Ok(())
+}

@@ -8,9 +8,13 @@
 //!   SUBACK failure (0x80) and logged;
 //! - devices may not publish (notifications come from the relay).
 //!
-//! Packets from the device are parsed (rumqttc's MQTT 3.1.1 codec) and forwarded verbatim when
-//! allowed; packets from the broker are forwarded whole, so a refusal can be injected between
-//! them.
+//! Packets from the device are parsed (rumqttc's MQTT 3.1.1 codec) and forwarded when allowed;
+//! packets from the broker are forwarded whole, so a refusal can be injected between them.
+//!
+//! rumqttd refuses topics starting with `$` (reserved for brokers), but AWS's notify topic is
+//! `$aws/things/<thing>/tunnels/notify`. Inside rumqttd such topics are therefore stored as
+//! `culvert-dollar/…` ([`internal_topic`]); the guard rewrites SUBSCRIBE / UNSUBSCRIBE filters
+//! on the way in and PUBLISH topics on the way out, so devices only ever see the AWS names.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +31,25 @@ use tracing::{debug, info, warn};
 
 use crate::devices::Devices;
 use crate::notify::topic_for;
+
+/// Inside rumqttd, `$…` topics carry this prefix instead of the `$`.
+const DOLLAR: &str = "culvert-dollar/";
+
+/// The name rumqttd stores a topic under.
+pub fn internal_topic(t: &str) -> String {
+    match t.strip_prefix('$') {
+        Some(rest) => format!("{DOLLAR}{rest}"),
+        None => t.to_owned(),
+    }
+}
+
+/// The name a device sees for a topic rumqttd stores.
+fn external_topic(t: &str) -> String {
+    match t.strip_prefix(DOLLAR) {
+        Some(rest) => format!("${rest}"),
+        None => t.to_owned(),
+    }
+}
 
 /// Largest MQTT packet accepted from a device or the broker.
 const MAX_PACKET: usize = 256 * 1024;
@@ -221,11 +244,23 @@ where
     let own_topic = topic_for(template, &thing);
     debug!(%thing, "device connected to the embedded broker");
 
-    // Broker → device: whole packets, so refusals can be interleaved safely.
+    // Broker → device: whole packets, so refusals can be interleaved safely; PUBLISH topics
+    // get their external names back.
     let down_writer = cw.clone();
     let down = tokio::spawn(async move {
         let mut buf = BytesMut::with_capacity(4096);
         while let Ok(Some(p)) = next_packet(&mut ur, &mut buf).await {
+            let p = match Packet::read(&mut BytesMut::from(&p[..]), MAX_PACKET) {
+                Ok(Packet::Publish(mut publish)) if publish.topic.starts_with(DOLLAR) => {
+                    publish.topic = external_topic(&publish.topic);
+                    let mut out = BytesMut::new();
+                    if publish.write(&mut out).is_err() {
+                        break;
+                    }
+                    out.freeze()
+                }
+                _ => p,
+            };
             if down_writer.lock().await.write_all(&p).await.is_err() {
                 break;
             }
@@ -243,8 +278,9 @@ where
             Ok(p) => p,
             Err(e) => break Err(format!("malformed MQTT packet from {thing}: {e:?}")),
         };
+        let mut rewritten = BytesMut::new();
         match packet {
-            Packet::Subscribe(s) => {
+            Packet::Subscribe(mut s) => {
                 if let Some(bad) = s.filters.iter().find(|f| f.path != own_topic) {
                     warn!(%thing, filter = %bad.path, allowed = %own_topic, "subscription refused: a device may only subscribe to its own notify topic");
                     let ack =
@@ -256,6 +292,20 @@ where
                     }
                     continue;
                 }
+                for f in &mut s.filters {
+                    f.path = internal_topic(&f.path);
+                }
+                if s.write(&mut rewritten).is_err() {
+                    break Err("cannot re-encode SUBSCRIBE".into());
+                }
+            }
+            Packet::Unsubscribe(mut u) => {
+                for t in &mut u.topics {
+                    *t = internal_topic(t);
+                }
+                if u.write(&mut rewritten).is_err() {
+                    break Err("cannot re-encode UNSUBSCRIBE".into());
+                }
             }
             Packet::Publish(p) => {
                 break Err(format!(
@@ -266,7 +316,12 @@ where
             Packet::Connect(_) => break Err(format!("second CONNECT from {thing}")),
             _ => {}
         }
-        if uw.write_all(&raw).await.is_err() {
+        let out = if rewritten.is_empty() {
+            &raw[..]
+        } else {
+            &rewritten[..]
+        };
+        if uw.write_all(out).await.is_err() {
             break Err("embedded broker closed the connection".into());
         }
     };

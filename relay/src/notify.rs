@@ -31,6 +31,8 @@ pub struct Notifier {
     client: AsyncClient,
     topic_template: String,
     region: String,
+    /// Publishing into the embedded broker, which stores `$` topics under another name.
+    embedded: bool,
 }
 
 /// The notify topic of a thing.
@@ -44,6 +46,7 @@ impl Notifier {
         b: BrokerClient,
         topic_template: String,
         region: String,
+        embedded: bool,
         shutdown: CancellationToken,
     ) -> Notifier {
         let mut opts = MqttOptions::new(b.client_id.clone(), b.host.clone(), b.port);
@@ -89,6 +92,7 @@ impl Notifier {
             client,
             topic_template,
             region,
+            embedded,
         }
     }
 
@@ -102,10 +106,15 @@ impl Notifier {
             "services": services,
         })
         .to_string();
+        let wire_topic = if self.embedded {
+            crate::broker::internal_topic(&topic)
+        } else {
+            topic.clone()
+        };
         let r = tokio::time::timeout(
             Duration::from_secs(5),
             self.client
-                .publish(topic.clone(), QoS::AtLeastOnce, false, payload),
+                .publish(wire_topic, QoS::AtLeastOnce, false, payload),
         )
         .await;
         match r {

@@ -121,6 +121,7 @@ impl Relay {
             client,
             cfg.mqtt.topic_template.clone(),
             cfg.mqtt.region.clone(),
+            mqtt_listen.is_some(),
             background.clone(),
         );
         Ok(Relay {

@@ -193,6 +193,8 @@ pub struct Relay {
     pub addr: SocketAddr,
     pub api_key: String,
     pub ca: PathBuf,
+    /// The embedded MQTT broker's TLS address (absent with an external broker).
+    pub mqtt: Option<SocketAddr>,
 }
 
 impl Relay {
@@ -202,6 +204,11 @@ impl Relay {
 
     /// Start (or restart, reusing the state directory) on a given address.
     pub fn start_on(dir: &Path, listen: SocketAddr) -> Relay {
+        Relay::start_with(dir, listen, &[])
+    }
+
+    /// Start with extra command-line arguments (e.g. an external MQTT broker).
+    pub fn start_with(dir: &Path, listen: SocketAddr, extra: &[String]) -> Relay {
         let state = dir.join("relay-state");
         std::fs::create_dir_all(dir).unwrap();
         let env_file = state.join("client.env");
@@ -212,6 +219,7 @@ impl Relay {
                 .args(["--dev", "--state-dir"])
                 .arg(&state)
                 .args(["--listen", &listen.to_string()])
+                .args(extra)
                 .env("RUST_LOG", "info,culvert_relay=debug")
                 .stdout(Stdio::null()),
             dir,
@@ -236,7 +244,31 @@ impl Relay {
             addr,
             api_key: env["CULVERT_API_KEY"].clone(),
             ca: PathBuf::from(&env["CULVERT_CA"]),
+            mqtt: env.get("CULVERT_MQTT").map(|a| a.parse().unwrap()),
         }
+    }
+
+    /// Register a device on the embedded broker; returns its password.
+    pub fn add_device(&self, thing: &str) -> String {
+        let v = self.api(&["device", "add", "--thing", thing]);
+        v["password"].as_str().unwrap().to_owned()
+    }
+
+    /// Start `culvertd` waiting for MQTT notifications (no token).
+    pub fn mqtt_gateway(&self, dir: &Path, rules: &Path) -> Proc {
+        Proc::spawn(
+            "culvertd-mqtt",
+            Command::new(bin("culvertd"))
+                .arg("--config")
+                .arg(rules)
+                .args(["--relay", &self.addr.to_string()])
+                .arg("--ca")
+                .arg(&self.ca)
+                .env_remove("CULVERT_DESTINATION_TOKEN")
+                .env("RUST_LOG", "info,culvertd=debug")
+                .stdout(Stdio::null()),
+            dir,
+        )
     }
 
     /// A `culvert` command with this relay's settings in its environment.
@@ -355,6 +387,35 @@ pub fn rules(dir: &Path, services: &[(&str, String)]) -> PathBuf {
     let p = dir.join("culvertd.toml");
     std::fs::write(&p, t).unwrap();
     p
+}
+
+/// Write a culvertd rules file with an `[mqtt]` section.
+pub fn mqtt_rules(
+    dir: &Path,
+    broker: SocketAddr,
+    thing: &str,
+    password: &str,
+    services: &[(&str, String)],
+) -> PathBuf {
+    let pw = dir.join(format!("{thing}.password"));
+    std::fs::write(&pw, password).unwrap();
+    let mut t = format!(
+        "[mqtt]\nbroker = \"mqtts://{broker}\"\nthing_name = \"{thing}\"\npassword_file = \"{}\"\n\n",
+        pw.display()
+    );
+    for (name, target) in services {
+        t.push_str(&format!("[services.{name}]\ntarget = \"{target}\"\n\n"));
+    }
+    let p = dir.join(format!("culvertd-{thing}.toml"));
+    std::fs::write(&p, t).unwrap();
+    p
+}
+
+/// Wait until a process's log contains `text`.
+pub fn wait_log(p: &Proc, text: &str) {
+    wait_for(&format!("{} to log {text:?}", p.name), || {
+        p.log_text().contains(text).then_some(())
+    });
 }
 
 /// A TCP echo server on 127.0.0.1 (threads; lives as long as the test process).

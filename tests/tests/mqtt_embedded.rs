@@ -1,0 +1,197 @@
+//! Tunnels reach the gateway by themselves through the relay's embedded MQTT broker: no token
+//! handled by hand.
+
+use std::process::Command;
+use std::time::Duration;
+
+use culvert_e2e::raw::{self, refused};
+use culvert_e2e::*;
+use culvert_protocol::Mode;
+
+#[test]
+fn open_with_the_cli_and_ssh_through_the_notified_gateway() {
+    let dir = scratch("mqtt-ssh");
+    let sshd = Sshd::start(&dir);
+    let ssh = require_tool("ssh", "openssh-client");
+    let relay = Relay::start(&dir);
+    let broker = relay.mqtt.expect("--dev runs the embedded broker");
+    let password = relay.add_device("robot-3");
+    let rules = mqtt_rules(
+        &dir,
+        broker,
+        "robot-3",
+        &password,
+        &[("SSH", format!("127.0.0.1:{}", sshd.port))],
+    );
+    let gw = relay.mqtt_gateway(&dir, &rules);
+    wait_log(&gw, "subscribed");
+
+    let t = relay.open_tunnel("robot-3", &["SSH"]);
+    relay.wait_side(&t.id, "destination", "CONNECTED");
+    let (_px, ports) = relay.proxy(&dir, &t.source, &["SSH"]);
+    let out = Command::new(&ssh)
+        .args(sshd.client_opts())
+        .args([
+            "-p",
+            &ports["SSH"].to_string(),
+            &format!("{}@127.0.0.1", Sshd::user()),
+            "echo notified-$((6*7))",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ssh failed: {}", stderr_of(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "notified-42\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn gateway_offline_at_open_time_still_gets_the_tunnel() {
+    let dir = scratch("mqtt-offline");
+    let echo = echo_server();
+    let relay = Relay::start(&dir);
+    let password = relay.add_device("door-7");
+    let rules = mqtt_rules(
+        &dir,
+        relay.mqtt.unwrap(),
+        "door-7",
+        &password,
+        &[("ECHO", echo.to_string())],
+    );
+    // The gateway has been online once (its persistent session exists), then goes offline.
+    let mut gw = relay.mqtt_gateway(&dir, &rules);
+    wait_log(&gw, "subscribed");
+    gw.kill();
+
+    let t = relay.open_tunnel("door-7", &["ECHO"]);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        relay.describe(&t.id)["destinationConnectionState"]["status"],
+        "DISCONNECTED"
+    );
+    let gw = relay.mqtt_gateway(&dir, &rules);
+    relay.wait_side(&t.id, "destination", "CONNECTED");
+    let (_px, ports) = relay.proxy(&dir, &t.source, &["ECHO"]);
+    assert!(echo_works(
+        ports["ECHO"],
+        b"delivered after the gateway came back"
+    ));
+    assert!(
+        gw.log_text().contains("tunnel notification"),
+        "{}",
+        gw.log_text()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn rotation_moves_the_gateway_to_the_new_token() {
+    let dir = scratch("mqtt-rotate");
+    let echo = echo_server();
+    let relay = Relay::start(&dir);
+    let password = relay.add_device("plc-2");
+    let rules = mqtt_rules(
+        &dir,
+        relay.mqtt.unwrap(),
+        "plc-2",
+        &password,
+        &[("ECHO", echo.to_string())],
+    );
+    let gw = relay.mqtt_gateway(&dir, &rules);
+    wait_log(&gw, "subscribed");
+    let t = relay.open_tunnel("plc-2", &["ECHO"]);
+    relay.wait_side(&t.id, "destination", "CONNECTED");
+    let (_px, ports) = relay.proxy(&dir, &t.source, &["ECHO"]);
+    assert!(echo_works(ports["ECHO"], b"before rotation"));
+
+    relay.api(&["tunnel", "rotate", &t.id, "--mode", "destination"]);
+    wait_log(&gw, "no longer accepts its token");
+    assert!(echo_works(
+        ports["ECHO"],
+        b"after rotation, through the new token"
+    ));
+    raw::runtime().block_on(async {
+        let (status, msg) = refused(&relay, &t.destination, Mode::Destination, None).await;
+        assert_eq!(status, 403);
+        assert!(msg.contains("rotated"), "{msg}");
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_device_cannot_read_another_devices_notifications() {
+    let dir = scratch("mqtt-acl");
+    let relay = Relay::start(&dir);
+    let broker = relay.mqtt.unwrap();
+    let _pa = relay.add_device("device-a");
+    let pb = relay.add_device("device-b");
+    let tls = culvert_protocol::client::tls_config(Some(&relay.ca)).unwrap();
+    raw::runtime().block_on(async {
+        use rumqttc::{
+            AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS, SubscribeReasonCode,
+            TlsConfiguration, Transport,
+        };
+        let connect = |client_id: &str, user: &str, pass: &str| {
+            let mut o = MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
+            o.set_credentials(user, pass)
+                .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                    tls.clone(),
+                )));
+            AsyncClient::new(o, 10)
+        };
+        // Device B's credentials, subscribing to device A's notify topic: refused.
+        let (client, mut ev) = connect("device-b", "device-b", &pb);
+        client
+            .subscribe("$aws/things/device-a/tunnels/notify", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let code = tokio::time::timeout(WAIT, async {
+            loop {
+                if let Event::Incoming(Packet::SubAck(a)) = ev.poll().await.expect("connection") {
+                    return a.return_codes;
+                }
+            }
+        })
+        .await
+        .expect("a SUBACK");
+        assert_eq!(code, vec![SubscribeReasonCode::Failure]);
+        // Its own topic is fine.
+        client
+            .subscribe("$aws/things/device-b/tunnels/notify", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let code = tokio::time::timeout(WAIT, async {
+            loop {
+                if let Event::Incoming(Packet::SubAck(a)) = ev.poll().await.expect("connection") {
+                    return a.return_codes;
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+
+        // B's credentials with A's client id (to take over A's session): refused.
+        let (_c, mut ev) = connect("device-a", "device-b", &pb);
+        let r = tokio::time::timeout(WAIT, ev.poll()).await.unwrap();
+        match r {
+            Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+                assert_eq!(code, ConnectReturnCode::BadClientId)
+            }
+            other => panic!("expected a refused connection, got {other:?}"),
+        }
+        // A wrong password: refused.
+        let (_c, mut ev) = connect("device-a", "device-a", "wrong");
+        let r = tokio::time::timeout(WAIT, ev.poll()).await.unwrap();
+        assert!(
+            matches!(
+                r,
+                Err(rumqttc::ConnectionError::ConnectionRefused(
+                    ConnectReturnCode::BadUserNamePassword
+                ))
+            ),
+            "{r:?}"
+        );
+    });
+    assert!(relay.proc.log_text().contains("subscription refused"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
