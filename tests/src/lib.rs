@@ -413,8 +413,13 @@ pub fn mqtt_rules(
 
 /// Wait until a process's log contains `text`.
 pub fn wait_log(p: &Proc, text: &str) {
-    wait_for(&format!("{} to log {text:?}", p.name), || {
-        p.log_text().contains(text).then_some(())
+    wait_log_count(p, text, 1);
+}
+
+/// Wait until a process's log contains `text` at least `n` times.
+pub fn wait_log_count(p: &Proc, text: &str, n: usize) {
+    wait_for(&format!("{} to log {text:?} {n} time(s)", p.name), || {
+        (p.log_text().matches(text).count() >= n).then_some(())
     });
 }
 
@@ -671,4 +676,149 @@ pub mod raw {
     pub async fn send(ws: &mut RelayStream, m: Ws) {
         let _ = ws.send(m).await;
     }
+}
+
+/// A real mosquitto broker on 127.0.0.1 with TLS, a password file and an ACL file.
+pub struct Mosquitto {
+    pub proc: Proc,
+    pub port: u16,
+    config: PathBuf,
+    dir: PathBuf,
+}
+
+impl Mosquitto {
+    /// `users`: (name, password); `acl`: mosquitto ACL file text; TLS from a dev relay's state.
+    pub fn start(dir: &Path, tls_dir: &Path, users: &[(&str, &str)], acl: &str) -> Mosquitto {
+        let bin = require_tool("/usr/sbin/mosquitto", "mosquitto");
+        let passwd_tool = require_tool("mosquitto_passwd", "mosquitto");
+        let d = dir.join("mosquitto");
+        std::fs::create_dir_all(&d).unwrap();
+        let passwd = d.join("passwd");
+        let _ = std::fs::remove_file(&passwd);
+        for (i, (u, p)) in users.iter().enumerate() {
+            let mut c = Command::new(&passwd_tool);
+            if i == 0 {
+                c.arg("-c");
+            }
+            let st = c.arg("-b").arg(&passwd).args([u, p]).status().unwrap();
+            assert!(st.success(), "mosquitto_passwd failed");
+        }
+        std::fs::write(d.join("acl"), acl).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = d.join("mosquitto.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "user root\nper_listener_settings false\nallow_anonymous false\npersistence false\n\
+                 password_file {}\nacl_file {}\nlistener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+                passwd.display(),
+                d.join("acl").display(),
+                tls_dir.join("ca.pem").display(),
+                tls_dir.join("server.pem").display(),
+                tls_dir.join("server-key.pem").display(),
+            ),
+        )
+        .unwrap();
+        let mut m = Mosquitto {
+            proc: Mosquitto::spawn(&bin, &config, dir),
+            port,
+            config,
+            dir: dir.to_owned(),
+        };
+        m.wait_up();
+        m
+    }
+
+    fn spawn(bin: &Path, config: &Path, dir: &Path) -> Proc {
+        Proc::spawn(
+            "mosquitto",
+            Command::new(bin)
+                .arg("-c")
+                .arg(config)
+                .stdout(Stdio::null()),
+            dir,
+        )
+    }
+
+    fn wait_up(&mut self) {
+        let port = self.port;
+        let up = wait_for("mosquitto to listen or exit", || {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                Some(true)
+            } else if !self.proc.is_running() {
+                Some(false)
+            } else {
+                None
+            }
+        });
+        assert!(up, "mosquitto did not start:\n{}", self.proc.log_text());
+    }
+
+    /// Kill the broker and start it again on the same port.
+    pub fn restart(&mut self) {
+        self.proc.kill();
+        let bin = require_tool("/usr/sbin/mosquitto", "mosquitto");
+        self.proc = Mosquitto::spawn(&bin, &self.config, &self.dir);
+        self.wait_up();
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+/// Generate a dev relay's PKI in `dir/relay-state` without starting it (for brokers that need
+/// the certificate before the relay runs).
+pub fn dev_pki(dir: &Path) -> PathBuf {
+    let state = dir.join("relay-state");
+    let out = Command::new(bin("culvert-relay"))
+        .args(["--dev", "--check-config", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    state
+}
+
+/// Publish one message as `user` (QoS 1) and wait for the broker's acknowledgement.
+pub fn mqtt_publish(
+    broker: SocketAddr,
+    ca: &Path,
+    user: &str,
+    pass: &str,
+    topic: &str,
+    payload: Vec<u8>,
+) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+    let tls = culvert_protocol::client::tls_config(Some(ca)).unwrap();
+    raw::runtime().block_on(async {
+        let mut o = MqttOptions::new(
+            format!("{user}-pub"),
+            broker.ip().to_string(),
+            broker.port(),
+        );
+        o.set_credentials(user, pass)
+            .set_max_packet_size(4 << 20, 4 << 20)
+            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+        let (client, mut ev) = AsyncClient::new(o, 10);
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Event::Incoming(Packet::PubAck(_)) =
+                    ev.poll().await.expect("broker connection")
+                {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("the broker acknowledged the publish");
+    });
 }
