@@ -9,6 +9,12 @@
 //!
 //! Options: `--bytes N` (per throughput round, default 1 GiB), `--rounds N` (default 3, the
 //! median is reported), `--pings N` (default 20000).
+//!
+//! `--open-latency [--tunnels N]` measures instead, with the embedded MQTT broker, the time from
+//! `culvert tunnel open` returning to the first byte echoed through a new connection of that
+//! tunnel (the gateway learns of the tunnel only through its notification; the operator proxy
+//! is started after the open returns, as an operator would), median and p95 over N tunnels
+//! (default 20).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -171,6 +177,9 @@ fn build() -> PathBuf {
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "--open-latency") {
+        return open_latency(arg("--tunnels", 20).max(2) as usize);
+    }
     let bytes = arg("--bytes", 1 << 30);
     let rounds = arg("--rounds", 3).max(1) as usize;
     let pings = arg("--pings", 20_000).max(100) as usize;
@@ -327,6 +336,156 @@ fn main() {
         d99,
         t99,
         t99 / d99
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn env_of(file: &Path) -> Vec<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v: Vec<(String, String)> = std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        if v.len() >= 3 {
+            return v;
+        }
+        if Instant::now() > deadline {
+            die("the relay did not start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Open → first byte through the tunnel, with the gateway notified over the embedded broker.
+fn open_latency(tunnels: usize) {
+    let bins = build();
+    let dir = std::env::temp_dir().join(format!("culvert-bench-open-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let echo = echo_server();
+    let _relay = Kill(
+        Command::new(bins.join("culvert-relay"))
+            .args(["--dev", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(dir.join("relay"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| die(e)),
+    );
+    let env = env_of(&dir.join("relay/client.env"));
+    let mqtt = env
+        .iter()
+        .find(|(k, _)| k == "CULVERT_MQTT")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| die("the relay runs no embedded broker"));
+    let culvert = || {
+        let mut c = Command::new(bins.join("culvert"));
+        c.envs(env.iter().map(|(k, v)| (k, v)))
+            .env("RUST_LOG", "warn");
+        c
+    };
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = culvert().arg("--json").args(args).output().unwrap();
+        if !out.status.success() {
+            die(String::from_utf8_lossy(&out.stderr));
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| die(e))
+    };
+    let dev = json(&["device", "add", "--thing", "bench-gw"]);
+    let rules = dir.join("gw.toml");
+    std::fs::write(
+        &rules,
+        format!(
+            "[mqtt]\nbroker = \"mqtts://{mqtt}\"\nthing_name = \"bench-gw\"\npassword = \"{}\"\n\n[services.ECHO]\ntarget = \"{echo}\"\n",
+            dev["password"].as_str().unwrap_or_default()
+        ),
+    )
+    .unwrap();
+    let gw_log = dir.join("culvertd.log");
+    let _gw = Kill(
+        Command::new(bins.join("culvertd"))
+            .arg("--config")
+            .arg(&rules)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&gw_log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| die(e)),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&gw_log)
+        .unwrap_or_default()
+        .contains("connected to MQTT broker")
+    {
+        if Instant::now() > deadline {
+            die("culvertd did not reach the broker");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    eprintln!("measuring open → first byte over {tunnels} tunnels …");
+    let mut samples = Vec::new();
+    for i in 0..tunnels {
+        let t = json(&["tunnel", "open", "--thing", "bench-gw", "--service", "ECHO"]);
+        let t0 = Instant::now();
+        let mut px = Kill(
+            culvert()
+                .args(["connect", "-s", "ECHO=0"])
+                .env(
+                    "CULVERT_ACCESS_TOKEN",
+                    t["sourceAccessToken"].as_str().unwrap(),
+                )
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let mut line = String::new();
+        BufReader::new(px.0.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port: u16 = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| die(&line));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .is_some_and(|mut s| {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut b = [0u8; 1];
+                    s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok()
+                });
+            if ok {
+                break;
+            }
+            if Instant::now() > deadline {
+                die(format!("tunnel {i} never carried a byte"));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        samples.push(t0.elapsed().as_secs_f64() * 1000.0);
+        json(&["tunnel", "close", t["tunnelId"].as_str().unwrap()]);
+    }
+    samples.sort_by(f64::total_cmp);
+    let p95 = samples[((samples.len() as f64 * 0.95).ceil() as usize).min(samples.len()) - 1];
+    println!();
+    println!(
+        "open → first byte through a new tunnel (embedded MQTT broker, {} tunnels)",
+        samples.len()
+    );
+    println!(
+        "  median {:.1} ms   p95 {:.1} ms   min {:.1} ms   max {:.1} ms",
+        samples[samples.len() / 2],
+        p95,
+        samples[0],
+        samples[samples.len() - 1]
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
