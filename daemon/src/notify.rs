@@ -162,7 +162,7 @@ pub async fn run(
                 if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
                     error!(topic = %m.topic, "the broker refused the subscription: check its ACL for this device");
                 } else {
-                    debug!(topic = %m.topic, "subscribed");
+                    info!(topic = %m.topic, "subscribed to tunnel notifications");
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {

@@ -178,42 +178,76 @@ fn main() -> ExitCode {
         c.envs(env.iter().map(|(k, v)| (k, v)));
         c
     };
-    let out = culvert()
-        .args([
-            "--json",
-            "tunnel",
-            "open",
-            "--thing",
-            "robot-cell-7",
-            "--service",
-            "WEB,ECHO,SSH",
-        ])
-        .output()
-        .unwrap_or_else(|e| die(e));
-    if !out.status.success() {
-        die(format!(
-            "opening the tunnel failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let t: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| die(e));
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = culvert()
+            .arg("--json")
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| die(e));
+        if !out.status.success() {
+            die(format!(
+                "culvert {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| die(e))
+    };
+    // The gateway: its MQTT identity plus the demo rules, and no token.
+    let device = json(&["device", "add", "--thing", "robot-cell-7"]);
+    let broker = env
+        .iter()
+        .find(|(k, _)| k == "CULVERT_MQTT")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| die("the dev relay runs no embedded MQTT broker"));
+    let password_file = state.join("robot-cell-7.mqtt-password");
+    std::fs::write(
+        &password_file,
+        device["password"].as_str().unwrap_or_default(),
+    )
+    .unwrap_or_else(|e| die(e));
+    let rules =
+        std::fs::read_to_string(root.join("config/culvertd-demo.toml")).unwrap_or_else(|e| die(e));
+    let gateway_config = state.join("culvertd.toml");
+    std::fs::write(
+        &gateway_config,
+        format!(
+            "[mqtt]\nbroker = \"mqtts://{broker}\"\nthing_name = \"robot-cell-7\"\npassword_file = \"{}\"\n\n{rules}",
+            password_file.display()
+        ),
+    )
+    .unwrap_or_else(|e| die(e));
+    let gateway_log = state.join("culvertd.log");
+    let _gateway = Kill(
+        Command::new(bins.join("culvertd"))
+            .arg("--config")
+            .arg(&gateway_config)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log("culvertd"))
+            .spawn()
+            .unwrap_or_else(|e| die(format!("cannot start culvertd: {e}"))),
+    );
+    wait("culvertd to subscribe to its notifications", || {
+        std::fs::read_to_string(&gateway_log)
+            .ok()?
+            .contains("subscribed")
+            .then_some(())
+    });
+    // Opening the tunnel is all it takes: the relay notifies the gateway.
+    let t = json(&[
+        "tunnel",
+        "open",
+        "--thing",
+        "robot-cell-7",
+        "--service",
+        "WEB,ECHO,SSH",
+    ]);
     let token = |k: &str| {
         t[k].as_str()
             .unwrap_or_else(|| die("no token in the answer"))
             .to_owned()
     };
 
-    let _gateway = Kill(
-        Command::new(bins.join("culvertd"))
-            .arg("--config")
-            .arg(root.join("config/culvertd-demo.toml"))
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .env("CULVERT_DESTINATION_TOKEN", token("destinationAccessToken"))
-            .stdout(Stdio::null())
-            .stderr(log("culvertd"))
-            .spawn()
-            .unwrap_or_else(|e| die(format!("cannot start culvertd: {e}"))),
-    );
     let mut proxy = culvert();
     proxy
         .args(["connect", "-s", "WEB=0,ECHO=0,SSH=0"])
