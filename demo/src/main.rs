@@ -23,9 +23,10 @@ impl Drop for Kill {
     }
 }
 
+/// Report and stop. Unwinds (rather than `exit`) so the `Kill` guards stop the children.
 fn die(msg: impl std::fmt::Display) -> ! {
     eprintln!("culvert-demo: {msg}");
-    std::process::exit(1)
+    std::panic::resume_unwind(Box::new(()))
 }
 
 fn workspace_root() -> PathBuf {

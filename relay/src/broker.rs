@@ -6,7 +6,12 @@
 //!   issued by `POST /api/v1/devices` (stored as a hash);
 //! - a device may subscribe only to its own notify topic; any other filter is refused with a
 //!   SUBACK failure (0x80) and logged;
-//! - devices may not publish (notifications come from the relay).
+//! - devices may not publish (notifications come from the relay), nor leave a last will (which
+//!   rumqttd would publish on their behalf);
+//! - removing a device, or issuing it a new password, cuts its current connection.
+//!
+//! rumqttd checks credentials again itself (the relay's own, or a registered device's), so the
+//! internal port, which listens on loopback only, admits nobody else.
 //!
 //! Packets from the device are parsed (rumqttc's MQTT 3.1.1 codec) and forwarded when allowed;
 //! packets from the broker are forwarded whole, so a refusal can be injected between them.
@@ -55,6 +60,10 @@ fn external_topic(t: &str) -> String {
 const MAX_PACKET: usize = 256 * 1024;
 /// Time allowed for TLS and the CONNECT packet.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most simultaneous device connections.
+const MAX_DEVICE_CONNECTIONS: usize = 10_000;
+/// Read timeout for a device that asked for no keep-alive.
+const MAX_SILENCE: Duration = Duration::from_secs(900);
 
 /// A running embedded broker.
 pub struct EmbeddedBroker {
@@ -62,7 +71,8 @@ pub struct EmbeddedBroker {
     pub listen: SocketAddr,
     /// rumqttd's internal plain port on loopback (for the relay's own client).
     pub internal: SocketAddr,
-    /// The relay's own credentials on the internal port.
+    /// The relay's own credentials on the internal port (the username is not a valid thing
+    /// name, so no device can take over the relay's session).
     pub relay_username: String,
     pub relay_password: String,
 }
@@ -72,15 +82,19 @@ fn free_loopback_port() -> std::io::Result<SocketAddr> {
 }
 
 /// Start rumqttd and the TLS front listener.
+/// Start rumqttd and the TLS front listener. `subscribed` receives the thing name of every
+/// device whose subscription to its notify topic the broker has confirmed.
 pub async fn start(
     listen: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
     devices: Arc<Devices>,
     topic_template: String,
+    subscribed: tokio::sync::mpsc::UnboundedSender<String>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<EmbeddedBroker> {
     let internal = free_loopback_port()?;
-    let relay_username = "culvert-relay".to_owned();
+    // Not a valid thing name, so no device can be registered under it.
+    let relay_username = "culvert.relay".to_owned();
     let relay_password = crate::tokens::new_secret();
 
     let router = rumqttd::Router::new(
@@ -88,8 +102,9 @@ pub async fn start(
         rumqttd::RouterConfig {
             max_connections: 100_010,
             max_outgoing_packet_count: 200,
-            max_segment_size: 16 * 1024 * 1024,
-            max_segment_count: 10,
+            // Notifications are small and short-lived: keep little of them per topic.
+            max_segment_size: 1024 * 1024,
+            max_segment_count: 2,
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
@@ -135,6 +150,7 @@ pub async fn start(
     let listen = listener.local_addr()?;
     let acceptor = TlsAcceptor::from(tls);
     info!(%listen, "embedded MQTT broker listening (TLS)");
+    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_DEVICE_CONNECTIONS));
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -148,9 +164,17 @@ pub async fn start(
                     }
                 },
             };
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                warn!(%peer, max = MAX_DEVICE_CONNECTIONS, "too many MQTT connections; refusing");
+                continue;
+            };
             let acceptor = acceptor.clone();
-            let devices = devices.clone();
-            let template = topic_template.clone();
+            let ctx = GuardContext {
+                devices: devices.clone(),
+                template: topic_template.clone(),
+                internal,
+                subscribed: subscribed.clone(),
+            };
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => s,
@@ -159,16 +183,10 @@ pub async fn start(
                         return;
                     }
                 };
-                let upstream = match TcpStream::connect(internal).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        warn!(error = %e, "cannot reach the embedded broker");
-                        return;
-                    }
-                };
-                if let Err(why) = guard(tls, upstream, &devices, &template).await {
+                if let Err(why) = guard(tls, ctx).await {
                     info!(%peer, reason = %why, "MQTT client disconnected");
                 }
+                drop(permit);
             });
         }
     });
@@ -199,19 +217,22 @@ async fn next_packet<R: AsyncRead + Unpin>(
 
 type SharedWriter<W> = Arc<tokio::sync::Mutex<W>>;
 
+/// What a guard needs besides its connection.
+struct GuardContext {
+    devices: Arc<Devices>,
+    template: String,
+    /// rumqttd's internal port.
+    internal: SocketAddr,
+    subscribed: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
 /// Carry one device connection, enforcing authentication and topic rules.
-async fn guard<S>(
-    client: S,
-    upstream: TcpStream,
-    devices: &Devices,
-    template: &str,
-) -> Result<(), String>
+async fn guard<S>(client: S, ctx: GuardContext) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut cr, cw) = tokio::io::split(client);
     let cw: SharedWriter<_> = Arc::new(tokio::sync::Mutex::new(cw));
-    let (mut ur, mut uw) = upstream.into_split();
     let mut buf = BytesMut::with_capacity(4096);
 
     // The first packet must be a CONNECT from a registered device.
@@ -219,35 +240,51 @@ where
         .await
         .map_err(|_| "no CONNECT within 10 s".to_owned())??
         .ok_or("closed before CONNECT")?;
-    let thing = match Packet::read(&mut BytesMut::from(&first[..]), MAX_PACKET) {
-        Ok(Packet::Connect(c)) => {
-            let Some(login) = c.login else {
-                refuse_connect(&cw, ConnectReturnCode::NotAuthorized).await;
-                return Err("CONNECT without username/password".into());
-            };
-            if c.client_id != login.username {
-                refuse_connect(&cw, ConnectReturnCode::BadClientId).await;
-                return Err(format!(
-                    "client id {:?} differs from username {:?} (a device connects as its thing name)",
-                    c.client_id, login.username
-                ));
-            }
-            if !devices.verify(&login.username, &login.password) {
-                refuse_connect(&cw, ConnectReturnCode::BadUserNamePassword).await;
-                return Err(format!("bad credentials for device {:?}", login.username));
-            }
-            login.username
-        }
-        _ => return Err("first packet is not CONNECT".into()),
+    let Ok(Packet::Connect(connect)) = Packet::read(&mut BytesMut::from(&first[..]), MAX_PACKET)
+    else {
+        return Err("first packet is not CONNECT".into());
     };
+    let Some(login) = connect.login else {
+        refuse_connect(&cw, ConnectReturnCode::NotAuthorized).await;
+        return Err("CONNECT without username/password".into());
+    };
+    if connect.client_id != login.username {
+        refuse_connect(&cw, ConnectReturnCode::BadClientId).await;
+        return Err(format!(
+            "client id {:?} differs from username {:?} (a device connects as its thing name)",
+            connect.client_id, login.username
+        ));
+    }
+    if !ctx.devices.verify(&login.username, &login.password) {
+        refuse_connect(&cw, ConnectReturnCode::BadUserNamePassword).await;
+        return Err(format!("bad credentials for device {:?}", login.username));
+    }
+    if connect.last_will.is_some() {
+        refuse_connect(&cw, ConnectReturnCode::NotAuthorized).await;
+        return Err(format!(
+            "device {:?} asked for a last will; devices may not publish",
+            login.username
+        ));
+    }
+    let thing = login.username;
+    let upstream = TcpStream::connect(ctx.internal)
+        .await
+        .map_err(|e| format!("cannot reach the embedded broker: {e}"))?;
+    let (mut ur, mut uw) = upstream.into_split();
     uw.write_all(&first).await.map_err(|e| e.to_string())?;
-    let own_topic = topic_for(template, &thing);
+    let revoked = ctx.devices.session(&thing);
+    let silence = match connect.keep_alive {
+        0 => MAX_SILENCE,
+        k => Duration::from_secs(u64::from(k) * 3 / 2 + 1),
+    };
+    let own_topic = topic_for(&ctx.template, &thing);
     debug!(%thing, "device connected to the embedded broker");
 
     // Broker → device: whole packets, so refusals can be interleaved safely; PUBLISH topics
-    // get their external names back.
+    // get their external names back. A confirmed subscription is reported.
     let down_writer = cw.clone();
-    let down = tokio::spawn(async move {
+    let (down_thing, subscribed) = (thing.clone(), ctx.subscribed.clone());
+    let mut down = tokio::spawn(async move {
         let mut buf = BytesMut::with_capacity(4096);
         while let Ok(Some(p)) = next_packet(&mut ur, &mut buf).await {
             let p = match Packet::read(&mut BytesMut::from(&p[..]), MAX_PACKET) {
@@ -259,6 +296,16 @@ where
                     }
                     out.freeze()
                 }
+                Ok(Packet::SubAck(ack)) => {
+                    if ack
+                        .return_codes
+                        .iter()
+                        .all(|c| matches!(c, SubscribeReasonCode::Success(_)))
+                    {
+                        let _ = subscribed.send(down_thing.clone());
+                    }
+                    p
+                }
                 _ => p,
             };
             if down_writer.lock().await.write_all(&p).await.is_err() {
@@ -269,10 +316,15 @@ where
     });
 
     let result = loop {
-        let raw = match next_packet(&mut cr, &mut buf).await {
-            Ok(Some(p)) => p,
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
+        let raw = tokio::select! {
+            _ = revoked.cancelled() => break Err(format!("device {thing} was removed or got a new password")),
+            _ = &mut down => break Ok(()),
+            r = tokio::time::timeout(silence, next_packet(&mut cr, &mut buf)) => match r {
+                Err(_) => break Err(format!("nothing from {thing} for {silence:?}")),
+                Ok(Ok(Some(p))) => p,
+                Ok(Ok(None)) => break Ok(()),
+                Ok(Err(e)) => break Err(e),
+            },
         };
         let packet = match Packet::read(&mut BytesMut::from(&raw[..]), MAX_PACKET) {
             Ok(p) => p,

@@ -2,8 +2,10 @@
 //! once by the API (`POST /api/v1/devices`), stored only as a SHA-256 hash and compared in
 //! constant time. With an external broker, device identities live in that broker instead.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
 
 use crate::store::{DeviceRecord, Store, StoreError};
 use crate::tokens::{TokenHash, new_secret};
@@ -11,6 +13,8 @@ use crate::tokens::{TokenHash, new_secret};
 pub struct Devices {
     store: Arc<Store>,
     map: Mutex<BTreeMap<String, DeviceRecord>>,
+    /// Cancelled when a device is removed or gets a new password: its connections end.
+    sessions: Mutex<HashMap<String, CancellationToken>>,
 }
 
 impl Devices {
@@ -23,6 +27,7 @@ impl Devices {
         Ok(Devices {
             store,
             map: Mutex::new(map),
+            sessions: Mutex::new(HashMap::new()),
         })
     }
 
@@ -40,12 +45,28 @@ impl Devices {
         };
         self.store.put_device(&rec)?;
         self.lock().insert(thing.to_owned(), rec);
+        self.revoke(thing);
         Ok(password)
     }
 
     pub fn remove(&self, thing: &str) -> Result<bool, StoreError> {
         self.store.remove_device(thing)?;
+        self.revoke(thing);
         Ok(self.lock().remove(thing).is_some())
+    }
+
+    /// The token a device's broker connections watch; cancelled by `issue` and `remove`.
+    pub fn session(&self, thing: &str) -> CancellationToken {
+        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        s.retain(|_, t| !t.is_cancelled());
+        s.entry(thing.to_owned()).or_default().clone()
+    }
+
+    fn revoke(&self, thing: &str) {
+        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = s.remove(thing) {
+            t.cancel();
+        }
     }
 
     pub fn list(&self) -> Vec<DeviceRecord> {

@@ -773,6 +773,23 @@ impl Registry {
         })
     }
 
+    /// Open tunnels of `thing` whose destination token was never used: their notification may
+    /// have been lost (a device that had never subscribed, or a broker restart).
+    pub fn unclaimed_destinations(&self, thing: &str) -> Vec<String> {
+        let now = now_ms();
+        self.lock()
+            .tunnels
+            .values()
+            .filter(|e| {
+                e.rec.thing_name == thing
+                    && e.rec.status == Status::Open
+                    && e.rec.expires_ms > now
+                    && !e.rec.destination.used
+            })
+            .map(|e| e.rec.id.clone())
+            .collect()
+    }
+
     /// Close expired tunnels and forget closed ones past retention. Called periodically.
     pub fn sweep(&self) {
         let now = now_ms();

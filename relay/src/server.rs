@@ -95,6 +95,7 @@ impl Relay {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
         let background = CancellationToken::new();
+        let (subscribed_tx, subscribed_rx) = tokio::sync::mpsc::unbounded_channel();
         let (client, mqtt_listen) = match &cfg.mqtt.mode {
             BrokerMode::Embedded { listen } => {
                 let b = broker::start(
@@ -102,6 +103,7 @@ impl Relay {
                     cfg.tls.clone(),
                     devices.clone(),
                     cfg.mqtt.topic_template.clone(),
+                    subscribed_tx,
                     background.clone(),
                 )
                 .await?;
@@ -124,6 +126,11 @@ impl Relay {
             mqtt_listen.is_some(),
             background.clone(),
         );
+        tokio::spawn(renotify_unclaimed(
+            subscribed_rx,
+            registry.clone(),
+            notifier.clone(),
+        ));
         Ok(Relay {
             listener,
             tls: TlsAcceptor::from(cfg.tls.clone()),
@@ -233,5 +240,39 @@ impl Relay {
         sweeper.abort();
         background.cancel();
         Ok(())
+    }
+}
+
+/// How long after a device subscribes its tunnels may stay unclaimed before they are re-issued.
+const CLAIM_GRACE: Duration = Duration::from_secs(2);
+
+/// A device that subscribes may have missed notifications: one published before it ever
+/// subscribed (the embedded broker keeps nothing for unknown subscribers) or lost with a
+/// restart. Tunnels of that thing whose destination token is still unused a moment later get a
+/// new destination token, announced again.
+async fn renotify_unclaimed(
+    mut subscribed: tokio::sync::mpsc::UnboundedReceiver<String>,
+    registry: Arc<Registry>,
+    notifier: Notifier,
+) {
+    while let Some(thing) = subscribed.recv().await {
+        let (registry, notifier) = (registry.clone(), notifier.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(CLAIM_GRACE).await;
+            for id in registry.unclaimed_destinations(&thing) {
+                let r = registry.clone();
+                let tid = id.clone();
+                let rotated = tokio::task::spawn_blocking(move || {
+                    r.rotate(&tid, crate::registry::RotateWhich::Destination)
+                })
+                .await;
+                if let (Ok(Ok(tokens)), Ok(view)) = (rotated, registry.describe(&id))
+                    && let Some(token) = tokens.destination
+                {
+                    info!(tunnel = %id, %thing, "re-announcing an unclaimed tunnel to its device");
+                    notifier.notify(&thing, &token, &view.rec.services).await;
+                }
+            }
+        });
     }
 }

@@ -713,7 +713,7 @@ impl Mosquitto {
         std::fs::write(
             &config,
             format!(
-                "user root\nper_listener_settings false\nallow_anonymous false\npersistence false\n\
+                "user root\nper_listener_settings false\nallow_anonymous false\npersistence false\nuse_username_as_clientid true\n\
                  password_file {}\nacl_file {}\nlistener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
                 passwd.display(),
                 d.join("acl").display(),

@@ -84,6 +84,29 @@ fn gateway_offline_at_open_time_still_gets_the_tunnel() {
 }
 
 #[test]
+fn a_gateway_started_for_the_first_time_after_the_open_gets_the_tunnel() {
+    let dir = scratch("mqtt-first");
+    let echo = echo_server();
+    let relay = Relay::start(&dir);
+    let password = relay.add_device("new-cell");
+    let t = relay.open_tunnel("new-cell", &["ECHO"]);
+    // The notification went out before this gateway ever subscribed.
+    let rules = mqtt_rules(
+        &dir,
+        relay.mqtt.unwrap(),
+        "new-cell",
+        &password,
+        &[("ECHO", echo.to_string())],
+    );
+    let _gw = relay.mqtt_gateway(&dir, &rules);
+    relay.wait_side(&t.id, "destination", "CONNECTED");
+    wait_log(&relay.proc, "re-announcing an unclaimed tunnel");
+    let (_px, ports) = relay.proxy(&dir, &t.source, &["ECHO"]);
+    assert!(echo_works(ports["ECHO"], b"first start after the open"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn rotation_moves_the_gateway_to_the_new_token() {
     let dir = scratch("mqtt-rotate");
     let echo = echo_server();
@@ -193,5 +216,33 @@ fn a_device_cannot_read_another_devices_notifications() {
         );
     });
     assert!(relay.proc.log_text().contains("subscription refused"));
+    // A device with a last will (which the broker would publish for it) is refused.
+    raw::runtime().block_on(async {
+        use rumqttc::{
+            AsyncClient, ConnectReturnCode, LastWill, MqttOptions, QoS, TlsConfiguration, Transport,
+        };
+        let mut o = MqttOptions::new("device-b", broker.ip().to_string(), broker.port());
+        o.set_credentials("device-b", &pb)
+            .set_last_will(LastWill::new(
+                "$aws/things/device-a/tunnels/notify",
+                "forged",
+                QoS::AtLeastOnce,
+                true,
+            ))
+            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                tls.clone(),
+            )));
+        let (_c, mut ev) = AsyncClient::new(o, 10);
+        let r = tokio::time::timeout(WAIT, ev.poll()).await.unwrap();
+        assert!(
+            matches!(
+                r,
+                Err(rumqttc::ConnectionError::ConnectionRefused(
+                    ConnectReturnCode::NotAuthorized
+                ))
+            ),
+            "{r:?}"
+        );
+    });
     let _ = std::fs::remove_dir_all(&dir);
 }

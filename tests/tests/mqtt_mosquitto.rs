@@ -172,6 +172,20 @@ fn mosquitto_notifications_bad_payloads_and_broker_restart() {
         );
         wait_log(&gw, reason);
     }
+    // A duplicate delivery of the live tunnel's notification is harmless.
+    let dup = format!(
+        r#"{{"clientAccessToken":"{}","clientMode":"destination","region":"x","services":["SSH"]}}"#,
+        t.destination
+    );
+    mqtt_publish(
+        broker.addr(),
+        &relay.ca,
+        "admin",
+        "admin-secret",
+        topic,
+        dup.into_bytes(),
+    );
+    wait_log(&gw, "duplicate notification ignored");
     assert!(gw.is_running(), "culvertd keeps running");
     let out = Command::new(&ssh)
         .args(ssh_args("echo still-serving"))
