@@ -199,24 +199,7 @@ fn main() {
             .spawn()
             .unwrap_or_else(|e| die(e)),
     );
-    let env_file = dir.join("relay/client.env");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let env: Vec<(String, String)> = loop {
-        let v: Vec<(String, String)> = std::fs::read_to_string(&env_file)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.strip_prefix("export "))
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        if v.len() >= 3 {
-            break v;
-        }
-        if Instant::now() > deadline {
-            die("the relay did not start");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let env = env_of(&dir.join("relay/client.env"));
     let out = Command::new(bins.join("culvert"))
         .envs(env.iter().map(|(k, v)| (k, v)))
         .args([
