@@ -43,6 +43,8 @@ pub fn bin_dir() -> &'static Path {
             "culvertd",
             "-p",
             "culvert-cli",
+            "-p",
+            "culvert-demo",
         ]);
         if release {
             cmd.arg("--release");

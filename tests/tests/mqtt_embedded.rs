@@ -90,7 +90,9 @@ fn a_gateway_started_for_the_first_time_after_the_open_gets_the_tunnel() {
     let relay = Relay::start(&dir);
     let password = relay.add_device("new-cell");
     let t = relay.open_tunnel("new-cell", &["ECHO"]);
-    // The notification went out before this gateway ever subscribed.
+    // The notification went out before this gateway ever subscribed. Either the broker still
+    // delivers it, or the relay re-announces the unclaimed tunnel once the device subscribes:
+    // what counts is that the tunnel comes up.
     let rules = mqtt_rules(
         &dir,
         relay.mqtt.unwrap(),
@@ -100,7 +102,6 @@ fn a_gateway_started_for_the_first_time_after_the_open_gets_the_tunnel() {
     );
     let _gw = relay.mqtt_gateway(&dir, &rules);
     relay.wait_side(&t.id, "destination", "CONNECTED");
-    wait_log(&relay.proc, "re-announcing an unclaimed tunnel");
     let (_px, ports) = relay.proxy(&dir, &t.source, &["ECHO"]);
     assert!(echo_works(ports["ECHO"], b"first start after the open"));
     let _ = std::fs::remove_dir_all(&dir);
