@@ -961,6 +961,23 @@ mod tests {
     }
 
     #[test]
+    fn unclaimed_destinations_are_the_open_never_used_ones() {
+        let (reg, dir) = registry();
+        let (a, ta) = reg.open(req()).unwrap();
+        let (b, _tb) = reg.open(req()).unwrap();
+        let (c, _tc) = reg.open(req()).unwrap();
+        reg.admit(ta.destination.as_deref().unwrap(), Mode::Destination, None)
+            .unwrap();
+        reg.close(&c.rec.id, false).unwrap();
+        let mut other = req();
+        other.thing_name = "another-thing".into();
+        reg.open(other).unwrap();
+        assert_eq!(reg.unclaimed_destinations("cell-7"), vec![b.rec.id.clone()]);
+        assert!(!reg.unclaimed_destinations("cell-7").contains(&a.rec.id));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn validation_says_what_is_wrong() {
         let l = Limits::default();
         let mut r = req();
