@@ -182,8 +182,17 @@ pub async fn handshake(
     };
     let span = info_span!("peer", tunnel = %adm.live.id, mode = %mode, channel = %channel);
     let tracker = state.tasks.clone();
+    let release = adm
+        .first_use
+        .then(|| (state.registry.clone(), adm.live.id.clone(), adm.token));
     let mut resp = ws
-        .on_failed_upgrade(|e| warn!(error = %e, "WebSocket upgrade failed"))
+        .on_failed_upgrade(move |e| {
+            warn!(error = %e, "WebSocket upgrade failed");
+            // The handshake did not complete: the token is not spent.
+            if let Some((registry, tunnel, token)) = release {
+                tokio::task::spawn_blocking(move || registry.release(&tunnel, mode, token));
+            }
+        })
         .on_upgrade(move |socket| {
             let fut = run_peer(socket, adm, format).instrument(span);
             async move {
@@ -212,6 +221,8 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
         live,
         mode,
         thing_name,
+        generation,
+        ..
     } = adm;
     let (tx, mut rx) = mpsc::channel::<Chunk>(PEER_QUEUE);
     if format != Format::V1 {
@@ -221,7 +232,17 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
         }
     }
     let kick = Kick::default();
-    let peer_id = live.attach(mode, tx.clone(), kick.clone());
+    let Some(peer_id) = live.attach(mode, generation, tx.clone(), kick.clone()) else {
+        info!("token revoked while connecting; closing");
+        let (mut sink, _) = socket.split();
+        let _ = sink
+            .send(WsMessage::Close(Some(CloseFrame {
+                code: 1000,
+                reason: "access token revoked (rotated or tunnel closed) while connecting".into(),
+            })))
+            .await;
+        return;
+    };
     info!(thing = %thing_name, ?format, "peer connected");
     let (mut sink, mut stream) = socket.split();
 

@@ -255,6 +255,9 @@ pub struct PeerSlot {
 struct Side {
     peer: Option<PeerSlot>,
     changed_ms: i64,
+    /// Bumped when this side's token is revoked (rotation, close): a handshake admitted under
+    /// an older generation may not attach.
+    generation: u64,
 }
 
 pub struct LiveInner {
@@ -314,10 +317,12 @@ impl Live {
                 source: Side {
                     peer: None,
                     changed_ms: rec.source.last_change_ms,
+                    generation: 0,
                 },
                 destination: Side {
                     peer: None,
                     changed_ms: rec.destination.last_change_ms,
+                    generation: 0,
                 },
                 next_peer: 1,
             }),
@@ -329,9 +334,19 @@ impl Live {
     }
 
     /// Register a new peer for `mode`, replacing (and kicking) any previous one. The surviving
-    /// other side is told which streams died.
-    pub fn attach(&self, mode: Mode, tx: mpsc::Sender<Chunk>, kick: Kick) -> u64 {
+    /// other side is told which streams died. `None` if the side's token was revoked after the
+    /// handshake was admitted under `generation`.
+    pub fn attach(
+        &self,
+        mode: Mode,
+        generation: u64,
+        tx: mpsc::Sender<Chunk>,
+        kick: Kick,
+    ) -> Option<u64> {
         let mut g = self.lock();
+        if g.side(mode).generation != generation {
+            return None;
+        }
         let peer_id = g.next_peer;
         g.next_peer += 1;
         let old = g.side(mode).peer.take();
@@ -344,7 +359,22 @@ impl Live {
         let side = g.side(mode);
         side.peer = Some(PeerSlot { peer_id, tx, kick });
         side.changed_ms = now_ms();
-        peer_id
+        Some(peer_id)
+    }
+
+    /// Revoke a side's token: handshakes admitted before may no longer attach, and the
+    /// connected peer is disconnected with `reason`.
+    pub fn revoke(&self, mode: Mode, reason: &str) {
+        let mut g = self.lock();
+        let side = g.side(mode);
+        side.generation += 1;
+        if let Some(p) = &side.peer {
+            p.kick.kick(reason);
+        }
+    }
+
+    pub fn generation(&self, mode: Mode) -> u64 {
+        self.lock().side(mode).generation
     }
 
     /// A peer's session ended. Returns whether it was still the registered one.
@@ -459,6 +489,12 @@ pub struct Admission {
     pub live: Arc<Live>,
     pub mode: Mode,
     pub thing_name: String,
+    /// The side's revocation generation when admitted (see [`Live::attach`]).
+    pub generation: u64,
+    /// This handshake was the token's first use: if the upgrade then fails, the use is
+    /// released ([`Registry::release`]), since AWS spends a token only on a successful handshake.
+    pub first_use: bool,
+    pub token: TokenHash,
 }
 
 /// A snapshot of one tunnel for the API.
@@ -620,8 +656,8 @@ impl Registry {
                 CloseReason::Closed => "tunnel closed",
                 CloseReason::Expired => "tunnel expired",
             };
-            e.live.kick(Mode::Source, why);
-            e.live.kick(Mode::Destination, why);
+            e.live.revoke(Mode::Source, why);
+            e.live.revoke(Mode::Destination, why);
             info!(tunnel = %id, reason = why, "tunnel closed");
         }
         let v = view(&e.rec, &e.live);
@@ -692,7 +728,7 @@ impl Registry {
         }
         for mode in [Mode::Source, Mode::Destination] {
             if which.includes(mode) {
-                live.kick(mode, "access token rotated");
+                live.revoke(mode, "access token rotated");
             }
         }
         info!(tunnel = %id, ?which, "tokens rotated");
@@ -742,6 +778,7 @@ impl Registry {
         }
         let ct = client_token.map(TokenHash::of);
         let side = side_of(&e.rec, mode);
+        let first_use = !side.used;
         if side.used {
             match (side.client_token, ct) {
                 (Some(bound), Some(ct)) if bound.matches(&ct) => {}
@@ -770,7 +807,33 @@ impl Registry {
             live: e.live.clone(),
             mode,
             thing_name: e.rec.thing_name.clone(),
+            generation: e.live.generation(mode),
+            first_use,
+            token: h,
         })
+    }
+
+    /// Undo the first use of a token whose WebSocket upgrade failed after admission.
+    pub fn release(&self, tunnel: &str, mode: Mode, token: TokenHash) -> Result<(), StoreError> {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let Some(e) = st.tunnels.get_mut(tunnel) else {
+            return Ok(());
+        };
+        let side = side_of(&e.rec, mode);
+        if !side.used || !side.token.matches(&token) {
+            return Ok(());
+        }
+        let mut rec = e.rec.clone();
+        let side = side_of_mut(&mut rec, mode);
+        side.used = false;
+        let unbound = side.client_token.take();
+        self.store.put(&rec)?;
+        e.rec = rec;
+        if let Some(ct) = unbound {
+            st.client_tokens.remove(&ct);
+        }
+        Ok(())
     }
 
     /// Open tunnels of `thing` whose destination token was never used: their notification may
@@ -956,6 +1019,28 @@ mod tests {
         assert_eq!(
             refusal(reg.admit(&src, Mode::Source, None)),
             Refusal::NeedsClientToken
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_revoked_admission_cannot_attach_and_a_failed_upgrade_releases_the_token() {
+        let (reg, dir) = registry();
+        let (v, t) = reg.open(req()).unwrap();
+        let dst = t.destination.unwrap();
+        let adm = reg.admit(&dst, Mode::Destination, None).unwrap();
+        assert!(adm.first_use);
+        // The upgrade failed: the token is usable again.
+        reg.release(&v.rec.id, Mode::Destination, adm.token)
+            .unwrap();
+        let adm = reg.admit(&dst, Mode::Destination, None).unwrap();
+        // A rotation lands between admission and attach: the attach is refused.
+        reg.rotate(&v.rec.id, RotateWhich::Destination).unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        assert_eq!(
+            adm.live
+                .attach(Mode::Destination, adm.generation, tx, Kick::default()),
+            None
         );
         std::fs::remove_dir_all(dir).unwrap();
     }
