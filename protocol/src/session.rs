@@ -738,3 +738,121 @@ where
         peer_closed,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! A source session and a destination session joined by an in-memory WebSocket (what a
+    //! verbatim relay amounts to): the tokio shell, `TunnelStream` and `splice`, without sockets.
+    use super::*;
+    use crate::Format;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    async fn pair() -> (SessionHandle, Incoming) {
+        let (a, b) = tokio::io::duplex(256 * 1024);
+        let ws_src = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+        let ws_dst = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
+        let ids = vec!["ECHO".to_owned()];
+        let mut out = Output::default();
+        let mut src = Mux::source(Format::V3);
+        src.handle(Message::service_ids(&ids), &mut out).unwrap();
+        let (src, _) = spawn(ws_src, src, SessionConfig::default());
+        let (_dst, incoming) = spawn(
+            ws_dst,
+            Mux::destination(Some(ids)),
+            SessionConfig::default(),
+        );
+        (src, incoming)
+    }
+
+    /// The destination side: every incoming stream is spliced to an in-memory echo.
+    fn echo_all(mut incoming: Incoming) {
+        tokio::spawn(async move {
+            while let Some(stream) = incoming.streams.recv().await {
+                tokio::spawn(async move {
+                    let (near, mut far) = tokio::io::duplex(64 * 1024);
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            match far.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if far.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    });
+                    splice(near, stream).await;
+                });
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn many_connections_echo_through_a_session_pair() {
+        let (src, incoming) = pair().await;
+        echo_all(incoming);
+        let mut tasks = Vec::new();
+        for i in 0..40usize {
+            let src = src.clone();
+            tasks.push(tokio::spawn(async move {
+                let stream = src.open("ECHO").await.unwrap();
+                let (mut r, mut w) = stream.into_split();
+                // Larger than one frame, so DATA is split and reassembled.
+                let data: Vec<u8> = (0..100_000 + i).map(|k| (k * 7 + i) as u8).collect();
+                let expect = data.clone();
+                let writer = tokio::spawn(async move {
+                    w.write_all(&data).await.unwrap();
+                    w
+                });
+                let mut got = vec![0u8; expect.len()];
+                r.read_exact(&mut got).await.unwrap();
+                assert!(got == expect, "connection {i} echoed different bytes");
+                drop(writer.await.unwrap());
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(src.ended().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_reset_reaches_the_other_side_as_eof() {
+        let (src, mut incoming) = pair().await;
+        let mut stream = src.open("ECHO").await.unwrap();
+        stream.write_all(b"hello").await.unwrap();
+        let mut far = incoming.streams.recv().await.unwrap();
+        let mut got = [0u8; 5];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+        drop(stream); // local close: a CONNECTION_RESET goes out
+        let mut rest = Vec::new();
+        far.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        // Writing to a connection the peer reset fails instead of vanishing.
+        let mut failed = false;
+        for _ in 0..100 {
+            if far.write_all(b"late").await.is_err() {
+                failed = true;
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(failed, "writes after the peer's reset must fail");
+    }
+
+    #[tokio::test]
+    async fn closing_the_session_ends_every_connection() {
+        let (src, mut incoming) = pair().await;
+        let stream = src.open("ECHO").await.unwrap();
+        let mut far = incoming.streams.recv().await.unwrap();
+        src.close();
+        let mut buf = Vec::new();
+        far.read_to_end(&mut buf).await.unwrap();
+        drop(stream);
+        assert!(matches!(src.closed().await, SessionEnd::Cancelled));
+    }
+}
