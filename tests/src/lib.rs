@@ -691,6 +691,18 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// `users`: (name, password); `acl`: mosquitto ACL file text; TLS from a dev relay's state.
     pub fn start(dir: &Path, tls_dir: &Path, users: &[(&str, &str)], acl: &str) -> Mosquitto {
+        Mosquitto::start_with(dir, tls_dir, users, acl, None)
+    }
+
+    /// As [`Mosquitto::start`], plus a second listener on `cert_port` that requires a client
+    /// certificate signed by `tls_dir/ca.pem` and takes its CN as the username.
+    pub fn start_with(
+        dir: &Path,
+        tls_dir: &Path,
+        users: &[(&str, &str)],
+        acl: &str,
+        cert_port: Option<u16>,
+    ) -> Mosquitto {
         let bin = require_tool("/usr/sbin/mosquitto", "mosquitto");
         let passwd_tool = require_tool("mosquitto_passwd", "mosquitto");
         let d = dir.join("mosquitto");
@@ -715,8 +727,8 @@ impl Mosquitto {
         std::fs::write(
             &config,
             format!(
-                "user root\nper_listener_settings false\nallow_anonymous false\npersistence false\nuse_username_as_clientid true\n\
-                 password_file {}\nacl_file {}\nlistener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+                "user root\nper_listener_settings false\nallow_anonymous false\npersistence false\n\
+                 password_file {}\nacl_file {}\nlistener {port} 127.0.0.1\nuse_username_as_clientid true\ncafile {}\ncertfile {}\nkeyfile {}\n",
                 passwd.display(),
                 d.join("acl").display(),
                 tls_dir.join("ca.pem").display(),
@@ -725,6 +737,20 @@ impl Mosquitto {
             ),
         )
         .unwrap();
+        if let Some(p) = cert_port {
+            let mut c = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&config)
+                .unwrap();
+            writeln!(
+                c,
+                "listener {p} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\nuse_username_as_clientid true",
+                tls_dir.join("ca.pem").display(),
+                tls_dir.join("server.pem").display(),
+                tls_dir.join("server-key.pem").display(),
+            )
+            .unwrap();
+        }
         let mut m = Mosquitto {
             proc: Mosquitto::spawn(&bin, &config, dir),
             port,
@@ -823,4 +849,44 @@ pub fn mqtt_publish(
         .await
         .expect("the broker acknowledged the publish");
     });
+}
+
+/// A private CA in `dir` with a server certificate for 127.0.0.1 (`ca.pem`, `server.pem`,
+/// `server-key.pem`) and a client certificate whose CN is `client_cn` (`client.pem`,
+/// `client-key.pem`).
+pub fn test_pki(dir: &Path, client_cn: &str) -> PathBuf {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let d = dir.join("pki");
+    std::fs::create_dir_all(&d).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name
+        .push(DnType::CommonName, "culvert test CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = |names: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(names).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.extended_key_usages = vec![usage];
+        (
+            p.signed_by(&key, &issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    };
+    let (server, server_key) = leaf(
+        vec!["127.0.0.1".into(), "localhost".into()],
+        "broker",
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client, client_key) = leaf(vec![], client_cn, ExtendedKeyUsagePurpose::ClientAuth);
+    std::fs::write(d.join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(d.join("server.pem"), server).unwrap();
+    std::fs::write(d.join("server-key.pem"), server_key).unwrap();
+    std::fs::write(d.join("client.pem"), client).unwrap();
+    std::fs::write(d.join("client-key.pem"), client_key).unwrap();
+    d
 }

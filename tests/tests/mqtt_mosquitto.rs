@@ -240,3 +240,61 @@ fn mosquitto_notifications_bad_payloads_and_broker_restart() {
     gw.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_gateway_authenticated_by_client_certificate() {
+    let dir = scratch("mosquitto-cert");
+    let echo = echo_server();
+    let pki = test_pki(&dir, "cell-cert");
+    let cert_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let broker = Mosquitto::start_with(
+        &dir,
+        &pki,
+        &[("culvert-relay", "relay-secret")],
+        ACL,
+        Some(cert_port),
+    );
+    let pw = dir.join("relay-mqtt-password");
+    std::fs::write(&pw, "relay-secret").unwrap();
+    let relay = Relay::start_with(
+        &dir,
+        "127.0.0.1:0".parse().unwrap(),
+        &[
+            "--mqtt-broker".into(),
+            format!("mqtts://{}", broker.addr()),
+            "--mqtt-username".into(),
+            "culvert-relay".into(),
+            "--mqtt-password-file".into(),
+            pw.display().to_string(),
+            "--mqtt-ca".into(),
+            pki.join("ca.pem").display().to_string(),
+        ],
+    );
+    // No password: the gateway's identity is its certificate (CN = thing name).
+    let rules = dir.join("culvertd-cert.toml");
+    std::fs::write(
+        &rules,
+        format!(
+            "[mqtt]\nbroker = \"mqtts://127.0.0.1:{cert_port}\"\nthing_name = \"cell-cert\"\n\
+             client_cert = \"{}\"\nclient_key = \"{}\"\nca = \"{}\"\n\n[services.ECHO]\ntarget = \"{echo}\"\n",
+            pki.join("client.pem").display(),
+            pki.join("client-key.pem").display(),
+            pki.join("ca.pem").display(),
+        ),
+    )
+    .unwrap();
+    let gw = relay.mqtt_gateway(&dir, &rules);
+    wait_log(&gw, "subscribed to tunnel notifications");
+    let t = relay.open_tunnel("cell-cert", &["ECHO"]);
+    relay.wait_side(&t.id, "destination", "CONNECTED");
+    let (_px, ports) = relay.proxy(&dir, &t.source, &["ECHO"]);
+    assert!(echo_works(
+        ports["ECHO"],
+        b"certificate-authenticated gateway"
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+}
