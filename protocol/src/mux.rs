@@ -894,7 +894,6 @@ mod tests {
         let mut out = Output::default();
         src.handle(Message::service_ids(&["S".into()]), &mut out)
             .unwrap();
-        src.services.get_mut("S").map(|_| ()).unwrap_or(());
         src.services.entry("S".into()).or_default().next_stream_id = i32::MAX;
         src.open("S", &mut out).unwrap();
         src.open("S", &mut out).unwrap();
