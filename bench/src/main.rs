@@ -190,16 +190,7 @@ fn main() {
 
     let sink = sink_server();
     let echo = echo_server();
-    let _relay = Kill(
-        Command::new(bins.join("culvert-relay"))
-            .args(["--dev", "--listen", "127.0.0.1:0", "--state-dir"])
-            .arg(dir.join("relay"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| die(e)),
-    );
-    let env = env_of(&dir.join("relay/client.env"));
+    let (_relay, env) = start_relay(&bins, &dir);
     let out = Command::new(bins.join("culvert"))
         .envs(env.iter().map(|(k, v)| (k, v)))
         .args([
@@ -324,6 +315,20 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A dev relay in `dir/relay`, and the client settings it wrote.
+fn start_relay(bins: &Path, dir: &Path) -> (Kill, Vec<(String, String)>) {
+    let relay = Kill(
+        Command::new(bins.join("culvert-relay"))
+            .args(["--dev", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(dir.join("relay"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| die(e)),
+    );
+    (relay, env_of(&dir.join("relay/client.env")))
+}
+
 fn env_of(file: &Path) -> Vec<(String, String)> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -350,16 +355,7 @@ fn open_latency(tunnels: usize) {
     let dir = std::env::temp_dir().join(format!("culvert-bench-open-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let echo = echo_server();
-    let _relay = Kill(
-        Command::new(bins.join("culvert-relay"))
-            .args(["--dev", "--listen", "127.0.0.1:0", "--state-dir"])
-            .arg(dir.join("relay"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| die(e)),
-    );
-    let env = env_of(&dir.join("relay/client.env"));
+    let (_relay, env) = start_relay(&bins, &dir);
     let mqtt = env
         .iter()
         .find(|(k, _)| k == "CULVERT_MQTT")

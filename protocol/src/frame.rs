@@ -151,6 +151,64 @@ pub fn encode(msg: &Message, out: &mut BytesMut) -> Result<(), FrameError> {
     Ok(())
 }
 
+/// Append a DATA frame straight from a payload slice: one copy of the payload, no
+/// intermediate `Message` (the per-write hot path). Byte for byte what [`encode`] produces for
+/// the equivalent [`Message::data`], defaults omitted as proto3 does.
+pub fn encode_data(
+    stream_id: i32,
+    service_id: &str,
+    connection_id: u32,
+    payload: &[u8],
+    out: &mut BytesMut,
+) -> Result<(), FrameError> {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+    if payload.len() > MAX_PAYLOAD {
+        return Err(FrameError::PayloadTooLarge(payload.len()));
+    }
+    let delimited = |tag: u32, n: usize| key_len(tag) + encoded_len_varint(n as u64) + n;
+    // int32 is encoded sign-extended to 64 bits, as prost and protobuf do.
+    let stream = stream_id as i64 as u64;
+    let mut len = key_len(1) + 1;
+    if stream_id != 0 {
+        len += key_len(2) + encoded_len_varint(stream);
+    }
+    if !payload.is_empty() {
+        len += delimited(4, payload.len());
+    }
+    if !service_id.is_empty() {
+        len += delimited(5, service_id.len());
+    }
+    if connection_id != 0 {
+        len += key_len(7) + encoded_len_varint(u64::from(connection_id));
+    }
+    if len > MAX_MESSAGE_LEN {
+        return Err(FrameError::MessageTooLarge(len));
+    }
+    out.reserve(LENGTH_PREFIX + len);
+    out.put_u16(len as u16);
+    encode_key(1, WireType::Varint, out);
+    encode_varint(crate::message::MessageType::Data as u64, out);
+    if stream_id != 0 {
+        encode_key(2, WireType::Varint, out);
+        encode_varint(stream, out);
+    }
+    if !payload.is_empty() {
+        encode_key(4, WireType::LengthDelimited, out);
+        encode_varint(payload.len() as u64, out);
+        out.put_slice(payload);
+    }
+    if !service_id.is_empty() {
+        encode_key(5, WireType::LengthDelimited, out);
+        encode_varint(service_id.len() as u64, out);
+        out.put_slice(service_id.as_bytes());
+    }
+    if connection_id != 0 {
+        encode_key(7, WireType::Varint, out);
+        encode_varint(u64::from(connection_id), out);
+    }
+    Ok(())
+}
+
 /// One frame as its own buffer.
 pub fn encode_to_bytes(msg: &Message) -> Result<Bytes, FrameError> {
     let mut out = BytesMut::with_capacity(LENGTH_PREFIX + msg.encoded_len());
@@ -253,6 +311,29 @@ mod tests {
             encode_to_bytes(&huge),
             Err(FrameError::MessageTooLarge(_))
         ));
+    }
+
+    #[test]
+    fn direct_data_encoding_matches_prost() {
+        for (stream, service, conn) in [
+            (1, "SSH", 1),
+            (7, "SSH", 0),
+            (3, "", 0),
+            (i32::MAX, "x", u32::MAX),
+        ] {
+            for payload in [&b""[..], b"hello", &[9u8; MAX_PAYLOAD][..]] {
+                let msg = Message::data(stream, service, conn, Bytes::copy_from_slice(payload));
+                let mut direct = BytesMut::new();
+                encode_data(stream, service, conn, payload, &mut direct).unwrap();
+                assert_eq!(
+                    direct.freeze(),
+                    encode_to_bytes(&msg).unwrap(),
+                    "{stream} {service:?} {conn}"
+                );
+            }
+        }
+        let mut out = BytesMut::new();
+        assert!(encode_data(1, "S", 1, &[0; MAX_PAYLOAD + 1], &mut out).is_err());
     }
 
     #[test]

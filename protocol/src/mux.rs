@@ -565,6 +565,20 @@ impl Mux {
         Ok(Message::data(c.stream_id, service, cid, payload))
     }
 
+    /// Append the DATA frame carrying `payload` (at most [`MAX_PAYLOAD`] bytes) for connection
+    /// `id` to `out`, without building a [`Message`]: what writers use per write.
+    pub fn encode_data(
+        &self,
+        id: ConnId,
+        payload: &[u8],
+        out: &mut bytes::BytesMut,
+    ) -> Result<(), MuxError> {
+        let c = self.conns.get(&id).ok_or(MuxError::NotOpen(id))?;
+        let (service, cid) = wire_names(c);
+        crate::frame::encode_data(c.stream_id, service, cid, payload, out)
+            .map_err(|_| MuxError::PayloadTooLarge(payload.len()))
+    }
+
     /// Close connection `id` from our side (local EOF, error, or a target that refused).
     /// Closing a connection that is already gone is a no-op.
     pub fn close(&mut self, id: ConnId, out: &mut Output) {

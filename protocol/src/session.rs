@@ -553,21 +553,19 @@ impl AsyncWrite for TunnelWriter {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         let n = buf.len().min(MAX_PAYLOAD);
-        let msg = self
+        // One copy: the payload goes straight into its frame.
+        let mut f = BytesMut::with_capacity(n + 32);
+        let encoded = self
             .shared
             .lock()
             .mux
-            .data(self.id, Bytes::copy_from_slice(&buf[..n]));
-        let msg = match msg {
-            Ok(m) => m,
-            Err(_) => {
-                self.writer.abort_send();
-                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
-            }
-        };
-        let f = frame::encode_to_bytes(&msg).map_err(io::Error::other)?;
+            .encode_data(self.id, &buf[..n], &mut f);
+        if encoded.is_err() {
+            self.writer.abort_send();
+            return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+        }
         self.writer
-            .send_item(f)
+            .send_item(f.freeze())
             .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
         Poll::Ready(Ok(n))
     }

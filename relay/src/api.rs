@@ -178,13 +178,11 @@ fn tokens_json(t: IssuedTokens) -> TokensJson {
     }
 }
 
-/// Run a registry call (which may write to the store) off the async workers.
+/// Run a call that may write to the store off the async workers.
 async fn blocking<T: Send + 'static>(
-    state: &AppState,
-    f: impl FnOnce(&crate::registry::Registry) -> Result<T, ApiError> + Send + 'static,
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, Response> {
-    let registry = state.registry.clone();
-    match tokio::task::spawn_blocking(move || f(&registry)).await {
+    match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(IntoResponse::into_response),
         Err(e) => Err(error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -227,7 +225,8 @@ pub async fn open(
         description: b.description,
         tags: b.tags,
     };
-    match blocking(&state, move |r| r.open(req)).await {
+    let registry = state.registry.clone();
+    match blocking(move || registry.open(req)).await {
         Ok((view, tokens)) => {
             if let Some(t) = &tokens.destination {
                 state
@@ -349,7 +348,8 @@ pub async fn close(
         return r;
     }
     let delete = b.map(|Json(b)| b.delete).unwrap_or(false);
-    match blocking(&state, move |r| r.close(&id, delete)).await {
+    let registry = state.registry.clone();
+    match blocking(move || registry.close(&id, delete)).await {
         Ok(v) => {
             let mut j = serde_json::to_value(tunnel_json(&v)).unwrap_or_default();
             j["deleted"] = serde_json::Value::Bool(delete);
@@ -391,7 +391,8 @@ pub async fn rotate(
         }
     };
     let tid = id.clone();
-    match blocking(&state, move |r| r.rotate(&tid, which)).await {
+    let registry = state.registry.clone();
+    match blocking(move || registry.rotate(&tid, which)).await {
         Ok(t) => {
             if let (Some(token), Ok(v)) = (&t.destination, state.registry.describe(&id)) {
                 state
@@ -438,8 +439,8 @@ pub async fn add_device(
     }
     let thing = b.thing_name.clone();
     let devices = state.devices.clone();
-    match tokio::task::spawn_blocking(move || devices.issue(&thing)).await {
-        Ok(Ok(password)) => (
+    match blocking(move || Ok(devices.issue(&thing)?)).await {
+        Ok(password) => (
             StatusCode::CREATED,
             Json(serde_json::json!({
                 "thingName": b.thing_name,
@@ -450,8 +451,7 @@ pub async fn add_device(
             })),
         )
             .into_response(),
-        Ok(Err(e)) => ApiError::Store(e).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        Err(r) => r,
     }
 }
 
@@ -478,16 +478,13 @@ pub async fn remove_device(
     }
     let devices = state.devices.clone();
     let t = thing.clone();
-    match tokio::task::spawn_blocking(move || devices.remove(&t)).await {
-        Ok(Ok(true)) => {
-            Json(serde_json::json!({"thingName": thing, "deleted": true})).into_response()
-        }
-        Ok(Ok(false)) => error(
+    match blocking(move || Ok(devices.remove(&t)?)).await {
+        Ok(true) => Json(serde_json::json!({"thingName": thing, "deleted": true})).into_response(),
+        Ok(false) => error(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("no device {thing:?}"),
         ),
-        Ok(Err(e)) => ApiError::Store(e).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        Err(r) => r,
     }
 }

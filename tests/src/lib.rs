@@ -250,6 +250,35 @@ impl Relay {
         }
     }
 
+    /// Start with device notification through an external broker, as `culvert-relay` with the
+    /// given password (and the broker's CA, if it is not the dev CA).
+    pub fn start_with_broker(
+        dir: &Path,
+        broker: SocketAddr,
+        password: &str,
+        ca: Option<&Path>,
+    ) -> Relay {
+        let pw = dir.join("relay-mqtt-password");
+        std::fs::write(&pw, password).unwrap();
+        let mut args = vec![
+            "--mqtt-broker".to_owned(),
+            format!("mqtts://{broker}"),
+            "--mqtt-username".into(),
+            "culvert-relay".into(),
+            "--mqtt-password-file".into(),
+            pw.display().to_string(),
+        ];
+        if let Some(ca) = ca {
+            args.extend(["--mqtt-ca".into(), ca.display().to_string()]);
+        }
+        let relay = Relay::start_with(dir, "127.0.0.1:0".parse().unwrap(), &args);
+        assert!(
+            relay.mqtt.is_none(),
+            "no embedded broker with an external one"
+        );
+        relay
+    }
+
     /// Register a device on the embedded broker; returns its password.
     pub fn add_device(&self, thing: &str) -> String {
         let v = self.api(&["device", "add", "--thing", thing]);
@@ -810,6 +839,21 @@ pub fn dev_pki(dir: &Path) -> PathBuf {
         .unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
     state
+}
+
+/// The return codes of the next SUBACK on an MQTT event loop.
+pub async fn next_suback(ev: &mut rumqttc::EventLoop) -> Vec<rumqttc::SubscribeReasonCode> {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(a)) =
+                ev.poll().await.expect("broker connection")
+            {
+                return a.return_codes;
+            }
+        }
+    })
+    .await
+    .expect("a SUBACK from the broker")
 }
 
 /// Publish one message as `user` (QoS 1) and wait for the broker's acknowledgement.

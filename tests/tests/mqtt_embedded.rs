@@ -151,7 +151,7 @@ fn a_device_cannot_read_another_devices_notifications() {
     let tls = culvert_protocol::client::tls_config(Some(&relay.ca)).unwrap();
     raw::runtime().block_on(async {
         use rumqttc::{
-            AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS, SubscribeReasonCode,
+            AsyncClient, ConnectReturnCode, MqttOptions, QoS, SubscribeReasonCode,
             TlsConfiguration, Transport,
         };
         let connect = |client_id: &str, user: &str, pass: &str| {
@@ -168,30 +168,14 @@ fn a_device_cannot_read_another_devices_notifications() {
             .subscribe("$aws/things/device-a/tunnels/notify", QoS::AtLeastOnce)
             .await
             .unwrap();
-        let code = tokio::time::timeout(WAIT, async {
-            loop {
-                if let Event::Incoming(Packet::SubAck(a)) = ev.poll().await.expect("connection") {
-                    return a.return_codes;
-                }
-            }
-        })
-        .await
-        .expect("a SUBACK");
+        let code = next_suback(&mut ev).await;
         assert_eq!(code, vec![SubscribeReasonCode::Failure]);
         // Its own topic is fine.
         client
             .subscribe("$aws/things/device-b/tunnels/notify", QoS::AtLeastOnce)
             .await
             .unwrap();
-        let code = tokio::time::timeout(WAIT, async {
-            loop {
-                if let Event::Incoming(Packet::SubAck(a)) = ev.poll().await.expect("connection") {
-                    return a.return_codes;
-                }
-            }
-        })
-        .await
-        .unwrap();
+        let code = next_suback(&mut ev).await;
         assert_eq!(code, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
 
         // B's credentials with A's client id (to take over A's session): refused.

@@ -30,24 +30,7 @@ fn mosquitto_notifications_bad_payloads_and_broker_restart() {
         ],
         ACL,
     );
-    let pw = dir.join("relay-mqtt-password");
-    std::fs::write(&pw, "relay-secret").unwrap();
-    let relay = Relay::start_with(
-        &dir,
-        "127.0.0.1:0".parse().unwrap(),
-        &[
-            "--mqtt-broker".into(),
-            format!("mqtts://{}", broker.addr()),
-            "--mqtt-username".into(),
-            "culvert-relay".into(),
-            "--mqtt-password-file".into(),
-            pw.display().to_string(),
-        ],
-    );
-    assert!(
-        relay.mqtt.is_none(),
-        "no embedded broker with an external one"
-    );
+    let relay = Relay::start_with_broker(&dir, broker.addr(), "relay-secret", None);
     let rules = mqtt_rules(
         &dir,
         broker.addr(),
@@ -258,21 +241,11 @@ fn a_gateway_authenticated_by_client_certificate() {
         ACL,
         Some(cert_port),
     );
-    let pw = dir.join("relay-mqtt-password");
-    std::fs::write(&pw, "relay-secret").unwrap();
-    let relay = Relay::start_with(
+    let relay = Relay::start_with_broker(
         &dir,
-        "127.0.0.1:0".parse().unwrap(),
-        &[
-            "--mqtt-broker".into(),
-            format!("mqtts://{}", broker.addr()),
-            "--mqtt-username".into(),
-            "culvert-relay".into(),
-            "--mqtt-password-file".into(),
-            pw.display().to_string(),
-            "--mqtt-ca".into(),
-            pki.join("ca.pem").display().to_string(),
-        ],
+        broker.addr(),
+        "relay-secret",
+        Some(&pki.join("ca.pem")),
     );
     // No password: the gateway's identity is its certificate (CN = thing name).
     let rules = dir.join("culvertd-cert.toml");
