@@ -209,7 +209,7 @@ fn main() {
     let rules = dir.join("rules.toml");
     std::fs::write(
         &rules,
-        format!("[services.SINK]\ntarget = \"{sink}\"\n[services.ECHO]\ntarget = \"{echo}\"\n"),
+        format!("[acl]\nallow = [\"127.0.0.0/8\"]\n[services.SINK]\ntarget = \"{sink}\"\n[services.ECHO]\ntarget = \"{echo}\"\n"),
     )
     .unwrap();
     let _gw = Kill(
@@ -379,7 +379,7 @@ fn open_latency(tunnels: usize) {
     std::fs::write(
         &rules,
         format!(
-            "[mqtt]\nbroker = \"mqtts://{mqtt}\"\nthing_name = \"bench-gw\"\npassword = \"{}\"\n\n[services.ECHO]\ntarget = \"{echo}\"\n",
+            "[acl]\nallow = [\"127.0.0.0/8\"]\n[mqtt]\nbroker = \"mqtts://{mqtt}\"\nthing_name = \"bench-gw\"\npassword = \"{}\"\n\n[services.ECHO]\ntarget = \"{echo}\"\n",
             dev["password"].as_str().unwrap_or_default()
         ),
     )

@@ -1,56 +1,67 @@
-//! culvertd's configuration file.
+//! culvertd's configuration file. The full reference, with every key, is docs/configuration.md.
 //!
 //! ```toml
 //! [relay]
 //! endpoint = "relay.example.com:443"   # host:port of culvert-relay, or AWS's data endpoint
-//! ca = "/etc/culvert/relay-ca.pem"     # optional extra CA to trust (besides the system's)
 //!
-//! [services.SSH]                       # the service name operators ask for
-//! target = "127.0.0.1:22"              # host:port …
+//! [acl]                                # default deny: a target must be in an allowed network
+//! allow = ["192.168.10.0/24"]
+//! deny = ["192.168.10.1/32"]
 //!
-//! [services.HMI]
-//! target = "unix:/run/hmi/http.sock"   # … or a Unix socket
-//! connect_timeout_secs = 5             # optional, default 10
+//! [tunnel_limits]                      # each tunnel, all its connections together
+//! max_connections = 64
+//!
+//! [audit]
+//! file = "/var/log/culvert/audit.jsonl"
+//!
+//! [services.SSH]                       # a tcp rule: the service name operators ask for …
+//! target = "192.168.10.21:22"          # … and where its connections go (or unix:/path)
+//! max_connections = 4
+//!
+//! [services.HMI]                       # an http rule: route by Host and path prefix
+//! routes = [
+//!   { host = "press2.local", upstream = "192.168.10.40:80" },
+//!   { path = "/camera", upstream = "192.168.10.41:8080", strip_prefix = true },
+//! ]
 //! ```
 //!
-//! With an `[mqtt]` section and no `--token`, culvertd waits for tunnel notifications instead:
-//!
-//! ```toml
-//! [mqtt]
-//! broker = "mqtts://relay.example.com:8883"  # the relay's embedded broker, or any MQTT broker
-//! thing_name = "robot-cell-7"                # this gateway's identity
-//! password_file = "/etc/culvert/mqtt-password"  # username defaults to thing_name
-//! # client_cert = "/etc/culvert/device.pem"  # and/or a client certificate
-//! # client_key = "/etc/culvert/device-key.pem"
-//! # ca = "/etc/culvert/broker-ca.pem"        # default: relay.ca
-//! # topic = "$aws/things/{thing}/tunnels/notify"
-//! ```
-//!
-//! Errors name the file, the line and the key, e.g.
-//! `gateway.toml:7: services.SSH.target: "10.0.0.5" needs a port (host:port)`.
+//! Reading happens in three passes so that one run reports every problem, each with file, line
+//! and key: TOML syntax (all errors, duplicate tables included), then the typed structure (unknown
+//! keys are collected rather than fatal), then validation (targets, networks, limits, and every
+//! literal target address checked against the ACL).
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
+use toml::de::{DeTable, DeValue};
 
 use culvert_protocol::client::Endpoint;
 
+use crate::acl::{self, Policy};
+
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Ports of the gateway itself that no rule reaches unless one allows them explicitly.
+const DEFAULT_MANAGEMENT_PORTS: &[u16] = &[22];
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawConfig {
     relay: Option<RawRelay>,
     mqtt: Option<RawMqtt>,
+    acl: Option<RawAcl>,
+    tunnel_limits: Option<RawLimits>,
+    audit: Option<RawAudit>,
     #[serde(default)]
-    services: BTreeMap<Spanned<String>, RawService>,
+    services: BTreeMap<String, RawService>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRelay {
     endpoint: Option<Spanned<String>>,
     region: Option<String>,
@@ -58,7 +69,6 @@ struct RawRelay {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawMqtt {
     broker: Spanned<String>,
     thing_name: Spanned<String>,
@@ -72,8 +82,59 @@ struct RawMqtt {
     topic: Option<Spanned<String>>,
 }
 
+#[derive(Deserialize, Default)]
+struct RawAcl {
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    deny: Vec<Spanned<String>>,
+    management_ports: Option<Vec<u16>>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawLimits {
+    max_connections: Option<Spanned<u64>>,
+    connection_rate: Option<Spanned<String>>,
+    max_bytes_per_sec: Option<Spanned<u64>>,
+    max_bytes_per_sec_to_target: Option<Spanned<u64>>,
+    max_bytes_per_sec_from_target: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+struct RawAudit {
+    file: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Deserialize)]
+struct RawService {
+    target: Option<Spanned<String>>,
+    routes: Option<Spanned<Vec<RawRoute>>>,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    deny: Vec<Spanned<String>>,
+    connect_timeout_secs: Option<Spanned<u64>>,
+    idle_timeout_secs: Option<Spanned<u64>>,
+    response_timeout_secs: Option<Spanned<u64>>,
+    // The keys of RawLimits (serde's flatten would lose the line numbers).
+    max_connections: Option<Spanned<u64>>,
+    connection_rate: Option<Spanned<String>>,
+    max_bytes_per_sec: Option<Spanned<u64>>,
+    max_bytes_per_sec_to_target: Option<Spanned<u64>>,
+    max_bytes_per_sec_from_target: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+struct RawRoute {
+    host: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    upstream: Spanned<String>,
+    #[serde(default)]
+    strip_prefix: bool,
+}
+
 /// How culvertd receives tunnel notifications.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct MqttConfig {
     pub broker: Endpoint,
     pub thing_name: String,
@@ -97,27 +158,69 @@ impl std::fmt::Debug for MqttConfig {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawService {
-    target: Spanned<String>,
-    connect_timeout_secs: Option<Spanned<u64>>,
-}
-
-/// Where a service's connections go.
+/// Where a tcp service's connections go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
-    /// `host:port`; the host may be a name, resolved at connect time.
-    Tcp { host: String, port: u16 },
+    /// `host:port`; the host may be a name, resolved (and checked) at connect time.
+    Tcp(HostPort),
     /// A Unix stream socket.
     Unix(PathBuf),
+}
+
+/// A host (name or address literal) and a port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl HostPort {
+    pub fn parse(s: &str) -> Result<HostPort, String> {
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            rest.split_once("]:")
+                .ok_or_else(|| format!("{s:?}: expected [IPv6]:port"))?
+        } else {
+            s.rsplit_once(':')
+                .filter(|(h, _)| !h.contains(':'))
+                .ok_or_else(|| format!("{s:?} needs a port (host:port)"))?
+        };
+        if host.is_empty() {
+            return Err(format!("{s:?}: the host is empty"));
+        }
+        if s.starts_with('[') && host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("{s:?}: {host:?} is not an IPv6 address"));
+        }
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{s:?}: {port:?} is not a port 1-65535"))?;
+        Ok(HostPort {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// The host as an address, when it is written as one.
+    pub fn literal(&self) -> Option<IpAddr> {
+        self.host.parse().ok()
+    }
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
 }
 
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Target::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
-            Target::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Target::Tcp(hp) => hp.fmt(f),
             Target::Unix(p) => write!(f, "unix:{}", p.display()),
         }
     }
@@ -131,30 +234,9 @@ impl Target {
         if s.starts_with('/') {
             return Target::unix(s);
         }
-        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-            let (h, p) = rest
-                .split_once("]:")
-                .ok_or_else(|| format!("{s:?}: expected [IPv6]:port"))?;
-            (h, p)
-        } else {
-            s.rsplit_once(':')
-                .filter(|(h, _)| !h.contains(':'))
-                .ok_or_else(|| {
-                    format!("{s:?} needs a port (host:port), or unix:/path for a socket")
-                })?
-        };
-        if host.is_empty() {
-            return Err(format!("{s:?}: the host is empty"));
-        }
-        let port: u16 = port
-            .parse()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("{s:?}: {port:?} is not a port 1-65535"))?;
-        Ok(Target::Tcp {
-            host: host.to_owned(),
-            port,
-        })
+        HostPort::parse(s)
+            .map(Target::Tcp)
+            .map_err(|e| format!("{e}, or unix:/path for a socket"))
     }
 
     fn unix(p: &str) -> Result<Target, String> {
@@ -165,11 +247,77 @@ impl Target {
     }
 }
 
-#[derive(Clone, Debug)]
+/// `n` events per `per`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    pub n: u32,
+    pub per: Duration,
+}
+
+impl Rate {
+    /// `"30/min"`, `"5/s"`, `"100/hour"`.
+    pub fn parse(s: &str) -> Result<Rate, String> {
+        let bad = || format!("{s:?}: expected a count per unit, e.g. \"30/min\", \"5/s\", \"100/hour\"");
+        let (n, unit) = s.split_once('/').ok_or_else(bad)?;
+        let n: u32 = n.trim().parse().ok().filter(|n| *n > 0).ok_or_else(bad)?;
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            _ => return Err(bad()),
+        };
+        Ok(Rate { n, per })
+    }
+}
+
+/// Limits for a rule (all its connections, whichever tunnel) or for each tunnel.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once.
+    pub max_connections: Option<usize>,
+    /// New connections accepted per interval (bursts up to the count).
+    pub connection_rate: Option<Rate>,
+    /// Bytes per second from the tunnel to the target.
+    pub bytes_per_sec_to_target: Option<u32>,
+    /// Bytes per second from the target into the tunnel.
+    pub bytes_per_sec_from_target: Option<u32>,
+}
+
+/// One HTTP route: requests whose Host and path match go to `upstream`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Lower-case host name without port; `*.example` matches any subdomain; `None`: any host.
+    pub host: Option<String>,
+    /// Path prefix, matched on whole segments (`/hmi` matches `/hmi` and `/hmi/x`, not `/hmix`).
+    pub path: String,
+    pub upstream: HostPort,
+    /// Remove `path` from the request before forwarding (`/camera/x` → `/x`).
+    pub strip_prefix: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpService {
+    pub routes: Vec<Route>,
+    /// How long to wait for an upstream's response (or a WebSocket upstream's handshake).
+    pub response_timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Tcp(Target),
+    Http(HttpService),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
     pub name: String,
-    pub target: Target,
+    pub kind: Kind,
+    /// The ACL for this rule: the global one plus the rule's own allow / deny.
+    pub policy: Policy,
+    pub limits: Limits,
     pub connect_timeout: Duration,
+    /// Close a connection that carried no byte either way for this long.
+    pub idle_timeout: Option<Duration>,
 }
 
 #[derive(Clone, Debug)]
@@ -177,6 +325,8 @@ pub struct Config {
     pub endpoint: Option<Endpoint>,
     pub ca: Option<PathBuf>,
     pub mqtt: Option<MqttConfig>,
+    pub tunnel_limits: Limits,
+    pub audit_file: Option<PathBuf>,
     pub services: BTreeMap<String, Service>,
 }
 
@@ -240,225 +390,571 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         .map_err(|problems| ConfigError { file, problems })
 }
 
-/// Parse and validate configuration text.
-pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let line = e.span().map(|s| line_of(text, s.start));
-        vec![Problem {
-            line,
-            key: String::new(),
-            message: e.message().trim().to_owned(),
-        }]
-    })?;
-    let mut problems = Vec::new();
-    let mut push = |span: std::ops::Range<usize>, key: String, message: String| {
-        problems.push(Problem {
-            line: Some(line_of(text, span.start)),
-            key,
-            message,
-        })
+/// The keys and indexes of a path, without serde's wrappers (`Option`, `Spanned`).
+fn segments(path: &serde_ignored::Path) -> Vec<String> {
+    use serde_ignored::Path;
+    let mut v = match path {
+        Path::Root => return Vec::new(),
+        Path::Seq { parent, .. }
+        | Path::Map { parent, .. }
+        | Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => segments(parent),
     };
-    let mut endpoint = None;
-    let mut ca = None;
-    if let Some(r) = raw.relay {
-        match (r.endpoint, r.region) {
-            (Some(e), None) => match Endpoint::parse(e.get_ref()) {
-                Ok(ep) => endpoint = Some(ep),
-                Err(m) => push(e.span(), "relay.endpoint".into(), m),
-            },
-            (None, Some(region)) => endpoint = Some(Endpoint::aws_region(&region)),
-            (Some(e), Some(_)) => push(
-                e.span(),
-                "relay.endpoint".into(),
-                "set either relay.endpoint or relay.region, not both".into(),
-            ),
-            (None, None) => {}
+    match path {
+        Path::Seq { index, .. } => v.push(index.to_string()),
+        Path::Map { key, .. } if !key.starts_with("$__serde_spanned") => v.push(key.clone()),
+        _ => {}
+    }
+    v
+}
+
+/// The span of the key at `path` (`services.SSH.colour`, `services.WEB.routes.0.hots`).
+fn key_span(doc: &DeTable, path: &str) -> Option<Range<usize>> {
+    let mut segs = path.split('.').peekable();
+    let mut table = doc;
+    let mut span = None;
+    while let Some(seg) = segs.next() {
+        let (k, v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == seg)?;
+        span = Some(k.span());
+        let mut value = v.get_ref();
+        // Array elements: the next segment is an index.
+        while let DeValue::Array(a) = value {
+            let i: usize = segs.next()?.parse().ok()?;
+            let el = a.get(i)?;
+            span = Some(el.span());
+            value = el.get_ref();
         }
-        if let Some(c) = r.ca {
-            let p = if c.get_ref().is_absolute() {
-                c.get_ref().clone()
-            } else {
-                base.join(c.get_ref())
-            };
-            if !p.is_file() {
-                push(
-                    c.span(),
-                    "relay.ca".into(),
-                    format!("{} does not exist or is not a file", p.display()),
-                );
-            }
-            ca = Some(p);
+        match value {
+            DeValue::Table(t) => table = t,
+            _ if segs.peek().is_some() => return span,
+            _ => {}
         }
     }
-    let resolve = |p: &Path| {
-        if p.is_absolute() {
-            p.to_owned()
-        } else {
-            base.join(p)
+    span
+}
+
+/// Parse and validate configuration text.
+pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
+    let problem = |span: Option<Range<usize>>, key: String, message: String| Problem {
+        line: span.map(|s| line_of(text, s.start)),
+        key,
+        message,
+    };
+    let (doc, syntax) = DeTable::parse_recoverable(text);
+    if !syntax.is_empty() {
+        return Err(syntax
+            .iter()
+            .map(|e| problem(e.span(), String::new(), e.message().trim().to_owned()))
+            .collect());
+    }
+    let mut unknown = Vec::new();
+    let typed: Result<RawConfig, _> = serde_ignored::deserialize(
+        toml::de::Deserializer::from(doc.clone()),
+        |path| unknown.push(segments(&path).join(".")),
+    );
+    let mut problems: Vec<Problem> = unknown
+        .iter()
+        .map(|path| {
+            let (parent, key) = path.rsplit_once('.').unwrap_or(("", path));
+            // services.WEB.routes.0 → services.WEB.routes[0], as the other messages say it.
+            let shown: Vec<String> = parent
+                .split('.')
+                .map(|s| {
+                    if s.parse::<usize>().is_ok() {
+                        format!("[{s}]")
+                    } else {
+                        format!(".{s}")
+                    }
+                })
+                .collect();
+            problem(
+                key_span(doc.get_ref(), path),
+                shown.concat().trim_start_matches('.').to_owned(),
+                format!("unknown key {key:?} (see docs/configuration.md for the keys)"),
+            )
+        })
+        .collect();
+    let raw = match typed {
+        Ok(raw) => raw,
+        Err(e) => {
+            problems.push(problem(e.span(), String::new(), e.message().trim().to_owned()));
+            return Err(problems);
         }
     };
-    let mut mqtt = None;
-    if let Some(m) = raw.mqtt {
-        let file =
-            |key: &str,
-             p: &Spanned<PathBuf>,
-             push: &mut dyn FnMut(std::ops::Range<usize>, String, String)| {
-                let path = resolve(p.get_ref());
-                if !path.is_file() {
-                    push(
-                        p.span(),
-                        format!("mqtt.{key}"),
-                        format!("{} does not exist or is not a file", path.display()),
-                    );
-                }
-                path
+    let mut v = Validator {
+        text,
+        base,
+        doc: doc.get_ref(),
+        problems,
+    };
+    let config = v.config(raw);
+    if v.problems.is_empty() {
+        Ok(config)
+    } else {
+        v.problems.sort_by_key(|p| p.line);
+        Err(v.problems)
+    }
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    base: &'a Path,
+    doc: &'a DeTable<'a>,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn push(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            line: Some(line_of(self.text, span.start)),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn path(&mut self, key: &str, p: &Spanned<PathBuf>) -> PathBuf {
+        let path = if p.get_ref().is_absolute() {
+            p.get_ref().clone()
+        } else {
+            self.base.join(p.get_ref())
+        };
+        if !path.is_file() {
+            self.push(
+                p.span(),
+                key,
+                format!("{} does not exist or is not a file", path.display()),
+            );
+        }
+        path
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let (endpoint, ca) = match raw.relay {
+            Some(r) => self.relay(r),
+            None => (None, None),
+        };
+        let mqtt = raw.mqtt.and_then(|m| self.mqtt(m));
+        let acl = raw.acl.unwrap_or_default();
+        let global_allow = self.nets("acl.allow", &acl.allow);
+        let global_deny = self.nets("acl.deny", &acl.deny);
+        let management_ports = acl
+            .management_ports
+            .unwrap_or_else(|| DEFAULT_MANAGEMENT_PORTS.to_vec());
+        let tunnel_limits = self.limits("tunnel_limits", &raw.tunnel_limits.unwrap_or_default());
+        let audit_file = raw
+            .audit
+            .and_then(|a| a.file)
+            .map(|f| self.audit_file(&f));
+        let mut services = BTreeMap::new();
+        for (name, svc) in raw.services {
+            let key = format!("services.{name}");
+            if !culvert_protocol::valid_name(&name) {
+                let span = key_span(self.doc, &key).unwrap_or(0..0);
+                self.push(
+                    span,
+                    key,
+                    "service names are 1-128 characters of A-Z a-z 0-9 : _ -",
+                );
+                continue;
+            }
+            let mut allow = global_allow.clone();
+            allow.extend(self.nets(&format!("{key}.allow"), &svc.allow));
+            let mut deny = global_deny.clone();
+            deny.extend(self.nets(&format!("{key}.deny"), &svc.deny));
+            let policy = Policy {
+                allow,
+                deny,
+                management_ports: management_ports.clone(),
             };
+            if let Some(s) = self.service(&key, &name, svc, policy) {
+                services.insert(s.name.clone(), s);
+            }
+        }
+        if services.is_empty() && self.problems.is_empty() {
+            self.problems.push(Problem {
+                line: None,
+                key: "services".into(),
+                message: "no service defined: add e.g. [services.SSH] target = \"127.0.0.1:22\""
+                    .into(),
+            });
+        }
+        Config {
+            endpoint,
+            ca,
+            mqtt,
+            tunnel_limits,
+            audit_file,
+            services,
+        }
+    }
+
+    fn relay(&mut self, r: RawRelay) -> (Option<Endpoint>, Option<PathBuf>) {
+        let endpoint = match (r.endpoint, r.region) {
+            (Some(e), None) => match Endpoint::parse(e.get_ref()) {
+                Ok(ep) => Some(ep),
+                Err(m) => {
+                    self.push(e.span(), "relay.endpoint", m);
+                    None
+                }
+            },
+            (None, Some(region)) => Some(Endpoint::aws_region(&region)),
+            (Some(e), Some(_)) => {
+                self.push(
+                    e.span(),
+                    "relay.endpoint",
+                    "set either relay.endpoint or relay.region, not both",
+                );
+                None
+            }
+            (None, None) => None,
+        };
+        let ca = r.ca.map(|c| self.path("relay.ca", &c));
+        (endpoint, ca)
+    }
+
+    fn mqtt(&mut self, m: RawMqtt) -> Option<MqttConfig> {
         let broker = match Endpoint::parse_mqtt(m.broker.get_ref()) {
             Ok(b) => Some(b),
             Err(e) => {
-                push(m.broker.span(), "mqtt.broker".into(), e);
+                self.push(m.broker.span(), "mqtt.broker", e);
                 None
             }
         };
         if !culvert_protocol::valid_name(m.thing_name.get_ref()) {
-            push(
+            self.push(
                 m.thing_name.span(),
-                "mqtt.thing_name".into(),
-                "thing names are 1-128 characters of A-Z a-z 0-9 : _ -".into(),
+                "mqtt.thing_name",
+                "thing names are 1-128 characters of A-Z a-z 0-9 : _ -",
             );
         }
         let password = match (&m.password, &m.password_file) {
             (Some(_), Some(f)) => {
-                push(
+                self.push(
                     f.span(),
-                    "mqtt.password_file".into(),
-                    "set password or password_file, not both".into(),
+                    "mqtt.password_file",
+                    "set password or password_file, not both",
                 );
                 None
             }
             (Some(p), None) => Some(p.clone()),
             (None, Some(f)) => {
-                let path = file("password_file", f, &mut push);
-                std::fs::read_to_string(&path)
-                    .ok()
-                    .map(|p| p.trim().to_owned())
+                let path = self.path("mqtt.password_file", f);
+                match std::fs::read_to_string(&path) {
+                    Ok(p) => Some(p.trim().to_owned()),
+                    Err(e) if path.is_file() => {
+                        self.push(
+                            f.span(),
+                            "mqtt.password_file",
+                            format!("cannot read {}: {e}", path.display()),
+                        );
+                        None
+                    }
+                    Err(_) => None,
+                }
             }
             (None, None) => None,
         };
         let client_cert = match (&m.client_cert, &m.client_key) {
             (Some(c), Some(k)) => Some((
-                file("client_cert", c, &mut push),
-                file("client_key", k, &mut push),
+                self.path("mqtt.client_cert", c),
+                self.path("mqtt.client_key", k),
             )),
             (Some(c), None) => {
-                push(
-                    c.span(),
-                    "mqtt.client_key".into(),
-                    "client_cert needs client_key".into(),
-                );
+                self.push(c.span(), "mqtt.client_key", "client_cert needs client_key");
                 None
             }
             (None, Some(k)) => {
-                push(
-                    k.span(),
-                    "mqtt.client_cert".into(),
-                    "client_key needs client_cert".into(),
-                );
+                self.push(k.span(), "mqtt.client_cert", "client_key needs client_cert");
                 None
             }
             (None, None) => None,
         };
         if password.is_none() && client_cert.is_none() && m.password_file.is_none() {
-            push(
+            self.push(
                 m.thing_name.span(),
-                "mqtt".into(),
-                "give the device identity: password_file (or password) and/or client_cert + client_key".into(),
+                "mqtt",
+                "give the device identity: password_file (or password) and/or client_cert + client_key",
             );
         }
-        let ca_path = m.ca.as_ref().map(|c| file("ca", c, &mut push));
+        let ca = m.ca.as_ref().map(|c| self.path("mqtt.ca", c));
         let thing = m.thing_name.get_ref().clone();
         let topic = match &m.topic {
             Some(t) if t.get_ref().contains(['+', '#']) => {
-                push(
+                self.push(
                     t.span(),
-                    "mqtt.topic".into(),
-                    "the notify topic may not contain wildcards".into(),
+                    "mqtt.topic",
+                    "the notify topic may not contain wildcards",
                 );
                 String::new()
             }
             Some(t) => t.get_ref().replace("{thing}", &thing),
             None => format!("$aws/things/{thing}/tunnels/notify"),
         };
-        if let Some(broker) = broker {
-            mqtt = Some(MqttConfig {
-                broker,
-                client_id: m.client_id.unwrap_or_else(|| thing.clone()),
-                username: m
-                    .username
-                    .or_else(|| password.is_some().then(|| thing.clone())),
-                thing_name: thing,
-                password,
-                client_cert,
-                ca: ca_path,
-                topic,
-            });
+        Some(MqttConfig {
+            broker: broker?,
+            client_id: m.client_id.unwrap_or_else(|| thing.clone()),
+            username: m
+                .username
+                .or_else(|| password.is_some().then(|| thing.clone())),
+            thing_name: thing,
+            password,
+            client_cert,
+            ca,
+            topic,
+        })
+    }
+
+    fn audit_file(&mut self, f: &Spanned<PathBuf>) -> PathBuf {
+        let path = if f.get_ref().is_absolute() {
+            f.get_ref().clone()
+        } else {
+            self.base.join(f.get_ref())
+        };
+        match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => self.push(
+                f.span(),
+                "audit.file",
+                format!("directory {} does not exist", dir.display()),
+            ),
+            _ => {}
+        }
+        path
+    }
+
+    fn nets(&mut self, key: &str, list: &[Spanned<String>]) -> Vec<(IpNet, String)> {
+        let mut out = Vec::new();
+        for n in list {
+            match acl::parse_net(n.get_ref()) {
+                Ok(net) => out.push((net, key.to_owned())),
+                Err(e) => self.push(n.span(), key, e),
+            }
+        }
+        out
+    }
+
+    fn count(&mut self, key: String, v: &Option<Spanned<u64>>, max: u64) -> Option<u64> {
+        let v = v.as_ref()?;
+        if *v.get_ref() == 0 || *v.get_ref() > max {
+            self.push(v.span(), key, format!("must be 1-{max}"));
+            return None;
+        }
+        Some(*v.get_ref())
+    }
+
+    fn limits(&mut self, key: &str, raw: &RawLimits) -> Limits {
+        let max_connections = self
+            .count(format!("{key}.max_connections"), &raw.max_connections, 1 << 20)
+            .map(|n| n as usize);
+        let connection_rate = raw.connection_rate.as_ref().and_then(|r| {
+            Rate::parse(r.get_ref())
+                .map_err(|e| self.push(r.span(), format!("{key}.connection_rate"), e))
+                .ok()
+        });
+        let max = u32::MAX as u64;
+        let both = self.count(format!("{key}.max_bytes_per_sec"), &raw.max_bytes_per_sec, max);
+        let to = self.count(
+            format!("{key}.max_bytes_per_sec_to_target"),
+            &raw.max_bytes_per_sec_to_target,
+            max,
+        );
+        let from = self.count(
+            format!("{key}.max_bytes_per_sec_from_target"),
+            &raw.max_bytes_per_sec_from_target,
+            max,
+        );
+        Limits {
+            max_connections,
+            connection_rate,
+            bytes_per_sec_to_target: to.or(both).map(|n| n as u32),
+            bytes_per_sec_from_target: from.or(both).map(|n| n as u32),
         }
     }
-    let mut services = BTreeMap::new();
-    for (name, svc) in raw.services {
-        let key = format!("services.{}", name.get_ref());
-        if !culvert_protocol::valid_name(name.get_ref()) {
-            push(
-                name.span(),
-                key.clone(),
-                "service names are 1-128 characters of A-Z a-z 0-9 : _ -".into(),
-            );
-            continue;
+
+    fn secs(&mut self, key: String, v: &Option<Spanned<u64>>, max: u64) -> Option<Duration> {
+        self.count(key, v, max).map(Duration::from_secs)
+    }
+
+    /// A literal address must pass the rule's ACL now; names are checked when resolved.
+    fn check_literal(&mut self, span: Range<usize>, key: &str, hp: &HostPort, policy: &Policy) {
+        if let Some(ip) = hp.literal()
+            && let Err(why) = policy.check(std::net::SocketAddr::new(ip, hp.port), &acl::own_addresses())
+        {
+            self.push(span, key, format!("{hp} is not reachable under the ACL: {why}"));
         }
-        let target = match Target::parse(svc.target.get_ref()) {
-            Ok(t) => t,
-            Err(m) => {
-                push(svc.target.span(), format!("{key}.target"), m);
-                continue;
+    }
+
+    fn service(
+        &mut self,
+        key: &str,
+        name: &str,
+        svc: RawService,
+        policy: Policy,
+    ) -> Option<Service> {
+        let raw_limits = RawLimits {
+            max_connections: svc.max_connections,
+            connection_rate: svc.connection_rate,
+            max_bytes_per_sec: svc.max_bytes_per_sec,
+            max_bytes_per_sec_to_target: svc.max_bytes_per_sec_to_target,
+            max_bytes_per_sec_from_target: svc.max_bytes_per_sec_from_target,
+        };
+        let limits = self.limits(key, &raw_limits);
+        let connect_timeout = self
+            .secs(format!("{key}.connect_timeout_secs"), &svc.connect_timeout_secs, 300)
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let idle_timeout = self.secs(
+            format!("{key}.idle_timeout_secs"),
+            &svc.idle_timeout_secs,
+            7 * 24 * 3600,
+        );
+        let kind = match (svc.target, svc.routes) {
+            (Some(t), None) => {
+                if let Some(r) = &svc.response_timeout_secs {
+                    self.push(
+                        r.span(),
+                        format!("{key}.response_timeout_secs"),
+                        "only http rules (routes) have a response timeout",
+                    );
+                }
+                match Target::parse(t.get_ref()) {
+                    Ok(target) => {
+                        if let Target::Tcp(hp) = &target {
+                            self.check_literal(t.span(), &format!("{key}.target"), hp, &policy);
+                        }
+                        Kind::Tcp(target)
+                    }
+                    Err(m) => {
+                        self.push(t.span(), format!("{key}.target"), m);
+                        return None;
+                    }
+                }
+            }
+            (None, Some(routes)) => {
+                let response_timeout = self
+                    .secs(
+                        format!("{key}.response_timeout_secs"),
+                        &svc.response_timeout_secs,
+                        24 * 3600,
+                    )
+                    .unwrap_or(DEFAULT_RESPONSE_TIMEOUT);
+                Kind::Http(HttpService {
+                    routes: self.routes(key, routes, &policy)?,
+                    response_timeout,
+                })
+            }
+            (Some(t), Some(_)) => {
+                self.push(
+                    t.span(),
+                    key,
+                    "a rule has either a target (tcp) or routes (http), not both",
+                );
+                return None;
+            }
+            (None, None) => {
+                let span = key_span(self.doc, key).unwrap_or(0..0);
+                self.push(
+                    span,
+                    key,
+                    "needs a target = \"host:port\" (tcp) or routes = [...] (http)",
+                );
+                return None;
             }
         };
-        let connect_timeout = match svc.connect_timeout_secs {
-            Some(t) if *t.get_ref() == 0 || *t.get_ref() > 300 => {
-                push(
-                    t.span(),
-                    format!("{key}.connect_timeout_secs"),
-                    "must be 1-300".into(),
+        Some(Service {
+            name: name.to_owned(),
+            kind,
+            policy,
+            limits,
+            connect_timeout,
+            idle_timeout,
+        })
+    }
+
+    fn routes(
+        &mut self,
+        key: &str,
+        routes: Spanned<Vec<RawRoute>>,
+        policy: &Policy,
+    ) -> Option<Vec<Route>> {
+        if !cfg!(feature = "http") {
+            self.push(
+                routes.span(),
+                format!("{key}.routes"),
+                "this culvertd was built without HTTP routing (cargo feature \"http\"); \
+                 use a tcp target or the standard build",
+            );
+            return None;
+        }
+        if routes.get_ref().is_empty() {
+            self.push(routes.span(), format!("{key}.routes"), "no route given");
+            return None;
+        }
+        let mut out: Vec<Route> = Vec::new();
+        let before = self.problems.len();
+        for (i, r) in routes.into_inner().into_iter().enumerate() {
+            let rkey = format!("{key}.routes[{i}]");
+            let host = r.host.as_ref().and_then(|h| {
+                let v = h.get_ref().to_ascii_lowercase();
+                let bare = v.strip_prefix("*.").unwrap_or(&v);
+                let ok = !bare.is_empty()
+                    && bare.len() <= 253
+                    && bare
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+                if ok {
+                    Some(v)
+                } else {
+                    self.push(
+                        h.span(),
+                        format!("{rkey}.host"),
+                        format!("{:?} is not a host name (without port), nor *.domain", h.get_ref()),
+                    );
+                    None
+                }
+            });
+            let path = match &r.path {
+                Some(p) if !p.get_ref().starts_with('/') => {
+                    self.push(p.span(), format!("{rkey}.path"), "a path prefix starts with /");
+                    continue;
+                }
+                Some(p) => {
+                    let t = p.get_ref().trim_end_matches('/');
+                    if t.is_empty() { "/".to_owned() } else { t.to_owned() }
+                }
+                None => "/".to_owned(),
+            };
+            let upstream = match HostPort::parse(r.upstream.get_ref()) {
+                Ok(u) => u,
+                Err(e) => {
+                    self.push(r.upstream.span(), format!("{rkey}.upstream"), e);
+                    continue;
+                }
+            };
+            self.check_literal(r.upstream.span(), &format!("{rkey}.upstream"), &upstream, policy);
+            let route = Route {
+                host,
+                path,
+                upstream,
+                strip_prefix: r.strip_prefix,
+            };
+            if let Some(j) = out
+                .iter()
+                .position(|o| o.host == route.host && o.path == route.path)
+            {
+                self.push(
+                    r.upstream.span(),
+                    rkey,
+                    format!(
+                        "duplicate route: routes[{j}] already matches host {} and path {}",
+                        route.host.as_deref().unwrap_or("(any)"),
+                        route.path
+                    ),
                 );
                 continue;
             }
-            Some(t) => Duration::from_secs(*t.get_ref()),
-            None => DEFAULT_CONNECT_TIMEOUT,
-        };
-        services.insert(
-            name.get_ref().clone(),
-            Service {
-                name: name.into_inner(),
-                target,
-                connect_timeout,
-            },
-        );
-    }
-    if services.is_empty() && problems.is_empty() {
-        problems.push(Problem {
-            line: None,
-            key: "services".into(),
-            message: "no service defined: add e.g. [services.SSH] target = \"127.0.0.1:22\"".into(),
-        });
-    }
-    if problems.is_empty() {
-        Ok(Config {
-            endpoint,
-            ca,
-            mqtt,
-            services,
-        })
-    } else {
-        Err(problems)
+            out.push(route);
+        }
+        (self.problems.len() == before).then_some(out)
     }
 }
 
@@ -470,14 +966,16 @@ mod tests {
         parse(text, Path::new(".")).unwrap_err()
     }
 
+    const ALLOW: &str = "[acl]\nallow = [\"127.0.0.0/8\"]\n";
+
     #[test]
     fn targets() {
         assert_eq!(
             Target::parse("10.0.0.5:502").unwrap(),
-            Target::Tcp {
+            Target::Tcp(HostPort {
                 host: "10.0.0.5".into(),
                 port: 502
-            }
+            })
         );
         assert_eq!(
             Target::parse("[fd00::1]:22").unwrap().to_string(),
@@ -489,38 +987,113 @@ mod tests {
         );
         assert!(Target::parse("robot").unwrap_err().contains("needs a port"));
         assert!(Target::parse("robot:0").is_err());
+        assert!(Target::parse("[robot]:22").is_err());
         assert!(Target::parse("unix:relative").is_err());
     }
 
     #[test]
-    fn errors_name_line_and_key() {
-        let p = problems(
-            "[services.SSH]\ntarget = \"127.0.0.1:22\"\n\n[services.HMI]\ntarget = \"hmi\"\n",
+    fn rates() {
+        assert_eq!(
+            Rate::parse("30/min").unwrap(),
+            Rate {
+                n: 30,
+                per: Duration::from_secs(60)
+            }
         );
+        assert_eq!(Rate::parse("5 / s").unwrap().per, Duration::from_secs(1));
+        assert!(Rate::parse("0/s").is_err());
+        assert!(Rate::parse("5/fortnight").is_err());
+        assert!(Rate::parse("5").is_err());
+    }
+
+    #[test]
+    fn errors_name_line_and_key() {
+        let p = problems(&format!(
+            "{ALLOW}[services.SSH]\ntarget = \"127.0.0.1:22\"\n\n[services.HMI]\ntarget = \"hmi\"\n"
+        ));
         assert_eq!(p.len(), 1);
-        assert_eq!(p[0].line, Some(5));
+        assert_eq!(p[0].line, Some(7));
         assert_eq!(p[0].key, "services.HMI.target");
         let p = problems("[services.SSH]\ntarget = \"127.0.0.1:22\"\ncolour = \"blue\"\n");
-        assert_eq!(p[0].line, Some(3));
-        assert!(p[0].message.contains("unknown field"), "{:?}", p[0]);
+        assert!(p.iter().any(|p| p.line == Some(3)
+            && p.key == "services.SSH"
+            && p.message.contains("unknown key \"colour\"")));
         let p = problems("[services.SSH]\ntarget = \"a:1\"\n[services.SSH]\ntarget = \"b:2\"\n");
-        assert!(
-            p[0].message.contains("duplicate") || p[0].message.contains("redefin"),
-            "{:?}",
-            p[0]
-        );
+        assert_eq!(p[0].line, Some(3), "{p:?}");
         let p = problems("");
         assert_eq!(p[0].key, "services");
     }
 
     #[test]
+    fn every_problem_is_reported() {
+        let p = problems(
+            "[acl]\nallow = [\"10.0.0.0/8\", \"banana\"]\nmystery = 1\n\
+             [services.A]\ntarget = \"192.168.1.1:22\"\n\
+             [services.B]\ntarget = \"10.0.0.1:22\"\nmax_connections = 0\n\
+             [services.C]\nroutes = [{ hots = \"x\", upstream = \"10.0.0.2:80\" }]\n",
+        );
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"acl.allow"), "{p:#?}");
+        assert!(keys.contains(&"acl"), "{p:#?}");
+        assert!(keys.contains(&"services.A.target"), "{p:#?}");
+        assert!(keys.contains(&"services.B.max_connections"), "{p:#?}");
+        assert!(keys.contains(&"services.C.routes[0]"), "{p:#?}");
+        assert!(p.iter().all(|p| p.line.is_some()), "{p:#?}");
+    }
+
+    #[test]
+    fn literal_targets_are_checked_against_the_acl() {
+        let p = problems("[acl]\nallow = [\"10.0.0.0/8\"]\ndeny = [\"10.9.0.0/16\"]\n[services.A]\ntarget = \"10.9.0.1:80\"\n");
+        assert_eq!(p[0].key, "services.A.target");
+        assert!(p[0].message.contains("10.9.0.0/16"), "{p:?}");
+        // A rule's own allow extends the global one for that rule only.
+        parse(
+            "[services.A]\ntarget = \"10.9.0.1:80\"\nallow = [\"10.9.0.1\"]\n",
+            Path::new("."),
+        )
+        .unwrap();
+        // Names are checked at connect time.
+        parse("[services.A]\ntarget = \"plc.local:502\"\n", Path::new(".")).unwrap();
+    }
+
+    #[test]
+    fn http_routes() {
+        let c = parse(
+            &format!(
+                "{ALLOW}[services.WEB]\nroutes = [\n  {{ host = \"Press1.local\", upstream = \"127.0.0.2:80\" }},\n  \
+                 {{ path = \"/cam/\", upstream = \"127.0.0.3:80\", strip_prefix = true }},\n]\n"
+            ),
+            Path::new("."),
+        );
+        if !cfg!(feature = "http") {
+            assert!(c.unwrap_err()[0].message.contains("without HTTP"));
+            return;
+        }
+        let c = c.unwrap();
+        let Kind::Http(h) = &c.services["WEB"].kind else {
+            panic!()
+        };
+        assert_eq!(h.routes[0].host.as_deref(), Some("press1.local"));
+        assert_eq!(h.routes[1].path, "/cam");
+        let p = problems(&format!(
+            "{ALLOW}[services.WEB]\nroutes = [\n {{ host = \"a\", upstream = \"127.0.0.2:80\" }},\n {{ host = \"a\", upstream = \"127.0.0.3:80\" }},\n]\n"
+        ));
+        assert_eq!(p[0].key, "services.WEB.routes[1]");
+        assert!(p[0].message.contains("duplicate"), "{p:?}");
+    }
+
+    #[test]
     fn good_config() {
         let c = parse(
-            "[relay]\nendpoint = \"127.0.0.1:8443\"\n[services.SSH]\ntarget = \"127.0.0.1:22\"\nconnect_timeout_secs = 3\n",
+            &format!("[relay]\nendpoint = \"127.0.0.1:8443\"\n{ALLOW}[tunnel_limits]\nmax_connections = 8\n[services.SSH]\ntarget = \"127.0.0.1:22\"\nconnect_timeout_secs = 3\nmax_bytes_per_sec = 1000\nconnection_rate = \"10/min\"\n"),
             Path::new("."),
         )
         .unwrap();
         assert_eq!(c.endpoint.unwrap().port, 8443);
-        assert_eq!(c.services["SSH"].connect_timeout, Duration::from_secs(3));
+        let s = &c.services["SSH"];
+        assert_eq!(s.connect_timeout, Duration::from_secs(3));
+        assert_eq!(s.limits.bytes_per_sec_to_target, Some(1000));
+        assert_eq!(s.limits.bytes_per_sec_from_target, Some(1000));
+        assert_eq!(c.tunnel_limits.max_connections, Some(8));
     }
 }

@@ -1,6 +1,7 @@
 //! The destination side: one relay session per tunnel, kept up with reconnects, each incoming
-//! tunnel connection forwarded to its service's target. A target that cannot be reached resets
-//! that one connection; the tunnel and every other connection carry on.
+//! tunnel connection handed to [`forward::handle`] under the rules in force when it arrives. A
+//! connection that is refused or whose target cannot be reached is reset alone; the tunnel and
+//! every other connection carry on.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,13 +10,13 @@ use std::time::Duration;
 use culvert_protocol::Mode;
 use culvert_protocol::client::{self, Backoff, ConnectOptions, Endpoint};
 use culvert_protocol::mux::Mux;
-use culvert_protocol::session::{self, SessionConfig, TunnelStream};
-use tokio::net::{TcpStream, UnixStream};
+use culvert_protocol::session::{self, SessionConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
-use crate::config::{Config, Service, Target};
+use crate::forward;
+use crate::rules::{Gateway, TunnelState, token_label};
 
 /// Why a tunnel stopped for good.
 #[derive(Debug, thiserror::Error)]
@@ -31,15 +32,33 @@ pub struct TunnelArgs {
     pub ca: Option<PathBuf>,
     pub access_token: String,
     pub client_token: Option<String>,
+    /// The tunnel's id, when known (culvert-relay's notifications carry it), for the audit trail.
+    pub tunnel_id: Option<String>,
+}
+
+/// The relay's IP address as seen on this connection.
+fn relay_ip(ws: &client::RelayStream) -> Option<std::net::IpAddr> {
+    use tokio_tungstenite::MaybeTlsStream;
+    let tcp = match ws.get_ref() {
+        MaybeTlsStream::Plain(t) => t,
+        MaybeTlsStream::Rustls(t) => t.get_ref().0,
+        _ => return None,
+    };
+    tcp.peer_addr().ok().map(|a| a.ip().to_canonical())
 }
 
 /// Serve one tunnel as its destination until `shutdown` or until the relay refuses the token
 /// (tunnel closed, expired, or token rotated).
 pub async fn run_tunnel(
     args: TunnelArgs,
-    config: Arc<Config>,
+    gw: Arc<Gateway>,
     shutdown: CancellationToken,
 ) -> Result<(), TunnelError> {
+    let label = args
+        .tunnel_id
+        .clone()
+        .unwrap_or_else(|| token_label(&args.access_token));
+    let tunnel = Arc::new(TunnelState::new(label));
     let tls = client::tls_config(args.ca.as_deref()).map_err(TunnelError::Fatal)?;
     let opts = ConnectOptions {
         endpoint: args.endpoint.clone(),
@@ -63,11 +82,14 @@ pub async fn run_tunnel(
             Err(e) => break Err(TunnelError::Fatal(e.to_string())),
         };
         backoff.reset();
-        let mux = Mux::destination(Some(config.service_names()));
+        *tunnel.relay_ip.lock().unwrap_or_else(|p| p.into_inner()) = relay_ip(&ws);
+        // A V1 stream names no service: it maps to the rule when there is exactly one.
+        let names = gw.config().service_names();
+        let mux = Mux::destination((names.len() == 1).then_some(names));
         let (handle, mut incoming) = session::spawn(ws, mux, SessionConfig::default());
-        info!(relay = %args.endpoint, subprotocol = ?format, "connected to relay as destination");
+        info!(relay = %args.endpoint, subprotocol = ?format, tunnel = %tunnel.label, "connected to relay as destination");
         let ids_handle = handle.clone();
-        let cfg = config.clone();
+        let cfg = gw.config();
         tokio::spawn(async move {
             if let Ok(ids) = ids_handle.wait_service_ids().await {
                 for id in ids.iter().filter(|id| !cfg.services.contains_key(*id)) {
@@ -84,13 +106,8 @@ pub async fn run_tunnel(
                 why = handle.closed() => break Some(why),
                 s = incoming.streams.recv() => match s {
                     Some(stream) => {
-                        let Some(svc) = config.services.get(stream.service()).cloned() else {
-                            warn!(service = stream.service(), "no rule for this service; refusing the connection");
-                            stream.reset().await;
-                            continue;
-                        };
-                        let span = info_span!("conn", service = %svc.name, conn = %stream.id());
-                        conns.spawn(forward(stream, svc).instrument(span));
+                        let span = info_span!("conn", tunnel = %tunnel.label, service = %stream.service(), conn = %stream.id());
+                        conns.spawn(forward::handle(gw.clone(), tunnel.clone(), stream).instrument(span));
                     }
                     None => break Some(handle.closed().await),
                 },
@@ -104,54 +121,4 @@ pub async fn run_tunnel(
     conns.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), conns.wait()).await;
     result
-}
-
-/// Connect one tunnel connection to its target and carry bytes until either side ends.
-async fn forward(stream: TunnelStream, svc: Service) {
-    let started = std::time::Instant::now();
-    let r = match &svc.target {
-        Target::Tcp { host, port } => {
-            match tokio::time::timeout(
-                svc.connect_timeout,
-                TcpStream::connect((host.as_str(), *port)),
-            )
-            .await
-            {
-                Ok(Ok(tcp)) => {
-                    let _ = tcp.set_nodelay(true);
-                    debug!(target = %svc.target, "connected");
-                    Ok(session::splice(tcp, stream).await)
-                }
-                Ok(Err(e)) => Err((stream, e.to_string())),
-                Err(_) => Err((
-                    stream,
-                    format!("no answer within {:?}", svc.connect_timeout),
-                )),
-            }
-        }
-        Target::Unix(path) => {
-            match tokio::time::timeout(svc.connect_timeout, UnixStream::connect(path)).await {
-                Ok(Ok(sock)) => Ok(session::splice(sock, stream).await),
-                Ok(Err(e)) => Err((stream, e.to_string())),
-                Err(_) => Err((
-                    stream,
-                    format!("no answer within {:?}", svc.connect_timeout),
-                )),
-            }
-        }
-    };
-    match r {
-        Ok(s) => debug!(
-            target = %svc.target,
-            sent = s.sent,
-            received = s.received,
-            peer_closed = s.peer_closed,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "connection ended"
-        ),
-        Err((stream, why)) => {
-            warn!(target = %svc.target, error = %why, "cannot reach target; resetting this connection");
-            stream.reset().await;
-        }
-    }
 }

@@ -1,18 +1,30 @@
 //! culvertd, the gateway daemon.
 //!
 //! # Layout
-//! - [`config`]: the TOML rules file — service name → LAN target — read in two stages (raw serde
-//!   struct refusing unknown keys, then validation with errors naming file, line and key).
+//! - [`config`]: the TOML rules file, read in three passes (syntax, structure, validation) so
+//!   that every problem is reported with file, line and key.
+//! - [`acl`]: which addresses a rule may reach (default deny, checked after resolution).
+//! - [`limits`]: connection counts, connection rates and bandwidth (governor).
+//! - [`audit`]: the JSON-lines audit trail, surviving log rotation.
+//! - [`rules`]: the rules in force, swapped whole on reload (SIGHUP); per-tunnel state.
 //! - [`gateway`]: connect to the relay as destination, keep the session up (reconnecting with
-//!   the client token), and forward each tunnel connection to its rule's target.
-//!
+//!   the client token), hand each tunnel connection to [`forward`].
+//! - [`forward`]: one connection from arrival to audit record: rule, limits, ACL, connect, pump.
+//! - `http` (feature `http`): HTTP routing by Host and path to device web UIs, pingora embedded.
 //! - [`notify`]: MQTT notifications: each one starts a destination session for its token.
 //!
-//! Not here yet: ACLs and limits, HTTP routing, systemd integration.
+//! Not here yet: systemd integration and metrics.
 
+pub mod acl;
+pub mod audit;
 pub mod config;
+pub mod forward;
 pub mod gateway;
+#[cfg(feature = "http")]
+pub mod http;
+pub mod limits;
 pub mod notify;
+pub mod rules;
 
 /// Exit code for a configuration error (EX_USAGE / EX_CONFIG convention: 64).
 pub const EXIT_CONFIG: u8 = 64;

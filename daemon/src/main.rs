@@ -1,14 +1,17 @@
-//! `culvertd`: parse arguments, load the rules, serve the tunnel until SIGTERM / SIGINT.
+//! `culvertd`: parse arguments, load the rules, serve tunnels until SIGTERM / SIGINT; SIGHUP
+//! re-reads the rules (a broken file is refused and the rules in force stay).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
 use culvert_protocol::client::Endpoint;
 use culvertd::gateway::{TunnelArgs, TunnelError, run_tunnel};
+use culvertd::rules::Gateway;
 use culvertd::{EXIT_CONFIG, EXIT_REFUSED, config, notify};
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
 
 /// culvert's gateway daemon: carries tunnel connections to LAN targets by rules.
 #[derive(Parser)]
@@ -31,6 +34,9 @@ struct Args {
     /// Client token to bind the access token with (generated if absent).
     #[arg(long, env = "CULVERT_CLIENT_TOKEN", hide_env_values = true)]
     client_token: Option<String>,
+    /// The tunnel's id, for the audit trail (with --token; notifications carry it).
+    #[arg(long, env = "CULVERT_TUNNEL_ID")]
+    tunnel_id: Option<String>,
     /// Relay host:port (overrides relay.endpoint in the config).
     #[arg(long, env = "CULVERT_RELAY")]
     relay: Option<String>,
@@ -68,6 +74,12 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    if let Some(dir) = cfg.audit_file.as_ref().and_then(|f| f.parent())
+        && let Err(e) = std::fs::metadata(dir)
+    {
+        eprintln!("culvertd: audit file directory {}: {e}", dir.display());
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let endpoint = match args.relay.as_deref().map(Endpoint::parse) {
         Some(Ok(e)) => e,
         Some(Err(e)) => {
@@ -101,18 +113,33 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let gw = Gateway::new(cfg);
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
+    let gw_stop = gw.clone();
     rt.spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
+        let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
         tokio::select! {
             _ = term.recv() => {},
             _ = tokio::signal::ctrl_c() => {},
         }
+        let _ = gw_stop.http_shutdown.send(true);
         stop.cancel();
     });
-    let cfg = Arc::new(cfg);
+    let (gw_hup, path) = (gw.clone(), args.config.clone());
+    rt.spawn(async move {
+        let mut hup = signal(SignalKind::hangup()).expect("installing a SIGHUP handler");
+        while hup.recv().await.is_some() {
+            info!(file = %path.display(), "SIGHUP: reloading the configuration");
+            match config::load(&path) {
+                Ok(c) => gw_hup.reload(c),
+                Err(e) => error!(
+                    "configuration not reloaded, the rules in force stay: {} problem(s):\n{e}",
+                    e.problems.len()
+                ),
+            }
+        }
+    });
     let r = match args.token {
         // One tunnel, its token given by hand.
         Some(token) => {
@@ -121,12 +148,13 @@ fn main() -> ExitCode {
                 ca,
                 access_token: token,
                 client_token: args.client_token,
+                tunnel_id: args.tunnel_id,
             };
-            rt.block_on(run_tunnel(tunnel, cfg, shutdown))
+            rt.block_on(run_tunnel(tunnel, gw, shutdown))
         }
         // Tunnels announced over MQTT.
         None => rt
-            .block_on(notify::run(cfg, endpoint, ca, shutdown))
+            .block_on(notify::run(gw, endpoint, ca, shutdown))
             .map_err(TunnelError::Fatal),
     };
     rt.shutdown_timeout(std::time::Duration::from_secs(1));

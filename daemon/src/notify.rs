@@ -26,6 +26,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::{Config, MqttConfig};
 use crate::gateway::{TunnelArgs, TunnelError, run_tunnel};
+use crate::rules::Gateway;
 
 /// Largest notification payload accepted (the AWS payload is a few hundred bytes).
 pub const MAX_NOTIFICATION: usize = 8 * 1024;
@@ -38,6 +39,8 @@ const SEEN_TOKENS: usize = 1024;
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Notification {
+    /// culvert-relay adds the tunnel id (AWS does not); used only to label the audit trail.
+    tunnel_id: Option<String>,
     client_access_token: String,
     client_mode: String,
     #[serde(default)]
@@ -47,6 +50,7 @@ struct Notification {
 /// A notification that passed validation.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Valid {
+    pub tunnel_id: Option<String>,
     pub token: String,
     pub services: Vec<String>,
 }
@@ -81,6 +85,8 @@ pub fn validate(payload: &[u8], cfg: &Config) -> Result<Valid, String> {
         ));
     }
     Ok(Valid {
+        // A label only: kept when it looks like an id, dropped otherwise.
+        tunnel_id: n.tunnel_id.filter(|t| culvert_protocol::valid_name(t)),
         token: n.client_access_token,
         services: n.services,
     })
@@ -117,12 +123,13 @@ fn tls_config(
 
 /// Serve notifications until `shutdown`.
 pub async fn run(
-    cfg: Arc<Config>,
+    gw: Arc<Gateway>,
     relay: Endpoint,
     relay_ca: Option<std::path::PathBuf>,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
-    let m = cfg
+    let m = gw
+        .config()
         .mqtt
         .clone()
         .ok_or("no [mqtt] section in the configuration")?;
@@ -170,7 +177,7 @@ pub async fn run(
                     warn!(topic = %p.topic, "message on an unexpected topic ignored");
                     continue;
                 }
-                let n = match validate(&p.payload, &cfg) {
+                let n = match validate(&p.payload, &gw.config()) {
                     Ok(n) => n,
                     Err(why) => {
                         warn!(reason = %why, "notification ignored");
@@ -188,18 +195,19 @@ pub async fn run(
                 {
                     seen.0.remove(&old);
                 }
-                info!(services = ?n.services, "tunnel notification: connecting to the relay");
+                info!(tunnel = ?n.tunnel_id, services = ?n.services, "tunnel notification: connecting to the relay");
                 let args = TunnelArgs {
                     endpoint: relay.clone(),
                     ca: relay_ca.clone(),
                     access_token: n.token,
                     client_token: None,
+                    tunnel_id: n.tunnel_id,
                 };
-                let (cfg, stop) = (cfg.clone(), shutdown.clone());
-                let span = info_span!("tunnel", id = %tunnels.len());
+                let (gw, stop) = (gw.clone(), shutdown.clone());
+                let span = info_span!("tunnel", n = %tunnels.len());
                 tunnels.spawn(
                     async move {
-                        match run_tunnel(args, cfg, stop).await {
+                        match run_tunnel(args, gw, stop).await {
                             Ok(()) => {}
                             Err(TunnelError::Refused { status, message }) => {
                                 info!(status, reason = %message, "tunnel ended: the relay no longer accepts its token");
@@ -232,7 +240,7 @@ mod tests {
 
     fn cfg() -> Config {
         crate::config::parse(
-            "[services.SSH]\ntarget = \"127.0.0.1:22\"\n",
+            "[services.SSH]\ntarget = \"127.0.0.1:2222\"\nallow = [\"127.0.0.1\"]\n",
             std::path::Path::new("."),
         )
         .unwrap()
@@ -245,10 +253,13 @@ mod tests {
         assert_eq!(
             validate(ok, &c),
             Ok(Valid {
+                tunnel_id: None,
                 token: "abc".into(),
                 services: vec!["SSH".into()]
             })
         );
+        let with_id = br#"{"tunnelId":"t-1","clientAccessToken":"abc","clientMode":"destination","services":["SSH"]}"#;
+        assert_eq!(validate(with_id, &c).unwrap().tunnel_id.as_deref(), Some("t-1"));
         let err = |p: &[u8]| validate(p, &c).unwrap_err();
         assert!(err(b"not json").contains("JSON"));
         assert!(err(&vec![b' '; 1 << 20]).contains("larger than"));

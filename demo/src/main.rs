@@ -292,7 +292,7 @@ fn main() -> ExitCode {
         t["tunnelId"].as_str().unwrap_or("?")
     );
     println!();
-    println!("  web page of the robot cell   curl http://127.0.0.1:{web}/");
+    println!("  web page of the robot cell   curl http://127.0.0.1:{web}/   (an http rule)");
     println!("  echo service                 nc 127.0.0.1 {echo_port}");
     println!(
         "  SSH to this machine's sshd   ssh -p {ssh} $USER@127.0.0.1   (needs an sshd on port 22)"
@@ -306,6 +306,10 @@ fn main() -> ExitCode {
         bins.join("culvert").display()
     );
     println!("  logs                         {}/*.log", state.display());
+    println!(
+        "  gateway audit trail          {}",
+        state.join("audit.jsonl").display()
+    );
     println!();
     println!("Checked: the web page and an echo came back through the tunnel.");
     if once {

@@ -231,7 +231,7 @@ pub async fn open(
             if let Some(t) = &tokens.destination {
                 state
                     .notifier
-                    .notify(&view.rec.thing_name, t, &view.rec.services)
+                    .notify(&view.rec.thing_name, &view.rec.id, t, &view.rec.services)
                     .await;
             }
             let mut v = serde_json::to_value(tunnel_json(&view)).unwrap_or_default();
@@ -397,7 +397,7 @@ pub async fn rotate(
             if let (Some(token), Ok(v)) = (&t.destination, state.registry.describe(&id)) {
                 state
                     .notifier
-                    .notify(&v.rec.thing_name, token, &v.rec.services)
+                    .notify(&v.rec.thing_name, &v.rec.id, token, &v.rec.services)
                     .await;
             }
             let mut j = serde_json::to_value(tokens_json(t)).unwrap_or_default();

@@ -97,9 +97,12 @@ impl Notifier {
     }
 
     /// Queue the notification (QoS 1: the client retransmits until the broker acknowledges).
-    pub async fn notify(&self, thing: &str, token: &str, services: &[String]) {
+    /// `tunnelId` is a culvert addition AWS payloads do not carry (JSON readers ignore it):
+    /// culvertd puts it in its audit trail, so the trail matches `culvert tunnel list`.
+    pub async fn notify(&self, thing: &str, tunnel_id: &str, token: &str, services: &[String]) {
         let topic = topic_for(&self.topic_template, thing);
         let payload = serde_json::json!({
+            "tunnelId": tunnel_id,
             "clientAccessToken": token,
             "clientMode": "destination",
             "region": self.region,

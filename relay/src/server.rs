@@ -270,7 +270,9 @@ async fn renotify_unclaimed(
                     && let Some(token) = tokens.destination
                 {
                     info!(tunnel = %id, %thing, "re-announcing an unclaimed tunnel to its device");
-                    notifier.notify(&thing, &token, &view.rec.services).await;
+                    notifier
+                        .notify(&thing, &id, &token, &view.rec.services)
+                        .await;
                 }
             }
         });

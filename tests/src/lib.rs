@@ -409,9 +409,12 @@ pub struct Tunnel {
     pub destination: String,
 }
 
-/// Write a culvertd rules file mapping services to targets.
+/// The ACL of the test gateways: loopback, where the tests' LAN hosts live.
+pub const LOOPBACK_ACL: &str = "[acl]\nallow = [\"127.0.0.0/8\", \"::1\"]\n\n";
+
+/// Write a culvertd rules file mapping services to targets (loopback allowed).
 pub fn rules(dir: &Path, services: &[(&str, String)]) -> PathBuf {
-    let mut t = String::new();
+    let mut t = LOOPBACK_ACL.to_owned();
     for (name, target) in services {
         t.push_str(&format!("[services.{name}]\ntarget = \"{target}\"\n\n"));
     }
@@ -431,7 +434,7 @@ pub fn mqtt_rules(
     let pw = dir.join(format!("{thing}.password"));
     std::fs::write(&pw, password).unwrap();
     let mut t = format!(
-        "[mqtt]\nbroker = \"mqtts://{broker}\"\nthing_name = \"{thing}\"\npassword_file = \"{}\"\n\n",
+        "{LOOPBACK_ACL}[mqtt]\nbroker = \"mqtts://{broker}\"\nthing_name = \"{thing}\"\npassword_file = \"{}\"\n\n",
         pw.display()
     );
     for (name, target) in services {

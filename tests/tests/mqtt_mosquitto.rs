@@ -252,7 +252,7 @@ fn a_gateway_authenticated_by_client_certificate() {
     std::fs::write(
         &rules,
         format!(
-            "[mqtt]\nbroker = \"mqtts://127.0.0.1:{cert_port}\"\nthing_name = \"cell-cert\"\n\
+            "{LOOPBACK_ACL}[mqtt]\nbroker = \"mqtts://127.0.0.1:{cert_port}\"\nthing_name = \"cell-cert\"\n\
              client_cert = \"{}\"\nclient_key = \"{}\"\nca = \"{}\"\n\n[services.ECHO]\ntarget = \"{echo}\"\n",
             pki.join("client.pem").display(),
             pki.join("client-key.pem").display(),

@@ -1,0 +1,174 @@
+//! The audit trail: one JSON line per connection start and end (and per HTTP request), written
+//! to the file the configuration names and to the log (target `culvertd::audit`).
+//!
+//! The file is opened for appending and re-opened when it was moved or deleted (logrotate's
+//! default `create` mode) or truncated in place (`copytruncate` works through O_APPEND), so the
+//! trail survives log rotation without a signal. A write error is logged, never fatal: the
+//! connection it describes goes on.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+/// One audit record. `None` fields are left out.
+#[derive(Serialize, Default, Debug, Clone)]
+pub struct Record {
+    /// RFC 3339, UTC, filled in by [`Audit::record`].
+    pub ts: String,
+    /// `start`, `end` or `request`.
+    pub event: &'static str,
+    /// The tunnel: its id when the notification named it, else `token:` and a fingerprint.
+    pub tunnel: String,
+    pub service: String,
+    /// The tunnel connection (stream id / connection id).
+    pub conn: String,
+    /// The rule that decided: `services.SSH`, `services.WEB.routes[1]`.
+    pub rule: String,
+    /// The configured target or upstream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// The address connected to (or refused), after resolution.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_to_target: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_from_target: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Why it ended: `client_closed`, `target_closed`, `idle_timeout`, `denied`, `limit`,
+    /// `no_rule`, `connect_failed`, `connect_timeout`; for requests the HTTP outcome.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+}
+
+impl Record {
+    pub fn duration(mut self, d: Duration) -> Record {
+        self.duration_ms = Some(d.as_millis() as u64);
+        self
+    }
+}
+
+struct Sink {
+    path: PathBuf,
+    file: Option<(File, u64, u64)>,
+}
+
+/// Where audit records go. Cheap to share; the file is re-targeted on reload.
+pub struct Audit {
+    sink: Mutex<Option<Sink>>,
+}
+
+impl Audit {
+    pub fn new(path: Option<&Path>) -> Audit {
+        let a = Audit {
+            sink: Mutex::new(None),
+        };
+        a.set_file(path);
+        a
+    }
+
+    /// Write to `path` from now on (none: the log only).
+    pub fn set_file(&self, path: Option<&Path>) {
+        let mut s = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        if s.as_ref().map(|s| s.path.as_path()) != path {
+            *s = path.map(|p| Sink {
+                path: p.to_owned(),
+                file: None,
+            });
+        }
+    }
+
+    pub fn record(&self, mut r: Record) {
+        r.ts = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let line = match serde_json::to_string(&r) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "cannot encode an audit record");
+                return;
+            }
+        };
+        info!(target: "culvertd::audit", "{line}");
+        let mut guard = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(sink) = guard.as_mut() else { return };
+        if let Err(e) = sink.write(&line) {
+            warn!(file = %sink.path.display(), error = %e, "cannot write the audit file; the record is in this log");
+            sink.file = None;
+        }
+    }
+}
+
+impl Sink {
+    fn write(&mut self, line: &str) -> std::io::Result<()> {
+        // Re-open when the path now names another file (rotated) or none (deleted).
+        let current = std::fs::metadata(&self.path).ok().map(|m| (m.dev(), m.ino()));
+        let stale = match (&self.file, current) {
+            (Some((_, dev, ino)), Some(now)) => (*dev, *ino) != now,
+            _ => true,
+        };
+        if stale {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+            let m = f.metadata()?;
+            self.file = Some((f, m.dev(), m.ino()));
+        }
+        let (f, _, _) = self.file.as_mut().expect("opened above");
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        buf.extend_from_slice(line.as_bytes());
+        buf.push(b'\n');
+        // One write per record: appends from several writers never interleave.
+        f.write_all(&buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn survives_rotation() {
+        let dir = std::env::temp_dir().join(format!("culvertd-audit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.jsonl");
+        let a = Audit::new(Some(&path));
+        let rec = |s: &str| Record {
+            event: "start",
+            service: s.into(),
+            ..Record::default()
+        };
+        a.record(rec("one"));
+        std::fs::rename(&path, dir.join("audit.jsonl.1")).unwrap();
+        a.record(rec("two"));
+        std::fs::remove_file(&path).unwrap();
+        a.record(rec("three"));
+        let old = std::fs::read_to_string(dir.join("audit.jsonl.1")).unwrap();
+        let new = std::fs::read_to_string(&path).unwrap();
+        assert!(old.contains("\"one\"") && !old.contains("\"two\""), "{old}");
+        assert!(new.contains("\"three\"") && new.lines().count() == 1, "{new}");
+        let v: serde_json::Value = serde_json::from_str(new.trim()).unwrap();
+        assert_eq!(v["event"], "start");
+        assert!(v["ts"].as_str().unwrap().ends_with('Z'));
+        assert!(v.get("address").is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

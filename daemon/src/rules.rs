@@ -1,0 +1,140 @@
+//! The rules in force, swapped whole on reload.
+//!
+//! Every new tunnel connection takes the current [`Rules`] once and keeps them for its life, so
+//! a reload (SIGHUP) applies to new connections and leaves live ones as they are. Connection
+//! counters survive a reload by rule name, so live connections keep counting against a changed
+//! `max_connections`; rate and bandwidth limiters are rebuilt only for rules whose limits
+//! changed.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+
+use tracing::info;
+
+use crate::audit::Audit;
+use crate::config::{Config, Limits};
+use crate::limits::{Gauge, Limiters};
+
+/// One configuration generation.
+pub struct Rules {
+    pub config: Arc<Config>,
+    /// Per-rule limiters, by service name.
+    pub limiters: HashMap<String, Arc<Limiters>>,
+}
+
+/// culvertd's shared state: the rules in force and the audit trail.
+pub struct Gateway {
+    current: RwLock<Arc<Rules>>,
+    pub audit: Audit,
+    /// Tells embedded HTTP servers to stop keeping connections alive at shutdown.
+    pub http_shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl Gateway {
+    pub fn new(config: Config) -> Arc<Gateway> {
+        let audit = Audit::new(config.audit_file.as_deref());
+        let rules = build(config, None);
+        Arc::new(Gateway {
+            current: RwLock::new(Arc::new(rules)),
+            audit,
+            http_shutdown: tokio::sync::watch::channel(false).0,
+        })
+    }
+
+    pub fn rules(&self) -> Arc<Rules> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.rules().config.clone()
+    }
+
+    /// Put a new, already validated configuration in force for new connections.
+    pub fn reload(&self, config: Config) {
+        let old = self.rules();
+        let (before, after) = (&old.config.services, &config.services);
+        let added: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+        let removed: Vec<&String> = before.keys().filter(|k| !after.contains_key(*k)).collect();
+        let changed: Vec<&String> = after
+            .iter()
+            .filter(|(k, v)| before.get(*k).is_some_and(|b| b != *v))
+            .map(|(k, _)| k)
+            .collect();
+        info!(?added, ?removed, ?changed, "configuration reloaded; it applies to new connections");
+        if old.config.endpoint != config.endpoint || old.config.mqtt != config.mqtt {
+            tracing::warn!(
+                "relay and mqtt settings changed; they take effect at the next restart of culvertd"
+            );
+        }
+        self.audit.set_file(config.audit_file.as_deref());
+        let rules = build(config, Some(&old));
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
+    }
+}
+
+fn build(config: Config, old: Option<&Rules>) -> Rules {
+    let limiters = config
+        .services
+        .iter()
+        .map(|(name, svc)| {
+            let prev = old.and_then(|o| o.limiters.get(name));
+            let l = match prev {
+                Some(p) if p.limits == svc.limits => p.clone(),
+                Some(p) => Arc::new(Limiters::new(&svc.limits, p.open.clone())),
+                None => Arc::new(Limiters::new(&svc.limits, Gauge::default())),
+            };
+            (name.clone(), l)
+        })
+        .collect();
+    Rules {
+        config: Arc::new(config),
+        limiters,
+    }
+}
+
+/// What culvertd knows of one tunnel it serves.
+pub struct TunnelState {
+    /// For logs and the audit trail: the tunnel id if the notification named it, else a
+    /// fingerprint of the destination token (never the token).
+    pub label: String,
+    /// The relay's address as this gateway sees it: the hop HTTP requests arrive from.
+    pub relay_ip: Mutex<Option<IpAddr>>,
+    open: Gauge,
+    limiters: Mutex<Arc<Limiters>>,
+}
+
+impl TunnelState {
+    pub fn new(label: String) -> TunnelState {
+        let open = Gauge::default();
+        TunnelState {
+            label,
+            relay_ip: Mutex::new(None),
+            limiters: Mutex::new(Arc::new(Limiters::new(&Limits::default(), open.clone()))),
+            open,
+        }
+    }
+
+    /// The tunnel's limiters under the current `tunnel_limits` (rebuilt if those changed).
+    pub fn limiters(&self, limits: &Limits) -> Arc<Limiters> {
+        let mut l = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
+        if l.limits != *limits {
+            *l = Arc::new(Limiters::new(limits, self.open.clone()));
+        }
+        l.clone()
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.open.current()
+    }
+}
+
+/// The audit label of a tunnel known only by its destination token.
+pub fn token_label(token: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let hex: String = d.as_ref()[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("token:{hex}")
+}
