@@ -187,7 +187,13 @@ impl HostPort {
         if host.is_empty() {
             return Err(format!("{s:?}: the host is empty"));
         }
-        if s.starts_with('[') && host.parse::<std::net::Ipv6Addr>().is_err() {
+        // `[fe80::1%eth0]`: a scoped address is resolved (and ACL-checked) like a name.
+        let (addr, scope) = host.split_once('%').unwrap_or((host, "x"));
+        if s.starts_with('[')
+            && (addr.parse::<std::net::Ipv6Addr>().is_err()
+                || scope.is_empty()
+                || !scope.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
+        {
             return Err(format!("{s:?}: {host:?} is not an IPv6 address"));
         }
         let port: u16 = port
@@ -419,7 +425,7 @@ fn key_span(doc: &DeTable, path: &str) -> Option<Range<usize>> {
         span = Some(k.span());
         let mut value = v.get_ref();
         // Array elements: the next segment is an index.
-        while let DeValue::Array(a) = value {
+        while let (DeValue::Array(a), true) = (value, segs.peek().is_some()) {
             let i: usize = segs.next()?.parse().ok()?;
             let el = a.get(i)?;
             span = Some(el.span());
@@ -443,9 +449,25 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
     };
     let (doc, syntax) = DeTable::parse_recoverable(text);
     if !syntax.is_empty() {
+        // TOML's messages are terse ("duplicate key"): quote the offending line.
         return Err(syntax
             .iter()
-            .map(|e| problem(e.span(), String::new(), e.message().trim().to_owned()))
+            .map(|e| {
+                let quoted = e
+                    .span()
+                    .and_then(|s| text.get(..s.start))
+                    .map(|before| {
+                        let start = before.rfind('\n').map_or(0, |i| i + 1);
+                        let end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+                        format!(" in `{}`", text[start..end].trim())
+                    })
+                    .unwrap_or_default();
+                problem(
+                    e.span(),
+                    String::new(),
+                    format!("{}{quoted}", e.message().trim()),
+                )
+            })
             .collect());
     }
     let mut unknown = Vec::new();
@@ -988,6 +1010,8 @@ mod tests {
         assert!(Target::parse("robot").unwrap_err().contains("needs a port"));
         assert!(Target::parse("robot:0").is_err());
         assert!(Target::parse("[robot]:22").is_err());
+        let scoped = Target::parse("[fe80::1%eth0]:22").unwrap();
+        assert_eq!(scoped.to_string(), "[fe80::1%eth0]:22");
         assert!(Target::parse("unix:relative").is_err());
     }
 

@@ -39,6 +39,9 @@ struct Args {
     /// --dev: file holding the password on the external broker.
     #[arg(long, requires = "mqtt_broker")]
     mqtt_password_file: Option<PathBuf>,
+    /// --dev: most services one tunnel may carry (default 8; a config file sets limits.max_services).
+    #[arg(long, requires = "dev", value_parser = clap::value_parser!(u16).range(1..))]
+    max_services: Option<u16>,
     /// --dev: CA of the external broker (default: the dev CA).
     #[arg(long, requires = "mqtt_broker")]
     mqtt_ca: Option<PathBuf>,
@@ -71,7 +74,12 @@ fn main() -> ExitCode {
             .validate(|p| p.to_owned())
         };
         match dev::prepare(&args.state_dir, args.listen, raw) {
-            Ok((c, f)) => (c, Some(f)),
+            Ok((mut c, f)) => {
+                if let Some(n) = args.max_services {
+                    c.limits.max_services = n.into();
+                }
+                (c, Some(f))
+            }
             Err(e) => {
                 eprintln!("culvert-relay: {e:#}");
                 return ExitCode::from(64);

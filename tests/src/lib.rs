@@ -937,3 +937,163 @@ pub fn test_pki(dir: &Path, client_cn: &str) -> PathBuf {
     std::fs::write(d.join("client-key.pem"), client_key).unwrap();
     d
 }
+
+/// A TCP server on `ip` (a stand-in LAN host: 127.0.0.2, 127.0.0.3 …) that greets every
+/// connection with `tag` and a newline, then echoes.
+pub fn tagged_server(ip: &str, tag: &str) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("binding {ip}:0: {e}"));
+    let addr = l.local_addr().unwrap();
+    let tag = format!("{tag}\n");
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let tag = tag.clone();
+            std::thread::spawn(move || {
+                if s.write_all(tag.as_bytes()).is_err() {
+                    return;
+                }
+                let mut buf = vec![0u8; 16384];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Read one line (up to and without the newline), or None at EOF / reset / timeout.
+pub fn read_line(s: &mut TcpStream) -> Option<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b) {
+            Ok(1) if b[0] == b'\n' => return Some(String::from_utf8_lossy(&line).into_owned()),
+            Ok(1) => line.push(b[0]),
+            _ => return None,
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 server on `ip` standing in for a device web UI: answers every request
+/// with 200, a body of `name`, a newline and the request head it received.
+pub fn http_server(ip: &str, name: &str) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("binding {ip}:0: {e}"));
+    let addr = l.local_addr().unwrap();
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            let name = name.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut w = s;
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        match r.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    let body = format!("{name}\n{head}");
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if w.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A server on `ip` that accepts connections and never answers (for response timeouts).
+pub fn silent_server(ip: &str) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("binding {ip}:0: {e}"));
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in l.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    addr
+}
+
+/// A port on `ip` where nothing listens (bound, then released).
+pub fn closed_port(ip: &str) -> SocketAddr {
+    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
+}
+
+/// A WebSocket echo server on `ip`.
+pub fn ws_echo_server(ip: &str) -> SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    let l = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("binding {ip}:0: {e}"));
+    l.set_nonblocking(true).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                        return;
+                    };
+                    while let Some(Ok(m)) = ws.next().await {
+                        if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+    });
+    addr
+}
+
+/// The records of a culvertd audit file (none if it does not exist yet).
+pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}")))
+        .collect()
+}
+
+/// Wait for an audit record matching `pred`; returns it.
+pub fn wait_audit(path: &Path, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    wait_for(&format!("an audit record: {what}"), || {
+        audit_records(path).into_iter().find(|r| pred(r))
+    })
+}
+
+/// Connect to a local port and expect the tunnel to end the connection without a byte.
+pub fn expect_refused(port: u16) {
+    let mut s = connect_local(port);
+    let _ = s.write_all(b"hello?\n");
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut => {}
+        Ok(n) => panic!(
+            "expected the connection on port {port} to be refused, got {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e) => panic!("expected the connection on port {port} to be refused; still open after {WAIT:?} ({e})"),
+    }
+}
