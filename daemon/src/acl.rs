@@ -28,7 +28,11 @@ pub struct Policy {
     pub management_ports: Vec<u16>,
 }
 
-const METADATA: &[&str] = &["169.254.169.254/32", "fd00:ec2::254/128", "100.100.100.200/32"];
+const METADATA: &[&str] = &[
+    "169.254.169.254/32",
+    "fd00:ec2::254/128",
+    "100.100.100.200/32",
+];
 const LINK_LOCAL: &[&str] = &["169.254.0.0/16", "fe80::/10"];
 const LOOPBACK: &[&str] = &["127.0.0.0/8", "::1/128"];
 

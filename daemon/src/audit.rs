@@ -119,7 +119,9 @@ impl Audit {
 impl Sink {
     fn write(&mut self, line: &str) -> std::io::Result<()> {
         // Re-open when the path now names another file (rotated) or none (deleted).
-        let current = std::fs::metadata(&self.path).ok().map(|m| (m.dev(), m.ino()));
+        let current = std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
         let stale = match (&self.file, current) {
             (Some((_, dev, ino)), Some(now)) => (*dev, *ino) != now,
             _ => true,
@@ -164,7 +166,10 @@ mod tests {
         let old = std::fs::read_to_string(dir.join("audit.jsonl.1")).unwrap();
         let new = std::fs::read_to_string(&path).unwrap();
         assert!(old.contains("\"one\"") && !old.contains("\"two\""), "{old}");
-        assert!(new.contains("\"three\"") && new.lines().count() == 1, "{new}");
+        assert!(
+            new.contains("\"three\"") && new.lines().count() == 1,
+            "{new}"
+        );
         let v: serde_json::Value = serde_json::from_str(new.trim()).unwrap();
         assert_eq!(v["event"], "start");
         assert!(v["ts"].as_str().unwrap().ends_with('Z'));

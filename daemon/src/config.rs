@@ -192,7 +192,9 @@ impl HostPort {
         if s.starts_with('[')
             && (addr.parse::<std::net::Ipv6Addr>().is_err()
                 || scope.is_empty()
-                || !scope.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
+                || !scope
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
         {
             return Err(format!("{s:?}: {host:?} is not an IPv6 address"));
         }
@@ -263,7 +265,8 @@ pub struct Rate {
 impl Rate {
     /// `"30/min"`, `"5/s"`, `"100/hour"`.
     pub fn parse(s: &str) -> Result<Rate, String> {
-        let bad = || format!("{s:?}: expected a count per unit, e.g. \"30/min\", \"5/s\", \"100/hour\"");
+        let bad =
+            || format!("{s:?}: expected a count per unit, e.g. \"30/min\", \"5/s\", \"100/hour\"");
         let (n, unit) = s.split_once('/').ok_or_else(bad)?;
         let n: u32 = n.trim().parse().ok().filter(|n| *n > 0).ok_or_else(bad)?;
         let per = match unit.trim() {
@@ -471,10 +474,10 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             .collect());
     }
     let mut unknown = Vec::new();
-    let typed: Result<RawConfig, _> = serde_ignored::deserialize(
-        toml::de::Deserializer::from(doc.clone()),
-        |path| unknown.push(segments(&path).join(".")),
-    );
+    let typed: Result<RawConfig, _> =
+        serde_ignored::deserialize(toml::de::Deserializer::from(doc.clone()), |path| {
+            unknown.push(segments(&path).join("."))
+        });
     let mut problems: Vec<Problem> = unknown
         .iter()
         .map(|path| {
@@ -500,7 +503,11 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
     let raw = match typed {
         Ok(raw) => raw,
         Err(e) => {
-            problems.push(problem(e.span(), String::new(), e.message().trim().to_owned()));
+            problems.push(problem(
+                e.span(),
+                String::new(),
+                e.message().trim().to_owned(),
+            ));
             return Err(problems);
         }
     };
@@ -564,10 +571,7 @@ impl Validator<'_> {
             .management_ports
             .unwrap_or_else(|| DEFAULT_MANAGEMENT_PORTS.to_vec());
         let tunnel_limits = self.limits("tunnel_limits", &raw.tunnel_limits.unwrap_or_default());
-        let audit_file = raw
-            .audit
-            .and_then(|a| a.file)
-            .map(|f| self.audit_file(&f));
+        let audit_file = raw.audit.and_then(|a| a.file).map(|f| self.audit_file(&f));
         let mut services = BTreeMap::new();
         for (name, svc) in raw.services {
             let key = format!("services.{name}");
@@ -766,7 +770,11 @@ impl Validator<'_> {
 
     fn limits(&mut self, key: &str, raw: &RawLimits) -> Limits {
         let max_connections = self
-            .count(format!("{key}.max_connections"), &raw.max_connections, 1 << 20)
+            .count(
+                format!("{key}.max_connections"),
+                &raw.max_connections,
+                1 << 20,
+            )
             .map(|n| n as usize);
         let connection_rate = raw.connection_rate.as_ref().and_then(|r| {
             Rate::parse(r.get_ref())
@@ -774,7 +782,11 @@ impl Validator<'_> {
                 .ok()
         });
         let max = u32::MAX as u64;
-        let both = self.count(format!("{key}.max_bytes_per_sec"), &raw.max_bytes_per_sec, max);
+        let both = self.count(
+            format!("{key}.max_bytes_per_sec"),
+            &raw.max_bytes_per_sec,
+            max,
+        );
         let to = self.count(
             format!("{key}.max_bytes_per_sec_to_target"),
             &raw.max_bytes_per_sec_to_target,
@@ -800,9 +812,16 @@ impl Validator<'_> {
     /// A literal address must pass the rule's ACL now; names are checked when resolved.
     fn check_literal(&mut self, span: Range<usize>, key: &str, hp: &HostPort, policy: &Policy) {
         if let Some(ip) = hp.literal()
-            && let Err(why) = policy.check(std::net::SocketAddr::new(ip, hp.port), &acl::own_addresses())
+            && let Err(why) = policy.check(
+                std::net::SocketAddr::new(ip, hp.port),
+                &acl::own_addresses(),
+            )
         {
-            self.push(span, key, format!("{hp} is not reachable under the ACL: {why}"));
+            self.push(
+                span,
+                key,
+                format!("{hp} is not reachable under the ACL: {why}"),
+            );
         }
     }
 
@@ -822,7 +841,11 @@ impl Validator<'_> {
         };
         let limits = self.limits(key, &raw_limits);
         let connect_timeout = self
-            .secs(format!("{key}.connect_timeout_secs"), &svc.connect_timeout_secs, 300)
+            .secs(
+                format!("{key}.connect_timeout_secs"),
+                &svc.connect_timeout_secs,
+                300,
+            )
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         let idle_timeout = self.secs(
             format!("{key}.idle_timeout_secs"),
@@ -929,19 +952,30 @@ impl Validator<'_> {
                     self.push(
                         h.span(),
                         format!("{rkey}.host"),
-                        format!("{:?} is not a host name (without port), nor *.domain", h.get_ref()),
+                        format!(
+                            "{:?} is not a host name (without port), nor *.domain",
+                            h.get_ref()
+                        ),
                     );
                     None
                 }
             });
             let path = match &r.path {
                 Some(p) if !p.get_ref().starts_with('/') => {
-                    self.push(p.span(), format!("{rkey}.path"), "a path prefix starts with /");
+                    self.push(
+                        p.span(),
+                        format!("{rkey}.path"),
+                        "a path prefix starts with /",
+                    );
                     continue;
                 }
                 Some(p) => {
                     let t = p.get_ref().trim_end_matches('/');
-                    if t.is_empty() { "/".to_owned() } else { t.to_owned() }
+                    if t.is_empty() {
+                        "/".to_owned()
+                    } else {
+                        t.to_owned()
+                    }
                 }
                 None => "/".to_owned(),
             };
@@ -952,7 +986,12 @@ impl Validator<'_> {
                     continue;
                 }
             };
-            self.check_literal(r.upstream.span(), &format!("{rkey}.upstream"), &upstream, policy);
+            self.check_literal(
+                r.upstream.span(),
+                &format!("{rkey}.upstream"),
+                &upstream,
+                policy,
+            );
             let route = Route {
                 host,
                 path,
@@ -1067,7 +1106,9 @@ mod tests {
 
     #[test]
     fn literal_targets_are_checked_against_the_acl() {
-        let p = problems("[acl]\nallow = [\"10.0.0.0/8\"]\ndeny = [\"10.9.0.0/16\"]\n[services.A]\ntarget = \"10.9.0.1:80\"\n");
+        let p = problems(
+            "[acl]\nallow = [\"10.0.0.0/8\"]\ndeny = [\"10.9.0.0/16\"]\n[services.A]\ntarget = \"10.9.0.1:80\"\n",
+        );
         assert_eq!(p[0].key, "services.A.target");
         assert!(p[0].message.contains("10.9.0.0/16"), "{p:?}");
         // A rule's own allow extends the global one for that rule only.

@@ -56,13 +56,16 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelSt
         let gw = gw.clone();
         async move {
             warn!(service = %rec.service, conn = %rec.conn, reason = r.reason, address = ?r.address, "connection refused: {}", r.detail);
-            gw.audit.record(Record {
-                event: "end",
-                reason: Some(r.reason),
-                detail: Some(r.detail),
-                address: r.address,
-                ..rec
-            }.duration(started.elapsed()));
+            gw.audit.record(
+                Record {
+                    event: "end",
+                    reason: Some(r.reason),
+                    detail: Some(r.detail),
+                    address: r.address,
+                    ..rec
+                }
+                .duration(started.elapsed()),
+            );
             stream.reset().await;
         }
     };
@@ -113,19 +116,17 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelSt
         Kind::Http(http) => {
             rec.target = Some("http".into());
             let relay_ip = *tunnel.relay_ip.lock().unwrap_or_else(|p| p.into_inner());
-            let local = crate::http::serve(
-                gw.clone(),
-                svc.clone(),
-                http.clone(),
-                rec.clone(),
-                relay_ip,
-            );
+            let local =
+                crate::http::serve(gw.clone(), svc.clone(), http.clone(), rec.clone(), relay_ip);
             start(&gw, &rec);
             pump(local, stream, &bw_to, &bw_from, svc.idle_timeout).await
         }
         #[cfg(not(feature = "http"))]
         Kind::Http(_) => {
-            let r = Refusal::new("no_rule", "this culvertd was built without HTTP routing".into());
+            let r = Refusal::new(
+                "no_rule",
+                "this culvertd was built without HTTP routing".into(),
+            );
             return refuse(rec, r, stream).await;
         }
     };
@@ -167,7 +168,11 @@ pub async fn resolve(hp: &HostPort, timeout: Duration) -> Result<Vec<SocketAddr>
     if let Some(ip) = hp.literal() {
         return Ok(vec![SocketAddr::new(ip, hp.port)]);
     }
-    match tokio::time::timeout(timeout, tokio::net::lookup_host((hp.host.as_str(), hp.port))).await
+    match tokio::time::timeout(
+        timeout,
+        tokio::net::lookup_host((hp.host.as_str(), hp.port)),
+    )
+    .await
     {
         Ok(Ok(addrs)) => {
             let v: Vec<SocketAddr> = addrs.collect();
@@ -283,12 +288,8 @@ where
     let (to_n, from_n) = (AtomicU64::new(0), AtomicU64::new(0));
     let (mut tr, mut tw) = tunnel.into_split();
     let (mut lr, mut lw) = tokio::io::split(local);
-    let cap = |limits: &[Arc<Bandwidth>]| {
-        limits
-            .iter()
-            .map(|b| b.burst)
-            .fold(MAX_PAYLOAD, usize::min)
-    };
+    let cap =
+        |limits: &[Arc<Bandwidth>]| limits.iter().map(|b| b.burst).fold(MAX_PAYLOAD, usize::min);
     let (to_cap, from_cap) = (cap(to_limits), cap(from_limits));
     let down = async {
         // Tunnel → target: the tunnel reader hands out its chunks without a copy.

@@ -95,10 +95,7 @@ impl AsyncWrite for Pipe {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.0).poll_flush(cx)
     }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
@@ -122,7 +119,9 @@ impl L4Connect for DirectConnect {
             .or_err(ErrorType::ConnectError, "not an IP upstream")?;
         let tcp = tokio::net::TcpStream::connect(inet)
             .await
-            .or_err_with(ErrorType::ConnectRefused, || format!("connecting to {inet}"))?;
+            .or_err_with(ErrorType::ConnectRefused, || {
+                format!("connecting to {inet}")
+            })?;
         let _ = tcp.set_nodelay(true);
         Ok(tcp.into())
     }
@@ -183,7 +182,11 @@ pub fn select(routes: &[Route], host: &str, path: &str) -> Option<usize> {
         Some(h) if h == host => Some(2),
         Some(h) => h
             .strip_prefix("*.")
-            .filter(|d| host.len() > d.len() && host.ends_with(*d) && host[..host.len() - d.len()].ends_with('.'))
+            .filter(|d| {
+                host.len() > d.len()
+                    && host.ends_with(*d)
+                    && host[..host.len() - d.len()].ends_with('.')
+            })
             .map(|_| 1),
     };
     routes
@@ -234,7 +237,10 @@ impl ProxyHttp for App {
         let path = req.uri.path().to_owned();
         let Some(i) = select(&self.http.routes, &ctx.host, &path) else {
             ctx.answered = Some("no_route");
-            let d = format!("no route of {} matches host {:?} and path {path:?}", self.svc.name, ctx.host);
+            let d = format!(
+                "no route of {} matches host {:?} and path {path:?}",
+                self.svc.name, ctx.host
+            );
             ctx.detail = Some(d.clone());
             self.answer(session, 404, d).await;
             return Ok(true);
@@ -253,7 +259,11 @@ impl ProxyHttp for App {
             Err(r) => {
                 let code = if r.reason == "denied" { 403 } else { 502 };
                 warn!(service = %self.svc.name, route = i, "request refused: {}", r.detail);
-                ctx.answered = Some(if r.reason == "denied" { "denied" } else { r.reason });
+                ctx.answered = Some(if r.reason == "denied" {
+                    "denied"
+                } else {
+                    r.reason
+                });
                 ctx.detail = Some(r.detail.clone());
                 self.answer(session, code, r.detail).await;
                 Ok(true)
@@ -359,9 +369,7 @@ impl ProxyHttp for App {
         let rec = Record {
             event: "request",
             rule: self.rule(ctx),
-            target: ctx
-                .route
-                .map(|i| self.http.routes[i].upstream.to_string()),
+            target: ctx.route.map(|i| self.http.routes[i].upstream.to_string()),
             address: ctx.upstream.map(|a| a.to_string()),
             method: Some(req.method.to_string()),
             host: Some(ctx.host.clone()),

@@ -116,12 +116,15 @@ impl Limiters {
     /// Admit a new connection: a slot under `max_connections` and a token of the connection
     /// rate, or the reason it is refused.
     pub fn admit(&self, what: &str) -> Result<Slot, String> {
-        let slot = self.open.try_take(self.limits.max_connections).ok_or_else(|| {
-            format!(
-                "{what} already has {} connection(s) open (max_connections)",
-                self.open.current()
-            )
-        })?;
+        let slot = self
+            .open
+            .try_take(self.limits.max_connections)
+            .ok_or_else(|| {
+                format!(
+                    "{what} already has {} connection(s) open (max_connections)",
+                    self.open.current()
+                )
+            })?;
         if let Some(r) = &self.rate
             && !r.admit()
         {

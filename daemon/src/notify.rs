@@ -259,7 +259,10 @@ mod tests {
             })
         );
         let with_id = br#"{"tunnelId":"t-1","clientAccessToken":"abc","clientMode":"destination","services":["SSH"]}"#;
-        assert_eq!(validate(with_id, &c).unwrap().tunnel_id.as_deref(), Some("t-1"));
+        assert_eq!(
+            validate(with_id, &c).unwrap().tunnel_id.as_deref(),
+            Some("t-1")
+        );
         let err = |p: &[u8]| validate(p, &c).unwrap_err();
         assert!(err(b"not json").contains("JSON"));
         assert!(err(&vec![b' '; 1 << 20]).contains("larger than"));

@@ -64,7 +64,12 @@ impl Gateway {
             .filter(|(k, v)| before.get(*k).is_some_and(|b| b != *v))
             .map(|(k, _)| k)
             .collect();
-        info!(?added, ?removed, ?changed, "configuration reloaded; it applies to new connections");
+        info!(
+            ?added,
+            ?removed,
+            ?changed,
+            "configuration reloaded; it applies to new connections"
+        );
         if old.config.endpoint != config.endpoint || old.config.mqtt != config.mqtt {
             tracing::warn!(
                 "relay and mqtt settings changed; they take effect at the next restart of culvertd"

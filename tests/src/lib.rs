@@ -1076,7 +1076,11 @@ pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
 }
 
 /// Wait for an audit record matching `pred`; returns it.
-pub fn wait_audit(path: &Path, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+pub fn wait_audit(
+    path: &Path,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     wait_for(&format!("an audit record: {what}"), || {
         audit_records(path).into_iter().find(|r| pred(r))
     })
@@ -1089,11 +1093,15 @@ pub fn expect_refused(port: u16) {
     let mut buf = [0u8; 64];
     match s.read(&mut buf) {
         Ok(0) => {}
-        Err(e) if e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut => {}
+        Err(e)
+            if e.kind() != std::io::ErrorKind::WouldBlock
+                && e.kind() != std::io::ErrorKind::TimedOut => {}
         Ok(n) => panic!(
             "expected the connection on port {port} to be refused, got {:?}",
             String::from_utf8_lossy(&buf[..n])
         ),
-        Err(e) => panic!("expected the connection on port {port} to be refused; still open after {WAIT:?} ({e})"),
+        Err(e) => panic!(
+            "expected the connection on port {port} to be refused; still open after {WAIT:?} ({e})"
+        ),
     }
 }

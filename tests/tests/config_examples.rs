@@ -75,7 +75,11 @@ fn broken_configs_name_every_problem_with_line_and_key() {
                 (line.to_owned(), what.to_owned())
             })
             .collect();
-        assert!(!expected.is_empty(), "{} has no # expect: lines", path.display());
+        assert!(
+            !expected.is_empty(),
+            "{} has no # expect: lines",
+            path.display()
+        );
         let out = Command::new(bin("culvertd"))
             .args(["--check-config", "--config"])
             .arg(&path)
@@ -86,12 +90,17 @@ fn broken_configs_name_every_problem_with_line_and_key() {
         for (line, what) in &expected {
             let prefix = format!("{}:{line}: ", path.display());
             assert!(
-                err.lines().any(|l| l.starts_with(&prefix) && l.contains(what.as_str())),
+                err.lines()
+                    .any(|l| l.starts_with(&prefix) && l.contains(what.as_str())),
                 "{}: expected a problem on line {line} containing {what:?}; got:\n{err}",
                 path.display()
             );
         }
         checked += 1;
     }
-    assert!(checked >= 4, "expected broken configs under {}", root.display());
+    assert!(
+        checked >= 4,
+        "expected broken configs under {}",
+        root.display()
+    );
 }

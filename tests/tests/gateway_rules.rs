@@ -73,7 +73,10 @@ fn fifty_rules_reach_fifty_hosts_through_one_tunnel() {
         let ip = format!("127.0.0.{}", k + 2);
         let (mut s, hello) = greeting(ports[*name]);
         assert_eq!(hello, format!("I am {ip}"), "{name} reached the wrong host");
-        assert!(echo_once(&mut s, &format!("ping {name}\n")), "{name}: no echo");
+        assert!(
+            echo_once(&mut s, &format!("ping {name}\n")),
+            "{name}: no echo"
+        );
     }
 }
 
@@ -131,16 +134,30 @@ fn http_routes_by_host_and_path_with_websocket_and_error_pages() {
     for (host, name) in [("press2.local", "press2"), ("robot3.local:8080", "robot3")] {
         let (code, body) = curl(port, host, "/status", &[]);
         assert_eq!(code, 200, "{host}: {body}");
-        assert!(body.starts_with(&format!("{name} web UI\n")), "{host}: {body}");
-        assert!(body.starts_with(&format!("{name} web UI\nGET /status ")), "{body}");
+        assert!(
+            body.starts_with(&format!("{name} web UI\n")),
+            "{host}: {body}"
+        );
+        assert!(
+            body.starts_with(&format!("{name} web UI\nGET /status ")),
+            "{body}"
+        );
     }
     // Forwarding headers: the relay is the hop the request came from; a client's own
     // X-Forwarded-For is not passed on.
-    let (_, body) = curl(port, "press1.local", "/", &["-H", "X-Forwarded-For: 6.6.6.6"]);
+    let (_, body) = curl(
+        port,
+        "press1.local",
+        "/",
+        &["-H", "X-Forwarded-For: 6.6.6.6"],
+    );
     let head = body.to_ascii_lowercase();
     assert!(head.contains("x-forwarded-for: 127.0.0.1\r\n"), "{body}");
     assert!(head.contains("x-forwarded-proto: http\r\n"), "{body}");
-    assert!(head.contains("x-forwarded-host: press1.local\r\n"), "{body}");
+    assert!(
+        head.contains("x-forwarded-host: press1.local\r\n"),
+        "{body}"
+    );
     assert!(!head.contains("6.6.6.6"), "{body}");
     // A path-prefix route with the prefix stripped.
     let (code, body) = curl(port, "robot3.local", "/camera/live.jpg?q=1", &[]);
@@ -191,7 +208,12 @@ fn http_routes_by_host_and_path_with_websocket_and_error_pages() {
     };
     let ok = req(200);
     assert_eq!(ok["service"], "WEB");
-    assert!(ok["rule"].as_str().unwrap().starts_with("services.WEB.routes["));
+    assert!(
+        ok["rule"]
+            .as_str()
+            .unwrap()
+            .starts_with("services.WEB.routes[")
+    );
     assert!(ok["tunnel"].as_str().unwrap().starts_with("token:"), "{ok}");
     assert_eq!(req(502)["target"], down.to_string());
     assert_eq!(req(504)["target"], slow.to_string());
@@ -240,7 +262,11 @@ fn acl_escape_attempts_are_denied_and_audited() {
     assert!(echo_once(&mut s, "fine\n"));
     for (svc, address, why) in [
         ("NAME", "127.0.0.1", "in no allowed network"),
-        ("DECIMAL", "127.0.0.25", "denied network 127.0.0.24/29 (acl.deny)"),
+        (
+            "DECIMAL",
+            "127.0.0.25",
+            "denied network 127.0.0.24/29 (acl.deny)",
+        ),
         ("HEX", "127.0.0.25", "denied network 127.0.0.24/29"),
         ("MAPPED", "127.0.0.25", "denied network 127.0.0.24/29"),
         ("META", "169.254.169.254", "cloud metadata"),
@@ -350,7 +376,13 @@ fn limits_hold_per_rule_and_per_tunnel() {
     expect_refused(ports["ECHO"]);
     let r = ends(&audit, "ECHO").pop().unwrap();
     assert_eq!(r["reason"], "limit", "{r}");
-    assert!(r["detail"].as_str().unwrap().contains("rule ECHO already has 2"), "{r}");
+    assert!(
+        r["detail"]
+            .as_str()
+            .unwrap()
+            .contains("rule ECHO already has 2"),
+        "{r}"
+    );
     assert!(echo_once(&mut a, "a still works"));
 
     // max_connections of the tunnel: 2 open on ECHO, one more on OTHER, then no more.
@@ -359,7 +391,13 @@ fn limits_hold_per_rule_and_per_tunnel() {
     expect_refused(ports["OTHER"]);
     let r = ends(&audit, "OTHER").pop().unwrap();
     assert_eq!(r["reason"], "limit", "{r}");
-    assert!(r["detail"].as_str().unwrap().contains("this tunnel already has 3"), "{r}");
+    assert!(
+        r["detail"]
+            .as_str()
+            .unwrap()
+            .contains("this tunnel already has 3"),
+        "{r}"
+    );
     drop((a, b, d));
     wait_ends(&audit, "ECHO", 3);
     wait_ends(&audit, "OTHER", 3);
@@ -372,7 +410,10 @@ fn limits_hold_per_rule_and_per_tunnel() {
     wait_ends(&audit, "RATE", 2);
     expect_refused(ports["RATE"]);
     let r = ends(&audit, "RATE").pop().unwrap();
-    assert!(r["detail"].as_str().unwrap().contains("connection_rate"), "{r}");
+    assert!(
+        r["detail"].as_str().unwrap().contains("connection_rate"),
+        "{r}"
+    );
 
     // idle_timeout_secs: a quiet connection is closed, and the audit says why.
     let mut s = connect_local(ports["IDLE"]);
@@ -459,7 +500,10 @@ fn sighup_applies_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
     assert_eq!(ends(&audit, "NEW")[0]["reason"], "no_rule");
 
     // A good config: the new rule works, the live session is untouched.
-    write_config(&dir, &format!("{base}[services.NEW]\ntarget = \"{echo}\"\n"));
+    write_config(
+        &dir,
+        &format!("{base}[services.NEW]\ntarget = \"{echo}\"\n"),
+    );
     gw.signal("HUP");
     wait_log(&gw, "configuration reloaded");
     assert!(echo_works(ports["NEW"], b"new rule"));
@@ -468,12 +512,17 @@ fn sighup_applies_a_good_config_and_keeps_the_old_one_on_a_bad_one() {
     // A bad config: refused with the key named; the rules in force stay.
     write_config(
         &dir,
-        &format!("{base}[services.NEW]\ntarget = \"{echo}\"\ncolour = \"blue\"\n[services.X]\ntarget = \"10.0.0.1:80\"\n"),
+        &format!(
+            "{base}[services.NEW]\ntarget = \"{echo}\"\ncolour = \"blue\"\n[services.X]\ntarget = \"10.0.0.1:80\"\n"
+        ),
     );
     gw.signal("HUP");
     wait_log(&gw, "configuration not reloaded");
     let log = gw.log_text();
-    assert!(log.contains("services.NEW: unknown key \"colour\""), "{log}");
+    assert!(
+        log.contains("services.NEW: unknown key \"colour\""),
+        "{log}"
+    );
     assert!(log.contains("services.X.target"), "{log}");
     assert!(echo_works(ports["NEW"], b"old rules still in force"));
     typed("after a bad reload");

@@ -83,7 +83,9 @@ fn a_refusing_target_resets_only_its_connection() {
     let n = s.read(&mut buf).unwrap_or(0);
     assert_eq!(n, 0, "a connection to a refusing target must be closed");
     wait_for("culvertd to log the refused target", || {
-        gw.log_text().contains("reason=\"connect_failed\"").then_some(())
+        gw.log_text()
+            .contains("reason=\"connect_failed\"")
+            .then_some(())
     });
 
     // The tunnel and the connection opened before are untouched.
