@@ -4,7 +4,8 @@
 //! a name cannot be re-pointed past the check (no DNS rebinding), and every address a name
 //! resolves to must pass. The decision, in order:
 //!
-//! 1. IPv4-mapped IPv6 (`::ffff:a.b.c.d`) is treated as the IPv4 address it carries.
+//! 1. IPv4-mapped IPv6 (`::ffff:a.b.c.d`) and NAT64 (`64:ff9b::a.b.c.d`) addresses are treated
+//!    as the IPv4 address they carry.
 //! 2. Unspecified, multicast and broadcast addresses are never reached.
 //! 3. An address in any `deny` network (global or the rule's) is denied: deny wins.
 //! 4. An address in no `allow` network (global or the rule's) is denied: default deny.
@@ -40,8 +41,17 @@ fn nets(list: &'static [&'static str]) -> impl Iterator<Item = IpNet> {
     list.iter().map(|n| n.parse().expect("built-in network"))
 }
 
-/// The address an IPv4-mapped IPv6 address stands for; others unchanged.
+/// The IPv4 address an IPv6 address stands for — IPv4-mapped `::ffff:a.b.c.d`, or NAT64's
+/// well-known prefix `64:ff9b::/96` (through a site's NAT64 gateway it reaches that IPv4
+/// host) — so that IPv4 rules apply to it; other addresses unchanged.
 pub fn canonical(ip: IpAddr) -> IpAddr {
+    if let IpAddr::V6(v6) = ip {
+        let s = v6.segments();
+        if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+            let o = v6.octets();
+            return IpAddr::V4(std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]));
+        }
+    }
     ip.to_canonical()
 }
 
@@ -181,6 +191,11 @@ mod tests {
         let p = policy(&["0.0.0.0/0", "::/0"], &["10.9.0.0/16"]);
         assert!(!ok(&p, "[::ffff:10.9.0.1]:80"));
         assert!(!ok(&p, "[::ffff:a09:1]:80"));
+        assert!(!ok(&p, "[64:ff9b::10.9.0.1]:80"));
+        assert!(
+            !ok(&p, "[64:ff9b::a9fe:a9fe]:80"),
+            "NAT64 of 169.254.169.254"
+        );
         // Networks written in the mapped form mean the IPv4 network.
         assert_eq!(
             parse_net("::ffff:10.9.0.0/112").unwrap(),

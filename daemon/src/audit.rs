@@ -111,6 +111,7 @@ impl Audit {
         let Some(sink) = guard.as_mut() else { return };
         if let Err(e) = sink.write(&line) {
             warn!(file = %sink.path.display(), error = %e, "cannot write the audit file; the record is in this log");
+            // Reopened (and a cut record ended) at the next write.
             sink.file = None;
         }
     }
@@ -126,16 +127,27 @@ impl Sink {
             (Some((_, dev, ino)), Some(now)) => (*dev, *ino) != now,
             _ => true,
         };
+        let mut buf = Vec::with_capacity(line.len() + 2);
         if stale {
-            let f = OpenOptions::new()
+            let mut f = OpenOptions::new()
                 .create(true)
+                .read(true)
                 .append(true)
                 .open(&self.path)?;
             let m = f.metadata()?;
+            // A record cut short by an earlier failed write is ended before the next one.
+            if m.len() > 0 {
+                use std::io::{Read, Seek, SeekFrom};
+                let mut last = [0u8; 1];
+                f.seek(SeekFrom::End(-1))?;
+                f.read_exact(&mut last)?;
+                if last[0] != b'\n' {
+                    buf.push(b'\n');
+                }
+            }
             self.file = Some((f, m.dev(), m.ino()));
         }
         let (f, _, _) = self.file.as_mut().expect("opened above");
-        let mut buf = Vec::with_capacity(line.len() + 1);
         buf.extend_from_slice(line.as_bytes());
         buf.push(b'\n');
         // One write per record: appends from several writers never interleave.
@@ -163,14 +175,25 @@ mod tests {
         a.record(rec("two"));
         std::fs::remove_file(&path).unwrap();
         a.record(rec("three"));
+        // A record cut short (disk full, say) does not swallow the next one.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"cut")
+            .unwrap();
+        a.set_file(None);
+        a.set_file(Some(&path));
+        a.record(rec("four"));
         let old = std::fs::read_to_string(dir.join("audit.jsonl.1")).unwrap();
         let new = std::fs::read_to_string(&path).unwrap();
         assert!(old.contains("\"one\"") && !old.contains("\"two\""), "{old}");
         assert!(
-            new.contains("\"three\"") && new.lines().count() == 1,
+            new.contains("\"three\"") && new.lines().count() == 3,
             "{new}"
         );
-        let v: serde_json::Value = serde_json::from_str(new.trim()).unwrap();
+        assert!(new.lines().nth(2).unwrap().contains("\"four\""), "{new}");
+        let v: serde_json::Value = serde_json::from_str(new.lines().next().unwrap()).unwrap();
         assert_eq!(v["event"], "start");
         assert!(v["ts"].as_str().unwrap().ends_with('Z'));
         assert!(v.get("address").is_none());

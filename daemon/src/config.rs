@@ -57,7 +57,8 @@ struct RawConfig {
     acl: Option<RawAcl>,
     tunnel_limits: Option<RawLimits>,
     audit: Option<RawAudit>,
-    #[serde(default)]
+    /// Read service by service from the document (see `parse`); skipped here.
+    #[serde(default, skip_deserializing)]
     services: BTreeMap<String, RawService>,
 }
 
@@ -307,7 +308,7 @@ pub struct Route {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpService {
     pub routes: Vec<Route>,
-    /// How long to wait for an upstream's response (or a WebSocket upstream's handshake).
+    /// How long an upstream may take to answer (each read); not applied to WebSocket upgrades.
     pub response_timeout: Duration,
 }
 
@@ -399,6 +400,55 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         .map_err(|problems| ConfigError { file, problems })
 }
 
+/// `services.WEB.routes.0` → `services.WEB.routes[0]`, as the other messages write it.
+fn shown_key(dotted: &str) -> String {
+    let parts: Vec<String> = dotted
+        .split('.')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            if s.parse::<usize>().is_ok() {
+                format!("[{s}]")
+            } else {
+                format!(".{s}")
+            }
+        })
+        .collect();
+    parts.concat().trim_start_matches('.').to_owned()
+}
+
+/// The key (`services.SSH.max_connections`) whose value holds `span`, as deep as it goes. (Tables
+/// made by `[a.b]` headers do not span their contents, so every branch is searched.)
+fn key_at(doc: &DeTable, span: Option<Range<usize>>) -> String {
+    fn walk(value: &DeValue, at: usize, path: &str, best: &mut String) {
+        let mut visit = |child: &Spanned<DeValue>, key_span: Option<Range<usize>>, p: String| {
+            let hit = child.span().contains(&at) || key_span.is_some_and(|k| k.contains(&at));
+            if hit && p.len() > best.len() {
+                *best = p.clone();
+            }
+            walk(child.get_ref(), at, &p, best);
+        };
+        match value {
+            DeValue::Table(t) => {
+                for (k, v) in t {
+                    visit(v, Some(k.span()), format!("{path}.{}", k.get_ref()));
+                }
+            }
+            DeValue::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    visit(v, None, format!("{path}[{i}]"));
+                }
+            }
+            _ => {}
+        }
+    }
+    let Some(span) = span else {
+        return String::new();
+    };
+    let mut best = String::new();
+    walk(&DeValue::Table(doc.clone()), span.start, "", &mut best);
+    best.trim_start_matches('.').to_owned()
+}
+
 /// The keys and indexes of a path, without serde's wrappers (`Option`, `Spanned`).
 fn segments(path: &serde_ignored::Path) -> Vec<String> {
     use serde_ignored::Path;
@@ -473,44 +523,90 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
             })
             .collect());
     }
+    // Typed pass. Each service is read on its own, so one service's wrong type does not hide
+    // the problems of the others; unknown keys are collected, not fatal.
     let mut unknown = Vec::new();
+    let mut typing = Vec::new();
     let typed: Result<RawConfig, _> =
         serde_ignored::deserialize(toml::de::Deserializer::from(doc.clone()), |path| {
-            unknown.push(segments(&path).join("."))
+            let segs = segments(&path);
+            // `services` is read below, service by service.
+            if segs.first().is_none_or(|s| s != "services") {
+                unknown.push(segs.join("."))
+            }
         });
+    let mut services = BTreeMap::new();
+    let service_tables = doc
+        .get_ref()
+        .iter()
+        .find(|(k, _)| k.get_ref().as_ref() == "services")
+        .map(|(_, v)| v);
+    if let Some(DeValue::Table(t)) = service_tables.map(|v| v.get_ref()) {
+        for (name, v) in t {
+            let name = name.get_ref().as_ref();
+            let DeValue::Table(table) = v.get_ref() else {
+                typing.push((
+                    Some(v.span()),
+                    format!("services.{name}"),
+                    "must be a table ([services.NAME])".to_owned(),
+                ));
+                continue;
+            };
+            let de = toml::de::Deserializer::from(Spanned::new(v.span(), table.clone()));
+            let r: Result<RawService, _> = serde_ignored::deserialize(de, |path| {
+                unknown.push(format!("services.{name}.{}", segments(&path).join(".")))
+            });
+            match r {
+                Ok(svc) => {
+                    services.insert(name.to_owned(), svc);
+                }
+                Err(e) => typing.push((
+                    e.span(),
+                    key_at(doc.get_ref(), e.span()),
+                    e.message().trim().to_owned(),
+                )),
+            }
+        }
+    }
     let mut problems: Vec<Problem> = unknown
         .iter()
         .map(|path| {
             let (parent, key) = path.rsplit_once('.').unwrap_or(("", path));
-            // services.WEB.routes.0 → services.WEB.routes[0], as the other messages say it.
-            let shown: Vec<String> = parent
-                .split('.')
-                .map(|s| {
-                    if s.parse::<usize>().is_ok() {
-                        format!("[{s}]")
-                    } else {
-                        format!(".{s}")
-                    }
-                })
-                .collect();
             problem(
                 key_span(doc.get_ref(), path),
-                shown.concat().trim_start_matches('.').to_owned(),
+                shown_key(parent),
                 format!("unknown key {key:?} (see docs/configuration.md for the keys)"),
             )
         })
         .collect();
-    let raw = match typed {
+    for (span, key, message) in typing {
+        problems.push(problem(span, key, message));
+    }
+    let mut raw = match typed {
         Ok(raw) => raw,
         Err(e) => {
-            problems.push(problem(
-                e.span(),
-                String::new(),
-                e.message().trim().to_owned(),
-            ));
+            let key = key_at(doc.get_ref(), e.span());
+            // A service's own type error is already reported above.
+            if !key.starts_with("services.") {
+                problems.push(problem(e.span(), key, e.message().trim().to_owned()));
+            }
+            problems.sort_by_key(|p| p.line);
             return Err(problems);
         }
     };
+    raw.services = services;
+    if !problems.is_empty() {
+        // Still validate, so every problem shows in one run.
+        let mut v = Validator {
+            text,
+            base,
+            doc: doc.get_ref(),
+            problems,
+        };
+        let _ = v.config(raw);
+        v.problems.sort_by_key(|p| p.line);
+        return Err(v.problems);
+    }
     let mut v = Validator {
         text,
         base,
@@ -1102,6 +1198,26 @@ mod tests {
         assert!(keys.contains(&"services.B.max_connections"), "{p:#?}");
         assert!(keys.contains(&"services.C.routes[0]"), "{p:#?}");
         assert!(p.iter().all(|p| p.line.is_some()), "{p:#?}");
+    }
+
+    #[test]
+    fn type_errors_name_their_keys_and_do_not_hide_others() {
+        let p = problems(
+            "[acl]\nallow = [\"10.0.0.0/8\"]\n[services.A]\ntarget = \"10.0.0.1:1\"\nmax_connections = \"4\"\n\
+             [services.B]\ntarget = \"10.0.0.2:1\"\nmax_connections = \"5\"\n\
+             [services.C]\nroutes = [{ host = \"x\" }]\n[services.D]\ntarget = \"10.0.0.3:1\"\ncolour = 1\n",
+        );
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"services.A.max_connections"), "{p:#?}");
+        assert!(keys.contains(&"services.B.max_connections"), "{p:#?}");
+        assert!(
+            keys.iter().any(|k| k.starts_with("services.C.routes")),
+            "{p:#?}"
+        );
+        assert!(keys.contains(&"services.D"), "{p:#?}");
+        let p = problems("[acl]\nallow = \"10.0.0.0/8\"\n[services.A]\ntarget = \"10.0.0.1:1\"\n");
+        assert_eq!(p[0].key, "acl.allow", "{p:#?}");
+        assert_eq!(p[0].line, Some(2));
     }
 
     #[test]

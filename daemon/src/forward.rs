@@ -79,9 +79,14 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelSt
     };
     let tl = tunnel.limiters(&rules.config.tunnel_limits);
     let rl = rules.limiters[&service].clone();
-    let admitted = tl
-        .admit("this tunnel")
-        .and_then(|t| rl.admit(&format!("rule {service}")).map(|r| (t, r)));
+    // Slots first, rates last: a connection refused for a slot spends no rate token.
+    let what = format!("rule {service}");
+    let admitted = tl.slot("this tunnel").and_then(|t| {
+        let r = rl.slot(&what)?;
+        rl.rate(&what)?;
+        tl.rate("this tunnel")?;
+        Ok((t, r))
+    });
     let _slots = match admitted {
         Ok(s) => s,
         Err(why) => return refuse(rec, Refusal::new("limit", why), stream).await,
@@ -299,6 +304,8 @@ where
                 Ok(c) => c,
             };
             let n = chunk.len().min(to_cap);
+            // Data waiting for bandwidth is not idleness.
+            touch();
             for b in to_limits {
                 b.take(n).await;
             }
@@ -314,20 +321,29 @@ where
     };
     let up = async {
         let mut buf = vec![0u8; from_cap];
-        let why = loop {
+        let mut why = "target_closed";
+        loop {
             let n = match lr.read(&mut buf).await {
-                Ok(0) | Err(_) => break "target_closed",
+                Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            if why == "client_closed" {
+                // The tunnel side is gone: read and discard until the target closes, so that
+                // closing our socket does not turn into a reset that discards what we still
+                // had to deliver to it.
+                continue;
+            }
+            touch();
             for b in from_limits {
                 b.take(n).await;
             }
             if tw.write_all(&buf[..n]).await.is_err() {
-                break "client_closed";
+                why = "client_closed";
+                continue;
             }
             from_n.fetch_add(n as u64, Ordering::Relaxed);
             touch();
-        };
+        }
         let _ = tw.shutdown().await;
         why
     };
@@ -346,7 +362,11 @@ where
     };
     tokio::pin!(down, up, idle_watch);
     let reason = tokio::select! {
-        why = &mut down => why,
+        why = &mut down => {
+            // Our FIN is queued to the target; let it read the rest and close (bounded).
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut up).await;
+            why
+        }
         why = &mut up => {
             if why == "target_closed" {
                 // The reset is queued; the peer's earlier bytes drain, then the reader ends.

@@ -106,24 +106,42 @@ impl VirtualSocket for Pipe {
     }
 }
 
-/// Connects to the address `upstream_peer` already checked, with a plain tokio connect (pingora's
-/// own connector sets socket options qemu-user rejects, which breaks emulated test runs).
+/// Connects to the addresses `request_filter` resolved and checked, in order, with a plain tokio
+/// connect under the rule's connect timeout. (pingora's own connector would try only one address,
+/// and sets socket options qemu-user rejects, which breaks emulated test runs.)
 #[derive(Debug)]
-struct DirectConnect;
+struct DirectConnect {
+    addrs: Vec<SocketAddr>,
+    timeout: std::time::Duration,
+}
 
 #[async_trait]
 impl L4Connect for DirectConnect {
-    async fn connect(&self, addr: &PeerAddr) -> pingora::Result<L4Stream> {
-        let inet = *addr
-            .as_inet()
-            .or_err(ErrorType::ConnectError, "not an IP upstream")?;
-        let tcp = tokio::net::TcpStream::connect(inet)
-            .await
-            .or_err_with(ErrorType::ConnectRefused, || {
-                format!("connecting to {inet}")
-            })?;
-        let _ = tcp.set_nodelay(true);
-        Ok(tcp.into())
+    async fn connect(&self, _addr: &PeerAddr) -> pingora::Result<L4Stream> {
+        let deadline = Instant::now() + self.timeout;
+        let mut last = None;
+        for a in &self.addrs {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, tokio::net::TcpStream::connect(a)).await {
+                Ok(Ok(tcp)) => {
+                    let _ = tcp.set_nodelay(true);
+                    return Ok(tcp.into());
+                }
+                Ok(Err(e)) => last = Some((*a, e)),
+                Err(_) => {
+                    return Error::e_explain(
+                        ErrorType::ConnectTimedout,
+                        format!("{a} did not answer within {:?}", self.timeout),
+                    );
+                }
+            }
+        }
+        match last {
+            Some((a, e)) => {
+                Err(e).or_err_with(ErrorType::ConnectRefused, || format!("connecting to {a}"))
+            }
+            None => Error::e_explain(ErrorType::ConnectError, "no upstream address"),
+        }
     }
 }
 
@@ -140,6 +158,9 @@ struct App {
 pub struct Ctx {
     started: Option<Instant>,
     route: Option<usize>,
+    /// The upstream's addresses, resolved and checked against the ACL; tried in order.
+    addrs: Vec<SocketAddr>,
+    /// The first of them, for pingora's peer key and for the records.
     upstream: Option<SocketAddr>,
     host: String,
     /// Set when the request was answered here (no route, denied) with this reason.
@@ -253,7 +274,8 @@ impl ProxyHttp for App {
         };
         match checked {
             Ok(addrs) => {
-                ctx.upstream = Some(addrs[0]);
+                ctx.upstream = addrs.first().copied();
+                ctx.addrs = addrs;
                 Ok(false)
             }
             Err(r) => {
@@ -280,11 +302,19 @@ impl ProxyHttp for App {
             .upstream
             .or_err(ErrorType::InternalError, "no upstream chosen")?;
         let mut peer = HttpPeer::new(addr, false, String::new());
-        peer.options.connection_timeout = Some(self.svc.connect_timeout);
+        peer.options.total_connection_timeout = Some(self.svc.connect_timeout);
+        // A WebSocket may stay quiet for long once upgraded; its handshake is bounded by the
+        // rule's idle timeout, if any, not by the response timeout.
         if !session.is_upgrade_req() {
             peer.options.read_timeout = Some(self.http.response_timeout);
         }
-        peer.options.custom_l4 = Some(Arc::new(DirectConnect));
+        // Each tunnel connection has its own pool: let an upstream connection it leaves behind
+        // go soon, rather than hold one of a small device's few sockets.
+        peer.options.idle_timeout = Some(std::time::Duration::from_secs(5));
+        peer.options.custom_l4 = Some(Arc::new(DirectConnect {
+            addrs: ctx.addrs.clone(),
+            timeout: self.svc.connect_timeout,
+        }));
         Ok(Box::new(peer))
     }
 
@@ -314,7 +344,9 @@ impl ProxyHttp for App {
             req.set_uri(uri);
         }
         // The hop the request arrived from is the relay; what the operator's client sent in
-        // these headers is not trusted and is replaced.
+        // these headers is not trusted and is replaced or removed.
+        req.remove_header("forwarded");
+        req.remove_header("x-real-ip");
         match self.relay_ip {
             Some(ip) => req.insert_header("x-forwarded-for", ip.to_string())?,
             None => {

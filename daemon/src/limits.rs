@@ -89,11 +89,11 @@ impl Bandwidth {
     }
 }
 
-/// The shared limiters of one rule or one tunnel, rebuilt when its limits change.
+/// The shared limiters of one rule or one tunnel.
 pub struct Limiters {
     pub limits: Limits,
     pub open: Gauge,
-    pub rate: Option<ConnectionRate>,
+    pub rate: Option<Arc<ConnectionRate>>,
     pub to_target: Option<Arc<Bandwidth>>,
     pub from_target: Option<Arc<Bandwidth>>,
 }
@@ -103,7 +103,9 @@ impl Limiters {
         Limiters {
             limits: limits.clone(),
             open,
-            rate: limits.connection_rate.map(ConnectionRate::new),
+            rate: limits
+                .connection_rate
+                .map(|r| Arc::new(ConnectionRate::new(r))),
             to_target: limits
                 .bytes_per_sec_to_target
                 .map(|b| Arc::new(Bandwidth::new(b))),
@@ -113,28 +115,54 @@ impl Limiters {
         }
     }
 
-    /// Admit a new connection: a slot under `max_connections` and a token of the connection
-    /// rate, or the reason it is refused.
-    pub fn admit(&self, what: &str) -> Result<Slot, String> {
-        let slot = self
-            .open
+    /// The limiters for `limits`, keeping every part of `self` whose setting did not change
+    /// (a changed `max_connections` does not refill the connection rate's bucket, nor start a
+    /// second bandwidth budget beside the one live connections use).
+    pub fn update(&self, limits: &Limits) -> Limiters {
+        let fresh = Limiters::new(limits, self.open.clone());
+        let l = &self.limits;
+        Limiters {
+            rate: if l.connection_rate == limits.connection_rate {
+                self.rate.clone()
+            } else {
+                fresh.rate
+            },
+            to_target: if l.bytes_per_sec_to_target == limits.bytes_per_sec_to_target {
+                self.to_target.clone()
+            } else {
+                fresh.to_target
+            },
+            from_target: if l.bytes_per_sec_from_target == limits.bytes_per_sec_from_target {
+                self.from_target.clone()
+            } else {
+                fresh.from_target
+            },
+            limits: fresh.limits,
+            open: fresh.open,
+        }
+    }
+
+    /// A slot under `max_connections`, or the reason there is none.
+    pub fn slot(&self, what: &str) -> Result<Slot, String> {
+        self.open
             .try_take(self.limits.max_connections)
             .ok_or_else(|| {
                 format!(
                     "{what} already has {} connection(s) open (max_connections)",
                     self.open.current()
                 )
-            })?;
-        if let Some(r) = &self.rate
-            && !r.admit()
-        {
-            let rate = self.limits.connection_rate.expect("rate set");
-            return Err(format!(
+            })
+    }
+
+    /// A token of the connection rate, or the reason there is none.
+    pub fn rate(&self, what: &str) -> Result<(), String> {
+        match (&self.rate, self.limits.connection_rate) {
+            (Some(r), Some(rate)) if !r.admit() => Err(format!(
                 "{what} accepts {} new connection(s) per {:?} (connection_rate)",
                 rate.n, rate.per
-            ));
+            )),
+            _ => Ok(()),
         }
-        Ok(slot)
     }
 }
 
@@ -173,8 +201,25 @@ mod tests {
             },
             Gauge::default(),
         );
-        let _s = l.admit("rule SSH").unwrap();
-        assert!(l.admit("rule SSH").unwrap_err().contains("max_connections"));
+        let _s = l.slot("rule SSH").unwrap();
+        assert!(l.slot("rule SSH").unwrap_err().contains("max_connections"));
+        // Changing one limit keeps the others' state.
+        let rated = Limiters::new(
+            &Limits {
+                connection_rate: Some(Rate {
+                    n: 1,
+                    per: Duration::from_secs(3600),
+                }),
+                ..Limits::default()
+            },
+            Gauge::default(),
+        );
+        rated.rate("rule X").unwrap();
+        let more = rated.update(&Limits {
+            max_connections: Some(5),
+            ..rated.limits.clone()
+        });
+        assert!(more.rate("rule X").unwrap_err().contains("connection_rate"));
     }
 
     #[test]

@@ -117,8 +117,21 @@ fn main() -> ExitCode {
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     let gw_stop = gw.clone();
+    // Install the handlers before anything runs: until then SIGHUP would end the process.
+    let handlers = rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
+        ))
+    });
+    let (mut term, mut hup) = match handlers {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("culvertd: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     rt.spawn(async move {
-        let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
         tokio::select! {
             _ = term.recv() => {},
             _ = tokio::signal::ctrl_c() => {},
@@ -128,7 +141,6 @@ fn main() -> ExitCode {
     });
     let (gw_hup, path) = (gw.clone(), args.config.clone());
     rt.spawn(async move {
-        let mut hup = signal(SignalKind::hangup()).expect("installing a SIGHUP handler");
         while hup.recv().await.is_some() {
             info!(file = %path.display(), "SIGHUP: reloading the configuration");
             match config::load(&path) {

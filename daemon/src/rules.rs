@@ -26,6 +26,9 @@ pub struct Rules {
 /// culvertd's shared state: the rules in force and the audit trail.
 pub struct Gateway {
     current: RwLock<Arc<Rules>>,
+    /// Open-connection counts by rule name, kept for the life of the process: a rule removed
+    /// and added back still counts the connections it left running.
+    gauges: Mutex<HashMap<String, Gauge>>,
     pub audit: Audit,
     /// Tells embedded HTTP servers to stop keeping connections alive at shutdown.
     pub http_shutdown: tokio::sync::watch::Sender<bool>,
@@ -34,9 +37,11 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(config: Config) -> Arc<Gateway> {
         let audit = Audit::new(config.audit_file.as_deref());
-        let rules = build(config, None);
+        let gauges = Mutex::new(HashMap::new());
+        let rules = build(config, None, &gauges);
         Arc::new(Gateway {
             current: RwLock::new(Arc::new(rules)),
+            gauges,
             audit,
             http_shutdown: tokio::sync::watch::channel(false).0,
         })
@@ -76,12 +81,13 @@ impl Gateway {
             );
         }
         self.audit.set_file(config.audit_file.as_deref());
-        let rules = build(config, Some(&old));
+        let rules = build(config, Some(&old), &self.gauges);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
     }
 }
 
-fn build(config: Config, old: Option<&Rules>) -> Rules {
+fn build(config: Config, old: Option<&Rules>, gauges: &Mutex<HashMap<String, Gauge>>) -> Rules {
+    let mut gauges = gauges.lock().unwrap_or_else(|p| p.into_inner());
     let limiters = config
         .services
         .iter()
@@ -89,8 +95,11 @@ fn build(config: Config, old: Option<&Rules>) -> Rules {
             let prev = old.and_then(|o| o.limiters.get(name));
             let l = match prev {
                 Some(p) if p.limits == svc.limits => p.clone(),
-                Some(p) => Arc::new(Limiters::new(&svc.limits, p.open.clone())),
-                None => Arc::new(Limiters::new(&svc.limits, Gauge::default())),
+                Some(p) => Arc::new(p.update(&svc.limits)),
+                None => {
+                    let open = gauges.entry(name.clone()).or_default().clone();
+                    Arc::new(Limiters::new(&svc.limits, open))
+                }
             };
             (name.clone(), l)
         })
@@ -127,7 +136,7 @@ impl TunnelState {
     pub fn limiters(&self, limits: &Limits) -> Arc<Limiters> {
         let mut l = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
         if l.limits != *limits {
-            *l = Arc::new(Limiters::new(limits, self.open.clone()));
+            *l = Arc::new(l.update(limits));
         }
         l.clone()
     }
