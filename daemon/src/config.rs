@@ -47,6 +47,7 @@ use crate::acl::{self, Policy};
 
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Ports of the gateway itself that no rule reaches unless one allows them explicitly.
 const DEFAULT_MANAGEMENT_PORTS: &[u16] = &[22];
 
@@ -57,6 +58,7 @@ struct RawConfig {
     acl: Option<RawAcl>,
     tunnel_limits: Option<RawLimits>,
     audit: Option<RawAudit>,
+    daemon: Option<RawDaemon>,
     /// Read service by service from the document (see `parse`); skipped here.
     #[serde(default, skip_deserializing)]
     services: BTreeMap<String, RawService>,
@@ -99,6 +101,13 @@ struct RawLimits {
     max_bytes_per_sec: Option<Spanned<u64>>,
     max_bytes_per_sec_to_target: Option<Spanned<u64>>,
     max_bytes_per_sec_from_target: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawDaemon {
+    shutdown_grace_secs: Option<Spanned<u64>>,
+    metrics_listen: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -330,11 +339,23 @@ pub struct Service {
     pub idle_timeout: Option<Duration>,
 }
 
+/// How the process itself runs (`[daemon]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonSettings {
+    /// On SIGTERM, how long live connections may take to finish before they are cut.
+    pub shutdown_grace: Duration,
+    /// The Prometheus endpoint's address, if enabled.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Started as root outside systemd: the user to become once the keys are read.
+    pub user: Option<String>,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub endpoint: Option<Endpoint>,
     pub ca: Option<PathBuf>,
     pub mqtt: Option<MqttConfig>,
+    pub daemon: DaemonSettings,
     pub tunnel_limits: Limits,
     pub audit_file: Option<PathBuf>,
     pub services: BTreeMap<String, Service>,
@@ -663,9 +684,16 @@ impl Validator<'_> {
         let acl = raw.acl.unwrap_or_default();
         let global_allow = self.nets("acl.allow", &acl.allow);
         let global_deny = self.nets("acl.deny", &acl.deny);
-        let management_ports = acl
+        let mut management_ports = acl
             .management_ports
             .unwrap_or_else(|| DEFAULT_MANAGEMENT_PORTS.to_vec());
+        let daemon = self.daemon(raw.daemon.unwrap_or_default());
+        // culvertd's own metrics port is one of this gateway's management ports.
+        if let Some(m) = daemon.metrics_listen
+            && m.port() != 0
+        {
+            management_ports.push(m.port());
+        }
         let tunnel_limits = self.limits("tunnel_limits", &raw.tunnel_limits.unwrap_or_default());
         let audit_file = raw.audit.and_then(|a| a.file).map(|f| self.audit_file(&f));
         let mut services = BTreeMap::new();
@@ -705,9 +733,49 @@ impl Validator<'_> {
             endpoint,
             ca,
             mqtt,
+            daemon,
             tunnel_limits,
             audit_file,
             services,
+        }
+    }
+
+    fn daemon(&mut self, d: RawDaemon) -> DaemonSettings {
+        let shutdown_grace = match &d.shutdown_grace_secs {
+            Some(g) if *g.get_ref() > 3600 => {
+                self.push(g.span(), "daemon.shutdown_grace_secs", "must be 0-3600");
+                DEFAULT_SHUTDOWN_GRACE
+            }
+            Some(g) => Duration::from_secs(*g.get_ref()),
+            None => DEFAULT_SHUTDOWN_GRACE,
+        };
+        let metrics_listen = d.metrics_listen.and_then(|m| {
+            m.get_ref()
+                .parse()
+                .map_err(|_| {
+                    self.push(
+                        m.span(),
+                        "daemon.metrics_listen",
+                        format!(
+                            "{:?} is not an address:port (e.g. \"127.0.0.1:9477\")",
+                            m.get_ref()
+                        ),
+                    )
+                })
+                .ok()
+        });
+        let user = d.user.and_then(|u| {
+            if u.get_ref().is_empty() {
+                self.push(u.span(), "daemon.user", "empty user name");
+                None
+            } else {
+                Some(u.into_inner())
+            }
+        });
+        DaemonSettings {
+            shutdown_grace,
+            metrics_listen,
+            user,
         }
     }
 

@@ -20,6 +20,7 @@ use crate::acl;
 use crate::audit::Record;
 use crate::config::{HostPort, Kind, Service, Target};
 use crate::limits::Bandwidth;
+use crate::metrics::Metrics;
 use crate::rules::{Gateway, TunnelState};
 
 /// Why a connection could not be made.
@@ -56,6 +57,10 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelSt
         let gw = gw.clone();
         async move {
             warn!(service = %rec.service, conn = %rec.conn, reason = r.reason, address = ?r.address, "connection refused: {}", r.detail);
+            gw.metrics
+                .refused
+                .get_or_create(&Metrics::label("reason", r.reason))
+                .inc();
             gw.audit.record(
                 Record {
                     event: "end",
@@ -101,6 +106,10 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelSt
         .flatten()
         .cloned()
         .collect();
+    gw.metrics.connections.inc();
+    let _open = scopeguard(|| {
+        gw.metrics.connections.dec();
+    });
     let outcome = match &svc.kind {
         Kind::Tcp(target) => {
             rec.target = Some(target.to_string());
@@ -135,6 +144,13 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelSt
             return refuse(rec, r, stream).await;
         }
     };
+    let m = &gw.metrics;
+    m.bytes
+        .get_or_create(&Metrics::label("direction", "to_target"))
+        .inc_by(outcome.to_target);
+    m.bytes
+        .get_or_create(&Metrics::label("direction", "from_target"))
+        .inc_by(outcome.from_target);
     debug!(
         service = %service,
         conn = %rec.conn,
@@ -155,7 +171,24 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelSt
     );
 }
 
+/// Runs `f` when dropped (however the connection ends).
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+fn scopeguard<F: FnMut()>(f: F) -> OnDrop<F> {
+    OnDrop(f)
+}
+
 fn start(gw: &Gateway, rec: &Record) {
+    gw.metrics
+        .connections_total
+        .get_or_create(&Metrics::label("service", &rec.service))
+        .inc();
     info!(service = %rec.service, conn = %rec.conn, target = ?rec.target, address = ?rec.address, "connection started");
     gw.audit.record(Record {
         event: "start",

@@ -47,12 +47,31 @@ fn relay_ip(ws: &client::RelayStream) -> Option<std::net::IpAddr> {
     tcp.peer_addr().ok().map(|a| a.ip().to_canonical())
 }
 
-/// Serve one tunnel as its destination until `shutdown` or until the relay refuses the token
+/// Two-stage shutdown: `drain` stops new connections (and reconnects) and lets live ones finish;
+/// `hard` ends everything (the grace period is over, or a second signal came).
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    pub drain: CancellationToken,
+    pub hard: CancellationToken,
+}
+
+/// Serve one tunnel as its destination until shutdown or until the relay refuses the token
 /// (tunnel closed, expired, or token rotated).
 pub async fn run_tunnel(
     args: TunnelArgs,
     gw: Arc<Gateway>,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
+) -> Result<(), TunnelError> {
+    gw.metrics.tunnels.inc();
+    let r = serve_tunnel(args, &gw, shutdown).await;
+    gw.metrics.tunnels.dec();
+    r
+}
+
+async fn serve_tunnel(
+    args: TunnelArgs,
+    gw: &Arc<Gateway>,
+    shutdown: Shutdown,
 ) -> Result<(), TunnelError> {
     let label = args
         .tunnel_id
@@ -72,15 +91,22 @@ pub async fn run_tunnel(
     };
     let conns = TaskTracker::new();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut draining = false;
+    let mut first = true;
     let result = loop {
-        let (ws, format) = match client::connect_retrying(&opts, &mut backoff, &shutdown).await {
-            Ok(Some(x)) => x,
-            Ok(None) => break Ok(()),
-            Err(client::ConnectError::Refused { status, message }) => {
-                break Err(TunnelError::Refused { status, message });
-            }
-            Err(e) => break Err(TunnelError::Fatal(e.to_string())),
-        };
+        if !first {
+            gw.metrics.relay_reconnects.inc();
+        }
+        first = false;
+        let (ws, format) =
+            match client::connect_retrying(&opts, &mut backoff, &shutdown.drain).await {
+                Ok(Some(x)) => x,
+                Ok(None) => break Ok(()),
+                Err(client::ConnectError::Refused { status, message }) => {
+                    break Err(TunnelError::Refused { status, message });
+                }
+                Err(e) => break Err(TunnelError::Fatal(e.to_string())),
+            };
         backoff.reset();
         *tunnel.relay_ip.lock().unwrap_or_else(|p| p.into_inner()) = relay_ip(&ws);
         // A V1 stream names no service: it maps to the rule when there is exactly one.
@@ -99,12 +125,26 @@ pub async fn run_tunnel(
         });
         let why = loop {
             tokio::select! {
-                _ = shutdown.cancelled() => {
+                _ = shutdown.hard.cancelled() => {
+                    handle.close();
+                    break None;
+                }
+                _ = shutdown.drain.cancelled(), if !draining => {
+                    draining = true;
+                    conns.close();
+                    info!(tunnel = %tunnel.label, open = tunnel.open_connections(), "draining: no new connections; waiting for the open ones to finish");
+                }
+                _ = conns.wait(), if draining => {
+                    info!(tunnel = %tunnel.label, "drained; closing the tunnel session");
                     handle.close();
                     break None;
                 }
                 why = handle.closed() => break Some(why),
                 s = incoming.streams.recv() => match s {
+                    Some(stream) if draining => {
+                        info!(service = %stream.service(), "shutting down: new connection refused");
+                        stream.reset().await;
+                    }
                     Some(stream) => {
                         let span = info_span!("conn", tunnel = %tunnel.label, service = %stream.service(), conn = %stream.id());
                         conns.spawn(forward::handle(gw.clone(), tunnel.clone(), stream).instrument(span));
@@ -115,6 +155,10 @@ pub async fn run_tunnel(
         };
         match why {
             None => break Ok(()),
+            Some(why) if draining => {
+                info!(reason = %why, "relay session ended while draining; not reconnecting");
+                break Ok(());
+            }
             Some(why) => warn!(reason = %why, "relay session ended; reconnecting"),
         }
     };

@@ -12,8 +12,8 @@
 //! - [`forward`]: one connection from arrival to audit record: rule, limits, ACL, connect, pump.
 //! - `http` (feature `http`): HTTP routing by Host and path to device web UIs, pingora embedded.
 //! - [`notify`]: MQTT notifications: each one starts a destination session for its token.
-//!
-//! Not here yet: systemd integration and metrics.
+//! - [`metrics`]: counters and gauges for the Prometheus endpoint and systemd's STATUS line
+//!   (readiness, watchdog and the endpoint itself are in `culvert-appliance`).
 
 pub mod acl;
 pub mod audit;
@@ -23,6 +23,7 @@ pub mod gateway;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod limits;
+pub mod metrics;
 pub mod notify;
 pub mod rules;
 

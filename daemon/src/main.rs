@@ -5,13 +5,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use culvert_appliance::systemd;
 use culvert_protocol::client::Endpoint;
-use culvertd::gateway::{TunnelArgs, TunnelError, run_tunnel};
+use culvertd::gateway::{Shutdown, TunnelArgs, TunnelError, run_tunnel};
+use culvertd::metrics::Metrics;
 use culvertd::rules::Gateway;
 use culvertd::{EXIT_CONFIG, EXIT_REFUSED, config, notify};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// culvert's gateway daemon: carries tunnel connections to LAN targets by rules.
 #[derive(Parser)]
@@ -113,45 +114,105 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let settings = cfg.daemon.clone();
     let gw = Gateway::new(cfg);
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    let gw_stop = gw.clone();
+    let shutdown = Shutdown::default();
     // Install the handlers before anything runs: until then SIGHUP would end the process.
     let handlers = rt.block_on(async {
         Ok::<_, std::io::Error>((
             signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
             signal(SignalKind::hangup())?,
         ))
     });
-    let (mut term, mut hup) = match handlers {
+    let (mut term, mut int, mut hup) = match handlers {
         Ok(h) => h,
         Err(e) => {
             eprintln!("culvertd: cannot install signal handlers: {e}");
             return ExitCode::FAILURE;
         }
     };
+    // Bind the metrics port while still privileged, then drop root if asked to.
+    if let Some(addr) = settings.metrics_listen {
+        match rt.block_on(tokio::net::TcpListener::bind(addr)) {
+            Ok(l) => {
+                let _guard = rt.enter();
+                culvert_appliance::metrics::spawn(l, gw.metrics.registry.clone());
+            }
+            Err(e) => {
+                eprintln!("culvertd: daemon.metrics_listen {addr}: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    match culvert_appliance::privileges::drop_to(settings.user.as_deref()) {
+        Ok(Some(what)) => info!("{what}"),
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("culvertd: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    // SIGTERM / SIGINT: stop taking connections, let the open ones finish within the grace
+    // period, then cut them; a second signal cuts them at once.
+    let (gw_stop, stop) = (gw.clone(), shutdown.clone());
+    let grace = settings.shutdown_grace;
     rt.spawn(async move {
         tokio::select! {
             _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
+            _ = int.recv() => {},
         }
+        let open = gw_stop.metrics.connections.get();
+        info!(open, ?grace, "shutting down: draining open connections");
+        systemd::stopping(&format!("draining {open} connection(s), at most {grace:?}"));
         let _ = gw_stop.http_shutdown.send(true);
-        stop.cancel();
+        stop.drain.cancel();
+        tokio::select! {
+            _ = tokio::time::sleep(grace) => {
+                let left = gw_stop.metrics.connections.get();
+                if left > 0 {
+                    warn!(left, "grace period over: closing the remaining connections");
+                }
+            }
+            _ = term.recv() => warn!("second signal: closing the remaining connections"),
+            _ = int.recv() => warn!("second signal: closing the remaining connections"),
+        }
+        stop.hard.cancel();
     });
     let (gw_hup, path) = (gw.clone(), args.config.clone());
     rt.spawn(async move {
         while hup.recv().await.is_some() {
             info!(file = %path.display(), "SIGHUP: reloading the configuration");
-            match config::load(&path) {
-                Ok(c) => gw_hup.reload(c),
-                Err(e) => error!(
-                    "configuration not reloaded, the rules in force stay: {} problem(s):\n{e}",
-                    e.problems.len()
-                ),
-            }
+            let result = match config::load(&path) {
+                Ok(c) => {
+                    gw_hup.reload(c);
+                    "applied"
+                }
+                Err(e) => {
+                    error!(
+                        "configuration not reloaded, the rules in force stay: {} problem(s):\n{e}",
+                        e.problems.len()
+                    );
+                    "refused"
+                }
+            };
+            gw_hup
+                .metrics
+                .reloads
+                .get_or_create(&Metrics::label("result", result))
+                .inc();
+            systemd::status(&format!(
+                "configuration reload {result}; {}",
+                gw_hup.metrics.status()
+            ));
         }
     });
+    {
+        let _guard = rt.enter();
+        let gw_status = gw.clone();
+        systemd::spawn_watchdog(move || gw_status.metrics.status());
+    }
+    systemd::ready(&gw.metrics.status());
     let r = match args.token {
         // One tunnel, its token given by hand.
         Some(token) => {

@@ -20,12 +20,11 @@ use std::time::Duration;
 use culvert_protocol::client::{Backoff, Endpoint};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeReasonCode, Transport};
 use serde::Deserialize;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::{Config, MqttConfig};
-use crate::gateway::{TunnelArgs, TunnelError, run_tunnel};
+use crate::gateway::{Shutdown, TunnelArgs, TunnelError, run_tunnel};
 use crate::rules::Gateway;
 
 /// Largest notification payload accepted (the AWS payload is a few hundred bytes).
@@ -126,7 +125,7 @@ pub async fn run(
     gw: Arc<Gateway>,
     relay: Endpoint,
     relay_ca: Option<std::path::PathBuf>,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 ) -> Result<(), String> {
     let m = gw
         .config()
@@ -151,7 +150,7 @@ pub async fn run(
     info!(broker = %m.broker, thing = %m.thing_name, topic = %m.topic, "waiting for tunnel notifications");
     loop {
         let ev = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.drain.cancelled() => break,
             ev = eventloop.poll() => ev,
         };
         match ev {
@@ -223,14 +222,16 @@ pub async fn run(
                 let delay = backoff.next_delay();
                 warn!(broker = %m.broker, error = %e, retry_in = ?delay, "MQTT broker connection failed");
                 tokio::select! {
-                    _ = shutdown.cancelled() => break,
+                    _ = shutdown.drain.cancelled() => break,
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
         }
     }
+    // No new tunnels; the running ones drain (or end at the hard stop).
+    let _ = client.try_disconnect();
     tunnels.close();
-    let _ = tokio::time::timeout(Duration::from_secs(3), tunnels.wait()).await;
+    tunnels.wait().await;
     Ok(())
 }
 

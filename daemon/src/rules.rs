@@ -30,6 +30,7 @@ pub struct Gateway {
     /// and added back still counts the connections it left running.
     gauges: Mutex<HashMap<String, Gauge>>,
     pub audit: Audit,
+    pub metrics: crate::metrics::Metrics,
     /// Tells embedded HTTP servers to stop keeping connections alive at shutdown.
     pub http_shutdown: tokio::sync::watch::Sender<bool>,
 }
@@ -43,6 +44,7 @@ impl Gateway {
             current: RwLock::new(Arc::new(rules)),
             gauges,
             audit,
+            metrics: crate::metrics::Metrics::default(),
             http_shutdown: tokio::sync::watch::channel(false).0,
         })
     }

@@ -347,6 +347,17 @@ impl Relay {
 
     /// Start `culvertd` for a tunnel with a rules file.
     pub fn gateway(&self, dir: &Path, rules: &Path, token: &str) -> Proc {
+        self.gateway_with_env(dir, rules, token, &[])
+    }
+
+    /// Start `culvertd` for a tunnel with a rules file and extra environment variables.
+    pub fn gateway_with_env(
+        &self,
+        dir: &Path,
+        rules: &Path,
+        token: &str,
+        env: &[(&str, &str)],
+    ) -> Proc {
         Proc::spawn(
             "culvertd",
             Command::new(bin("culvertd"))
@@ -357,6 +368,7 @@ impl Relay {
                 .arg(&self.ca)
                 .env("CULVERT_DESTINATION_TOKEN", token)
                 .env("RUST_LOG", "info,culvertd=debug")
+                .envs(env.iter().copied())
                 .stdout(Stdio::null()),
             dir,
         )
