@@ -1,30 +1,80 @@
 //! The systemd notification protocol (sd_notify), through the sd-notify crate. Every call is a
 //! no-op when `$NOTIFY_SOCKET` is not set; a failed send is logged, never fatal.
+//!
+//! Sending is a blocking datagram write that stalls while the receiver's queue is full (a busy
+//! or stopped systemd, a test that stopped reading). So notifications are handed to one sender
+//! thread through a bounded queue, never written from the async runtime: a stalled receiver
+//! costs dropped status updates, not a stalled daemon.
 
+use std::sync::OnceLock;
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tracing::{debug, warn};
 
-fn send(state: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(state) {
-        warn!(error = %e, "cannot notify systemd");
+enum Note {
+    Ready(String),
+    Status(String),
+    Stopping(String),
+    Watchdog(String),
+}
+
+fn sender() -> Option<&'static SyncSender<Note>> {
+    static TX: OnceLock<Option<SyncSender<Note>>> = OnceLock::new();
+    TX.get_or_init(|| {
+        std::env::var_os("NOTIFY_SOCKET")?;
+        let (tx, rx) = sync_channel::<Note>(64);
+        let spawned = std::thread::Builder::new()
+            .name("sd-notify".into())
+            .spawn(move || {
+                for note in rx {
+                    let r = match &note {
+                        Note::Ready(s) => {
+                            sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(s)])
+                        }
+                        Note::Status(s) => sd_notify::notify(&[NotifyState::Status(s)]),
+                        Note::Stopping(s) => {
+                            sd_notify::notify(&[NotifyState::Stopping, NotifyState::Status(s)])
+                        }
+                        Note::Watchdog(s) => {
+                            sd_notify::notify(&[NotifyState::Watchdog, NotifyState::Status(s)])
+                        }
+                    };
+                    if let Err(e) = r {
+                        warn!(error = %e, "cannot notify systemd");
+                    }
+                }
+            });
+        spawned.ok().map(|_| tx)
+    })
+    .as_ref()
+}
+
+fn send(note: Note) {
+    if let Some(tx) = sender() {
+        match tx.try_send(note) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                debug!("systemd is not reading notifications; one dropped")
+            }
+        }
     }
 }
 
 /// Start-up is complete: systemd considers the unit started.
 pub fn ready(status: &str) {
-    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+    send(Note::Ready(status.to_owned()));
 }
 
 /// A one-line status, shown by `systemctl status`.
 pub fn status(status: &str) {
-    send(&[NotifyState::Status(status)]);
+    send(Note::Status(status.to_owned()));
 }
 
 /// Shutdown has begun (draining).
 pub fn stopping(status: &str) {
-    send(&[NotifyState::Stopping, NotifyState::Status(status)]);
+    send(Note::Stopping(status.to_owned()));
 }
 
 /// When systemd asked for a watchdog (`WatchdogSec=`), ping it at half the interval from a task
@@ -41,11 +91,11 @@ pub fn spawn_watchdog(status: impl Fn() -> String + Send + 'static) {
         loop {
             tick.tick().await;
             let s = status();
-            if watchdog {
-                send(&[NotifyState::Watchdog, NotifyState::Status(&s)]);
+            send(if watchdog {
+                Note::Watchdog(s)
             } else {
-                send(&[NotifyState::Status(&s)]);
-            }
+                Note::Status(s)
+            });
         }
     });
 }

@@ -49,6 +49,65 @@ pub struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub mqtt: RawMqtt,
+    #[serde(default)]
+    pub daemon: RawDaemon,
+}
+
+/// How the process runs: `[daemon]`, the same keys as culvertd's.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawDaemon {
+    /// On SIGTERM, how long connected peers may stay before they are disconnected (default 30).
+    pub shutdown_grace_secs: Option<u64>,
+    /// The Prometheus endpoint, e.g. "127.0.0.1:9478" (default: none).
+    pub metrics_listen: Option<String>,
+    /// Started as root outside systemd: become this user after binding and reading keys.
+    pub user: Option<String>,
+}
+
+/// Validated `[daemon]` settings.
+#[derive(Clone, Debug)]
+pub struct DaemonSettings {
+    pub shutdown_grace: Duration,
+    pub metrics_listen: Option<SocketAddr>,
+    pub user: Option<String>,
+}
+
+impl Default for DaemonSettings {
+    fn default() -> Self {
+        DaemonSettings {
+            shutdown_grace: Duration::from_secs(30),
+            metrics_listen: None,
+            user: None,
+        }
+    }
+}
+
+impl RawDaemon {
+    pub fn validate(self) -> Result<DaemonSettings, String> {
+        let d = DaemonSettings::default();
+        let shutdown_grace = match self.shutdown_grace_secs {
+            Some(s) if s > 3600 => return Err("daemon.shutdown_grace_secs must be 0-3600".into()),
+            Some(s) => Duration::from_secs(s),
+            None => d.shutdown_grace,
+        };
+        let metrics_listen = match self.metrics_listen {
+            Some(m) => Some(m.parse().map_err(|_| {
+                format!(
+                    "daemon.metrics_listen: {m:?} is not an address:port such as \"127.0.0.1:9478\""
+                )
+            })?),
+            None => None,
+        };
+        if self.user.as_deref() == Some("") {
+            return Err("daemon.user: empty user name".into());
+        }
+        Ok(DaemonSettings {
+            shutdown_grace,
+            metrics_listen,
+            user: self.user,
+        })
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -185,6 +244,7 @@ pub struct RelayConfig {
     pub tls: Arc<rustls::ServerConfig>,
     pub limits: Limits,
     pub mqtt: MqttSettings,
+    pub daemon: DaemonSettings,
 }
 
 /// A configuration problem, naming the file and key.
@@ -249,6 +309,7 @@ impl RawConfig {
         }
         let tls = server_tls(&resolve(&self.tls.cert), &resolve(&self.tls.key))?;
         let mqtt = self.mqtt.validate(resolve)?;
+        let daemon = self.daemon.validate()?;
         Ok(RelayConfig {
             listen,
             state_dir: resolve(&self.state_dir),
@@ -259,6 +320,7 @@ impl RawConfig {
                 closed_retention: Duration::from_secs(self.limits.closed_retention_minutes * 60),
             },
             mqtt,
+            daemon,
         })
     }
 }

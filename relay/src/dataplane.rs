@@ -13,6 +13,8 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
+
+use crate::metrics::{METRICS, label};
 use culvert_protocol::frame::{self, FrameError, FrameReader};
 use culvert_protocol::message::{MAX_WS_MESSAGE, Message, MessageType};
 use culvert_protocol::rules::Violation;
@@ -87,6 +89,10 @@ fn access_token(headers: &HeaderMap) -> Result<String, String> {
 }
 
 fn refuse(status: StatusCode, code: &str, msg: impl Into<String>, channel: &str) -> Response {
+    METRICS
+        .refused
+        .get_or_create(&label("status", status.as_str()))
+        .inc();
     let msg = msg.into();
     debug!(channel, status = status.as_u16(), code, %msg, "handshake refused");
     let mut r = error(status, code, msg);
@@ -217,6 +223,18 @@ enum End {
 }
 
 async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
+    METRICS
+        .peer_connects
+        .get_or_create(&label("mode", &adm.mode.to_string()))
+        .inc();
+    METRICS.peers.inc();
+    struct Connected;
+    impl Drop for Connected {
+        fn drop(&mut self) {
+            METRICS.peers.dec();
+        }
+    }
+    let _connected = Connected;
     let Admission {
         live,
         mode,
@@ -384,6 +402,7 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
             }
         }
         if let (Some((to, to_kick)), false) = (to, fwd.is_empty()) {
+            METRICS.bytes_forwarded.inc_by(fwd.len() as u64);
             // Whole frames, at most one WebSocket message each, ending after start frames.
             // Waits while the other peer is slow (back-pressure, never an unbounded queue), but
             // not past a kick of either side.

@@ -71,6 +71,7 @@ pub fn prepare(
             tls,
             limits: Limits::default(),
             mqtt,
+            daemon: crate::config::DaemonSettings::default(),
         },
         DevFiles { dir, ca },
     ))

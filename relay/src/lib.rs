@@ -20,6 +20,7 @@ pub mod config;
 pub mod dataplane;
 pub mod dev;
 pub mod devices;
+pub mod metrics;
 pub mod notify;
 pub mod registry;
 pub mod server;

@@ -4,8 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use culvert_appliance::systemd;
 use culvert_relay::config::{RawConfig, RawMqtt};
+use culvert_relay::metrics::METRICS;
 use culvert_relay::{dev, server::Relay};
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 /// culvert's tunnel relay: control API and AWS-compatible WebSocket data plane on one HTTPS port.
@@ -42,6 +45,12 @@ struct Args {
     /// --dev: most services one tunnel may carry (default 8; a config file sets limits.max_services).
     #[arg(long, requires = "dev", value_parser = clap::value_parser!(u16).range(1..))]
     max_services: Option<u16>,
+    /// --dev: serve Prometheus metrics here (a config file sets daemon.metrics_listen).
+    #[arg(long, requires = "dev")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// --dev: seconds connected peers may stay after SIGTERM (default 30; daemon.shutdown_grace_secs).
+    #[arg(long, requires = "dev")]
+    shutdown_grace_secs: Option<u64>,
     /// --dev: CA of the external broker (default: the dev CA).
     #[arg(long, requires = "mqtt_broker")]
     mqtt_ca: Option<PathBuf>,
@@ -77,6 +86,10 @@ fn main() -> ExitCode {
             Ok((mut c, f)) => {
                 if let Some(n) = args.max_services {
                     c.limits.max_services = n.into();
+                }
+                c.daemon.metrics_listen = args.metrics_listen;
+                if let Some(g) = args.shutdown_grace_secs {
+                    c.daemon.shutdown_grace = std::time::Duration::from_secs(g.min(3600));
                 }
                 (c, Some(f))
             }
@@ -137,16 +150,42 @@ async fn serve(
     } else {
         println!("culvert-relay serving https://{addr}");
     }
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
+    if let Some(addr) = cfg.daemon.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("daemon.metrics_listen {addr}: {e}"))?;
+        culvert_appliance::metrics::spawn(l, METRICS.registry.clone());
+    }
+    // Ports are bound and keys read: drop root if asked to.
+    match culvert_appliance::privileges::drop_to(cfg.daemon.user.as_deref()) {
+        Ok(Some(what)) => tracing::info!("{what}"),
+        Ok(None) => {}
+        Err(e) => anyhow::bail!(e),
+    }
+    let (shutdown, hard) = (CancellationToken::new(), CancellationToken::new());
+    let (stop, stop_hard) = (shutdown.clone(), hard.clone());
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
         tokio::select! {
             _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
+            _ = int.recv() => {},
         }
+        systemd::stopping("draining connected peers");
         stop.cancel();
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        stop_hard.cancel();
     });
-    relay.run(shutdown).await
+    let registry = relay.registry();
+    let status = move || {
+        let (tunnels, peers) = registry.counts();
+        METRICS.tunnels.set(tunnels as i64);
+        format!("{tunnels} tunnel(s) open, {peers} peer(s) connected")
+    };
+    systemd::ready(&status());
+    systemd::spawn_watchdog(status);
+    relay.run(shutdown, cfg.daemon.shutdown_grace, hard).await
 }

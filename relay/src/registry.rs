@@ -885,6 +885,29 @@ impl Registry {
         }
     }
 
+    /// Open tunnels, and how many peers are connected to them.
+    pub fn counts(&self) -> (usize, usize) {
+        // Take the live halves out first: a tunnel's lock is never taken under the registry's.
+        let open: Vec<Arc<Live>> = {
+            let st = self.lock();
+            st.tunnels
+                .values()
+                .filter(|e| e.rec.status == Status::Open)
+                .map(|e| e.live.clone())
+                .collect()
+        };
+        let peers = open
+            .iter()
+            .map(|l| {
+                [Mode::Source, Mode::Destination]
+                    .iter()
+                    .filter(|m| l.state(**m).0)
+                    .count()
+            })
+            .sum();
+        (open.len(), peers)
+    }
+
     /// Disconnect every peer (relay shutdown).
     pub fn kick_all(&self, reason: &str) {
         let st = self.lock();

@@ -155,8 +155,19 @@ impl Relay {
         self.state.mqtt_listen
     }
 
-    /// Serve until `shutdown` is cancelled, then disconnect every peer and return.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    /// The tunnel registry (for status lines).
+    pub fn registry(&self) -> Arc<Registry> {
+        self.state.registry.clone()
+    }
+
+    /// Serve until `shutdown` is cancelled. Then stop accepting, let connected peers go on for
+    /// up to `grace` (or until `hard` is cancelled), disconnect the rest and return.
+    pub async fn run(
+        self,
+        shutdown: CancellationToken,
+        grace: Duration,
+        hard: CancellationToken,
+    ) -> anyhow::Result<()> {
         let Relay {
             listener,
             tls,
@@ -227,11 +238,23 @@ impl Relay {
                 }
             });
         }
-        info!("shutting down: disconnecting peers");
         drop(listener);
-        state.registry.kick_all("relay shutting down");
         state.tasks.close();
         conns.close();
+        let (_, peers) = state.registry.counts();
+        info!(
+            peers,
+            ?grace,
+            "shutting down: no new connections; connected peers may go on for the grace period"
+        );
+        let drained = tokio::select! {
+            r = tokio::time::timeout(grace, state.tasks.wait()) => r.is_ok(),
+            _ = hard.cancelled() => false,
+        };
+        if !drained {
+            info!("disconnecting the remaining peers");
+        }
+        state.registry.kick_all("relay shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             state.tasks.wait().await;
             conns.wait().await;

@@ -211,6 +211,16 @@ impl Relay {
 
     /// Start with extra command-line arguments (e.g. an external MQTT broker).
     pub fn start_with(dir: &Path, listen: SocketAddr, extra: &[String]) -> Relay {
+        Relay::start_full(dir, listen, extra, &[])
+    }
+
+    /// Start with extra command-line arguments and environment variables.
+    pub fn start_full(
+        dir: &Path,
+        listen: SocketAddr,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> Relay {
         let state = dir.join("relay-state");
         std::fs::create_dir_all(dir).unwrap();
         let env_file = state.join("client.env");
@@ -223,6 +233,7 @@ impl Relay {
                 .args(["--listen", &listen.to_string()])
                 .args(extra)
                 .env("RUST_LOG", "info,culvert_relay=debug")
+                .envs(env.iter().copied())
                 .stdout(Stdio::null()),
             dir,
         );

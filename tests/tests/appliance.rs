@@ -134,6 +134,17 @@ fn notify_socket_gets_ready_status_watchdog_and_stopping() {
     assert_eq!(gw.wait_exit(), 0, "{}", gw.log_text());
 }
 
+/// The address a process logged for its metrics endpoint.
+fn metrics_addr(p: &Proc) -> String {
+    wait_log(p, "metrics endpoint: http://");
+    p.log_text()
+        .split("metrics endpoint: http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap()
+        .to_owned()
+}
+
 fn scrape(addr: &str, path: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
@@ -162,14 +173,7 @@ fn metrics_endpoint_counts_tunnels_connections_bytes_and_refusals() {
     );
     let gw = relay.gateway(&dir, &rules, &t.destination);
     let (_px, ports) = relay.proxy(&dir, &t.source, &["ECHO", "NOPE"]);
-    wait_log(&gw, "metrics endpoint: http://");
-    let log = gw.log_text();
-    let addr = log
-        .split("metrics endpoint: http://")
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .unwrap()
-        .to_owned();
+    let addr = metrics_addr(&gw);
     assert!(echo_works(ports["ECHO"], b"0123456789"));
     expect_refused(ports["NOPE"]);
     let text = wait_for("the metrics to show the refusal", || {
@@ -193,4 +197,68 @@ fn metrics_endpoint_counts_tunnels_connections_bytes_and_refusals() {
         .unwrap();
     assert!(to_target >= 10, "{text}");
     assert!(scrape(&addr, "/").starts_with("HTTP/1.1 404"));
+}
+
+#[test]
+fn relay_notifies_systemd_drains_peers_and_serves_metrics() {
+    let dir = scratch("relay-appliance");
+    let sock_path = dir.join("notify.sock");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut relay = Relay::start_full(
+        &dir,
+        "127.0.0.1:0".parse().unwrap(),
+        &[
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+            "--shutdown-grace-secs".into(),
+            "3".into(),
+        ],
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let mut seen = Vec::new();
+    recv_until(&sock, &mut seen, "READY=1", 1);
+    let echo = echo_server();
+    let t = relay.open_tunnel("cell-relay", &["ECHO"]);
+    let rules = write_config(&dir, &format!("[services.ECHO]\ntarget = \"{echo}\"\n"));
+    let _gw = relay.gateway(&dir, &rules, &t.destination);
+    let (_px, ports) = relay.proxy(&dir, &t.source, &["ECHO"]);
+    assert!(echo_works(ports["ECHO"], b"hello"));
+    let mut live = connect_local(ports["ECHO"]);
+    live.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    live.read_exact(&mut b).unwrap();
+    recv_until(&sock, &mut seen, "WATCHDOG=1", 2);
+    assert!(
+        seen.iter()
+            .any(|m| m.contains("STATUS=1 tunnel(s) open, 2 peer(s) connected")),
+        "{seen:?}"
+    );
+    let addr = metrics_addr(&relay.proc);
+    let text = scrape(&addr, "/metrics");
+    assert!(text.contains("\nculvert_relay_peers 2\n"), "{text}");
+    assert!(text.contains("\nculvert_relay_tunnels 1\n"), "{text}");
+    assert!(
+        text.contains("culvert_relay_peer_connects_total{mode=\"destination\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("culvert_relay_forwarded_bytes_total "),
+        "{text}"
+    );
+
+    // SIGTERM: connected peers go on during the grace period, then the relay exits 0.
+    relay.proc.signal("TERM");
+    recv_until(&sock, &mut seen, "STOPPING=1", 1);
+    live.write_all(b"y").unwrap();
+    live.read_exact(&mut b).unwrap();
+    assert_eq!(
+        &b, b"y",
+        "a live connection keeps working while the relay drains"
+    );
+    assert_eq!(relay.proc.wait_exit(), 0, "{}", relay.proc.log_text());
 }
