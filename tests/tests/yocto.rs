@@ -32,7 +32,11 @@ fn crates_include_matches_cargo_lock() {
     let inc = "yocto/meta-culvert/recipes-connectivity/culvert/culvert-crates.inc";
     std::fs::create_dir_all(dir.join("scripts")).unwrap();
     std::fs::create_dir_all(dir.join(inc).parent().unwrap()).unwrap();
-    std::fs::copy(ws.join("scripts/yocto-crates"), dir.join("scripts/yocto-crates")).unwrap();
+    std::fs::copy(
+        ws.join("scripts/yocto-crates"),
+        dir.join("scripts/yocto-crates"),
+    )
+    .unwrap();
     std::fs::copy(ws.join(inc), dir.join(inc)).unwrap();
     let lock = std::fs::read_to_string(ws.join("Cargo.lock")).unwrap()
         + "\n[[package]]\nname = \"zz-new\"\nversion = \"1.0.0\"\nsource = \"registry+https://github.com/rust-lang/crates.io-index\"\nchecksum = \"00\"\n";
@@ -43,7 +47,11 @@ fn crates_include_matches_cargo_lock() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "a stale include must fail the check");
-    assert!(stderr_of(&out).contains("run scripts/yocto-crates"), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("run scripts/yocto-crates"),
+        "{}",
+        stderr_of(&out)
+    );
 }
 
 fn oelint() -> PathBuf {
@@ -51,13 +59,25 @@ fn oelint() -> PathBuf {
     let bin = venv.join("bin/oelint-adv");
     if !bin.exists() {
         let python = require_tool("python3", "python3 python3-venv");
-        let st = Command::new(python).arg("-m").arg("venv").arg(&venv).status().unwrap();
-        assert!(st.success(), "python3 -m venv failed: apt-get install python3-venv");
+        let st = Command::new(python)
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "python3 -m venv failed: apt-get install python3-venv"
+        );
         let out = Command::new(venv.join("bin/pip"))
             .args(["install", "-q", OELINT])
             .output()
             .unwrap();
-        assert!(out.status.success(), "pip install {OELINT}: {}", stderr_of(&out));
+        assert!(
+            out.status.success(),
+            "pip install {OELINT}: {}",
+            stderr_of(&out)
+        );
     }
     bin
 }
@@ -66,7 +86,10 @@ fn oelint() -> PathBuf {
 fn layer_passes_oelint_adv() {
     let layer = workspace().join("yocto/meta-culvert");
     let conf = std::fs::read_to_string(layer.join("conf/layer.conf")).unwrap();
-    assert!(conf.contains("LAYERSERIES_COMPAT_culvert = \"wrynose\""), "{conf}");
+    assert!(
+        conf.contains("LAYERSERIES_COMPAT_culvert = \"wrynose\""),
+        "{conf}"
+    );
     let mut recipes: Vec<PathBuf> = Vec::new();
     let mut dirs = vec![layer.clone()];
     while let Some(d) = dirs.pop() {
@@ -84,11 +107,21 @@ fn layer_passes_oelint_adv() {
     // homepageping would fetch the HOMEPAGE: no network here. Everything else counts.
     let out = Command::new(oelint())
         .current_dir(&layer)
-        .args(["--release", "wrynose", "--quiet", "--suppress", "oelint.vars.homepageping"])
+        .args([
+            "--release",
+            "wrynose",
+            "--quiet",
+            "--suppress",
+            "oelint.vars.homepageping",
+        ])
         .args(&recipes)
         .output()
         .unwrap();
-    let findings = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr_of(&out));
+    let findings = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr_of(&out)
+    );
     assert!(
         out.status.success() && findings.trim().is_empty(),
         "oelint-adv findings:\n{findings}"
