@@ -2,7 +2,7 @@
 //! as root by hand, or by an init without that, drops to its configured user itself, after it
 //! has read its keys and bound its ports.
 
-use nix::unistd::{Gid, Uid, User, getuid, setgid, setgroups, setuid};
+use nix::unistd::{Uid, User, getuid, setgid, setgroups, setuid};
 
 /// If running as root and `user` is set, become that user (its primary group, no supplementary
 /// groups). Returns what happened, for the log.
@@ -25,7 +25,7 @@ pub fn drop_to(user: Option<&str>) -> Result<Option<String>, String> {
     setgid(u.gid).map_err(|e| format!("setgid({}): {e}", u.gid))?;
     setuid(u.uid).map_err(|e| format!("setuid({}): {e}", u.uid))?;
     // Make sure there is no way back.
-    if setuid(Uid::from_raw(0)).is_ok() || nix::unistd::setgid(Gid::from_raw(0)).is_ok() {
+    if setuid(Uid::from_raw(0)).is_ok() {
         return Err("could regain root after dropping privileges".into());
     }
     Ok(Some(format!(

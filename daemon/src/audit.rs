@@ -95,6 +95,17 @@ impl Audit {
         }
     }
 
+    /// Open the file now (at start-up, before privileges are dropped), so that a file that
+    /// cannot be written is reported at once.
+    pub fn open(&self) -> Result<(), String> {
+        let mut guard = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(sink) = guard.as_mut() else {
+            return Ok(());
+        };
+        sink.write("")
+            .map_err(|e| format!("audit file {}: {e}", sink.path.display()))
+    }
+
     pub fn record(&self, mut r: Record) {
         r.ts = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
@@ -148,6 +159,10 @@ impl Sink {
             self.file = Some((f, m.dev(), m.ino()));
         }
         let (f, _, _) = self.file.as_mut().expect("opened above");
+        if line.is_empty() {
+            // Just opening (see `Audit::open`), or ending a cut record.
+            return f.write_all(&buf);
+        }
         buf.extend_from_slice(line.as_bytes());
         buf.push(b'\n');
         // One write per record: appends from several writers never interleave.

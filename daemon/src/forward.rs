@@ -22,6 +22,7 @@ use crate::config::{HostPort, Kind, Service, Target};
 use crate::limits::Bandwidth;
 use crate::metrics::Metrics;
 use crate::rules::{Gateway, TunnelState};
+use culvert_appliance::metrics::prometheus_client::metrics::counter::Counter;
 
 /// Why a connection could not be made.
 #[derive(Debug)]
@@ -106,10 +107,16 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelSt
         .flatten()
         .cloned()
         .collect();
-    gw.metrics.connections.inc();
-    let _open = scopeguard(|| {
-        gw.metrics.connections.dec();
-    });
+    let counted = (
+        gw.metrics
+            .bytes
+            .get_or_create(&Metrics::label("direction", "to_target"))
+            .clone(),
+        gw.metrics
+            .bytes
+            .get_or_create(&Metrics::label("direction", "from_target"))
+            .clone(),
+    );
     let outcome = match &svc.kind {
         Kind::Tcp(target) => {
             rec.target = Some(target.to_string());
@@ -117,11 +124,11 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelSt
                 Ok(Local::Tcp(tcp, addr)) => {
                     rec.address = Some(addr.to_string());
                     start(&gw, &rec);
-                    pump(tcp, stream, &bw_to, &bw_from, svc.idle_timeout).await
+                    pump(tcp, stream, &bw_to, &bw_from, svc.idle_timeout, &counted).await
                 }
                 Ok(Local::Unix(sock)) => {
                     start(&gw, &rec);
-                    pump(sock, stream, &bw_to, &bw_from, svc.idle_timeout).await
+                    pump(sock, stream, &bw_to, &bw_from, svc.idle_timeout, &counted).await
                 }
                 Err(r) => return refuse(rec, r, stream).await,
             }
@@ -133,7 +140,7 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelSt
             let local =
                 crate::http::serve(gw.clone(), svc.clone(), http.clone(), rec.clone(), relay_ip);
             start(&gw, &rec);
-            pump(local, stream, &bw_to, &bw_from, svc.idle_timeout).await
+            pump(local, stream, &bw_to, &bw_from, svc.idle_timeout, &counted).await
         }
         #[cfg(not(feature = "http"))]
         Kind::Http(_) => {
@@ -144,13 +151,7 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelSt
             return refuse(rec, r, stream).await;
         }
     };
-    let m = &gw.metrics;
-    m.bytes
-        .get_or_create(&Metrics::label("direction", "to_target"))
-        .inc_by(outcome.to_target);
-    m.bytes
-        .get_or_create(&Metrics::label("direction", "from_target"))
-        .inc_by(outcome.from_target);
+    gw.metrics.connections.dec();
     debug!(
         service = %service,
         conn = %rec.conn,
@@ -171,20 +172,9 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelSt
     );
 }
 
-/// Runs `f` when dropped (however the connection ends).
-struct OnDrop<F: FnMut()>(F);
-
-impl<F: FnMut()> Drop for OnDrop<F> {
-    fn drop(&mut self) {
-        (self.0)()
-    }
-}
-
-fn scopeguard<F: FnMut()>(f: F) -> OnDrop<F> {
-    OnDrop(f)
-}
-
+/// The connection is up: count it (`handle` counts it down when it ends) and record it.
 fn start(gw: &Gateway, rec: &Record) {
+    gw.metrics.connections.inc();
     gw.metrics
         .connections_total
         .get_or_create(&Metrics::label("service", &rec.service))
@@ -308,7 +298,7 @@ pub struct Outcome {
 }
 
 /// Carry bytes between the target and the tunnel connection under bandwidth limits, until one
-/// side ends or nothing moved for `idle`. Ending either way resets the tunnel connection and
+/// side ends or nothing moved for `idle`; `counted` (to target, from target) follow as they go. Ending either way resets the tunnel connection and
 /// closes the target socket (the AWS protocol has no half-close).
 pub async fn pump<L>(
     local: L,
@@ -316,6 +306,7 @@ pub async fn pump<L>(
     to_limits: &[Arc<Bandwidth>],
     from_limits: &[Arc<Bandwidth>],
     idle: Option<Duration>,
+    counted: &(Counter, Counter),
 ) -> Outcome
 where
     L: AsyncRead + AsyncWrite + Unpin,
@@ -347,6 +338,7 @@ where
             }
             tr.consume(n);
             to_n.fetch_add(n as u64, Ordering::Relaxed);
+            counted.0.inc_by(n as u64);
             touch();
         };
         let _ = lw.shutdown().await;
@@ -375,6 +367,7 @@ where
                 continue;
             }
             from_n.fetch_add(n as u64, Ordering::Relaxed);
+            counted.1.inc_by(n as u64);
             touch();
         }
         let _ = tw.shutdown().await;

@@ -3,7 +3,6 @@
 //! connection that is refused or whose target cannot be reached is reset alone; the tunnel and
 //! every other connection carry on.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::forward;
+use crate::metrics::Metrics;
 use crate::rules::{Gateway, TunnelState, token_label};
 
 /// Why a tunnel stopped for good.
@@ -29,7 +29,8 @@ pub enum TunnelError {
 
 pub struct TunnelArgs {
     pub endpoint: Endpoint,
-    pub ca: Option<PathBuf>,
+    /// TLS towards the relay, built (CA files read) before privileges were dropped.
+    pub tls: Arc<rustls::ClientConfig>,
     pub access_token: String,
     pub client_token: Option<String>,
     /// The tunnel's id, when known (culvert-relay's notifications carry it), for the audit trail.
@@ -78,7 +79,7 @@ async fn serve_tunnel(
         .clone()
         .unwrap_or_else(|| token_label(&args.access_token));
     let tunnel = Arc::new(TunnelState::new(label));
-    let tls = client::tls_config(args.ca.as_deref()).map_err(TunnelError::Fatal)?;
+    let tls = args.tls.clone();
     let opts = ConnectOptions {
         endpoint: args.endpoint.clone(),
         mode: Mode::Destination,
@@ -143,7 +144,9 @@ async fn serve_tunnel(
                 s = incoming.streams.recv() => match s {
                     Some(stream) if draining => {
                         info!(service = %stream.service(), "shutting down: new connection refused");
-                        stream.reset().await;
+                        gw.metrics.refused.get_or_create(&Metrics::label("reason", "shutdown")).inc();
+                        // Not awaited here: a full write queue must not hold up the shutdown.
+                        tokio::spawn(stream.reset());
                     }
                     Some(stream) => {
                         let span = info_span!("conn", tunnel = %tunnel.label, service = %stream.service(), conn = %stream.id());

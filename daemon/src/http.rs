@@ -281,6 +281,11 @@ impl ProxyHttp for App {
             Err(r) => {
                 let code = if r.reason == "denied" { 403 } else { 502 };
                 warn!(service = %self.svc.name, route = i, "request refused: {}", r.detail);
+                self.gw
+                    .metrics
+                    .refused
+                    .get_or_create(&crate::metrics::Metrics::label("reason", r.reason))
+                    .inc();
                 ctx.answered = Some(if r.reason == "denied" {
                     "denied"
                 } else {

@@ -99,6 +99,24 @@ fn main() -> ExitCode {
         },
     };
     let ca = args.ca.or_else(|| cfg.ca.clone());
+    // Every key and CA is read now, before privileges are dropped.
+    let relay_tls = match culvert_protocol::client::tls_config(ca.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("culvertd: relay CA: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let mqtt_tls = match (&args.token, &cfg.mqtt) {
+        (None, Some(m)) => match notify::tls_config(m, ca.as_deref()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("culvertd: MQTT TLS: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        _ => None,
+    };
     if args.token.is_none() && cfg.mqtt.is_none() {
         eprintln!(
             "culvertd: nothing to do: add an [mqtt] section to {} to wait for tunnel notifications, \
@@ -136,14 +154,22 @@ fn main() -> ExitCode {
     if let Some(addr) = settings.metrics_listen {
         match rt.block_on(tokio::net::TcpListener::bind(addr)) {
             Ok(l) => {
+                if let Ok(a) = l.local_addr() {
+                    gw.protect_metrics_port(a.port());
+                }
                 let _guard = rt.enter();
                 culvert_appliance::metrics::spawn(l, gw.metrics.registry.clone());
             }
             Err(e) => {
+                // Not a configuration error: the address may come up later; let systemd retry.
                 eprintln!("culvertd: daemon.metrics_listen {addr}: {e}");
-                return ExitCode::from(EXIT_CONFIG);
+                return ExitCode::FAILURE;
             }
         }
+    }
+    if let Err(e) = gw.audit.open() {
+        eprintln!("culvertd: {e}");
+        return ExitCode::from(EXIT_CONFIG);
     }
     match culvert_appliance::privileges::drop_to(settings.user.as_deref()) {
         Ok(Some(what)) => info!("{what}"),
@@ -218,7 +244,7 @@ fn main() -> ExitCode {
         Some(token) => {
             let tunnel = TunnelArgs {
                 endpoint,
-                ca,
+                tls: relay_tls,
                 access_token: token,
                 client_token: args.client_token,
                 tunnel_id: args.tunnel_id,
@@ -227,7 +253,13 @@ fn main() -> ExitCode {
         }
         // Tunnels announced over MQTT.
         None => rt
-            .block_on(notify::run(gw, endpoint, ca, shutdown))
+            .block_on(notify::run(
+                gw,
+                endpoint,
+                relay_tls,
+                mqtt_tls.expect("built above for MQTT mode"),
+                shutdown,
+            ))
             .map_err(TunnelError::Fatal),
     };
     rt.shutdown_timeout(std::time::Duration::from_secs(1));

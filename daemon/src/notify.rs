@@ -91,7 +91,9 @@ pub fn validate(payload: &[u8], cfg: &Config) -> Result<Valid, String> {
     })
 }
 
-fn tls_config(
+/// TLS towards the broker (its CA, and the client certificate if any), built before privileges
+/// are dropped.
+pub fn tls_config(
     m: &MqttConfig,
     relay_ca: Option<&std::path::Path>,
 ) -> Result<Arc<rustls::ClientConfig>, String> {
@@ -124,7 +126,8 @@ fn tls_config(
 pub async fn run(
     gw: Arc<Gateway>,
     relay: Endpoint,
-    relay_ca: Option<std::path::PathBuf>,
+    relay_tls: Arc<rustls::ClientConfig>,
+    tls: Arc<rustls::ClientConfig>,
     shutdown: Shutdown,
 ) -> Result<(), String> {
     let m = gw
@@ -132,7 +135,6 @@ pub async fn run(
         .mqtt
         .clone()
         .ok_or("no [mqtt] section in the configuration")?;
-    let tls = tls_config(&m, relay_ca.as_deref())?;
     let mut opts = MqttOptions::new(m.client_id.clone(), m.broker.host.clone(), m.broker.port);
     opts.set_keep_alive(Duration::from_secs(30))
         .set_clean_session(false)
@@ -197,7 +199,7 @@ pub async fn run(
                 info!(tunnel = ?n.tunnel_id, services = ?n.services, "tunnel notification: connecting to the relay");
                 let args = TunnelArgs {
                     endpoint: relay.clone(),
-                    ca: relay_ca.clone(),
+                    tls: relay_tls.clone(),
                     access_token: n.token,
                     client_token: None,
                     tunnel_id: n.tunnel_id,

@@ -33,6 +33,20 @@ pub struct Gateway {
     pub metrics: crate::metrics::Metrics,
     /// Tells embedded HTTP servers to stop keeping connections alive at shutdown.
     pub http_shutdown: tokio::sync::watch::Sender<bool>,
+    /// The metrics port actually bound: a management port of this gateway whatever the
+    /// configuration says now (its `[daemon]` changes apply only at restart).
+    metrics_port: Mutex<Option<u16>>,
+}
+
+fn protect(mut config: Config, port: Option<u16>) -> Config {
+    if let Some(p) = port {
+        for svc in config.services.values_mut() {
+            if !svc.policy.management_ports.contains(&p) {
+                svc.policy.management_ports.push(p);
+            }
+        }
+    }
+    config
 }
 
 impl Gateway {
@@ -45,6 +59,7 @@ impl Gateway {
             gauges,
             audit,
             metrics: crate::metrics::Metrics::default(),
+            metrics_port: Mutex::new(None),
             http_shutdown: tokio::sync::watch::channel(false).0,
         })
     }
@@ -60,8 +75,19 @@ impl Gateway {
         self.rules().config.clone()
     }
 
+    /// The metrics endpoint is bound to `port`: no rule may reach it.
+    pub fn protect_metrics_port(&self, port: u16) {
+        *self.metrics_port.lock().unwrap_or_else(|p| p.into_inner()) = Some(port);
+        let old = self.rules();
+        let config = protect((*old.config).clone(), Some(port));
+        let rules = build(config, Some(&old), &self.gauges);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
+    }
+
     /// Put a new, already validated configuration in force for new connections.
     pub fn reload(&self, config: Config) {
+        let port = *self.metrics_port.lock().unwrap_or_else(|p| p.into_inner());
+        let config = protect(config, port);
         let old = self.rules();
         let (before, after) = (&old.config.services, &config.services);
         let added: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
@@ -77,9 +103,12 @@ impl Gateway {
             ?changed,
             "configuration reloaded; it applies to new connections"
         );
-        if old.config.endpoint != config.endpoint || old.config.mqtt != config.mqtt {
+        if old.config.endpoint != config.endpoint
+            || old.config.mqtt != config.mqtt
+            || old.config.daemon != config.daemon
+        {
             tracing::warn!(
-                "relay and mqtt settings changed; they take effect at the next restart of culvertd"
+                "[relay], [mqtt] or [daemon] settings changed; they take effect at the next restart of culvertd"
             );
         }
         self.audit.set_file(config.audit_file.as_deref());

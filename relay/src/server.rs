@@ -234,7 +234,12 @@ impl Relay {
                             debug!(%peer, error = %e, "HTTP connection ended with an error");
                         }
                     }
-                    _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+                    _ = stop.cancelled() => {
+                        // Let a request in flight finish (hyper must keep polling the
+                        // connection until its graceful shutdown completes), within limits.
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(Duration::from_secs(10), conn.as_mut()).await;
+                    }
                 }
             });
         }
