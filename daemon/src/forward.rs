@@ -107,16 +107,13 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelSt
         .flatten()
         .cloned()
         .collect();
-    let counted = (
-        gw.metrics
-            .bytes
-            .get_or_create(&Metrics::label("direction", "to_target"))
-            .clone(),
-        gw.metrics
-            .bytes
-            .get_or_create(&Metrics::label("direction", "from_target"))
-            .clone(),
-    );
+    // One statement each: get_or_create hands out a lock guard, and a second call while the
+    // first guard lives would wait for itself.
+    let to_target = Metrics::label("direction", "to_target");
+    let from_target = Metrics::label("direction", "from_target");
+    let to_counter = gw.metrics.bytes.get_or_create(&to_target).clone();
+    let from_counter = gw.metrics.bytes.get_or_create(&from_target).clone();
+    let counted = (to_counter, from_counter);
     let outcome = match &svc.kind {
         Kind::Tcp(target) => {
             rec.target = Some(target.to_string());
