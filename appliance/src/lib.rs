@@ -6,9 +6,11 @@
 //! - [`privileges`]: started as root outside systemd, drop to the configured user once the keys
 //!   are read.
 //! - [`metrics`]: the opt-in Prometheus endpoint (`GET /metrics`).
+//! - [`logging`]: the daemons' log subscriber.
 //!
 //! Signal handling stays in each program's `main`, where the program's shutdown is decided.
 
+pub mod logging;
 pub mod metrics;
 pub mod privileges;
 pub mod systemd;

@@ -16,6 +16,13 @@ use tracing::{debug, info, warn};
 
 pub use prometheus_client;
 
+/// A label set of one `key="value"` pair, the only kind culvert's metric families use.
+pub type Labels = Vec<(&'static str, String)>;
+
+pub fn label(key: &'static str, value: &str) -> Labels {
+    vec![(key, value.to_owned())]
+}
+
 /// Serve `registry` on `listener` until the runtime ends.
 pub fn spawn(listener: TcpListener, registry: Arc<Registry>) {
     if let Ok(a) = listener.local_addr() {

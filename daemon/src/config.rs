@@ -619,6 +619,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
     if !problems.is_empty() {
         // Still validate, so every problem shows in one run.
         let mut v = Validator {
+            own: acl::own_addresses(),
             text,
             base,
             doc: doc.get_ref(),
@@ -629,6 +630,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
         return Err(v.problems);
     }
     let mut v = Validator {
+        own: acl::own_addresses(),
         text,
         base,
         doc: doc.get_ref(),
@@ -644,6 +646,8 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<Problem>> {
 }
 
 struct Validator<'a> {
+    /// This gateway's addresses, read once per file (literal targets are checked against them).
+    own: Vec<std::net::IpAddr>,
     text: &'a str,
     base: &'a Path,
     doc: &'a DeTable<'a>,
@@ -976,10 +980,7 @@ impl Validator<'_> {
     /// A literal address must pass the rule's ACL now; names are checked when resolved.
     fn check_literal(&mut self, span: Range<usize>, key: &str, hp: &HostPort, policy: &Policy) {
         if let Some(ip) = hp.literal()
-            && let Err(why) = policy.check(
-                std::net::SocketAddr::new(ip, hp.port),
-                &acl::own_addresses(),
-            )
+            && let Err(why) = policy.check(std::net::SocketAddr::new(ip, hp.port), &self.own)
         {
             self.push(
                 span,

@@ -8,7 +8,7 @@ use culvert_appliance::metrics::prometheus_client::metrics::family::Family;
 use culvert_appliance::metrics::prometheus_client::metrics::gauge::Gauge;
 use culvert_appliance::metrics::prometheus_client::registry::Registry;
 
-type Labels = Vec<(&'static str, String)>;
+use culvert_appliance::metrics::Labels;
 
 pub struct Metrics {
     pub registry: Arc<Registry>,
@@ -77,7 +77,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn label(key: &'static str, value: &str) -> Labels {
-        vec![(key, value.to_owned())]
+        culvert_appliance::metrics::label(key, value)
     }
 
     /// The one-line status systemd shows.

@@ -8,7 +8,7 @@ use culvert_appliance::metrics::prometheus_client::metrics::family::Family;
 use culvert_appliance::metrics::prometheus_client::metrics::gauge::Gauge;
 use culvert_appliance::metrics::prometheus_client::registry::Registry;
 
-type Labels = Vec<(&'static str, String)>;
+pub use culvert_appliance::metrics::{Labels, label};
 
 pub struct Metrics {
     pub registry: Arc<Registry>,
@@ -56,7 +56,3 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         ..m
     }
 });
-
-pub fn label(key: &'static str, value: &str) -> Labels {
-    vec![(key, value.to_owned())]
-}
