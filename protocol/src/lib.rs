@@ -16,6 +16,7 @@
 //! in-memory pair; only `session` and `client` touch the runtime.
 
 pub mod client;
+pub mod flow;
 pub mod frame;
 pub mod message;
 pub mod mux;

@@ -20,14 +20,16 @@
 //! the same format. Data for a stream or connection that is no longer current is dropped (and
 //! counted): with no acknowledgements in the protocol, late frames after a reset are normal.
 //!
-//! Flow control (a later extension) slots in here: a per-connection credit window charged in
-//! [`Mux::data`] and replenished by an application-consumed call, with the window updates leaving
-//! through the same [`Output`].
+//! Flow control ([`crate::flow`], culvert's extension) lives here too: once negotiated, each new
+//! connection gets credit windows both ways. [`Mux::encode_data`] charges the send window,
+//! [`Mux::handle`] charges the receive window and rejects DATA past it, and [`Mux::consumed`]
+//! (called as the application reads) returns credit through the same [`Output`].
 
 use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 
+use crate::flow::{self, ConnCredit, FlowConfig, Hello};
 use crate::message::{MAX_PAYLOAD, MAX_SERVICES, Message, MessageType};
 use crate::{Format, Mode, valid_name};
 
@@ -64,6 +66,11 @@ pub enum Event {
     Data { id: ConnId, payload: Bytes },
     /// The peer ended a connection; no more data will arrive for it.
     Closed { id: ConnId, cause: CloseCause },
+    /// The peer returned send credit for a connection (flow control): writers waiting for
+    /// credit may go on. `budget` is set when the tunnel budget was what held them.
+    Credit { id: ConnId, budget: bool },
+    /// Flow control was switched on or off for connections started from now on.
+    FlowControl(bool),
 }
 
 /// What one call produced: messages to send (in order) and events for the application.
@@ -92,6 +99,18 @@ pub enum ProtocolError {
     BadServiceId(String),
     #[error("{0:?} with stream id {1} (stream ids must be positive)")]
     BadStreamId(MessageType, i32),
+    #[error(
+        "flow control: {got} bytes of DATA for connection {conn} with only {credit} bytes of credit left"
+    )]
+    CreditExceeded {
+        conn: ConnId,
+        got: usize,
+        credit: u64,
+    },
+    #[error("flow control: {0} bytes buffered for the tunnel, over the announced budget of {1}")]
+    BudgetExceeded(u64, u64),
+    #[error("flow control: malformed WINDOW_UPDATE (stream id {0}, payload of {1} bytes)")]
+    BadWindowUpdate(i32, usize),
 }
 
 /// A local call that cannot be carried out.
@@ -109,6 +128,8 @@ pub enum MuxError {
     NotSource,
     #[error("payload of {0} bytes exceeds {MAX_PAYLOAD}; split it")]
     PayloadTooLarge(usize),
+    #[error("payload of {0} bytes exceeds the {1} bytes of flow-control credit left")]
+    NoCredit(usize, u64),
 }
 
 #[derive(Debug)]
@@ -118,6 +139,8 @@ struct Conn {
     /// The connection id on the wire; 1 for V1/V2 streams (they carry none).
     connection_id: u32,
     format: Format,
+    /// Set when the connection uses flow control (decided when it starts).
+    credit: Option<ConnCredit>,
 }
 
 #[derive(Debug)]
@@ -144,6 +167,25 @@ pub struct MuxStats {
     pub stale_control: u64,
     /// Ignorable messages of unknown type that were skipped.
     pub ignored: u64,
+    /// Connections started with flow control.
+    pub flow_controlled: u64,
+}
+
+/// Flow-control state of a session (see [`crate::flow`]).
+#[derive(Debug, Default)]
+struct Flow {
+    /// What this end grants; `None`: this end does not offer the extension.
+    own: Option<FlowConfig>,
+    /// The relay announced the extension in this session.
+    relay: bool,
+    /// What the peer grants (from its HELLO), while flow control is on for new connections.
+    peer: Option<FlowConfig>,
+    /// Bytes sent on flow-controlled connections and not credited back.
+    sent_total: u64,
+    /// Bytes received on flow-controlled connections and not credited back.
+    received_total: u64,
+    /// A writer found the tunnel budget exhausted.
+    budget_blocked: bool,
 }
 
 /// One end of one tunnel session.
@@ -162,6 +204,7 @@ pub struct Mux {
     conns: HashMap<ConnId, Conn>,
     next_id: u64,
     stats: MuxStats,
+    flow: Flow,
 }
 
 impl Mux {
@@ -189,7 +232,32 @@ impl Mux {
             conns: HashMap::new(),
             next_id: 1,
             stats: MuxStats::default(),
+            flow: Flow::default(),
         }
+    }
+
+    /// Offer culvert's flow-control extension (used only if the relay and the peer offer it
+    /// too; see [`crate::flow`]).
+    pub fn with_flow_control(mut self, cfg: FlowConfig) -> Mux {
+        self.flow.own = Some(cfg);
+        self
+    }
+
+    /// Whether connections started from now on use flow control.
+    pub fn flow_control_active(&self) -> bool {
+        self.flow.peer.is_some()
+    }
+
+    /// Whether connection `id` uses flow control.
+    pub fn is_flow_controlled(&self, id: ConnId) -> bool {
+        self.conns.get(&id).is_some_and(|c| c.credit.is_some())
+    }
+
+    /// Credit for a new connection, if flow control is on.
+    fn new_credit(&mut self) -> Option<ConnCredit> {
+        let (own, peer) = (self.flow.own?, self.flow.peer?);
+        self.stats.flow_controlled += 1;
+        Some(ConnCredit::new(peer.window, own.window))
     }
 
     pub fn role(&self) -> Mode {
@@ -226,6 +294,16 @@ impl Mux {
 
     /// Handle one message received from the peer (through the relay).
     pub fn handle(&mut self, msg: Message, out: &mut Output) -> Result<(), ProtocolError> {
+        if self.flow.own.is_some() {
+            match msg.r#type {
+                flow::HELLO => {
+                    self.on_hello(&msg, out);
+                    return Ok(());
+                }
+                flow::WINDOW_UPDATE => return self.on_window_update(&msg, out),
+                _ => {}
+            }
+        }
         let Some(kind) = msg.kind() else {
             if msg.ignorable {
                 self.stats.ignored += 1;
@@ -259,10 +337,13 @@ impl Mux {
             }
             MessageType::Data => {
                 match self.lookup(&msg) {
-                    Some(id) => out.events.push(Event::Data {
-                        id,
-                        payload: msg.payload,
-                    }),
+                    Some(id) => {
+                        self.charge_received(id, msg.payload.len())?;
+                        out.events.push(Event::Data {
+                            id,
+                            payload: msg.payload,
+                        })
+                    }
                     None => self.stats.stale_data += 1,
                 }
                 Ok(())
@@ -294,6 +375,169 @@ impl Mux {
                 Ok(())
             }
         }
+    }
+
+    /// A HELLO from the relay or the peer: negotiate flow control (see [`crate::flow`]).
+    fn on_hello(&mut self, msg: &Message, out: &mut Output) {
+        let Some(own) = self.flow.own else { return };
+        let Some(h) = Hello::from_message(msg) else {
+            self.stats.ignored += 1;
+            return;
+        };
+        let me = self.role.as_str();
+        let hello = |confirm: bool, reply: bool| {
+            Hello {
+                from: me.into(),
+                features: vec![flow::FEATURE.into()],
+                window: own.window,
+                budget: own.budget,
+                confirm,
+                reply,
+            }
+            .to_message()
+        };
+        // What the peer grants, if its announcement is usable.
+        let grants = || {
+            (h.supports_flow_control()
+                && h.window >= flow::MIN_WINDOW
+                && h.budget >= h.window as u64)
+                .then_some(FlowConfig {
+                    window: h.window,
+                    budget: h.budget,
+                })
+        };
+        match (self.role, h.from.as_str()) {
+            (_, "relay") => {
+                // Start of the session, or the peer came or went: off until renegotiated.
+                self.flow.relay = h.supports_flow_control();
+                self.set_peer_flow(None, out);
+                if self.flow.relay {
+                    out.transmit.push(hello(false, false));
+                }
+            }
+            (Mode::Source, "destination") if self.flow.relay => {
+                if let Some(g) = grants() {
+                    // Confirm first: connections started after it use flow control.
+                    out.transmit.push(hello(true, false));
+                    self.set_peer_flow(Some(g), out);
+                }
+            }
+            (Mode::Destination, "source") if self.flow.relay => {
+                if h.confirm {
+                    let g = grants();
+                    self.set_peer_flow(g, out);
+                } else {
+                    self.set_peer_flow(None, out);
+                    if grants().is_some() {
+                        out.transmit.push(hello(false, true));
+                    }
+                }
+            }
+            _ => self.stats.ignored += 1,
+        }
+    }
+
+    fn set_peer_flow(&mut self, peer: Option<FlowConfig>, out: &mut Output) {
+        if self.flow.peer.is_some() != peer.is_some() {
+            out.events.push(Event::FlowControl(peer.is_some()));
+        }
+        self.flow.peer = peer;
+    }
+
+    fn on_window_update(&mut self, msg: &Message, out: &mut Output) -> Result<(), ProtocolError> {
+        let inc = match flow::window_increment(msg) {
+            Some(inc) if msg.stream_id > 0 => inc as u64,
+            _ => {
+                return Err(ProtocolError::BadWindowUpdate(
+                    msg.stream_id,
+                    msg.payload.len(),
+                ));
+            }
+        };
+        let Some(id) = self.lookup(msg) else {
+            // Credit for a connection that has ended: its bytes were given back on close.
+            self.stats.stale_control += 1;
+            return Ok(());
+        };
+        let Some(c) = self.conns.get_mut(&id).and_then(|c| c.credit.as_mut()) else {
+            self.stats.stale_control += 1;
+            return Ok(());
+        };
+        c.send = c.send.saturating_add(inc);
+        let back = inc.min(c.in_flight);
+        c.in_flight -= back;
+        self.flow.sent_total -= back.min(self.flow.sent_total);
+        let budget = std::mem::take(&mut self.flow.budget_blocked);
+        out.events.push(Event::Credit { id, budget });
+        Ok(())
+    }
+
+    /// Account for `n` bytes of DATA received on `id`; past the credit is a protocol error.
+    fn charge_received(&mut self, id: ConnId, n: usize) -> Result<(), ProtocolError> {
+        let Some(c) = self.conns.get_mut(&id).and_then(|c| c.credit.as_mut()) else {
+            return Ok(());
+        };
+        let n64 = n as u64;
+        if n64 > c.recv {
+            return Err(ProtocolError::CreditExceeded {
+                conn: id,
+                got: n,
+                credit: c.recv,
+            });
+        }
+        c.recv -= n64;
+        c.buffered += n64;
+        self.flow.received_total += n64;
+        let budget = self.flow.own.map(|o| o.budget).unwrap_or(u64::MAX);
+        if self.flow.received_total > budget {
+            return Err(ProtocolError::BudgetExceeded(
+                self.flow.received_total,
+                budget,
+            ));
+        }
+        Ok(())
+    }
+
+    /// The application consumed `n` bytes received on `id`: return credit to the peer, in
+    /// batches of a quarter window. No-op for connections without flow control.
+    pub fn consumed(&mut self, id: ConnId, n: usize, out: &mut Output) {
+        let Some(own) = self.flow.own else { return };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let Some(c) = conn.credit.as_mut() else {
+            return;
+        };
+        let n = (n as u64).min(c.buffered);
+        c.buffered -= n;
+        c.unreturned += n;
+        if c.unreturned >= (own.window / 4) as u64 {
+            let inc = c.unreturned.min(u32::MAX as u64);
+            c.unreturned -= inc;
+            c.recv += inc;
+            self.flow.received_total -= inc.min(self.flow.received_total);
+            let (service, cid) = wire_names(conn);
+            out.transmit.push(flow::window_update(
+                conn.stream_id,
+                service,
+                cid,
+                inc as u32,
+            ));
+        }
+    }
+
+    /// How many bytes connection `id` may send now: `None` without flow control (no limit).
+    pub fn send_credit(&mut self, id: ConnId) -> Result<Option<usize>, MuxError> {
+        let c = self.conns.get(&id).ok_or(MuxError::NotOpen(id))?;
+        let Some(credit) = c.credit else {
+            return Ok(None);
+        };
+        let budget = self.flow.peer.map(|p| p.budget).unwrap_or(0);
+        let tunnel = budget.saturating_sub(self.flow.sent_total);
+        if tunnel < credit.send && tunnel < MAX_PAYLOAD as u64 {
+            self.flow.budget_blocked = true;
+        }
+        Ok(Some(credit.send.min(tunnel).min(usize::MAX as u64) as usize))
     }
 
     fn on_service_ids(&mut self, msg: Message, out: &mut Output) -> Result<(), ProtocolError> {
@@ -377,6 +621,7 @@ impl Mux {
         self.end_stream(&service, CloseCause::Replaced, out);
         let cid = msg.connection_id.max(1);
         let id = self.alloc();
+        let credit = self.new_credit();
         let mut conns = BTreeMap::new();
         conns.insert(cid, id);
         self.services.entry(service.clone()).or_default().active = Some(Stream {
@@ -392,6 +637,7 @@ impl Mux {
                 stream_id: msg.stream_id,
                 connection_id: cid,
                 format,
+                credit,
             },
         );
         out.events.push(Event::Opened { id, service });
@@ -400,6 +646,7 @@ impl Mux {
     fn on_connection_start(&mut self, msg: Message, out: &mut Output) {
         let cid = msg.connection_id;
         let id = self.alloc();
+        let credit = self.new_credit();
         let service = self.resolve_service(&msg.service_id);
         let stream = service
             .as_deref()
@@ -416,6 +663,7 @@ impl Mux {
                         stream_id: msg.stream_id,
                         connection_id: cid,
                         format: Format::V3,
+                        credit,
                     },
                 );
                 out.events.push(Event::Opened { id, service });
@@ -438,7 +686,9 @@ impl Mux {
             return;
         };
         for id in stream.conns.into_values() {
-            self.conns.remove(&id);
+            if let Some(c) = self.conns.remove(&id) {
+                self.release_credit(&c);
+            }
             let cause = if stream.format == Format::V3 {
                 cause
             } else if cause == CloseCause::StreamReset {
@@ -460,6 +710,7 @@ impl Mux {
     /// Remove a connection from the tables; ends a V1/V2 stream with it.
     fn forget(&mut self, id: ConnId) -> Option<Conn> {
         let conn = self.conns.remove(&id)?;
+        self.release_credit(&conn);
         if let Some(state) = self.services.get_mut(&conn.service)
             && let Some(stream) = state.active.as_mut().filter(|s| s.id == conn.stream_id)
         {
@@ -469,6 +720,16 @@ impl Mux {
             }
         }
         Some(conn)
+    }
+
+    /// A connection ended: what it had in flight or buffered no longer counts against the
+    /// tunnel budget, on either end.
+    fn release_credit(&mut self, conn: &Conn) {
+        if let Some(c) = conn.credit {
+            self.flow.sent_total -= c.in_flight.min(self.flow.sent_total);
+            let held = c.buffered + c.unreturned;
+            self.flow.received_total -= held.min(self.flow.received_total);
+        }
     }
 
     /// Source: start a new connection to `service`.
@@ -488,6 +749,7 @@ impl Mux {
         }
         let format = self.format;
         let id = self.alloc();
+        let credit = self.new_credit();
         let state = self.services.entry(service.to_owned()).or_default();
         let wire_service = if format == Format::V1 { "" } else { service };
         if format == Format::V3
@@ -506,6 +768,7 @@ impl Mux {
                     stream_id,
                     connection_id: cid,
                     format,
+                    credit,
                 },
             );
             return Ok(id);
@@ -532,7 +795,9 @@ impl Mux {
             conns,
         });
         for old in replaced {
-            self.conns.remove(&old);
+            if let Some(c) = self.conns.remove(&old) {
+                self.release_credit(&c);
+            }
             out.events.push(Event::Closed {
                 id: old,
                 cause: CloseCause::Replaced,
@@ -547,33 +812,58 @@ impl Mux {
                 stream_id,
                 connection_id: 1,
                 format,
+                credit,
             },
         );
         Ok(id)
     }
 
     /// A DATA message carrying `payload` (at most [`MAX_PAYLOAD`] bytes) for connection `id`.
-    pub fn data(&self, id: ConnId, payload: Bytes) -> Result<Message, MuxError> {
+    /// Charged against flow-control credit like [`Mux::encode_data`].
+    pub fn data(&mut self, id: ConnId, payload: Bytes) -> Result<Message, MuxError> {
         if payload.len() > MAX_PAYLOAD {
             return Err(MuxError::PayloadTooLarge(payload.len()));
         }
+        self.charge_send(id, payload.len())?;
         let c = self.conns.get(&id).ok_or(MuxError::NotOpen(id))?;
         let (service, cid) = wire_names(c);
         Ok(Message::data(c.stream_id, service, cid, payload))
     }
 
     /// Append the DATA frame carrying `payload` (at most [`MAX_PAYLOAD`] bytes) for connection
-    /// `id` to `out`, without building a [`Message`]: what writers use per write.
+    /// `id` to `out`, without building a [`Message`]: what writers use per write. With flow
+    /// control, fails with [`MuxError::NoCredit`] (sending nothing) past the credit
+    /// ([`Mux::send_credit`] says how much there is).
     pub fn encode_data(
-        &self,
+        &mut self,
         id: ConnId,
         payload: &[u8],
         out: &mut bytes::BytesMut,
     ) -> Result<(), MuxError> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(MuxError::PayloadTooLarge(payload.len()));
+        }
+        self.charge_send(id, payload.len())?;
         let c = self.conns.get(&id).ok_or(MuxError::NotOpen(id))?;
         let (service, cid) = wire_names(c);
         crate::frame::encode_data(c.stream_id, service, cid, payload, out)
             .map_err(|_| MuxError::PayloadTooLarge(payload.len()))
+    }
+
+    fn charge_send(&mut self, id: ConnId, n: usize) -> Result<(), MuxError> {
+        let Some(avail) = self.send_credit(id)? else {
+            return Ok(());
+        };
+        if n > avail {
+            return Err(MuxError::NoCredit(n, avail as u64));
+        }
+        let n = n as u64;
+        if let Some(c) = self.conns.get_mut(&id).and_then(|c| c.credit.as_mut()) {
+            c.send -= n;
+            c.in_flight += n;
+            self.flow.sent_total += n;
+        }
+        Ok(())
     }
 
     /// Close connection `id` from our side (local EOF, error, or a target that refused).
@@ -668,6 +958,241 @@ mod tests {
         fn send_dst(&mut self, id: ConnId, data: &'static [u8]) {
             let m = self.dst.data(id, Bytes::from_static(data)).unwrap();
             self.pump(vec![], vec![m]);
+        }
+    }
+
+    /// Flow control (culvert's extension), negotiated through a relay that announces it.
+    mod flow_control {
+        use super::*;
+        use crate::flow::{self, FlowConfig, Hello};
+
+        const CFG: FlowConfig = FlowConfig {
+            window: 100_000,
+            budget: 250_000,
+        };
+
+        /// A pair whose ends offer flow control (`None`: an AWS end), after the relay's HELLOs
+        /// (`relay`: false for AWS's relay, which sends none). Returns what the ends sent.
+        fn pair(src: Option<FlowConfig>, dst: Option<FlowConfig>, relay: bool) -> (Pair, usize) {
+            let mut p = Pair::new(Format::V3, &["A", "B"]);
+            if let Some(c) = src {
+                p.src = std::mem::replace(&mut p.src, Mux::source(Format::V3)).with_flow_control(c);
+            }
+            if let Some(c) = dst {
+                p.dst = std::mem::replace(&mut p.dst, Mux::destination(None)).with_flow_control(c);
+            }
+            let mut sent = 0;
+            if relay {
+                // The destination attached first (its HELLO to an absent source is dropped),
+                // then the source: the relay greets it, and greets the destination again.
+                let mut out = Output::default();
+                p.dst.handle(Hello::relay().to_message(), &mut out).unwrap();
+                sent += out.transmit.len();
+                let (mut a, mut b) = (Output::default(), Output::default());
+                p.src.handle(Hello::relay().to_message(), &mut a).unwrap();
+                p.dst.handle(Hello::relay().to_message(), &mut b).unwrap();
+                sent += a.transmit.len() + b.transmit.len();
+                p.src_events.extend(a.events);
+                p.dst_events.extend(b.events);
+                p.pump(a.transmit, b.transmit);
+            }
+            (p, sent)
+        }
+
+        /// Send `n` bytes from the source on `id` in full payloads; how many went out before
+        /// credit ran out.
+        fn send_until_blocked(p: &mut Pair, id: ConnId, n: usize) -> usize {
+            let mut sent = 0;
+            while sent < n {
+                let k = (n - sent).min(MAX_PAYLOAD);
+                let avail = p.src.send_credit(id).unwrap().unwrap_or(usize::MAX);
+                let k = k.min(avail);
+                if k == 0 {
+                    break;
+                }
+                let mut f = bytes::BytesMut::new();
+                p.src.encode_data(id, &vec![7u8; k], &mut f).unwrap();
+                let m = crate::frame::decode(f.freeze().slice(2..)).unwrap();
+                p.pump(vec![m], vec![]);
+                sent += k;
+            }
+            sent
+        }
+
+        fn received(p: &mut Pair, id: ConnId) -> usize {
+            let n = p
+                .dst_events
+                .iter()
+                .map(|e| match e {
+                    Event::Data { id: i, payload } if *i == id => payload.len(),
+                    _ => 0,
+                })
+                .sum();
+            p.dst_events
+                .retain(|e| !matches!(e, Event::Data { id: i, .. } if *i == id));
+            n
+        }
+
+        #[test]
+        fn negotiated_only_when_the_relay_and_both_ends_offer_it() {
+            let (mut p, _) = pair(Some(CFG), Some(CFG), true);
+            assert!(p.src.flow_control_active() && p.dst.flow_control_active());
+            let (s, d) = p.open("A");
+            assert!(p.src.is_flow_controlled(s) && p.dst.is_flow_controlled(d));
+
+            // AWS's relay announces nothing: the ends send nothing of their own.
+            let (mut p, sent) = pair(Some(CFG), Some(CFG), false);
+            assert_eq!(sent, 0);
+            let (s, d) = p.open("A");
+            assert!(!p.src.is_flow_controlled(s) && !p.dst.is_flow_controlled(d));
+
+            // An AWS destination (the localproxy) ignores the HELLOs: no flow control.
+            let (mut p, _) = pair(Some(CFG), None, true);
+            assert!(!p.src.flow_control_active());
+            let (s, _) = p.open("A");
+            assert_eq!(
+                p.src.send_credit(s).unwrap(),
+                None,
+                "no limit without the extension"
+            );
+            assert!(
+                p.dst.stats().ignored > 0,
+                "the AWS end skipped the ignorable HELLOs"
+            );
+
+            // An AWS source: the destination never applies it either.
+            let (mut p, _) = pair(None, Some(CFG), true);
+            let (_, d) = p.open("A");
+            assert!(!p.dst.is_flow_controlled(d));
+        }
+
+        #[test]
+        fn a_stalled_receiver_bounds_the_sender_and_other_connections_flow() {
+            let (mut p, _) = pair(Some(CFG), Some(CFG), true);
+            let (slow_s, slow_d) = p.open("A");
+            let (fast_s, fast_d) = p.open("B");
+            // The slow connection's reader never consumes: the sender stops at the window.
+            let sent = send_until_blocked(&mut p, slow_s, 1_000_000);
+            assert_eq!(sent, CFG.window as usize);
+            assert_eq!(received(&mut p, slow_d), CFG.window as usize);
+            assert!(matches!(
+                p.src.encode_data(slow_s, b"x", &mut bytes::BytesMut::new()),
+                Err(MuxError::NoCredit(1, 0))
+            ));
+            // The other connection still moves a megabyte, its reader consuming as it goes.
+            let mut total = 0;
+            while total < 1_000_000 {
+                let n = send_until_blocked(&mut p, fast_s, 1_000_000 - total);
+                assert!(n > 0, "the fast connection stalled after {total} bytes");
+                let got = received(&mut p, fast_d);
+                assert_eq!(got, n);
+                let mut out = Output::default();
+                p.dst.consumed(fast_d, got, &mut out);
+                p.pump(vec![], out.transmit);
+                total += n;
+            }
+            // The slow reader wakes up: credit comes back and the sender may go on.
+            let mut out = Output::default();
+            p.dst.consumed(slow_d, CFG.window as usize, &mut out);
+            assert_eq!(out.transmit.len(), 1, "one batched WINDOW_UPDATE");
+            p.pump(vec![], out.transmit);
+            assert!(
+                p.src_events
+                    .iter()
+                    .any(|e| matches!(e, Event::Credit { id, .. } if *id == slow_s))
+            );
+            assert_eq!(
+                p.src.send_credit(slow_s).unwrap(),
+                Some(CFG.window as usize)
+            );
+        }
+
+        #[test]
+        fn the_tunnel_budget_bounds_all_connections_and_closing_returns_it() {
+            let (mut p, _) = pair(Some(CFG), Some(CFG), true);
+            let ids: Vec<(ConnId, ConnId)> = (0..3).map(|_| p.open("A")).collect();
+            let sent: usize = ids
+                .iter()
+                .map(|&(s, _)| send_until_blocked(&mut p, s, 1_000_000))
+                .sum();
+            assert_eq!(sent, CFG.budget as usize, "three windows exceed the budget");
+            // Closing the first connection (at the receiver) gives its bytes back.
+            let mut out = Output::default();
+            p.dst.close(ids[0].1, &mut out);
+            p.pump(vec![], out.transmit);
+            let more = send_until_blocked(&mut p, ids[2].0, 1_000_000);
+            assert_eq!(more, CFG.window as usize * 3 - CFG.budget as usize);
+        }
+
+        #[test]
+        fn sending_past_credit_is_a_protocol_error() {
+            let (mut p, _) = pair(Some(CFG), Some(CFG), true);
+            let (s, _) = p.open("A");
+            send_until_blocked(&mut p, s, CFG.window as usize);
+            // A sender that ignores its credit (forged: the mux itself would refuse).
+            let over = Message::data(1, "A", 1, Bytes::from_static(b"!"));
+            let mut out = Output::default();
+            assert!(matches!(
+                p.dst.handle(over, &mut out),
+                Err(ProtocolError::CreditExceeded {
+                    got: 1,
+                    credit: 0,
+                    ..
+                })
+            ));
+            // Over the tunnel budget, each connection within its own window.
+            let (mut p, _) = pair(Some(CFG), Some(CFG), true);
+            let mut err = None;
+            for cid in 1..=3u32 {
+                if cid > 1 {
+                    let mut out = Output::default();
+                    p.src.open("A", &mut out).unwrap();
+                    p.pump(out.transmit, vec![]);
+                } else {
+                    p.open("A");
+                }
+                for _ in 0..2 {
+                    let m = Message::data(1, "A", cid, Bytes::from(vec![0u8; 50_000]));
+                    let mut out = Output::default();
+                    if let Err(e) = p.dst.handle(m, &mut out) {
+                        err = Some(e);
+                    }
+                }
+            }
+            assert_eq!(err, Some(ProtocolError::BudgetExceeded(300_000, 250_000)));
+            // A malformed credit update ends the session too.
+            let mut bad = flow::window_update(1, "A", 1, 5);
+            bad.payload = Bytes::from_static(b"xx");
+            assert!(matches!(
+                p.src.handle(bad, &mut Output::default()),
+                Err(ProtocolError::BadWindowUpdate(1, 2))
+            ));
+        }
+
+        #[test]
+        fn a_peer_reconnecting_switches_it_off_until_renegotiated() {
+            let (mut p, _) = pair(Some(CFG), Some(CFG), true);
+            // The destination reconnects: the relay greets both again; until the new
+            // destination's HELLO arrives, new connections go without flow control.
+            let mut out = Output::default();
+            p.src.handle(Hello::relay().to_message(), &mut out).unwrap();
+            assert!(!p.src.flow_control_active());
+            let mut new_dst = Mux::destination(None).with_flow_control(CFG);
+            new_dst
+                .handle(
+                    Message::service_ids(&["A".into(), "B".into()]),
+                    &mut Output::default(),
+                )
+                .unwrap();
+            p.dst = new_dst;
+            let mut d_out = Output::default();
+            p.dst
+                .handle(Hello::relay().to_message(), &mut d_out)
+                .unwrap();
+            p.pump(out.transmit, d_out.transmit);
+            assert!(p.src.flow_control_active() && p.dst.flow_control_active());
+            let (s, d) = p.open("B");
+            assert!(p.src.is_flow_controlled(s) && p.dst.is_flow_controlled(d));
         }
     }
 

@@ -4,39 +4,53 @@
 //! Two tasks per session, so that reading never waits on writing (a relay forwarding both ways
 //! would otherwise deadlock the two ends under bidirectional load):
 //! - the **reader** decodes frames, feeds the mux under a short lock (never held across an
-//!   `.await`), and delivers data into each connection's bounded queue, waiting when a queue is
-//!   full: without flow control in the AWS protocol, a slow local reader holds back the whole
-//!   session rather than losing bytes or buffering without bound;
-//! - the **writer** owns the WebSocket sink, coalesces queued frames into WebSocket messages of
-//!   at most [`MAX_WS_MESSAGE`] bytes, and pings every [`SessionConfig::ping_interval`].
+//!   `.await`), and delivers data into each connection's queue. With culvert's flow control
+//!   ([`crate::flow`]) a connection's queue is bounded by the credit it was granted, so the
+//!   reader never waits: a slow local reader stalls only its own connection. Without it (AWS
+//!   peers and relays) the queue is bounded and the reader waits when it is full: the AWS
+//!   protocol has no flow control, so a slow local reader holds back the whole session rather
+//!   than losing bytes or buffering without bound.
+//! - the **writer** owns the WebSocket sink and schedules what goes out: control messages
+//!   (starts, credit, negotiation) first, then one DATA frame per connection in turn (round
+//!   robin), so an interactive connection's keystrokes overtake a bulk transfer's backlog. Frames
+//!   are coalesced into WebSocket messages of at most [`MAX_WS_MESSAGE`] bytes. It pings every
+//!   [`SessionConfig::ping_interval`].
 //!
 //! The session ends when the peer closes, on a transport or protocol error, when nothing is heard
 //! for [`SessionConfig::idle_timeout`], or when [`SessionHandle::close`] is called. Then every
 //! connection reads EOF and fails writes with `BrokenPipe`.
 
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_util::sync::{CancellationToken, PollSender};
-use tracing::{debug, trace, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, trace, warn};
 
+use crate::flow::FlowConfig;
 use crate::frame::{self, FrameError, FrameReader};
 use crate::message::{MAX_PAYLOAD, MAX_WS_MESSAGE, Message};
 use crate::mux::{ConnId, Event, Mux, MuxError, Output};
 
-/// Frames queued towards the WebSocket writer (each at most ~64 KiB).
-const WRITE_QUEUE_FRAMES: usize = 32;
-/// Payload chunks queued towards one local connection.
+/// DATA frames queued per connection towards the writer (each at most ~64 KiB): enough to keep
+/// the writer busy, little enough that a turn of the round robin is short.
+const CONN_SEND_FRAMES: usize = 2;
+/// Control messages queued towards the writer before the reader waits for them to drain.
+const CONTROL_QUEUE: usize = 256;
+/// Payload chunks queued towards one local connection without flow control.
 const CONN_QUEUE_CHUNKS: usize = 16;
+/// Chunks smaller than this are copied out of the WebSocket message they arrived in when they
+/// are buffered under flow control, so a stalled connection cannot pin whole messages.
+const COPY_BELOW: usize = 16 * 1024;
 /// New streams waiting for the application to take them (destination).
 const INCOMING_QUEUE: usize = 128;
 
@@ -47,6 +61,8 @@ pub struct SessionConfig {
     /// End the session when nothing at all arrives for this long (pings are answered, so a live
     /// relay is never idle this long).
     pub idle_timeout: Duration,
+    /// Offer culvert's flow-control extension (used only when the relay and the peer offer it).
+    pub flow_control: Option<FlowConfig>,
 }
 
 impl Default for SessionConfig {
@@ -54,6 +70,7 @@ impl Default for SessionConfig {
         SessionConfig {
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(65),
+            flow_control: Some(FlowConfig::default()),
         }
     }
 }
@@ -81,13 +98,135 @@ pub enum SessionError {
     Ended,
 }
 
+/// Where the reader puts a connection's bytes.
+enum ConnTx {
+    /// Without flow control: bounded, the reader waits when it is full.
+    Bounded(mpsc::Sender<Bytes>),
+    /// With flow control: bounded by the credit granted, never waited on.
+    Credited(mpsc::UnboundedSender<Bytes>),
+}
+
+enum ConnRx {
+    Bounded(mpsc::Receiver<Bytes>),
+    Credited(mpsc::UnboundedReceiver<Bytes>),
+}
+
+impl ConnRx {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        match self {
+            ConnRx::Bounded(rx) => rx.poll_recv(cx),
+            ConnRx::Credited(rx) => rx.poll_recv(cx),
+        }
+    }
+}
+
+fn conn_channel(credited: bool) -> (ConnTx, ConnRx) {
+    if credited {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (ConnTx::Credited(tx), ConnRx::Credited(rx))
+    } else {
+        let (tx, rx) = mpsc::channel(CONN_QUEUE_CHUNKS);
+        (ConnTx::Bounded(tx), ConnRx::Bounded(rx))
+    }
+}
+
+/// One connection's outgoing frames.
+#[derive(Default)]
+struct SendQueue {
+    frames: VecDeque<Bytes>,
+    /// The connection's writer, waiting for queue space or credit.
+    waker: Option<Waker>,
+    /// The connection is closed locally: its reset is queued last; drop the queue once sent.
+    closing: bool,
+}
+
+/// What the writer sends next: control first, then connections in turn.
+#[derive(Default)]
+struct Sched {
+    control: VecDeque<Bytes>,
+    queues: HashMap<ConnId, SendQueue>,
+    /// Connections with queued frames, in round-robin order.
+    ready: VecDeque<ConnId>,
+    /// The reader waits for the control queue to drain.
+    control_space: Option<Waker>,
+}
+
+impl Sched {
+    fn push_control(&mut self, f: Bytes) {
+        self.control.push_back(f);
+    }
+
+    fn push_conn(&mut self, id: ConnId, f: Bytes) {
+        let q = self.queues.entry(id).or_default();
+        if q.frames.is_empty() {
+            self.ready.push_back(id);
+        }
+        q.frames.push_back(f);
+    }
+
+    /// The next frame to send, waking whoever waits for the space it frees.
+    fn pop(&mut self) -> Option<Bytes> {
+        if let Some(f) = self.control.pop_front() {
+            if self.control.len() < CONTROL_QUEUE / 2
+                && let Some(w) = self.control_space.take()
+            {
+                w.wake();
+            }
+            return Some(f);
+        }
+        while let Some(id) = self.ready.pop_front() {
+            let Some(q) = self.queues.get_mut(&id) else {
+                continue;
+            };
+            let Some(f) = q.frames.pop_front() else {
+                continue;
+            };
+            if !q.frames.is_empty() {
+                self.ready.push_back(id);
+            } else if q.closing {
+                self.queues.remove(&id);
+                return Some(f);
+            }
+            if let Some(w) = q.waker.take() {
+                w.wake();
+            }
+            return Some(f);
+        }
+        None
+    }
+
+    fn wake(&mut self, id: ConnId) {
+        if let Some(w) = self.queues.get_mut(&id).and_then(|q| q.waker.take()) {
+            w.wake();
+        }
+    }
+
+    fn wake_all(&mut self) {
+        for q in self.queues.values_mut() {
+            if let Some(w) = q.waker.take() {
+                w.wake();
+            }
+        }
+        if let Some(w) = self.control_space.take() {
+            w.wake();
+        }
+    }
+}
+
+struct ConnIn {
+    tx: ConnTx,
+}
+
 struct Inner {
     mux: Mux,
-    conns: std::collections::HashMap<ConnId, mpsc::Sender<Bytes>>,
+    conns: HashMap<ConnId, ConnIn>,
+    sched: Sched,
 }
 
 struct Shared {
     inner: Mutex<Inner>,
+    /// Wakes the writer: something was queued.
+    work: Notify,
     cancel: CancellationToken,
     service_ids: watch::Sender<Option<Vec<String>>>,
     end: watch::Sender<Option<SessionEnd>>,
@@ -99,13 +238,60 @@ impl Shared {
         // tear down, so recover the guard rather than cascade panics through every connection.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Queue control messages (never blocks).
+    fn send_control(&self, msgs: &[Message]) {
+        if msgs.is_empty() {
+            return;
+        }
+        let mut inner = self.lock();
+        for m in msgs {
+            if let Ok(f) = frame::encode_to_bytes(m) {
+                inner.sched.push_control(f);
+            }
+        }
+        drop(inner);
+        self.work.notify_one();
+    }
+
+    /// Queue `msgs` after what connection `id` has queued (its reset goes after its data).
+    fn send_after_conn(&self, id: ConnId, msgs: &[Message]) {
+        let mut inner = self.lock();
+        for m in msgs {
+            if let Ok(f) = frame::encode_to_bytes(m) {
+                inner.sched.push_conn(id, f);
+            }
+        }
+        if let Some(q) = inner.sched.queues.get_mut(&id) {
+            q.closing = true;
+            if q.frames.is_empty() {
+                inner.sched.queues.remove(&id);
+            }
+        }
+        drop(inner);
+        self.work.notify_one();
+    }
+
+    /// Wait until the control queue has room (a peer that provokes replies faster than the
+    /// relay takes them is slowed down, not buffered without bound).
+    async fn control_space(&self) {
+        std::future::poll_fn(|cx| {
+            let mut inner = self.lock();
+            if inner.sched.control.len() < CONTROL_QUEUE || self.cancel.is_cancelled() {
+                Poll::Ready(())
+            } else {
+                inner.sched.control_space = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
 }
 
 /// A cloneable handle to a running session.
 #[derive(Clone)]
 pub struct SessionHandle {
     shared: Arc<Shared>,
-    writer: mpsc::Sender<Bytes>,
 }
 
 /// What the application receives from a session: streams the peer opened (destination).
@@ -119,47 +305,59 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (sink, stream) = ws.split();
-    let (wtx, wrx) = mpsc::channel::<Bytes>(WRITE_QUEUE_FRAMES);
     let (itx, irx) = mpsc::channel(INCOMING_QUEUE);
+    let mux = match cfg.flow_control {
+        Some(fc) => mux.with_flow_control(fc),
+        None => mux,
+    };
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner {
             mux,
             conns: Default::default(),
+            sched: Sched::default(),
         }),
+        work: Notify::new(),
         cancel: CancellationToken::new(),
         service_ids: watch::channel(None).0,
         end: watch::channel(None).0,
     });
     let handle = SessionHandle {
         shared: shared.clone(),
-        writer: wtx.clone(),
     };
-    tokio::spawn(writer_task(sink, wrx, shared.clone(), cfg.clone()));
-    tokio::spawn(reader_task(stream, shared, wtx, itx, cfg));
+    tokio::spawn(writer_task(sink, shared.clone(), cfg.clone()));
+    tokio::spawn(reader_task(stream, shared, itx, cfg));
     (handle, Incoming { streams: irx })
 }
 
 impl SessionHandle {
-    /// Source: open a connection to `service`. Waits for queue space, not for the peer.
+    /// Source: open a connection to `service`. Queues the start; does not wait for the peer.
     pub async fn open(&self, service: &str) -> Result<TunnelStream, SessionError> {
-        let (tx, rx) = mpsc::channel(CONN_QUEUE_CHUNKS);
         let mut out = Output::default();
-        let id = {
+        let (id, rx, credited) = {
             let mut inner = self.shared.lock();
             if self.shared.cancel.is_cancelled() {
                 return Err(SessionError::Ended);
             }
             let id = inner.mux.open(service, &mut out)?;
-            inner.conns.insert(id, tx);
+            let credited = inner.mux.is_flow_controlled(id);
+            let (tx, rx) = conn_channel(credited);
+            inner.conns.insert(id, ConnIn { tx });
             for ev in out.events.drain(..) {
                 if let Event::Closed { id, .. } = ev {
                     inner.conns.remove(&id);
+                    inner.sched.wake(id);
                 }
             }
-            id
+            (id, rx, credited)
         };
-        send_all(&self.writer, &out.transmit).await?;
-        Ok(TunnelStream::new(id, service.to_owned(), self, rx))
+        self.shared.send_control(&out.transmit);
+        Ok(TunnelStream::new(
+            id,
+            service.to_owned(),
+            &self.shared,
+            rx,
+            credited,
+        ))
     }
 
     /// The tunnel's services, once the relay has sent them.
@@ -186,6 +384,11 @@ impl SessionHandle {
         self.shared.lock().mux.open_connections()
     }
 
+    /// Whether connections opened now use culvert's flow control.
+    pub fn flow_control_active(&self) -> bool {
+        self.shared.lock().mux.flow_control_active()
+    }
+
     /// End the session: the WebSocket is closed and every connection ends.
     pub fn close(&self) {
         finish(&self.shared, SessionEnd::Cancelled);
@@ -206,14 +409,6 @@ impl SessionHandle {
     }
 }
 
-async fn send_all(writer: &mpsc::Sender<Bytes>, msgs: &[Message]) -> Result<(), SessionError> {
-    for m in msgs {
-        let f = frame::encode_to_bytes(m).map_err(|_| SessionError::Ended)?;
-        writer.send(f).await.map_err(|_| SessionError::Ended)?;
-    }
-    Ok(())
-}
-
 /// Record the end (first reason wins), cancel both tasks, and end every connection.
 fn finish(shared: &Shared, why: SessionEnd) {
     shared.end.send_if_modified(|e| {
@@ -226,7 +421,12 @@ fn finish(shared: &Shared, why: SessionEnd) {
         }
     });
     shared.cancel.cancel();
-    shared.lock().conns.clear();
+    {
+        let mut inner = shared.lock();
+        inner.conns.clear();
+        inner.sched.wake_all();
+    }
+    shared.work.notify_one();
     // Wake anyone waiting for service ids.
     shared.service_ids.send_if_modified(|v| {
         if v.is_none() {
@@ -241,16 +441,11 @@ fn finish(shared: &Shared, why: SessionEnd) {
 async fn reader_task<S>(
     mut stream: futures_util::stream::SplitStream<WebSocketStream<S>>,
     shared: Arc<Shared>,
-    writer: mpsc::Sender<Bytes>,
     incoming: mpsc::Sender<TunnelStream>,
     cfg: SessionConfig,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let handle = SessionHandle {
-        shared: shared.clone(),
-        writer,
-    };
     let mut frames = FrameReader::new();
     let mut msgs = Vec::new();
     let why = loop {
@@ -292,9 +487,10 @@ async fn reader_task<S>(
                 failed = Some(SessionEnd::Protocol(e.to_string()));
                 break;
             }
-            // Delivery waits on slow local readers; a close must still get through.
+            // Delivery waits on slow local readers (without flow control); a close must still
+            // get through.
             let delivered = tokio::select! {
-                r = deliver(&handle, out, &incoming) => r.is_ok(),
+                r = deliver(&shared, out, &incoming) => r.is_ok(),
                 _ = shared.cancel.cancelled() => false,
             };
             if !delivered {
@@ -311,35 +507,79 @@ async fn reader_task<S>(
 
 /// Carry out what one message produced. Fails only when the session is going away.
 async fn deliver(
-    handle: &SessionHandle,
+    shared: &Arc<Shared>,
     out: Output,
     incoming: &mpsc::Sender<TunnelStream>,
 ) -> Result<(), SessionError> {
-    send_all(&handle.writer, &out.transmit).await?;
+    if !out.transmit.is_empty() {
+        shared.control_space().await;
+        shared.send_control(&out.transmit);
+    }
     for ev in out.events {
         match ev {
             Event::ServiceIds(ids) => {
-                handle.shared.service_ids.send_replace(Some(ids));
+                shared.service_ids.send_replace(Some(ids));
             }
             Event::Opened { id, service } => {
-                let (tx, rx) = mpsc::channel(CONN_QUEUE_CHUNKS);
-                handle.shared.lock().conns.insert(id, tx);
-                let s = TunnelStream::new(id, service, handle, rx);
+                let (rx, credited) = {
+                    let mut inner = shared.lock();
+                    let credited = inner.mux.is_flow_controlled(id);
+                    let (tx, rx) = conn_channel(credited);
+                    inner.conns.insert(id, ConnIn { tx });
+                    (rx, credited)
+                };
+                let s = TunnelStream::new(id, service, shared, rx, credited);
                 if incoming.send(s).await.is_err() {
                     // Nobody takes streams: the TunnelStream's drop already reset it.
                     warn!("stream opened by the peer but this end accepts none");
                 }
             }
             Event::Data { id, payload } => {
-                let tx = handle.shared.lock().conns.get(&id).cloned();
-                if let Some(tx) = tx {
+                let tx = match shared.lock().conns.get(&id).map(|c| &c.tx) {
+                    Some(ConnTx::Bounded(tx)) => Ok(tx.clone()),
+                    Some(ConnTx::Credited(tx)) => Err(tx.clone()),
+                    None => continue,
+                };
+                match tx {
                     // Waits while the local side is slow (no flow control in the protocol).
-                    let _ = tx.send(payload).await;
+                    Ok(tx) => {
+                        let _ = tx.send(payload).await;
+                    }
+                    // Bounded by the credit we granted: never waits.
+                    Err(tx) => {
+                        let payload = if payload.len() < COPY_BELOW {
+                            Bytes::copy_from_slice(&payload)
+                        } else {
+                            payload
+                        };
+                        let _ = tx.send(payload);
+                    }
                 }
             }
             Event::Closed { id, cause } => {
                 debug!(conn = %id, ?cause, "closed by peer");
-                handle.shared.lock().conns.remove(&id);
+                let mut inner = shared.lock();
+                inner.conns.remove(&id);
+                // What it still had queued would be stale on arrival; its writer fails now.
+                if let Some(mut q) = inner.sched.queues.remove(&id)
+                    && let Some(w) = q.waker.take()
+                {
+                    w.wake();
+                }
+            }
+            Event::Credit { id, budget } => {
+                let mut inner = shared.lock();
+                if budget {
+                    inner.sched.wake_all();
+                } else {
+                    inner.sched.wake(id);
+                }
+            }
+            Event::FlowControl(true) => {
+                info!("flow control on for new connections (the relay and the peer support it)");
+            }
+            Event::FlowControl(false) => {
+                info!("flow control off for new connections (peer changed; renegotiating)");
             }
         }
     }
@@ -348,7 +588,6 @@ async fn deliver(
 
 async fn writer_task<S>(
     mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, WsMessage>,
-    mut rx: mpsc::Receiver<Bytes>,
     shared: Arc<Shared>,
     cfg: SessionConfig,
 ) where
@@ -357,11 +596,37 @@ async fn writer_task<S>(
     let mut ping = tokio::time::interval(cfg.ping_interval);
     let mut batch = BytesMut::new();
     let err = loop {
-        let first = tokio::select! {
-            _ = shared.cancel.cancelled() => {
-                let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
-                return;
+        if shared.cancel.is_cancelled() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
+            return;
+        }
+        // Fill one WebSocket message: control first, then one frame per connection in turn,
+        // ending the message after a start frame (see `frame::is_start_frame`).
+        batch.clear();
+        {
+            let mut inner = shared.lock();
+            while let Some(f) = inner.sched.pop() {
+                let full = batch.len() + f.len() > MAX_WS_MESSAGE;
+                if full {
+                    // Put it back in front; it goes first in the next message.
+                    inner.sched.control.push_front(f);
+                    break;
+                }
+                batch.extend_from_slice(&f);
+                if frame::is_start_frame(&f) {
+                    break;
+                }
             }
+        }
+        if !batch.is_empty() {
+            if let Err(e) = sink.send(WsMessage::Binary(batch.split().freeze())).await {
+                break e;
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = shared.cancel.cancelled() => {}
+            _ = shared.work.notified() => {}
             _ = ping.tick() => {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -370,44 +635,7 @@ async fn writer_task<S>(
                 if let Err(e) = sink.send(WsMessage::Ping(Bytes::from(now.to_be_bytes().to_vec()))).await {
                     break e;
                 }
-                continue;
             }
-            f = rx.recv() => match f {
-                Some(f) => f,
-                None => return,
-            },
-        };
-        // Coalesce what is already queued into one WebSocket message, ending the message after
-        // a start frame (see `frame::is_start_frame`).
-        let msg = if frame::is_start_frame(&first) {
-            first
-        } else {
-            match rx.try_recv() {
-                Err(_) => first,
-                Ok(second) => {
-                    batch.clear();
-                    batch.extend_from_slice(&first);
-                    let mut next = Some(second);
-                    while let Some(f) = next.take() {
-                        if batch.len() + f.len() > MAX_WS_MESSAGE {
-                            let full = batch.split().freeze();
-                            if let Err(e) = sink.feed(WsMessage::Binary(full)).await {
-                                finish(&shared, SessionEnd::Transport(e.to_string()));
-                                return;
-                            }
-                        }
-                        batch.extend_from_slice(&f);
-                        if frame::is_start_frame(&f) {
-                            break;
-                        }
-                        next = rx.try_recv().ok();
-                    }
-                    batch.split().freeze()
-                }
-            }
-        };
-        if let Err(e) = sink.send(WsMessage::Binary(msg)).await {
-            break e;
         }
     };
     finish(&shared, SessionEnd::Transport(err.to_string()));
@@ -425,8 +653,11 @@ pub struct TunnelStream {
 /// The receiving half of a [`TunnelStream`]; also an `AsyncBufRead` that hands out the peer's
 /// chunks without copying.
 pub struct TunnelReader {
-    rx: mpsc::Receiver<Bytes>,
+    id: ConnId,
+    rx: ConnRx,
     pending: Bytes,
+    /// Flow-controlled: consumed bytes return credit to the peer.
+    credited: Option<Arc<Shared>>,
 }
 
 /// The sending half of a [`TunnelStream`]. Dropping it resets the connection.
@@ -434,13 +665,14 @@ pub struct TunnelWriter {
     id: ConnId,
     service: String,
     shared: Arc<Shared>,
-    writer: PollSender<Bytes>,
     closed_local: bool,
 }
 
 impl std::fmt::Debug for TunnelReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TunnelReader").finish_non_exhaustive()
+        f.debug_struct("TunnelReader")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -454,17 +686,18 @@ impl std::fmt::Debug for TunnelWriter {
 }
 
 impl TunnelStream {
-    fn new(id: ConnId, service: String, h: &SessionHandle, rx: mpsc::Receiver<Bytes>) -> Self {
+    fn new(id: ConnId, service: String, shared: &Arc<Shared>, rx: ConnRx, credited: bool) -> Self {
         TunnelStream {
             reader: TunnelReader {
+                id,
                 rx,
                 pending: Bytes::new(),
+                credited: credited.then(|| shared.clone()),
             },
             writer: TunnelWriter {
                 id,
                 service,
-                shared: h.shared.clone(),
-                writer: PollSender::new(h.writer.clone()),
+                shared: shared.clone(),
                 closed_local: false,
             },
         }
@@ -478,30 +711,46 @@ impl TunnelStream {
         &self.writer.service
     }
 
+    /// Whether this connection uses culvert's flow control.
+    pub fn is_flow_controlled(&self) -> bool {
+        self.reader.credited.is_some()
+    }
+
     pub fn into_split(self) -> (TunnelReader, TunnelWriter) {
         (self.reader, self.writer)
     }
 
     /// Refuse or end this connection (e.g. the LAN target refused): sends the reset now.
     pub async fn reset(mut self) {
-        let msgs = self.writer.take_close();
-        if let Some(tx) = self.writer.writer.get_ref().cloned() {
-            let _ = send_all(&tx, &msgs).await;
+        self.writer.close_local();
+    }
+}
+
+impl TunnelReader {
+    /// The application took `n` bytes: return credit (flow control).
+    fn consumed(&self, n: usize) {
+        if let Some(shared) = &self.credited {
+            let mut out = Output::default();
+            shared.lock().mux.consumed(self.id, n, &mut out);
+            shared.send_control(&out.transmit);
         }
     }
 }
 
 impl TunnelWriter {
-    fn take_close(&mut self) -> Vec<Message> {
+    /// Close the connection from this side: the reset goes out after what is queued.
+    fn close_local(&mut self) {
         if self.closed_local {
-            return Vec::new();
+            return;
         }
         self.closed_local = true;
         let mut out = Output::default();
-        let mut inner = self.shared.lock();
-        inner.mux.close(self.id, &mut out);
-        inner.conns.remove(&self.id);
-        out.transmit
+        {
+            let mut inner = self.shared.lock();
+            inner.mux.close(self.id, &mut out);
+            inner.conns.remove(&self.id);
+        }
+        self.shared.send_after_conn(self.id, &out.transmit);
     }
 }
 
@@ -519,6 +768,7 @@ impl AsyncRead for TunnelReader {
         }
         let n = self.pending.len().min(buf.remaining());
         buf.put_slice(&self.pending.split_to(n));
+        self.consumed(n);
         Poll::Ready(Ok(()))
     }
 }
@@ -537,36 +787,43 @@ impl tokio::io::AsyncBufRead for TunnelReader {
     fn consume(mut self: Pin<&mut Self>, amt: usize) {
         let n = amt.min(self.pending.len());
         let _ = self.pending.split_to(n);
+        self.consumed(n);
     }
 }
 
 impl AsyncWrite for TunnelWriter {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.closed_local {
+        if self.closed_local || self.shared.cancel.is_cancelled() {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        if ready!(self.writer.poll_reserve(cx)).is_err() {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
         }
-        let n = buf.len().min(MAX_PAYLOAD);
+        let id = self.id;
+        let mut inner = self.shared.lock();
+        let inner = &mut *inner;
+        let queued = inner.sched.queues.get(&id).map_or(0, |q| q.frames.len());
+        let credit = match inner.mux.send_credit(id) {
+            Ok(c) => c,
+            Err(_) => return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())),
+        };
+        let n = buf.len().min(MAX_PAYLOAD).min(credit.unwrap_or(usize::MAX));
+        if queued >= CONN_SEND_FRAMES || n == 0 {
+            // Wait for the writer to take a frame, or for credit.
+            inner.sched.queues.entry(id).or_default().waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
         // One copy: the payload goes straight into its frame.
         let mut f = BytesMut::with_capacity(n + 32);
-        let encoded = self
-            .shared
-            .lock()
-            .mux
-            .encode_data(self.id, &buf[..n], &mut f);
-        if encoded.is_err() {
-            self.writer.abort_send();
+        if inner.mux.encode_data(id, &buf[..n], &mut f).is_err() {
             return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
         }
-        self.writer
-            .send_item(f.freeze())
-            .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        inner.sched.push_conn(id, f.freeze());
+        self.shared.work.notify_one();
         Poll::Ready(Ok(n))
     }
 
@@ -574,51 +831,16 @@ impl AsyncWrite for TunnelWriter {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.closed_local {
-            return Poll::Ready(Ok(()));
-        }
-        if ready!(self.writer.poll_reserve(cx)).is_err() {
-            self.closed_local = true;
-            return Poll::Ready(Ok(()));
-        }
-        let msgs = self.take_close();
-        match msgs.first().map(frame::encode_to_bytes) {
-            Some(Ok(f)) => {
-                let _ = self.writer.send_item(f);
-            }
-            _ => {
-                self.writer.abort_send();
-            }
-        }
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.close_local();
         Poll::Ready(Ok(()))
     }
 }
 
 impl Drop for TunnelWriter {
     fn drop(&mut self) {
-        let msgs = self.take_close();
-        if msgs.is_empty() {
-            return;
-        }
-        let Some(tx) = self.writer.get_ref().cloned() else {
-            return;
-        };
-        let mut frames = msgs.iter().filter_map(|m| frame::encode_to_bytes(m).ok());
-        // Queue the reset behind this connection's data; never block in drop.
-        while let Some(f) = frames.next() {
-            if let Err(mpsc::error::TrySendError::Full(f)) = tx.try_send(f) {
-                let later: Vec<Bytes> = std::iter::once(f).chain(frames).collect();
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(async move {
-                        for f in later {
-                            let _ = tx.send(f).await;
-                        }
-                    });
-                }
-                return;
-            }
-        }
+        // Queues the reset behind this connection's data; never blocks.
+        self.close_local();
     }
 }
 

@@ -6,6 +6,7 @@
 //! listen = "0.0.0.0:443"
 //! state_dir = "/var/lib/culvert-relay"
 //! api_key_file = "/etc/culvert/relay-api-key"   # or: api_key = "..."
+//! flow_control = true               # offer culvert's flow control (false: exactly as AWS's relay)
 //!
 //! [tls]
 //! cert = "/etc/culvert/relay.pem"      # certificate chain, PEM
@@ -44,6 +45,9 @@ pub struct RawConfig {
     pub api_key: Option<String>,
     #[serde(default)]
     pub api_key_file: Option<PathBuf>,
+    /// Announce culvert's flow-control extension to peers (default true).
+    #[serde(default)]
+    pub flow_control: Option<bool>,
     pub tls: RawTls,
     #[serde(default)]
     pub limits: RawLimits,
@@ -245,6 +249,8 @@ pub struct RelayConfig {
     pub limits: Limits,
     pub mqtt: MqttSettings,
     pub daemon: DaemonSettings,
+    /// Announce culvert's flow-control extension (see culvert_protocol::flow).
+    pub flow_control: bool,
 }
 
 /// A configuration problem, naming the file and key.
@@ -321,6 +327,7 @@ impl RawConfig {
             },
             mqtt,
             daemon,
+            flow_control: self.flow_control.unwrap_or(true),
         })
     }
 }

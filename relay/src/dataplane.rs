@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
 
 use crate::metrics::{METRICS, label};
+use culvert_protocol::flow::Hello;
 use culvert_protocol::frame::{self, FrameError, FrameReader};
 use culvert_protocol::message::{MAX_WS_MESSAGE, Message, MessageType};
 use culvert_protocol::rules::Violation;
@@ -188,6 +189,7 @@ pub async fn handshake(
     };
     let span = info_span!("peer", tunnel = %adm.live.id, mode = %mode, channel = %channel);
     let tracker = state.tasks.clone();
+    let flow_control = state.flow_control;
     let release = adm
         .first_use
         .then(|| (state.registry.clone(), adm.live.id.clone(), adm.token));
@@ -200,7 +202,7 @@ pub async fn handshake(
             }
         })
         .on_upgrade(move |socket| {
-            let fut = run_peer(socket, adm, format).instrument(span);
+            let fut = run_peer(socket, adm, format, flow_control).instrument(span);
             async move {
                 tracker.spawn(fut);
             }
@@ -222,7 +224,7 @@ enum End {
     Transport(String),
 }
 
-async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
+async fn run_peer(socket: WebSocket, adm: Admission, format: Format, flow_control: bool) {
     METRICS
         .peer_connects
         .get_or_create(&label("mode", &adm.mode.to_string()))
@@ -263,6 +265,21 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format) {
     };
     info!(thing = %thing_name, ?format, "peer connected");
     let (mut sink, mut stream) = socket.split();
+    if flow_control && let Ok(f) = frame::encode_to_bytes(&Hello::relay().to_message()) {
+        // Announce culvert's extensions (ignorable: AWS clients skip it), to this peer and,
+        // since its peer changed, to the other side, before anything this peer sends is
+        // forwarded there (see culvert_protocol::flow).
+        let _ = tx.try_send(Chunk::new(f.clone()));
+        let other = live.lock().target(mode.other());
+        if let Some((to, to_kick)) = other {
+            tokio::select! {
+                biased;
+                _ = kick.kicked() => {}
+                _ = to_kick.kicked() => {}
+                _ = to.send(Chunk::new(f)) => {}
+            }
+        }
+    }
 
     // Writer: our queue → this peer, coalescing queued frames into one WebSocket message.
     let writer_kick = kick.clone();

@@ -72,6 +72,7 @@ pub fn prepare(
             limits: Limits::default(),
             mqtt,
             daemon: crate::config::DaemonSettings::default(),
+            flow_control: true,
         },
         DevFiles { dir, ca },
     ))

@@ -51,6 +51,10 @@ struct Args {
     /// --dev: seconds connected peers may stay after SIGTERM (default 30; daemon.shutdown_grace_secs).
     #[arg(long, requires = "dev")]
     shutdown_grace_secs: Option<u64>,
+    /// Do not offer culvert's flow-control extension: peers see exactly AWS's protocol
+    /// (the configuration file's `flow_control = false`).
+    #[arg(long)]
+    no_flow_control: bool,
     /// --dev: CA of the external broker (default: the dev CA).
     #[arg(long, requires = "mqtt_broker")]
     mqtt_ca: Option<PathBuf>,
@@ -102,6 +106,10 @@ fn main() -> ExitCode {
             }
         }
     };
+    let mut cfg = cfg;
+    if args.no_flow_control {
+        cfg.flow_control = false;
+    }
     if args.check_config {
         println!("configuration OK");
         return ExitCode::SUCCESS;

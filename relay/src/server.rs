@@ -41,6 +41,8 @@ pub struct AppState {
     pub api_key: Secret,
     /// Every peer task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Announce culvert's flow-control extension to peers.
+    pub flow_control: bool,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -141,6 +143,7 @@ impl Relay {
                 mqtt_listen,
                 api_key: cfg.api_key.clone(),
                 tasks: TaskTracker::new(),
+                flow_control: cfg.flow_control,
             }),
             background,
         })
