@@ -1,14 +1,24 @@
-//! `cargo run --release -p culvert-bench`: measures, in one run on loopback,
-//! - single-stream throughput: N bytes written by a client, counted by a sink that acknowledges
-//!   the last byte (so buffering is not mistaken for delivery);
-//! - 64-byte round-trip latency: ping-pong against an echo server, p50 / p99;
+//! `cargo run --release -p culvert-bench`: culvert against the tunnels people use today, in one
+//! run on loopback. Routes measured side by side:
+//! - **direct**: client → target (the baseline);
+//! - **culvert**: client → `culvert connect` → `culvert-relay` → `culvertd` → target, TLS
+//!   (WebSocket) on both hops, flow control on;
+//! - **rathole (ws+tls)** and **rathole (tcp)**: `cargo install rathole` (crates.io), its
+//!   server and client with the websocket+TLS transport and with plain TCP;
+//! - **stunnel**: a client stunnel and a server stunnel (Debian's stunnel4), TLS between them;
+//! - **ssh -L**: OpenSSH port forwarding to a throwaway sshd on loopback.
 //!
-//! once directly (client → target) and once through culvert's full path (client →
-//! `culvert connect` → `culvert-relay` → `culvertd` → target, TLS on both hops), and prints the
-//! ratios. Every loop is bounded by a count; nothing runs open-ended.
+//! For each: single-stream and 8-stream throughput (N bytes written, counted by a sink that
+//! acknowledges the last byte, so buffering is not mistaken for delivery); 64-byte round trip
+//! p50 / p99 (ping-pong against an echo server); the round trip of an interactive connection
+//! while a bulk transfer runs through the same tunnel; the tool's processes' RSS idle and with
+//! 1 000 idle connections; their CPU seconds per GB carried. Then culvert's scaling: aggregate
+//! throughput at 1 / 8 / 64 / 512 concurrent connections. A tool that is not installed is
+//! reported as such (with the command that installs it), not silently left out.
 //!
 //! Options: `--bytes N` (per throughput round, default 1 GiB), `--rounds N` (default 3, the
-//! median is reported), `--pings N` (default 20000).
+//! median is reported), `--pings N` (default 20000), `--only culvert` (skip the other tools).
+//! Every loop is bounded by a count; nothing runs open-ended.
 //!
 //! `--open-latency [--tunnels N]` measures instead, with the embedded MQTT broker, the time from
 //! `culvert tunnel open` returning to the first byte echoed through a new connection of that
@@ -177,6 +187,175 @@ fn build() -> PathBuf {
     root.join("target/release")
 }
 
+/// One way from a client to the sink and echo servers, and the processes that carry it.
+struct Route {
+    name: &'static str,
+    sink: u16,
+    echo: u16,
+    pids: Vec<u32>,
+    _procs: Vec<Kill>,
+    _sshd: Option<culvert_e2e::Sshd>,
+}
+
+/// What was measured on one route.
+#[derive(Default)]
+struct Figures {
+    tp1: f64,
+    tp8: f64,
+    p50: f64,
+    p99: f64,
+    bulk_p50: f64,
+    rss_idle_kb: u64,
+    rss_1000_kb: u64,
+    cpu_s_per_gb: f64,
+}
+
+/// `pids` and all their descendants now alive.
+fn with_descendants(pids: &[u32]) -> Vec<u32> {
+    let mut parent: Vec<(u32, u32)> = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 2..].split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        parent.push((pid, ppid));
+    }
+    let mut all = pids.to_vec();
+    let mut i = 0;
+    while i < all.len() {
+        let p = all[i];
+        all.extend(parent.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    all
+}
+
+/// Sum of VmRSS (KiB) over `pids` and their descendants.
+fn rss_kb(pids: &[u32]) -> u64 {
+    with_descendants(pids)
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// CPU seconds (user + system, all threads) used so far by `pids` and their descendants.
+fn cpu_s(pids: &[u32]) -> f64 {
+    let ticks: u64 = with_descendants(pids)
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|s| {
+            // Fields after the parenthesised command name; utime and stime are 14 and 15.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    ticks as f64 / 100.0
+}
+
+/// Aggregate Gbit/s of `streams` concurrent transfers of `n / streams` bytes each.
+fn throughput_n(port: u16, n: u64, streams: usize) -> f64 {
+    let each = (n / streams as u64).max(1);
+    let start = Instant::now();
+    let threads: Vec<_> = (0..streams)
+        .map(|_| std::thread::spawn(move || throughput(port, each)))
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    (each * streams as u64) as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// 64-byte round trips through `echo` while a bulk transfer runs to `sink` on the same route.
+fn latency_under_bulk(sink: u16, echo: u16, pings: usize) -> (f64, f64) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let bulk = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", sink)).unwrap_or_else(|e| die(e));
+        let _ = s.write_all(&u64::MAX.to_be_bytes());
+        let buf = vec![0x5au8; 256 * 1024];
+        // Bounded: at most 1 TiB, and it stops as soon as the pings are done.
+        for _ in 0..(1u64 << 22) {
+            if flag.load(std::sync::atomic::Ordering::Relaxed) || s.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let r = latency(echo, pings);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = bulk.join();
+    r
+}
+
+/// Open `n` connections to `echo`, each carrying one byte there and back; returns them.
+fn idle_connections(echo: u16, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .map(|i| {
+            let mut s = TcpStream::connect(("127.0.0.1", echo))
+                .unwrap_or_else(|e| die(format!("idle connection {i}: {e}")));
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut b = [0u8; 1];
+            s.write_all(b"i").unwrap();
+            s.read_exact(&mut b)
+                .unwrap_or_else(|e| die(format!("idle connection {i}: {e}")));
+            s
+        })
+        .collect()
+}
+
+/// Wait until a 1 KiB transfer through `port` is acknowledged (the route is up).
+fn wait_route(name: &str, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ok = std::panic::catch_unwind(|| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            s.write_all(&1024u64.to_be_bytes()).ok()?;
+            s.write_all(&[0u8; 1024]).ok()?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).ok()
+        });
+        if matches!(ok, Ok(Some(()))) {
+            return;
+        }
+        if Instant::now() > deadline {
+            die(format!("{name}: the route did not come up"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Kill {
+    Kill(
+        cmd.stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| die(format!("{name}: {e}"))),
+    )
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--open-latency") {
         return open_latency(arg("--tunnels", 20).max(2) as usize);
@@ -184,13 +363,179 @@ fn main() {
     let bytes = arg("--bytes", 1 << 30);
     let rounds = arg("--rounds", 3).max(1) as usize;
     let pings = arg("--pings", 20_000).max(100) as usize;
+    let only_culvert = std::env::args().any(|a| a == "--only");
     let bins = build();
     let dir = std::env::temp_dir().join(format!("culvert-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-
     let sink = sink_server();
     let echo = echo_server();
-    let (_relay, env) = start_relay(&bins, &dir);
+
+    let mut routes = vec![Route {
+        name: "direct",
+        sink: sink.port(),
+        echo: echo.port(),
+        pids: vec![],
+        _procs: vec![],
+        _sshd: None,
+    }];
+    let mut missing: Vec<String> = Vec::new();
+    routes.push(culvert_route(&bins, &dir, sink, echo));
+    if !only_culvert {
+        for r in [
+            rathole_route(&dir, sink, echo, true),
+            rathole_route(&dir, sink, echo, false),
+            stunnel_route(&dir, sink, echo),
+            ssh_route(&dir, sink, echo),
+        ] {
+            match r {
+                Ok(r) => routes.push(r),
+                Err(e) => missing.push(e),
+            }
+        }
+    }
+    for r in &routes {
+        wait_route(r.name, r.sink);
+    }
+
+    eprintln!(
+        "measuring {} route(s): {rounds} round(s) of {bytes} bytes, {pings} pings …",
+        routes.len()
+    );
+    let mut figures = Vec::new();
+    for r in &routes {
+        eprintln!("  {}", r.name);
+        let rss_idle_kb = rss_kb(&r.pids);
+        let cpu0 = cpu_s(&r.pids);
+        let tp1 = median((0..rounds).map(|_| throughput(r.sink, bytes)).collect());
+        let cpu_s_per_gb = (cpu_s(&r.pids) - cpu0) / (rounds as f64 * bytes as f64 / 1e9);
+        let tp8 = median(
+            (0..rounds)
+                .map(|_| throughput_n(r.sink, bytes, 8))
+                .collect(),
+        );
+        let (p50, p99) = latency(r.echo, pings);
+        let (bulk_p50, _) = latency_under_bulk(r.sink, r.echo, (pings / 10).max(100));
+        let idle = idle_connections(r.echo, 1000);
+        std::thread::sleep(Duration::from_millis(500));
+        let rss_1000_kb = rss_kb(&r.pids);
+        drop(idle);
+        figures.push(Figures {
+            tp1,
+            tp8,
+            p50,
+            p99,
+            bulk_p50,
+            rss_idle_kb,
+            rss_1000_kb,
+            cpu_s_per_gb,
+        });
+    }
+    // culvert's own pieces, idle, and its scaling.
+    let culvert = &routes[1];
+    let scaling: Vec<(usize, f64)> = [1usize, 8, 64, 512]
+        .iter()
+        .map(|&n| {
+            (
+                n,
+                throughput_n(culvert.sink, bytes.max(n as u64 * 1024 * 1024), n),
+            )
+        })
+        .collect();
+
+    println!();
+    println!(
+        "{} bytes per throughput round, median of {rounds}; {pings} pings",
+        bytes
+    );
+    println!(
+        "{:<18} {:>10} {:>10} {:>9} {:>9} {:>11} {:>10} {:>11} {:>8}",
+        "route",
+        "1-str Gb/s",
+        "8-str Gb/s",
+        "p50 µs",
+        "p99 µs",
+        "bulk p50 µs",
+        "RSS idle",
+        "RSS +1000c",
+        "CPU s/GB"
+    );
+    for (r, f) in routes.iter().zip(&figures) {
+        let rss = |kb: u64| {
+            if r.pids.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.1} MB", kb as f64 / 1024.0)
+            }
+        };
+        let cpu = if r.pids.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.2}", f.cpu_s_per_gb)
+        };
+        println!(
+            "{:<18} {:>10.2} {:>10.2} {:>9.1} {:>9.1} {:>11.1} {:>10} {:>11} {:>8}",
+            r.name,
+            f.tp1,
+            f.tp8,
+            f.p50,
+            f.p99,
+            f.bulk_p50,
+            rss(f.rss_idle_kb),
+            rss(f.rss_1000_kb),
+            cpu
+        );
+    }
+    for m in &missing {
+        println!("{m}");
+    }
+    println!();
+    let c = &figures[1];
+    let ratio = |name: &str, f: &dyn Fn(&Figures) -> f64| {
+        routes
+            .iter()
+            .zip(&figures)
+            .find(|(r, _)| r.name == name)
+            .map(|(_, other)| f(c) / f(other))
+    };
+    println!("culvert ratios (same run):");
+    for name in [
+        "direct",
+        "rathole (ws+tls)",
+        "rathole (tcp)",
+        "stunnel",
+        "ssh -L",
+    ] {
+        if let (Some(t1), Some(t8), Some(l)) = (
+            ratio(name, &|f| f.tp1),
+            ratio(name, &|f| f.tp8),
+            ratio(name, &|f| f.p50),
+        ) {
+            println!(
+                "  vs {name:<17} 1-stream {t1:>5.2}×   8-stream {t8:>5.2}×   p50 round trip {l:>5.2}×"
+            );
+        }
+    }
+    println!(
+        "  interactive round trip under bulk: {:.2}× its idle p50",
+        c.bulk_p50 / c.p50
+    );
+    let gw_rss = rss_kb(&routes[1].pids[2..3]);
+    println!(
+        "  RSS: culvertd {:.1} MB idle; culvert's three processes {:.1} MB idle, +{:.1} KB per idle connection",
+        gw_rss as f64 / 1024.0,
+        c.rss_idle_kb as f64 / 1024.0,
+        (c.rss_1000_kb.saturating_sub(c.rss_idle_kb)) as f64 / 1000.0
+    );
+    println!("culvert scaling (aggregate Gbit/s by concurrent connections):");
+    for (n, tp) in scaling {
+        println!("  {n:>4} connections: {tp:.2}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// culvert's full path: relay, culvertd and culvert connect, one tunnel with SINK and ECHO.
+fn culvert_route(bins: &Path, dir: &Path, sink: SocketAddr, echo: SocketAddr) -> Route {
+    let (relay, env) = start_relay(bins, dir);
     let out = Command::new(bins.join("culvert"))
         .envs(env.iter().map(|(k, v)| (k, v)))
         .args([
@@ -212,7 +557,7 @@ fn main() {
         format!("[acl]\nallow = [\"127.0.0.0/8\"]\n[services.SINK]\ntarget = \"{sink}\"\n[services.ECHO]\ntarget = \"{echo}\"\n"),
     )
     .unwrap();
-    let _gw = Kill(
+    let gw = Kill(
         Command::new(bins.join("culvertd"))
             .arg("--config")
             .arg(&rules)
@@ -260,59 +605,242 @@ fn main() {
             break;
         }
     }
-    // Wait for the whole path: a small transfer must be acknowledged.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::panic::catch_unwind(|| throughput(ports["SINK"], 1024)).is_err() {
-        if Instant::now() > deadline {
-            die("the tunnel did not come up");
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    Route {
+        name: "culvert",
+        sink: ports["SINK"],
+        echo: ports["ECHO"],
+        pids: vec![px.0.id(), relay.0.id(), gw.0.id()],
+        _sshd: None,
+        _procs: vec![px, relay, gw],
     }
+}
 
-    eprintln!("measuring: {rounds} round(s) of {bytes} bytes, {pings} pings each way …");
-    let direct_tp = median(
-        (0..rounds)
-            .map(|_| throughput(sink.port(), bytes))
-            .collect(),
-    );
-    let tunnel_tp = median(
-        (0..rounds)
-            .map(|_| throughput(ports["SINK"], bytes))
-            .collect(),
-    );
-    let (d50, d99) = latency(echo.port(), pings);
-    let (t50, t99) = latency(ports["ECHO"], pings);
+/// A self-signed certificate for "localhost" (cert.pem, key.pem, identity.pfx) made with openssl.
+fn self_signed(dir: &Path) -> Result<(), String> {
+    let run = |args: &[&str]| {
+        Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| format!("openssl: {e} (apt-get install openssl)"))
+            .and_then(|s| {
+                s.success()
+                    .then_some(())
+                    .ok_or_else(|| format!("openssl {} failed", args[0]))
+            })
+    };
+    if dir.join("identity.pfx").exists() {
+        return Ok(());
+    }
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "cert.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=DNS:localhost",
+    ])?;
+    run(&[
+        "pkcs12",
+        "-export",
+        "-out",
+        "identity.pfx",
+        "-inkey",
+        "key.pem",
+        "-in",
+        "cert.pem",
+        "-passout",
+        "pass:bench",
+    ])
+}
 
-    println!();
-    println!(
-        "culvert full path (culvert connect → relay → culvertd, TLS on both hops) vs direct loopback"
+/// rathole's server and client (`cargo install rathole`), websocket+TLS or plain TCP transport.
+fn rathole_route(
+    dir: &Path,
+    sink: SocketAddr,
+    echo: SocketAddr,
+    ws: bool,
+) -> Result<Route, String> {
+    let name = if ws {
+        "rathole (ws+tls)"
+    } else {
+        "rathole (tcp)"
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/rathole/bin/rathole");
+    let bin = if root.exists() {
+        root
+    } else {
+        which("rathole").ok_or_else(|| {
+            format!(
+                "{name}: not measured: rathole is not installed (cargo install rathole --root target/tools/rathole; needs apt-get install libssl-dev pkg-config)"
+            )
+        })?
+    };
+    let d = dir.join(if ws { "rathole-ws" } else { "rathole-tcp" });
+    std::fs::create_dir_all(&d).unwrap();
+    self_signed(&d)?;
+    let (control, sink_port, echo_port) = (free_port(), free_port(), free_port());
+    let (server_transport, client_transport) = if ws {
+        (
+            format!(
+                "[server.transport]\ntype = \"websocket\"\n[server.transport.tls]\npkcs12 = \"{}\"\npkcs12_password = \"bench\"\n[server.transport.websocket]\ntls = true\n",
+                d.join("identity.pfx").display()
+            ),
+            format!(
+                "[client.transport]\ntype = \"websocket\"\n[client.transport.tls]\ntrusted_root = \"{}\"\nhostname = \"localhost\"\n[client.transport.websocket]\ntls = true\n",
+                d.join("cert.pem").display()
+            ),
+        )
+    } else {
+        (
+            "[server.transport]\ntype = \"tcp\"\n".to_string(),
+            "[client.transport]\ntype = \"tcp\"\n".to_string(),
+        )
+    };
+    std::fs::write(
+        d.join("server.toml"),
+        format!(
+            "[server]\nbind_addr = \"127.0.0.1:{control}\"\ndefault_token = \"bench\"\n{server_transport}\
+             [server.services.sink]\nbind_addr = \"127.0.0.1:{sink_port}\"\n\
+             [server.services.echo]\nbind_addr = \"127.0.0.1:{echo_port}\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("client.toml"),
+        format!(
+            "[client]\nremote_addr = \"localhost:{control}\"\ndefault_token = \"bench\"\n{client_transport}\
+             [client.services.sink]\nlocal_addr = \"{sink}\"\n[client.services.echo]\nlocal_addr = \"{echo}\"\n"
+        ),
+    )
+    .unwrap();
+    let server = spawn(
+        name,
+        Command::new(&bin)
+            .arg("--server")
+            .arg(d.join("server.toml"))
+            .env("RUST_LOG", "error"),
+        &d.join("server.log"),
     );
-    println!(
-        "{:<32} {:>14} {:>14} {:>10}",
-        "", "direct", "culvert", "ratio"
+    std::thread::sleep(Duration::from_millis(300));
+    let client = spawn(
+        name,
+        Command::new(&bin)
+            .arg("--client")
+            .arg(d.join("client.toml"))
+            .env("RUST_LOG", "error"),
+        &d.join("client.log"),
     );
-    println!(
-        "{:<32} {:>11.2} Gb {:>11.2} Gb {:>9.2}×",
-        "1-stream throughput (Gbit/s)",
-        direct_tp,
-        tunnel_tp,
-        tunnel_tp / direct_tp
+    Ok(Route {
+        name,
+        sink: sink_port,
+        echo: echo_port,
+        pids: vec![server.0.id(), client.0.id()],
+        _sshd: None,
+        _procs: vec![server, client],
+    })
+}
+
+/// A client stunnel accepting plaintext, TLS to a server stunnel that connects to the targets.
+fn stunnel_route(dir: &Path, sink: SocketAddr, echo: SocketAddr) -> Result<Route, String> {
+    let bin = which("stunnel4")
+        .or_else(|| which("stunnel"))
+        .ok_or("stunnel: not measured: not installed (apt-get install stunnel4)")?;
+    let d = dir.join("stunnel");
+    std::fs::create_dir_all(&d).unwrap();
+    self_signed(&d)?;
+    let (tls_sink, tls_echo, sink_port, echo_port) =
+        (free_port(), free_port(), free_port(), free_port());
+    let common = "foreground = yes\npid =\nsyslog = no\ndebug = 3\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n";
+    std::fs::write(
+        d.join("server.conf"),
+        format!(
+            "{common}cert = {c}\nkey = {k}\n[sink]\naccept = 127.0.0.1:{tls_sink}\nconnect = {sink}\n[echo]\naccept = 127.0.0.1:{tls_echo}\nconnect = {echo}\n",
+            c = d.join("cert.pem").display(),
+            k = d.join("key.pem").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("client.conf"),
+        format!(
+            "{common}client = yes\n[sink]\naccept = 127.0.0.1:{sink_port}\nconnect = 127.0.0.1:{tls_sink}\n[echo]\naccept = 127.0.0.1:{echo_port}\nconnect = 127.0.0.1:{tls_echo}\n"
+        ),
+    )
+    .unwrap();
+    let server = spawn(
+        "stunnel",
+        Command::new(&bin).arg(d.join("server.conf")),
+        &d.join("server.log"),
     );
-    println!(
-        "{:<32} {:>11.1} µs {:>11.1} µs {:>9.2}×",
-        "64-byte round trip p50",
-        d50,
-        t50,
-        t50 / d50
+    let client = spawn(
+        "stunnel",
+        Command::new(&bin).arg(d.join("client.conf")),
+        &d.join("client.log"),
     );
-    println!(
-        "{:<32} {:>11.1} µs {:>11.1} µs {:>9.2}×",
-        "64-byte round trip p99",
-        d99,
-        t99,
-        t99 / d99
+    Ok(Route {
+        name: "stunnel",
+        sink: sink_port,
+        echo: echo_port,
+        pids: vec![server.0.id(), client.0.id()],
+        _sshd: None,
+        _procs: vec![server, client],
+    })
+}
+
+/// `ssh -N -L` to a throwaway sshd on loopback (the test harness's), both ports in one session.
+fn ssh_route(dir: &Path, sink: SocketAddr, echo: SocketAddr) -> Result<Route, String> {
+    let (Some(ssh), true) = (which("ssh"), Path::new("/usr/sbin/sshd").exists()) else {
+        return Err(
+            "ssh -L: not measured: OpenSSH is not installed (apt-get install openssh-server openssh-client)"
+                .into(),
+        );
+    };
+    let d = dir.join("ssh");
+    std::fs::create_dir_all(&d).unwrap();
+    let sshd = culvert_e2e::Sshd::start(&d);
+    let (sink_port, echo_port) = (free_port(), free_port());
+    let client = spawn(
+        "ssh",
+        Command::new(ssh)
+            .args(sshd.client_opts())
+            .args(["-N", "-p", &sshd.port.to_string()])
+            .args(["-L", &format!("127.0.0.1:{sink_port}:{sink}")])
+            .args(["-L", &format!("127.0.0.1:{echo_port}:{echo}")])
+            .arg(format!("{}@127.0.0.1", culvert_e2e::Sshd::user())),
+        &d.join("ssh.log"),
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    // sshd forks a process per session: it is counted as a descendant of the listener.
+    let server_pid = sshd.proc.child.id();
+    Ok(Route {
+        name: "ssh -L",
+        sink: sink_port,
+        echo: echo_port,
+        pids: vec![client.0.id(), server_pid],
+        _procs: vec![client],
+        _sshd: Some(sshd),
+    })
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|f| f.is_file())
+    })
 }
 
 /// A dev relay in `dir/relay`, and the client settings it wrote.
