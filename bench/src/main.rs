@@ -207,7 +207,19 @@ struct Figures {
     bulk_p50: f64,
     rss_idle_kb: u64,
     rss_1000_kb: u64,
+    /// culvertd alone (culvert's route).
+    gw_idle_kb: u64,
+    gw_1000_kb: u64,
     cpu_s_per_gb: f64,
+}
+
+/// culvertd's RSS on culvert's route (its pids are proxy, relay, gateway); 0 elsewhere.
+fn gateway_rss(r: &Route) -> u64 {
+    if r.name == "culvert" {
+        rss_kb(&r.pids[2..3])
+    } else {
+        0
+    }
 }
 
 /// `pids` and all their descendants now alive.
@@ -404,7 +416,15 @@ fn main() {
     let mut figures = Vec::new();
     for r in &routes {
         eprintln!("  {}", r.name);
+        // Memory first, before any bulk traffic has grown the processes' heaps.
         let rss_idle_kb = rss_kb(&r.pids);
+        let gw_idle_kb = gateway_rss(r);
+        let idle = idle_connections(r.echo, 1000);
+        std::thread::sleep(Duration::from_millis(500));
+        let rss_1000_kb = rss_kb(&r.pids);
+        let gw_1000_kb = gateway_rss(r);
+        drop(idle);
+        std::thread::sleep(Duration::from_millis(500));
         let cpu0 = cpu_s(&r.pids);
         let tp1 = median((0..rounds).map(|_| throughput(r.sink, bytes)).collect());
         let cpu_s_per_gb = (cpu_s(&r.pids) - cpu0) / (rounds as f64 * bytes as f64 / 1e9);
@@ -415,10 +435,6 @@ fn main() {
         );
         let (p50, p99) = latency(r.echo, pings);
         let (bulk_p50, _) = latency_under_bulk(r.sink, r.echo, (pings / 10).max(100));
-        let idle = idle_connections(r.echo, 1000);
-        std::thread::sleep(Duration::from_millis(500));
-        let rss_1000_kb = rss_kb(&r.pids);
-        drop(idle);
         figures.push(Figures {
             tp1,
             tp8,
@@ -427,6 +443,8 @@ fn main() {
             bulk_p50,
             rss_idle_kb,
             rss_1000_kb,
+            gw_idle_kb,
+            gw_1000_kb,
             cpu_s_per_gb,
         });
     }
@@ -441,6 +459,12 @@ fn main() {
             )
         })
         .collect();
+    eprintln!("  relay idle tunnels");
+    let idle_steps: Vec<usize> = [100usize, 1000, arg("--max-idle-tunnels", 9000) as usize]
+        .into_iter()
+        .filter(|&n| n > 0)
+        .collect();
+    let idle = relay_idle(&bins, &dir, &idle_steps);
 
     println!();
     println!(
@@ -519,16 +543,24 @@ fn main() {
         "  interactive round trip under bulk: {:.2}× its idle p50",
         c.bulk_p50 / c.p50
     );
-    let gw_rss = rss_kb(&routes[1].pids[2..3]);
     println!(
-        "  RSS: culvertd {:.1} MB idle; culvert's three processes {:.1} MB idle, +{:.1} KB per idle connection",
-        gw_rss as f64 / 1024.0,
+        "  RSS: culvertd {:.1} MB idle, +{:.1} KB per idle connection; culvert's three processes {:.1} MB idle, +{:.1} KB per idle connection",
+        c.gw_idle_kb as f64 / 1024.0,
+        c.gw_1000_kb.saturating_sub(c.gw_idle_kb) as f64 / 1000.0,
         c.rss_idle_kb as f64 / 1024.0,
-        (c.rss_1000_kb.saturating_sub(c.rss_idle_kb)) as f64 / 1000.0
+        c.rss_1000_kb.saturating_sub(c.rss_idle_kb) as f64 / 1000.0
     );
     println!("culvert scaling (aggregate Gbit/s by concurrent connections):");
     for (n, tp) in scaling {
         println!("  {n:>4} connections: {tp:.2}");
+    }
+    println!("culvert-relay RSS with idle tunnels (both sides connected):");
+    for (n, kb) in &idle {
+        println!(
+            "  {n:>6} tunnels: {:>8.1} MB  ({:.1} KB per tunnel)",
+            *kb as f64 / 1024.0,
+            *kb as f64 / *n as f64
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -996,4 +1028,120 @@ fn open_latency(tunnels: usize) {
         samples[samples.len() - 1]
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Relay RSS with `steps` idle tunnels, both sides connected (cumulative). Tunnels are opened
+/// through the CLI (8 at a time) and held by WebSocket clients in this process, which ping
+/// every 20 s as culvert and the localproxy do.
+fn relay_idle(bins: &Path, dir: &Path, steps: &[usize]) -> Vec<(usize, u64)> {
+    use culvert_protocol::Mode;
+    use culvert_protocol::client::{self, ConnectOptions, Endpoint};
+    use futures_util::{SinkExt, StreamExt};
+
+    let (relay, env) = start_relay(bins, &dir.join("idle"));
+    let get = |k: &str| {
+        env.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| die(format!("{k} missing from the relay's client.env")))
+    };
+    let (addr, ca) = (get("CULVERT_RELAY"), PathBuf::from(get("CULVERT_CA")));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let tls = client::tls_config(Some(&ca)).unwrap_or_else(|e| die(e));
+    let endpoint = Endpoint::parse(addr.trim_start_matches("https://")).unwrap_or_else(|e| die(e));
+    let mut held = 0usize;
+    let mut out = Vec::new();
+    for &target in steps {
+        let need = target.saturating_sub(held);
+        // Open `need` tunnels, 8 CLI processes at a time.
+        let tokens: Vec<(String, String)> = std::thread::scope(|s| {
+            let per = need.div_ceil(8);
+            let handles: Vec<_> = (0..8)
+                .map(|w| {
+                    let env = &env;
+                    s.spawn(move || {
+                        let n = per.min(need.saturating_sub(w * per));
+                        (0..n)
+                            .map(|_| {
+                                let o = Command::new(bins.join("culvert"))
+                                    .envs(env.iter().map(|(k, v)| (k, v)))
+                                    .args([
+                                        "--json",
+                                        "tunnel",
+                                        "open",
+                                        "--thing",
+                                        "idle",
+                                        "--service",
+                                        "SSH",
+                                    ])
+                                    .output()
+                                    .unwrap();
+                                let t: serde_json::Value = serde_json::from_slice(&o.stdout)
+                                    .unwrap_or_else(|_| die(String::from_utf8_lossy(&o.stderr)));
+                                (
+                                    t["sourceAccessToken"].as_str().unwrap().to_owned(),
+                                    t["destinationAccessToken"].as_str().unwrap().to_owned(),
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        // Connect both sides of each and keep them idle (reading, pinging).
+        rt.block_on(async {
+            let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+            let mut joins = Vec::new();
+            for (src, dst) in tokens {
+                for (mode, token) in [(Mode::Destination, dst), (Mode::Source, src)] {
+                    let opts = ConnectOptions {
+                        endpoint: endpoint.clone(),
+                        mode,
+                        access_token: token,
+                        client_token: None,
+                        tls: tls.clone(),
+                    };
+                    let permit = sem.clone().acquire_owned().await.unwrap();
+                    joins.push(tokio::spawn(async move {
+                        let (ws, _) = client::connect(&opts).await.unwrap_or_else(|e| die(e));
+                        drop(permit);
+                        let (mut sink, mut stream) = ws.split();
+                        tokio::spawn(async move {
+                            let mut ping = tokio::time::interval(Duration::from_secs(20));
+                            loop {
+                                tokio::select! {
+                                    m = stream.next() => if m.is_none() { break },
+                                    _ = ping.tick() => {
+                                        let p = tokio_tungstenite::tungstenite::Message::Ping(Default::default());
+                                        if sink.send(p).await.is_err() { break }
+                                    }
+                                }
+                            }
+                        });
+                    }));
+                }
+            }
+            for j in joins {
+                let _ = j.await;
+            }
+        });
+        held = target.max(held);
+        std::thread::sleep(Duration::from_secs(2));
+        out.push((held, rss_kb(&[relay.0.id()])));
+        eprintln!(
+            "  relay with {held} idle tunnels: {} KB",
+            out.last().unwrap().1
+        );
+    }
+    drop(relay);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    out
 }

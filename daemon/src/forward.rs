@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use culvert_protocol::message::MAX_PAYLOAD;
-use culvert_protocol::session::TunnelStream;
+use culvert_protocol::session::{GrowBuf, TunnelStream};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tracing::{debug, info, warn};
@@ -342,10 +342,11 @@ where
         why
     };
     let up = async {
-        let mut buf = vec![0u8; from_cap];
+        // Small while the connection is quiet, a full payload while it is busy.
+        let mut buf = GrowBuf::new(from_cap);
         let mut why = "target_closed";
         loop {
-            let n = match lr.read(&mut buf).await {
+            let n = match lr.read(buf.space()).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
@@ -359,7 +360,7 @@ where
             for b in from_limits {
                 b.take(n).await;
             }
-            if tw.write_all(&buf[..n]).await.is_err() {
+            if tw.write_all(buf.filled(n)).await.is_err() {
                 why = "client_closed";
                 continue;
             }

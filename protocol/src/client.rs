@@ -202,11 +202,17 @@ impl ConnectError {
     }
 }
 
+/// Bytes read from the TLS stream at a time by the WebSocket layer. tungstenite's default
+/// (128 KiB) is allocated per connection up front; a TLS record carries at most 16 KiB, so
+/// reading more at once gains nothing, and idle tunnels stay small.
+pub const WS_READ_CHUNK: usize = 16 * 1024;
+
 /// WebSocket limits of the AWS protocol.
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(MAX_WS_MESSAGE))
         .max_frame_size(Some(MAX_WS_MESSAGE))
+        .read_buffer_size(WS_READ_CHUNK)
 }
 
 /// Open the data-plane WebSocket. Returns the stream and the message format the negotiated

@@ -872,6 +872,39 @@ impl AsyncWrite for TunnelStream {
     }
 }
 
+/// A read buffer that starts at 4 KiB and grows (up to `max`) while reads fill it: an idle
+/// connection holds 4 KiB, a busy one up to a full DATA payload.
+pub struct GrowBuf {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl GrowBuf {
+    const START: usize = 4096;
+
+    pub fn new(max: usize) -> GrowBuf {
+        GrowBuf {
+            buf: vec![0; Self::START.min(max.max(1))],
+            max: max.max(1),
+        }
+    }
+
+    /// Where the next read goes.
+    pub fn space(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+
+    /// The `n` bytes just read; a read that filled the buffer makes the next one larger.
+    pub fn filled(&mut self, n: usize) -> &[u8] {
+        let full = n == self.buf.len() && self.buf.len() < self.max;
+        if full {
+            let grown = (self.buf.len() * 4).min(self.max);
+            self.buf.resize(grown, 0);
+        }
+        &self.buf[..n]
+    }
+}
+
 /// Bytes carried by [`splice`], and who ended it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Spliced {
@@ -921,12 +954,11 @@ where
     L: AsyncRead + AsyncWrite + Unpin,
 {
     use std::sync::atomic::{AtomicU64, Ordering};
-    use tokio::io::{AsyncWriteExt, BufReader, copy_buf};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, copy_buf};
     let sent = AtomicU64::new(0);
     let received = AtomicU64::new(0);
-    let (lr, lw) = tokio::io::split(local);
+    let (mut lr, lw) = tokio::io::split(local);
     let (mut tr, tw) = tunnel.into_split();
-    let mut lr = BufReader::with_capacity(MAX_PAYLOAD, lr);
     let mut tw = Counting {
         inner: tw,
         n: &sent,
@@ -936,7 +968,16 @@ where
         n: &received,
     };
     let up = async {
-        let _ = copy_buf(&mut lr, &mut tw).await;
+        let mut buf = GrowBuf::new(MAX_PAYLOAD);
+        loop {
+            let n = match lr.read(buf.space()).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if tw.write_all(buf.filled(n)).await.is_err() {
+                break;
+            }
+        }
         let _ = tw.shutdown().await;
     };
     let down = async {

@@ -147,7 +147,8 @@ pub async fn handshake(
     let ws = ws
         .protocols(SUBPROTOCOLS)
         .max_message_size(MAX_WS_MESSAGE)
-        .max_frame_size(MAX_WS_MESSAGE);
+        .max_frame_size(MAX_WS_MESSAGE)
+        .read_buffer_size(culvert_protocol::client::WS_READ_CHUNK);
     let Some(format) = ws
         .selected_protocol()
         .and_then(|p| p.to_str().ok())
