@@ -17,7 +17,9 @@
 //! reported as such (with the command that installs it), not silently left out.
 //!
 //! Options: `--bytes N` (per throughput round, default 1 GiB), `--rounds N` (default 3, the
-//! median is reported), `--pings N` (default 20000), `--only culvert` (skip the other tools).
+//! median is reported), `--pings N` (default 20000), `--only` (culvert and direct only),
+//! `--no-flow-control` (culvert without its extension, as over AWS's relay),
+//! `--max-idle-tunnels N` (default 9000; 0 skips the relay's idle-tunnel memory).
 //! Every loop is bounded by a count; nothing runs open-ended.
 //!
 //! `--open-latency [--tunnels N]` measures instead, with the embedded MQTT broker, the time from
@@ -460,9 +462,10 @@ fn main() {
         })
         .collect();
     eprintln!("  relay idle tunnels");
-    let idle_steps: Vec<usize> = [100usize, 1000, arg("--max-idle-tunnels", 9000) as usize]
+    let max_idle = arg("--max-idle-tunnels", 9000) as usize;
+    let idle_steps: Vec<usize> = [100usize, 1000, max_idle]
         .into_iter()
-        .filter(|&n| n > 0)
+        .filter(|&n| n > 0 && n <= max_idle)
         .collect();
     let idle = relay_idle(&bins, &dir, &idle_steps);
 
@@ -879,6 +882,11 @@ fn which(name: &str) -> Option<PathBuf> {
 fn start_relay(bins: &Path, dir: &Path) -> (Kill, Vec<(String, String)>) {
     let relay = Kill(
         Command::new(bins.join("culvert-relay"))
+            .args(
+                std::env::args()
+                    .any(|a| a == "--no-flow-control")
+                    .then_some("--no-flow-control"),
+            )
             .args(["--dev", "--listen", "127.0.0.1:0", "--state-dir"])
             .arg(dir.join("relay"))
             .env("RUST_LOG", "warn")

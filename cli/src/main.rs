@@ -257,7 +257,7 @@ fn main() -> ExitCode {
                 bind,
                 format,
             };
-            let rt = match tokio::runtime::Runtime::new() {
+            let rt = match culvert_protocol::session::end_runtime() {
                 Ok(rt) => rt,
                 Err(e) => return fail(e),
             };

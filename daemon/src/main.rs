@@ -119,7 +119,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(EXIT_CONFIG);
     }
-    let rt = match tokio::runtime::Runtime::new() {
+    let rt = match culvert_protocol::session::end_runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("culvertd: cannot start runtime: {e}");

@@ -184,6 +184,8 @@ struct Flow {
     sent_total: u64,
     /// Bytes received on flow-controlled connections and not credited back.
     received_total: u64,
+    /// Of those, bytes the application consumed (credit waiting for its batch).
+    unreturned_total: u64,
     /// A writer found the tunnel budget exhausted.
     budget_blocked: bool,
 }
@@ -500,6 +502,11 @@ impl Mux {
 
     /// The application consumed `n` bytes received on `id`: return credit to the peer, in
     /// batches of a quarter window. No-op for connections without flow control.
+    ///
+    /// The batches must not hold the peer's tunnel budget: when the credit waiting in batches
+    /// over all connections reaches a quarter of the budget, every connection's is returned
+    /// (otherwise many connections, each short of its batch, could keep the whole budget and
+    /// stall the tunnel for good).
     pub fn consumed(&mut self, id: ConnId, n: usize, out: &mut Output) {
         let Some(own) = self.flow.own else { return };
         let Some(conn) = self.conns.get_mut(&id) else {
@@ -511,19 +518,36 @@ impl Mux {
         let n = (n as u64).min(c.buffered);
         c.buffered -= n;
         c.unreturned += n;
+        self.flow.unreturned_total += n;
         if c.unreturned >= (own.window / 4) as u64 {
-            let inc = c.unreturned.min(u32::MAX as u64);
-            c.unreturned -= inc;
-            c.recv += inc;
-            self.flow.received_total -= inc.min(self.flow.received_total);
-            let (service, cid) = wire_names(conn);
-            out.transmit.push(flow::window_update(
-                conn.stream_id,
-                service,
-                cid,
-                inc as u32,
-            ));
+            Self::return_credit(&mut self.flow, conn, out);
+        } else if self.flow.unreturned_total >= own.budget / 4 {
+            for conn in self.conns.values_mut() {
+                Self::return_credit(&mut self.flow, conn, out);
+            }
         }
+    }
+
+    /// Send a connection's consumed-but-unreturned bytes back as credit.
+    fn return_credit(flow: &mut Flow, conn: &mut Conn, out: &mut Output) {
+        let Some(c) = conn.credit.as_mut() else {
+            return;
+        };
+        let inc = c.unreturned.min(u32::MAX as u64);
+        if inc == 0 {
+            return;
+        }
+        c.unreturned -= inc;
+        c.recv += inc;
+        flow.received_total -= inc.min(flow.received_total);
+        flow.unreturned_total -= inc.min(flow.unreturned_total);
+        let (service, cid) = wire_names(conn);
+        out.transmit.push(flow::window_update(
+            conn.stream_id,
+            service,
+            cid,
+            inc as u32,
+        ));
     }
 
     /// How many bytes connection `id` may send now: `None` without flow control (no limit).
@@ -729,6 +753,7 @@ impl Mux {
             self.flow.sent_total -= c.in_flight.min(self.flow.sent_total);
             let held = c.buffered + c.unreturned;
             self.flow.received_total -= held.min(self.flow.received_total);
+            self.flow.unreturned_total -= c.unreturned.min(self.flow.unreturned_total);
         }
     }
 
@@ -1122,6 +1147,35 @@ mod tests {
             p.pump(vec![], out.transmit);
             let more = send_until_blocked(&mut p, ids[2].0, 1_000_000);
             assert_eq!(more, CFG.window as usize * 3 - CFG.budget as usize);
+        }
+
+        #[test]
+        fn many_connections_cannot_hold_the_budget_in_unreturned_credit() {
+            // 40 connections each send a little less than the return batch (a quarter window)
+            // and their readers consume it all: without a tunnel-wide flush, the consumed bytes
+            // would sit unreturned, the sender's budget would stay spent, and the tunnel would
+            // stall for good (seen with 512 connections in the benchmark).
+            let cfg = FlowConfig {
+                window: 100_000,
+                budget: 1_000_000,
+            };
+            let (mut p, _) = pair(Some(cfg), Some(cfg), true);
+            let ids: Vec<(ConnId, ConnId)> = (0..40).map(|_| p.open("A")).collect();
+            let each = 24_000;
+            for &(s, d) in &ids {
+                assert_eq!(send_until_blocked(&mut p, s, each), each);
+                let got = received(&mut p, d);
+                let mut out = Output::default();
+                p.dst.consumed(d, got, &mut out);
+                p.pump(vec![], out.transmit);
+            }
+            // 40 × 24 000 = 960 000 bytes consumed; the budget must be free again.
+            let (s, _) = p.open("B");
+            assert_eq!(
+                send_until_blocked(&mut p, s, cfg.window as usize),
+                cfg.window as usize,
+                "the tunnel budget stayed spent on credit the receiver never returned"
+            );
         }
 
         #[test]

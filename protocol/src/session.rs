@@ -872,6 +872,20 @@ impl AsyncWrite for TunnelStream {
     }
 }
 
+/// The runtime for a program at one end of a tunnel (`culvert connect`, culvertd): one worker
+/// thread unless `TOKIO_WORKER_THREADS` says otherwise. Measured on loopback (docs/performance.md),
+/// one worker per process cut the 64-byte round trip through the whole path from about 275 to
+/// 171 µs and the CPU per GB by a sixth: every hand-over between a connection's task and the
+/// session's tasks on another thread costs a cross-thread wake-up. The relay, which serves many
+/// tunnels, keeps one worker per core.
+pub fn end_runtime() -> io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        b.worker_threads(1);
+    }
+    b.enable_all().build()
+}
+
 /// A read buffer that starts at 4 KiB and grows (up to `max`) while reads fill it: an idle
 /// connection holds 4 KiB, a busy one up to a full DATA payload.
 pub struct GrowBuf {
