@@ -341,6 +341,7 @@ impl Mux {
                 match self.lookup(&msg) {
                     Some(id) => {
                         self.charge_received(id, msg.payload.len())?;
+                        self.flush_if_budget_tight(out);
                         out.events.push(Event::Data {
                             id,
                             payload: msg.payload,
@@ -521,11 +522,34 @@ impl Mux {
         self.flow.unreturned_total += n;
         if c.unreturned >= (own.window / 4) as u64 {
             Self::return_credit(&mut self.flow, conn, out);
-        } else if self.flow.unreturned_total >= own.budget / 4 {
-            for conn in self.conns.values_mut() {
-                Self::return_credit(&mut self.flow, conn, out);
-            }
         }
+        self.flush_if_budget_tight(out);
+    }
+
+    /// Return every connection's batched credit when the batches could hold up the peer:
+    /// they add up to a quarter of the budget, or the budget is three quarters full (stalled
+    /// connections' unread bytes count too, so batches must not take the rest).
+    fn flush_if_budget_tight(&mut self, out: &mut Output) {
+        let Some(own) = self.flow.own else { return };
+        let f = &self.flow;
+        if f.unreturned_total == 0
+            || (f.unreturned_total < own.budget / 4 && f.received_total < own.budget / 4 * 3)
+        {
+            return;
+        }
+        for conn in self.conns.values_mut() {
+            Self::return_credit(&mut self.flow, conn, out);
+        }
+    }
+
+    /// Whether writers waiting for the tunnel budget should look again: a connection that
+    /// ended gave its bytes back. Clears the flag (call after closing connections).
+    pub fn take_budget_freed(&mut self) -> bool {
+        let free = self
+            .flow
+            .peer
+            .is_some_and(|p| self.flow.sent_total < p.budget);
+        free && std::mem::take(&mut self.flow.budget_blocked)
     }
 
     /// Send a connection's consumed-but-unreturned bytes back as credit.
@@ -1176,6 +1200,60 @@ mod tests {
                 cfg.window as usize,
                 "the tunnel budget stayed spent on credit the receiver never returned"
             );
+        }
+
+        #[test]
+        fn stalled_connections_and_batched_credit_cannot_take_the_budget_between_them() {
+            // Stalled connections hold most of the budget unread; others consume theirs but
+            // each stays short of its batch. The batches must go back once the budget is
+            // three quarters full, or nothing moves again.
+            let cfg = FlowConfig {
+                window: 100_000,
+                budget: 1_000_000,
+            };
+            let (mut p, _) = pair(Some(cfg), Some(cfg), true);
+            for _ in 0..8 {
+                let (s, _) = p.open("A");
+                assert_eq!(send_until_blocked(&mut p, s, 100_000), 100_000);
+            }
+            p.dst_events.clear(); // never read: 800 000 bytes stay buffered
+            // 8 × 24 000 consumed: under the quarter-budget batch total, over ¾ of the budget.
+            let ids: Vec<(ConnId, ConnId)> = (0..8).map(|_| p.open("B")).collect();
+            for &(s, d) in &ids {
+                let n = send_until_blocked(&mut p, s, 24_000);
+                let got = received(&mut p, d);
+                assert_eq!(got, n);
+                let mut out = Output::default();
+                p.dst.consumed(d, got, &mut out);
+                p.pump(vec![], out.transmit);
+            }
+            let (s, _) = p.open("B");
+            assert_eq!(
+                send_until_blocked(&mut p, s, 100_000),
+                100_000,
+                "the budget stayed spent on stalled bytes plus batched credit"
+            );
+        }
+
+        #[test]
+        fn a_closed_connection_frees_budget_for_writers_waiting_on_it() {
+            let (mut p, _) = pair(Some(CFG), Some(CFG), true);
+            let a = p.open("A");
+            let b = p.open("A");
+            send_until_blocked(&mut p, a.0, 100_000);
+            send_until_blocked(&mut p, b.0, 100_000);
+            let (c, _) = p.open("A");
+            send_until_blocked(&mut p, c, 100_000); // 50 000: the budget's rest
+            assert_eq!(p.src.send_credit(c).unwrap(), Some(0));
+            assert!(!p.src.take_budget_freed(), "nothing freed yet");
+            assert_eq!(p.src.send_credit(c).unwrap(), Some(0));
+            // The receiver resets a stalled connection: its bytes return, and the waiting
+            // writer is told to look again although no WINDOW_UPDATE comes.
+            let mut out = Output::default();
+            p.dst.close(a.1, &mut out);
+            p.pump(vec![], out.transmit);
+            assert!(p.src.take_budget_freed());
+            assert_eq!(p.src.send_credit(c).unwrap(), Some(50_000));
         }
 
         #[test]

@@ -195,6 +195,19 @@ impl Sched {
         None
     }
 
+    /// Move a connection's queued frames to the end of the control queue, ahead of any DATA
+    /// queued from now on: what follows them (its reset, or in V1/V2 the start of the stream
+    /// that replaces it) then reaches the peer after them, and before other connections' bytes
+    /// charged against the budget its close freed.
+    fn drain_into_control(&mut self, id: ConnId) {
+        if let Some(mut q) = self.queues.remove(&id) {
+            self.control.extend(q.frames.drain(..));
+            if let Some(w) = q.waker.take() {
+                w.wake();
+            }
+        }
+    }
+
     fn wake(&mut self, id: ConnId) {
         if let Some(w) = self.queues.get_mut(&id).and_then(|q| q.waker.take()) {
             w.wake();
@@ -248,24 +261,6 @@ impl Shared {
         for m in msgs {
             if let Ok(f) = frame::encode_to_bytes(m) {
                 inner.sched.push_control(f);
-            }
-        }
-        drop(inner);
-        self.work.notify_one();
-    }
-
-    /// Queue `msgs` after what connection `id` has queued (its reset goes after its data).
-    fn send_after_conn(&self, id: ConnId, msgs: &[Message]) {
-        let mut inner = self.lock();
-        for m in msgs {
-            if let Ok(f) = frame::encode_to_bytes(m) {
-                inner.sched.push_conn(id, f);
-            }
-        }
-        if let Some(q) = inner.sched.queues.get_mut(&id) {
-            q.closing = true;
-            if q.frames.is_empty() {
-                inner.sched.queues.remove(&id);
             }
         }
         drop(inner);
@@ -344,13 +339,22 @@ impl SessionHandle {
             inner.conns.insert(id, ConnIn { tx });
             for ev in out.events.drain(..) {
                 if let Event::Closed { id, .. } = ev {
+                    // V1/V2: the stream it replaces delivers its last bytes first.
                     inner.conns.remove(&id);
-                    inner.sched.wake(id);
+                    inner.sched.drain_into_control(id);
                 }
+            }
+            for m in &out.transmit {
+                if let Ok(f) = frame::encode_to_bytes(m) {
+                    inner.sched.push_control(f);
+                }
+            }
+            if inner.mux.take_budget_freed() {
+                inner.sched.wake_all();
             }
             (id, rx, credited)
         };
-        self.shared.send_control(&out.transmit);
+        self.shared.work.notify_one();
         Ok(TunnelStream::new(
             id,
             service.to_owned(),
@@ -483,10 +487,32 @@ async fn reader_task<S>(
         for m in msgs.drain(..) {
             trace!(msg = %m, "received");
             let mut out = Output::default();
-            if let Err(e) = shared.lock().mux.handle(m, &mut out) {
-                failed = Some(SessionEnd::Protocol(e.to_string()));
-                break;
+            // Room for the replies first; then handle the message and queue its replies under
+            // one lock, so that no start queued by another task can slip between a state
+            // change (say, flow control switched on) and the message announcing it.
+            tokio::select! {
+                _ = shared.control_space() => {}
+                _ = shared.cancel.cancelled() => {
+                    failed = Some(SessionEnd::Cancelled);
+                    break;
+                }
             }
+            {
+                let mut inner = shared.lock();
+                if let Err(e) = inner.mux.handle(m, &mut out) {
+                    failed = Some(SessionEnd::Protocol(e.to_string()));
+                    break;
+                }
+                for m in out.transmit.drain(..) {
+                    if let Ok(f) = frame::encode_to_bytes(&m) {
+                        inner.sched.push_control(f);
+                    }
+                }
+                if inner.mux.take_budget_freed() {
+                    inner.sched.wake_all();
+                }
+            }
+            shared.work.notify_one();
             // Delivery waits on slow local readers (without flow control); a close must still
             // get through.
             let delivered = tokio::select! {
@@ -511,10 +537,7 @@ async fn deliver(
     out: Output,
     incoming: &mpsc::Sender<TunnelStream>,
 ) -> Result<(), SessionError> {
-    if !out.transmit.is_empty() {
-        shared.control_space().await;
-        shared.send_control(&out.transmit);
-    }
+    // (Replies were queued with the message's handling.)
     for ev in out.events {
         match ev {
             Event::ServiceIds(ids) => {
@@ -749,8 +772,18 @@ impl TunnelWriter {
             let mut inner = self.shared.lock();
             inner.mux.close(self.id, &mut out);
             inner.conns.remove(&self.id);
+            // Its data, then its reset, ahead of anything charged against what it freed.
+            inner.sched.drain_into_control(self.id);
+            for m in &out.transmit {
+                if let Ok(f) = frame::encode_to_bytes(m) {
+                    inner.sched.push_control(f);
+                }
+            }
+            if inner.mux.take_budget_freed() {
+                inner.sched.wake_all();
+            }
         }
-        self.shared.send_after_conn(self.id, &out.transmit);
+        self.shared.work.notify_one();
     }
 }
 
@@ -1024,12 +1057,16 @@ mod tests {
     use tokio_tungstenite::tungstenite::protocol::Role;
 
     async fn pair() -> (SessionHandle, Incoming) {
+        pair_in(Format::V3).await
+    }
+
+    async fn pair_in(format: Format) -> (SessionHandle, Incoming) {
         let (a, b) = tokio::io::duplex(256 * 1024);
         let ws_src = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
         let ws_dst = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
         let ids = vec!["ECHO".to_owned()];
         let mut out = Output::default();
-        let mut src = Mux::source(Format::V3);
+        let mut src = Mux::source(format);
         src.handle(Message::service_ids(&ids), &mut out).unwrap();
         let (src, _) = spawn(ws_src, src, SessionConfig::default());
         let (_dst, incoming) = spawn(
@@ -1092,6 +1129,27 @@ mod tests {
             t.await.unwrap();
         }
         assert!(src.ended().is_none());
+    }
+
+    #[tokio::test]
+    async fn v2_a_connection_closed_then_replaced_delivers_all_its_bytes_first() {
+        // V2 carries one connection per service: the next connection's STREAM_START replaces
+        // the stream, and DATA of the old one arriving after it would be dropped as stale.
+        let (src, mut incoming) = pair_in(Format::V2).await;
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 13) as u8).collect();
+        let mut first = src.open("ECHO").await.unwrap();
+        first.write_all(&data).await.unwrap();
+        drop(first);
+        let _second = src.open("ECHO").await.unwrap();
+        let mut far = incoming.streams.recv().await.unwrap();
+        let mut got = Vec::new();
+        far.read_to_end(&mut got).await.unwrap();
+        assert_eq!(
+            got.len(),
+            data.len(),
+            "bytes of the replaced stream were lost"
+        );
+        assert!(got == data);
     }
 
     #[tokio::test]
