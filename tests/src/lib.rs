@@ -1128,3 +1128,51 @@ pub fn expect_refused(port: u16) {
         ),
     }
 }
+
+/// The workspace's root directory.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// Run a command that must succeed; its stdout. Fails the test with both outputs otherwise.
+pub fn run_ok(what: &str, cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        stderr_of(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// lintian on a package: no errors, and every warning one packaging/README.md justifies.
+pub fn assert_lintian_clean(deb: &Path) {
+    let lintian = require_tool("lintian", "lintian");
+    let readme = std::fs::read_to_string(workspace().join("packaging/README.md")).unwrap();
+    let out = Command::new(&lintian).arg(deb).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    for line in text.lines() {
+        assert!(
+            !line.starts_with("E: "),
+            "lintian error on {}: {line}",
+            deb.display()
+        );
+        if line.starts_with("W: ") {
+            let tag = line
+                .split(": ")
+                .nth(2)
+                .and_then(|t| t.split_whitespace().next())
+                .unwrap_or(line);
+            assert!(
+                readme.contains(&format!("`{tag}`")),
+                "lintian warning {tag} on {} is not justified in packaging/README.md",
+                deb.display()
+            );
+        }
+    }
+}

@@ -6,7 +6,6 @@
 //! qemu-user-static, and an aarch64 Rust standard library (rustup's, or Debian's
 //! libstd-rust-web-dev:arm64): scripts/arm64 says which is missing and how to install it.
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
@@ -15,36 +14,17 @@ use culvert_e2e::*;
 /// The two tests each run a cross build; one at a time on a 2-core machine.
 static BUILD: Mutex<()> = Mutex::new(());
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap()
-}
-
 fn arm64(args: &[&str]) -> Command {
     let mut c = Command::new(workspace().join("scripts/arm64"));
     c.current_dir(workspace()).args(args);
     c
 }
 
-fn run(what: &str, cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        stderr_of(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn unit_tests_pass_under_qemu() {
     let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    println!("{}", run("scripts/arm64 env", &mut arm64(&["env"])));
-    let out = run("scripts/arm64 test", &mut arm64(&["test"]));
+    println!("{}", run_ok("scripts/arm64 env", &mut arm64(&["env"])));
+    let out = run_ok("scripts/arm64 test", &mut arm64(&["test"]));
     // Every test binary's summary; together they must have run tests, none failed.
     let mut passed = 0;
     for line in out.lines().filter(|l| l.starts_with("test result:")) {
@@ -65,7 +45,7 @@ fn unit_tests_pass_under_qemu() {
 fn arm64_package_carries_ssh_and_a_checked_echo_under_qemu() {
     let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch("arm64");
-    let out = run("scripts/arm64 build", &mut arm64(&["build"]));
+    let out = run_ok("scripts/arm64 build", &mut arm64(&["build"]));
     let deb = workspace().join(
         out.lines()
             .last()
@@ -80,7 +60,7 @@ fn arm64_package_carries_ssh_and_a_checked_echo_under_qemu() {
 
     // Control fields: arm64, and the dependencies the variant names (not the build machine's).
     let field = |f: &str| {
-        run(
+        run_ok(
             "dpkg-deb -f",
             Command::new("dpkg-deb").arg("-f").arg(&deb).arg(f),
         )
@@ -90,31 +70,17 @@ fn arm64_package_carries_ssh_and_a_checked_echo_under_qemu() {
     assert_eq!(depends.trim(), "adduser, libc6 (>= 2.34), procps");
 
     // lintian: no errors; the warnings are the ones packaging/README.md justifies for amd64.
-    let lintian = require_tool("lintian", "lintian");
-    let readme = std::fs::read_to_string(workspace().join("packaging/README.md")).unwrap();
-    let text = String::from_utf8_lossy(&Command::new(&lintian).arg(&deb).output().unwrap().stdout)
-        .into_owned();
-    for line in text.lines() {
-        assert!(!line.starts_with("E: "), "lintian error: {line}");
-        if line.starts_with("W: ") {
-            let tag = line.split(": ").nth(2).unwrap_or(line);
-            let tag = tag.split_whitespace().next().unwrap_or(tag);
-            assert!(
-                readme.contains(&format!("`{tag}`")),
-                "lintian warning {tag} is not justified in packaging/README.md"
-            );
-        }
-    }
+    assert_lintian_clean(&deb);
 
     // The package's own binary: an aarch64 executable needing no glibc newer than Depends says.
     let unpacked = dir.join("deb");
-    run(
+    run_ok(
         "dpkg-deb -x",
         Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked),
     );
     let culvertd = unpacked.join("usr/bin/culvertd");
     let objdump = require_tool("aarch64-linux-gnu-objdump", "binutils-aarch64-linux-gnu");
-    let symbols = run("objdump -T", Command::new(objdump).arg("-T").arg(&culvertd));
+    let symbols = run_ok("objdump -T", Command::new(objdump).arg("-T").arg(&culvertd));
     assert!(
         symbols.contains("GLIBC_2.17"),
         "not an aarch64 glibc binary"

@@ -24,31 +24,12 @@ const PACKAGES: [(&str, &str); 3] = [
     ("culvert-cli", "culvert"),
 ];
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn run(what: &str, cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        stderr_of(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// cargo-deb, installed into target/tools once (crates.io).
 fn cargo_deb() -> PathBuf {
     let root = workspace().join("target/tools");
     let bin = root.join("bin/cargo-deb");
     if !bin.exists() {
-        run(
+        run_ok(
             "cargo install cargo-deb",
             Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
                 .args([
@@ -69,7 +50,7 @@ fn cargo_deb() -> PathBuf {
 fn build_debs() -> Vec<PathBuf> {
     let ws = workspace();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(
+    run_ok(
         "cargo build --release",
         Command::new(&cargo).current_dir(&ws).args([
             "build",
@@ -87,7 +68,7 @@ fn build_debs() -> Vec<PathBuf> {
     PACKAGES
         .iter()
         .map(|(krate, _)| {
-            let out = run(
+            let out = run_ok(
                 &format!("cargo deb -p {krate}"),
                 Command::new(&deb)
                     .current_dir(&ws)
@@ -112,14 +93,14 @@ fn debian_root(dir: &Path) -> PathBuf {
         std::fs::create_dir_all(&cache).unwrap();
         let build = cache.join("build");
         let _ = std::fs::remove_dir_all(&build);
-        run(
+        run_ok(
             "debootstrap",
             Command::new(debootstrap)
                 .args(["--variant=minbase", &format!("--include={INCLUDE}"), SUITE])
                 .arg(&build)
                 .arg(MIRROR),
         );
-        run(
+        run_ok(
             "packing the Debian root",
             Command::new("tar")
                 .arg("-C")
@@ -132,7 +113,7 @@ fn debian_root(dir: &Path) -> PathBuf {
     }
     let root = dir.join("root");
     std::fs::create_dir_all(&root).unwrap();
-    run(
+    run_ok(
         "unpacking the Debian root",
         Command::new("tar")
             .arg("-C")
@@ -166,33 +147,13 @@ fn debs_install_run_a_tunnel_and_purge_cleanly_in_a_fresh_debian_root() {
         nix_is_root(),
         "this test installs packages into a chroot: run it as root (CI does)"
     );
-    let lintian = require_tool("lintian", "lintian");
+    require_tool("lintian", "lintian"); // fail before the long build if it is missing
     let dir = scratch("packaging");
     let debs = build_debs();
 
     // lintian: no errors; every warning is one packaging/README.md justifies.
-    let readme = std::fs::read_to_string(workspace().join("packaging/README.md")).unwrap();
     for deb in &debs {
-        let out = Command::new(&lintian).arg(deb).output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        for line in text.lines() {
-            let tag = line
-                .split(": ")
-                .nth(2)
-                .and_then(|t| t.split_whitespace().next());
-            assert!(
-                !line.starts_with("E: "),
-                "lintian error on {}: {line}",
-                deb.display()
-            );
-            if line.starts_with("W: ") {
-                let tag = tag.unwrap_or(line);
-                assert!(
-                    readme.contains(&format!("`{tag}`")),
-                    "lintian warning {tag} is not justified in packaging/README.md"
-                );
-            }
-        }
+        assert_lintian_clean(deb);
     }
 
     let root = debian_root(&dir);
@@ -205,10 +166,10 @@ fn debs_install_run_a_tunnel_and_purge_cleanly_in_a_fresh_debian_root() {
         .collect();
     let mut install = vec!["dpkg", "-i"];
     install.extend(names.iter().map(String::as_str));
-    run("dpkg -i", &mut chroot(&root, &install));
+    run_ok("dpkg -i", &mut chroot(&root, &install));
 
     // Files, user, conffiles, permissions, the unit enabled (not started: nothing runs here).
-    let files = run(
+    let files = run_ok(
         "dpkg -L culvertd",
         &mut chroot(&root, &["dpkg", "-L", "culvertd"]),
     );
@@ -220,7 +181,7 @@ fn debs_install_run_a_tunnel_and_purge_cleanly_in_a_fresh_debian_root() {
         assert!(files.lines().any(|l| l == f), "{f} not installed:\n{files}");
     }
     for (_, pkg) in PACKAGES {
-        let status = run(
+        let status = run_ok(
             "dpkg-query",
             &mut chroot(&root, &["dpkg-query", "-W", "-f=${Status}", pkg]),
         );
@@ -230,9 +191,9 @@ fn debs_install_run_a_tunnel_and_purge_cleanly_in_a_fresh_debian_root() {
         ("culvert", "culvertd.toml"),
         ("culvert-relay", "relay.toml"),
     ] {
-        let pw = run("getent", &mut chroot(&root, &["getent", "passwd", user]));
+        let pw = run_ok("getent", &mut chroot(&root, &["getent", "passwd", user]));
         assert!(pw.contains("/usr/sbin/nologin"), "{user}: {pw}");
-        let st = run(
+        let st = run_ok(
             "stat",
             &mut chroot(
                 &root,
@@ -241,7 +202,7 @@ fn debs_install_run_a_tunnel_and_purge_cleanly_in_a_fresh_debian_root() {
         );
         assert_eq!(st.trim(), format!("640 {user}"), "{conf}");
     }
-    let conffiles = run(
+    let conffiles = run_ok(
         "dpkg-query conffiles",
         &mut chroot(
             &root,
@@ -267,7 +228,7 @@ fn debs_install_run_a_tunnel_and_purge_cleanly_in_a_fresh_debian_root() {
     }
     {
         std::fs::create_dir_all(root.join("proc")).unwrap();
-        run(
+        run_ok(
             "mount /proc",
             Command::new("mount")
                 .args(["-t", "proc", "proc"])
@@ -292,7 +253,7 @@ fn debs_install_run_a_tunnel_and_purge_cleanly_in_a_fresh_debian_root() {
             );
         }
     }
-    run(
+    run_ok(
         "culvertd --check-config on the installed default",
         &mut chroot(
             &root,
@@ -340,7 +301,7 @@ fn debs_install_run_a_tunnel_and_purge_cleanly_in_a_fresh_debian_root() {
     std::fs::remove_file(root.join("etc/culvert/test.toml")).unwrap();
 
     // Purge: nothing of the packages is left.
-    run(
+    run_ok(
         "dpkg -P",
         &mut chroot(
             &root,

@@ -3,19 +3,12 @@
 //! A bitbake build needs oe-core and fetches, which this machine cannot do; these are the
 //! checks that can run here.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use culvert_e2e::*;
 
 const OELINT: &str = "oelint-adv==9.11.2";
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap()
-}
 
 #[test]
 fn crates_include_matches_cargo_lock() {
