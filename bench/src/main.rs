@@ -353,14 +353,6 @@ fn wait_route(name: &str, port: u16) {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Kill {
     Kill(
         cmd.stdout(Stdio::null())
@@ -727,7 +719,11 @@ fn rathole_route(
     let d = dir.join(if ws { "rathole-ws" } else { "rathole-tcp" });
     std::fs::create_dir_all(&d).unwrap();
     self_signed(&d)?;
-    let (control, sink_port, echo_port) = (free_port(), free_port(), free_port());
+    let (control, sink_port, echo_port) = (
+        culvert_e2e::free_port(),
+        culvert_e2e::free_port(),
+        culvert_e2e::free_port(),
+    );
     let (server_transport, client_transport) = if ws {
         (
             format!(
@@ -762,27 +758,39 @@ fn rathole_route(
         ),
     )
     .unwrap();
-    let server = spawn(
+    two_process_route(
         name,
         Command::new(&bin)
             .arg("--server")
             .arg(d.join("server.toml"))
             .env("RUST_LOG", "error"),
-        &d.join("server.log"),
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    let client = spawn(
-        name,
         Command::new(&bin)
             .arg("--client")
             .arg(d.join("client.toml"))
             .env("RUST_LOG", "error"),
-        &d.join("client.log"),
-    );
+        &d,
+        (sink_port, echo_port),
+    )
+}
+
+/// A route carried by a tool's server and client processes (logs `server.log`, `client.log` in
+/// `dir`), entered at `ports` (sink, echo).
+fn two_process_route(
+    name: &'static str,
+    server: &mut Command,
+    client: &mut Command,
+    dir: &Path,
+    ports: (u16, u16),
+) -> Result<Route, String> {
+    let server = spawn(name, server, &dir.join("server.log"));
+    // The client connects to the server: give it a moment to listen (the route is then
+    // waited for end to end before anything is measured).
+    std::thread::sleep(Duration::from_millis(300));
+    let client = spawn(name, client, &dir.join("client.log"));
     Ok(Route {
         name,
-        sink: sink_port,
-        echo: echo_port,
+        sink: ports.0,
+        echo: ports.1,
         pids: vec![server.0.id(), client.0.id()],
         _sshd: None,
         _procs: vec![server, client],
@@ -797,8 +805,12 @@ fn stunnel_route(dir: &Path, sink: SocketAddr, echo: SocketAddr) -> Result<Route
     let d = dir.join("stunnel");
     std::fs::create_dir_all(&d).unwrap();
     self_signed(&d)?;
-    let (tls_sink, tls_echo, sink_port, echo_port) =
-        (free_port(), free_port(), free_port(), free_port());
+    let (tls_sink, tls_echo, sink_port, echo_port) = (
+        culvert_e2e::free_port(),
+        culvert_e2e::free_port(),
+        culvert_e2e::free_port(),
+        culvert_e2e::free_port(),
+    );
     let common = "foreground = yes\npid =\nsyslog = no\ndebug = 3\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n";
     std::fs::write(
         d.join("server.conf"),
@@ -816,24 +828,13 @@ fn stunnel_route(dir: &Path, sink: SocketAddr, echo: SocketAddr) -> Result<Route
         ),
     )
     .unwrap();
-    let server = spawn(
+    two_process_route(
         "stunnel",
         Command::new(&bin).arg(d.join("server.conf")),
-        &d.join("server.log"),
-    );
-    let client = spawn(
-        "stunnel",
         Command::new(&bin).arg(d.join("client.conf")),
-        &d.join("client.log"),
-    );
-    Ok(Route {
-        name: "stunnel",
-        sink: sink_port,
-        echo: echo_port,
-        pids: vec![server.0.id(), client.0.id()],
-        _sshd: None,
-        _procs: vec![server, client],
-    })
+        &d,
+        (sink_port, echo_port),
+    )
 }
 
 /// `ssh -N -L` to a throwaway sshd on loopback (the test harness's), both ports in one session.
@@ -847,7 +848,7 @@ fn ssh_route(dir: &Path, sink: SocketAddr, echo: SocketAddr) -> Result<Route, St
     let d = dir.join("ssh");
     std::fs::create_dir_all(&d).unwrap();
     let sshd = culvert_e2e::Sshd::start(&d);
-    let (sink_port, echo_port) = (free_port(), free_port());
+    let (sink_port, echo_port) = (culvert_e2e::free_port(), culvert_e2e::free_port());
     let client = spawn(
         "ssh",
         Command::new(ssh)

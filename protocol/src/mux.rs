@@ -240,8 +240,14 @@ impl Mux {
 
     /// Offer culvert's flow-control extension (used only if the relay and the peer offer it
     /// too; see [`crate::flow`]).
+    /// The window is raised to at least [`flow::MIN_WINDOW`] and the budget to at least the
+    /// window, as the peer would refuse anything less.
     pub fn with_flow_control(mut self, cfg: FlowConfig) -> Mux {
-        self.flow.own = Some(cfg);
+        let window = cfg.window.max(flow::MIN_WINDOW);
+        self.flow.own = Some(FlowConfig {
+            window,
+            budget: cfg.budget.max(window as u64),
+        });
         self
     }
 

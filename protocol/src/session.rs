@@ -136,8 +136,6 @@ struct SendQueue {
     frames: VecDeque<Bytes>,
     /// The connection's writer, waiting for queue space or credit.
     waker: Option<Waker>,
-    /// The connection is closed locally: its reset is queued last; drop the queue once sent.
-    closing: bool,
 }
 
 /// What the writer sends next: control first, then connections in turn.
@@ -183,9 +181,6 @@ impl Sched {
             };
             if !q.frames.is_empty() {
                 self.ready.push_back(id);
-            } else if q.closing {
-                self.queues.remove(&id);
-                return Some(f);
             }
             if let Some(w) = q.waker.take() {
                 w.wake();
@@ -236,6 +231,21 @@ struct Inner {
     sched: Sched,
 }
 
+impl Inner {
+    /// Queue what the mux produced as control messages, and wake writers waiting for the
+    /// tunnel budget if a closed connection gave some back. The caller notifies the writer.
+    fn queue_control(&mut self, msgs: &[Message]) {
+        for m in msgs {
+            if let Ok(f) = frame::encode_to_bytes(m) {
+                self.sched.push_control(f);
+            }
+        }
+        if self.mux.take_budget_freed() {
+            self.sched.wake_all();
+        }
+    }
+}
+
 struct Shared {
     inner: Mutex<Inner>,
     /// Wakes the writer: something was queued.
@@ -257,13 +267,7 @@ impl Shared {
         if msgs.is_empty() {
             return;
         }
-        let mut inner = self.lock();
-        for m in msgs {
-            if let Ok(f) = frame::encode_to_bytes(m) {
-                inner.sched.push_control(f);
-            }
-        }
-        drop(inner);
+        self.lock().queue_control(msgs);
         self.work.notify_one();
     }
 
@@ -344,14 +348,7 @@ impl SessionHandle {
                     inner.sched.drain_into_control(id);
                 }
             }
-            for m in &out.transmit {
-                if let Ok(f) = frame::encode_to_bytes(m) {
-                    inner.sched.push_control(f);
-                }
-            }
-            if inner.mux.take_budget_freed() {
-                inner.sched.wake_all();
-            }
+            inner.queue_control(&out.transmit);
             (id, rx, credited)
         };
         self.shared.work.notify_one();
@@ -503,14 +500,7 @@ async fn reader_task<S>(
                     failed = Some(SessionEnd::Protocol(e.to_string()));
                     break;
                 }
-                for m in out.transmit.drain(..) {
-                    if let Ok(f) = frame::encode_to_bytes(&m) {
-                        inner.sched.push_control(f);
-                    }
-                }
-                if inner.mux.take_budget_freed() {
-                    inner.sched.wake_all();
-                }
+                inner.queue_control(&std::mem::take(&mut out.transmit));
             }
             shared.work.notify_one();
             // Delivery waits on slow local readers (without flow control); a close must still
@@ -774,14 +764,7 @@ impl TunnelWriter {
             inner.conns.remove(&self.id);
             // Its data, then its reset, ahead of anything charged against what it freed.
             inner.sched.drain_into_control(self.id);
-            for m in &out.transmit {
-                if let Ok(f) = frame::encode_to_bytes(m) {
-                    inner.sched.push_control(f);
-                }
-            }
-            if inner.mux.take_budget_freed() {
-                inner.sched.wake_all();
-            }
+            inner.queue_control(&out.transmit);
         }
         self.shared.work.notify_one();
     }

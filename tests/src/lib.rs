@@ -1176,3 +1176,13 @@ pub fn assert_lintian_clean(deb: &Path) {
         }
     }
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for programs that need a port in their
+/// configuration; bind-and-release, so a race with another process is possible but rare).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

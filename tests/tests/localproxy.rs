@@ -5,7 +5,6 @@
 //! tests are opt-in: build it from its public sources, then run
 //! `CULVERT_LOCALPROXY=/path/to/localproxy cargo test -p culvert-e2e --test localproxy -- --ignored`.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -31,14 +30,6 @@ fn ca_dir(relay: &Relay, dir: &Path) -> PathBuf {
         .unwrap();
     assert!(st.success());
     d
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn spawn_localproxy(relay: &Relay, dir: &Path, token: &str, args: &[&str], name: &str) -> Proc {
