@@ -133,7 +133,12 @@ pub fn window_update(stream_id: i32, service_id: &str, connection_id: u32, inc: 
 
 /// The increment a WINDOW_UPDATE carries, if its payload is well formed.
 pub fn window_increment(msg: &Message) -> Option<u32> {
-    let b: [u8; 4] = msg.payload.as_ref().try_into().ok()?;
+    increment(&msg.payload)
+}
+
+/// The increment in a WINDOW_UPDATE payload: 4 bytes, big-endian, not zero.
+pub fn increment(payload: &[u8]) -> Option<u32> {
+    let b: [u8; 4] = payload.try_into().ok()?;
     Some(u32::from_be_bytes(b)).filter(|&n| n > 0)
 }
 

@@ -8,7 +8,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message as _;
 
-use crate::message::{MAX_PAYLOAD, Message};
+use crate::message::{MAX_PAYLOAD, Message, MessageRef};
 
 /// Size of the length prefix.
 pub const LENGTH_PREFIX: usize = 2;
@@ -138,6 +138,119 @@ pub fn decode(body: Bytes) -> Result<Message, FrameError> {
     Ok(msg)
 }
 
+/// A buffer frames are encoded into: [`BytesMut`], or a `Vec<u8>` reused as a queue.
+pub trait FrameBuf: BufMut {
+    fn reserve_for(&mut self, n: usize);
+}
+
+impl FrameBuf for BytesMut {
+    fn reserve_for(&mut self, n: usize) {
+        self.reserve(n);
+    }
+}
+
+impl FrameBuf for Vec<u8> {
+    fn reserve_for(&mut self, n: usize) {
+        self.reserve(n);
+    }
+}
+
+/// Decode one frame body without allocating: the service id borrows `body`.
+///
+/// Returns `Ok(None)` for anything off the common path (a SERVICE_IDS list, unknown fields,
+/// malformed input): the caller then uses [`decode`], which gives the owned message or the
+/// error. Whenever this returns a message it is exactly what [`decode`] would return (checked
+/// against prost in the tests).
+pub fn decode_ref(body: &Bytes) -> Result<Option<MessageRef<'_>>, FrameError> {
+    let Some(m) = scan_fields(body) else {
+        return Ok(None);
+    };
+    if m.payload.len() > MAX_PAYLOAD {
+        return Err(FrameError::PayloadTooLarge(m.payload.len()));
+    }
+    Ok(Some(m))
+}
+
+/// The fields of a message in the subset of protobuf encodings [`decode_ref`] handles.
+fn scan_fields(body: &Bytes) -> Option<MessageRef<'_>> {
+    let b: &[u8] = body;
+    let mut m = MessageRef {
+        r#type: 0,
+        stream_id: 0,
+        ignorable: false,
+        payload: Bytes::new(),
+        service_id: "",
+        connection_id: 0,
+    };
+    let mut pos = 0;
+    while pos < b.len() {
+        let key = varint(b, &mut pos)?;
+        let (tag, wire) = (key >> 3, key & 7);
+        match (tag, wire) {
+            (1 | 2 | 3 | 7, 0) => {
+                let v = varint(b, &mut pos)?;
+                // As prost decodes them: int32 and uint32 truncate, bool is "not zero".
+                match tag {
+                    1 => m.r#type = v as i32,
+                    2 => m.stream_id = v as i32,
+                    3 => m.ignorable = v != 0,
+                    _ => m.connection_id = v as u32,
+                }
+            }
+            (4 | 5, 2) => {
+                let len = usize::try_from(varint(b, &mut pos)?).ok()?;
+                let end = pos.checked_add(len).filter(|&e| e <= b.len())?;
+                if tag == 4 {
+                    m.payload = body.slice(pos..end);
+                } else {
+                    m.service_id = std::str::from_utf8(&b[pos..end]).ok()?;
+                }
+                pos = end;
+            }
+            // Field 6 (service id lists), unknown fields, other wire types: the owned path.
+            _ => return None,
+        }
+    }
+    Some(m)
+}
+
+/// A protobuf varint as prost accepts it (at most ten bytes, the tenth at most 1).
+fn varint(b: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for i in 0..10 {
+        let byte = *b.get(*pos)?;
+        *pos += 1;
+        if i == 9 && byte > 1 {
+            return None;
+        }
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Append a WINDOW_UPDATE frame (culvert's flow control) without building a [`Message`]:
+/// byte for byte what [`encode`] produces for [`crate::flow::window_update`].
+pub fn encode_window_update(
+    stream_id: i32,
+    service_id: &str,
+    connection_id: u32,
+    increment: u32,
+    out: &mut impl FrameBuf,
+) -> Result<(), FrameError> {
+    encode_fields(
+        crate::flow::WINDOW_UPDATE,
+        stream_id,
+        true,
+        service_id,
+        connection_id,
+        &increment.to_be_bytes(),
+        out,
+    )
+}
+
 /// Append one frame (length prefix + message) to `out`.
 pub fn encode(msg: &Message, out: &mut BytesMut) -> Result<(), FrameError> {
     let len = msg.encoded_len();
@@ -159,18 +272,46 @@ pub fn encode_data(
     service_id: &str,
     connection_id: u32,
     payload: &[u8],
-    out: &mut BytesMut,
+    out: &mut impl FrameBuf,
 ) -> Result<(), FrameError> {
-    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
     if payload.len() > MAX_PAYLOAD {
         return Err(FrameError::PayloadTooLarge(payload.len()));
     }
+    encode_fields(
+        crate::message::MessageType::Data as i32,
+        stream_id,
+        false,
+        service_id,
+        connection_id,
+        payload,
+        out,
+    )
+}
+
+/// Append a frame of a message without `available_service_ids`, encoded as prost encodes it
+/// (fields in order, proto3 defaults omitted).
+fn encode_fields(
+    r#type: i32,
+    stream_id: i32,
+    ignorable: bool,
+    service_id: &str,
+    connection_id: u32,
+    payload: &[u8],
+    out: &mut impl FrameBuf,
+) -> Result<(), FrameError> {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
     let delimited = |tag: u32, n: usize| key_len(tag) + encoded_len_varint(n as u64) + n;
     // int32 is encoded sign-extended to 64 bits, as prost and protobuf do.
-    let stream = stream_id as i64 as u64;
-    let mut len = key_len(1) + 1;
+    let (kind, stream) = (r#type as i64 as u64, stream_id as i64 as u64);
+    let mut len = 0;
+    if r#type != 0 {
+        len += key_len(1) + encoded_len_varint(kind);
+    }
     if stream_id != 0 {
         len += key_len(2) + encoded_len_varint(stream);
+    }
+    if ignorable {
+        len += key_len(3) + 1;
     }
     if !payload.is_empty() {
         len += delimited(4, payload.len());
@@ -184,13 +325,19 @@ pub fn encode_data(
     if len > MAX_MESSAGE_LEN {
         return Err(FrameError::MessageTooLarge(len));
     }
-    out.reserve(LENGTH_PREFIX + len);
+    out.reserve_for(LENGTH_PREFIX + len);
     out.put_u16(len as u16);
-    encode_key(1, WireType::Varint, out);
-    encode_varint(crate::message::MessageType::Data as u64, out);
+    if r#type != 0 {
+        encode_key(1, WireType::Varint, out);
+        encode_varint(kind, out);
+    }
     if stream_id != 0 {
         encode_key(2, WireType::Varint, out);
         encode_varint(stream, out);
+    }
+    if ignorable {
+        encode_key(3, WireType::Varint, out);
+        encode_varint(1, out);
     }
     if !payload.is_empty() {
         encode_key(4, WireType::LengthDelimited, out);
@@ -334,6 +481,84 @@ mod tests {
         }
         let mut out = BytesMut::new();
         assert!(encode_data(1, "S", 1, &[0; MAX_PAYLOAD + 1], &mut out).is_err());
+    }
+
+    #[test]
+    fn window_update_encoding_matches_prost() {
+        for (stream, service, conn) in [(1, "SSH", 1), (7, "SSH", 0), (3, "", 0)] {
+            let mut direct = BytesMut::new();
+            encode_window_update(stream, service, conn, 65536, &mut direct).unwrap();
+            let msg = crate::flow::window_update(stream, service, conn, 65536);
+            assert_eq!(direct.freeze(), encode_to_bytes(&msg).unwrap());
+        }
+    }
+
+    /// `decode_ref` agrees with prost wherever it answers, and answers for what the hot paths
+    /// carry.
+    #[test]
+    fn borrowed_decoding_matches_prost() {
+        let body = |m: &Message| encode_to_bytes(m).unwrap().slice(LENGTH_PREFIX..);
+        let mut hello = crate::flow::Hello::relay().to_message();
+        hello.stream_id = -5;
+        let common = [
+            Message::data(1, "SSH", 1, Bytes::from_static(b"hello")),
+            Message::data(i32::MAX, "", 0, Bytes::from(vec![7u8; MAX_PAYLOAD])),
+            crate::flow::window_update(3, "HMI", 9, 1 << 20),
+            Message::connection_reset(2, "SSH", u32::MAX),
+            Message::stream_start(4, "SSH", 0),
+            Message::session_reset(),
+            hello,
+        ];
+        for m in &common {
+            let b = body(m);
+            let r = decode_ref(&b)
+                .unwrap()
+                .expect("common messages take the borrowed path");
+            assert_eq!(r.to_message(), *m);
+        }
+        // SERVICE_IDS and unknown fields take the owned path.
+        let ids = Message::service_ids(&["A".into()]);
+        assert_eq!(decode_ref(&body(&ids)).unwrap(), None);
+        let mut unknown = body(&common[0]).to_vec();
+        unknown.extend_from_slice(&[0x40, 0x01]); // field 8, varint
+        assert_eq!(decode_ref(&Bytes::from(unknown)).unwrap(), None);
+        let big = Message::data(1, "S", 1, Bytes::from(vec![0u8; MAX_PAYLOAD + 1]));
+        assert_eq!(
+            decode_ref(&body(&big)),
+            Err(FrameError::PayloadTooLarge(MAX_PAYLOAD + 1))
+        );
+
+        // Mutated frames (bytes flipped, cut short, extended): whatever the borrowed path
+        // accepts, prost decodes to the same message.
+        let mut rng = rand::rng();
+        let mut answered = 0;
+        for _ in 0..20_000 {
+            let mut b = body(&common[rand::Rng::random_range(&mut rng, 0..common.len())]).to_vec();
+            b.truncate(b.len().min(64));
+            for _ in 0..rand::Rng::random_range(&mut rng, 1..4) {
+                match rand::Rng::random_range(&mut rng, 0..3) {
+                    0 if !b.is_empty() => {
+                        let i = rand::Rng::random_range(&mut rng, 0..b.len());
+                        b[i] = rand::Rng::random(&mut rng);
+                    }
+                    1 if !b.is_empty() => {
+                        let n = rand::Rng::random_range(&mut rng, 0..b.len());
+                        b.truncate(n);
+                    }
+                    _ => b.push(rand::Rng::random(&mut rng)),
+                }
+            }
+            let b = Bytes::from(b);
+            let owned = Message::decode(b.clone());
+            if let Some(r) = scan_fields(&b) {
+                answered += 1;
+                assert_eq!(owned.ok(), Some(r.to_message()), "{b:02x?}");
+            }
+        }
+        assert!(
+            answered > 1_000,
+            "only {answered} mutated frames were decoded"
+        );
     }
 
     #[test]

@@ -134,6 +134,53 @@ impl Message {
     }
 }
 
+/// A decoded message whose service id borrows the frame it came from: what the hot paths
+/// (DATA and credit updates at the ends, every frame at the relay) use, so that decoding a frame
+/// allocates nothing. [`crate::frame::decode_ref`] produces it; it never carries
+/// `available_service_ids` (SERVICE_IDS takes the owned path).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageRef<'a> {
+    pub r#type: i32,
+    pub stream_id: i32,
+    pub ignorable: bool,
+    pub payload: Bytes,
+    pub service_id: &'a str,
+    pub connection_id: u32,
+}
+
+impl MessageRef<'_> {
+    /// The message type, or `None` for a number this implementation does not know.
+    pub fn kind(&self) -> Option<MessageType> {
+        MessageType::try_from(self.r#type).ok()
+    }
+
+    pub fn to_message(&self) -> Message {
+        Message {
+            r#type: self.r#type,
+            stream_id: self.stream_id,
+            ignorable: self.ignorable,
+            payload: self.payload.clone(),
+            service_id: self.service_id.to_owned(),
+            available_service_ids: Vec::new(),
+            connection_id: self.connection_id,
+        }
+    }
+}
+
+impl<'a> From<&'a Message> for MessageRef<'a> {
+    /// The view of an owned message (its `available_service_ids`, if any, are not part of it).
+    fn from(m: &'a Message) -> Self {
+        MessageRef {
+            r#type: m.r#type,
+            stream_id: m.stream_id,
+            ignorable: m.ignorable,
+            payload: m.payload.clone(),
+            service_id: &m.service_id,
+            connection_id: m.connection_id,
+        }
+    }
+}
+
 impl std::fmt::Display for Message {
     /// A one-line summary for logs (never the payload).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

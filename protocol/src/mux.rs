@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, HashMap};
 use bytes::Bytes;
 
 use crate::flow::{self, ConnCredit, FlowConfig, Hello};
-use crate::message::{MAX_PAYLOAD, MAX_SERVICES, Message, MessageType};
+use crate::message::{MAX_PAYLOAD, MAX_SERVICES, Message, MessageRef, MessageType};
 use crate::{Format, Mode, valid_name};
 
 /// A local handle for one tunnel connection, unique for the lifetime of a [`Mux`].
@@ -73,16 +73,38 @@ pub enum Event {
     FlowControl(bool),
 }
 
-/// What one call produced: messages to send (in order) and events for the application.
+/// What one call produced: messages to send (in order), credit to return, and events for the
+/// application. Keep one and [`Output::clear`] it between calls: its vectors are reused.
 #[derive(Debug, Default)]
 pub struct Output {
     pub transmit: Vec<Message>,
+    /// Flow-control credit to return: `(connection, increment)`, each sent as a WINDOW_UPDATE
+    /// ([`Mux::encode_window_update`]) after `transmit`. Kept apart from `transmit` so that
+    /// returning credit, which happens about once per DATA frame, allocates nothing.
+    pub credit: Vec<(ConnId, u32)>,
     pub events: Vec<Event>,
 }
 
 impl Output {
     pub fn is_empty(&self) -> bool {
-        self.transmit.is_empty() && self.events.is_empty()
+        self.transmit.is_empty() && self.credit.is_empty() && self.events.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.transmit.clear();
+        self.credit.clear();
+        self.events.clear();
+    }
+
+    /// Everything to send as messages, window updates last (for callers off the hot path).
+    pub fn take_messages(&mut self, mux: &Mux) -> Vec<Message> {
+        let mut msgs = std::mem::take(&mut self.transmit);
+        msgs.extend(
+            self.credit
+                .drain(..)
+                .filter_map(|(id, inc)| mux.window_update(id, inc)),
+        );
+        msgs
     }
 }
 
@@ -300,6 +322,25 @@ impl Mux {
         id
     }
 
+    /// Handle one message decoded without allocation ([`crate::frame::decode_ref`]): DATA and
+    /// credit updates are handled in place, anything else as [`Mux::handle`].
+    pub fn handle_ref(
+        &mut self,
+        msg: MessageRef<'_>,
+        out: &mut Output,
+    ) -> Result<(), ProtocolError> {
+        if msg.r#type == MessageType::Data as i32 {
+            if msg.stream_id <= 0 {
+                return Err(ProtocolError::BadStreamId(MessageType::Data, msg.stream_id));
+            }
+            return self.on_data(&msg, out);
+        }
+        if msg.r#type == flow::WINDOW_UPDATE && self.flow.own.is_some() {
+            return self.on_window_update(&msg, out);
+        }
+        self.handle(msg.to_message(), out)
+    }
+
     /// Handle one message received from the peer (through the relay).
     pub fn handle(&mut self, msg: Message, out: &mut Output) -> Result<(), ProtocolError> {
         if self.flow.own.is_some() {
@@ -308,7 +349,7 @@ impl Mux {
                     self.on_hello(&msg, out);
                     return Ok(());
                 }
-                flow::WINDOW_UPDATE => return self.on_window_update(&msg, out),
+                flow::WINDOW_UPDATE => return self.on_window_update(&(&msg).into(), out),
                 _ => {}
             }
         }
@@ -343,20 +384,7 @@ impl Mux {
                     role: self.role,
                 })
             }
-            MessageType::Data => {
-                match self.lookup(&msg) {
-                    Some(id) => {
-                        self.charge_received(id, msg.payload.len())?;
-                        self.flush_if_budget_tight(out);
-                        out.events.push(Event::Data {
-                            id,
-                            payload: msg.payload,
-                        })
-                    }
-                    None => self.stats.stale_data += 1,
-                }
-                Ok(())
-            }
+            MessageType::Data => self.on_data(&(&msg).into(), out),
             MessageType::StreamReset => {
                 let service = self.resolve_service(&msg.service_id);
                 let current = service
@@ -371,7 +399,7 @@ impl Mux {
                 Ok(())
             }
             MessageType::ConnectionReset => {
-                match self.lookup(&msg) {
+                match self.lookup(&msg.service_id, msg.stream_id, msg.connection_id) {
                     Some(id) => {
                         self.forget(id);
                         out.events.push(Event::Closed {
@@ -384,6 +412,21 @@ impl Mux {
                 Ok(())
             }
         }
+    }
+
+    fn on_data(&mut self, msg: &MessageRef<'_>, out: &mut Output) -> Result<(), ProtocolError> {
+        match self.lookup(msg.service_id, msg.stream_id, msg.connection_id) {
+            Some(id) => {
+                self.charge_received(id, msg.payload.len())?;
+                self.flush_if_budget_tight(out);
+                out.events.push(Event::Data {
+                    id,
+                    payload: msg.payload.clone(),
+                })
+            }
+            None => self.stats.stale_data += 1,
+        }
+        Ok(())
     }
 
     /// A HELLO from the relay or the peer: negotiate flow control (see [`crate::flow`]).
@@ -453,8 +496,12 @@ impl Mux {
         self.flow.peer = peer;
     }
 
-    fn on_window_update(&mut self, msg: &Message, out: &mut Output) -> Result<(), ProtocolError> {
-        let inc = match flow::window_increment(msg) {
+    fn on_window_update(
+        &mut self,
+        msg: &MessageRef<'_>,
+        out: &mut Output,
+    ) -> Result<(), ProtocolError> {
+        let inc = match flow::increment(&msg.payload) {
             Some(inc) if msg.stream_id > 0 => inc as u64,
             _ => {
                 return Err(ProtocolError::BadWindowUpdate(
@@ -463,7 +510,7 @@ impl Mux {
                 ));
             }
         };
-        let Some(id) = self.lookup(msg) else {
+        let Some(id) = self.lookup(msg.service_id, msg.stream_id, msg.connection_id) else {
             // Credit for a connection that has ended: its bytes were given back on close.
             self.stats.stale_control += 1;
             return Ok(());
@@ -527,7 +574,7 @@ impl Mux {
         c.unreturned += n;
         self.flow.unreturned_total += n;
         if c.unreturned >= (own.window / 4) as u64 {
-            Self::return_credit(&mut self.flow, conn, out);
+            Self::return_credit(&mut self.flow, id, conn, out);
         }
         self.flush_if_budget_tight(out);
     }
@@ -543,8 +590,8 @@ impl Mux {
         {
             return;
         }
-        for conn in self.conns.values_mut() {
-            Self::return_credit(&mut self.flow, conn, out);
+        for (&id, conn) in self.conns.iter_mut() {
+            Self::return_credit(&mut self.flow, id, conn, out);
         }
     }
 
@@ -559,7 +606,7 @@ impl Mux {
     }
 
     /// Send a connection's consumed-but-unreturned bytes back as credit.
-    fn return_credit(flow: &mut Flow, conn: &mut Conn, out: &mut Output) {
+    fn return_credit(flow: &mut Flow, id: ConnId, conn: &mut Conn, out: &mut Output) {
         let Some(c) = conn.credit.as_mut() else {
             return;
         };
@@ -571,13 +618,30 @@ impl Mux {
         c.recv += inc;
         flow.received_total -= inc.min(flow.received_total);
         flow.unreturned_total -= inc.min(flow.unreturned_total);
-        let (service, cid) = wire_names(conn);
-        out.transmit.push(flow::window_update(
-            conn.stream_id,
-            service,
-            cid,
-            inc as u32,
-        ));
+        out.credit.push((id, inc as u32));
+    }
+
+    /// The WINDOW_UPDATE returning `inc` bytes of credit for connection `id` (from
+    /// [`Output::credit`]); `None` if it has closed since (its credit went with it).
+    pub fn window_update(&self, id: ConnId, inc: u32) -> Option<Message> {
+        let c = self.conns.get(&id)?;
+        let (service, cid) = wire_names(c);
+        Some(flow::window_update(c.stream_id, service, cid, inc))
+    }
+
+    /// Append the frame of [`Mux::window_update`] to `out` without building a message;
+    /// false (nothing appended) if the connection has closed since.
+    pub fn encode_window_update(
+        &self,
+        id: ConnId,
+        inc: u32,
+        out: &mut impl crate::frame::FrameBuf,
+    ) -> bool {
+        let Some(c) = self.conns.get(&id) else {
+            return false;
+        };
+        let (service, cid) = wire_names(c);
+        crate::frame::encode_window_update(c.stream_id, service, cid, inc, out).is_ok()
     }
 
     /// How many bytes connection `id` may send now: `None` without flow control (no limit).
@@ -634,18 +698,18 @@ impl Mux {
             .or_else(|| self.service_ids.as_ref().and_then(single))
     }
 
-    fn lookup(&self, msg: &Message) -> Option<ConnId> {
-        let service: &str = if msg.service_id.is_empty() {
+    fn lookup(&self, service_id: &str, stream_id: i32, connection_id: u32) -> Option<ConnId> {
+        let service: &str = if service_id.is_empty() {
             self.v1_service.as_deref()?
         } else {
-            &msg.service_id
+            service_id
         };
         let stream = self.services.get(service)?.active.as_ref()?;
-        if stream.id != msg.stream_id {
+        if stream.id != stream_id {
             return None;
         }
         let cid = if stream.format == Format::V3 {
-            msg.connection_id.max(1)
+            connection_id.max(1)
         } else {
             1
         };
@@ -893,7 +957,7 @@ impl Mux {
         &mut self,
         id: ConnId,
         payload: &[u8],
-        out: &mut bytes::BytesMut,
+        out: &mut impl crate::frame::FrameBuf,
     ) -> Result<(), MuxError> {
         if payload.len() > MAX_PAYLOAD {
             return Err(MuxError::PayloadTooLarge(payload.len()));
@@ -978,13 +1042,13 @@ mod tests {
                 for m in std::mem::take(&mut from_src) {
                     let mut out = Output::default();
                     self.dst.handle(m, &mut out).unwrap();
-                    from_dst.extend(out.transmit);
+                    from_dst.extend(out.take_messages(&self.dst));
                     self.dst_events.extend(out.events);
                 }
                 for m in std::mem::take(&mut from_dst) {
                     let mut out = Output::default();
                     self.src.handle(m, &mut out).unwrap();
-                    from_src.extend(out.transmit);
+                    from_src.extend(out.take_messages(&self.src));
                     self.src_events.extend(out.events);
                 }
             }
@@ -1143,14 +1207,14 @@ mod tests {
                 assert_eq!(got, n);
                 let mut out = Output::default();
                 p.dst.consumed(fast_d, got, &mut out);
-                p.pump(vec![], out.transmit);
+                p.pump(vec![], out.take_messages(&p.dst));
                 total += n;
             }
             // The slow reader wakes up: credit comes back and the sender may go on.
             let mut out = Output::default();
             p.dst.consumed(slow_d, CFG.window as usize, &mut out);
-            assert_eq!(out.transmit.len(), 1, "one batched WINDOW_UPDATE");
-            p.pump(vec![], out.transmit);
+            assert_eq!(out.credit.len(), 1, "one batched WINDOW_UPDATE");
+            p.pump(vec![], out.take_messages(&p.dst));
             assert!(
                 p.src_events
                     .iter()
@@ -1174,7 +1238,7 @@ mod tests {
             // Closing the first connection (at the receiver) gives its bytes back.
             let mut out = Output::default();
             p.dst.close(ids[0].1, &mut out);
-            p.pump(vec![], out.transmit);
+            p.pump(vec![], out.take_messages(&p.dst));
             let more = send_until_blocked(&mut p, ids[2].0, 1_000_000);
             assert_eq!(more, CFG.window as usize * 3 - CFG.budget as usize);
         }
@@ -1197,7 +1261,7 @@ mod tests {
                 let got = received(&mut p, d);
                 let mut out = Output::default();
                 p.dst.consumed(d, got, &mut out);
-                p.pump(vec![], out.transmit);
+                p.pump(vec![], out.take_messages(&p.dst));
             }
             // 40 × 24 000 = 960 000 bytes consumed; the budget must be free again.
             let (s, _) = p.open("B");
@@ -1231,7 +1295,7 @@ mod tests {
                 assert_eq!(got, n);
                 let mut out = Output::default();
                 p.dst.consumed(d, got, &mut out);
-                p.pump(vec![], out.transmit);
+                p.pump(vec![], out.take_messages(&p.dst));
             }
             let (s, _) = p.open("B");
             assert_eq!(

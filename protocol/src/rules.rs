@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use crate::Mode;
-use crate::message::{Message, MessageType};
+use crate::message::{Message, MessageRef, MessageType};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Violation {
@@ -52,7 +52,13 @@ impl TunnelRules {
     }
 
     /// Check a message `from` one side. `Ok(())` means forward it verbatim.
-    pub fn check(&mut self, from: Mode, msg: &Message) -> Result<(), Violation> {
+    /// Takes a [`MessageRef`] (what the relay decodes, without allocating) or a `&Message`.
+    pub fn check<'a>(
+        &mut self,
+        from: Mode,
+        msg: impl Into<MessageRef<'a>>,
+    ) -> Result<(), Violation> {
+        let msg = msg.into();
         let Some(kind) = msg.kind() else {
             // Extensions travel as new ignorable types; the receiver decides.
             return if msg.ignorable {
@@ -80,9 +86,9 @@ impl TunnelRules {
             if self.services.len() > 1 {
                 return Err(Violation::MissingServiceId(self.services.len()));
             }
-        } else if !self.services.contains(&msg.service_id) {
+        } else if !self.services.iter().any(|s| s == msg.service_id) {
             return Err(Violation::UnknownService(
-                msg.service_id.clone(),
+                msg.service_id.to_owned(),
                 self.services.join(", "),
             ));
         }
@@ -91,7 +97,7 @@ impl TunnelRules {
         let service = if msg.service_id.is_empty() && self.services.len() == 1 {
             self.services[0].as_str()
         } else {
-            msg.service_id.as_str()
+            msg.service_id
         };
         if kind == MessageType::StreamStart {
             let max = self.max_started.entry(service.to_owned()).or_insert(0);
@@ -109,7 +115,7 @@ impl TunnelRules {
             return Err(Violation::UnknownStream {
                 kind,
                 stream: msg.stream_id,
-                service: msg.service_id.clone(),
+                service: msg.service_id.to_owned(),
             });
         }
         if kind == MessageType::StreamReset && self.active.get(service) == Some(&msg.stream_id) {

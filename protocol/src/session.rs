@@ -38,7 +38,7 @@ use tracing::{debug, info, trace, warn};
 
 use crate::flow::FlowConfig;
 use crate::frame::{self, FrameError, FrameReader};
-use crate::message::{MAX_PAYLOAD, MAX_WS_MESSAGE, Message};
+use crate::message::{MAX_PAYLOAD, MAX_WS_MESSAGE};
 use crate::mux::{ConnId, Event, Mux, MuxError, Output};
 
 /// DATA frames queued per connection towards the writer (each at most ~64 KiB): enough to keep
@@ -46,11 +46,15 @@ use crate::mux::{ConnId, Event, Mux, MuxError, Output};
 const CONN_SEND_FRAMES: usize = 2;
 /// Control messages queued towards the writer before the reader waits for them to drain.
 const CONTROL_QUEUE: usize = 256;
-/// Payload chunks queued towards one local connection without flow control.
-const CONN_QUEUE_CHUNKS: usize = 16;
-/// Chunks smaller than this are copied out of the WebSocket message they arrived in when they
-/// are buffered under flow control, so a stalled connection cannot pin whole messages.
-const COPY_BELOW: usize = 16 * 1024;
+/// Bytes waiting for one local connection without flow control before the session reader
+/// waits for it (and with it the whole tunnel: the AWS protocol has no flow control).
+const INBOX_LIMIT: usize = 256 * 1024;
+/// Bytes of buffers a session keeps for reuse, and the largest buffer it keeps (a connection's
+/// inbox grows to what it buffers, at most its window with flow control).
+const POOL_BYTES: usize = 2 * 1024 * 1024;
+const POOL_BUFFER_MAX: usize = 1024 * 1024;
+/// Space reserved at a time for encoding control frames.
+const CONTROL_BUFFER: usize = 8 * 1024;
 /// New streams waiting for the application to take them (destination).
 const INCOMING_QUEUE: usize = 128;
 
@@ -98,44 +102,116 @@ pub enum SessionError {
     Ended,
 }
 
-/// Where the reader puts a connection's bytes.
-enum ConnTx {
-    /// Without flow control: bounded, the reader waits when it is full.
-    Bounded(mpsc::Sender<Bytes>),
-    /// With flow control: bounded by the credit granted, never waited on.
-    Credited(mpsc::UnboundedSender<Bytes>),
+/// Buffers of a session kept for reuse: a connection's inbox and send queue take one when they
+/// start holding bytes and give it back once drained, so data flows without allocating and an
+/// idle connection holds none. The writer empties the pool every ping interval in which it
+/// was not used, so an idle session holds none either.
+#[derive(Default)]
+struct Pool {
+    bufs: Vec<Vec<u8>>,
+    /// Capacity of the buffers in `bufs`.
+    bytes: usize,
+    used: bool,
 }
 
-enum ConnRx {
-    Bounded(mpsc::Receiver<Bytes>),
-    Credited(mpsc::UnboundedReceiver<Bytes>),
-}
+impl Pool {
+    fn take(&mut self) -> Vec<u8> {
+        self.used = true;
+        let b = self.bufs.pop().unwrap_or_default();
+        self.bytes -= b.capacity();
+        b
+    }
 
-impl ConnRx {
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
-        match self {
-            ConnRx::Bounded(rx) => rx.poll_recv(cx),
-            ConnRx::Credited(rx) => rx.poll_recv(cx),
+    fn put(&mut self, mut b: Vec<u8>) {
+        let cap = b.capacity();
+        if cap > 0 && cap <= POOL_BUFFER_MAX && self.bytes + cap <= POOL_BYTES {
+            b.clear();
+            self.bytes += cap;
+            self.bufs.push(b);
+        }
+    }
+
+    /// Free the pooled buffers if none was taken since the last call.
+    fn trim_if_idle(&mut self) {
+        if !std::mem::take(&mut self.used) {
+            self.bufs = Vec::new();
+            self.bytes = 0;
         }
     }
 }
 
-fn conn_channel(credited: bool) -> (ConnTx, ConnRx) {
-    if credited {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (ConnTx::Credited(tx), ConnRx::Credited(rx))
-    } else {
-        let (tx, rx) = mpsc::channel(CONN_QUEUE_CHUNKS);
-        (ConnTx::Bounded(tx), ConnRx::Bounded(rx))
+/// Bytes received for one connection, on their way to its [`TunnelReader`].
+///
+/// The session reader copies each DATA payload in, so the WebSocket layer gets its read buffer
+/// back at once (it never has to allocate another), and a stalled connection holds its own
+/// bytes rather than whole WebSocket messages. The reader swaps the buffer for its own drained
+/// one: bytes cross the lock in batches and neither side allocates while data flows.
+struct Inbox {
+    buf: Vec<u8>,
+    /// Flow-controlled: bounded by the credit granted, never waited on. Otherwise the session
+    /// reader waits while [`INBOX_LIMIT`] bytes are waiting.
+    credited: bool,
+    /// No more bytes will come (peer reset, local close, session end): EOF once drained.
+    closed: bool,
+    /// The connection's reader was dropped: what arrives is discarded (and credited).
+    reader_gone: bool,
+    reader: Option<Waker>,
+    /// The session reader, waiting for room.
+    space: Option<Waker>,
+}
+
+impl Inbox {
+    fn new(credited: bool) -> Inbox {
+        Inbox {
+            buf: Vec::new(),
+            credited,
+            closed: false,
+            reader_gone: false,
+            reader: None,
+            space: None,
+        }
+    }
+
+    fn wake(&mut self) {
+        if let Some(w) = self.reader.take() {
+            w.wake();
+        }
+        if let Some(w) = self.space.take() {
+            w.wake();
+        }
     }
 }
 
-/// One connection's outgoing frames.
+/// One connection's outgoing DATA frames, encoded back to back.
 #[derive(Default)]
 struct SendQueue {
-    frames: VecDeque<Bytes>,
+    frames: Vec<u8>,
+    /// Bytes of `frames` already sent.
+    sent: usize,
+    /// End offset of each queued frame.
+    ends: VecDeque<usize>,
     /// The connection's writer, waiting for queue space or credit.
     waker: Option<Waker>,
+}
+
+impl SendQueue {
+    /// The queued frames as separate buffers (a connection that is closing: they go out as
+    /// control messages, ahead of what follows).
+    fn take_frames(&mut self, pool: &mut Pool) -> impl Iterator<Item = Bytes> + use<> {
+        let mut start = self.sent;
+        let frames: Vec<Bytes> = self
+            .ends
+            .drain(..)
+            .map(|end| {
+                let f = Bytes::copy_from_slice(&self.frames[start..end]);
+                start = end;
+                f
+            })
+            .collect();
+        self.sent = 0;
+        pool.put(std::mem::take(&mut self.frames));
+        frames.into_iter()
+    }
 }
 
 /// What the writer sends next: control first, then connections in turn.
@@ -154,38 +230,50 @@ impl Sched {
         self.control.push_back(f);
     }
 
-    fn push_conn(&mut self, id: ConnId, f: Bytes) {
-        let q = self.queues.entry(id).or_default();
-        if q.frames.is_empty() {
-            self.ready.push_back(id);
-        }
-        q.frames.push_back(f);
-    }
-
-    /// The next frame to send, waking whoever waits for the space it frees.
-    fn pop(&mut self) -> Option<Bytes> {
-        if let Some(f) = self.control.pop_front() {
+    /// Append the next frame to `batch` if `batch` stays within `max` bytes, waking whoever
+    /// waits for the space it frees; returns where it starts in `batch`.
+    fn pop_into(&mut self, batch: &mut BytesMut, max: usize, pool: &mut Pool) -> Option<usize> {
+        let start = batch.len();
+        let room = max.saturating_sub(start);
+        if let Some(f) = self.control.front() {
+            if f.len() > room {
+                return None;
+            }
+            batch.extend_from_slice(f);
+            self.control.pop_front();
             if self.control.len() < CONTROL_QUEUE / 2
                 && let Some(w) = self.control_space.take()
             {
                 w.wake();
             }
-            return Some(f);
+            return Some(start);
         }
-        while let Some(id) = self.ready.pop_front() {
+        while let Some(&id) = self.ready.front() {
             let Some(q) = self.queues.get_mut(&id) else {
+                self.ready.pop_front();
                 continue;
             };
-            let Some(f) = q.frames.pop_front() else {
+            let Some(&end) = q.ends.front() else {
+                self.ready.pop_front();
                 continue;
             };
-            if !q.frames.is_empty() {
+            if end - q.sent > room {
+                return None;
+            }
+            self.ready.pop_front();
+            batch.extend_from_slice(&q.frames[q.sent..end]);
+            q.sent = end;
+            q.ends.pop_front();
+            if q.ends.is_empty() {
+                q.sent = 0;
+                pool.put(std::mem::take(&mut q.frames));
+            } else {
                 self.ready.push_back(id);
             }
             if let Some(w) = q.waker.take() {
                 w.wake();
             }
-            return Some(f);
+            return Some(start);
         }
         None
     }
@@ -194,9 +282,9 @@ impl Sched {
     /// queued from now on: what follows them (its reset, or in V1/V2 the start of the stream
     /// that replaces it) then reaches the peer after them, and before other connections' bytes
     /// charged against the budget its close freed.
-    fn drain_into_control(&mut self, id: ConnId) {
+    fn drain_into_control(&mut self, id: ConnId, pool: &mut Pool) {
         if let Some(mut q) = self.queues.remove(&id) {
-            self.control.extend(q.frames.drain(..));
+            self.control.extend(q.take_frames(pool));
             if let Some(w) = q.waker.take() {
                 w.wake();
             }
@@ -221,27 +309,70 @@ impl Sched {
     }
 }
 
-struct ConnIn {
-    tx: ConnTx,
-}
-
 struct Inner {
     mux: Mux,
-    conns: HashMap<ConnId, ConnIn>,
+    conns: HashMap<ConnId, Inbox>,
     sched: Sched,
+    pool: Pool,
+    /// Control frames are encoded here and split off (the writer copies them out and drops
+    /// them, so the space is reused).
+    ctl: BytesMut,
+    /// Reused for the mux's output outside the session reader.
+    scratch: Output,
 }
 
 impl Inner {
-    /// Queue what the mux produced as control messages, and wake writers waiting for the
-    /// tunnel budget if a closed connection gave some back. The caller notifies the writer.
-    fn queue_control(&mut self, msgs: &[Message]) {
-        for m in msgs {
-            if let Ok(f) = frame::encode_to_bytes(m) {
-                self.sched.push_control(f);
+    /// Queue what the mux produced to send (messages, then credit), and wake writers waiting
+    /// for the tunnel budget if a closed connection gave some back. Leaves `out.events`. The
+    /// caller notifies the writer.
+    fn queue_control(&mut self, out: &mut Output) {
+        for m in out.transmit.drain(..) {
+            self.reserve_ctl();
+            if frame::encode(&m, &mut self.ctl).is_ok() {
+                self.sched.push_control(self.ctl.split().freeze());
+            }
+        }
+        for (id, inc) in out.credit.drain(..) {
+            self.reserve_ctl();
+            if self.mux.encode_window_update(id, inc, &mut self.ctl) {
+                self.sched.push_control(self.ctl.split().freeze());
             }
         }
         if self.mux.take_budget_freed() {
             self.sched.wake_all();
+        }
+    }
+
+    /// Room for a control frame in `ctl` without allocating per frame.
+    fn reserve_ctl(&mut self) {
+        if self.ctl.capacity() < 512 {
+            self.ctl.reserve(CONTROL_BUFFER);
+        }
+    }
+
+    /// The application consumed `n` bytes of connection `id`: return credit if it is due.
+    fn consumed(&mut self, id: ConnId, n: usize) {
+        let mut out = std::mem::take(&mut self.scratch);
+        self.mux.consumed(id, n, &mut out);
+        self.queue_control(&mut out);
+        self.scratch = out;
+    }
+
+    /// No more bytes will come for connection `id`: its reader gets EOF once it has read
+    /// what is buffered.
+    fn close_inbox(&mut self, id: ConnId) {
+        if let Some(ib) = self.conns.get_mut(&id) {
+            ib.closed = true;
+            ib.wake();
+            if ib.reader_gone {
+                self.remove_inbox(id);
+            }
+        }
+    }
+
+    fn remove_inbox(&mut self, id: ConnId) {
+        if let Some(ib) = self.conns.remove(&id) {
+            self.pool.put(ib.buf);
         }
     }
 }
@@ -260,15 +391,6 @@ impl Shared {
         // A panic while holding the lock is a bug; the state is still consistent enough to
         // tear down, so recover the guard rather than cascade panics through every connection.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Queue control messages (never blocks).
-    fn send_control(&self, msgs: &[Message]) {
-        if msgs.is_empty() {
-            return;
-        }
-        self.lock().queue_control(msgs);
-        self.work.notify_one();
     }
 
     /// Wait until the control queue has room (a peer that provokes replies faster than the
@@ -314,6 +436,9 @@ where
             mux,
             conns: Default::default(),
             sched: Sched::default(),
+            pool: Pool::default(),
+            ctl: BytesMut::new(),
+            scratch: Output::default(),
         }),
         work: Notify::new(),
         cancel: CancellationToken::new(),
@@ -332,31 +457,30 @@ impl SessionHandle {
     /// Source: open a connection to `service`. Queues the start; does not wait for the peer.
     pub async fn open(&self, service: &str) -> Result<TunnelStream, SessionError> {
         let mut out = Output::default();
-        let (id, rx, credited) = {
+        let (id, credited) = {
             let mut inner = self.shared.lock();
+            let inner = &mut *inner;
             if self.shared.cancel.is_cancelled() {
                 return Err(SessionError::Ended);
             }
             let id = inner.mux.open(service, &mut out)?;
             let credited = inner.mux.is_flow_controlled(id);
-            let (tx, rx) = conn_channel(credited);
-            inner.conns.insert(id, ConnIn { tx });
+            inner.conns.insert(id, Inbox::new(credited));
             for ev in out.events.drain(..) {
                 if let Event::Closed { id, .. } = ev {
                     // V1/V2: the stream it replaces delivers its last bytes first.
-                    inner.conns.remove(&id);
-                    inner.sched.drain_into_control(id);
+                    inner.close_inbox(id);
+                    inner.sched.drain_into_control(id, &mut inner.pool);
                 }
             }
-            inner.queue_control(&out.transmit);
-            (id, rx, credited)
+            inner.queue_control(&mut out);
+            (id, credited)
         };
         self.shared.work.notify_one();
         Ok(TunnelStream::new(
             id,
             service.to_owned(),
             &self.shared,
-            rx,
             credited,
         ))
     }
@@ -424,7 +548,10 @@ fn finish(shared: &Shared, why: SessionEnd) {
     shared.cancel.cancel();
     {
         let mut inner = shared.lock();
-        inner.conns.clear();
+        let ids: Vec<ConnId> = inner.conns.keys().copied().collect();
+        for id in ids {
+            inner.close_inbox(id);
+        }
         inner.sched.wake_all();
     }
     shared.work.notify_one();
@@ -448,7 +575,9 @@ async fn reader_task<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut frames = FrameReader::new();
-    let mut msgs = Vec::new();
+    let mut bodies: Vec<Bytes> = Vec::new();
+    // Reused for every message: the hot path allocates nothing per frame.
+    let mut out = Output::default();
     let why = loop {
         let next = tokio::select! {
             _ = shared.cancel.cancelled() => break SessionEnd::Cancelled,
@@ -472,18 +601,16 @@ async fn reader_task<S>(
             }
             _ => continue, // ping / pong: tungstenite answers pings itself
         };
-        msgs.clear();
+        bodies.clear();
         let fed = frames.feed::<FrameError>(data, |body| {
-            msgs.push(frame::decode(body)?);
+            bodies.push(body);
             Ok(())
         });
         if let Err(e) = fed {
             break SessionEnd::Protocol(e.to_string());
         }
         let mut failed = None;
-        for m in msgs.drain(..) {
-            trace!(msg = %m, "received");
-            let mut out = Output::default();
+        for body in bodies.drain(..) {
             // Room for the replies first; then handle the message and queue its replies under
             // one lock, so that no start queued by another task can slip between a state
             // change (say, flow control switched on) and the message announcing it.
@@ -496,17 +623,37 @@ async fn reader_task<S>(
             }
             {
                 let mut inner = shared.lock();
-                if let Err(e) = inner.mux.handle(m, &mut out) {
-                    failed = Some(SessionEnd::Protocol(e.to_string()));
+                let handled = match frame::decode_ref(&body) {
+                    Ok(Some(m)) => {
+                        trace!(
+                            r#type = m.r#type,
+                            stream = m.stream_id,
+                            conn = m.connection_id,
+                            len = m.payload.len(),
+                            "received"
+                        );
+                        inner.mux.handle_ref(m, &mut out).map_err(|e| e.to_string())
+                    }
+                    Ok(None) => match frame::decode(body) {
+                        Ok(m) => {
+                            trace!(msg = %m, "received");
+                            inner.mux.handle(m, &mut out).map_err(|e| e.to_string())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = handled {
+                    failed = Some(SessionEnd::Protocol(e));
                     break;
                 }
-                inner.queue_control(&std::mem::take(&mut out.transmit));
+                inner.queue_control(&mut out);
             }
             shared.work.notify_one();
             // Delivery waits on slow local readers (without flow control); a close must still
             // get through.
             let delivered = tokio::select! {
-                r = deliver(&shared, out, &incoming) => r.is_ok(),
+                r = deliver(&shared, &mut out.events, &incoming) => r.is_ok(),
                 _ = shared.cancel.cancelled() => false,
             };
             if !delivered {
@@ -524,60 +671,72 @@ async fn reader_task<S>(
 /// Carry out what one message produced. Fails only when the session is going away.
 async fn deliver(
     shared: &Arc<Shared>,
-    out: Output,
+    events: &mut Vec<Event>,
     incoming: &mpsc::Sender<TunnelStream>,
 ) -> Result<(), SessionError> {
     // (Replies were queued with the message's handling.)
-    for ev in out.events {
+    for ev in events.drain(..) {
         match ev {
             Event::ServiceIds(ids) => {
                 shared.service_ids.send_replace(Some(ids));
             }
             Event::Opened { id, service } => {
-                let (rx, credited) = {
+                let credited = {
                     let mut inner = shared.lock();
                     let credited = inner.mux.is_flow_controlled(id);
-                    let (tx, rx) = conn_channel(credited);
-                    inner.conns.insert(id, ConnIn { tx });
-                    (rx, credited)
+                    inner.conns.insert(id, Inbox::new(credited));
+                    credited
                 };
-                let s = TunnelStream::new(id, service, shared, rx, credited);
+                let s = TunnelStream::new(id, service, shared, credited);
                 if incoming.send(s).await.is_err() {
                     // Nobody takes streams: the TunnelStream's drop already reset it.
                     warn!("stream opened by the peer but this end accepts none");
                 }
             }
             Event::Data { id, payload } => {
-                let tx = match shared.lock().conns.get(&id).map(|c| &c.tx) {
-                    Some(ConnTx::Bounded(tx)) => Ok(tx.clone()),
-                    Some(ConnTx::Credited(tx)) => Err(tx.clone()),
-                    None => continue,
-                };
-                match tx {
-                    // Waits while the local side is slow (no flow control in the protocol).
-                    Ok(tx) => {
-                        let _ = tx.send(payload).await;
+                // Without flow control this waits while the local side is slow (the AWS
+                // protocol has none); with it, the credit granted bounds the inbox.
+                std::future::poll_fn(|cx| {
+                    let mut inner = shared.lock();
+                    let inner = &mut *inner;
+                    let Some(ib) = inner.conns.get_mut(&id) else {
+                        return Poll::Ready(());
+                    };
+                    if ib.closed {
+                        return Poll::Ready(());
                     }
-                    // Bounded by the credit we granted: never waits.
-                    Err(tx) => {
-                        let payload = if payload.len() < COPY_BELOW {
-                            Bytes::copy_from_slice(&payload)
-                        } else {
-                            payload
-                        };
-                        let _ = tx.send(payload);
+                    if ib.reader_gone {
+                        // Nobody will read it: discard, but give the credit back.
+                        inner.consumed(id, payload.len());
+                        shared.work.notify_one();
+                        return Poll::Ready(());
                     }
-                }
+                    if !ib.credited && ib.buf.len() >= INBOX_LIMIT {
+                        ib.space = Some(cx.waker().clone());
+                        return Poll::Pending;
+                    }
+                    if ib.buf.capacity() == 0 {
+                        ib.buf = inner.pool.take();
+                    }
+                    ib.buf.extend_from_slice(&payload);
+                    if let Some(w) = ib.reader.take() {
+                        w.wake();
+                    }
+                    Poll::Ready(())
+                })
+                .await;
             }
             Event::Closed { id, cause } => {
                 debug!(conn = %id, ?cause, "closed by peer");
                 let mut inner = shared.lock();
-                inner.conns.remove(&id);
+                let inner = &mut *inner;
+                inner.close_inbox(id);
                 // What it still had queued would be stale on arrival; its writer fails now.
-                if let Some(mut q) = inner.sched.queues.remove(&id)
-                    && let Some(w) = q.waker.take()
-                {
-                    w.wake();
+                if let Some(mut q) = inner.sched.queues.remove(&id) {
+                    inner.pool.put(std::mem::take(&mut q.frames));
+                    if let Some(w) = q.waker.take() {
+                        w.wake();
+                    }
                 }
             }
             Event::Credit { id, budget } => {
@@ -615,18 +774,19 @@ async fn writer_task<S>(
         }
         // Fill one WebSocket message: control first, then one frame per connection in turn,
         // ending the message after a start frame (see `frame::is_start_frame`).
+        // The previous message's bytes were copied out by the WebSocket layer and dropped, so
+        // this reuses the same space.
         batch.clear();
+        batch.reserve(MAX_WS_MESSAGE);
         {
             let mut inner = shared.lock();
-            while let Some(f) = inner.sched.pop() {
-                let full = batch.len() + f.len() > MAX_WS_MESSAGE;
-                if full {
-                    // Put it back in front; it goes first in the next message.
-                    inner.sched.control.push_front(f);
-                    break;
-                }
-                batch.extend_from_slice(&f);
-                if frame::is_start_frame(&f) {
+            let inner = &mut *inner;
+            while let Some(start) =
+                inner
+                    .sched
+                    .pop_into(&mut batch, MAX_WS_MESSAGE, &mut inner.pool)
+            {
+                if frame::is_start_frame(&batch[start..]) {
                     break;
                 }
             }
@@ -641,6 +801,7 @@ async fn writer_task<S>(
             _ = shared.cancel.cancelled() => {}
             _ = shared.work.notified() => {}
             _ = ping.tick() => {
+                shared.lock().pool.trim_if_idle();
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_millis() as u64)
@@ -664,13 +825,16 @@ pub struct TunnelStream {
 }
 
 /// The receiving half of a [`TunnelStream`]; also an `AsyncBufRead` that hands out the peer's
-/// chunks without copying.
+/// bytes from its buffer without another copy.
 pub struct TunnelReader {
     id: ConnId,
-    rx: ConnRx,
-    pending: Bytes,
+    shared: Arc<Shared>,
+    /// Bytes taken from the inbox; `pending[pos..]` are unread.
+    pending: Vec<u8>,
+    pos: usize,
     /// Flow-controlled: consumed bytes return credit to the peer.
-    credited: Option<Arc<Shared>>,
+    credited: bool,
+    eof: bool,
 }
 
 /// The sending half of a [`TunnelStream`]. Dropping it resets the connection.
@@ -699,13 +863,15 @@ impl std::fmt::Debug for TunnelWriter {
 }
 
 impl TunnelStream {
-    fn new(id: ConnId, service: String, shared: &Arc<Shared>, rx: ConnRx, credited: bool) -> Self {
+    fn new(id: ConnId, service: String, shared: &Arc<Shared>, credited: bool) -> Self {
         TunnelStream {
             reader: TunnelReader {
                 id,
-                rx,
-                pending: Bytes::new(),
-                credited: credited.then(|| shared.clone()),
+                shared: shared.clone(),
+                pending: Vec::new(),
+                pos: 0,
+                credited,
+                eof: false,
             },
             writer: TunnelWriter {
                 id,
@@ -726,7 +892,7 @@ impl TunnelStream {
 
     /// Whether this connection uses culvert's flow control.
     pub fn is_flow_controlled(&self) -> bool {
-        self.reader.credited.is_some()
+        self.reader.credited
     }
 
     pub fn into_split(self) -> (TunnelReader, TunnelWriter) {
@@ -740,12 +906,74 @@ impl TunnelStream {
 }
 
 impl TunnelReader {
-    /// The application took `n` bytes: return credit (flow control).
-    fn consumed(&self, n: usize) {
-        if let Some(shared) = &self.credited {
-            let mut out = Output::default();
-            shared.lock().mux.consumed(self.id, n, &mut out);
-            shared.send_control(&out.transmit);
+    /// Make sure unread bytes are in `pending`, unless there are none yet (`Pending`) or
+    /// none will come (`Ready` with nothing pending: EOF).
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.pos < self.pending.len() || self.eof {
+            return Poll::Ready(());
+        }
+        let mut inner = self.shared.lock();
+        let inner = &mut *inner;
+        let Some(ib) = inner.conns.get_mut(&self.id) else {
+            self.eof = true;
+            return Poll::Ready(());
+        };
+        self.pending.clear();
+        self.pos = 0;
+        if !ib.buf.is_empty() {
+            // Take what arrived; the inbox gets our drained buffer to fill next.
+            std::mem::swap(&mut self.pending, &mut ib.buf);
+            if let Some(w) = ib.space.take() {
+                w.wake();
+            }
+            return Poll::Ready(());
+        }
+        // Caught up: both buffers go back to the session (an idle connection holds none).
+        inner.pool.put(std::mem::take(&mut self.pending));
+        inner.pool.put(std::mem::take(&mut ib.buf));
+        if ib.closed {
+            inner.remove_inbox(self.id);
+            self.eof = true;
+            return Poll::Ready(());
+        }
+        ib.reader = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// The application took `n` bytes.
+    fn consume_pending(&mut self, n: usize) {
+        self.pos += n;
+        if self.credited && n > 0 {
+            let mut inner = self.shared.lock();
+            inner.consumed(self.id, n);
+            let queued = !inner.sched.control.is_empty();
+            drop(inner);
+            if queued {
+                self.shared.work.notify_one();
+            }
+        }
+    }
+}
+
+impl Drop for TunnelReader {
+    fn drop(&mut self) {
+        let mut inner = self.shared.lock();
+        let unread = self.pending.len() - self.pos;
+        if let Some(ib) = inner.conns.get_mut(&self.id) {
+            let unread = unread + ib.buf.len();
+            if ib.closed {
+                inner.remove_inbox(self.id);
+            } else {
+                ib.reader_gone = true;
+                let buf = std::mem::take(&mut ib.buf);
+                inner.pool.put(buf);
+            }
+            if self.credited && unread > 0 {
+                // Bytes nobody will read: their credit goes back to the peer.
+                inner.consumed(self.id, unread);
+                drop(inner);
+                self.shared.work.notify_one();
+            }
         }
     }
 }
@@ -760,11 +988,12 @@ impl TunnelWriter {
         let mut out = Output::default();
         {
             let mut inner = self.shared.lock();
+            let inner = &mut *inner;
             inner.mux.close(self.id, &mut out);
-            inner.conns.remove(&self.id);
+            inner.close_inbox(self.id);
             // Its data, then its reset, ahead of anything charged against what it freed.
-            inner.sched.drain_into_control(self.id);
-            inner.queue_control(&out.transmit);
+            inner.sched.drain_into_control(self.id, &mut inner.pool);
+            inner.queue_control(&mut out);
         }
         self.shared.work.notify_one();
     }
@@ -776,15 +1005,11 @@ impl AsyncRead for TunnelReader {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.pending.is_empty() {
-            match ready!(self.rx.poll_recv(cx)) {
-                Some(b) => self.pending = b,
-                None => return Poll::Ready(Ok(())),
-            }
-        }
-        let n = self.pending.len().min(buf.remaining());
-        buf.put_slice(&self.pending.split_to(n));
-        self.consumed(n);
+        ready!(self.poll_pending(cx));
+        let this = &mut *self;
+        let n = (this.pending.len() - this.pos).min(buf.remaining());
+        buf.put_slice(&this.pending[this.pos..this.pos + n]);
+        this.consume_pending(n);
         Poll::Ready(Ok(()))
     }
 }
@@ -792,18 +1017,13 @@ impl AsyncRead for TunnelReader {
 impl tokio::io::AsyncBufRead for TunnelReader {
     fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
         let this = self.get_mut();
-        if this.pending.is_empty()
-            && let Some(b) = ready!(this.rx.poll_recv(cx))
-        {
-            this.pending = b;
-        }
-        Poll::Ready(Ok(&this.pending))
+        ready!(this.poll_pending(cx));
+        Poll::Ready(Ok(&this.pending[this.pos..]))
     }
 
     fn consume(mut self: Pin<&mut Self>, amt: usize) {
-        let n = amt.min(self.pending.len());
-        let _ = self.pending.split_to(n);
-        self.consumed(n);
+        let n = amt.min(self.pending.len() - self.pos);
+        self.consume_pending(n);
     }
 }
 
@@ -822,23 +1042,28 @@ impl AsyncWrite for TunnelWriter {
         let id = self.id;
         let mut inner = self.shared.lock();
         let inner = &mut *inner;
-        let queued = inner.sched.queues.get(&id).map_or(0, |q| q.frames.len());
         let credit = match inner.mux.send_credit(id) {
             Ok(c) => c,
             Err(_) => return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())),
         };
         let n = buf.len().min(MAX_PAYLOAD).min(credit.unwrap_or(usize::MAX));
-        if queued >= CONN_SEND_FRAMES || n == 0 {
+        let q = inner.sched.queues.entry(id).or_default();
+        if q.ends.len() >= CONN_SEND_FRAMES || n == 0 {
             // Wait for the writer to take a frame, or for credit.
-            inner.sched.queues.entry(id).or_default().waker = Some(cx.waker().clone());
+            q.waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        // One copy: the payload goes straight into its frame.
-        let mut f = BytesMut::with_capacity(n + 32);
-        if inner.mux.encode_data(id, &buf[..n], &mut f).is_err() {
+        if q.frames.capacity() == 0 {
+            q.frames = inner.pool.take();
+        }
+        // One copy: the payload goes straight into its frame, behind the queued ones.
+        if inner.mux.encode_data(id, &buf[..n], &mut q.frames).is_err() {
             return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
         }
-        inner.sched.push_conn(id, f.freeze());
+        q.ends.push_back(q.frames.len());
+        if q.ends.len() == 1 {
+            inner.sched.ready.push_back(id);
+        }
         self.shared.work.notify_one();
         Poll::Ready(Ok(n))
     }
@@ -1050,7 +1275,8 @@ mod tests {
         let ids = vec!["ECHO".to_owned()];
         let mut out = Output::default();
         let mut src = Mux::source(format);
-        src.handle(Message::service_ids(&ids), &mut out).unwrap();
+        src.handle(crate::Message::service_ids(&ids), &mut out)
+            .unwrap();
         let (src, _) = spawn(ws_src, src, SessionConfig::default());
         let (_dst, incoming) = spawn(
             ws_dst,

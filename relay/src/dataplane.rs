@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use crate::metrics::{METRICS, label};
 use culvert_protocol::flow::Hello;
 use culvert_protocol::frame::{self, FrameError, FrameReader};
-use culvert_protocol::message::{MAX_WS_MESSAGE, Message, MessageType};
+use culvert_protocol::message::{MAX_WS_MESSAGE, Message, MessageRef, MessageType};
 use culvert_protocol::rules::Violation;
 use culvert_protocol::{Format, Mode, SUBPROTOCOLS, valid_client_token};
 use futures_util::{SinkExt, StreamExt};
@@ -389,8 +389,17 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, flow_contro
             let mut offset = 0;
             let checked = frames.feed::<FwdError>(data, |body| {
                 offset += frame::LENGTH_PREFIX + body.len();
-                let msg = frame::decode(body)?;
-                g.rules.check(mode, &msg)?;
+                // Checked without allocating; the rare message off that path (SERVICE_IDS,
+                // unknown fields, malformed) is decoded in full, for the check or its error.
+                let owned;
+                let msg = match frame::decode_ref(&body)? {
+                    Some(m) => m,
+                    None => {
+                        owned = frame::decode(body.clone())?;
+                        MessageRef::from(&owned)
+                    }
+                };
+                g.rules.check(mode, msg.clone())?;
                 let start = matches!(
                     msg.kind(),
                     Some(MessageType::StreamStart | MessageType::ConnectionStart)
@@ -476,10 +485,10 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, flow_contro
 /// The reset that tells a sender its stream cannot be carried: with the other side absent every
 /// stream is dead, so the whole stream is reset (a CONNECTION_RESET would leave a V3 source
 /// sending CONNECTION_STARTs on a stream the other side never saw).
-fn reset_for_absent_peer(msg: &Message) -> Option<Message> {
+fn reset_for_absent_peer(msg: &MessageRef<'_>) -> Option<Message> {
     match msg.kind()? {
         MessageType::StreamStart | MessageType::ConnectionStart | MessageType::Data => {
-            Some(Message::stream_reset(msg.stream_id, &msg.service_id))
+            Some(Message::stream_reset(msg.stream_id, msg.service_id))
         }
         _ => None,
     }
