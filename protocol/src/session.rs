@@ -1243,7 +1243,7 @@ where
     let peer_closed = tokio::select! {
         _ = &mut down => true,
         _ = &mut up => {
-            // The reset is queued; the peer's earlier bytes drain, then the channel ends.
+            // The reset is queued; the peer's earlier bytes drain, then the connection reads EOF.
             down.await;
             false
         }
