@@ -563,21 +563,7 @@ fn main() {
 /// culvert's full path: relay, culvertd and culvert connect, one tunnel with SINK and ECHO.
 fn culvert_route(bins: &Path, dir: &Path, sink: SocketAddr, echo: SocketAddr) -> Route {
     let (relay, env) = start_relay(bins, dir);
-    let out = Command::new(bins.join("culvert"))
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .args([
-            "--json",
-            "tunnel",
-            "open",
-            "--thing",
-            "bench",
-            "--service",
-            "SINK,ECHO",
-        ])
-        .output()
-        .unwrap();
-    let t: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| die(String::from_utf8_lossy(&out.stderr)));
+    let t = open_tunnel(bins, &env, "bench", "SINK,ECHO");
     let rules = dir.join("rules.toml");
     std::fs::write(
         &rules,
@@ -880,6 +866,29 @@ fn which(name: &str) -> Option<PathBuf> {
 }
 
 /// A dev relay in `dir/relay`, and the client settings it wrote.
+/// `culvert --json tunnel open` against the relay `env` points to: the tunnel's JSON.
+fn open_tunnel(
+    bins: &Path,
+    env: &[(String, String)],
+    thing: &str,
+    services: &str,
+) -> serde_json::Value {
+    let o = Command::new(bins.join("culvert"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .args([
+            "--json",
+            "tunnel",
+            "open",
+            "--thing",
+            thing,
+            "--service",
+            services,
+        ])
+        .output()
+        .unwrap_or_else(|e| die(e));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|_| die(String::from_utf8_lossy(&o.stderr)))
+}
+
 fn start_relay(bins: &Path, dir: &Path) -> (Kill, Vec<(String, String)>) {
     let relay = Kill(
         Command::new(bins.join("culvert-relay"))
@@ -1076,21 +1085,7 @@ fn relay_idle(bins: &Path, dir: &Path, steps: &[usize]) -> Vec<(usize, u64)> {
                         let n = per.min(need.saturating_sub(w * per));
                         (0..n)
                             .map(|_| {
-                                let o = Command::new(bins.join("culvert"))
-                                    .envs(env.iter().map(|(k, v)| (k, v)))
-                                    .args([
-                                        "--json",
-                                        "tunnel",
-                                        "open",
-                                        "--thing",
-                                        "idle",
-                                        "--service",
-                                        "SSH",
-                                    ])
-                                    .output()
-                                    .unwrap();
-                                let t: serde_json::Value = serde_json::from_slice(&o.stdout)
-                                    .unwrap_or_else(|_| die(String::from_utf8_lossy(&o.stderr)));
+                                let t = open_tunnel(bins, env, "idle", "SSH");
                                 (
                                     t["sourceAccessToken"].as_str().unwrap().to_owned(),
                                     t["destinationAccessToken"].as_str().unwrap().to_owned(),
