@@ -1138,6 +1138,14 @@ mod tests {
             sent
         }
 
+        /// The destination's application consumes `n` bytes of `id`; the credit that returns
+        /// (if a batch is due) reaches the source.
+        fn consume(p: &mut Pair, id: ConnId, n: usize) {
+            let mut out = Output::default();
+            p.dst.consumed(id, n, &mut out);
+            p.pump(vec![], out.take_messages(&p.dst));
+        }
+
         fn received(p: &mut Pair, id: ConnId) -> usize {
             let n = p
                 .dst_events
@@ -1205,9 +1213,7 @@ mod tests {
                 assert!(n > 0, "the fast connection stalled after {total} bytes");
                 let got = received(&mut p, fast_d);
                 assert_eq!(got, n);
-                let mut out = Output::default();
-                p.dst.consumed(fast_d, got, &mut out);
-                p.pump(vec![], out.take_messages(&p.dst));
+                consume(&mut p, fast_d, got);
                 total += n;
             }
             // The slow reader wakes up: credit comes back and the sender may go on.
@@ -1259,9 +1265,7 @@ mod tests {
             for &(s, d) in &ids {
                 assert_eq!(send_until_blocked(&mut p, s, each), each);
                 let got = received(&mut p, d);
-                let mut out = Output::default();
-                p.dst.consumed(d, got, &mut out);
-                p.pump(vec![], out.take_messages(&p.dst));
+                consume(&mut p, d, got);
             }
             // 40 × 24 000 = 960 000 bytes consumed; the budget must be free again.
             let (s, _) = p.open("B");
@@ -1293,9 +1297,7 @@ mod tests {
                 let n = send_until_blocked(&mut p, s, 24_000);
                 let got = received(&mut p, d);
                 assert_eq!(got, n);
-                let mut out = Output::default();
-                p.dst.consumed(d, got, &mut out);
-                p.pump(vec![], out.take_messages(&p.dst));
+                consume(&mut p, d, got);
             }
             let (s, _) = p.open("B");
             assert_eq!(
