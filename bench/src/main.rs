@@ -1112,10 +1112,11 @@ fn relay_idle(bins: &Path, dir: &Path, steps: &[usize]) -> Vec<(usize, u64)> {
                         access_token: token,
                         client_token: None,
                         tls: tls.clone(),
+                        extensions: Default::default(),
                     };
                     let permit = sem.clone().acquire_owned().await.unwrap();
                     joins.push(tokio::spawn(async move {
-                        let (ws, _) = client::connect(&opts).await.unwrap_or_else(|e| die(e));
+                        let ws = client::connect(&opts).await.unwrap_or_else(|e| die(e)).ws;
                         drop(permit);
                         let (mut sink, mut stream) = ws.split();
                         tokio::spawn(async move {

@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use culvert_protocol::client::{self, Backoff, ConnectOptions, Endpoint};
+use culvert_protocol::ext::Extensions;
 use culvert_protocol::mux::Mux;
 use culvert_protocol::session::{self, SessionConfig, SessionHandle};
 use culvert_protocol::{Format, Mode};
@@ -105,6 +106,7 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
         access_token: args.access_token.clone(),
         client_token: Some(client_token),
         tls,
+        extensions: Extensions::ALL,
     };
 
     // Bind every listener first: a port that cannot be bound is a fatal, local error.
@@ -138,17 +140,17 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut first = true;
     loop {
-        let (ws, negotiated) = match client::connect_retrying(&opts, &mut backoff, &shutdown).await
-        {
-            Ok(Some(x)) => x,
+        let c = match client::connect_retrying(&opts, &mut backoff, &shutdown).await {
+            Ok(Some(c)) => c,
             Ok(None) => return Ok(()),
             Err(client::ConnectError::Refused { status, message }) => {
                 return Err(ConnectError::Refused { status, message });
             }
             Err(e) => return Err(ConnectError::Fatal(e.to_string())),
         };
-        let format = args.format.map_or(negotiated, |f| f.min(negotiated));
-        let (handle, _incoming) = session::spawn(ws, Mux::source(format), SessionConfig::default());
+        let format = args.format.map_or(c.format, |f| f.min(c.format));
+        let cfg = SessionConfig::default().for_relay(c.extensions);
+        let (handle, _incoming) = session::spawn(c.ws, Mux::source(format), cfg);
         let ids = match tokio::time::timeout(WAIT_FOR_SERVICE_IDS, handle.wait_service_ids()).await
         {
             Ok(Ok(ids)) => ids,
@@ -181,7 +183,11 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
             why = handle.closed() => why,
         };
         current_tx.send_replace(None);
-        warn!(reason = %why, "relay session ended; reconnecting");
+        if why.is_relay_restart() {
+            info!("the relay is restarting; reconnecting");
+        } else {
+            warn!(reason = %why, "relay session ended; reconnecting");
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use culvert_protocol::Mode;
 use culvert_protocol::client::{self, Backoff, ConnectOptions, Endpoint};
+use culvert_protocol::ext::Extensions;
 use culvert_protocol::mux::Mux;
 use culvert_protocol::session::{self, SessionConfig};
 use tokio_util::sync::CancellationToken;
@@ -89,6 +90,7 @@ async fn serve_tunnel(
                 .unwrap_or_else(culvert_protocol::new_client_token),
         ),
         tls,
+        extensions: Extensions::ALL,
     };
     let conns = TaskTracker::new();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
@@ -99,22 +101,22 @@ async fn serve_tunnel(
             gw.metrics.relay_reconnects.inc();
         }
         first = false;
-        let (ws, format) =
-            match client::connect_retrying(&opts, &mut backoff, &shutdown.drain).await {
-                Ok(Some(x)) => x,
-                Ok(None) => break Ok(()),
-                Err(client::ConnectError::Refused { status, message }) => {
-                    break Err(TunnelError::Refused { status, message });
-                }
-                Err(e) => break Err(TunnelError::Fatal(e.to_string())),
-            };
+        let c = match client::connect_retrying(&opts, &mut backoff, &shutdown.drain).await {
+            Ok(Some(c)) => c,
+            Ok(None) => break Ok(()),
+            Err(client::ConnectError::Refused { status, message }) => {
+                break Err(TunnelError::Refused { status, message });
+            }
+            Err(e) => break Err(TunnelError::Fatal(e.to_string())),
+        };
         backoff.reset();
-        *tunnel.relay_ip.lock().unwrap_or_else(|p| p.into_inner()) = relay_ip(&ws);
+        *tunnel.relay_ip.lock().unwrap_or_else(|p| p.into_inner()) = relay_ip(&c.ws);
         // A V1 stream names no service: it maps to the rule when there is exactly one.
         let names = gw.config().service_names();
         let mux = Mux::destination((names.len() == 1).then_some(names));
-        let (handle, mut incoming) = session::spawn(ws, mux, SessionConfig::default());
-        info!(relay = %args.endpoint, subprotocol = ?format, tunnel = %tunnel.label, "connected to relay as destination");
+        let cfg = SessionConfig::default().for_relay(c.extensions);
+        let (handle, mut incoming) = session::spawn(c.ws, mux, cfg);
+        info!(relay = %args.endpoint, subprotocol = ?c.format, extensions = ?c.extensions, tunnel = %tunnel.label, "connected to relay as destination");
         let ids_handle = handle.clone();
         let cfg = gw.config();
         tokio::spawn(async move {
@@ -161,6 +163,9 @@ async fn serve_tunnel(
             Some(why) if draining => {
                 info!(reason = %why, "relay session ended while draining; not reconnecting");
                 break Ok(());
+            }
+            Some(why) if why.is_relay_restart() => {
+                info!(tunnel = %tunnel.label, "the relay is restarting; reconnecting");
             }
             Some(why) => warn!(reason = %why, "relay session ended; reconnecting"),
         }

@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
+use crate::ext::{self, Extensions};
 use crate::message::MAX_WS_MESSAGE;
 use crate::{Format, Mode, SUBPROTOCOLS};
 
@@ -169,6 +170,9 @@ pub struct ConnectOptions {
     /// Binds the first connection and allows reconnecting with the same access token.
     pub client_token: Option<String>,
     pub tls: Arc<rustls::ClientConfig>,
+    /// culvert extensions to offer in the handshake ([`crate::ext`]); a relay that does not
+    /// accept them (AWS's) never sees one used.
+    pub extensions: Extensions,
 }
 
 impl std::fmt::Debug for ConnectOptions {
@@ -178,6 +182,7 @@ impl std::fmt::Debug for ConnectOptions {
             .field("mode", &self.mode)
             .field("access_token", &"***")
             .field("client_token", &self.client_token.as_ref().map(|_| "***"))
+            .field("extensions", &self.extensions)
             .finish()
     }
 }
@@ -215,9 +220,17 @@ pub fn ws_config() -> WebSocketConfig {
         .read_buffer_size(WS_READ_CHUNK)
 }
 
-/// Open the data-plane WebSocket. Returns the stream and the message format the negotiated
-/// subprotocol implies.
-pub async fn connect(opts: &ConnectOptions) -> Result<(RelayStream, Format), ConnectError> {
+/// An open data-plane WebSocket and what its handshake negotiated.
+pub struct Connected {
+    pub ws: RelayStream,
+    /// The message format the negotiated subprotocol implies.
+    pub format: Format,
+    /// The culvert extensions the relay accepted (none from AWS's relay).
+    pub extensions: Extensions,
+}
+
+/// Open the data-plane WebSocket.
+pub async fn connect(opts: &ConnectOptions) -> Result<Connected, ConnectError> {
     tokio::time::timeout(HANDSHAKE_TIMEOUT, connect_inner(opts))
         .await
         .unwrap_or_else(|_| {
@@ -228,7 +241,7 @@ pub async fn connect(opts: &ConnectOptions) -> Result<(RelayStream, Format), Con
         })
 }
 
-async fn connect_inner(opts: &ConnectOptions) -> Result<(RelayStream, Format), ConnectError> {
+async fn connect_inner(opts: &ConnectOptions) -> Result<Connected, ConnectError> {
     let transport = |message: String| ConnectError::Transport {
         endpoint: opts.endpoint.to_string(),
         message,
@@ -250,6 +263,9 @@ async fn connect_inner(opts: &ConnectOptions) -> Result<(RelayStream, Format), C
     headers.insert("access-token", hv(&opts.access_token, "access token")?);
     if let Some(ct) = &opts.client_token {
         headers.insert("client-token", hv(ct, "client token")?);
+    }
+    if let Some(offer) = opts.extensions.header_value() {
+        headers.insert(ext::HEADER, hv(&offer, "extensions")?);
     }
     let tcp = TcpStream::connect((opts.endpoint.host.as_str(), opts.endpoint.port))
         .await
@@ -282,7 +298,19 @@ async fn connect_inner(opts: &ConnectOptions) -> Result<(RelayStream, Format), C
         .and_then(|v| v.to_str().ok())
         .and_then(Format::from_subprotocol)
         .ok_or_else(|| transport("relay returned no tunnel subprotocol".into()))?;
-    Ok((ws, chosen))
+    // Only what was offered counts, whatever the relay answers.
+    let answered: Vec<&str> = resp
+        .headers()
+        .get_all(ext::HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let accepted = Extensions::parse(&answered.join(",")).intersect(opts.extensions);
+    Ok(Connected {
+        ws,
+        format: chosen,
+        extensions: accepted,
+    })
 }
 
 /// Connect, retrying transport failures and 5xx answers with `backoff` (logging each), until
@@ -292,7 +320,7 @@ pub async fn connect_retrying(
     opts: &ConnectOptions,
     backoff: &mut Backoff,
     shutdown: &tokio_util::sync::CancellationToken,
-) -> Result<Option<(RelayStream, Format)>, ConnectError> {
+) -> Result<Option<Connected>, ConnectError> {
     loop {
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),

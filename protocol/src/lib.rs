@@ -11,11 +11,14 @@
 //! - [`session`]: the tokio shell that runs a [`mux::Mux`] over a WebSocket and exposes each tunnel
 //!   connection as an `AsyncRead + AsyncWrite` [`session::TunnelStream`].
 //! - [`client`]: connecting to a relay (AWS's or ours) as source or destination, TLS included.
+//! - [`ext`]: which culvert extensions a session may use, negotiated in the handshake so that
+//!   AWS peers never see one; [`flow`] is the first of them.
 //!
 //! The core modules (`message`, `frame`, `mux`, `rules`) are deterministic and tested as an
 //! in-memory pair; only `session` and `client` touch the runtime.
 
 pub mod client;
+pub mod ext;
 pub mod flow;
 pub mod frame;
 pub mod message;
@@ -24,6 +27,23 @@ pub mod rules;
 pub mod session;
 
 pub use message::{Message, MessageType};
+
+/// WebSocket close codes culvert-relay sends (RFC 6455 §7.4), and what they tell a client.
+pub mod close {
+    /// The relay ended the session for good: the token was revoked (rotation), the tunnel
+    /// closed or expired, or a newer connection replaced this one. A reconnect is refused
+    /// with the reason.
+    pub const NORMAL: u16 = 1000;
+    /// The peer broke the protocol's rules (the reason says which).
+    pub const POLICY: u16 = 1008;
+    /// A WebSocket message over the protocol's limit.
+    pub const TOO_BIG: u16 = 1009;
+    /// "Service Restart": the relay is stopping or draining; reconnect (to it or another node)
+    /// with the same tokens. Sent only to peers that negotiated culvert's extensions: the AWS
+    /// localproxy exits for good on any close frame, so those peers see the connection end
+    /// without one, which it retries.
+    pub const RESTART: u16 = 1012;
+}
 
 /// Which end of a tunnel a program is. AWS calls this the local proxy mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -69,6 +69,17 @@ pub struct SessionConfig {
     pub flow_control: Option<FlowConfig>,
 }
 
+impl SessionConfig {
+    /// Keep only the extensions the relay accepted in the handshake
+    /// ([`crate::client::Connected::extensions`]): against AWS's relay, none.
+    pub fn for_relay(mut self, accepted: crate::ext::Extensions) -> SessionConfig {
+        if !accepted.flow_control {
+            self.flow_control = None;
+        }
+        self
+    }
+}
+
 impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
@@ -82,8 +93,12 @@ impl Default for SessionConfig {
 /// Why a session ended.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum SessionEnd {
-    #[error("the relay closed the session{}", .0.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
-    PeerClosed(Option<String>),
+    /// The relay closed the WebSocket (with the close frame's code and reason, if it sent one).
+    #[error("the relay closed the session{}", .reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+    PeerClosed {
+        code: Option<u16>,
+        reason: Option<String>,
+    },
     #[error("protocol error from the peer: {0}")]
     Protocol(String),
     #[error("connection to the relay failed: {0}")]
@@ -92,6 +107,20 @@ pub enum SessionEnd {
     Idle(Duration),
     #[error("session closed locally")]
     Cancelled,
+}
+
+impl SessionEnd {
+    /// The relay is restarting or draining and asked us to come back
+    /// ([`crate::close::RESTART`]); the tunnel and its tokens are still valid.
+    pub fn is_relay_restart(&self) -> bool {
+        matches!(
+            self,
+            SessionEnd::PeerClosed {
+                code: Some(crate::close::RESTART),
+                ..
+            }
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -585,7 +614,12 @@ async fn reader_task<S>(
         };
         let ws_msg = match next {
             Err(_) => break SessionEnd::Idle(cfg.idle_timeout),
-            Ok(None) => break SessionEnd::PeerClosed(None),
+            Ok(None) => {
+                break SessionEnd::PeerClosed {
+                    code: None,
+                    reason: None,
+                };
+            }
             Ok(Some(Err(e))) => break SessionEnd::Transport(e.to_string()),
             Ok(Some(Ok(m))) => m,
         };
@@ -595,9 +629,10 @@ async fn reader_task<S>(
                 break SessionEnd::Protocol("text WebSocket frame (only binary is allowed)".into());
             }
             WsMessage::Close(f) => {
-                break SessionEnd::PeerClosed(
-                    f.map(|f| f.reason.to_string()).filter(|r| !r.is_empty()),
-                );
+                break SessionEnd::PeerClosed {
+                    code: f.as_ref().map(|f| u16::from(f.code)),
+                    reason: f.map(|f| f.reason.to_string()).filter(|r| !r.is_empty()),
+                };
             }
             _ => continue, // ping / pong: tungstenite answers pings itself
         };

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
 
 use crate::metrics::{METRICS, label};
+use culvert_protocol::ext::{self, Extensions};
 use culvert_protocol::flow::Hello;
 use culvert_protocol::frame::{self, FrameError, FrameReader};
 use culvert_protocol::message::{MAX_WS_MESSAGE, Message, MessageRef, MessageType};
@@ -26,7 +27,7 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::api::error;
-use crate::registry::{Admission, AdmitError, Chunk, Kick};
+use crate::registry::{Admission, AdmitError, Chunk, Kick, KickReason, NewPeer};
 use crate::server::AppState;
 
 /// Frames queued towards one peer.
@@ -140,6 +141,18 @@ pub async fn handshake(
             return bad("client-token must be 32-128 characters of A-Z a-z 0-9 and -".into());
         }
     };
+    // culvert's extensions: only for a peer that offered them (never an AWS client).
+    let offered: Vec<&str> = headers
+        .get_all(ext::HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let enabled = if state.flow_control {
+        Extensions::ALL
+    } else {
+        Extensions::NONE
+    };
+    let extensions = Extensions::parse(&offered.join(",")).intersect(enabled);
     let ws = match ws {
         Ok(ws) => ws,
         Err(e) => return bad(format!("not a WebSocket upgrade: {}", e.body_text())),
@@ -190,7 +203,6 @@ pub async fn handshake(
     };
     let span = info_span!("peer", tunnel = %adm.live.id, mode = %mode, channel = %channel);
     let tracker = state.tasks.clone();
-    let flow_control = state.flow_control;
     let release = adm
         .first_use
         .then(|| (state.registry.clone(), adm.live.id.clone(), adm.token));
@@ -203,7 +215,7 @@ pub async fn handshake(
             }
         })
         .on_upgrade(move |socket| {
-            let fut = run_peer(socket, adm, format, flow_control).instrument(span);
+            let fut = run_peer(socket, adm, format, extensions).instrument(span);
             async move {
                 tracker.spawn(fut);
             }
@@ -212,20 +224,60 @@ pub async fn handshake(
     if let Ok(v) = channel.parse() {
         resp.headers_mut().insert("channel-id", v);
     }
+    if let Some(v) = extensions.header_value().and_then(|v| v.parse().ok()) {
+        resp.headers_mut().insert(ext::HEADER, v);
+    }
     resp
 }
 
 /// Why a peer's session ended (for the log and its close frame).
 enum End {
     Closed,
-    Kicked(String),
+    Kicked(KickReason),
     Violation(String),
     /// A WebSocket message over the protocol's limit.
     TooBig(String),
     Transport(String),
 }
 
-async fn run_peer(socket: WebSocket, adm: Admission, format: Format, flow_control: bool) {
+/// What the relay does with one checked frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fwd {
+    /// Forward it.
+    Frame,
+    /// Forward it and end the WebSocket message after it (a start frame; see
+    /// [`frame::is_start_frame`]).
+    Start,
+    /// Do not forward it: an extension message for a peer that did not negotiate extensions.
+    Skip,
+}
+
+/// How to forward the checked frames of one received message: `frames` holds each frame's end
+/// offset and what to do with it; the result is the byte ranges to send, each at most
+/// [`MAX_WS_MESSAGE`] bytes of whole frames, and whether it must end its WebSocket message.
+fn plan_chunks(frames: &[(usize, Fwd)], out: &mut Vec<(std::ops::Range<usize>, bool)>) {
+    out.clear();
+    let (mut start, mut end) = (0, 0);
+    for (i, &(frame_end, what)) in frames.iter().enumerate() {
+        if what == Fwd::Skip {
+            if end > start {
+                out.push((start..end, false));
+            }
+            (start, end) = (frame_end, frame_end);
+            continue;
+        }
+        end = frame_end;
+        let next_too_big = frames
+            .get(i + 1)
+            .is_some_and(|&(next, _)| next - start > MAX_WS_MESSAGE);
+        if what == Fwd::Start || i + 1 == frames.len() || next_too_big {
+            out.push((start..end, what == Fwd::Start));
+            start = end;
+        }
+    }
+}
+
+async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions: Extensions) {
     METRICS
         .peer_connects
         .get_or_create(&label("mode", &adm.mode.to_string()))
@@ -253,31 +305,38 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, flow_contro
         }
     }
     let kick = Kick::default();
-    let Some(peer_id) = live.attach(mode, generation, tx.clone(), kick.clone()) else {
+    let new = NewPeer {
+        tx: tx.clone(),
+        kick: kick.clone(),
+        extensions,
+    };
+    let Some(peer_id) = live.attach(mode, generation, new) else {
         info!("token revoked while connecting; closing");
         let (mut sink, _) = socket.split();
         let _ = sink
             .send(WsMessage::Close(Some(CloseFrame {
-                code: 1000,
+                code: culvert_protocol::close::NORMAL,
                 reason: "access token revoked (rotated or tunnel closed) while connecting".into(),
             })))
             .await;
         return;
     };
-    info!(thing = %thing_name, ?format, "peer connected");
+    info!(thing = %thing_name, ?format, ?extensions, "peer connected");
     let (mut sink, mut stream) = socket.split();
-    if flow_control && let Ok(f) = frame::encode_to_bytes(&Hello::relay().to_message()) {
-        // Announce culvert's extensions (ignorable: AWS clients skip it), to this peer and,
+    if let Ok(f) = frame::encode_to_bytes(&Hello::relay().to_message()) {
+        // Announce the flow-control extension (see culvert_protocol::flow) to this peer, and,
         // since its peer changed, to the other side, before anything this peer sends is
-        // forwarded there (see culvert_protocol::flow).
-        let _ = tx.try_send(Chunk::new(f.clone()));
+        // forwarded there; each only if it negotiated the extension in its handshake.
+        if extensions.flow_control {
+            let _ = tx.try_send(Chunk::new(f.clone()));
+        }
         let other = live.lock().target(mode.other());
-        if let Some((to, to_kick)) = other {
+        if let Some(to) = other.filter(|to| to.extensions.flow_control) {
             tokio::select! {
                 biased;
                 _ = kick.kicked() => {}
-                _ = to_kick.kicked() => {}
-                _ = to.send(Chunk::new(f)) => {}
+                _ = to.kick.kicked() => {}
+                _ = to.tx.send(Chunk::new(f)) => {}
             }
         }
     }
@@ -291,10 +350,10 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, flow_contro
                 // A kick (with its close frame) wins over a queue that closed at the same time.
                 biased;
                 reason = writer_kick.kicked() => {
-                    if !reason.is_empty() {
+                    if let Some((code, reason)) = reason.close_frame(extensions) {
                         let _ = sink.send(WsMessage::Close(Some(CloseFrame {
-                            code: close_code(&reason),
-                            reason: truncate(&reason).into(),
+                            code,
+                            reason: reason.into(),
                         }))).await;
                     }
                     break;
@@ -347,8 +406,9 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, flow_contro
 
     let mut frames = FrameReader::new();
     let mut replies: Vec<Message> = Vec::new();
-    // End offset of each forwarded frame, and whether it is a start frame.
-    let mut ends: Vec<(usize, bool)> = Vec::new();
+    // End offset of each checked frame, and what to do with it.
+    let mut checked_frames: Vec<(usize, Fwd)> = Vec::new();
+    let mut chunks = Vec::new();
     let end = loop {
         let next = tokio::select! {
             biased;
@@ -379,13 +439,16 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, flow_contro
         };
         // Validate every complete frame under the tunnel lock; forward them verbatim after.
         replies.clear();
-        ends.clear();
+        checked_frames.clear();
         let (fwd, to) = {
             let mut g = live.lock();
             if !g.is_current(mode, peer_id) {
-                break End::Kicked("replaced by a new connection".into());
+                break End::Kicked(KickReason::Replaced);
             }
-            let peer_there = g.tx(mode.other()).is_some();
+            let to = g.target(mode.other());
+            // Extension messages travel only between peers that both negotiated extensions.
+            let extensions_pass =
+                !extensions.is_empty() && to.as_ref().is_some_and(|t| !t.extensions.is_empty());
             let mut offset = 0;
             let checked = frames.feed::<FwdError>(data, |body| {
                 offset += frame::LENGTH_PREFIX + body.len();
@@ -400,12 +463,13 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, flow_contro
                     }
                 };
                 g.rules.check(mode, msg.clone())?;
-                let start = matches!(
-                    msg.kind(),
-                    Some(MessageType::StreamStart | MessageType::ConnectionStart)
-                );
-                ends.push((offset, start));
-                if !peer_there
+                let what = match msg.kind() {
+                    Some(MessageType::StreamStart | MessageType::ConnectionStart) => Fwd::Start,
+                    None if ext::is_extension_type(msg.r#type) && !extensions_pass => Fwd::Skip,
+                    _ => Fwd::Frame,
+                };
+                checked_frames.push((offset, what));
+                if to.is_none()
                     && let Some(r) = reset_for_absent_peer(&msg)
                     && !replies.contains(&r)
                 {
@@ -414,7 +478,7 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, flow_contro
                 Ok(())
             });
             match checked {
-                Ok(fwd) => (fwd, g.target(mode.other())),
+                Ok(fwd) => (fwd, to),
                 Err(e) => break End::Violation(e.to_string()),
             }
         };
@@ -428,30 +492,22 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, flow_contro
                 }
             }
         }
-        if let (Some((to, to_kick)), false) = (to, fwd.is_empty()) {
-            METRICS.bytes_forwarded.inc_by(fwd.len() as u64);
+        if let (Some(to), false) = (to, fwd.is_empty()) {
             // Whole frames, at most one WebSocket message each, ending after start frames.
             // Waits while the other peer is slow (back-pressure, never an unbounded queue), but
             // not past a kick of either side.
-            let mut start = 0;
-            for (i, &(end, is_start)) in ends.iter().enumerate() {
-                let last = i + 1 == ends.len();
-                let next_too_big = ends
-                    .get(i + 1)
-                    .is_some_and(|&(next, _)| next - start > MAX_WS_MESSAGE);
-                if !(is_start || last || next_too_big) {
-                    continue;
-                }
+            plan_chunks(&checked_frames, &mut chunks);
+            for (range, ends_message) in chunks.drain(..) {
+                METRICS.bytes_forwarded.inc_by(range.len() as u64);
                 let chunk = Chunk {
-                    bytes: fwd.slice(start..end),
-                    ends_message: is_start,
+                    bytes: fwd.slice(range),
+                    ends_message,
                 };
-                start = end;
                 let sent = tokio::select! {
                     biased;
                     _ = kick.kicked() => false,
-                    _ = to_kick.kicked() => false,
-                    r = to.send(chunk) => r.is_ok(),
+                    _ = to.kick.kicked() => false,
+                    r = to.tx.send(chunk) => r.is_ok(),
                 };
                 if !sent {
                     break;
@@ -464,20 +520,17 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, flow_contro
         End::Kicked(r) => info!(reason = %r, "peer disconnected by the relay"),
         End::Violation(v) => {
             warn!(violation = %v, "closing peer: protocol violation");
-            kick.kick(&format!("protocol violation: {v}"));
+            kick.kick(KickReason::Violation(v.clone()));
         }
         End::TooBig(e) => {
             warn!(error = %e, "closing peer: WebSocket message too big");
-            kick.kick(&format!(
-                "message too big: WebSocket messages are limited to {MAX_WS_MESSAGE} bytes"
-            ));
+            kick.kick(KickReason::TooBig);
         }
         End::Transport(e) => info!(error = %e, "peer connection failed"),
     }
     live.detach(mode, peer_id);
-    if !matches!(end, End::Violation(_) | End::TooBig(_) | End::Kicked(_)) {
-        kick.kick("");
-    }
+    // The writer ends with the first reason given: a kick's, else no close frame.
+    kick.kick(KickReason::Gone);
     drop(tx);
     let _ = writer.await;
 }
@@ -502,23 +555,57 @@ enum FwdError {
     Rule(#[from] Violation),
 }
 
-/// 1008 (policy violation) for rule breaks, 1009 (too big) for oversized messages, 1000
-/// (normal) for closes the relay decided.
-fn close_code(reason: &str) -> u16 {
-    if reason.starts_with("protocol violation") {
-        1008
-    } else if reason.starts_with("message too big") {
-        1009
-    } else {
-        1000
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Close-frame reasons are limited to 123 bytes.
-fn truncate(s: &str) -> String {
-    let mut end = s.len().min(123);
-    while !s.is_char_boundary(end) {
-        end -= 1;
+    fn plan(frames: &[(usize, Fwd)]) -> Vec<(std::ops::Range<usize>, bool)> {
+        let mut out = Vec::new();
+        plan_chunks(frames, &mut out);
+        out
     }
-    s[..end].to_owned()
+
+    #[test]
+    fn frames_go_out_whole_and_a_start_ends_its_message() {
+        assert_eq!(
+            plan(&[(10, Fwd::Frame), (30, Fwd::Frame)]),
+            vec![(0..30, false)]
+        );
+        assert_eq!(
+            plan(&[(10, Fwd::Frame), (20, Fwd::Start), (30, Fwd::Frame)]),
+            vec![(0..20, true), (20..30, false)]
+        );
+        assert_eq!(plan(&[]), vec![]);
+    }
+
+    #[test]
+    fn skipped_frames_are_cut_out_and_nothing_else_is_lost() {
+        // An extension message between two frames, first, last, and alone.
+        assert_eq!(
+            plan(&[(10, Fwd::Frame), (16, Fwd::Skip), (30, Fwd::Frame)]),
+            vec![(0..10, false), (16..30, false)]
+        );
+        assert_eq!(
+            plan(&[(6, Fwd::Skip), (20, Fwd::Start), (30, Fwd::Frame)]),
+            vec![(6..20, true), (20..30, false)]
+        );
+        assert_eq!(
+            plan(&[(10, Fwd::Frame), (16, Fwd::Skip)]),
+            vec![(0..10, false)]
+        );
+        assert_eq!(plan(&[(6, Fwd::Skip), (12, Fwd::Skip)]), vec![]);
+    }
+
+    #[test]
+    fn no_chunk_exceeds_a_websocket_message() {
+        let frame = 65_000;
+        let frames: Vec<(usize, Fwd)> = (1..=5).map(|i| (i * frame, Fwd::Frame)).collect();
+        let out = plan(&frames);
+        assert_eq!(out.first().unwrap().0.start, 0);
+        assert_eq!(out.last().unwrap().0.end, 5 * frame);
+        for w in out.windows(2) {
+            assert_eq!(w[0].0.end, w[1].0.start, "contiguous, nothing dropped");
+        }
+        assert!(out.iter().all(|(r, _)| r.len() <= MAX_WS_MESSAGE));
+    }
 }

@@ -10,8 +10,10 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use culvert_protocol::ext::Extensions;
+use culvert_protocol::message::MAX_WS_MESSAGE;
 use culvert_protocol::rules::TunnelRules;
-use culvert_protocol::{Mode, frame, valid_name};
+use culvert_protocol::{Mode, close, frame, valid_name};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -206,21 +208,91 @@ impl RotateWhich {
     }
 }
 
-/// A disconnect request with a reason for the peer's close frame.
+/// Why the relay disconnects a peer. It decides the peer's close frame, and so whether the
+/// peer comes back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KickReason {
+    /// The side's token was revoked: rotated, or the tunnel closed or expired. Final: the
+    /// reconnect is refused with the reason.
+    Revoked(&'static str),
+    /// A newer connection with the same token took this one's place.
+    Replaced,
+    /// The peer broke the protocol's rules.
+    Violation(String),
+    /// The peer sent a WebSocket message over the protocol's limit.
+    TooBig,
+    /// The relay is stopping (or draining): the peer should reconnect, to it or another node.
+    Restart,
+    /// The connection has already ended: nothing is sent.
+    Gone,
+}
+
+impl KickReason {
+    /// The close frame (code, reason) for a peer that did or did not negotiate culvert's
+    /// extensions; `None`: end the connection without one.
+    ///
+    /// A restart is told to culvert's programs with [`close::RESTART`]; an AWS peer gets no
+    /// close frame at all, since the localproxy exits for good on any close frame but retries
+    /// a connection that simply ends.
+    pub fn close_frame(&self, extensions: Extensions) -> Option<(u16, String)> {
+        let (code, reason) = match self {
+            KickReason::Revoked(why) => (close::NORMAL, (*why).to_owned()),
+            KickReason::Replaced => (
+                close::NORMAL,
+                "replaced by a new connection with the same access token".to_owned(),
+            ),
+            KickReason::Violation(v) => (close::POLICY, format!("protocol violation: {v}")),
+            KickReason::TooBig => (
+                close::TOO_BIG,
+                format!(
+                    "message too big: WebSocket messages are limited to {MAX_WS_MESSAGE} bytes"
+                ),
+            ),
+            KickReason::Restart if !extensions.is_empty() => (
+                close::RESTART,
+                "relay restarting: reconnect with the same tokens".to_owned(),
+            ),
+            KickReason::Restart | KickReason::Gone => return None,
+        };
+        Some((code, truncate_reason(reason)))
+    }
+}
+
+impl std::fmt::Display for KickReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.close_frame(Extensions::ALL) {
+            Some((_, reason)) => f.write_str(&reason),
+            None => f.write_str("connection ended"),
+        }
+    }
+}
+
+/// Close-frame reasons are limited to 123 bytes (RFC 6455 §5.5).
+fn truncate_reason(mut s: String) -> String {
+    let mut end = s.len().min(123);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s
+}
+
+/// A disconnect request with the reason that decides the peer's close frame. The first reason
+/// given wins.
 #[derive(Clone, Default)]
 pub struct Kick {
     token: CancellationToken,
-    reason: Arc<OnceLock<String>>,
+    reason: Arc<OnceLock<KickReason>>,
 }
 
 impl Kick {
-    pub fn kick(&self, reason: &str) {
-        let _ = self.reason.set(reason.to_owned());
+    pub fn kick(&self, reason: KickReason) {
+        let _ = self.reason.set(reason);
         self.token.cancel();
     }
-    pub async fn kicked(&self) -> String {
+    pub async fn kicked(&self) -> KickReason {
         self.token.cancelled().await;
-        self.reason.get().cloned().unwrap_or_default()
+        self.reason.get().cloned().unwrap_or(KickReason::Gone)
     }
 }
 
@@ -249,6 +321,24 @@ pub struct PeerSlot {
     /// Frames towards this peer (bounded: a slow peer holds back its sender).
     pub tx: mpsc::Sender<Chunk>,
     pub kick: Kick,
+    /// The culvert extensions this peer negotiated in its handshake: extension messages reach
+    /// it only if it did.
+    pub extensions: Extensions,
+}
+
+/// A peer about to attach: how to reach it.
+pub struct NewPeer {
+    pub tx: mpsc::Sender<Chunk>,
+    pub kick: Kick,
+    pub extensions: Extensions,
+}
+
+/// The other side of a tunnel as a forwarding peer sees it.
+#[derive(Clone)]
+pub struct Target {
+    pub tx: mpsc::Sender<Chunk>,
+    pub kick: Kick,
+    pub extensions: Extensions,
 }
 
 #[derive(Default)]
@@ -289,9 +379,13 @@ impl LiveInner {
         self.peer(mode).map(|p| p.tx.clone())
     }
 
-    /// The sender towards the peer of `mode` and the kick that ends it.
-    pub fn target(&self, mode: Mode) -> Option<(mpsc::Sender<Chunk>, Kick)> {
-        self.peer(mode).map(|p| (p.tx.clone(), p.kick.clone()))
+    /// The peer of `mode`, if connected: its queue, its kick and its extensions.
+    pub fn target(&self, mode: Mode) -> Option<Target> {
+        self.peer(mode).map(|p| Target {
+            tx: p.tx.clone(),
+            kick: p.kick.clone(),
+            extensions: p.extensions,
+        })
     }
 
     /// Is `peer_id` still the attached peer of `mode`? (A replaced peer must stop forwarding.)
@@ -336,13 +430,7 @@ impl Live {
     /// Register a new peer for `mode`, replacing (and kicking) any previous one. The surviving
     /// other side is told which streams died. `None` if the side's token was revoked after the
     /// handshake was admitted under `generation`.
-    pub fn attach(
-        &self,
-        mode: Mode,
-        generation: u64,
-        tx: mpsc::Sender<Chunk>,
-        kick: Kick,
-    ) -> Option<u64> {
+    pub fn attach(&self, mode: Mode, generation: u64, new: NewPeer) -> Option<u64> {
         let mut g = self.lock();
         if g.side(mode).generation != generation {
             return None;
@@ -351,25 +439,29 @@ impl Live {
         g.next_peer += 1;
         let old = g.side(mode).peer.take();
         if let Some(old) = old {
-            old.kick
-                .kick("replaced by a new connection with the same access token");
+            old.kick.kick(KickReason::Replaced);
             let resets = g.rules.peer_gone();
             send_resets(g.tx(mode.other()), resets);
         }
         let side = g.side(mode);
-        side.peer = Some(PeerSlot { peer_id, tx, kick });
+        side.peer = Some(PeerSlot {
+            peer_id,
+            tx: new.tx,
+            kick: new.kick,
+            extensions: new.extensions,
+        });
         side.changed_ms = now_ms();
         Some(peer_id)
     }
 
     /// Revoke a side's token: handshakes admitted before may no longer attach, and the
     /// connected peer is disconnected with `reason`.
-    pub fn revoke(&self, mode: Mode, reason: &str) {
+    pub fn revoke(&self, mode: Mode, reason: &'static str) {
         let mut g = self.lock();
         let side = g.side(mode);
         side.generation += 1;
         if let Some(p) = &side.peer {
-            p.kick.kick(reason);
+            p.kick.kick(KickReason::Revoked(reason));
         }
     }
 
@@ -391,7 +483,7 @@ impl Live {
         true
     }
 
-    pub fn kick(&self, mode: Mode, reason: &str) {
+    pub fn kick(&self, mode: Mode, reason: KickReason) {
         if let Some(p) = &self.lock().side(mode).peer {
             p.kick.kick(reason);
         }
@@ -909,11 +1001,11 @@ impl Registry {
     }
 
     /// Disconnect every peer (relay shutdown).
-    pub fn kick_all(&self, reason: &str) {
+    pub fn kick_all(&self, reason: KickReason) {
         let st = self.lock();
         for e in st.tunnels.values() {
-            e.live.kick(Mode::Source, reason);
-            e.live.kick(Mode::Destination, reason);
+            e.live.kick(Mode::Source, reason.clone());
+            e.live.kick(Mode::Destination, reason.clone());
         }
     }
 }
@@ -1060,12 +1152,51 @@ mod tests {
         // A rotation lands between admission and attach: the attach is refused.
         reg.rotate(&v.rec.id, RotateWhich::Destination).unwrap();
         let (tx, _rx) = mpsc::channel(1);
+        let new = NewPeer {
+            tx,
+            kick: Kick::default(),
+            extensions: Extensions::NONE,
+        };
         assert_eq!(
-            adm.live
-                .attach(Mode::Destination, adm.generation, tx, Kick::default()),
+            adm.live.attach(Mode::Destination, adm.generation, new),
             None
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn close_frames_tell_culvert_peers_to_come_back_and_leave_aws_peers_none() {
+        // A restart: culvert's programs get "Service Restart"; the localproxy exits for good on
+        // any close frame, so an AWS peer gets none and reconnects.
+        assert_eq!(
+            KickReason::Restart
+                .close_frame(Extensions::ALL)
+                .map(|f| f.0),
+            Some(close::RESTART)
+        );
+        assert_eq!(KickReason::Restart.close_frame(Extensions::NONE), None);
+        assert_eq!(KickReason::Gone.close_frame(Extensions::ALL), None);
+        // Final ends are told to everyone, with the reason.
+        for ext in [Extensions::ALL, Extensions::NONE] {
+            assert_eq!(
+                KickReason::Revoked("tunnel closed").close_frame(ext),
+                Some((close::NORMAL, "tunnel closed".to_owned()))
+            );
+            assert_eq!(
+                KickReason::Violation("x".into())
+                    .close_frame(ext)
+                    .unwrap()
+                    .0,
+                close::POLICY
+            );
+            assert_eq!(
+                KickReason::TooBig.close_frame(ext).unwrap().0,
+                close::TOO_BIG
+            );
+        }
+        let long = KickReason::Violation("é".repeat(100));
+        let (_, reason) = long.close_frame(Extensions::NONE).unwrap();
+        assert!(reason.len() <= 123 && reason.starts_with("protocol violation: é"));
     }
 
     #[test]

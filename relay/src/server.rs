@@ -262,7 +262,9 @@ impl Relay {
         if !drained {
             info!("disconnecting the remaining peers");
         }
-        state.registry.kick_all("relay shutting down");
+        state
+            .registry
+            .kick_all(crate::registry::KickReason::Restart);
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             state.tasks.wait().await;
             conns.wait().await;

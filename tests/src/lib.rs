@@ -119,8 +119,21 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, dir: &Path) -> Proc {
+        Proc::start(name, cmd, dir, false)
+    }
+
+    /// Like [`Proc::spawn`], with stdout going to the same log (for programs that log there,
+    /// such as the AWS localproxy).
+    pub fn spawn_logging_stdout(name: &str, cmd: &mut Command, dir: &Path) -> Proc {
+        Proc::start(name, cmd, dir, true)
+    }
+
+    fn start(name: &str, cmd: &mut Command, dir: &Path, stdout_too: bool) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let err = std::fs::File::create(&log).unwrap();
+        if stdout_too {
+            cmd.stdout(err.try_clone().unwrap());
+        }
         let child = cmd
             .stderr(err)
             .stdin(Stdio::null())
@@ -392,9 +405,21 @@ impl Relay {
         token: &str,
         services: &[&str],
     ) -> (Proc, HashMap<String, u16>) {
+        self.proxy_with(dir, token, services, &[])
+    }
+
+    /// [`Relay::proxy`] with extra arguments for `culvert connect` (e.g. `--format V2`).
+    pub fn proxy_with(
+        &self,
+        dir: &Path,
+        token: &str,
+        services: &[&str],
+        extra: &[&str],
+    ) -> (Proc, HashMap<String, u16>) {
         let map: Vec<String> = services.iter().map(|s| format!("{s}=0")).collect();
         let mut cmd = self.culvert();
         cmd.args(["connect", "-s", &map.join(",")])
+            .args(extra)
             .env("CULVERT_ACCESS_TOKEN", token)
             .env("RUST_LOG", "info,culvert_cli=debug")
             .stdout(Stdio::piped());
@@ -672,6 +697,7 @@ pub mod raw {
     use super::*;
     use culvert_protocol::Mode;
     use culvert_protocol::client::{self, ConnectError, ConnectOptions, Endpoint, RelayStream};
+    pub use culvert_protocol::ext::Extensions;
     use futures_util::{SinkExt, StreamExt};
     pub use tokio_tungstenite::tungstenite::Message as Ws;
 
@@ -682,21 +708,37 @@ pub mod raw {
             .unwrap()
     }
 
-    /// Open a data-plane WebSocket to `relay` with exactly these credentials.
+    /// Open a data-plane WebSocket to `relay` with exactly these credentials, as a plain AWS
+    /// client (no culvert extension offered).
     pub async fn connect(
         relay: &Relay,
         token: &str,
         mode: Mode,
         client_token: Option<&str>,
     ) -> Result<RelayStream, ConnectError> {
+        connect_offering(relay, token, mode, client_token, Extensions::NONE)
+            .await
+            .map(|c| c.ws)
+    }
+
+    /// Open a data-plane WebSocket offering culvert's `extensions` in the handshake; the
+    /// result says which the relay accepted.
+    pub async fn connect_offering(
+        relay: &Relay,
+        token: &str,
+        mode: Mode,
+        client_token: Option<&str>,
+        extensions: Extensions,
+    ) -> Result<client::Connected, ConnectError> {
         let opts = ConnectOptions {
             endpoint: Endpoint::parse(&relay.addr.to_string()).unwrap(),
             mode,
             access_token: token.to_owned(),
             client_token: client_token.map(str::to_owned),
             tls: client::tls_config(Some(&relay.ca)).unwrap(),
+            extensions,
         };
-        client::connect(&opts).await.map(|(ws, _)| ws)
+        client::connect(&opts).await
     }
 
     /// The status and message of a refused handshake.

@@ -1,0 +1,109 @@
+//! Negotiating culvert's protocol extensions in the WebSocket handshake, so that AWS peers
+//! never see a byte they do not expect.
+//!
+//! A culvert end offers its extensions in a request header on the upgrade,
+//! `culvert-extensions: flow-control/1`. culvert-relay answers, in the 101, with the ones it
+//! accepts for that session (the same header; absent: none). AWS's relay and the AWS
+//! localproxy ignore unknown headers, so:
+//!
+//! - a culvert end talking to AWS's relay gets no header back and uses no extension: it sends
+//!   nothing but AWS messages, and ignores any extension message it might receive;
+//! - culvert-relay sends its own extension messages (the flow-control HELLO) only to peers it
+//!   accepted extensions from, and forwards extension messages only between two such peers: a
+//!   peer that did not offer them (the localproxy, the Device Client, a browser) never receives
+//!   one, in any order of connection.
+//!
+//! Extension messages are message types in culvert's own range (`0x4355_xxxx`, "CU"), always
+//! sent with `ignorable = true`; the protocol's fields are never extended.
+
+/// The request and response header carrying the extensions offered and accepted.
+pub const HEADER: &str = "culvert-extensions";
+
+/// The token for the flow-control extension ([`crate::flow`]).
+pub const FLOW_CONTROL: &str = crate::flow::FEATURE;
+
+/// Is `t` a message type of culvert's own range (an extension message)?
+pub fn is_extension_type(t: i32) -> bool {
+    (t as u32) >> 16 == 0x4355
+}
+
+/// A set of extensions: what an end offers, or what the relay accepted for one session.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Extensions {
+    /// Per-connection credit windows and a per-tunnel budget ([`crate::flow`]).
+    pub flow_control: bool,
+}
+
+impl Extensions {
+    /// No extension: exactly the AWS protocol.
+    pub const NONE: Extensions = Extensions {
+        flow_control: false,
+    };
+    /// Every extension this build implements.
+    pub const ALL: Extensions = Extensions { flow_control: true };
+
+    pub fn is_empty(self) -> bool {
+        self == Extensions::NONE
+    }
+
+    /// The extensions named in a header value (comma-separated tokens; unknown ones are
+    /// skipped, so a newer peer can offer more than this build knows).
+    pub fn parse(value: &str) -> Extensions {
+        let mut e = Extensions::NONE;
+        for token in value.split(',').map(str::trim) {
+            if token == FLOW_CONTROL {
+                e.flow_control = true;
+            }
+        }
+        e
+    }
+
+    /// Extensions in both sets.
+    pub fn intersect(self, other: Extensions) -> Extensions {
+        Extensions {
+            flow_control: self.flow_control && other.flow_control,
+        }
+    }
+
+    /// The header value naming these extensions, `None` when there are none (then the header
+    /// is not sent at all).
+    pub fn header_value(self) -> Option<String> {
+        let mut tokens = Vec::new();
+        if self.flow_control {
+            tokens.push(FLOW_CONTROL);
+        }
+        (!tokens.is_empty()).then(|| tokens.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips_and_skips_unknown_tokens() {
+        assert_eq!(
+            Extensions::parse(&Extensions::ALL.header_value().unwrap()),
+            Extensions::ALL
+        );
+        assert_eq!(Extensions::NONE.header_value(), None);
+        assert_eq!(
+            Extensions::parse(" resume/1 , flow-control/1,half-close/1"),
+            Extensions::ALL
+        );
+        assert_eq!(Extensions::parse("flow-control/2"), Extensions::NONE);
+        assert_eq!(Extensions::parse(""), Extensions::NONE);
+        assert!(Extensions::ALL.intersect(Extensions::NONE).is_empty());
+    }
+
+    #[test]
+    fn culvert_types_are_recognised() {
+        assert!(is_extension_type(crate::flow::HELLO));
+        assert!(is_extension_type(crate::flow::WINDOW_UPDATE));
+        for aws in 0..=7 {
+            assert!(!is_extension_type(aws));
+        }
+        assert!(!is_extension_type(-1));
+        assert!(!is_extension_type(0x4356_0001));
+    }
+}
