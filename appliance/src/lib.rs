@@ -7,9 +7,11 @@
 //!   are read.
 //! - [`metrics`]: the opt-in Prometheus endpoint (`GET /metrics`).
 //! - [`logging`]: the daemons' log subscriber.
+//! - [`limits`]: the open-file limit raised to what the system allows.
 //!
 //! Signal handling stays in each program's `main`, where the program's shutdown is decided.
 
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod privileges;

@@ -63,8 +63,21 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Every API route's first step (a route layer, see [`crate::server::router`]): the bearer API
+/// key, checked in constant time before any extractor reads the request body.
+pub async fn require_api_key(
+    State(state): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match authorize(&state, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(r) => r,
+    }
+}
+
 /// Check the bearer API key in constant time.
-pub fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
     let Some(value) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
         return Err(error(
             StatusCode::UNAUTHORIZED,
@@ -204,14 +217,7 @@ fn body<T>(b: JsonBody<T>) -> Result<T, Response> {
     })
 }
 
-pub async fn open(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    b: JsonBody<OpenBody>,
-) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return r;
-    }
+pub async fn open(State(state): State<Arc<AppState>>, b: JsonBody<OpenBody>) -> Response {
     let b = match body(b) {
         Ok(b) => b,
         Err(r) => return r,
@@ -229,10 +235,7 @@ pub async fn open(
     match blocking(move || registry.open(req)).await {
         Ok((view, tokens)) => {
             if let Some(t) = &tokens.destination {
-                state
-                    .notifier
-                    .notify(&view.rec.thing_name, &view.rec.id, t, &view.rec.services)
-                    .await;
+                state.notifier.announce(&state.registry, &view, t).await;
             }
             let mut v = serde_json::to_value(tunnel_json(&view)).unwrap_or_default();
             if let serde_json::Value::Object(m) = &mut v
@@ -257,12 +260,8 @@ pub struct ListQuery {
 
 pub async fn list(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return r;
-    }
     let Ok(Query(q)) = q else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -317,14 +316,7 @@ pub async fn list(
     .into_response()
 }
 
-pub async fn describe(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return r;
-    }
+pub async fn describe(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
     match state.registry.describe(&id) {
         Ok(v) => Json(tunnel_json(&v)).into_response(),
         Err(e) => e.into_response(),
@@ -338,16 +330,26 @@ pub struct CloseBody {
     delete: bool,
 }
 
+/// `POST …/close`: the body is optional (empty, or `{"delete": true}`).
 pub async fn close(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    b: Option<Json<CloseBody>>,
+    b: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return r;
-    }
-    let delete = b.map(|Json(b)| b.delete).unwrap_or(false);
+    let delete = if b.iter().all(u8::is_ascii_whitespace) {
+        false
+    } else {
+        match serde_json::from_slice::<CloseBody>(&b) {
+            Ok(b) => b.delete,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!("request body: {e} (expected nothing, or {{\"delete\": true}})"),
+                );
+            }
+        }
+    };
     let registry = state.registry.clone();
     match blocking(move || registry.close(&id, delete)).await {
         Ok(v) => {
@@ -367,13 +369,9 @@ pub struct RotateBody {
 
 pub async fn rotate(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
     b: JsonBody<RotateBody>,
 ) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return r;
-    }
     let b = match body(b) {
         Ok(b) => b,
         Err(r) => return r,
@@ -395,10 +393,7 @@ pub async fn rotate(
     match blocking(move || registry.rotate(&tid, which)).await {
         Ok(t) => {
             if let (Some(token), Ok(v)) = (&t.destination, state.registry.describe(&id)) {
-                state
-                    .notifier
-                    .notify(&v.rec.thing_name, &v.rec.id, token, &v.rec.services)
-                    .await;
+                state.notifier.announce(&state.registry, &v, token).await;
             }
             let mut j = serde_json::to_value(tokens_json(t)).unwrap_or_default();
             j["tunnelId"] = serde_json::Value::String(id);
@@ -415,14 +410,7 @@ pub struct DeviceBody {
 }
 
 /// Register a device for the embedded broker, or give it a new password.
-pub async fn add_device(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    b: JsonBody<DeviceBody>,
-) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return r;
-    }
+pub async fn add_device(State(state): State<Arc<AppState>>, b: JsonBody<DeviceBody>) -> Response {
     let b = match body(b) {
         Ok(b) => b,
         Err(r) => return r,
@@ -455,10 +443,7 @@ pub async fn add_device(
     }
 }
 
-pub async fn list_devices(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return r;
-    }
+pub async fn list_devices(State(state): State<Arc<AppState>>) -> Response {
     let list: Vec<serde_json::Value> = state
         .devices
         .list()
@@ -470,12 +455,8 @@ pub async fn list_devices(State(state): State<Arc<AppState>>, headers: HeaderMap
 
 pub async fn remove_device(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path(thing): Path<String>,
 ) -> Response {
-    if let Err(r) = authorize(&state, &headers) {
-        return r;
-    }
     let devices = state.devices.clone();
     let t = thing.clone();
     match blocking(move || Ok(devices.remove(&t)?)).await {

@@ -1,41 +1,50 @@
-//! The embedded MQTT broker for single-machine deployments: rumqttd (MQTT 3.1.1) in-process on
-//! an internal loopback port, never exposed directly. Gateways reach it only through the TLS
-//! listener here, which culvert terminates with rustls and which enforces what rumqttd cannot:
+//! The embedded MQTT broker for single-machine deployments: rumqttd's router (MQTT 3.1.1)
+//! in-process, with no network port of its own. Gateways reach it only through the TLS listener
+//! here, which culvert terminates with rustls; each device connection becomes one in-process
+//! link to the router, and the relay publishes through another. There is no internal port, so
+//! there is nothing on the host another process could connect to, or take before rumqttd.
+//!
+//! The listener enforces what rumqttd cannot:
 //!
 //! - a device authenticates with its thing name as username and client id, and the password
 //!   issued by `POST /api/v1/devices` (stored as a hash);
 //! - a device may subscribe only to its own notify topic; any other filter is refused with a
 //!   SUBACK failure (0x80) and logged;
-//! - devices may not publish (notifications come from the relay), nor leave a last will (which
-//!   rumqttd would publish on their behalf);
-//! - removing a device, or issuing it a new password, cuts its current connection.
+//! - devices may not publish (notifications come from the relay), nor leave a last will;
+//! - removing a device, or issuing it a new password, cuts its current connection;
+//! - connections are limited overall and per source address ([`crate::slots`]); a connection
+//!   holds a handshake slot only until its CONNECT is accepted, and at most
+//!   [`ListenerLimits::handshake_timeout`] for TLS and the CONNECT.
 //!
-//! rumqttd checks credentials again itself (the relay's own, or a registered device's), so the
-//! internal port, which listens on loopback only, admits nobody else.
-//!
-//! Packets from the device are parsed (rumqttc's MQTT 3.1.1 codec) and forwarded when allowed;
-//! packets from the broker are forwarded whole, so a refusal can be injected between them.
+//! Packets are read and written with rumqttd's own MQTT 3.1.1 codec, as its network links do.
 //!
 //! rumqttd refuses topics starting with `$` (reserved for brokers), but AWS's notify topic is
 //! `$aws/things/<thing>/tunnels/notify`. Inside rumqttd such topics are therefore stored as
-//! `culvert-dollar/…` ([`internal_topic`]); the guard rewrites SUBSCRIBE / UNSUBSCRIBE filters
-//! on the way in and PUBLISH topics on the way out, so devices only ever see the AWS names.
+//! `culvert-dollar/…` ([`internal_topic`]); SUBSCRIBE / UNSUBSCRIBE filters are rewritten on the
+//! way in and PUBLISH topics on the way out, so devices only ever see the AWS names.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet, SubAck, SubscribeReasonCode};
-use subtle::ConstantTimeEq;
+use rumqttd::Notification;
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::{
+    ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, Packet, Protocol, Publish,
+    SubAck, SubscribeReasonCode,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::devices::Devices;
 use crate::notify::topic_for;
+use crate::server::RefusalLog;
+use crate::slots::{Admitted, Gate, ListenerLimits};
 
 /// Inside rumqttd, `$…` topics carry this prefix instead of the `$`.
 const DOLLAR: &str = "culvert-dollar/";
@@ -49,58 +58,86 @@ pub fn internal_topic(t: &str) -> String {
 }
 
 /// The name a device sees for a topic rumqttd stores.
-fn external_topic(t: &str) -> String {
-    match t.strip_prefix(DOLLAR) {
-        Some(rest) => format!("${rest}"),
-        None => t.to_owned(),
+fn external_topic(t: &[u8]) -> Bytes {
+    match t.strip_prefix(DOLLAR.as_bytes()) {
+        Some(rest) => [b"$", rest].concat().into(),
+        None => Bytes::copy_from_slice(t),
     }
 }
 
-/// Largest MQTT packet accepted from a device or the broker.
+/// Largest MQTT packet accepted from a device.
 const MAX_PACKET: usize = 256 * 1024;
-/// Time allowed for TLS and the CONNECT packet.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most simultaneous device connections.
-const MAX_DEVICE_CONNECTIONS: usize = 10_000;
 /// Read timeout for a device that asked for no keep-alive.
 const MAX_SILENCE: Duration = Duration::from_secs(900);
+/// A device that does not take what it is sent for this long is disconnected.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Confirmed subscriptions waiting for the re-announcement task; beyond this they are dropped
+/// (they are only hints: the task re-announces per thing, at most once per interval).
+pub const SUBSCRIBED_QUEUE: usize = 1024;
+/// The client id of the relay's own publishing link (not a valid thing name, so no device can
+/// take it over).
+const RELAY_CLIENT_ID: &str = "culvert.relay";
+
+/// Builds an in-process link to the router: (client id, clean session). rumqttd's own error
+/// (800 bytes of channel types) is turned into its message.
+type LinkFactory =
+    Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), String> + Send + Sync>;
+
+/// A device's subscription to its notify topic, confirmed by the broker at `at`.
+#[derive(Clone, Debug)]
+pub struct Subscribed {
+    pub thing: String,
+    pub at: tokio::time::Instant,
+}
 
 /// A running embedded broker.
 pub struct EmbeddedBroker {
     /// Where gateways connect (TLS).
     pub listen: SocketAddr,
-    /// rumqttd's internal plain port on loopback (for the relay's own client).
-    pub internal: SocketAddr,
-    /// The relay's own credentials on the internal port (the username is not a valid thing
-    /// name, so no device can take over the relay's session).
-    pub relay_username: String,
-    pub relay_password: String,
+    /// The relay's own link, for publishing notifications.
+    pub publisher: Publisher,
 }
 
-fn free_loopback_port() -> std::io::Result<SocketAddr> {
-    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+/// The relay's in-process link into the embedded broker.
+#[derive(Clone)]
+pub struct Publisher {
+    tx: Arc<tokio::sync::Mutex<LinkTx>>,
 }
 
-/// Start rumqttd and the TLS front listener.
-/// Start rumqttd and the TLS front listener. `subscribed` receives the thing name of every
-/// device whose subscription to its notify topic the broker has confirmed.
+impl Publisher {
+    /// Publish `payload` on `topic` (its AWS name). The router delivers it to the subscriber
+    /// with the subscription's QoS (1 for culvertd), retransmitting to a persistent session.
+    pub async fn publish(&self, topic: &str, payload: String) -> Result<(), String> {
+        let publish = Publish::new(
+            Bytes::from(internal_topic(topic)),
+            Bytes::from(payload),
+            false,
+        );
+        self.tx
+            .lock()
+            .await
+            .send(Packet::Publish(publish, None))
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("embedded broker: {e}"))
+    }
+}
+
+/// Start rumqttd's router and the TLS listener. `subscribed` receives every device
+/// subscription to its notify topic that the broker confirms.
 pub async fn start(
     listen: SocketAddr,
+    limits: ListenerLimits,
     tls: Arc<rustls::ServerConfig>,
     devices: Arc<Devices>,
     topic_template: String,
-    subscribed: tokio::sync::mpsc::UnboundedSender<String>,
+    subscribed: tokio::sync::mpsc::Sender<Subscribed>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<EmbeddedBroker> {
-    let internal = free_loopback_port()?;
-    // Not a valid thing name, so no device can be registered under it.
-    let relay_username = "culvert.relay".to_owned();
-    let relay_password = crate::tokens::new_secret();
-
     let router = rumqttd::Router::new(
         0,
         rumqttd::RouterConfig {
-            max_connections: 100_010,
+            max_connections: limits.max_connections + 10,
             max_outgoing_packet_count: 200,
             // Notifications are small and short-lived: keep little of them per topic.
             max_segment_size: 1024 * 1024,
@@ -111,46 +148,32 @@ pub async fn start(
         },
     );
     let router_tx = router.spawn();
-    let mut connections = rumqttd::ConnectionSettings {
-        connection_timeout_ms: 60_000,
-        max_payload_size: MAX_PACKET,
-        max_inflight_count: 100,
-        auth: None,
-        external_auth: None,
-        dynamic_filters: true,
-    };
-    // Defence in depth: even on loopback, only the relay and registered devices get in.
-    let (ru, rp, devs) = (
-        relay_username.clone(),
-        relay_password.clone(),
-        devices.clone(),
-    );
-    connections.set_auth_handler(move |client_id: String, user: String, pass: String| {
-        let ok = (user == ru && bool::from(pass.as_bytes().ct_eq(rp.as_bytes())))
-            || (client_id == user && devs.verify(&user, &pass));
-        async move { ok }
+    let links: LinkFactory = Arc::new(move |client_id, clean| {
+        LinkBuilder::new(client_id, router_tx.clone())
+            .clean_session(clean)
+            .dynamic_filters(true)
+            .build()
+            .map_err(|e: LinkError| e.to_string())
     });
-    let settings = rumqttd::ServerSettings {
-        name: "culvert-embedded".into(),
-        listen: internal,
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections,
+
+    // The relay's own link. Building waits for the router's answer (a blocking channel read).
+    let build = links.clone();
+    let (tx, rx, _) = tokio::task::spawn_blocking(move || build(RELAY_CLIENT_ID, true))
+        .await?
+        .map_err(|e| anyhow::anyhow!("embedded MQTT broker: {e}"))?;
+    tokio::spawn(drain(rx, shutdown.clone()));
+    let publisher = Publisher {
+        tx: Arc::new(tokio::sync::Mutex::new(tx)),
     };
-    let mut server = rumqttd::Server::new(settings, router_tx, rumqttd::protocol::v4::V4);
-    tokio::spawn(async move {
-        if let Err(e) = server.start(rumqttd::LinkType::Remote).await {
-            tracing::error!(error = %e, "embedded MQTT broker stopped");
-        }
-    });
 
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for MQTT on {listen}: {e}"))?;
     let listen = listener.local_addr()?;
     let acceptor = TlsAcceptor::from(tls);
-    info!(%listen, "embedded MQTT broker listening (TLS)");
-    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_DEVICE_CONNECTIONS));
+    info!(%listen, max_connections = limits.max_connections, "embedded MQTT broker listening (TLS)");
+    let gate = Arc::new(Gate::new(limits));
+    let refusals = RefusalLog::new("mqtt");
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -164,115 +187,188 @@ pub async fn start(
                     }
                 },
             };
-            let Ok(permit) = limit.clone().try_acquire_owned() else {
-                warn!(%peer, max = MAX_DEVICE_CONNECTIONS, "too many MQTT connections; refusing");
-                continue;
+            let admitted = match gate.admit(peer.ip()) {
+                Ok(a) => a,
+                Err((pool, full)) => {
+                    refusals.refused(peer, pool, full, &gate.limits);
+                    continue;
+                }
             };
             let acceptor = acceptor.clone();
             let ctx = GuardContext {
                 devices: devices.clone(),
                 template: topic_template.clone(),
-                internal,
+                links: links.clone(),
                 subscribed: subscribed.clone(),
+                handshake_timeout: gate.limits.handshake_timeout,
             };
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(tcp)).await {
+                // TLS and the CONNECT share one deadline.
+                let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
+                let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => s,
                     _ => {
-                        debug!(%peer, "MQTT TLS handshake failed");
+                        debug!(%peer, "MQTT TLS handshake failed or timed out");
                         return;
                     }
                 };
-                if let Err(why) = guard(tls, ctx).await {
+                if let Err(why) = guard(tls, ctx, &admitted, deadline).await {
                     info!(%peer, reason = %why, "MQTT client disconnected");
                 }
-                drop(permit);
             });
         }
     });
-    Ok(EmbeddedBroker {
-        listen,
-        internal,
-        relay_username,
-        relay_password,
-    })
+    Ok(EmbeddedBroker { listen, publisher })
 }
 
-/// Read one whole MQTT packet (raw bytes) from `r`, buffering in `buf`.
-async fn next_packet<R: AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut BytesMut,
-) -> Result<Option<Bytes>, String> {
+/// Take (and drop) what the router sends the relay's publishing link, so it never piles up.
+async fn drain(mut rx: LinkRx, shutdown: CancellationToken) {
     loop {
-        match rumqttc::mqttbytes::check(buf.iter(), MAX_PACKET) {
-            Ok(h) => return Ok(Some(buf.split_to(h.frame_length()).freeze())),
-            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
-            Err(e) => return Err(format!("malformed MQTT packet: {e:?}")),
-        }
-        if r.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
-            return Ok(None);
+        let n = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            n = rx.next() => n,
+        };
+        match n {
+            Ok(Some(Notification::Unschedule)) => {
+                if rx.wake().await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "the embedded MQTT broker's router stopped");
+                return;
+            }
         }
     }
 }
 
-type SharedWriter<W> = Arc<tokio::sync::Mutex<W>>;
+/// Read one MQTT packet from `r`, buffering in `buf`; `None` at a clean end of stream.
+async fn next_packet<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Option<Packet>, String> {
+    loop {
+        match V4.read_mut(buf, MAX_PACKET) {
+            Ok(p) => return Ok(Some(p)),
+            Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {}
+            Err(e) => return Err(format!("malformed MQTT packet: {e:?}")),
+        }
+        match r.read_buf(buf).await.map_err(|e| e.to_string())? {
+            0 if buf.is_empty() => return Ok(None),
+            0 => return Err("connection closed in the middle of a packet".into()),
+            _ => {}
+        }
+    }
+}
+
+async fn write_packet<W: AsyncWrite + Unpin>(w: &mut W, p: Packet) -> Result<(), String> {
+    let mut out = BytesMut::new();
+    V4.write(p, &mut out)
+        .map_err(|e| format!("cannot encode a packet: {e:?}"))?;
+    match tokio::time::timeout(WRITE_TIMEOUT, w.write_all(&out)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("the device took nothing for {WRITE_TIMEOUT:?}")),
+    }
+}
 
 /// What a guard needs besides its connection.
 struct GuardContext {
     devices: Arc<Devices>,
     template: String,
-    /// rumqttd's internal port.
-    internal: SocketAddr,
-    subscribed: tokio::sync::mpsc::UnboundedSender<String>,
+    links: LinkFactory,
+    subscribed: tokio::sync::mpsc::Sender<Subscribed>,
+    handshake_timeout: Duration,
+}
+
+/// A SUBACK return code that grants the subscription (rumqttd answers MQTT 3.1.1 clients
+/// with `QoS0`/`QoS1`/`QoS2`).
+fn granted(code: &SubscribeReasonCode) -> bool {
+    matches!(
+        code,
+        SubscribeReasonCode::QoS0
+            | SubscribeReasonCode::QoS1
+            | SubscribeReasonCode::QoS2
+            | SubscribeReasonCode::Success(_)
+    )
+}
+
+/// Peer-supplied text for a log field: quoted and escaped, cut to a sane length.
+fn shown(s: &str) -> String {
+    let cut: String = s.chars().take(200).collect();
+    format!("{cut:?}")
 }
 
 /// Carry one device connection, enforcing authentication and topic rules.
-async fn guard<S>(client: S, ctx: GuardContext) -> Result<(), String>
+async fn guard<S>(
+    client: S,
+    ctx: GuardContext,
+    admitted: &Admitted,
+    deadline: tokio::time::Instant,
+) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut cr, cw) = tokio::io::split(client);
-    let cw: SharedWriter<_> = Arc::new(tokio::sync::Mutex::new(cw));
+    let (mut cr, mut cw) = tokio::io::split(client);
     let mut buf = BytesMut::with_capacity(4096);
 
     // The first packet must be a CONNECT from a registered device.
-    let first = tokio::time::timeout(CONNECT_TIMEOUT, next_packet(&mut cr, &mut buf))
+    let first = tokio::time::timeout_at(deadline, next_packet(&mut cr, &mut buf))
         .await
-        .map_err(|_| "no CONNECT within 10 s".to_owned())??
+        .map_err(|_| format!("no CONNECT within {:?}", ctx.handshake_timeout))??
         .ok_or("closed before CONNECT")?;
-    let Ok(Packet::Connect(connect)) = Packet::read(&mut BytesMut::from(&first[..]), MAX_PACKET)
-    else {
+    let Packet::Connect(connect, _, last_will, _, login) = first else {
         return Err("first packet is not CONNECT".into());
     };
-    let Some(login) = connect.login else {
-        refuse_connect(&cw, ConnectReturnCode::NotAuthorized).await;
+    let refuse = |code| {
+        Packet::ConnAck(
+            ConnAck {
+                session_present: false,
+                code,
+            },
+            None,
+        )
+    };
+    let Some(login) = login else {
+        let _ = write_packet(&mut cw, refuse(ConnectReturnCode::NotAuthorized)).await;
         return Err("CONNECT without username/password".into());
     };
     if connect.client_id != login.username {
-        refuse_connect(&cw, ConnectReturnCode::BadClientId).await;
+        let _ = write_packet(&mut cw, refuse(ConnectReturnCode::ClientIdentifierNotValid)).await;
         return Err(format!(
-            "client id {:?} differs from username {:?} (a device connects as its thing name)",
-            connect.client_id, login.username
+            "client id {} differs from username {} (a device connects as its thing name)",
+            shown(&connect.client_id),
+            shown(&login.username)
         ));
     }
     if !ctx.devices.verify(&login.username, &login.password) {
-        refuse_connect(&cw, ConnectReturnCode::BadUserNamePassword).await;
-        return Err(format!("bad credentials for device {:?}", login.username));
-    }
-    if connect.last_will.is_some() {
-        refuse_connect(&cw, ConnectReturnCode::NotAuthorized).await;
+        let _ = write_packet(&mut cw, refuse(ConnectReturnCode::BadUserNamePassword)).await;
         return Err(format!(
-            "device {:?} asked for a last will; devices may not publish",
-            login.username
+            "bad credentials for device {}",
+            shown(&login.username)
         ));
     }
+    if last_will.is_some() {
+        let _ = write_packet(&mut cw, refuse(ConnectReturnCode::NotAuthorized)).await;
+        return Err(format!(
+            "device {} asked for a last will; devices may not publish",
+            shown(&login.username)
+        ));
+    }
+    // A registered device (its name was validated when it was registered).
     let thing = login.username;
-    let upstream = TcpStream::connect(ctx.internal)
-        .await
-        .map_err(|e| format!("cannot reach the embedded broker: {e}"))?;
-    let (mut ur, mut uw) = upstream.into_split();
-    uw.write_all(&first).await.map_err(|e| e.to_string())?;
+    admitted.handshake_done();
     let revoked = ctx.devices.session(&thing);
+    let (build, id, clean) = (ctx.links.clone(), thing.clone(), connect.clean_session);
+    let (mut link_tx, mut link_rx, connack) =
+        tokio::task::spawn_blocking(move || build(&id, clean))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("the embedded broker refused {thing}: {e}"))?;
+    if let Some(p) = Option::<Packet>::from(connack) {
+        write_packet(&mut cw, p).await?;
+    }
     let silence = match connect.keep_alive {
         0 => MAX_SILENCE,
         k => Duration::from_secs(u64::from(k) * 3 / 2 + 1),
@@ -280,112 +376,116 @@ where
     let own_topic = topic_for(&ctx.template, &thing);
     debug!(%thing, "device connected to the embedded broker");
 
-    // Broker → device: whole packets, so refusals can be interleaved safely; PUBLISH topics
-    // get their external names back. A confirmed subscription is reported.
-    let down_writer = cw.clone();
-    let (down_thing, subscribed) = (thing.clone(), ctx.subscribed.clone());
-    let mut down = tokio::spawn(async move {
-        let mut buf = BytesMut::with_capacity(4096);
-        while let Ok(Some(p)) = next_packet(&mut ur, &mut buf).await {
-            let p = match Packet::read(&mut BytesMut::from(&p[..]), MAX_PACKET) {
-                Ok(Packet::Publish(mut publish)) if publish.topic.starts_with(DOLLAR) => {
-                    publish.topic = external_topic(&publish.topic);
-                    let mut out = BytesMut::new();
-                    if publish.write(&mut out).is_err() {
-                        break;
-                    }
-                    out.freeze()
-                }
-                Ok(Packet::SubAck(ack)) => {
-                    if ack
-                        .return_codes
-                        .iter()
-                        .all(|c| matches!(c, SubscribeReasonCode::Success(_)))
-                    {
-                        let _ = subscribed.send(down_thing.clone());
-                    }
-                    p
-                }
-                _ => p,
-            };
-            if down_writer.lock().await.write_all(&p).await.is_err() {
-                break;
-            }
-        }
-        let _ = down_writer.lock().await.shutdown().await;
-    });
-
     let result = loop {
-        let raw = tokio::select! {
+        tokio::select! {
             _ = revoked.cancelled() => break Err(format!("device {thing} was removed or got a new password")),
-            _ = &mut down => break Ok(()),
-            r = tokio::time::timeout(silence, next_packet(&mut cr, &mut buf)) => match r {
-                Err(_) => break Err(format!("nothing from {thing} for {silence:?}")),
-                Ok(Ok(Some(p))) => p,
-                Ok(Ok(None)) => break Ok(()),
-                Ok(Err(e)) => break Err(e),
-            },
-        };
-        let packet = match Packet::read(&mut BytesMut::from(&raw[..]), MAX_PACKET) {
-            Ok(p) => p,
-            Err(e) => break Err(format!("malformed MQTT packet from {thing}: {e:?}")),
-        };
-        let mut rewritten = BytesMut::new();
-        match packet {
-            Packet::Subscribe(mut s) => {
-                if let Some(bad) = s.filters.iter().find(|f| f.path != own_topic) {
-                    warn!(%thing, filter = %bad.path, allowed = %own_topic, "subscription refused: a device may only subscribe to its own notify topic");
-                    let ack =
-                        SubAck::new(s.pkid, vec![SubscribeReasonCode::Failure; s.filters.len()]);
-                    let mut out = BytesMut::new();
-                    if ack.write(&mut out).is_ok() && cw.lock().await.write_all(&out).await.is_err()
-                    {
-                        break Ok(());
+            n = link_rx.next() => {
+                let notification = match n {
+                    Ok(Some(n)) => n,
+                    Ok(None) => continue,
+                    Err(e) => break Err(format!("embedded broker link ended: {e}")),
+                };
+                if matches!(notification, Notification::Unschedule) {
+                    if link_rx.wake().await.is_err() {
+                        break Err("embedded broker link ended".into());
                     }
                     continue;
                 }
-                for f in &mut s.filters {
-                    f.path = internal_topic(&f.path);
+                let Some(mut packet) = Option::<Packet>::from(notification) else { continue };
+                let mut end = false;
+                match &mut packet {
+                    Packet::Publish(publish, _) => publish.topic = external_topic(&publish.topic),
+                    Packet::SubAck(ack, _) if ack.return_codes.iter().all(granted) => {
+                        let hint = Subscribed { thing: thing.clone(), at: tokio::time::Instant::now() };
+                        if ctx.subscribed.try_send(hint).is_err() {
+                            debug!(%thing, "re-announcement queue full; subscription not reported");
+                        }
+                    }
+                    // The router ends the session (another connection took the client id).
+                    Packet::Disconnect(..) => end = true,
+                    _ => {}
                 }
-                if s.write(&mut rewritten).is_err() {
-                    break Err("cannot re-encode SUBSCRIBE".into());
+                if let Err(e) = write_packet(&mut cw, packet).await {
+                    break Err(e);
+                }
+                if end {
+                    break Ok(());
                 }
             }
-            Packet::Unsubscribe(mut u) => {
-                for t in &mut u.topics {
-                    *t = internal_topic(t);
-                }
-                if u.write(&mut rewritten).is_err() {
-                    break Err("cannot re-encode UNSUBSCRIBE".into());
+            r = tokio::time::timeout(silence, next_packet(&mut cr, &mut buf)) => {
+                let packet = match r {
+                    Err(_) => break Err(format!("nothing from {thing} for {silence:?}")),
+                    Ok(Ok(Some(p))) => p,
+                    Ok(Ok(None)) => break Ok(()),
+                    Ok(Err(e)) => break Err(format!("{thing}: {e}")),
+                };
+                let packet = match packet {
+                    Packet::Subscribe(mut s, props) => {
+                        if let Some(bad) = s.filters.iter().find(|f| f.path != own_topic) {
+                            warn!(%thing, filter = %shown(&bad.path), allowed = %own_topic, "subscription refused: a device may only subscribe to its own notify topic");
+                            let ack = SubAck { pkid: s.pkid, return_codes: vec![SubscribeReasonCode::Failure; s.filters.len()] };
+                            if let Err(e) = write_packet(&mut cw, Packet::SubAck(ack, None)).await {
+                                break Err(e);
+                            }
+                            continue;
+                        }
+                        for f in &mut s.filters {
+                            f.path = internal_topic(&f.path);
+                        }
+                        Packet::Subscribe(s, props)
+                    }
+                    Packet::Unsubscribe(mut u, props) => {
+                        for f in &mut u.filters {
+                            *f = internal_topic(f);
+                        }
+                        Packet::Unsubscribe(u, props)
+                    }
+                    Packet::Publish(p, _) => {
+                        break Err(format!(
+                            "device {thing} tried to publish to {}; devices may not publish",
+                            shown(&String::from_utf8_lossy(&p.topic))
+                        ));
+                    }
+                    Packet::Connect(..) => break Err(format!("second CONNECT from {thing}")),
+                    p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubRel(..)
+                        | Packet::PubComp(..) | Packet::PingReq(..)) => p,
+                    Packet::Disconnect(..) => break Ok(()),
+                    other => break Err(format!("{thing} sent a packet only a broker sends: {other:?}")),
+                };
+                if link_tx.send(packet).await.is_err() {
+                    break Err("embedded broker link ended".into());
                 }
             }
-            Packet::Publish(p) => {
-                break Err(format!(
-                    "device {thing} tried to publish to {:?}; devices may not publish",
-                    p.topic
-                ));
-            }
-            Packet::Connect(_) => break Err(format!("second CONNECT from {thing}")),
-            _ => {}
-        }
-        let out = if rewritten.is_empty() {
-            &raw[..]
-        } else {
-            &rewritten[..]
-        };
-        if uw.write_all(out).await.is_err() {
-            break Err("embedded broker closed the connection".into());
         }
     };
-    down.abort();
+    // Leave the router: the session ends (kept for a persistent one), no will.
+    let bye = Disconnect {
+        reason_code: DisconnectReasonCode::NormalDisconnection,
+    };
+    let _ = link_tx.send(Packet::Disconnect(bye, None)).await;
+    let _ = cw.shutdown().await;
     result
 }
 
-async fn refuse_connect<W: AsyncWrite + Unpin>(w: &tokio::sync::Mutex<W>, code: ConnectReturnCode) {
-    let mut out = BytesMut::new();
-    if ConnAck::new(code, false).write(&mut out).is_ok() {
-        let mut w = w.lock().await;
-        let _ = w.write_all(&out).await;
-        let _ = w.shutdown().await;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dollar_topics_are_renamed_both_ways() {
+        let t = "$aws/things/cell-7/tunnels/notify";
+        let inside = internal_topic(t);
+        assert_eq!(inside, "culvert-dollar/aws/things/cell-7/tunnels/notify");
+        assert_eq!(&external_topic(inside.as_bytes())[..], t.as_bytes());
+        assert_eq!(internal_topic("plain/topic"), "plain/topic");
+        assert_eq!(&external_topic(b"plain/topic")[..], b"plain/topic");
+    }
+
+    #[test]
+    fn peer_text_in_logs_is_escaped_and_bounded() {
+        let evil = "x\n2026-01-01T00:00:00Z ERROR forged\u{1b}[31m";
+        let s = shown(evil);
+        assert!(!s.contains('\n') && !s.contains('\u{1b}'), "{s}");
+        assert!(shown(&"a".repeat(10_000)).len() < 300);
     }
 }

@@ -15,6 +15,12 @@
 //! [limits]
 //! max_services = 8                  # services per tunnel
 //! closed_retention_minutes = 1440   # closed tunnels stay visible this long
+//! # The HTTPS listener (API and data plane); defaults fit the open-file limit:
+//! # max_connections = 100000         # open at once, all sources
+//! # max_connections_per_source = 1024
+//! # max_handshakes = 512             # not yet past TLS and the first request, all sources
+//! # max_handshakes_per_source = 32
+//! # handshake_timeout_secs = 10      # TLS, then the request head; also idle keep-alive
 //!
 //! [mqtt]                            # device notification (all keys optional)
 //! listen = "0.0.0.0:8883"           # embedded broker's TLS listener (when no broker is set)
@@ -24,6 +30,8 @@
 //! # ca = "/etc/culvert/broker-ca.pem"
 //! topic = "$aws/things/{thing}/tunnels/notify"
 //! region = "culvert"
+//! # max_connections = 10000          # embedded broker: device connections at once
+//! # max_connections_per_source = 1024
 //! ```
 
 use std::net::SocketAddr;
@@ -34,6 +42,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::registry::Limits;
+use crate::slots::ListenerLimits;
 use crate::tokens::Secret;
 
 #[derive(Deserialize)]
@@ -125,6 +134,9 @@ pub struct RawMqtt {
     pub ca: Option<PathBuf>,
     pub topic: Option<String>,
     pub region: Option<String>,
+    /// Embedded broker: device connections at once (all sources, and from one source).
+    pub max_connections: Option<usize>,
+    pub max_connections_per_source: Option<usize>,
 }
 
 /// Where device notifications go.
@@ -139,6 +151,8 @@ pub enum BrokerMode {
 #[derive(Clone)]
 pub struct MqttSettings {
     pub mode: BrokerMode,
+    /// The embedded broker's TLS listener.
+    pub listener: ListenerLimits,
     /// `{thing}` is replaced by the thing name.
     pub topic_template: String,
     /// The `region` field of notifications.
@@ -150,6 +164,14 @@ pub const DEFAULT_REGION: &str = "culvert";
 
 impl RawMqtt {
     pub fn validate(self, resolve: impl Fn(&Path) -> PathBuf) -> Result<MqttSettings, String> {
+        let mut listener = FdBudget::from_limit().mqtt();
+        listener.max_connections = positive("mqtt.max_connections", self.max_connections)?
+            .unwrap_or(listener.max_connections);
+        listener.max_connections_per_source = positive(
+            "mqtt.max_connections_per_source",
+            self.max_connections_per_source,
+        )?
+        .unwrap_or(listener.max_connections_per_source);
         let topic_template = self.topic.unwrap_or_else(|| DEFAULT_TOPIC.to_owned());
         if !topic_template.contains("{thing}") || topic_template.contains(['+', '#']) {
             return Err(format!(
@@ -194,15 +216,23 @@ impl RawMqtt {
                 BrokerMode::External(crate::notify::BrokerClient {
                     host,
                     port,
-                    tls: Some(tls),
+                    tls,
                     client_id: self.client_id.unwrap_or_else(|| "culvert-relay".into()),
                     username: self.username.unwrap_or_else(|| "culvert-relay".into()),
                     password,
                 })
             }
         };
+        let limits_set =
+            self.max_connections.is_some() || self.max_connections_per_source.is_some();
+        if matches!(mode, BrokerMode::External(_)) && limits_set {
+            return Err(
+                "mqtt.max_connections/max_connections_per_source apply to the embedded broker; with mqtt.broker set them on that broker".into(),
+            );
+        }
         Ok(MqttSettings {
             mode,
+            listener,
             topic_template,
             region,
         })
@@ -223,6 +253,95 @@ pub struct RawLimits {
     pub max_services: usize,
     #[serde(default = "default_retention")]
     pub closed_retention_minutes: u64,
+    /// The HTTPS listener's connection limits (see [`ListenerLimits`]).
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    #[serde(default)]
+    pub max_connections_per_source: Option<usize>,
+    #[serde(default)]
+    pub max_handshakes: Option<usize>,
+    #[serde(default)]
+    pub max_handshakes_per_source: Option<usize>,
+    #[serde(default)]
+    pub handshake_timeout_secs: Option<u64>,
+}
+
+/// A limit that must be at least 1 when given.
+fn positive(key: &str, v: Option<usize>) -> Result<Option<usize>, String> {
+    match v {
+        Some(0) => Err(format!("{key} must be at least 1")),
+        v => Ok(v),
+    }
+}
+
+/// File descriptors this process may use, and how the listeners share them by default: a
+/// quarter of the budget for the embedded broker's device connections, three quarters for the
+/// HTTPS listener, after a reserve for the store, logs and the relay's own connections.
+#[derive(Clone, Copy, Debug)]
+pub struct FdBudget {
+    pub open_files: usize,
+}
+
+impl FdBudget {
+    /// Descriptors kept back from the listeners' defaults.
+    const RESERVE: usize = 256;
+
+    /// The budget of this process: its hard open-file limit, which the relay raises its soft
+    /// limit to at start (culvert_appliance::limits).
+    pub fn from_limit() -> FdBudget {
+        FdBudget {
+            open_files: culvert_appliance::limits::open_file_hard_limit(),
+        }
+    }
+
+    fn usable(self) -> usize {
+        self.open_files.saturating_sub(Self::RESERVE).max(64)
+    }
+
+    pub fn https(self) -> ListenerLimits {
+        ListenerLimits::with_budget(self.usable() / 4 * 3, 100_000)
+    }
+
+    pub fn mqtt(self) -> ListenerLimits {
+        ListenerLimits::with_budget(self.usable() / 4, 10_000)
+    }
+}
+
+impl RawLimits {
+    /// The HTTPS listener's limits: defaults from the descriptor budget, then what is set.
+    pub fn listener(&self) -> Result<ListenerLimits, String> {
+        let mut l = FdBudget::from_limit().https();
+        let set = |key: &str, v: Option<usize>, into: &mut usize| -> Result<(), String> {
+            if let Some(n) = positive(&format!("limits.{key}"), v)? {
+                *into = n;
+            }
+            Ok(())
+        };
+        set(
+            "max_connections",
+            self.max_connections,
+            &mut l.max_connections,
+        )?;
+        set(
+            "max_connections_per_source",
+            self.max_connections_per_source,
+            &mut l.max_connections_per_source,
+        )?;
+        set("max_handshakes", self.max_handshakes, &mut l.max_handshakes)?;
+        set(
+            "max_handshakes_per_source",
+            self.max_handshakes_per_source,
+            &mut l.max_handshakes_per_source,
+        )?;
+        match self.handshake_timeout_secs {
+            Some(s) if !(1..=300).contains(&s) => {
+                return Err("limits.handshake_timeout_secs must be 1-300".into());
+            }
+            Some(s) => l.handshake_timeout = Duration::from_secs(s),
+            None => {}
+        }
+        Ok(l)
+    }
 }
 
 fn default_max_services() -> usize {
@@ -237,6 +356,11 @@ impl Default for RawLimits {
         RawLimits {
             max_services: default_max_services(),
             closed_retention_minutes: default_retention(),
+            max_connections: None,
+            max_connections_per_source: None,
+            max_handshakes: None,
+            max_handshakes_per_source: None,
+            handshake_timeout_secs: None,
         }
     }
 }
@@ -247,6 +371,8 @@ pub struct RelayConfig {
     pub api_key: Secret,
     pub tls: Arc<rustls::ServerConfig>,
     pub limits: Limits,
+    /// Connection limits of the HTTPS listener.
+    pub listener: ListenerLimits,
     pub mqtt: MqttSettings,
     pub daemon: DaemonSettings,
     /// Announce culvert's flow-control extension (see culvert_protocol::flow).
@@ -313,6 +439,7 @@ impl RawConfig {
         if self.limits.max_services == 0 {
             return Err("limits.max_services must be at least 1".into());
         }
+        let listener = self.limits.listener()?;
         let tls = server_tls(&resolve(&self.tls.cert), &resolve(&self.tls.key))?;
         let mqtt = self.mqtt.validate(resolve)?;
         let daemon = self.daemon.validate()?;
@@ -325,6 +452,7 @@ impl RawConfig {
                 max_services: self.limits.max_services,
                 closed_retention: Duration::from_secs(self.limits.closed_retention_minutes * 60),
             },
+            listener,
             mqtt,
             daemon,
             flow_control: self.flow_control.unwrap_or(true),

@@ -70,6 +70,7 @@ pub fn prepare(
             api_key: Secret(api_key),
             tls,
             limits: Limits::default(),
+            listener: crate::config::FdBudget::from_limit().https(),
             mqtt,
             daemon: crate::config::DaemonSettings::default(),
             flow_control: true,

@@ -63,6 +63,8 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     culvert_appliance::logging::init();
+    // Before the configuration: its connection limits default to a share of this limit.
+    let open_files = culvert_appliance::limits::raise_open_file_limit();
     let (cfg, dev_files) = if args.dev {
         let broker = args.mqtt_broker.clone();
         let raw = |dev_ca: &std::path::Path| {
@@ -77,6 +79,8 @@ fn main() -> ExitCode {
                 client_id: None,
                 topic: None,
                 region: None,
+                max_connections: None,
+                max_connections_per_source: None,
             }
             .validate(|p| p.to_owned())
         };
@@ -121,7 +125,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(cfg, dev_files)) {
+    match rt.block_on(serve(cfg, dev_files, open_files)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("culvert-relay: {e:#}");
@@ -133,7 +137,32 @@ fn main() -> ExitCode {
 async fn serve(
     cfg: culvert_relay::config::RelayConfig,
     dev_files: Option<dev::DevFiles>,
+    open_files: usize,
 ) -> anyhow::Result<()> {
+    let embedded = matches!(
+        cfg.mqtt.mode,
+        culvert_relay::config::BrokerMode::Embedded { .. }
+    );
+    let mqtt_max = if embedded {
+        cfg.mqtt.listener.max_connections
+    } else {
+        0
+    };
+    tracing::info!(
+        open_files,
+        https_max_connections = cfg.listener.max_connections,
+        https_max_per_source = cfg.listener.max_connections_per_source,
+        mqtt_max_connections = mqtt_max,
+        "connection limits"
+    );
+    if cfg.listener.max_connections + mqtt_max > open_files {
+        tracing::warn!(
+            open_files,
+            "limits.max_connections and mqtt.max_connections together exceed the open-file limit: \
+             raise it (LimitNOFILE= in the unit) or lower them, or the relay will fail to accept \
+             before it refuses"
+        );
+    }
     let relay = Relay::bind(&cfg).await?;
     let addr = relay.local_addr()?;
     if let Some(files) = &dev_files {

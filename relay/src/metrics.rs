@@ -22,6 +22,8 @@ pub struct Metrics {
     pub refused: Family<Labels, Counter>,
     /// Bytes of frames forwarded from one peer to the other.
     pub bytes_forwarded: Counter,
+    /// Connections closed at accept because a limit was reached, by listener and limit.
+    pub connections_refused: Family<Labels, Counter>,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -33,6 +35,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         peer_connects: Family::default(),
         refused: Family::default(),
         bytes_forwarded: Counter::default(),
+        connections_refused: Family::default(),
     };
     r.register("tunnels", "Open tunnels", m.tunnels.clone());
     r.register("peers", "Peers connected now", m.peers.clone());
@@ -50,6 +53,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "forwarded_bytes",
         "Bytes of frames forwarded between peers",
         m.bytes_forwarded.clone(),
+    );
+    r.register(
+        "connections_refused",
+        "Connections closed at accept because a limit was reached, by listener and limit",
+        m.connections_refused.clone(),
     );
     Metrics {
         registry: Arc::new(r),

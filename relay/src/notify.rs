@@ -3,8 +3,9 @@
 //! `{"clientAccessToken", "clientMode": "destination", "region", "services": [...]}` on
 //! `$aws/things/<thing>/tunnels/notify` (the topic template is configurable).
 //!
-//! The relay is an MQTT client (rumqttc over TLS) of either the embedded broker or an external
-//! one; the client reconnects by itself with exponential backoff and jitter.
+//! With an external broker the relay is its MQTT client (rumqttc over TLS), which reconnects by
+//! itself with exponential backoff and jitter. With the embedded broker it publishes through
+//! an in-process link ([`crate::broker::Publisher`]): no network, no port.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,13 +15,14 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-/// How to reach the broker as the relay.
+use crate::registry::{Registry, TunnelView};
+
+/// How to reach an external broker as the relay.
 #[derive(Clone)]
 pub struct BrokerClient {
     pub host: String,
     pub port: u16,
-    /// `None`: plain TCP (only for the embedded broker's internal loopback port).
-    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub tls: Arc<rustls::ClientConfig>,
     pub client_id: String,
     pub username: String,
     pub password: String,
@@ -28,11 +30,16 @@ pub struct BrokerClient {
 
 #[derive(Clone)]
 pub struct Notifier {
-    client: AsyncClient,
+    sink: Sink,
     topic_template: String,
     region: String,
-    /// Publishing into the embedded broker, which stores `$` topics under another name.
-    embedded: bool,
+}
+
+/// Where notifications are published.
+#[derive(Clone)]
+enum Sink {
+    External(AsyncClient),
+    Embedded(crate::broker::Publisher),
 }
 
 /// The notify topic of a thing.
@@ -41,12 +48,24 @@ pub fn topic_for(template: &str, thing: &str) -> String {
 }
 
 impl Notifier {
-    /// Start the MQTT client; its event loop runs until `shutdown`.
-    pub fn start(
+    /// Publish into the embedded broker.
+    pub fn embedded(
+        publisher: crate::broker::Publisher,
+        topic_template: String,
+        region: String,
+    ) -> Notifier {
+        Notifier {
+            sink: Sink::Embedded(publisher),
+            topic_template,
+            region,
+        }
+    }
+
+    /// Start the MQTT client of an external broker; its event loop runs until `shutdown`.
+    pub fn external(
         b: BrokerClient,
         topic_template: String,
         region: String,
-        embedded: bool,
         shutdown: CancellationToken,
     ) -> Notifier {
         let mut opts = MqttOptions::new(b.client_id.clone(), b.host.clone(), b.port);
@@ -54,11 +73,9 @@ impl Notifier {
             .set_keep_alive(Duration::from_secs(30))
             .set_clean_session(false)
             .set_max_packet_size(64 * 1024, 64 * 1024);
-        if let Some(tls) = b.tls {
-            opts.set_transport(Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(tls),
-            ));
-        }
+        opts.set_transport(Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(b.tls),
+        ));
         let (client, mut eventloop) = AsyncClient::new(opts, 256);
         let endpoint = format!("{}:{}", b.host, b.port);
         tokio::spawn(async move {
@@ -89,11 +106,24 @@ impl Notifier {
             }
         });
         Notifier {
-            client,
+            sink: Sink::External(client),
             topic_template,
             region,
-            embedded,
         }
+    }
+
+    /// Announce tunnel `view`'s new destination token to its device, and note the time in the
+    /// registry (before publishing: a subscription confirmed after that instant may have
+    /// missed it, and is re-announced; see [`crate::reannounce`]).
+    pub async fn announce(&self, registry: &Registry, view: &TunnelView, token: &str) {
+        registry.mark_notified(&view.rec.id);
+        self.notify(
+            &view.rec.thing_name,
+            &view.rec.id,
+            token,
+            &view.rec.services,
+        )
+        .await;
     }
 
     /// Queue the notification (QoS 1: the client retransmits until the broker acknowledges).
@@ -109,21 +139,22 @@ impl Notifier {
             "services": services,
         })
         .to_string();
-        let wire_topic = if self.embedded {
-            crate::broker::internal_topic(&topic)
-        } else {
-            topic.clone()
+        let r = match &self.sink {
+            Sink::Embedded(p) => p.publish(&topic, payload).await,
+            Sink::External(client) => {
+                let queued = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    client.publish(topic.clone(), QoS::AtLeastOnce, false, payload),
+                );
+                match queued.await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err("MQTT client busy".into()),
+                }
+            }
         };
-        let r = tokio::time::timeout(
-            Duration::from_secs(5),
-            self.client
-                .publish(wire_topic, QoS::AtLeastOnce, false, payload),
-        )
-        .await;
         match r {
-            Ok(Ok(())) => info!(%thing, %topic, "device notified"),
-            Ok(Err(e)) => warn!(%thing, error = %e, "could not queue the device notification"),
-            Err(_) => warn!(%thing, "could not queue the device notification: MQTT client busy"),
+            Ok(()) => info!(%thing, %topic, "device notified"),
+            Err(e) => warn!(%thing, error = %e, "could not queue the device notification"),
         }
     }
 }

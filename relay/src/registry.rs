@@ -113,6 +113,13 @@ impl Refusal {
     }
 }
 
+/// Characters that make stored text lie when a terminal or browser shows it: controls (NUL,
+/// CR/LF, ESC sequences) and the bidirectional overrides and isolates ("Trojan Source").
+pub fn is_unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
+}
+
 /// A request to open a tunnel, validated.
 #[derive(Clone, Debug)]
 pub struct OpenRequest {
@@ -161,9 +168,12 @@ impl OpenRequest {
             ));
         }
         if let Some(d) = &self.description
-            && (d.is_empty() || d.chars().count() > 2048 || d.chars().any(char::is_control))
+            && (d.is_empty() || d.chars().count() > 2048 || d.chars().any(is_unsafe_char))
         {
-            return bad("description must be 1-2048 characters without control characters".into());
+            return bad(
+                "description must be 1-2048 characters without control or bidirectional-override characters"
+                    .into(),
+            );
         }
         if self.tags.len() > 50 {
             return bad(format!(
@@ -175,6 +185,11 @@ impl OpenRequest {
             if k.is_empty() || k.len() > 128 || v.len() > 256 {
                 return bad(format!(
                     "tag {k:?}: keys are 1-128 characters, values at most 256"
+                ));
+            }
+            if k.chars().chain(v.chars()).any(is_unsafe_char) {
+                return bad(format!(
+                    "tag {k:?}: keys and values may not contain control or bidirectional-override characters"
                 ));
             }
         }
@@ -516,6 +531,11 @@ fn send_resets(tx: Option<mpsc::Sender<Chunk>>, resets: Vec<culvert_protocol::Me
 struct Entry {
     rec: TunnelRecord,
     live: Arc<Live>,
+    /// When the destination token was last published to the device (in memory only: after a
+    /// restart the embedded broker has lost what it held, so a tunnel counts as never sent).
+    notified: Option<tokio::time::Instant>,
+    /// When it was last re-announced ([`crate::reannounce`]).
+    reannounced: Option<tokio::time::Instant>,
 }
 
 #[derive(Clone, Copy)]
@@ -612,7 +632,15 @@ impl Registry {
         for rec in store.load_all()? {
             state.index(&rec);
             let live = Arc::new(Live::new(&rec));
-            state.tunnels.insert(rec.id.clone(), Entry { rec, live });
+            state.tunnels.insert(
+                rec.id.clone(),
+                Entry {
+                    rec,
+                    live,
+                    notified: None,
+                    reannounced: None,
+                },
+            );
         }
         let open = state
             .tunnels
@@ -661,7 +689,15 @@ impl Registry {
         let live = Arc::new(Live::new(&rec));
         info!(tunnel = %rec.id, thing = %rec.thing_name, services = ?rec.services, "tunnel opened");
         let view = view(&rec, &live);
-        st.tunnels.insert(rec.id.clone(), Entry { rec, live });
+        st.tunnels.insert(
+            rec.id.clone(),
+            Entry {
+                rec,
+                live,
+                notified: None,
+                reannounced: None,
+            },
+        );
         Ok((
             view,
             IssuedTokens {
@@ -928,18 +964,43 @@ impl Registry {
         Ok(())
     }
 
-    /// Open tunnels of `thing` whose destination token was never used: their notification may
-    /// have been lost (a device that had never subscribed, or a broker restart).
-    pub fn unclaimed_destinations(&self, thing: &str) -> Vec<String> {
-        let now = now_ms();
+    /// The destination token of tunnel `id` was just published to its device.
+    pub fn mark_notified(&self, id: &str) {
+        if let Some(e) = self.lock().tunnels.get_mut(id) {
+            e.notified = Some(tokio::time::Instant::now());
+        }
+    }
+
+    /// Tunnel `id` is being re-announced now.
+    pub fn mark_reannounced(&self, id: &str) {
+        if let Some(e) = self.lock().tunnels.get_mut(id) {
+            e.reannounced = Some(tokio::time::Instant::now());
+        }
+    }
+
+    /// Open tunnels of `thing` that a device which subscribed at `subscribed_at` may have
+    /// missed: the destination token is still unused, its last notification (if any) went out
+    /// before that subscription, and it was not re-announced in the last `interval`. A tunnel
+    /// notified while the device was subscribed reached it.
+    pub fn unclaimed_destinations(
+        &self,
+        thing: &str,
+        subscribed_at: tokio::time::Instant,
+        interval: Duration,
+    ) -> Vec<String> {
+        let now = tokio::time::Instant::now();
+        let wall = now_ms();
         self.lock()
             .tunnels
             .values()
             .filter(|e| {
                 e.rec.thing_name == thing
                     && e.rec.status == Status::Open
-                    && e.rec.expires_ms > now
+                    && e.rec.expires_ms > wall
                     && !e.rec.destination.used
+                    && e.notified.is_none_or(|n| n < subscribed_at)
+                    && e.reannounced
+                        .is_none_or(|r| now.duration_since(r) >= interval)
             })
             .map(|e| e.rec.id.clone())
             .collect()
@@ -1199,8 +1260,9 @@ mod tests {
         assert!(reason.len() <= 123 && reason.starts_with("protocol violation: é"));
     }
 
-    #[test]
-    fn unclaimed_destinations_are_the_open_never_used_ones() {
+    #[tokio::test(start_paused = true)]
+    async fn unclaimed_destinations_are_the_open_never_used_ones_the_device_missed() {
+        let minute = Duration::from_secs(60);
         let (reg, dir) = registry();
         let (a, ta) = reg.open(req()).unwrap();
         let (b, _tb) = reg.open(req()).unwrap();
@@ -1211,8 +1273,46 @@ mod tests {
         let mut other = req();
         other.thing_name = "another-thing".into();
         reg.open(other).unwrap();
-        assert_eq!(reg.unclaimed_destinations("cell-7"), vec![b.rec.id.clone()]);
-        assert!(!reg.unclaimed_destinations("cell-7").contains(&a.rec.id));
+        reg.mark_notified(&b.rec.id);
+        tokio::time::advance(Duration::from_millis(50)).await;
+        let subscribed = tokio::time::Instant::now();
+        assert_eq!(
+            reg.unclaimed_destinations("cell-7", subscribed, minute),
+            vec![b.rec.id.clone()],
+            "notified before the device subscribed"
+        );
+        assert!(
+            !reg.unclaimed_destinations("cell-7", subscribed, minute)
+                .contains(&a.rec.id)
+        );
+        // Re-announced now: not again within the interval, whatever the device does.
+        reg.mark_reannounced(&b.rec.id);
+        reg.mark_notified(&b.rec.id);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let again = tokio::time::Instant::now();
+        assert!(
+            reg.unclaimed_destinations("cell-7", again, minute)
+                .is_empty()
+        );
+        assert!(
+            reg.unclaimed_destinations("cell-7", subscribed, minute)
+                .is_empty()
+        );
+        tokio::time::advance(minute).await;
+        let later = tokio::time::Instant::now();
+        assert_eq!(
+            reg.unclaimed_destinations("cell-7", later, minute),
+            vec![b.rec.id.clone()],
+            "once the interval is over, a new subscription may get it again"
+        );
+        // A tunnel opened and notified after the subscription reached the device.
+        let (d, _) = reg.open(req()).unwrap();
+        reg.mark_notified(&d.rec.id);
+        tokio::time::advance(2 * minute).await;
+        assert!(
+            !reg.unclaimed_destinations("cell-7", again, minute)
+                .contains(&d.rec.id)
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -1245,5 +1345,31 @@ mod tests {
                 .to_string()
                 .contains("thingName")
         );
+    }
+
+    #[test]
+    fn stored_text_cannot_carry_terminal_escapes_or_bidi_overrides() {
+        let l = Limits::default();
+        for evil in [
+            "a\0b",
+            "line\r\nforged",
+            "\u{1b}[2Jcleared",
+            "admin\u{202E}txt.exe",
+            "x\u{2066}y",
+        ] {
+            let mut r = req();
+            r.tags.insert("site".into(), evil.into());
+            assert!(r.validate(&l).is_err(), "tag value {evil:?} accepted");
+            let mut r = req();
+            r.tags.insert(evil.into(), "v".into());
+            assert!(r.validate(&l).is_err(), "tag key {evil:?} accepted");
+            let mut r = req();
+            r.description = Some(evil.into());
+            assert!(r.validate(&l).is_err(), "description {evil:?} accepted");
+        }
+        let mut r = req();
+        r.description = Some("Kawasaki RS007N, cell 7 — Zürich".into());
+        r.tags.insert("owner".into(), "équipe maintenance".into());
+        assert!(r.validate(&l).is_ok());
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -20,16 +20,19 @@ use tracing::{debug, info, warn};
 use crate::broker;
 use crate::config::{BrokerMode, RelayConfig};
 use crate::devices::Devices;
-use crate::notify::{BrokerClient, Notifier};
+use crate::metrics::METRICS;
+use crate::notify::Notifier;
 use crate::registry::Registry;
+use crate::slots::{Full, Gate, ListenerLimits};
 use crate::store::Store;
 use crate::tokens::Secret;
-use crate::{api, dataplane};
+use crate::{api, dataplane, reannounce};
 
-/// Time allowed for a TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest API request body.
 const MAX_API_BODY: usize = 64 * 1024;
+/// Time an HTTP request may take from its head to its response (a body sent byte by byte, a
+/// client that reads no response): answered with 408.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct AppState {
     pub registry: Arc<Registry>,
@@ -43,23 +46,29 @@ pub struct AppState {
     pub tasks: TaskTracker,
     /// Announce culvert's flow-control extension to peers.
     pub flow_control: bool,
+    /// Connection limits of the HTTPS listener.
+    pub listener: ListenerLimits,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/tunnel", get(dataplane::handshake))
-        .route("/api/v1/tunnels", post(api::open).get(api::list))
-        .route("/api/v1/tunnels/{id}", get(api::describe))
-        .route("/api/v1/tunnels/{id}/close", post(api::close))
-        .route("/api/v1/tunnels/{id}/rotate", post(api::rotate))
+    // The API key is checked before anything else of a request is read.
+    let api = Router::new()
+        .route("/tunnels", post(api::open).get(api::list))
+        .route("/tunnels/{id}", get(api::describe))
+        .route("/tunnels/{id}/close", post(api::close))
+        .route("/tunnels/{id}/rotate", post(api::rotate))
+        .route("/devices", post(api::add_device).get(api::list_devices))
         .route(
-            "/api/v1/devices",
-            post(api::add_device).get(api::list_devices),
-        )
-        .route(
-            "/api/v1/devices/{thing}",
+            "/devices/{thing}",
             axum::routing::delete(api::remove_device),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::require_api_key,
+        ));
+    Router::new()
+        .route("/tunnel", get(dataplane::handshake))
+        .nest("/api/v1", api)
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(|| async {
             api::error(
@@ -69,7 +78,84 @@ pub fn router(state: Arc<AppState>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_API_BODY))
+        .layer(axum::middleware::from_fn(request_deadline))
         .with_state(state)
+}
+
+/// Every request is answered within [`REQUEST_TIMEOUT`] (a WebSocket upgrade is answered at
+/// once; the session that follows is not a request).
+async fn request_deadline(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => api::error(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request took longer than {REQUEST_TIMEOUT:?}"),
+        ),
+    }
+}
+
+/// Refused connections are counted, and logged at most every few seconds with how many there
+/// were: a flood must not fill the log.
+pub(crate) struct RefusalLog {
+    listener: &'static str,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl RefusalLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    pub(crate) fn new(listener: &'static str) -> RefusalLog {
+        RefusalLog {
+            listener,
+            last: std::sync::Mutex::new(None),
+            suppressed: Default::default(),
+        }
+    }
+
+    pub(crate) fn refused(
+        &self,
+        peer: SocketAddr,
+        pool: &str,
+        full: Full,
+        limits: &ListenerLimits,
+    ) {
+        use std::sync::atomic::Ordering;
+        let key = match (pool, full) {
+            ("connections", Full::Total) => "max_connections",
+            ("connections", Full::Source) => "max_connections_per_source",
+            (_, Full::Total) => "max_handshakes",
+            (_, Full::Source) => "max_handshakes_per_source",
+        };
+        METRICS
+            .connections_refused
+            .get_or_create(&vec![
+                ("listener", self.listener.to_owned()),
+                ("limit", key.to_owned()),
+            ])
+            .inc();
+        debug!(%peer, listener = self.listener, limit = key, "connection refused: limit reached");
+        let now = std::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *last = Some(now);
+        let also = self.suppressed.swap(0, Ordering::Relaxed);
+        let value = match key {
+            "max_connections" => limits.max_connections,
+            "max_connections_per_source" => limits.max_connections_per_source,
+            "max_handshakes" => limits.max_handshakes,
+            _ => limits.max_handshakes_per_source,
+        };
+        warn!(%peer, listener = self.listener, limit = key, value, refused_since_last_report = also,
+            "connections refused: {key} ({value}) reached; see docs/operations.md (limits)");
+    }
 }
 
 /// A bound relay, ready to serve.
@@ -97,11 +183,13 @@ impl Relay {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
         let background = CancellationToken::new();
-        let (subscribed_tx, subscribed_rx) = tokio::sync::mpsc::unbounded_channel();
-        let (client, mqtt_listen) = match &cfg.mqtt.mode {
+        let (notifier, mqtt_listen) = match &cfg.mqtt.mode {
             BrokerMode::Embedded { listen } => {
+                let (subscribed_tx, subscribed_rx) =
+                    tokio::sync::mpsc::channel(broker::SUBSCRIBED_QUEUE);
                 let b = broker::start(
                     *listen,
+                    cfg.mqtt.listener.clone(),
                     cfg.tls.clone(),
                     devices.clone(),
                     cfg.mqtt.topic_template.clone(),
@@ -109,30 +197,29 @@ impl Relay {
                     background.clone(),
                 )
                 .await?;
-                let client = BrokerClient {
-                    host: b.internal.ip().to_string(),
-                    port: b.internal.port(),
-                    tls: None,
-                    client_id: b.relay_username.clone(),
-                    username: b.relay_username,
-                    password: b.relay_password,
-                };
-                (client, Some(b.listen))
+                let notifier = Notifier::embedded(
+                    b.publisher,
+                    cfg.mqtt.topic_template.clone(),
+                    cfg.mqtt.region.clone(),
+                );
+                tokio::spawn(reannounce::run(
+                    subscribed_rx,
+                    registry.clone(),
+                    notifier.clone(),
+                    background.clone(),
+                ));
+                (notifier, Some(b.listen))
             }
-            BrokerMode::External(c) => (c.clone(), None),
+            BrokerMode::External(c) => {
+                let notifier = Notifier::external(
+                    c.clone(),
+                    cfg.mqtt.topic_template.clone(),
+                    cfg.mqtt.region.clone(),
+                    background.clone(),
+                );
+                (notifier, None)
+            }
         };
-        let notifier = Notifier::start(
-            client,
-            cfg.mqtt.topic_template.clone(),
-            cfg.mqtt.region.clone(),
-            mqtt_listen.is_some(),
-            background.clone(),
-        );
-        tokio::spawn(renotify_unclaimed(
-            subscribed_rx,
-            registry.clone(),
-            notifier.clone(),
-        ));
         Ok(Relay {
             listener,
             tls: TlsAcceptor::from(cfg.tls.clone()),
@@ -144,6 +231,7 @@ impl Relay {
                 api_key: cfg.api_key.clone(),
                 tasks: TaskTracker::new(),
                 flow_control: cfg.flow_control,
+                listener: cfg.listener.clone(),
             }),
             background,
         })
@@ -195,6 +283,9 @@ impl Relay {
             })
         };
         let conns = TaskTracker::new();
+        let gate = Arc::new(Gate::new(state.listener.clone()));
+        let refusals = RefusalLog::new("https");
+        let timeout = gate.limits.handshake_timeout;
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -208,25 +299,44 @@ impl Relay {
                     }
                 },
             };
+            // A slot first: a full pool closes the connection before any TLS work.
+            let admitted = match gate.admit(peer.ip()) {
+                Ok(a) => Arc::new(a),
+                Err((pool, full)) => {
+                    refusals.refused(peer, pool, full, &gate.limits);
+                    continue;
+                }
+            };
             let _ = tcp.set_nodelay(true);
             let tls = tls.clone();
             let app = app.clone();
             let stop = shutdown.clone();
             conns.spawn(async move {
-                let stream =
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
+                let stream = match tokio::time::timeout(timeout, tls.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                // The first request head read ends the handshake: its slot is given back.
+                let first = admitted.clone();
+                let app = tower::ServiceExt::map_request(
+                    app,
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        first.handshake_done();
+                        req
+                    },
+                );
                 let svc = TowerToHyperService::new(app);
+                // The header timeout also ends a keep-alive connection that sits idle.
                 let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(timeout)
                     .max_buf_size(64 * 1024)
                     .serve_connection(TokioIo::new(stream), svc)
                     .with_upgrades();
@@ -244,6 +354,7 @@ impl Relay {
                         let _ = tokio::time::timeout(Duration::from_secs(10), conn.as_mut()).await;
                     }
                 }
+                drop(admitted);
             });
         }
         drop(listener);
@@ -273,41 +384,5 @@ impl Relay {
         sweeper.abort();
         background.cancel();
         Ok(())
-    }
-}
-
-/// How long after a device subscribes its tunnels may stay unclaimed before they are re-issued.
-const CLAIM_GRACE: Duration = Duration::from_secs(2);
-
-/// A device that subscribes may have missed notifications: one published before it ever
-/// subscribed (the embedded broker keeps nothing for unknown subscribers) or lost with a
-/// restart. Tunnels of that thing whose destination token is still unused a moment later get a
-/// new destination token, announced again.
-async fn renotify_unclaimed(
-    mut subscribed: tokio::sync::mpsc::UnboundedReceiver<String>,
-    registry: Arc<Registry>,
-    notifier: Notifier,
-) {
-    while let Some(thing) = subscribed.recv().await {
-        let (registry, notifier) = (registry.clone(), notifier.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(CLAIM_GRACE).await;
-            for id in registry.unclaimed_destinations(&thing) {
-                let r = registry.clone();
-                let tid = id.clone();
-                let rotated = tokio::task::spawn_blocking(move || {
-                    r.rotate(&tid, crate::registry::RotateWhich::Destination)
-                })
-                .await;
-                if let (Ok(Ok(tokens)), Ok(view)) = (rotated, registry.describe(&id))
-                    && let Some(token) = tokens.destination
-                {
-                    info!(tunnel = %id, %thing, "re-announcing an unclaimed tunnel to its device");
-                    notifier
-                        .notify(&thing, &id, &token, &view.rec.services)
-                        .await;
-                }
-            }
-        });
     }
 }
