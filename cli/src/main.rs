@@ -48,14 +48,20 @@ enum Command {
     },
     /// Run the local proxy: listen on local ports and carry connections through the tunnel.
     Connect {
-        /// The tunnel's source access token.
+        /// The tunnel's source access token. Prefer CULVERT_ACCESS_TOKEN or --token-file: on
+        /// the command line, every user of the machine can read it with `ps`.
         #[arg(
             long,
             short = 't',
             env = "CULVERT_ACCESS_TOKEN",
-            hide_env_values = true
+            hide_env_values = true,
+            required_unless_present = "token_file",
+            conflicts_with = "token_file"
         )]
-        token: String,
+        token: Option<String>,
+        /// A file holding the tunnel's source access token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
         /// Client token binding this proxy to the token, so it can reconnect (generated if absent).
         #[arg(
             long,
@@ -151,7 +157,21 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let token_on_command_line = matches
+        .subcommand_matches("connect")
+        .and_then(|m| m.value_source("token"))
+        == Some(clap::parser::ValueSource::CommandLine);
+    if token_on_command_line {
+        eprintln!(
+            "culvert: warning: --token shows the token to every user of this machine (ps); \
+             set CULVERT_ACCESS_TOKEN or use --token-file instead"
+        );
+    }
     let default_level = if matches!(cli.command, Command::Connect { .. }) {
         "info"
     } else {
@@ -226,6 +246,7 @@ fn main() -> ExitCode {
         }
         Command::Connect {
             token,
+            token_file,
             client_token,
             services,
             bind,
@@ -243,6 +264,10 @@ fn main() -> ExitCode {
                         "no relay given: pass --relay HOST:PORT (or --region) or set CULVERT_RELAY",
                     );
                 }
+            };
+            let token = match culvert_protocol::client::access_token(token, token_file.as_deref()) {
+                Ok(t) => t,
+                Err(e) => return fail(e),
             };
             let mappings = match connect::parse_mappings(&services) {
                 Ok(m) => m,

@@ -1,12 +1,56 @@
 //! `culvert tunnel …`: manage tunnels through the relay's API. Human output by default,
 //! `--json` prints the relay's JSON for scripts.
 
+use std::borrow::Cow;
+use std::io::Write;
+
 use serde_json::{Value, json};
 
 use crate::api::{ApiClient, ApiError};
 
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v[k].as_str().unwrap_or("-")
+/// Print a line on stdout. A reader that went away (`culvert tunnel list | head`) ends the
+/// program quietly, as it would a C tool; any other failure to write ends it with an error.
+macro_rules! println {
+    () => { emit(format_args!("")) };
+    ($($arg:tt)*) => { emit(format_args!($($arg)*)) };
+}
+
+fn emit(line: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("culvert: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Text from the relay, safe to show on a terminal: control characters and bidirectional
+/// overrides are shown escaped instead of acting on the terminal.
+fn shown(text: &str) -> Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
+    };
+    if !text.chars().any(unsafe_char) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if unsafe_char(c) {
+                    c.escape_unicode().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> Cow<'a, str> {
+    shown(v[k].as_str().unwrap_or("-"))
 }
 
 fn print_json(v: &Value) {
@@ -59,8 +103,9 @@ pub fn open(api: &ApiClient, a: OpenArgs, as_json: bool) -> Result<(), ApiError>
         .map(|(i, s)| format!("{s}={}", 5555 + i))
         .collect();
     println!();
+    // In the environment, not on the command line, where `ps` would show it to every user.
     println!(
-        "operator side:  culvert connect --token {} -s {}",
+        "operator side:  CULVERT_ACCESS_TOKEN={} culvert connect -s {}",
         s(&v, "sourceAccessToken"),
         mapping.join(",")
     );
@@ -145,7 +190,14 @@ fn print_tunnel(v: &Value) {
     println!("status       {}", s(v, "status"));
     println!("services     {}", services.join(", "));
     if let Some(d) = v["description"].as_str() {
-        println!("description  {d}");
+        println!("description  {}", shown(d));
+    }
+    if let Some(tags) = v["tags"].as_object().filter(|t| !t.is_empty()) {
+        let tags: Vec<String> = tags
+            .iter()
+            .map(|(k, v)| format!("{}={}", shown(k), shown(v.as_str().unwrap_or(""))))
+            .collect();
+        println!("tags         {}", tags.join(", "));
     }
     println!("created      {}", s(v, "createdAt"));
     println!("expires      {}", s(v, "expiresAt"));

@@ -4,8 +4,10 @@
 //! a name cannot be re-pointed past the check (no DNS rebinding), and every address a name
 //! resolves to must pass. The decision, in order:
 //!
-//! 1. IPv4-mapped IPv6 (`::ffff:a.b.c.d`) and NAT64 (`64:ff9b::a.b.c.d`) addresses are treated
-//!    as the IPv4 address they carry.
+//! 1. IPv6 addresses that carry an IPv4 address are treated as that IPv4 address: IPv4-mapped
+//!    (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), NAT64 with the well-known prefix
+//!    (`64:ff9b::a.b.c.d`) or a local-use one (`64:ff9b:1::/48`, with the IPv4 address in the
+//!    last 32 bits, as a /96 translation prefix has it), and 6to4 (`2002:aabb:ccdd::/48`).
 //! 2. Unspecified, multicast and broadcast addresses are never reached.
 //! 3. An address in any `deny` network (global or the rule's) is denied: deny wins.
 //! 4. An address in no `allow` network (global or the rule's) is denied: default deny.
@@ -41,16 +43,26 @@ fn nets(list: &'static [&'static str]) -> impl Iterator<Item = IpNet> {
     list.iter().map(|n| n.parse().expect("built-in network"))
 }
 
-/// The IPv4 address an IPv6 address stands for — IPv4-mapped `::ffff:a.b.c.d`, or NAT64's
-/// well-known prefix `64:ff9b::/96` (through a site's NAT64 gateway it reaches that IPv4
-/// host) — so that IPv4 rules apply to it; other addresses unchanged.
+/// The IPv4 address an IPv6 address stands for, so that IPv4 rules apply to it (a NAT64
+/// gateway or a 6to4 relay on site would carry a connection to that IPv4 host); other
+/// addresses unchanged:
+/// - IPv4-mapped `::ffff:a.b.c.d` and IPv4-compatible `::a.b.c.d` (not `::` or `::1`);
+/// - NAT64, the well-known prefix `64:ff9b::/96` and the local-use `64:ff9b:1::/48` (RFC 8215;
+///   the IPv4 address in the last 32 bits, as with a /96 translation prefix);
+/// - 6to4 `2002:aabb:ccdd::/48` (RFC 3056: the IPv4 address in bits 16-47).
 pub fn canonical(ip: IpAddr) -> IpAddr {
-    if let IpAddr::V6(v6) = ip {
-        let s = v6.segments();
-        if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-            let o = v6.octets();
-            return IpAddr::V4(std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]));
-        }
+    let IpAddr::V6(v6) = ip else { return ip };
+    let s = v6.segments();
+    let o = v6.octets();
+    let last32 = || IpAddr::V4(std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]));
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || s[..3] == [0x64, 0xff9b, 1] {
+        return last32();
+    }
+    if s[0] == 0x2002 {
+        return IpAddr::V4(std::net::Ipv4Addr::new(o[2], o[3], o[4], o[5]));
+    }
+    if s[..6] == [0; 6] && !v6.is_unspecified() && !v6.is_loopback() {
+        return last32();
     }
     ip.to_canonical()
 }
@@ -203,6 +215,36 @@ mod tests {
         );
         let p = policy(&["::ffff:10.0.0.0/104"], &[]);
         assert!(ok(&p, "10.1.1.1:80"));
+    }
+
+    #[test]
+    fn every_ipv6_form_that_carries_an_ipv4_address_is_that_address() {
+        let p = policy(&["0.0.0.0/0", "::/0"], &["10.9.0.0/16"]);
+        for (addr, v4) in [
+            ("[2002:a09:1::1]:80", "10.9.0.1"),       // 6to4
+            ("[::10.9.0.1]:80", "10.9.0.1"),          // IPv4-compatible
+            ("[64:ff9b:1::10.9.0.1]:80", "10.9.0.1"), // local-use NAT64
+            ("[64:ff9b:1:7::a09:1]:80", "10.9.0.1"),
+            ("[2002:a9fe:a9fe::]:80", "169.254.169.254"), // 6to4 of the metadata service
+        ] {
+            assert!(!ok(&p, addr), "{addr} reaches {v4}");
+            let sa: SocketAddr = addr.parse().unwrap();
+            assert_eq!(canonical(sa.ip()), v4.parse::<IpAddr>().unwrap(), "{addr}");
+        }
+        // Not IPv4 in disguise: loopback and unspecified stay IPv6; other addresses unchanged.
+        assert_eq!(
+            canonical("::1".parse().unwrap()),
+            "::1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            canonical("::".parse().unwrap()),
+            "::".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            canonical("2001:db8::1".parse().unwrap()),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+        assert!(ok(&p, "[2001:db8::1]:80"));
     }
 
     #[test]

@@ -108,6 +108,8 @@ struct RawDaemon {
     shutdown_grace_secs: Option<Spanned<u64>>,
     metrics_listen: Option<Spanned<String>>,
     user: Option<Spanned<String>>,
+    max_connections: Option<Spanned<u64>>,
+    max_tunnels: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -348,6 +350,26 @@ pub struct DaemonSettings {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Started as root outside systemd: the user to become once the keys are read.
     pub user: Option<String>,
+    /// Connections to targets open at once, all tunnels together: each holds a file
+    /// descriptor, and the gateway must keep some for its relay and broker connections.
+    pub max_connections: usize,
+    /// Tunnels served at once (each holds a relay connection).
+    pub max_tunnels: usize,
+}
+
+/// Connections each tunnel may have open at once unless `tunnel_limits.max_connections` says
+/// otherwise (the AWS localproxy caps a tunnel at 128).
+pub const DEFAULT_TUNNEL_MAX_CONNECTIONS: usize = 256;
+/// Tunnels served at once unless `daemon.max_tunnels` says otherwise.
+pub const DEFAULT_MAX_TUNNELS: usize = 64;
+/// File descriptors kept back from `daemon.max_connections`'s default, for the relay sessions,
+/// the broker, the audit file, the metrics port and HTTP upstreams.
+const FD_RESERVE: usize = 256;
+
+/// The default of `daemon.max_connections`: half of what the open-file limit leaves after the
+/// reserve (an HTTP rule may hold a second descriptor per connection upstream), at most 4096.
+pub fn default_max_connections(open_files: usize) -> usize {
+    (open_files.saturating_sub(FD_RESERVE) / 2).clamp(16, 4096)
 }
 
 #[derive(Clone, Debug)]
@@ -698,7 +720,11 @@ impl Validator<'_> {
         {
             management_ports.push(m.port());
         }
-        let tunnel_limits = self.limits("tunnel_limits", &raw.tunnel_limits.unwrap_or_default());
+        let mut tunnel_limits =
+            self.limits("tunnel_limits", &raw.tunnel_limits.unwrap_or_default());
+        tunnel_limits
+            .max_connections
+            .get_or_insert(DEFAULT_TUNNEL_MAX_CONNECTIONS);
         let audit_file = raw.audit.and_then(|a| a.file).map(|f| self.audit_file(&f));
         let mut services = BTreeMap::new();
         for (name, svc) in raw.services {
@@ -776,10 +802,20 @@ impl Validator<'_> {
                 Some(u.into_inner())
             }
         });
+        let open_files = culvert_appliance::limits::open_file_hard_limit();
+        let max_connections = self
+            .count("daemon.max_connections".into(), &d.max_connections, 1 << 20)
+            .map(|n| n as usize)
+            .unwrap_or_else(|| default_max_connections(open_files));
+        let max_tunnels = self
+            .count("daemon.max_tunnels".into(), &d.max_tunnels, 1 << 16)
+            .map_or(DEFAULT_MAX_TUNNELS, |n| n as usize);
         DaemonSettings {
             shutdown_grace,
             metrics_listen,
             user,
+            max_connections,
+            max_tunnels,
         }
     }
 

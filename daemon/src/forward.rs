@@ -85,14 +85,25 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelSt
     };
     let tl = tunnel.limiters(&rules.config.tunnel_limits);
     let rl = rules.limiters[&service].clone();
-    // Slots first, rates last: a connection refused for a slot spends no rate token.
+    // Slots first, rates last: a connection refused for a slot spends no rate token. The
+    // gateway's own slot comes first of all: one tunnel cannot take every file descriptor.
     let what = format!("rule {service}");
-    let admitted = tl.slot("this tunnel").and_then(|t| {
-        let r = rl.slot(&what)?;
-        rl.rate(&what)?;
-        tl.rate("this tunnel")?;
-        Ok((t, r))
-    });
+    let admitted = gw
+        .connections
+        .try_take(Some(gw.max_connections))
+        .ok_or_else(|| {
+            format!(
+                "the gateway already has {} connection(s) open (daemon.max_connections)",
+                gw.max_connections
+            )
+        })
+        .and_then(|g| {
+            let t = tl.slot("this tunnel")?;
+            let r = rl.slot(&what)?;
+            rl.rate(&what)?;
+            tl.rate("this tunnel")?;
+            Ok((g, t, r))
+        });
     let _slots = match admitted {
         Ok(s) => s,
         Err(why) => return refuse(rec, Refusal::new("limit", why), stream).await,

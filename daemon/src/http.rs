@@ -51,28 +51,96 @@ pub fn serve(
     let conf = CONF.get_or_init(|| Arc::new(ServerConf::default()));
     let (ours, theirs) = tokio::io::duplex(64 * 1024);
     let shutdown = gw.http_shutdown.subscribe();
+    let logged = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let app = App {
-        gw,
-        svc,
+        gw: gw.clone(),
+        svc: svc.clone(),
         http,
-        conn,
+        conn: conn.clone(),
         relay_ip,
+        logged: logged.clone(),
     };
     let proxy = Arc::new(pingora::proxy::http_proxy(conf, app));
     tokio::spawn(async move {
-        let sock = VirtualSocketStream::new(Box::new(Pipe(theirs)));
+        let sniff = Arc::new(std::sync::Mutex::new(Sniff::default()));
+        let sock = VirtualSocketStream::new(Box::new(Pipe(theirs, sniff.clone())));
         let mut io: Option<pingora::protocols::Stream> = Some(Box::new(L4Stream::from(sock)));
         // Keep-alive: pingora hands the connection back after each reusable exchange.
         while let Some(s) = io.take() {
+            let before = logged.load(std::sync::atomic::Ordering::Acquire);
+            lock(&sniff).reset();
             io = proxy.process_new(s, &shutdown).await;
+            let seen = std::mem::take(&mut *lock(&sniff));
+            if logged.load(std::sync::atomic::Ordering::Acquire) == before
+                && let Some(rec) = seen.rejected(&svc.name, &conn)
+            {
+                // pingora refused the request itself (malformed, oversized, CONNECT): none of
+                // our callbacks saw it, so it is recorded here.
+                warn!(service = %svc.name, status = ?rec.status, "http request rejected by the HTTP parser");
+                gw.audit.record(rec);
+            }
         }
     });
     ours
 }
 
-/// The in-memory pipe as pingora's virtual socket.
-#[derive(Debug)]
-struct Pipe(DuplexStream);
+fn lock(s: &std::sync::Mutex<Sniff>) -> std::sync::MutexGuard<'_, Sniff> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What crossed the pipe during one exchange: whether the client sent anything, and the start
+/// of what pingora answered (its status line).
+#[derive(Default)]
+struct Sniff {
+    read: u64,
+    answer: Vec<u8>,
+}
+
+impl Sniff {
+    /// The status line is all that is kept.
+    const KEEP: usize = 16;
+
+    fn reset(&mut self) {
+        *self = Sniff::default();
+    }
+
+    /// The audit record of an exchange that produced no `logging` callback: bytes arrived
+    /// (a request was attempted, not just a closed connection), and pingora answered with a
+    /// status or nothing at all.
+    fn rejected(&self, service: &str, conn: &Record) -> Option<Record> {
+        if self.read == 0 {
+            return None;
+        }
+        let status = std::str::from_utf8(&self.answer)
+            .ok()
+            .and_then(|l| {
+                l.strip_prefix("HTTP/1.1 ")
+                    .or_else(|| l.strip_prefix("HTTP/1.0 "))
+            })
+            .and_then(|r| r.get(..3))
+            .and_then(|c| c.parse::<u16>().ok());
+        Some(Record {
+            event: "request",
+            rule: format!("services.{service}"),
+            status,
+            reason: Some("rejected"),
+            detail: Some(
+                "the HTTP parser refused the request (malformed or oversized head, or CONNECT)"
+                    .into(),
+            ),
+            ..conn.clone()
+        })
+    }
+}
+
+/// The in-memory pipe as pingora's virtual socket, noting what crosses it ([`Sniff`]).
+struct Pipe(DuplexStream, Arc<std::sync::Mutex<Sniff>>);
+
+impl std::fmt::Debug for Pipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pipe")
+    }
+}
 
 impl AsyncRead for Pipe {
     fn poll_read(
@@ -80,7 +148,13 @@ impl AsyncRead for Pipe {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.0).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            lock(&self.1).read += n as u64;
+        }
+        r
     }
 }
 
@@ -90,7 +164,13 @@ impl AsyncWrite for Pipe {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        let r = Pin::new(&mut self.0).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            let mut sniff = lock(&self.1);
+            let room = Sniff::KEEP.saturating_sub(sniff.answer.len());
+            sniff.answer.extend_from_slice(&buf[..n.min(room)]);
+        }
+        r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.0).poll_flush(cx)
@@ -152,6 +232,9 @@ struct App {
     /// The tunnel connection these requests arrive on (tunnel, service, conn).
     conn: Record,
     relay_ip: Option<IpAddr>,
+    /// Requests recorded by [`ProxyHttp::logging`]: one that pingora refused before any
+    /// callback ran leaves it unchanged, and is recorded by [`serve`] instead.
+    logged: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Default)]
@@ -421,6 +504,8 @@ impl ProxyHttp for App {
             None => rec,
         };
         info!(service = %self.svc.name, status = ?status, path = %req.uri.path(), "http request");
+        self.logged
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.gw.audit.record(rec);
     }
 }

@@ -24,14 +24,19 @@ struct Args {
     /// Check the configuration, print every problem, and exit (0: valid, 64: invalid).
     #[arg(long)]
     check_config: bool,
-    /// The tunnel's destination access token.
+    /// The tunnel's destination access token. Prefer CULVERT_DESTINATION_TOKEN or --token-file:
+    /// on the command line, every user of the machine can read it with `ps`.
     #[arg(
         long,
         short = 't',
         env = "CULVERT_DESTINATION_TOKEN",
-        hide_env_values = true
+        hide_env_values = true,
+        conflicts_with = "token_file"
     )]
     token: Option<String>,
+    /// A file holding the tunnel's destination access token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Client token to bind the access token with (generated if absent).
     #[arg(long, env = "CULVERT_CLIENT_TOKEN", hide_env_values = true)]
     client_token: Option<String>,
@@ -47,8 +52,28 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let matches = <Args as clap::CommandFactory>::command().get_matches();
+    let mut args = match <Args as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
     culvert_appliance::logging::init();
+    // Before the configuration: daemon.max_connections defaults to a share of this limit.
+    let open_files = culvert_appliance::limits::raise_open_file_limit();
+    if matches.value_source("token") == Some(clap::parser::ValueSource::CommandLine) {
+        warn!(
+            "--token shows the token to every user of this machine (ps); set CULVERT_DESTINATION_TOKEN or use --token-file instead"
+        );
+    }
+    if let Some(f) = args.token_file.take() {
+        match culvert_protocol::client::access_token(None, Some(&f)) {
+            Ok(t) => args.token = Some(t),
+            Err(e) => {
+                eprintln!("culvertd: --token-file: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
     let cfg = match config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -127,6 +152,18 @@ fn main() -> ExitCode {
         }
     };
     let settings = cfg.daemon.clone();
+    info!(
+        open_files,
+        max_connections = settings.max_connections,
+        max_tunnels = settings.max_tunnels,
+        "connection limits"
+    );
+    if settings.max_connections + settings.max_tunnels + 64 > open_files {
+        warn!(
+            open_files,
+            "daemon.max_connections and daemon.max_tunnels exceed what the open-file limit allows: raise it (LimitNOFILE=) or lower them"
+        );
+    }
     let gw = Gateway::new(cfg);
     let shutdown = Shutdown::default();
     // Install the handlers before anything runs: until then SIGHUP would end the process.

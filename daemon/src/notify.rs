@@ -196,6 +196,11 @@ pub async fn run(
                 {
                     seen.0.remove(&old);
                 }
+                let max_tunnels = gw.config().daemon.max_tunnels;
+                if tunnels.len() >= max_tunnels {
+                    warn!(tunnel = ?n.tunnel_id, max_tunnels, "tunnel notification ignored: this gateway already serves daemon.max_tunnels tunnels");
+                    continue;
+                }
                 info!(tunnel = ?n.tunnel_id, services = ?n.services, "tunnel notification: connecting to the relay");
                 let args = TunnelArgs {
                     endpoint: relay.clone(),

@@ -31,6 +31,10 @@ pub struct Gateway {
     gauges: Mutex<HashMap<String, Gauge>>,
     pub audit: Audit,
     pub metrics: crate::metrics::Metrics,
+    /// Connections open to targets, all tunnels together, and their ceiling
+    /// (`daemon.max_connections`, fixed at start like the rest of `[daemon]`).
+    pub connections: Gauge,
+    pub max_connections: usize,
     /// Tells embedded HTTP servers to stop keeping connections alive at shutdown.
     pub http_shutdown: tokio::sync::watch::Sender<bool>,
     /// The metrics port actually bound: a management port of this gateway whatever the
@@ -52,6 +56,7 @@ fn protect(mut config: Config, port: Option<u16>) -> Config {
 impl Gateway {
     pub fn new(config: Config) -> Arc<Gateway> {
         let audit = Audit::new(config.audit_file.as_deref());
+        let max_connections = config.daemon.max_connections;
         let gauges = Mutex::new(HashMap::new());
         let rules = build(config, None, &gauges);
         Arc::new(Gateway {
@@ -59,6 +64,8 @@ impl Gateway {
             gauges,
             audit,
             metrics: crate::metrics::Metrics::default(),
+            connections: Gauge::default(),
+            max_connections,
             metrics_port: Mutex::new(None),
             http_shutdown: tokio::sync::watch::channel(false).0,
         })

@@ -161,6 +161,22 @@ pub fn root_store(extra_ca: Option<&Path>) -> Result<rustls::RootCertStore, Stri
     Ok(roots)
 }
 
+/// The access token given directly (flag or environment) or in a file (trimmed).
+pub fn access_token(direct: Option<String>, file: Option<&Path>) -> Result<String, String> {
+    let token = match (direct, file) {
+        (Some(t), _) => t,
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .map_err(|e| format!("cannot read the token file {}: {e}", f.display()))?
+            .trim()
+            .to_owned(),
+        (None, None) => return Err("no access token given".into()),
+    };
+    if token.is_empty() {
+        return Err("the access token is empty".into());
+    }
+    Ok(token)
+}
+
 /// How to reach and authenticate to a relay.
 #[derive(Clone)]
 pub struct ConnectOptions {
