@@ -84,6 +84,15 @@ pub fn require_tool(path_or_name: &str, package: &str) -> PathBuf {
         })
 }
 
+/// A command running `program` with its open-file limit (soft and hard) set to `open_files`.
+pub fn prlimit(open_files: u32, program: &Path) -> Command {
+    let mut c = Command::new(require_tool("prlimit", "util-linux"));
+    c.arg(format!("--nofile={open_files}:{open_files}"))
+        .arg("--")
+        .arg(program);
+    c
+}
+
 /// A fresh scratch directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
@@ -234,14 +243,39 @@ impl Relay {
         extra: &[String],
         env: &[(&str, &str)],
     ) -> Relay {
+        Relay::start_under(dir, listen, extra, env, None)
+    }
+
+    /// Start with the open-file limit (soft and hard) set to `open_files`, as under a unit's
+    /// `LimitNOFILE=` (with util-linux's prlimit).
+    pub fn start_with_open_files(dir: &Path, open_files: u32) -> Relay {
+        Relay::start_under(
+            dir,
+            "127.0.0.1:0".parse().unwrap(),
+            &[],
+            &[],
+            Some(open_files),
+        )
+    }
+
+    fn start_under(
+        dir: &Path,
+        listen: SocketAddr,
+        extra: &[String],
+        env: &[(&str, &str)],
+        open_files: Option<u32>,
+    ) -> Relay {
         let state = dir.join("relay-state");
         std::fs::create_dir_all(dir).unwrap();
         let env_file = state.join("client.env");
         let _ = std::fs::remove_file(&env_file);
+        let mut cmd = match open_files {
+            None => Command::new(bin("culvert-relay")),
+            Some(n) => prlimit(n, &bin("culvert-relay")),
+        };
         let proc = Proc::spawn(
             "culvert-relay",
-            Command::new(bin("culvert-relay"))
-                .args(["--dev", "--state-dir"])
+            cmd.args(["--dev", "--state-dir"])
                 .arg(&state)
                 .args(["--listen", &listen.to_string()])
                 .args(extra)
@@ -311,10 +345,24 @@ impl Relay {
 
     /// Start `culvertd` waiting for MQTT notifications (no token).
     pub fn mqtt_gateway(&self, dir: &Path, rules: &Path) -> Proc {
+        self.mqtt_gateway_with(dir, rules, "culvertd-mqtt", None)
+    }
+
+    /// [`Relay::mqtt_gateway`] with its own log name, optionally under an open-file limit.
+    pub fn mqtt_gateway_with(
+        &self,
+        dir: &Path,
+        rules: &Path,
+        name: &str,
+        open_files: Option<u32>,
+    ) -> Proc {
+        let mut cmd = match open_files {
+            None => Command::new(bin("culvertd")),
+            Some(n) => prlimit(n, &bin("culvertd")),
+        };
         Proc::spawn(
-            "culvertd-mqtt",
-            Command::new(bin("culvertd"))
-                .arg("--config")
+            name,
+            cmd.arg("--config")
                 .arg(rules)
                 .args(["--relay", &self.addr.to_string()])
                 .arg("--ca")

@@ -220,6 +220,31 @@ fn http_routes_by_host_and_path_with_websocket_and_error_pages() {
     assert_eq!(req(404)["reason"], "no_route");
     assert_eq!(req(101)["address"], ws.to_string());
     assert!(gw.log_text().contains("culvertd::audit"));
+
+    // Requests pingora refuses itself, before any rule sees them, are audited too.
+    for (raw, status) in [
+        (
+            &b"GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n"[..],
+            400u64,
+        ),
+        (
+            &b"CONNECT 10.0.0.1:22 HTTP/1.1\r\nHost: 10.0.0.1:22\r\n\r\n"[..],
+            405,
+        ),
+    ] {
+        let mut s = connect_local(port);
+        s.write_all(raw).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer:?}"
+        );
+        let r = wait_audit(&audit, &format!("the rejected request ({status})"), |r| {
+            r["event"] == "request" && r["reason"] == "rejected" && r["status"] == status
+        });
+        assert_eq!(r["service"], "WEB");
+    }
 }
 
 #[test]

@@ -77,3 +77,27 @@ fn units_verify_cleanly_and_stay_hardened() {
         );
     }
 }
+
+#[test]
+fn both_units_give_the_daemons_room_for_their_connections() {
+    // Each connection holds a descriptor; the daemons derive their connection limits from
+    // this limit (docs/operations.md, "Limits").
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/systemd");
+    for (unit, at_least) in [
+        ("culvertd.service", 16_384),
+        ("culvert-relay.service", 65_536),
+    ] {
+        let text = std::fs::read_to_string(units.join(unit)).unwrap();
+        let n: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("LimitNOFILE="))
+            .unwrap_or_else(|| panic!("{unit} sets no LimitNOFILE"))
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            n >= at_least,
+            "{unit}: LimitNOFILE={n}, want at least {at_least}"
+        );
+    }
+}

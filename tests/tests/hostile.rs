@@ -1,0 +1,606 @@
+//! Hostile clients, reproduced with real processes on loopback (bounded in count and time),
+//! each test showing that the relay or the gateway keeps serving everyone else. Attackers use
+//! their own source addresses (127.0.0.2 …), as they would on the internet; the legitimate
+//! clients come from 127.0.0.1.
+
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use culvert_e2e::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpSocket, TcpStream};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A TCP connection to `to` from the loopback address `from`.
+async fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpSocket::new_v4()?;
+    s.bind(SocketAddr::new(from, 0))?;
+    s.connect(to).await
+}
+
+fn tls_client(ca: &std::path::Path) -> tokio_rustls::TlsConnector {
+    let cfg = culvert_protocol::client::tls_config(Some(ca)).unwrap();
+    tokio_rustls::TlsConnector::from(cfg)
+}
+
+/// `n` connections from `from`: TLS, then half an HTTP request, then nothing. Returns the ones
+/// the relay let get that far.
+async fn half_sent_requests(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    from: IpAddr,
+    n: usize,
+) -> Vec<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tls = tls_client(ca);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let tls = tls.clone();
+        tasks.spawn(async move {
+            let tcp = connect_from(from, addr).await.ok()?;
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let mut s = tokio::time::timeout(WAIT, tls.connect(name, tcp))
+                .await
+                .ok()?
+                .ok()?;
+            s.write_all(b"GET /api/v1/tunnels HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .ok()?;
+            Some(s)
+        });
+    }
+    let mut held = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        if let Some(s) = r.unwrap() {
+            held.push(s);
+        }
+    }
+    held
+}
+
+/// `n` TCP connections from `from` to `to` that send nothing (the client's ends, kept open).
+async fn idle_connections(from: IpAddr, to: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut all = Vec::with_capacity(n);
+    for chunk in 0..n.div_ceil(500) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..500.min(n - chunk * 500) {
+            tasks.spawn(connect_from(from, to));
+        }
+        while let Some(r) = tasks.join_next().await {
+            if let Ok(s) = r.unwrap() {
+                all.push(s);
+            }
+        }
+    }
+    all
+}
+
+/// Findings 1 and 4: half-sent requests on the relay's port and idle connections on the
+/// embedded broker's port, under an open-file limit of 1024, do not keep a legitimate operator
+/// and gateway out, and the relay closes the half-open ones at its handshake timeout.
+#[test]
+fn half_sent_requests_and_idle_mqtt_connections_do_not_lock_anyone_out() {
+    let dir = scratch("hostile-flood");
+    let echo = echo_server();
+    let relay = Relay::start_with_open_files(&dir, 1024);
+    let mqtt = relay.mqtt.unwrap();
+    let password = relay.add_device("cell-ok");
+    let rules = mqtt_rules(
+        &dir,
+        mqtt,
+        "cell-ok",
+        &password,
+        &[("ECHO", echo.to_string())],
+    );
+    let gw = relay.mqtt_gateway(&dir, &rules);
+    wait_log(&gw, "subscribed");
+
+    let rt = runtime();
+    let (web_attacker, mqtt_attacker): (IpAddr, IpAddr) =
+        ("127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap());
+    let pid = relay.proc.pid();
+    let held_by_relay = || {
+        (
+            held_from(pid, relay.addr.port(), web_attacker),
+            held_from(pid, mqtt.port(), mqtt_attacker),
+        )
+    };
+    // The attackers keep at it: each round opens 1000 half-sent requests and 10000 idle MQTT
+    // connections afresh (what the relay closed at its timeout comes back), until told to stop;
+    // they then keep their last round's connections open.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attack = {
+        let (stop, relay_addr, ca) = (stop.clone(), relay.addr, relay.ca.clone());
+        rt.spawn(async move {
+            let mut last = (Vec::new(), Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                last = tokio::join!(
+                    half_sent_requests(relay_addr, &ca, web_attacker, 1000),
+                    idle_connections(mqtt_attacker, mqtt, 10_000),
+                );
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            last
+        })
+    };
+    wait_for("the attack to reach the relay", || {
+        let (web, broker) = held_by_relay();
+        (web > 0 && broker > 0).then_some(())
+    });
+    let (web, broker) = held_by_relay();
+    println!(
+        "attack in place: the relay holds {web} half-sent requests and {broker} idle MQTT connections of the attackers'"
+    );
+    assert!(
+        web <= 32 && broker <= 32,
+        "the per-source handshake limits apply"
+    );
+
+    // While it sits: an operator opens a tunnel, the gateway is notified and connects, a
+    // second gateway connects to the broker for the first time, and bytes flow.
+    let t0 = Instant::now();
+    let t = relay.open_tunnel("cell-ok", &["ECHO"]);
+    relay.wait_side(&t.id, "destination", "CONNECTED");
+    let notified = t0.elapsed();
+    let password2 = relay.add_device("cell-new");
+    let rules2 = mqtt_rules(
+        &dir,
+        mqtt,
+        "cell-new",
+        &password2,
+        &[("ECHO", echo.to_string())],
+    );
+    let gw2 = relay.mqtt_gateway_with(&dir, &rules2, "culvertd-new", None);
+    wait_log(&gw2, "subscribed");
+    let t2 = relay.open_tunnel("cell-new", &["ECHO"]);
+    relay.wait_side(&t2.id, "destination", "CONNECTED");
+    let (_px, ports) = relay.proxy(&dir, &t.source, &["ECHO"]);
+    let data = random_bytes(256 * 1024);
+    assert_eq!(
+        sha256(&round_trip(connect_local(ports["ECHO"]), data.clone())),
+        sha256(&data)
+    );
+    let served = t0.elapsed();
+    let (web_now, broker_now) = held_by_relay();
+    println!(
+        "under attack: tunnel opened, gateway notified and connected in {notified:?}; all of the \
+         legitimate work done in {served:?}, with {web_now} half-sent requests and {broker_now} \
+         idle MQTT connections still held"
+    );
+    assert!(
+        web_now + broker_now > 0,
+        "the legitimate work was done while the attack sat"
+    );
+
+    // The handshake timeout releases every half-open slot, though the attackers keep their
+    // connections.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _kept = rt.block_on(attack).unwrap();
+    wait_for("the relay to close every half-open connection", || {
+        (held_by_relay() == (0, 0)).then_some(())
+    });
+    let log = relay.proc.log_text();
+    assert!(!log.contains("Too many open files"), "{log}");
+    assert!(
+        log.contains("connections refused"),
+        "refusals are reported:\n{log}"
+    );
+}
+
+/// One TCP socket a process holds (from /proc: its descriptors and the kernel's table).
+struct Socket {
+    local_port: u16,
+    remote: IpAddr,
+    listening: bool,
+}
+
+fn sockets_of(pid: u32) -> Vec<Socket> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            l.strip_prefix("socket:[")?
+                .strip_suffix(']')
+                .map(str::to_owned)
+        })
+        .collect();
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap();
+        for line in text.lines().skip(1) {
+            // sl local_address rem_address st … inode
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() <= 9 || !inodes.iter().any(|i| i == f[9]) {
+                continue;
+            }
+            let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).unwrap();
+            let hex = f[2].split(':').next().unwrap();
+            let remote = if hex.len() == 8 {
+                let n = u32::from_str_radix(hex, 16).unwrap();
+                IpAddr::from(n.swap_bytes().to_be_bytes())
+            } else {
+                IpAddr::from([0u8; 16]) // IPv6 peers: not attackers in these tests
+            };
+            out.push(Socket {
+                local_port: port(f[1]),
+                remote,
+                listening: f[3] == "0A",
+            });
+        }
+    }
+    out
+}
+
+/// Ports a process listens on.
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let mut ports: Vec<u16> = sockets_of(pid)
+        .iter()
+        .filter(|s| s.listening)
+        .map(|s| s.local_port)
+        .collect();
+    ports.sort_unstable();
+    ports
+}
+
+/// Connections a process holds on local `port` from `from`.
+fn held_from(pid: u32, port: u16, from: IpAddr) -> usize {
+    sockets_of(pid)
+        .iter()
+        .filter(|s| !s.listening && s.local_port == port && s.remote == from)
+        .count()
+}
+
+/// Finding 2: the embedded broker has no internal port at all, so no device credential (nor
+/// anything else) can reach rumqttd except through the TLS listener and its topic rules.
+#[test]
+fn the_embedded_broker_listens_on_nothing_but_its_tls_port() {
+    let dir = scratch("hostile-internal");
+    let relay = Relay::start(&dir);
+    let mut expected = vec![relay.addr.port(), relay.mqtt.unwrap().port()];
+    expected.sort_unstable();
+    assert_eq!(
+        listening_ports(relay.proc.pid()),
+        expected,
+        "the relay listens only on its HTTPS port and the broker's TLS port"
+    );
+    // Through the TLS port, a device's own credentials do not open other things' topics (the
+    // full set of broker rules is in mqtt_embedded.rs).
+    let password = relay.add_device("cell-a");
+    let rt = runtime();
+    rt.block_on(async {
+        let (client, mut ev) = mqtt_client(&relay, "cell-a", &password);
+        client
+            .subscribe("#", rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let codes = next_suback(&mut ev).await;
+        assert_eq!(codes, vec![rumqttc::SubscribeReasonCode::Failure]);
+    });
+}
+
+fn mqtt_client(
+    relay: &Relay,
+    thing: &str,
+    password: &str,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let broker = relay.mqtt.unwrap();
+    let mut opts = rumqttc::MqttOptions::new(thing, broker.ip().to_string(), broker.port());
+    opts.set_credentials(thing, password)
+        .set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(true);
+    let tls = culvert_protocol::client::tls_config(Some(&relay.ca)).unwrap();
+    opts.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(tls),
+    ));
+    rumqttc::AsyncClient::new(opts, 64)
+}
+
+/// Finding 3 (and the log part of finding 6): 2,000 SUBSCRIBEs from one device re-announce each
+/// of its unclaimed tunnels once, lose no other thing's notification, and what the device put
+/// in a filter reaches the relay's log escaped.
+#[test]
+fn a_subscribe_flood_re_announces_each_tunnel_once_and_delays_no_one_else() {
+    let dir = scratch("hostile-subscribe");
+    let echo = echo_server();
+    let relay = Relay::start(&dir);
+    let calm_pw = relay.add_device("calm");
+    let rules = mqtt_rules(
+        &dir,
+        relay.mqtt.unwrap(),
+        "calm",
+        &calm_pw,
+        &[("ECHO", echo.to_string())],
+    );
+    let calm = relay.mqtt_gateway(&dir, &rules);
+    wait_log(&calm, "subscribed");
+    let flood_pw = relay.add_device("flood");
+    // Tunnels opened before the device ever subscribed: it missed their notifications.
+    let missed: Vec<Tunnel> = (0..3)
+        .map(|_| relay.open_tunnel("flood", &["ECHO"]))
+        .collect();
+    let topic = "$aws/things/flood/tunnels/notify";
+
+    let rt = runtime();
+    let (notifications, calm_tunnel, api_latency) = rt.block_on(async {
+        let (client, mut ev) = mqtt_client(&relay, "flood", &flood_pw);
+        let counter = tokio::spawn(async move {
+            let (mut subacks, mut publishes) = (0, Vec::new());
+            let deadline = tokio::time::Instant::now() + WAIT * 2;
+            while subacks < 2001 && tokio::time::Instant::now() < deadline {
+                match tokio::time::timeout_at(deadline, ev.poll()).await {
+                    Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))) => subacks += 1,
+                    Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) => {
+                        publishes.push(p.payload.to_vec())
+                    }
+                    Ok(Ok(_)) => {}
+                    _ => break,
+                }
+            }
+            // Everything subscribed: a pass may still be due for the last ones.
+            let settle = tokio::time::Instant::now() + Duration::from_secs(4);
+            while let Ok(Ok(e)) = tokio::time::timeout_at(settle, ev.poll()).await {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = e {
+                    publishes.push(p.payload.to_vec());
+                }
+            }
+            (subacks, publishes)
+        });
+        // A filter with a newline and a terminal escape: refused, and logged escaped.
+        client
+            .subscribe(
+                "x\n2099-01-01T00:00:00Z ERROR forged\u{1b}[2J",
+                rumqttc::QoS::AtMostOnce,
+            )
+            .await
+            .unwrap();
+        for _ in 0..2000 {
+            client
+                .subscribe(topic, rumqttc::QoS::AtLeastOnce)
+                .await
+                .unwrap();
+        }
+        // During the flood, another thing's tunnel is opened and its gateway notified.
+        let t0 = Instant::now();
+        let calm_tunnel = relay.open_tunnel("calm", &["ECHO"]);
+        let api_latency = t0.elapsed();
+        let (subacks, publishes) = counter.await.unwrap();
+        assert_eq!(subacks, 2001, "every SUBSCRIBE was answered");
+        (publishes, calm_tunnel, api_latency)
+    });
+    relay.wait_side(&calm_tunnel.id, "destination", "CONNECTED");
+    let ids: Vec<String> = notifications
+        .iter()
+        .map(|p| {
+            serde_json::from_slice::<Value>(p).unwrap()["tunnelId"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    println!(
+        "2000 SUBSCRIBEs: {} notification(s) for the flooding device; POST /tunnels took {api_latency:?} during the flood",
+        ids.len()
+    );
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    let mut want: Vec<String> = missed.iter().map(|t| t.id.clone()).collect();
+    want.sort();
+    assert_eq!(unique, want, "each missed tunnel was re-announced");
+    assert_eq!(ids.len(), 3, "once each: {ids:?}");
+    let log = relay.proc.log_text();
+    assert_eq!(
+        log.matches("re-announcing an unclaimed tunnel").count(),
+        3,
+        "{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.starts_with("2099-01-01T00:00:00Z ERROR forged")),
+        "a device wrote a line of its own into the relay's log:\n{log}"
+    );
+    assert!(
+        log.contains(r#"x\n2099-01-01T00:00:00Z ERROR forged\u{1b}[2J"#),
+        "{log}"
+    );
+}
+
+/// Finding 5: a flood of connection starts on one tunnel, against a gateway with an open-file
+/// limit of 1024, is cut off by the gateway's default limits; the other tunnel keeps working,
+/// and so do the gateway's reconnects to the relay and the broker.
+#[test]
+fn a_connection_flood_on_one_tunnel_leaves_the_other_and_the_reconnects_working() {
+    use culvert_e2e::raw::{self, Ws};
+    use culvert_protocol::frame::encode_to_bytes;
+    use culvert_protocol::{Message, Mode};
+    use futures_util::StreamExt;
+
+    let dir = scratch("hostile-gateway");
+    let echo = echo_server();
+    let relay = Relay::start(&dir);
+    let password = relay.add_device("gw");
+    let rules = mqtt_rules(
+        &dir,
+        relay.mqtt.unwrap(),
+        "gw",
+        &password,
+        &[("ECHO", echo.to_string())],
+    );
+    let gw = relay.mqtt_gateway_with(&dir, &rules, "culvertd", Some(1024));
+    wait_log(&gw, "subscribed");
+    let flooded = relay.open_tunnel("gw", &["ECHO"]);
+    let other = relay.open_tunnel("gw", &["ECHO"]);
+    relay.wait_side(&flooded.id, "destination", "CONNECTED");
+    relay.wait_side(&other.id, "destination", "CONNECTED");
+
+    let starts = 2000u32;
+    let resets = raw::runtime().block_on(async {
+        let ct = culvert_protocol::new_client_token();
+        let mut src = raw::connect(&relay, &flooded.source, Mode::Source, Some(&ct))
+            .await
+            .unwrap();
+        let mut batch = encode_to_bytes(&Message::stream_start(1, "ECHO", 1))
+            .unwrap()
+            .to_vec();
+        raw::send(&mut src, Ws::Binary(batch.clone().into())).await;
+        for c in 2..=starts {
+            batch.clear();
+            batch.extend_from_slice(
+                &encode_to_bytes(&Message::connection_start(1, "ECHO", c)).unwrap(),
+            );
+            raw::send(&mut src, Ws::Binary(batch.clone().into())).await;
+        }
+        // The gateway answers every connection it will not carry with a reset.
+        let mut resets = 0u32;
+        let mut reader = culvert_protocol::frame::FrameReader::new();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while resets + 256 < starts {
+            let Ok(Some(Ok(m))) = tokio::time::timeout_at(deadline, src.next()).await else {
+                break;
+            };
+            let Ws::Binary(data) = m else { continue };
+            reader
+                .feed::<culvert_protocol::frame::FrameError>(data, |body| {
+                    if culvert_protocol::frame::decode(body)?.kind()
+                        == Some(culvert_protocol::MessageType::ConnectionReset)
+                    {
+                        resets += 1;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+        }
+        // Keep the flood's connections open while the other tunnel is used.
+        (resets, src)
+    });
+    let (resets, _flood) = resets;
+    println!("{starts} connection starts on one tunnel: {resets} refused by the gateway's limits");
+    assert!(
+        resets >= starts - 256,
+        "the tunnel's default limit (256) applies"
+    );
+
+    // The other tunnel still carries bytes, and the gateway's relay and broker reconnects work.
+    let (mut px, ports) = relay.proxy(&dir, &other.source, &["ECHO"]);
+    let data = random_bytes(256 * 1024);
+    assert_eq!(
+        sha256(&round_trip(connect_local(ports["ECHO"]), data.clone())),
+        sha256(&data)
+    );
+    let (addr, mqtt) = (relay.addr, relay.mqtt.unwrap());
+    let mut relay = relay;
+    relay.proc.signal("KILL");
+    relay.proc.wait_exit();
+    drop(relay);
+    let relay = Relay::start_with(&dir, addr, &["--mqtt-listen".into(), mqtt.to_string()]);
+    relay.wait_side(&other.id, "destination", "CONNECTED");
+    relay.wait_side(&other.id, "source", "CONNECTED");
+    assert_eq!(
+        sha256(&round_trip(connect_local(ports["ECHO"]), data.clone())),
+        sha256(&data)
+    );
+    let third = relay.open_tunnel("gw", &["ECHO"]);
+    relay.wait_side(&third.id, "destination", "CONNECTED");
+    assert!(px.is_running());
+    let log = gw.log_text();
+    assert!(!log.contains("Too many open files"), "{log}");
+    assert!(log.contains("limit"), "{log}");
+}
+
+/// Finding 6, the control API: the key is checked before the body is read, and `close` takes
+/// an empty body, as docs/api.md says.
+#[test]
+fn the_api_checks_the_key_first_and_close_takes_an_empty_body() {
+    let dir = scratch("hostile-api");
+    let relay = Relay::start(&dir);
+    let t = relay.open_tunnel("api", &["SSH"]);
+    let curl = require_tool("curl", "curl");
+    let url = format!("https://{}/api/v1/tunnels/{}/close", relay.addr, t.id);
+    let status = |auth: Option<&str>, body: &str| -> String {
+        let mut c = Command::new(&curl);
+        c.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(&relay.ca)
+            .args([
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "--data",
+                body,
+            ]);
+        if let Some(a) = auth {
+            c.args(["-H", &format!("Authorization: Bearer {a}")]);
+        }
+        run_ok("curl", c.arg(&url))
+    };
+    assert_eq!(
+        status(None, "{not json"),
+        "401",
+        "no key: refused before the body is parsed"
+    );
+    assert_eq!(status(Some("wrong-key-wrong-key"), "{not json"), "401");
+    assert_eq!(status(Some(&relay.api_key), "{not json"), "400");
+    assert_eq!(
+        status(Some(&relay.api_key), ""),
+        "200",
+        "an empty body closes"
+    );
+    assert_eq!(relay.describe(&t.id)["status"], "CLOSED");
+}
+
+/// Finding 6, the CLI: `--token` warns that `ps` shows it (and `--token-file` does not), and a
+/// reader that goes away (`| head`) ends `culvert tunnel list` quietly.
+#[test]
+fn the_cli_warns_about_tokens_in_ps_and_survives_a_closed_pipe() {
+    let dir = scratch("hostile-cli");
+    let relay = Relay::start(&dir);
+    for i in 0..30 {
+        relay.open_tunnel(&format!("cell-{i}"), &["SSH"]);
+    }
+    let connect = |args: &[&str]| {
+        let out = relay
+            .culvert()
+            .args(["connect", "-s", "SSH=0"])
+            .args(args)
+            .env_remove("CULVERT_ACCESS_TOKEN")
+            .output()
+            .unwrap();
+        (out.status.code(), stderr_of(&out))
+    };
+    let (code, err) = connect(&["--token", "not-a-token"]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("warning: --token shows the token"), "{err}");
+    let file = dir.join("token");
+    std::fs::write(&file, "not-a-token\n").unwrap();
+    let (code, err) = connect(&["--token-file", file.to_str().unwrap()]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(!err.contains("warning"), "{err}");
+
+    let mut list = relay
+        .culvert()
+        .args(["tunnel", "list"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `| head` that has gone away: the pipe is closed before the list arrives from the relay.
+    drop(list.stdout.take());
+    let status = list.wait().unwrap();
+    let mut err = String::new();
+    list.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "exit {status}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
