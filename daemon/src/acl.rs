@@ -8,6 +8,7 @@
 //!    (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), NAT64 with the well-known prefix
 //!    (`64:ff9b::a.b.c.d`) or a local-use one (`64:ff9b:1::/48`, with the IPv4 address in the
 //!    last 32 bits, as a /96 translation prefix has it), and 6to4 (`2002:aabb:ccdd::/48`).
+//!    Deny entries match both the address as written and the IPv4 address it carries.
 //! 2. Unspecified, multicast and broadcast addresses are never reached.
 //! 3. An address in any `deny` network (global or the rule's) is denied: deny wins.
 //! 4. An address in no `allow` network (global or the rule's) is denied: default deny.
@@ -17,7 +18,9 @@
 //!    - cloud metadata services (169.254.169.254, fd00:ec2::254, 100.100.100.200);
 //!    - link-local networks (169.254.0.0/16, fe80::/10);
 //!    - the gateway's own management ports (`acl.management_ports`, default 22) on its
-//!      loopback and interface addresses.
+//!      loopback and interface addresses;
+//!    - local-use NAT64 (`64:ff9b:1::/48`) and Teredo (`2001::/32`) addresses, whose IPv4
+//!      target depends on the translator: an allow entry within that range, as written.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -38,6 +41,8 @@ const METADATA: &[&str] = &[
 ];
 const LINK_LOCAL: &[&str] = &["169.254.0.0/16", "fe80::/10"];
 const LOOPBACK: &[&str] = &["127.0.0.0/8", "::1/128"];
+/// Local-use NAT64 (RFC 8215) and Teredo (RFC 4380).
+const UNCERTAIN: &[&str] = &["64:ff9b:1::/48", "2001::/32"];
 
 fn nets(list: &'static [&'static str]) -> impl Iterator<Item = IpNet> {
     list.iter().map(|n| n.parse().expect("built-in network"))
@@ -118,7 +123,8 @@ pub fn own_addresses() -> Vec<IpAddr> {
 impl Policy {
     /// May a connection go to `addr`? `own` are the gateway's own addresses.
     pub fn check(&self, addr: SocketAddr, own: &[IpAddr]) -> Result<(), String> {
-        let ip = canonical(addr.ip());
+        let raw = addr.ip();
+        let ip = canonical(raw);
         let never = match ip {
             IpAddr::V4(v4) => v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast(),
             IpAddr::V6(v6) => v6.is_unspecified() || v6.is_multicast(),
@@ -126,8 +132,14 @@ impl Policy {
         if never {
             return Err(format!("{ip} is not a unicast host address"));
         }
-        if let Some((net, from)) = self.deny.iter().find(|(n, _)| n.contains(&ip)) {
-            return Err(format!("{ip} is in denied network {net} ({from})"));
+        // Deny entries apply to the address as written and to the IPv4 address it carries
+        // (`deny = ["2002::/16"]` still denies 6to4).
+        if let Some((net, from)) = self
+            .deny
+            .iter()
+            .find(|(n, _)| n.contains(&ip) || n.contains(&raw))
+        {
+            return Err(format!("{raw} is in denied network {net} ({from})"));
         }
         let allowing: Vec<&IpNet> = self
             .allow
@@ -158,6 +170,19 @@ impl Policy {
                 return Err(format!(
                     "{ip}:{} is {what}; only an allow entry within {range} opens it",
                     addr.port()
+                ));
+            }
+        }
+        // Translated addresses whose IPv4 target the ACL cannot know for sure: a local-use NAT64
+        // prefix may embed the IPv4 address elsewhere than a /96 would, and Teredo obfuscates it.
+        for range in nets(UNCERTAIN).filter(|n| n.contains(&raw)) {
+            let opened = self
+                .allow
+                .iter()
+                .any(|(a, _)| range.contains(a) && a.contains(&raw));
+            if !opened {
+                return Err(format!(
+                    "{raw} is in {range}, whose IPv4 target depends on the translator; only an allow entry within {range} opens it"
                 ));
             }
         }
@@ -245,6 +270,21 @@ mod tests {
             "2001:db8::1".parse::<IpAddr>().unwrap()
         );
         assert!(ok(&p, "[2001:db8::1]:80"));
+    }
+
+    #[test]
+    fn ipv6_deny_entries_still_apply_and_uncertain_translations_need_an_explicit_allow() {
+        let p = policy(&["0.0.0.0/0", "::/0"], &["2002::/16", "64:ff9b::/96"]);
+        assert!(!ok(&p, "[2002:c000:201::1]:80"), "6to4 denied as written");
+        assert!(!ok(&p, "[64:ff9b::c000:201]:80"), "NAT64 denied as written");
+        assert!(ok(&p, "192.0.2.1:80"), "the IPv4 host itself is not denied");
+        // Local-use NAT64 and Teredo: a wide allow does not open them, an entry within does.
+        let wide = policy(&["0.0.0.0/0", "::/0"], &[]);
+        assert!(!ok(&wide, "[64:ff9b:1:7::c000:201]:80"));
+        assert!(!ok(&wide, "[2001:0:4136:e378:8000:63bf:3fff:fdd2]:80"));
+        let narrow = policy(&["0.0.0.0/0", "64:ff9b:1:7::/96"], &[]);
+        assert!(ok(&narrow, "[64:ff9b:1:7::c000:201]:80"));
+        assert!(!ok(&narrow, "[64:ff9b:1:8::c000:201]:80"));
     }
 
     #[test]

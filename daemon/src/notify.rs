@@ -13,19 +13,20 @@
 //! - Reconnects to the broker with exponential backoff and jitter; tunnels already up do not
 //!   depend on the broker.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use culvert_protocol::client::{Backoff, Endpoint};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeReasonCode, Transport};
 use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::{Config, MqttConfig};
 use crate::gateway::{Shutdown, TunnelArgs, TunnelError, run_tunnel};
-use crate::rules::Gateway;
+use crate::rules::{Gateway, token_label};
 
 /// Largest notification payload accepted (the AWS payload is a few hundred bytes).
 pub const MAX_NOTIFICATION: usize = 8 * 1024;
@@ -148,6 +149,9 @@ pub async fn run(
     let (client, mut eventloop) = AsyncClient::new(opts, 16);
     let tunnels = TaskTracker::new();
     let mut seen: (HashSet<String>, VecDeque<String>) = Default::default();
+    // The tunnels served now, by tunnel id (or token fingerprint): each task's stop, and a token
+    // cancelled when the task ends.
+    let mut served: HashMap<String, (Shutdown, CancellationToken)> = Default::default();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
     info!(broker = %m.broker, thing = %m.thing_name, topic = %m.topic, "waiting for tunnel notifications");
     loop {
@@ -189,17 +193,27 @@ pub async fn run(
                     debug!("duplicate notification ignored");
                     continue;
                 }
+                // A new token for a tunnel already served (rotation, re-announcement) replaces
+                // that tunnel's task: its old token no longer works, and it does not count twice.
+                let key = n.tunnel_id.clone().unwrap_or_else(|| token_label(&n.token));
+                served.retain(|_, (_, done)| !done.is_cancelled());
+                let max_tunnels = gw.config().daemon.max_tunnels;
+                let replaced = served.remove(&key);
+                if replaced.is_none() && served.len() >= max_tunnels {
+                    // Not marked as seen: a redelivery after a tunnel ended may still be served.
+                    warn!(tunnel = ?n.tunnel_id, max_tunnels, "tunnel notification ignored: this gateway already serves daemon.max_tunnels tunnels");
+                    continue;
+                }
+                if let Some((old, _)) = replaced {
+                    info!(tunnel = %key, "a new token for a tunnel already served: the old session stops");
+                    old.drain.cancel();
+                }
                 seen.0.insert(n.token.clone());
                 seen.1.push_back(n.token.clone());
                 if seen.1.len() > SEEN_TOKENS
                     && let Some(old) = seen.1.pop_front()
                 {
                     seen.0.remove(&old);
-                }
-                let max_tunnels = gw.config().daemon.max_tunnels;
-                if tunnels.len() >= max_tunnels {
-                    warn!(tunnel = ?n.tunnel_id, max_tunnels, "tunnel notification ignored: this gateway already serves daemon.max_tunnels tunnels");
-                    continue;
                 }
                 info!(tunnel = ?n.tunnel_id, services = ?n.services, "tunnel notification: connecting to the relay");
                 let args = TunnelArgs {
@@ -209,10 +223,18 @@ pub async fn run(
                     client_token: None,
                     tunnel_id: n.tunnel_id,
                 };
-                let (gw, stop) = (gw.clone(), shutdown.clone());
+                // Its own stop: the gateway's, or a newer token for the same tunnel.
+                let stop = Shutdown {
+                    drain: shutdown.drain.child_token(),
+                    hard: shutdown.hard.child_token(),
+                };
+                let done = CancellationToken::new();
+                served.insert(key, (stop.clone(), done.clone()));
+                let gw = gw.clone();
                 let span = info_span!("tunnel", n = %tunnels.len());
                 tunnels.spawn(
                     async move {
+                        let _done = done.drop_guard();
                         match run_tunnel(args, gw, stop).await {
                             Ok(()) => {}
                             Err(TunnelError::Refused { status, message }) => {

@@ -9,9 +9,11 @@
 //! - a culvert end talking to AWS's relay gets no header back and uses no extension: it sends
 //!   nothing but AWS messages, and ignores any extension message it might receive;
 //! - culvert-relay sends its own extension messages (the flow-control HELLO) only to peers it
-//!   accepted extensions from, and forwards extension messages only between two such peers: a
-//!   peer that did not offer them (the localproxy, the Device Client, a browser) never receives
-//!   one, in any order of connection.
+//!   accepted flow control from, and forwards extension messages only between two such peers:
+//!   a peer that did not offer it (the localproxy, the Device Client, a browser) never receives
+//!   one, in any order of connection;
+//! - a relay that stops sends close code 1012 only to peers that offered `restart/1`; any other
+//!   peer's connection ends without a close frame (the localproxy exits for good on one).
 //!
 //! Extension messages are message types in culvert's own range (`0x4355_xxxx`, "CU"), always
 //! sent with `ignorable = true`; the protocol's fields are never extended.
@@ -21,6 +23,9 @@ pub const HEADER: &str = "culvert-extensions";
 
 /// The token for the flow-control extension ([`crate::flow`]).
 pub const FLOW_CONTROL: &str = crate::flow::FEATURE;
+/// The token for "a relay that stops asks me to come back with close code 1012"
+/// ([`crate::close::RESTART`]): no message of its own, only what the relay does on a stop.
+pub const RESTART: &str = "restart/1";
 
 /// Is `t` a message type of culvert's own range (an extension message)?
 pub fn is_extension_type(t: i32) -> bool {
@@ -30,17 +35,24 @@ pub fn is_extension_type(t: i32) -> bool {
 /// A set of extensions: what an end offers, or what the relay accepted for one session.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Extensions {
-    /// Per-connection credit windows and a per-tunnel budget ([`crate::flow`]).
+    /// Per-connection credit windows and a per-tunnel budget ([`crate::flow`]); its messages
+    /// are the only extension messages so far.
     pub flow_control: bool,
+    /// The peer reconnects on close code 1012 instead of ending for good.
+    pub restart: bool,
 }
 
 impl Extensions {
     /// No extension: exactly the AWS protocol.
     pub const NONE: Extensions = Extensions {
         flow_control: false,
+        restart: false,
     };
     /// Every extension this build implements.
-    pub const ALL: Extensions = Extensions { flow_control: true };
+    pub const ALL: Extensions = Extensions {
+        flow_control: true,
+        restart: true,
+    };
 
     pub fn is_empty(self) -> bool {
         self == Extensions::NONE
@@ -51,8 +63,10 @@ impl Extensions {
     pub fn parse(value: &str) -> Extensions {
         let mut e = Extensions::NONE;
         for token in value.split(',').map(str::trim) {
-            if token == FLOW_CONTROL {
-                e.flow_control = true;
+            match token {
+                FLOW_CONTROL => e.flow_control = true,
+                RESTART => e.restart = true,
+                _ => {}
             }
         }
         e
@@ -62,6 +76,7 @@ impl Extensions {
     pub fn intersect(self, other: Extensions) -> Extensions {
         Extensions {
             flow_control: self.flow_control && other.flow_control,
+            restart: self.restart && other.restart,
         }
     }
 
@@ -71,6 +86,9 @@ impl Extensions {
         let mut tokens = Vec::new();
         if self.flow_control {
             tokens.push(FLOW_CONTROL);
+        }
+        if self.restart {
+            tokens.push(RESTART);
         }
         (!tokens.is_empty()).then(|| tokens.join(", "))
     }
@@ -88,10 +106,17 @@ mod tests {
         );
         assert_eq!(Extensions::NONE.header_value(), None);
         assert_eq!(
-            Extensions::parse(" resume/1 , flow-control/1,half-close/1"),
+            Extensions::parse(" resume/1 , flow-control/1,half-close/1, restart/1"),
             Extensions::ALL
         );
         assert_eq!(Extensions::parse("flow-control/2"), Extensions::NONE);
+        assert_eq!(
+            Extensions::parse("restart/1"),
+            Extensions {
+                flow_control: false,
+                restart: true
+            }
+        );
         assert_eq!(Extensions::parse(""), Extensions::NONE);
         assert!(Extensions::ALL.intersect(Extensions::NONE).is_empty());
     }

@@ -205,20 +205,59 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
+/// How long a request body may take to arrive once the head has: a body sent a byte at a time
+/// is answered with 408 instead of holding the handler.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-fn body<T>(b: JsonBody<T>) -> Result<T, Response> {
-    b.map(|Json(v)| v).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("request body: {}", e.body_text()),
-        )
-    })
+/// A request body, read (at most the router's body limit) within [`BODY_TIMEOUT`], and parsed
+/// as JSON by the handler, after the API key was checked. The deadline covers only the body:
+/// what a handler then does runs to completion.
+pub struct ApiBody(axum::body::Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for ApiBody {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        let read = axum::body::Bytes::from_request(req, state);
+        match tokio::time::timeout(BODY_TIMEOUT, read).await {
+            Ok(Ok(b)) => Ok(ApiBody(b)),
+            Ok(Err(rejection)) => Err(error(
+                rejection.status(),
+                "invalid_request",
+                format!("request body: {}", rejection.body_text()),
+            )),
+            Err(_) => Err(error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+            )),
+        }
+    }
 }
 
-pub async fn open(State(state): State<Arc<AppState>>, b: JsonBody<OpenBody>) -> Response {
-    let b = match body(b) {
+impl ApiBody {
+    fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, Response> {
+        serde_json::from_slice(&self.0).map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("request body: {e}"),
+            )
+        })
+    }
+
+    /// An optional body: nothing (or only whitespace) means the defaults.
+    fn json_or_default<T: serde::de::DeserializeOwned + Default>(&self) -> Result<T, Response> {
+        if self.0.iter().all(u8::is_ascii_whitespace) {
+            Ok(T::default())
+        } else {
+            self.json()
+        }
+    }
+}
+
+pub async fn open(State(state): State<Arc<AppState>>, b: ApiBody) -> Response {
+    let b: OpenBody = match b.json() {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -334,21 +373,11 @@ pub struct CloseBody {
 pub async fn close(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    b: axum::body::Bytes,
+    b: ApiBody,
 ) -> Response {
-    let delete = if b.iter().all(u8::is_ascii_whitespace) {
-        false
-    } else {
-        match serde_json::from_slice::<CloseBody>(&b) {
-            Ok(b) => b.delete,
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    format!("request body: {e} (expected nothing, or {{\"delete\": true}})"),
-                );
-            }
-        }
+    let delete = match b.json_or_default::<CloseBody>() {
+        Ok(b) => b.delete,
+        Err(r) => return r,
     };
     let registry = state.registry.clone();
     match blocking(move || registry.close(&id, delete)).await {
@@ -370,9 +399,9 @@ pub struct RotateBody {
 pub async fn rotate(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    b: JsonBody<RotateBody>,
+    b: ApiBody,
 ) -> Response {
-    let b = match body(b) {
+    let b: RotateBody = match b.json() {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -410,8 +439,8 @@ pub struct DeviceBody {
 }
 
 /// Register a device for the embedded broker, or give it a new password.
-pub async fn add_device(State(state): State<Arc<AppState>>, b: JsonBody<DeviceBody>) -> Response {
-    let b = match body(b) {
+pub async fn add_device(State(state): State<Arc<AppState>>, b: ApiBody) -> Response {
+    let b: DeviceBody = match b.json() {
         Ok(b) => b,
         Err(r) => return r,
     };

@@ -23,6 +23,7 @@
 //! `culvert-dollar/…` ([`internal_topic`]); SUBSCRIBE / UNSUBSCRIBE filters are rewritten on the
 //! way in and PUBLISH topics on the way out, so devices only ever see the AWS names.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,8 +44,7 @@ use tracing::{debug, info, warn};
 
 use crate::devices::Devices;
 use crate::notify::topic_for;
-use crate::server::RefusalLog;
-use crate::slots::{Admitted, Gate, ListenerLimits};
+use crate::slots::{Admitted, Gate, ListenerLimits, RefusalLog};
 
 /// Inside rumqttd, `$…` topics carry this prefix instead of the `$`.
 const DOLLAR: &str = "culvert-dollar/";
@@ -113,13 +113,75 @@ impl Publisher {
             Bytes::from(payload),
             false,
         );
-        self.tx
-            .lock()
+        let mut tx = self.tx.lock().await;
+        to_router(&mut tx, Packet::Publish(publish, None))
             .await
-            .send(Packet::Publish(publish, None))
-            .await
-            .map(|_| ())
             .map_err(|e| format!("embedded broker: {e}"))
+    }
+}
+
+/// Hand a packet to the router. `LinkTx::send` is declared async but blocks on the router's
+/// bounded channel when the router falls behind; on a multi-threaded runtime that wait is
+/// moved off the worker, so the rest of the relay goes on.
+async fn to_router(tx: &mut LinkTx, p: Packet) -> Result<(), String> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let text = |e: LinkError| e.to_string();
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(|| {
+            Handle::current()
+                .block_on(tx.send(p))
+                .map(|_| ())
+                .map_err(text)
+        }),
+        _ => tx.send(p).await.map(|_| ()).map_err(text),
+    }
+}
+
+/// One device connection at a time per thing. rumqttd's router would take a second connection
+/// with the same client id over itself, and a link that is woken after such a takeover panics
+/// its thread; so a new connection first ends the thing's current one and waits until that
+/// has left the router. The newest connection wins.
+#[derive(Default)]
+struct Turns {
+    things: std::sync::Mutex<HashMap<String, Arc<Turn>>>,
+}
+
+#[derive(Default)]
+struct Turn {
+    lock: Arc<tokio::sync::Mutex<()>>,
+    /// Bumped by every connection that wants the turn.
+    wanted: std::sync::atomic::AtomicU64,
+    /// Cancelled to end the connection that holds the turn.
+    holder: std::sync::Mutex<CancellationToken>,
+}
+
+impl Turns {
+    /// Wait for `thing`'s turn, ending the connection that holds it. `None`: a newer
+    /// connection of the same thing came while waiting, and takes the turn instead.
+    async fn take(
+        &self,
+        thing: &str,
+    ) -> Option<(tokio::sync::OwnedMutexGuard<()>, CancellationToken)> {
+        use std::sync::atomic::Ordering;
+        let turn = self
+            .things
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(thing.to_owned())
+            .or_default()
+            .clone();
+        let me = turn.wanted.fetch_add(1, Ordering::AcqRel) + 1;
+        turn.holder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cancel();
+        let guard = turn.lock.clone().lock_owned().await;
+        if turn.wanted.load(Ordering::Acquire) != me {
+            return None;
+        }
+        let token = CancellationToken::new();
+        *turn.holder.lock().unwrap_or_else(|p| p.into_inner()) = token.clone();
+        Some((guard, token))
     }
 }
 
@@ -174,6 +236,7 @@ pub async fn start(
     info!(%listen, max_connections = limits.max_connections, "embedded MQTT broker listening (TLS)");
     let gate = Arc::new(Gate::new(limits));
     let refusals = RefusalLog::new("mqtt");
+    let turns = Arc::new(Turns::default());
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -199,6 +262,7 @@ pub async fn start(
                 devices: devices.clone(),
                 template: topic_template.clone(),
                 links: links.clone(),
+                turns: turns.clone(),
                 subscribed: subscribed.clone(),
                 handshake_timeout: gate.limits.handshake_timeout,
             };
@@ -278,6 +342,7 @@ struct GuardContext {
     devices: Arc<Devices>,
     template: String,
     links: LinkFactory,
+    turns: Arc<Turns>,
     subscribed: tokio::sync::mpsc::Sender<Subscribed>,
     handshake_timeout: Duration,
 }
@@ -360,111 +425,158 @@ where
     let thing = login.username;
     admitted.handshake_done();
     let revoked = ctx.devices.session(&thing);
+    let Some((_turn, replaced)) = ctx.turns.take(&thing).await else {
+        return Err(format!(
+            "{thing} connected again meanwhile; this connection is dropped"
+        ));
+    };
     let (build, id, clean) = (ctx.links.clone(), thing.clone(), connect.clean_session);
     let (mut link_tx, mut link_rx, connack) =
         tokio::task::spawn_blocking(move || build(&id, clean))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("the embedded broker refused {thing}: {e}"))?;
-    if let Some(p) = Option::<Packet>::from(connack) {
-        write_packet(&mut cw, p).await?;
-    }
-    let silence = match connect.keep_alive {
-        0 => MAX_SILENCE,
-        k => Duration::from_secs(u64::from(k) * 3 / 2 + 1),
+    let link = Link {
+        thing: &thing,
+        own_topic: topic_for(&ctx.template, &thing),
+        subscribed: &ctx.subscribed,
+        revoked,
+        replaced,
     };
-    let own_topic = topic_for(&ctx.template, &thing);
-    debug!(%thing, "device connected to the embedded broker");
-
-    let result = loop {
-        tokio::select! {
-            _ = revoked.cancelled() => break Err(format!("device {thing} was removed or got a new password")),
-            n = link_rx.next() => {
-                let notification = match n {
-                    Ok(Some(n)) => n,
-                    Ok(None) => continue,
-                    Err(e) => break Err(format!("embedded broker link ended: {e}")),
-                };
-                if matches!(notification, Notification::Unschedule) {
-                    if link_rx.wake().await.is_err() {
-                        break Err("embedded broker link ended".into());
-                    }
-                    continue;
-                }
-                let Some(mut packet) = Option::<Packet>::from(notification) else { continue };
-                let mut end = false;
-                match &mut packet {
-                    Packet::Publish(publish, _) => publish.topic = external_topic(&publish.topic),
-                    Packet::SubAck(ack, _) if ack.return_codes.iter().all(granted) => {
-                        let hint = Subscribed { thing: thing.clone(), at: tokio::time::Instant::now() };
-                        if ctx.subscribed.try_send(hint).is_err() {
-                            debug!(%thing, "re-announcement queue full; subscription not reported");
-                        }
-                    }
-                    // The router ends the session (another connection took the client id).
-                    Packet::Disconnect(..) => end = true,
-                    _ => {}
-                }
-                if let Err(e) = write_packet(&mut cw, packet).await {
-                    break Err(e);
-                }
-                if end {
-                    break Ok(());
-                }
-            }
-            r = tokio::time::timeout(silence, next_packet(&mut cr, &mut buf)) => {
-                let packet = match r {
-                    Err(_) => break Err(format!("nothing from {thing} for {silence:?}")),
-                    Ok(Ok(Some(p))) => p,
-                    Ok(Ok(None)) => break Ok(()),
-                    Ok(Err(e)) => break Err(format!("{thing}: {e}")),
-                };
-                let packet = match packet {
-                    Packet::Subscribe(mut s, props) => {
-                        if let Some(bad) = s.filters.iter().find(|f| f.path != own_topic) {
-                            warn!(%thing, filter = %shown(&bad.path), allowed = %own_topic, "subscription refused: a device may only subscribe to its own notify topic");
-                            let ack = SubAck { pkid: s.pkid, return_codes: vec![SubscribeReasonCode::Failure; s.filters.len()] };
-                            if let Err(e) = write_packet(&mut cw, Packet::SubAck(ack, None)).await {
-                                break Err(e);
-                            }
-                            continue;
-                        }
-                        for f in &mut s.filters {
-                            f.path = internal_topic(&f.path);
-                        }
-                        Packet::Subscribe(s, props)
-                    }
-                    Packet::Unsubscribe(mut u, props) => {
-                        for f in &mut u.filters {
-                            *f = internal_topic(f);
-                        }
-                        Packet::Unsubscribe(u, props)
-                    }
-                    Packet::Publish(p, _) => {
-                        break Err(format!(
-                            "device {thing} tried to publish to {}; devices may not publish",
-                            shown(&String::from_utf8_lossy(&p.topic))
-                        ));
-                    }
-                    Packet::Connect(..) => break Err(format!("second CONNECT from {thing}")),
-                    p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubRel(..)
-                        | Packet::PubComp(..) | Packet::PingReq(..)) => p,
-                    Packet::Disconnect(..) => break Ok(()),
-                    other => break Err(format!("{thing} sent a packet only a broker sends: {other:?}")),
-                };
-                if link_tx.send(packet).await.is_err() {
-                    break Err("embedded broker link ended".into());
-                }
-            }
-        }
-    };
-    // Leave the router: the session ends (kept for a persistent one), no will.
+    let result = link
+        .carry(
+            &mut cr,
+            &mut cw,
+            &mut buf,
+            &mut link_tx,
+            &mut link_rx,
+            connack,
+            connect.keep_alive,
+        )
+        .await;
+    // Whatever ended it, the device leaves the router (its persistent session is kept), with
+    // no will, before the next connection of this thing may take its turn.
     let bye = Disconnect {
         reason_code: DisconnectReasonCode::NormalDisconnection,
     };
-    let _ = link_tx.send(Packet::Disconnect(bye, None)).await;
+    let _ = to_router(&mut link_tx, Packet::Disconnect(bye, None)).await;
     let _ = cw.shutdown().await;
     result
+}
+
+/// One authenticated device connection and its link to the router.
+struct Link<'a> {
+    thing: &'a str,
+    own_topic: String,
+    subscribed: &'a tokio::sync::mpsc::Sender<Subscribed>,
+    /// The device was removed or got a new password.
+    revoked: CancellationToken,
+    /// A newer connection of the same thing takes over.
+    replaced: CancellationToken,
+}
+
+impl Link<'_> {
+    #[allow(clippy::too_many_arguments)]
+    async fn carry<R, W>(
+        &self,
+        cr: &mut R,
+        cw: &mut W,
+        buf: &mut BytesMut,
+        link_tx: &mut LinkTx,
+        link_rx: &mut LinkRx,
+        connack: Notification,
+        keep_alive: u16,
+    ) -> Result<(), String>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let thing = self.thing;
+        if let Some(p) = Option::<Packet>::from(connack) {
+            write_packet(cw, p).await?;
+        }
+        let silence = match keep_alive {
+            0 => MAX_SILENCE,
+            k => Duration::from_secs(u64::from(k) * 3 / 2 + 1),
+        };
+        debug!(%thing, "device connected to the embedded broker");
+        loop {
+            tokio::select! {
+                _ = self.revoked.cancelled() => return Err(format!("device {thing} was removed or got a new password")),
+                _ = self.replaced.cancelled() => return Err(format!("{thing} connected again; the older connection is closed")),
+                n = link_rx.next() => {
+                    let notification = match n {
+                        Ok(Some(n)) => n,
+                        Ok(None) => continue,
+                        Err(e) => return Err(format!("embedded broker link ended: {e}")),
+                    };
+                    if matches!(notification, Notification::Unschedule) {
+                        if link_rx.wake().await.is_err() {
+                            return Err("embedded broker link ended".into());
+                        }
+                        continue;
+                    }
+                    let Some(mut packet) = Option::<Packet>::from(notification) else { continue };
+                    match &mut packet {
+                        Packet::Publish(publish, _) => publish.topic = external_topic(&publish.topic),
+                        Packet::SubAck(ack, _) if ack.return_codes.iter().all(granted) => {
+                            let hint = Subscribed { thing: thing.to_owned(), at: tokio::time::Instant::now() };
+                            if self.subscribed.try_send(hint).is_err() {
+                                debug!(%thing, "re-announcement queue full; subscription not reported");
+                            }
+                        }
+                        // The router ended the session. MQTT 3.1.1 has no DISCONNECT from the
+                        // server: the connection just closes.
+                        Packet::Disconnect(..) => return Ok(()),
+                        _ => {}
+                    }
+                    write_packet(cw, packet).await?;
+                }
+                r = tokio::time::timeout(silence, next_packet(cr, buf)) => {
+                    let packet = match r {
+                        Err(_) => return Err(format!("nothing from {thing} for {silence:?}")),
+                        Ok(Ok(Some(p))) => p,
+                        Ok(Ok(None)) => return Ok(()),
+                        Ok(Err(e)) => return Err(format!("{thing}: {e}")),
+                    };
+                    let packet = match packet {
+                        Packet::Subscribe(mut s, props) => {
+                            if let Some(bad) = s.filters.iter().find(|f| f.path != self.own_topic) {
+                                warn!(%thing, filter = %shown(&bad.path), allowed = %self.own_topic, "subscription refused: a device may only subscribe to its own notify topic");
+                                let ack = SubAck { pkid: s.pkid, return_codes: vec![SubscribeReasonCode::Failure; s.filters.len()] };
+                                write_packet(cw, Packet::SubAck(ack, None)).await?;
+                                continue;
+                            }
+                            for f in &mut s.filters {
+                                f.path = internal_topic(&f.path);
+                            }
+                            Packet::Subscribe(s, props)
+                        }
+                        Packet::Unsubscribe(mut u, props) => {
+                            for f in &mut u.filters {
+                                *f = internal_topic(f);
+                            }
+                            Packet::Unsubscribe(u, props)
+                        }
+                        Packet::Publish(p, _) => {
+                            return Err(format!(
+                                "device {thing} tried to publish to {}; devices may not publish",
+                                shown(&String::from_utf8_lossy(&p.topic))
+                            ));
+                        }
+                        Packet::Connect(..) => return Err(format!("second CONNECT from {thing}")),
+                        p @ (Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubRel(..)
+                            | Packet::PubComp(..) | Packet::PingReq(..)) => p,
+                        Packet::Disconnect(..) => return Ok(()),
+                        other => return Err(format!("{thing} sent a packet only a broker sends: {other:?}")),
+                    };
+                    if to_router(link_tx, packet).await.is_err() {
+                        return Err("embedded broker link ended".into());
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -36,6 +36,9 @@ const PEER_QUEUE: usize = 64;
 /// Largest upgrade request (AWS: "must not exceed 4k bytes").
 const MAX_UPGRADE_REQUEST: usize = 4096;
 
+/// Time allowed to deliver a close frame to a peer that is being disconnected.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A peer that sends nothing at all for this long is dropped (the localproxy and culvert ping
 /// every 20 s), so a half-open connection does not stay CONNECTED forever.
 const PEER_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
@@ -109,6 +112,7 @@ pub async fn handshake(
     State(state): State<Arc<AppState>>,
     Query(q): Query<TunnelQuery>,
     headers: HeaderMap,
+    slots: Option<axum::Extension<crate::server::ConnectionSlots>>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let channel = culvert_protocol::new_client_token();
@@ -147,10 +151,10 @@ pub async fn handshake(
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect();
-    let enabled = if state.flow_control {
-        Extensions::ALL
-    } else {
-        Extensions::NONE
+    // `restart/1` costs an AWS peer nothing (it never offers it): always accepted.
+    let enabled = Extensions {
+        flow_control: state.flow_control,
+        restart: true,
     };
     let extensions = Extensions::parse(&offered.join(",")).intersect(enabled);
     let ws = match ws {
@@ -215,6 +219,10 @@ pub async fn handshake(
             }
         })
         .on_upgrade(move |socket| {
+            // A tunnel session now: the connection's HTTP write-stall limit no longer applies.
+            if let Some(axum::Extension(s)) = slots {
+                s.0.upgraded();
+            }
             let fut = run_peer(socket, adm, format, extensions).instrument(span);
             async move {
                 tracker.spawn(fut);
@@ -351,10 +359,9 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
                 biased;
                 reason = writer_kick.kicked() => {
                     if let Some((code, reason)) = reason.close_frame(extensions) {
-                        let _ = sink.send(WsMessage::Close(Some(CloseFrame {
-                            code,
-                            reason: reason.into(),
-                        }))).await;
+                        let close = WsMessage::Close(Some(CloseFrame { code, reason: reason.into() }));
+                        // A peer that reads nothing does not keep this task.
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(close)).await;
                     }
                     break;
                 }
@@ -446,9 +453,10 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
                 break End::Kicked(KickReason::Replaced);
             }
             let to = g.target(mode.other());
-            // Extension messages travel only between peers that both negotiated extensions.
+            // Extension messages (flow control's, so far) travel only between peers that both
+            // negotiated it.
             let extensions_pass =
-                !extensions.is_empty() && to.as_ref().is_some_and(|t| !t.extensions.is_empty());
+                extensions.flow_control && to.as_ref().is_some_and(|t| t.extensions.flow_control);
             let mut offset = 0;
             let checked = frames.feed::<FwdError>(data, |body| {
                 offset += frame::LENGTH_PREFIX + body.len();
@@ -485,9 +493,17 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
         if !replies.is_empty() {
             debug!(count = replies.len(), "other side not connected: resetting");
             for r in replies.drain(..) {
-                if let Ok(f) = frame::encode_to_bytes(&r)
-                    && tx.send(Chunk::new(f)).await.is_err()
-                {
+                let Ok(f) = frame::encode_to_bytes(&r) else {
+                    continue;
+                };
+                // Our own queue: it drains unless this peer stops reading, and then a kick
+                // (or the writer's end) must still end this loop.
+                let sent = tokio::select! {
+                    biased;
+                    _ = kick.kicked() => false,
+                    r = tx.send(Chunk::new(f)) => r.is_ok(),
+                };
+                if !sent {
                     break;
                 }
             }

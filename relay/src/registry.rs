@@ -263,7 +263,7 @@ impl KickReason {
                     "message too big: WebSocket messages are limited to {MAX_WS_MESSAGE} bytes"
                 ),
             ),
-            KickReason::Restart if !extensions.is_empty() => (
+            KickReason::Restart if extensions.restart => (
                 close::RESTART,
                 "relay restarting: reconnect with the same tokens".to_owned(),
             ),

@@ -20,19 +20,15 @@ use tracing::{debug, info, warn};
 use crate::broker;
 use crate::config::{BrokerMode, RelayConfig};
 use crate::devices::Devices;
-use crate::metrics::METRICS;
 use crate::notify::Notifier;
 use crate::registry::Registry;
-use crate::slots::{Full, Gate, ListenerLimits};
+use crate::slots::{Gate, Guarded, ListenerLimits, RefusalLog};
 use crate::store::Store;
 use crate::tokens::Secret;
 use crate::{api, dataplane, reannounce};
 
 /// Largest API request body.
 const MAX_API_BODY: usize = 64 * 1024;
-/// Time an HTTP request may take from its head to its response (a body sent byte by byte, a
-/// client that reads no response): answered with 408.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct AppState {
     pub registry: Arc<Registry>,
@@ -49,6 +45,10 @@ pub struct AppState {
     /// Connection limits of the HTTPS listener.
     pub listener: ListenerLimits,
 }
+
+/// The slots of the connection a request arrived on (a request extension).
+#[derive(Clone)]
+pub struct ConnectionSlots(pub Arc<crate::slots::Admitted>);
 
 pub fn router(state: Arc<AppState>) -> Router {
     // The API key is checked before anything else of a request is read.
@@ -78,84 +78,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_API_BODY))
-        .layer(axum::middleware::from_fn(request_deadline))
         .with_state(state)
-}
-
-/// Every request is answered within [`REQUEST_TIMEOUT`] (a WebSocket upgrade is answered at
-/// once; the session that follows is not a request).
-async fn request_deadline(
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
-        Ok(r) => r,
-        Err(_) => api::error(
-            axum::http::StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            format!("the request took longer than {REQUEST_TIMEOUT:?}"),
-        ),
-    }
-}
-
-/// Refused connections are counted, and logged at most every few seconds with how many there
-/// were: a flood must not fill the log.
-pub(crate) struct RefusalLog {
-    listener: &'static str,
-    last: std::sync::Mutex<Option<std::time::Instant>>,
-    suppressed: std::sync::atomic::AtomicU64,
-}
-
-impl RefusalLog {
-    const EVERY: Duration = Duration::from_secs(10);
-
-    pub(crate) fn new(listener: &'static str) -> RefusalLog {
-        RefusalLog {
-            listener,
-            last: std::sync::Mutex::new(None),
-            suppressed: Default::default(),
-        }
-    }
-
-    pub(crate) fn refused(
-        &self,
-        peer: SocketAddr,
-        pool: &str,
-        full: Full,
-        limits: &ListenerLimits,
-    ) {
-        use std::sync::atomic::Ordering;
-        let key = match (pool, full) {
-            ("connections", Full::Total) => "max_connections",
-            ("connections", Full::Source) => "max_connections_per_source",
-            (_, Full::Total) => "max_handshakes",
-            (_, Full::Source) => "max_handshakes_per_source",
-        };
-        METRICS
-            .connections_refused
-            .get_or_create(&vec![
-                ("listener", self.listener.to_owned()),
-                ("limit", key.to_owned()),
-            ])
-            .inc();
-        debug!(%peer, listener = self.listener, limit = key, "connection refused: limit reached");
-        let now = std::time::Instant::now();
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        *last = Some(now);
-        let also = self.suppressed.swap(0, Ordering::Relaxed);
-        let value = match key {
-            "max_connections" => limits.max_connections,
-            "max_connections_per_source" => limits.max_connections_per_source,
-            "max_handshakes" => limits.max_handshakes,
-            _ => limits.max_handshakes_per_source,
-        };
-        warn!(%peer, listener = self.listener, limit = key, value, refused_since_last_report = also,
-            "connections refused: {key} ({value}) reached; see docs/operations.md (limits)");
-    }
 }
 
 /// A bound relay, ready to serve.
@@ -323,15 +246,20 @@ impl Relay {
                         return;
                     }
                 };
-                // The first request head read ends the handshake: its slot is given back.
-                let first = admitted.clone();
+                // The first request head read ends the handshake: its slot is given back. The
+                // data plane marks the connection upgraded through the request's extensions.
+                let slots = admitted.clone();
                 let app = tower::ServiceExt::map_request(
                     app,
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        first.handshake_done();
+                    move |mut req: hyper::Request<hyper::body::Incoming>| {
+                        slots.handshake_done();
+                        req.extensions_mut().insert(ConnectionSlots(slots.clone()));
                         req
                     },
                 );
+                // The socket holds the connection's slots for as long as it lives, WebSocket
+                // session included.
+                let stream = Guarded::new(stream, admitted, timeout);
                 let svc = TowerToHyperService::new(app);
                 // The header timeout also ends a keep-alive connection that sits idle.
                 let conn = hyper::server::conn::http1::Builder::new()
@@ -354,7 +282,6 @@ impl Relay {
                         let _ = tokio::time::timeout(Duration::from_secs(10), conn.as_mut()).await;
                     }
                 }
-                drop(admitted);
             });
         }
         drop(listener);

@@ -16,8 +16,13 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tracing::{debug, warn};
+
+use crate::metrics::METRICS;
 
 /// Limits of one listener.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,22 +57,35 @@ impl ListenerLimits {
     }
 }
 
-/// The source a connection counts against.
+/// What a connection counts against: its IPv4 address, or for IPv6 both its /64 and its /48
+/// (a subscriber usually holds a /56 or a /48, so /64s alone would let one take 256 shares).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Source {
     V4(u32),
-    /// The /64 prefix.
-    V6(u64),
+    V6Net64(u64),
+    V6Net48(u64),
 }
 
-impl From<IpAddr> for Source {
-    fn from(ip: IpAddr) -> Source {
-        match ip.to_canonical() {
-            IpAddr::V4(v4) => Source::V4(v4.into()),
-            IpAddr::V6(v6) => Source::V6((u128::from(v6) >> 64) as u64),
+/// The sources of `ip` with the share of the per-source limit each may hold: a /48 may hold
+/// [`PER_48`] times what one address or /64 may.
+fn sources(ip: IpAddr) -> ([Source; 2], usize) {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => ([Source::V4(v4.into()), Source::V4(v4.into())], 1),
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            (
+                [
+                    Source::V6Net64((bits >> 64) as u64),
+                    Source::V6Net48((bits >> 80) as u64),
+                ],
+                2,
+            )
         }
     }
 }
+
+/// How many per-source shares one IPv6 /48 may hold.
+pub const PER_48: usize = 4;
 
 /// Why a connection got no slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,20 +122,30 @@ impl Pool {
 
     /// Take a slot for a connection from `ip`, if there is one.
     pub fn try_take(self: &Arc<Pool>, ip: IpAddr) -> Result<Slot, Full> {
-        let source = Source::from(ip);
+        let (keys, n) = sources(ip);
+        let keys = &keys[..n];
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.total >= self.max_total {
             return Err(Full::Total);
         }
-        let n = st.per_source.entry(source).or_insert(0);
-        if *n >= self.max_per_source {
+        let limit = |k: &Source| match k {
+            Source::V6Net48(_) => self.max_per_source.saturating_mul(PER_48),
+            _ => self.max_per_source,
+        };
+        if keys
+            .iter()
+            .any(|k| st.per_source.get(k).copied().unwrap_or(0) >= limit(k))
+        {
             return Err(Full::Source);
         }
-        *n += 1;
+        for k in keys {
+            *st.per_source.entry(*k).or_insert(0) += 1;
+        }
         st.total += 1;
         Ok(Slot {
             pool: self.clone(),
-            source,
+            keys: [keys[0], keys[n - 1]],
+            n,
         })
     }
 
@@ -130,19 +158,76 @@ impl Pool {
 /// A slot, given back when dropped.
 pub struct Slot {
     pool: Arc<Pool>,
-    source: Source,
+    keys: [Source; 2],
+    n: usize,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut st = self.pool.state.lock().unwrap_or_else(|p| p.into_inner());
         st.total -= 1;
-        if let Some(n) = st.per_source.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                st.per_source.remove(&self.source);
+        for k in &self.keys[..self.n] {
+            if let Some(c) = st.per_source.get_mut(k) {
+                *c -= 1;
+                if *c == 0 {
+                    st.per_source.remove(k);
+                }
             }
         }
+    }
+}
+
+/// Refused connections are counted, and logged at most every few seconds with how many there
+/// were: a flood must not fill the log.
+pub struct RefusalLog {
+    listener: &'static str,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl RefusalLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    pub fn new(listener: &'static str) -> RefusalLog {
+        RefusalLog {
+            listener,
+            last: std::sync::Mutex::new(None),
+            suppressed: Default::default(),
+        }
+    }
+
+    pub fn refused(&self, peer: SocketAddr, pool: &str, full: Full, limits: &ListenerLimits) {
+        use std::sync::atomic::Ordering;
+        let key = match (pool, full) {
+            ("connections", Full::Total) => "max_connections",
+            ("connections", Full::Source) => "max_connections_per_source",
+            (_, Full::Total) => "max_handshakes",
+            (_, Full::Source) => "max_handshakes_per_source",
+        };
+        METRICS
+            .connections_refused
+            .get_or_create(&vec![
+                ("listener", self.listener.to_owned()),
+                ("limit", key.to_owned()),
+            ])
+            .inc();
+        debug!(%peer, listener = self.listener, limit = key, "connection refused: limit reached");
+        let now = std::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *last = Some(now);
+        let also = self.suppressed.swap(0, Ordering::Relaxed);
+        let value = match key {
+            "max_connections" => limits.max_connections,
+            "max_connections_per_source" => limits.max_connections_per_source,
+            "max_handshakes" => limits.max_handshakes,
+            _ => limits.max_handshakes_per_source,
+        };
+        warn!(%peer, listener = self.listener, limit = key, value, refused_since_last_report = also,
+            "connections refused: {key} ({value}) reached; see docs/operations.md (limits)");
     }
 }
 
@@ -158,6 +243,10 @@ pub struct Gate {
 pub struct Admitted {
     _connection: Slot,
     handshake: Mutex<Option<Slot>>,
+    /// The connection became a WebSocket session: the write-stall limit of plain HTTP no
+    /// longer applies (a tunnel peer may stop reading while its targets do; that is the
+    /// protocol's back-pressure, and its own session has its own timeouts).
+    upgraded: std::sync::atomic::AtomicBool,
 }
 
 impl Admitted {
@@ -167,6 +256,118 @@ impl Admitted {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+    }
+
+    /// The connection was upgraded to a WebSocket session.
+    pub fn upgraded(&self) {
+        self.upgraded
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn is_upgraded(&self) -> bool {
+        self.upgraded.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// A connection's socket holding its slots, so they live exactly as long as the socket does,
+/// through an HTTP upgrade into a WebSocket session. Until the upgrade, a write that makes no
+/// progress for `stall` fails: a client that sends requests and never reads the answers
+/// cannot hold its connection (and slot) forever.
+pub struct Guarded<S> {
+    io: S,
+    admitted: Arc<Admitted>,
+    stall: Duration,
+    write_stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> Guarded<S> {
+    pub fn new(io: S, admitted: Arc<Admitted>, stall: Duration) -> Guarded<S> {
+        Guarded {
+            io,
+            admitted,
+            stall,
+            write_stalled: None,
+        }
+    }
+
+    /// Map a write-side poll: progress clears the stall clock, no progress runs it.
+    fn watch<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        r: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future;
+        use std::task::Poll;
+        match r {
+            Poll::Pending if !self.admitted.is_upgraded() => {
+                let stall = self.stall;
+                let clock = self
+                    .write_stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+                match clock.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the client read nothing for {stall:?}"),
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            Poll::Pending => Poll::Pending,
+            ready => {
+                self.write_stalled = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Guarded<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Guarded<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.watch(cx, r)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_flush(cx);
+        self.watch(cx, r)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_shutdown(cx);
+        self.watch(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.watch(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }
 
@@ -192,6 +393,7 @@ impl Gate {
         Ok(Admitted {
             _connection: connection,
             handshake: Mutex::new(Some(handshake)),
+            upgraded: Default::default(),
         })
     }
 
@@ -230,14 +432,26 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_sources_count_per_64() {
+    fn ipv6_sources_count_per_64_and_per_48() {
         let pool = Pool::new(100, 1);
         let _a = pool.try_take(ip("2001:db8:1:2::1")).unwrap();
         assert_eq!(
             pool.try_take(ip("2001:db8:1:2:ffff::9")).err(),
-            Some(Full::Source)
+            Some(Full::Source),
+            "the same /64"
         );
-        assert!(pool.try_take(ip("2001:db8:1:3::1")).is_ok());
+        // Other /64s of the same /48: PER_48 shares in all.
+        let more: Vec<Slot> = (3..3 + PER_48 as u16 - 1)
+            .map(|n| pool.try_take(ip(&format!("2001:db8:1:{n:x}::1"))).unwrap())
+            .collect();
+        assert_eq!(
+            pool.try_take(ip("2001:db8:1:ff::1")).err(),
+            Some(Full::Source),
+            "the /48 holds its share"
+        );
+        assert!(pool.try_take(ip("2001:db8:2::1")).is_ok(), "another /48");
+        drop(more);
+        assert!(pool.try_take(ip("2001:db8:1:ff::1")).is_ok());
     }
 
     #[test]

@@ -202,7 +202,7 @@ fn culvert_peers_exchange_extension_messages_through_the_relay() {
 }
 
 #[test]
-fn a_relay_without_flow_control_accepts_no_extension_and_announces_nothing() {
+fn a_relay_without_flow_control_accepts_only_restart_and_announces_nothing() {
     let dir = scratch("ext-off");
     let relay = Relay::start_with(
         &dir,
@@ -210,6 +210,10 @@ fn a_relay_without_flow_control_accepts_no_extension_and_announces_nothing() {
         &["--no-flow-control".into()],
     );
     let t = relay.open_tunnel("ext-off", &["SSH"]);
+    let restart_only = Extensions {
+        flow_control: false,
+        restart: true,
+    };
     raw::runtime().block_on(async {
         let ct = culvert_protocol::new_client_token();
         let dst = raw::connect_offering(
@@ -227,7 +231,7 @@ fn a_relay_without_flow_control_accepts_no_extension_and_announces_nothing() {
                 .unwrap();
         assert_eq!(
             (dst.extensions, src.extensions),
-            (Extensions::NONE, Extensions::NONE)
+            (restart_only, restart_only)
         );
         let (mut dst, mut src) = (dst.ws, src.ws);
         relay.wait_side(&t.id, "source", "CONNECTED");

@@ -5,10 +5,11 @@
 
 use culvert_e2e::*;
 
-fn ends_survive_a_relay_restart(name: &str, signal: &str) {
+fn ends_survive_a_relay_restart(name: &str, signal: &str, relay_args: &[&str]) {
     let dir = scratch(name);
     let echo = echo_server();
-    let grace = ["--shutdown-grace-secs".to_owned(), "1".to_owned()];
+    let mut grace = vec!["--shutdown-grace-secs".to_owned(), "1".to_owned()];
+    grace.extend(relay_args.iter().map(|a| a.to_string()));
     let relay = Relay::start_with(&dir, "127.0.0.1:0".parse().unwrap(), &grace);
     let t = relay.open_tunnel("cafe-cell-7", &["ECHO"]);
     let rules = rules(&dir, &[("ECHO", echo.to_string())]);
@@ -49,10 +50,16 @@ fn ends_survive_a_relay_restart(name: &str, signal: &str) {
 
 #[test]
 fn relay_crash_mid_tunnel() {
-    ends_survive_a_relay_restart("restart-kill", "KILL");
+    ends_survive_a_relay_restart("restart-kill", "KILL", &[]);
 }
 
 #[test]
 fn graceful_relay_restart_mid_tunnel() {
-    ends_survive_a_relay_restart("restart-term", "TERM");
+    ends_survive_a_relay_restart("restart-term", "TERM", &[]);
+}
+
+/// "Come back" (1012) does not depend on flow control being offered.
+#[test]
+fn graceful_restart_of_a_relay_without_flow_control() {
+    ends_survive_a_relay_restart("restart-term-nofc", "TERM", &["--no-flow-control"]);
 }
