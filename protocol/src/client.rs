@@ -15,7 +15,7 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::ext::{self, Extensions};
 use crate::message::MAX_WS_MESSAGE;
-use crate::{Format, Mode, SUBPROTOCOLS};
+use crate::{Format, Mode, SUBPROTOCOLS, Secret};
 
 /// Time allowed for TCP connect + TLS + WebSocket upgrade.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -162,7 +162,7 @@ pub fn root_store(extra_ca: Option<&Path>) -> Result<rustls::RootCertStore, Stri
 }
 
 /// The access token given directly (flag or environment) or in a file (trimmed).
-pub fn access_token(direct: Option<String>, file: Option<&Path>) -> Result<String, String> {
+pub fn access_token(direct: Option<String>, file: Option<&Path>) -> Result<Secret, String> {
     let token = match (direct, file) {
         (Some(t), _) => t,
         (None, Some(f)) => std::fs::read_to_string(f)
@@ -174,33 +174,21 @@ pub fn access_token(direct: Option<String>, file: Option<&Path>) -> Result<Strin
     if token.is_empty() {
         return Err("the access token is empty".into());
     }
-    Ok(token)
+    Ok(Secret::new(token))
 }
 
 /// How to reach and authenticate to a relay.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct ConnectOptions {
     pub endpoint: Endpoint,
     pub mode: Mode,
-    pub access_token: String,
+    pub access_token: Secret,
     /// Binds the first connection and allows reconnecting with the same access token.
-    pub client_token: Option<String>,
+    pub client_token: Option<Secret>,
     pub tls: Arc<rustls::ClientConfig>,
     /// culvert extensions to offer in the handshake ([`crate::ext`]); a relay that does not
     /// accept them (AWS's) never sees one used.
     pub extensions: Extensions,
-}
-
-impl std::fmt::Debug for ConnectOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnectOptions")
-            .field("endpoint", &self.endpoint)
-            .field("mode", &self.mode)
-            .field("access_token", &"***")
-            .field("client_token", &self.client_token.as_ref().map(|_| "***"))
-            .field("extensions", &self.extensions)
-            .finish()
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -276,9 +264,12 @@ async fn connect_inner(opts: &ConnectOptions) -> Result<Connected, ConnectError>
         "sec-websocket-protocol",
         hv(&SUBPROTOCOLS.join(", "), "protocol")?,
     );
-    headers.insert("access-token", hv(&opts.access_token, "access token")?);
+    headers.insert(
+        "access-token",
+        hv(opts.access_token.expose(), "access token")?,
+    );
     if let Some(ct) = &opts.client_token {
-        headers.insert("client-token", hv(ct, "client token")?);
+        headers.insert("client-token", hv(ct.expose(), "client token")?);
     }
     if let Some(offer) = opts.extensions.header_value() {
         headers.insert(ext::HEADER, hv(&offer, "extensions")?);

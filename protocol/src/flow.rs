@@ -142,30 +142,249 @@ pub fn increment(payload: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(b)).filter(|&n| n > 0)
 }
 
-/// Credit state of one connection that uses flow control.
+/// The credit of one connection that uses flow control, both ways. Its fields change only
+/// through [`Credit`], which holds the tunnel's totals they add up to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct ConnCredit {
+pub struct ConnCredit {
     /// Bytes we may still send on it.
-    pub send: u64,
+    send: u64,
     /// Bytes we sent that the peer has not credited back.
-    pub in_flight: u64,
+    in_flight: u64,
     /// Bytes the peer may still send before we return credit.
-    pub recv: u64,
+    recv: u64,
     /// Bytes received and not yet consumed by the application.
-    pub buffered: u64,
+    buffered: u64,
     /// Bytes consumed and not yet credited back (batched).
-    pub unreturned: u64,
+    unreturned: u64,
 }
 
 impl ConnCredit {
-    pub fn new(peer_window: u32, own_window: u32) -> Self {
-        ConnCredit {
-            send: peer_window as u64,
+    /// Bytes sent on this connection and not yet credited back.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight
+    }
+
+    /// Bytes received on it and not yet consumed.
+    pub fn buffered(&self) -> u64 {
+        self.buffered
+    }
+}
+
+/// How much a connection may send now ([`Credit::available`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Available {
+    pub bytes: u64,
+    /// The tunnel budget, not the connection's own window, is what limits it (less than a
+    /// frame's worth left): a writer that waits must be woken when any connection's credit
+    /// comes back, not only its own.
+    pub budget_bound: bool,
+}
+
+/// A sender went past what it was granted: the session must end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CreditError {
+    #[error("{got} bytes of DATA with only {credit} bytes of the connection's credit left")]
+    Window { got: u64, credit: u64 },
+    #[error("{total} bytes buffered for the tunnel, over the announced budget of {budget}")]
+    Budget { total: u64, budget: u64 },
+}
+
+/// The flow-control state of one end of a tunnel session: what it grants and is granted, the
+/// tunnel budget's use in both directions, and the rules by which credit moves. A state
+/// machine on its own: it knows nothing of services, streams or messages; the multiplexer keeps
+/// one [`ConnCredit`] per flow-controlled connection and hands it in.
+///
+/// Invariants (held by property tests): a connection has at most the peer's window in flight;
+/// all connections together at most the peer's budget; credit returned never exceeds what the
+/// application consumed; and as long as bytes are consumable, credit keeps coming back.
+#[derive(Debug)]
+pub struct Credit {
+    /// What this end grants.
+    own: FlowConfig,
+    /// What the peer grants, while flow control is on for new connections.
+    peer: Option<FlowConfig>,
+    /// Bytes sent on flow-controlled connections and not credited back.
+    sent_total: u64,
+    /// Bytes received on flow-controlled connections and not credited back.
+    received_total: u64,
+    /// Of those, bytes the application consumed (credit waiting for its batch).
+    unreturned_total: u64,
+    /// A writer waits for the tunnel budget.
+    budget_blocked: bool,
+}
+
+impl Credit {
+    /// An end that grants `own` (raised to at least [`MIN_WINDOW`], the budget to at least the
+    /// window, as the peer would refuse less); off until the peer's grant is known.
+    pub fn new(own: FlowConfig) -> Credit {
+        let window = own.window.max(MIN_WINDOW);
+        Credit {
+            own: FlowConfig {
+                window,
+                budget: own.budget.max(window as u64),
+            },
+            peer: None,
+            sent_total: 0,
+            received_total: 0,
+            unreturned_total: 0,
+            budget_blocked: false,
+        }
+    }
+
+    /// What this end grants.
+    pub fn own(&self) -> FlowConfig {
+        self.own
+    }
+
+    /// What the peer grants, while flow control is on for new connections.
+    pub fn peer(&self) -> Option<FlowConfig> {
+        self.peer
+    }
+
+    /// Switch flow control on (with the peer's grant) or off, for connections started from
+    /// now on; those already started keep what they have. True if it changed.
+    pub fn set_peer(&mut self, peer: Option<FlowConfig>) -> bool {
+        let changed = self.peer.is_some() != peer.is_some();
+        self.peer = peer;
+        changed
+    }
+
+    /// The credit of a connection starting now, if flow control is on.
+    pub fn open(&self) -> Option<ConnCredit> {
+        let peer = self.peer?;
+        Some(ConnCredit {
+            send: peer.window as u64,
             in_flight: 0,
-            recv: own_window as u64,
+            recv: self.own.window as u64,
             buffered: 0,
             unreturned: 0,
+        })
+    }
+
+    /// What `c` may send now: the smaller of its window and what is left of the budget.
+    pub fn available(&self, c: &ConnCredit) -> Available {
+        let budget = self.peer.map_or(0, |p| p.budget);
+        let tunnel = budget.saturating_sub(self.sent_total);
+        Available {
+            bytes: c.send.min(tunnel),
+            budget_bound: tunnel < c.send && tunnel < crate::message::MAX_PAYLOAD as u64,
         }
+    }
+
+    /// A writer of `c` waits for credit: if the budget is what holds it, the next credit for
+    /// any connection must wake every writer ([`Credit::credited`]).
+    pub fn waiting(&mut self, c: &ConnCredit) {
+        if self.available(c).budget_bound {
+            self.budget_blocked = true;
+        }
+    }
+
+    /// `n` bytes are sent on `c`. Fails, changing nothing, past what [`Credit::available`] says.
+    pub fn sent(&mut self, c: &mut ConnCredit, n: u64) -> Result<(), Available> {
+        let avail = self.available(c);
+        if n > avail.bytes {
+            return Err(avail);
+        }
+        c.send -= n;
+        c.in_flight += n;
+        self.sent_total += n;
+        Ok(())
+    }
+
+    /// The peer returned `inc` bytes of credit for `c`. True if writers waiting for the budget
+    /// should look again (clears that flag).
+    pub fn credited(&mut self, c: &mut ConnCredit, inc: u64) -> bool {
+        c.send = c.send.saturating_add(inc);
+        let back = inc.min(c.in_flight);
+        c.in_flight -= back;
+        self.sent_total -= back.min(self.sent_total);
+        std::mem::take(&mut self.budget_blocked)
+    }
+
+    /// `n` bytes of DATA arrived on `c`. Past the connection's credit or the tunnel budget is
+    /// the peer's protocol error.
+    pub fn received(&mut self, c: &mut ConnCredit, n: u64) -> Result<(), CreditError> {
+        if n > c.recv {
+            return Err(CreditError::Window {
+                got: n,
+                credit: c.recv,
+            });
+        }
+        c.recv -= n;
+        c.buffered += n;
+        self.received_total += n;
+        if self.received_total > self.own.budget {
+            return Err(CreditError::Budget {
+                total: self.received_total,
+                budget: self.own.budget,
+            });
+        }
+        Ok(())
+    }
+
+    /// The application consumed `n` bytes of `c` (at most what is buffered). Returns the
+    /// credit to send back now: a quarter window's batch, or nothing yet. Then ask
+    /// [`Credit::must_flush`].
+    pub fn consumed(&mut self, c: &mut ConnCredit, n: u64) -> Option<u32> {
+        let n = n.min(c.buffered);
+        c.buffered -= n;
+        c.unreturned += n;
+        self.unreturned_total += n;
+        if c.unreturned >= (self.own.window / 4) as u64 {
+            self.take_return(c)
+        } else {
+            None
+        }
+    }
+
+    /// Whether every connection's batched credit must go back now ([`Credit::take_return`]
+    /// for each): the batches add up to a quarter of the budget, or the budget is three
+    /// quarters full (stalled connections' unread bytes count too, so batches must not take
+    /// the rest). Otherwise many connections, each short of its batch, could keep the whole
+    /// budget and stall the tunnel for good.
+    pub fn must_flush(&self) -> bool {
+        self.unreturned_total > 0
+            && (self.unreturned_total >= self.own.budget / 4
+                || self.received_total >= self.own.budget / 4 * 3)
+    }
+
+    /// `c`'s consumed-but-unreturned bytes, to send back as credit now.
+    pub fn take_return(&mut self, c: &mut ConnCredit) -> Option<u32> {
+        let inc = c.unreturned.min(u32::MAX as u64);
+        if inc == 0 {
+            return None;
+        }
+        c.unreturned -= inc;
+        c.recv += inc;
+        self.received_total -= inc.min(self.received_total);
+        self.unreturned_total -= inc.min(self.unreturned_total);
+        Some(inc as u32)
+    }
+
+    /// `c` has closed: what it had in flight or buffered no longer counts against the budget,
+    /// on either end.
+    pub fn closed(&mut self, c: ConnCredit) {
+        self.sent_total -= c.in_flight.min(self.sent_total);
+        let held = c.buffered + c.unreturned;
+        self.received_total -= held.min(self.received_total);
+        self.unreturned_total -= c.unreturned.min(self.unreturned_total);
+    }
+
+    /// Whether writers waiting for the budget should look again after connections closed
+    /// (clears the flag).
+    pub fn take_budget_freed(&mut self) -> bool {
+        let free = self.peer.is_some_and(|p| self.sent_total < p.budget);
+        free && std::mem::take(&mut self.budget_blocked)
+    }
+
+    /// Bytes sent and not credited back, over all connections.
+    pub fn sent_total(&self) -> u64 {
+        self.sent_total
+    }
+
+    /// Bytes received and not credited back, over all connections.
+    pub fn received_total(&self) -> u64 {
+        self.received_total
     }
 }
 
@@ -199,5 +418,291 @@ mod tests {
         assert_eq!(window_increment(&bad), None);
         bad.payload = Bytes::from_static(&[0, 0, 0, 0]);
         assert_eq!(window_increment(&bad), None);
+    }
+
+    #[test]
+    fn connections_short_of_their_batch_cannot_hold_the_budget() {
+        let cfg = FlowConfig {
+            window: MIN_WINDOW,
+            budget: MIN_WINDOW as u64,
+        };
+        let (mut a, mut b) = (Credit::new(cfg), Credit::new(cfg));
+        a.set_peer(Some(cfg));
+        b.set_peer(Some(cfg));
+        // Six connections, each sending less than a quarter window, fill the budget.
+        let mut conns: Vec<(ConnCredit, ConnCredit)> = (0..6)
+            .map(|_| (a.open().unwrap(), b.open().unwrap()))
+            .collect();
+        for (ac, bc) in &mut conns {
+            let n = a.available(ac).bytes.min(12_000);
+            a.sent(ac, n).unwrap();
+            b.received(bc, n).unwrap();
+        }
+        assert_eq!(a.sent_total(), cfg.budget, "the budget is full");
+        // The receiver consumes everything: no connection reaches its batch, yet the credit
+        // must come back, or the tunnel stalls for good.
+        let mut back = Vec::new();
+        for (i, (_, bc)) in conns.iter_mut().enumerate() {
+            if let Some(inc) = b.consumed(bc, u64::MAX) {
+                back.push((i, inc));
+            }
+        }
+        assert!(back.is_empty(), "no single connection reached its batch");
+        assert!(b.must_flush());
+        for (i, (_, bc)) in conns.iter_mut().enumerate() {
+            if let Some(inc) = b.take_return(bc) {
+                back.push((i, inc));
+            }
+        }
+        for (i, inc) in back {
+            a.credited(&mut conns[i].0, inc as u64);
+        }
+        for (ac, _) in &conns {
+            assert!(a.available(ac).bytes > 0);
+        }
+    }
+
+    /// The credit machine of two ends, one direction (sender A, receiver B), driven by random
+    /// operation sequences, against its invariants.
+    mod machine {
+        use super::super::*;
+        use proptest::prelude::*;
+        use std::collections::VecDeque;
+
+        const CONNS: usize = 6;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            Send(usize, u64),
+            DeliverData,
+            Consume(usize, u64),
+            DeliverCredit,
+            Close(usize),
+            Reopen(usize),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            let conn = 0..CONNS;
+            // Small sends too: many connections each short of a credit batch is the case
+            // that once stalled a tunnel.
+            let size = prop_oneof![1u64..2_000, 2_000u64..20_000, 20_000u64..70_000];
+            prop_oneof![
+                5 => (conn.clone(), size).prop_map(|(c, n)| Op::Send(c, n)),
+                3 => Just(Op::DeliverData),
+                3 => (conn.clone(), 1u64..200_000).prop_map(|(c, n)| Op::Consume(c, n)),
+                3 => Just(Op::DeliverCredit),
+                1 => conn.clone().prop_map(Op::Close),
+                1 => conn.prop_map(Op::Reopen),
+            ]
+        }
+
+        fn config() -> impl Strategy<Value = FlowConfig> {
+            (1u32..5, 1u64..9).prop_map(|(w, b)| {
+                let window = MIN_WINDOW * w;
+                FlowConfig {
+                    window,
+                    budget: window as u64 * b,
+                }
+            })
+        }
+
+        struct World {
+            a: Credit,
+            b: Credit,
+            /// A's and B's view of each connection; `None` while closed.
+            conns: [Option<(ConnCredit, ConnCredit)>; CONNS],
+            /// DATA on its way to B, and credit on its way back: (connection, generation, bytes).
+            data: VecDeque<(usize, u32, u64)>,
+            credit: VecDeque<(usize, u32, u64)>,
+            /// A connection reopened is a new one: messages of an older generation are stale.
+            generation: [u32; CONNS],
+            consumed: [u64; CONNS],
+            returned: [u64; CONNS],
+        }
+
+        impl World {
+            fn new(ca: FlowConfig, cb: FlowConfig) -> World {
+                let (mut a, mut b) = (Credit::new(ca), Credit::new(cb));
+                a.set_peer(Some(b.own()));
+                b.set_peer(Some(a.own()));
+                let mut w = World {
+                    a,
+                    b,
+                    conns: [None; CONNS],
+                    data: VecDeque::new(),
+                    credit: VecDeque::new(),
+                    generation: [0; CONNS],
+                    consumed: [0; CONNS],
+                    returned: [0; CONNS],
+                };
+                for k in 0..CONNS {
+                    w.open(k);
+                }
+                w
+            }
+
+            fn open(&mut self, k: usize) {
+                self.conns[k] = Some((self.a.open().unwrap(), self.b.open().unwrap()));
+                self.generation[k] += 1;
+                self.consumed[k] = 0;
+                self.returned[k] = 0;
+            }
+
+            fn give_back(&mut self, k: usize, inc: Option<u32>) {
+                if let Some(inc) = inc {
+                    self.returned[k] += inc as u64;
+                    self.credit.push_back((k, self.generation[k], inc as u64));
+                }
+                if self.b.must_flush() {
+                    for j in 0..CONNS {
+                        if let Some((_, bc)) = self.conns[j].as_mut() {
+                            let inc = self.b.take_return(bc);
+                            if let Some(inc) = inc {
+                                self.returned[j] += inc as u64;
+                                self.credit.push_back((j, self.generation[j], inc as u64));
+                            }
+                        }
+                    }
+                }
+            }
+
+            fn apply(&mut self, op: &Op) {
+                match *op {
+                    Op::Send(k, n) => {
+                        let Some((ac, _)) = self.conns[k].as_mut() else {
+                            return;
+                        };
+                        let avail = self.a.available(ac).bytes;
+                        let n = n.min(avail).min(crate::message::MAX_PAYLOAD as u64);
+                        assert!(
+                            self.a.sent(&mut ac.clone(), avail + 1).is_err(),
+                            "sending past the credit is refused"
+                        );
+                        if n > 0 {
+                            self.a.sent(ac, n).unwrap();
+                            self.data.push_back((k, self.generation[k], n));
+                        } else {
+                            self.a.waiting(ac);
+                        }
+                    }
+                    Op::DeliverData => {
+                        let Some((k, g, n)) = self.data.pop_front() else {
+                            return;
+                        };
+                        if g != self.generation[k] {
+                            return; // stale: its connection closed
+                        }
+                        let (_, bc) = self.conns[k].as_mut().unwrap();
+                        self.b
+                            .received(bc, n)
+                            .expect("a sender within its credit is never refused");
+                    }
+                    Op::Consume(k, n) => {
+                        let Some((_, bc)) = self.conns[k].as_mut() else {
+                            return;
+                        };
+                        let n = n.min(bc.buffered());
+                        self.consumed[k] += n;
+                        let inc = self.b.consumed(bc, n);
+                        self.give_back(k, inc);
+                    }
+                    Op::DeliverCredit => {
+                        let Some((k, g, inc)) = self.credit.pop_front() else {
+                            return;
+                        };
+                        if g != self.generation[k] {
+                            return;
+                        }
+                        let (ac, _) = self.conns[k].as_mut().unwrap();
+                        self.a.credited(ac, inc);
+                    }
+                    Op::Close(k) => {
+                        if let Some((ac, bc)) = self.conns[k].take() {
+                            self.a.closed(ac);
+                            self.b.closed(bc);
+                            // What is still on the wire for it is stale from now on.
+                            self.generation[k] += 1;
+                        }
+                    }
+                    Op::Reopen(k) => {
+                        if self.conns[k].is_none() {
+                            self.open(k);
+                        }
+                    }
+                }
+            }
+
+            fn check(&self) {
+                let (window, budget) = (self.b.own().window as u64, self.b.own().budget);
+                let mut sent = 0;
+                let mut held = 0;
+                for k in 0..CONNS {
+                    let Some((ac, bc)) = &self.conns[k] else {
+                        continue;
+                    };
+                    assert!(ac.in_flight() <= window, "in flight ≤ window");
+                    assert!(self.returned[k] <= self.consumed[k], "returned ≤ consumed");
+                    let g = self.generation[k];
+                    let on_wire: u64 = self
+                        .data
+                        .iter()
+                        .chain(&self.credit)
+                        .filter(|(j, gj, _)| *j == k && *gj == g)
+                        .map(|(_, _, n)| n)
+                        .sum();
+                    assert_eq!(
+                        ac.in_flight(),
+                        on_wire + bc.buffered + bc.unreturned,
+                        "every byte in flight is on the wire, buffered, or awaiting its batch"
+                    );
+                    sent += ac.in_flight();
+                    held += bc.buffered + bc.unreturned;
+                }
+                assert_eq!(self.a.sent_total(), sent);
+                assert!(sent <= budget, "total ≤ budget");
+                assert_eq!(self.b.received_total(), held);
+            }
+
+            /// Deliver everything, consume everything, deliver the credit: every open
+            /// connection may send again.
+            fn drain_and_check_liveness(&mut self) {
+                for _ in 0..1000 {
+                    let buffered = self.conns.iter().flatten().any(|(_, bc)| bc.buffered > 0);
+                    if self.data.is_empty() && self.credit.is_empty() && !buffered {
+                        break;
+                    }
+                    self.apply(&Op::DeliverData);
+                    for k in 0..CONNS {
+                        self.apply(&Op::Consume(k, u64::MAX));
+                    }
+                    self.apply(&Op::DeliverCredit);
+                    self.check();
+                }
+                assert!(self.data.is_empty() && self.credit.is_empty());
+                for (ac, _) in self.conns.iter().flatten() {
+                    assert!(
+                        self.a.available(ac).bytes > 0,
+                        "nothing stalls once everything was consumed"
+                    );
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            #[test]
+            fn credit_keeps_its_invariants(
+                ca in config(),
+                cb in config(),
+                ops in proptest::collection::vec(op(), 0..300),
+            ) {
+                let mut w = World::new(ca, cb);
+                for o in &ops {
+                    w.apply(o);
+                    w.check();
+                }
+                w.drain_and_check_liveness();
+            }
+        }
     }
 }

@@ -8,7 +8,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message as _;
 
-use crate::message::{MAX_PAYLOAD, Message, MessageRef};
+use crate::message::{MAX_PAYLOAD, MAX_WS_MESSAGE, Message, MessageRef};
 
 /// Size of the length prefix.
 pub const LENGTH_PREFIX: usize = 2;
@@ -17,12 +17,12 @@ pub const LENGTH_PREFIX: usize = 2;
 /// (the localproxy's `max_size` is 65536; the 2-byte prefix caps it at 65535 anyway).
 pub const MAX_MESSAGE_LEN: usize = u16::MAX as usize;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
     #[error("tunnel frame of length 0 (a message needs at least its type)")]
     Empty,
     #[error("tunnel frame does not decode as a tunnel Message: {0}")]
-    Decode(String),
+    Decode(prost::DecodeError),
     #[error("DATA payload of {0} bytes exceeds the protocol limit of {MAX_PAYLOAD}")]
     PayloadTooLarge(usize),
     #[error("message of {0} bytes does not fit a tunnel frame (at most {MAX_MESSAGE_LEN})")]
@@ -129,9 +129,62 @@ pub fn is_start_frame(frame: &[u8]) -> bool {
         && matches!(frame[LENGTH_PREFIX + 1], 2 | 6)
 }
 
+/// A WebSocket message being filled with whole tunnel frames, as the ends and the relay send
+/// them: at most [`MAX_WS_MESSAGE`] bytes, and ended after a start frame (see
+/// [`is_start_frame`]). Its space is reused once the message it gave has been sent.
+#[derive(Debug, Default)]
+pub struct MessageBatch {
+    buf: BytesMut,
+    ended: bool,
+}
+
+impl MessageBatch {
+    /// Whether `n` more bytes of frames fit: the message stays within the limit and no start
+    /// frame has ended it.
+    pub fn fits(&self, n: usize) -> bool {
+        !self.ended && self.buf.len() + n <= MAX_WS_MESSAGE
+    }
+
+    /// Append whole frames (check [`MessageBatch::fits`] first); `ends_message`: the last of
+    /// them is a start frame.
+    pub fn push(&mut self, frames: &[u8], ends_message: bool) {
+        debug_assert!(self.fits(frames.len()));
+        self.buf.extend_from_slice(frames);
+        self.ended |= ends_message;
+    }
+
+    /// Start filling the next message. Call once the previous one has been sent: its space is
+    /// then free again, and reserving here takes it back instead of allocating.
+    pub fn begin(&mut self) {
+        self.buf.clear();
+        self.ended = false;
+        self.buf.reserve(MAX_WS_MESSAGE);
+    }
+
+    /// Append one frame, ending the message if it is a start frame.
+    pub fn push_frame(&mut self, frame: &[u8]) {
+        self.push(frame, is_start_frame(frame));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// A start frame ended the message: send it before adding more.
+    pub fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// The message, leaving the batch empty.
+    pub fn take(&mut self) -> Bytes {
+        self.ended = false;
+        self.buf.split().freeze()
+    }
+}
+
 /// Decode one frame body into a [`Message`], enforcing the payload limit.
 pub fn decode(body: Bytes) -> Result<Message, FrameError> {
-    let msg = Message::decode(body).map_err(|e| FrameError::Decode(e.to_string()))?;
+    let msg = Message::decode(body).map_err(FrameError::Decode)?;
     if msg.payload.len() > MAX_PAYLOAD {
         return Err(FrameError::PayloadTooLarge(msg.payload.len()));
     }
@@ -568,6 +621,29 @@ mod tests {
         let data = encode_to_bytes(&Message::data(1, "SSH", 1, Bytes::from_static(b"x"))).unwrap();
         assert!(is_start_frame(&start) && is_start_frame(&conn));
         assert!(!is_start_frame(&data) && !is_start_frame(&[0, 1]));
+    }
+
+    #[test]
+    fn a_message_batch_keeps_the_limit_and_ends_after_a_start() {
+        let data =
+            encode_to_bytes(&Message::data(1, "S", 1, Bytes::from(vec![0u8; 60_000]))).unwrap();
+        let start = encode_to_bytes(&Message::stream_start(2, "S", 1)).unwrap();
+        let mut b = MessageBatch::default();
+        b.begin();
+        assert!(b.fits(data.len()));
+        b.push_frame(&data);
+        b.push_frame(&data);
+        assert!(
+            !b.fits(data.len()),
+            "a third would pass {MAX_WS_MESSAGE} bytes"
+        );
+        assert!(b.fits(start.len()));
+        b.push_frame(&start);
+        assert!(b.is_ended() && !b.fits(1), "nothing after a start frame");
+        let m = b.take();
+        assert_eq!(m.len(), 2 * data.len() + start.len());
+        assert!(m.len() <= MAX_WS_MESSAGE);
+        assert!(b.is_empty() && !b.is_ended() && b.fits(data.len()));
     }
 
     #[test]

@@ -7,26 +7,33 @@
 //! - [`mux`]: the multiplexer state machine that maps `(service, stream id, connection id)` to
 //!   local connections, speaking the V1, V2 and V3 message formats. It has no sockets, no clock and
 //!   no async: feed it messages and calls, it hands back messages to send and events.
-//! - [`rules`]: what each side of a tunnel may send, as the relay enforces it.
+//! - [`rules`]: what each side of a tunnel may send, as the relay enforces it; [`forward`]: a
+//!   relay's forwarding of one peer's frames (checks, chunks, resets), without I/O.
 //! - [`session`]: the tokio shell that runs a [`mux::Mux`] over a WebSocket and exposes each tunnel
-//!   connection as an `AsyncRead + AsyncWrite` [`session::TunnelStream`].
+//!   connection as an `AsyncRead + AsyncWrite` [`session::Connection`].
 //! - [`client`]: connecting to a relay (AWS's or ours) as source or destination, TLS included.
+//! - [`secret`]: the one type for credentials, never shown in `Debug` or logs.
 //! - [`ext`]: which culvert extensions a session may use, negotiated in the handshake so that
-//!   AWS peers never see one; [`flow`] is the first of them.
+//!   AWS peers never see one; [`flow`] is the first of them: its negotiation in `mux`, its
+//!   credit arithmetic in [`flow::Credit`].
 //!
-//! The core modules (`message`, `frame`, `mux`, `rules`) are deterministic and tested as an
-//! in-memory pair; only `session` and `client` touch the runtime.
+//! The core modules (`message`, `frame`, `mux`, `flow`, `ext`, `rules`, `forward`, `secret`) are
+//! deterministic, use no I/O (`tests/core_has_no_io.rs` checks it) and are tested in memory,
+//! by property tests and by the fuzz targets; only `session` and `client` touch the runtime.
 
 pub mod client;
 pub mod ext;
 pub mod flow;
+pub mod forward;
 pub mod frame;
 pub mod message;
 pub mod mux;
 pub mod rules;
+pub mod secret;
 pub mod session;
 
 pub use message::{Message, MessageType};
+pub use secret::Secret;
 
 /// WebSocket close codes culvert-relay sends (RFC 6455 §7.4), and what they tell a client.
 pub mod close {

@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 
-use crate::flow::{self, ConnCredit, FlowConfig, Hello};
+use crate::flow::{self, ConnCredit, Credit, CreditError, FlowConfig, Hello};
 use crate::message::{MAX_PAYLOAD, MAX_SERVICES, Message, MessageRef, MessageType};
 use crate::{Format, Mode, valid_name};
 
@@ -109,7 +109,7 @@ impl Output {
 }
 
 /// The peer broke the protocol: the session must end (reconnecting is allowed).
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProtocolError {
     #[error("message type {0} is unknown and not marked ignorable")]
     UnknownType(i32),
@@ -193,23 +193,14 @@ pub struct MuxStats {
     pub flow_controlled: u64,
 }
 
-/// Flow-control state of a session (see [`crate::flow`]).
+/// Flow-control state of a session (see [`crate::flow`]): the negotiation's state here, the
+/// credit arithmetic in [`Credit`].
 #[derive(Debug, Default)]
 struct Flow {
-    /// What this end grants; `None`: this end does not offer the extension.
-    own: Option<FlowConfig>,
+    /// `None`: this end does not offer the extension.
+    credit: Option<Credit>,
     /// The relay announced the extension in this session.
     relay: bool,
-    /// What the peer grants (from its HELLO), while flow control is on for new connections.
-    peer: Option<FlowConfig>,
-    /// Bytes sent on flow-controlled connections and not credited back.
-    sent_total: u64,
-    /// Bytes received on flow-controlled connections and not credited back.
-    received_total: u64,
-    /// Of those, bytes the application consumed (credit waiting for its batch).
-    unreturned_total: u64,
-    /// A writer found the tunnel budget exhausted.
-    budget_blocked: bool,
 }
 
 /// One end of one tunnel session.
@@ -265,17 +256,16 @@ impl Mux {
     /// The window is raised to at least [`flow::MIN_WINDOW`] and the budget to at least the
     /// window, as the peer would refuse anything less.
     pub fn with_flow_control(mut self, cfg: FlowConfig) -> Mux {
-        let window = cfg.window.max(flow::MIN_WINDOW);
-        self.flow.own = Some(FlowConfig {
-            window,
-            budget: cfg.budget.max(window as u64),
-        });
+        self.flow.credit = Some(Credit::new(cfg));
         self
     }
 
     /// Whether connections started from now on use flow control.
     pub fn flow_control_active(&self) -> bool {
-        self.flow.peer.is_some()
+        self.flow
+            .credit
+            .as_ref()
+            .is_some_and(|c| c.peer().is_some())
     }
 
     /// Whether connection `id` uses flow control.
@@ -285,9 +275,9 @@ impl Mux {
 
     /// Credit for a new connection, if flow control is on.
     fn new_credit(&mut self) -> Option<ConnCredit> {
-        let (own, peer) = (self.flow.own?, self.flow.peer?);
+        let c = self.flow.credit.as_ref()?.open()?;
         self.stats.flow_controlled += 1;
-        Some(ConnCredit::new(peer.window, own.window))
+        Some(c)
     }
 
     pub fn role(&self) -> Mode {
@@ -335,7 +325,7 @@ impl Mux {
             }
             return self.on_data(&msg, out);
         }
-        if msg.r#type == flow::WINDOW_UPDATE && self.flow.own.is_some() {
+        if msg.r#type == flow::WINDOW_UPDATE && self.flow.credit.is_some() {
             return self.on_window_update(&msg, out);
         }
         self.handle(msg.to_message(), out)
@@ -343,7 +333,7 @@ impl Mux {
 
     /// Handle one message received from the peer (through the relay).
     pub fn handle(&mut self, msg: Message, out: &mut Output) -> Result<(), ProtocolError> {
-        if self.flow.own.is_some() {
+        if self.flow.credit.is_some() {
             match msg.r#type {
                 flow::HELLO => {
                     self.on_hello(&msg, out);
@@ -431,7 +421,9 @@ impl Mux {
 
     /// A HELLO from the relay or the peer: negotiate flow control (see [`crate::flow`]).
     fn on_hello(&mut self, msg: &Message, out: &mut Output) {
-        let Some(own) = self.flow.own else { return };
+        let Some(own) = self.flow.credit.as_ref().map(Credit::own) else {
+            return;
+        };
         let Some(h) = Hello::from_message(msg) else {
             self.stats.ignored += 1;
             return;
@@ -490,10 +482,12 @@ impl Mux {
     }
 
     fn set_peer_flow(&mut self, peer: Option<FlowConfig>, out: &mut Output) {
-        if self.flow.peer.is_some() != peer.is_some() {
-            out.events.push(Event::FlowControl(peer.is_some()));
+        let on = peer.is_some();
+        if let Some(credit) = self.flow.credit.as_mut()
+            && credit.set_peer(peer)
+        {
+            out.events.push(Event::FlowControl(on));
         }
-        self.flow.peer = peer;
     }
 
     fn on_window_update(
@@ -515,110 +509,74 @@ impl Mux {
             self.stats.stale_control += 1;
             return Ok(());
         };
-        let Some(c) = self.conns.get_mut(&id).and_then(|c| c.credit.as_mut()) else {
+        let (Some(credit), Some(c)) = (
+            self.flow.credit.as_mut(),
+            self.conns.get_mut(&id).and_then(|c| c.credit.as_mut()),
+        ) else {
             self.stats.stale_control += 1;
             return Ok(());
         };
-        c.send = c.send.saturating_add(inc);
-        let back = inc.min(c.in_flight);
-        c.in_flight -= back;
-        self.flow.sent_total -= back.min(self.flow.sent_total);
-        let budget = std::mem::take(&mut self.flow.budget_blocked);
+        let budget = credit.credited(c, inc);
         out.events.push(Event::Credit { id, budget });
         Ok(())
     }
 
     /// Account for `n` bytes of DATA received on `id`; past the credit is a protocol error.
     fn charge_received(&mut self, id: ConnId, n: usize) -> Result<(), ProtocolError> {
-        let Some(c) = self.conns.get_mut(&id).and_then(|c| c.credit.as_mut()) else {
+        let (Some(credit), Some(c)) = (
+            self.flow.credit.as_mut(),
+            self.conns.get_mut(&id).and_then(|c| c.credit.as_mut()),
+        ) else {
             return Ok(());
         };
-        let n64 = n as u64;
-        if n64 > c.recv {
-            return Err(ProtocolError::CreditExceeded {
+        credit.received(c, n as u64).map_err(|e| match e {
+            CreditError::Window { credit, .. } => ProtocolError::CreditExceeded {
                 conn: id,
                 got: n,
-                credit: c.recv,
-            });
-        }
-        c.recv -= n64;
-        c.buffered += n64;
-        self.flow.received_total += n64;
-        let budget = self.flow.own.map(|o| o.budget).unwrap_or(u64::MAX);
-        if self.flow.received_total > budget {
-            return Err(ProtocolError::BudgetExceeded(
-                self.flow.received_total,
-                budget,
-            ));
-        }
-        Ok(())
+                credit,
+            },
+            CreditError::Budget { total, budget } => ProtocolError::BudgetExceeded(total, budget),
+        })
     }
 
     /// The application consumed `n` bytes received on `id`: return credit to the peer, in
-    /// batches of a quarter window. No-op for connections without flow control.
-    ///
-    /// The batches must not hold the peer's tunnel budget: when the credit waiting in batches
-    /// over all connections reaches a quarter of the budget, every connection's is returned
-    /// (otherwise many connections, each short of its batch, could keep the whole budget and
-    /// stall the tunnel for good).
+    /// batches of a quarter window, and every connection's batch when they could hold up the
+    /// peer's budget ([`Credit::must_flush`]). No-op for connections without flow control.
     pub fn consumed(&mut self, id: ConnId, n: usize, out: &mut Output) {
-        let Some(own) = self.flow.own else { return };
-        let Some(conn) = self.conns.get_mut(&id) else {
+        let (Some(credit), Some(c)) = (
+            self.flow.credit.as_mut(),
+            self.conns.get_mut(&id).and_then(|c| c.credit.as_mut()),
+        ) else {
             return;
         };
-        let Some(c) = conn.credit.as_mut() else {
-            return;
-        };
-        let n = (n as u64).min(c.buffered);
-        c.buffered -= n;
-        c.unreturned += n;
-        self.flow.unreturned_total += n;
-        if c.unreturned >= (own.window / 4) as u64 {
-            Self::return_credit(&mut self.flow, id, conn, out);
+        if let Some(inc) = credit.consumed(c, n as u64) {
+            out.credit.push((id, inc));
         }
         self.flush_if_budget_tight(out);
     }
 
-    /// Return every connection's batched credit when the batches could hold up the peer:
-    /// they add up to a quarter of the budget, or the budget is three quarters full (stalled
-    /// connections' unread bytes count too, so batches must not take the rest).
+    /// Return every connection's batched credit if [`Credit::must_flush`] says so.
     fn flush_if_budget_tight(&mut self, out: &mut Output) {
-        let Some(own) = self.flow.own else { return };
-        let f = &self.flow;
-        if f.unreturned_total == 0
-            || (f.unreturned_total < own.budget / 4 && f.received_total < own.budget / 4 * 3)
-        {
+        let Some(credit) = self.flow.credit.as_mut() else {
+            return;
+        };
+        if !credit.must_flush() {
             return;
         }
         for (&id, conn) in self.conns.iter_mut() {
-            Self::return_credit(&mut self.flow, id, conn, out);
+            if let Some(inc) = conn.credit.as_mut().and_then(|c| credit.take_return(c)) {
+                out.credit.push((id, inc));
+            }
         }
     }
 
     /// Whether writers waiting for the tunnel budget should look again: a connection that
     /// ended gave its bytes back. Clears the flag (call after closing connections).
     pub fn take_budget_freed(&mut self) -> bool {
-        let free = self
-            .flow
-            .peer
-            .is_some_and(|p| self.flow.sent_total < p.budget);
-        free && std::mem::take(&mut self.flow.budget_blocked)
-    }
-
-    /// Send a connection's consumed-but-unreturned bytes back as credit.
-    fn return_credit(flow: &mut Flow, id: ConnId, conn: &mut Conn, out: &mut Output) {
-        let Some(c) = conn.credit.as_mut() else {
-            return;
-        };
-        let inc = c.unreturned.min(u32::MAX as u64);
-        if inc == 0 {
-            return;
-        }
-        c.unreturned -= inc;
-        c.recv += inc;
-        flow.received_total -= inc.min(flow.received_total);
-        flow.unreturned_total -= inc.min(flow.unreturned_total);
-        out.credit.push((id, inc as u32));
+        self.flow
+            .credit
+            .as_mut()
+            .is_some_and(Credit::take_budget_freed)
     }
 
     /// The WINDOW_UPDATE returning `inc` bytes of credit for connection `id` (from
@@ -645,17 +603,25 @@ impl Mux {
     }
 
     /// How many bytes connection `id` may send now: `None` without flow control (no limit).
-    pub fn send_credit(&mut self, id: ConnId) -> Result<Option<usize>, MuxError> {
+    pub fn send_credit(&self, id: ConnId) -> Result<Option<usize>, MuxError> {
         let c = self.conns.get(&id).ok_or(MuxError::NotOpen(id))?;
-        let Some(credit) = c.credit else {
-            return Ok(None);
-        };
-        let budget = self.flow.peer.map(|p| p.budget).unwrap_or(0);
-        let tunnel = budget.saturating_sub(self.flow.sent_total);
-        if tunnel < credit.send && tunnel < MAX_PAYLOAD as u64 {
-            self.flow.budget_blocked = true;
+        Ok(match (&self.flow.credit, &c.credit) {
+            (Some(credit), Some(cc)) => {
+                Some(credit.available(cc).bytes.min(usize::MAX as u64) as usize)
+            }
+            _ => None,
+        })
+    }
+
+    /// A writer of `id` found no credit and waits: if the tunnel budget is what holds it,
+    /// the next credit for any connection wakes every writer ([`Event::Credit`]).
+    pub fn wait_for_credit(&mut self, id: ConnId) {
+        if let (Some(credit), Some(cc)) = (
+            self.flow.credit.as_mut(),
+            self.conns.get(&id).and_then(|c| c.credit.as_ref()),
+        ) {
+            credit.waiting(cc);
         }
-        Ok(Some(credit.send.min(tunnel).min(usize::MAX as u64) as usize))
     }
 
     fn on_service_ids(&mut self, msg: Message, out: &mut Output) -> Result<(), ProtocolError> {
@@ -843,11 +809,8 @@ impl Mux {
     /// A connection ended: what it had in flight or buffered no longer counts against the
     /// tunnel budget, on either end.
     fn release_credit(&mut self, conn: &Conn) {
-        if let Some(c) = conn.credit {
-            self.flow.sent_total -= c.in_flight.min(self.flow.sent_total);
-            let held = c.buffered + c.unreturned;
-            self.flow.received_total -= held.min(self.flow.received_total);
-            self.flow.unreturned_total -= c.unreturned.min(self.flow.unreturned_total);
+        if let (Some(credit), Some(c)) = (self.flow.credit.as_mut(), conn.credit) {
+            credit.closed(c);
         }
     }
 
@@ -970,17 +933,11 @@ impl Mux {
     }
 
     fn charge_send(&mut self, id: ConnId, n: usize) -> Result<(), MuxError> {
-        let Some(avail) = self.send_credit(id)? else {
-            return Ok(());
-        };
-        if n > avail {
-            return Err(MuxError::NoCredit(n, avail as u64));
-        }
-        let n = n as u64;
-        if let Some(c) = self.conns.get_mut(&id).and_then(|c| c.credit.as_mut()) {
-            c.send -= n;
-            c.in_flight += n;
-            self.flow.sent_total += n;
+        let c = self.conns.get_mut(&id).ok_or(MuxError::NotOpen(id))?;
+        if let (Some(credit), Some(cc)) = (self.flow.credit.as_mut(), c.credit.as_mut()) {
+            credit
+                .sent(cc, n as u64)
+                .map_err(|avail| MuxError::NoCredit(n, avail.bytes))?;
         }
         Ok(())
     }
@@ -1127,6 +1084,8 @@ mod tests {
                 let avail = p.src.send_credit(id).unwrap().unwrap_or(usize::MAX);
                 let k = k.min(avail);
                 if k == 0 {
+                    // As a writer does when it parks.
+                    p.src.wait_for_credit(id);
                     break;
                 }
                 let mut f = bytes::BytesMut::new();

@@ -34,7 +34,7 @@ pub enum Violation {
 
 /// Per-tunnel frame rules; one instance shared by both sides of a tunnel.
 #[derive(Debug)]
-pub struct TunnelRules {
+pub struct FrameRules {
     services: Vec<String>,
     /// Highest stream id the source has started, per wire service id ("" for V1).
     max_started: HashMap<String, i32>,
@@ -42,9 +42,9 @@ pub struct TunnelRules {
     active: HashMap<String, i32>,
 }
 
-impl TunnelRules {
-    pub fn new(services: Vec<String>) -> TunnelRules {
-        TunnelRules {
+impl FrameRules {
+    pub fn new(services: Vec<String>) -> FrameRules {
+        FrameRules {
             services,
             max_started: HashMap::new(),
             active: HashMap::new(),
@@ -139,8 +139,8 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    fn rules() -> TunnelRules {
-        TunnelRules::new(vec!["SSH".into(), "HMI".into()])
+    fn rules() -> FrameRules {
+        FrameRules::new(vec!["SSH".into(), "HMI".into()])
     }
 
     #[test]
@@ -193,7 +193,7 @@ mod tests {
 
     #[test]
     fn v1_and_named_service_are_the_same_stream_in_a_one_service_tunnel() {
-        let mut r = TunnelRules::new(vec!["SSH".into()]);
+        let mut r = FrameRules::new(vec!["SSH".into()]);
         r.check(Mode::Source, &Message::stream_start(1, "SSH", 1))
             .unwrap();
         let v1_reply = Message::data(1, "", 0, Bytes::from_static(b"x"));

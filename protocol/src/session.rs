@@ -1,5 +1,5 @@
 //! The tokio shell around [`Mux`]: runs one tunnel session over one WebSocket and exposes each
-//! tunnel connection as a [`TunnelStream`] (`AsyncRead + AsyncWrite`).
+//! tunnel connection as a [`Connection`] (`AsyncRead + AsyncWrite`).
 //!
 //! Two tasks per session, so that reading never waits on writing (a relay forwarding both ways
 //! would otherwise deadlock the two ends under bidirectional load):
@@ -13,7 +13,7 @@
 //! - the **writer** owns the WebSocket sink and schedules what goes out: control messages
 //!   (starts, credit, negotiation) first, then one DATA frame per connection in turn (round
 //!   robin), so an interactive connection's keystrokes overtake a bulk transfer's backlog. Frames
-//!   are coalesced into WebSocket messages of at most [`MAX_WS_MESSAGE`] bytes. It pings every
+//!   are coalesced into WebSocket messages of at most [`crate::message::MAX_WS_MESSAGE`] bytes. It pings every
 //!   [`SessionConfig::ping_interval`].
 //!
 //! The session ends when the peer closes, on a transport or protocol error, when nothing is heard
@@ -37,8 +37,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, trace, warn};
 
 use crate::flow::FlowConfig;
-use crate::frame::{self, FrameError, FrameReader};
-use crate::message::{MAX_PAYLOAD, MAX_WS_MESSAGE};
+use crate::frame::{self, FrameError, FrameReader, MessageBatch};
+use crate::message::MAX_PAYLOAD;
 use crate::mux::{ConnId, Event, Mux, MuxError, Output};
 
 /// DATA frames queued per connection towards the writer (each at most ~64 KiB): enough to keep
@@ -100,13 +100,25 @@ pub enum SessionEnd {
         reason: Option<String>,
     },
     #[error("protocol error from the peer: {0}")]
-    Protocol(String),
+    Protocol(PeerError),
     #[error("connection to the relay failed: {0}")]
     Transport(String),
     #[error("nothing heard from the relay for {0:?}")]
     Idle(Duration),
     #[error("session closed locally")]
     Cancelled,
+}
+
+/// What the peer sent that breaks the protocol; it ends the session (reconnecting may help,
+/// the same bytes again would not).
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PeerError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Message(#[from] crate::mux::ProtocolError),
+    #[error("text WebSocket frame (only binary is allowed)")]
+    TextFrame,
 }
 
 impl SessionEnd {
@@ -169,7 +181,7 @@ impl Pool {
     }
 }
 
-/// Bytes received for one connection, on their way to its [`TunnelReader`].
+/// Bytes received for one connection, on their way to its [`ConnectionReader`].
 ///
 /// The session reader copies each DATA payload in, so the WebSocket layer gets its read buffer
 /// back at once (it never has to allocate another), and a stalled connection holds its own
@@ -259,23 +271,21 @@ impl Sched {
         self.control.push_back(f);
     }
 
-    /// Append the next frame to `batch` if `batch` stays within `max` bytes, waking whoever
-    /// waits for the space it frees; returns where it starts in `batch`.
-    fn pop_into(&mut self, batch: &mut BytesMut, max: usize, pool: &mut Pool) -> Option<usize> {
-        let start = batch.len();
-        let room = max.saturating_sub(start);
+    /// Append the next frame to `batch` if it fits there, waking whoever waits for the space it
+    /// frees; false if none did.
+    fn pop_into(&mut self, batch: &mut MessageBatch, pool: &mut Pool) -> bool {
         if let Some(f) = self.control.front() {
-            if f.len() > room {
-                return None;
+            if !batch.fits(f.len()) {
+                return false;
             }
-            batch.extend_from_slice(f);
+            batch.push_frame(f);
             self.control.pop_front();
             if self.control.len() < CONTROL_QUEUE / 2
                 && let Some(w) = self.control_space.take()
             {
                 w.wake();
             }
-            return Some(start);
+            return true;
         }
         while let Some(&id) = self.ready.front() {
             let Some(q) = self.queues.get_mut(&id) else {
@@ -286,11 +296,11 @@ impl Sched {
                 self.ready.pop_front();
                 continue;
             };
-            if end - q.sent > room {
-                return None;
+            if !batch.fits(end - q.sent) {
+                return false;
             }
             self.ready.pop_front();
-            batch.extend_from_slice(&q.frames[q.sent..end]);
+            batch.push_frame(&q.frames[q.sent..end]);
             q.sent = end;
             q.ends.pop_front();
             if q.ends.is_empty() {
@@ -302,9 +312,9 @@ impl Sched {
             if let Some(w) = q.waker.take() {
                 w.wake();
             }
-            return Some(start);
+            return true;
         }
-        None
+        false
     }
 
     /// Move a connection's queued frames to the end of the control queue, ahead of any DATA
@@ -446,7 +456,7 @@ pub struct SessionHandle {
 
 /// What the application receives from a session: streams the peer opened (destination).
 pub struct Incoming {
-    pub streams: mpsc::Receiver<TunnelStream>,
+    pub streams: mpsc::Receiver<Connection>,
 }
 
 /// Start a session over an established WebSocket.
@@ -484,7 +494,7 @@ where
 
 impl SessionHandle {
     /// Source: open a connection to `service`. Queues the start; does not wait for the peer.
-    pub async fn open(&self, service: &str) -> Result<TunnelStream, SessionError> {
+    pub async fn open(&self, service: &str) -> Result<Connection, SessionError> {
         let mut out = Output::default();
         let (id, credited) = {
             let mut inner = self.shared.lock();
@@ -506,7 +516,7 @@ impl SessionHandle {
             (id, credited)
         };
         self.shared.work.notify_one();
-        Ok(TunnelStream::new(
+        Ok(Connection::new(
             id,
             service.to_owned(),
             &self.shared,
@@ -598,7 +608,7 @@ fn finish(shared: &Shared, why: SessionEnd) {
 async fn reader_task<S>(
     mut stream: futures_util::stream::SplitStream<WebSocketStream<S>>,
     shared: Arc<Shared>,
-    incoming: mpsc::Sender<TunnelStream>,
+    incoming: mpsc::Sender<Connection>,
     cfg: SessionConfig,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -626,7 +636,7 @@ async fn reader_task<S>(
         let data = match ws_msg {
             WsMessage::Binary(b) => b,
             WsMessage::Text(_) => {
-                break SessionEnd::Protocol("text WebSocket frame (only binary is allowed)".into());
+                break SessionEnd::Protocol(PeerError::TextFrame);
             }
             WsMessage::Close(f) => {
                 break SessionEnd::PeerClosed {
@@ -642,7 +652,7 @@ async fn reader_task<S>(
             Ok(())
         });
         if let Err(e) = fed {
-            break SessionEnd::Protocol(e.to_string());
+            break SessionEnd::Protocol(e.into());
         }
         let mut failed = None;
         for body in bodies.drain(..) {
@@ -667,16 +677,16 @@ async fn reader_task<S>(
                             len = m.payload.len(),
                             "received"
                         );
-                        inner.mux.handle_ref(m, &mut out).map_err(|e| e.to_string())
+                        inner.mux.handle_ref(m, &mut out).map_err(PeerError::from)
                     }
                     Ok(None) => match frame::decode(body) {
                         Ok(m) => {
                             trace!(msg = %m, "received");
-                            inner.mux.handle(m, &mut out).map_err(|e| e.to_string())
+                            inner.mux.handle(m, &mut out).map_err(PeerError::from)
                         }
-                        Err(e) => Err(e.to_string()),
+                        Err(e) => Err(e.into()),
                     },
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(e.into()),
                 };
                 if let Err(e) = handled {
                     failed = Some(SessionEnd::Protocol(e));
@@ -707,7 +717,7 @@ async fn reader_task<S>(
 async fn deliver(
     shared: &Arc<Shared>,
     events: &mut Vec<Event>,
-    incoming: &mpsc::Sender<TunnelStream>,
+    incoming: &mpsc::Sender<Connection>,
 ) -> Result<(), SessionError> {
     // (Replies were queued with the message's handling.)
     for ev in events.drain(..) {
@@ -722,9 +732,9 @@ async fn deliver(
                     inner.conns.insert(id, Inbox::new(credited));
                     credited
                 };
-                let s = TunnelStream::new(id, service, shared, credited);
+                let s = Connection::new(id, service, shared, credited);
                 if incoming.send(s).await.is_err() {
-                    // Nobody takes streams: the TunnelStream's drop already reset it.
+                    // Nobody takes streams: the Connection's drop already reset it.
                     warn!("stream opened by the peer but this end accepts none");
                 }
             }
@@ -801,7 +811,7 @@ async fn writer_task<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut ping = tokio::time::interval(cfg.ping_interval);
-    let mut batch = BytesMut::new();
+    let mut batch = MessageBatch::default();
     let err = loop {
         if shared.cancel.is_cancelled() {
             let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
@@ -811,23 +821,14 @@ async fn writer_task<S>(
         // ending the message after a start frame (see `frame::is_start_frame`).
         // The previous message's bytes were copied out by the WebSocket layer and dropped, so
         // this reuses the same space.
-        batch.clear();
-        batch.reserve(MAX_WS_MESSAGE);
+        batch.begin();
         {
             let mut inner = shared.lock();
             let inner = &mut *inner;
-            while let Some(start) =
-                inner
-                    .sched
-                    .pop_into(&mut batch, MAX_WS_MESSAGE, &mut inner.pool)
-            {
-                if frame::is_start_frame(&batch[start..]) {
-                    break;
-                }
-            }
+            while !batch.is_ended() && inner.sched.pop_into(&mut batch, &mut inner.pool) {}
         }
         if !batch.is_empty() {
-            if let Err(e) = sink.send(WsMessage::Binary(batch.split().freeze())).await {
+            if let Err(e) = sink.send(WsMessage::Binary(batch.take())).await {
                 break e;
             }
             continue;
@@ -854,14 +855,14 @@ async fn writer_task<S>(
 /// the connection or the session ends. Writing sends DATA; shutting down (or dropping) sends the
 /// reset that closes the connection on the other end: the AWS protocol has no half-close.
 #[derive(Debug)]
-pub struct TunnelStream {
-    reader: TunnelReader,
-    writer: TunnelWriter,
+pub struct Connection {
+    reader: ConnectionReader,
+    writer: ConnectionWriter,
 }
 
-/// The receiving half of a [`TunnelStream`]; also an `AsyncBufRead` that hands out the peer's
+/// The receiving half of a [`Connection`]; also an `AsyncBufRead` that hands out the peer's
 /// bytes from its buffer without another copy.
-pub struct TunnelReader {
+pub struct ConnectionReader {
     id: ConnId,
     shared: Arc<Shared>,
     /// Bytes taken from the inbox; `pending[pos..]` are unread.
@@ -872,35 +873,35 @@ pub struct TunnelReader {
     eof: bool,
 }
 
-/// The sending half of a [`TunnelStream`]. Dropping it resets the connection.
-pub struct TunnelWriter {
+/// The sending half of a [`Connection`]. Dropping it resets the connection.
+pub struct ConnectionWriter {
     id: ConnId,
     service: String,
     shared: Arc<Shared>,
     closed_local: bool,
 }
 
-impl std::fmt::Debug for TunnelReader {
+impl std::fmt::Debug for ConnectionReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TunnelReader")
+        f.debug_struct("ConnectionReader")
             .field("id", &self.id)
             .finish_non_exhaustive()
     }
 }
 
-impl std::fmt::Debug for TunnelWriter {
+impl std::fmt::Debug for ConnectionWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TunnelWriter")
+        f.debug_struct("ConnectionWriter")
             .field("id", &self.id)
             .field("service", &self.service)
             .finish()
     }
 }
 
-impl TunnelStream {
+impl Connection {
     fn new(id: ConnId, service: String, shared: &Arc<Shared>, credited: bool) -> Self {
-        TunnelStream {
-            reader: TunnelReader {
+        Connection {
+            reader: ConnectionReader {
                 id,
                 shared: shared.clone(),
                 pending: Vec::new(),
@@ -908,7 +909,7 @@ impl TunnelStream {
                 credited,
                 eof: false,
             },
-            writer: TunnelWriter {
+            writer: ConnectionWriter {
                 id,
                 service,
                 shared: shared.clone(),
@@ -930,7 +931,7 @@ impl TunnelStream {
         self.reader.credited
     }
 
-    pub fn into_split(self) -> (TunnelReader, TunnelWriter) {
+    pub fn into_split(self) -> (ConnectionReader, ConnectionWriter) {
         (self.reader, self.writer)
     }
 
@@ -940,7 +941,7 @@ impl TunnelStream {
     }
 }
 
-impl TunnelReader {
+impl ConnectionReader {
     /// Make sure unread bytes are in `pending`, unless there are none yet (`Pending`) or
     /// none will come (`Ready` with nothing pending: EOF).
     fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -990,7 +991,7 @@ impl TunnelReader {
     }
 }
 
-impl Drop for TunnelReader {
+impl Drop for ConnectionReader {
     fn drop(&mut self) {
         let mut inner = self.shared.lock();
         let unread = self.pending.len() - self.pos;
@@ -1013,7 +1014,7 @@ impl Drop for TunnelReader {
     }
 }
 
-impl TunnelWriter {
+impl ConnectionWriter {
     /// Close the connection from this side: the reset goes out after what is queued.
     fn close_local(&mut self) {
         if self.closed_local {
@@ -1034,7 +1035,7 @@ impl TunnelWriter {
     }
 }
 
-impl AsyncRead for TunnelReader {
+impl AsyncRead for ConnectionReader {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1049,7 +1050,7 @@ impl AsyncRead for TunnelReader {
     }
 }
 
-impl tokio::io::AsyncBufRead for TunnelReader {
+impl tokio::io::AsyncBufRead for ConnectionReader {
     fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
         let this = self.get_mut();
         ready!(this.poll_pending(cx));
@@ -1062,7 +1063,7 @@ impl tokio::io::AsyncBufRead for TunnelReader {
     }
 }
 
-impl AsyncWrite for TunnelWriter {
+impl AsyncWrite for ConnectionWriter {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1082,6 +1083,11 @@ impl AsyncWrite for TunnelWriter {
             Err(_) => return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())),
         };
         let n = buf.len().min(MAX_PAYLOAD).min(credit.unwrap_or(usize::MAX));
+        if n == 0 {
+            // Out of credit: say so, so that credit for another connection wakes this writer
+            // when the tunnel budget is what holds it.
+            inner.mux.wait_for_credit(id);
+        }
         let q = inner.sched.queues.entry(id).or_default();
         if q.ends.len() >= CONN_SEND_FRAMES || n == 0 {
             // Wait for the writer to take a frame, or for credit.
@@ -1113,14 +1119,14 @@ impl AsyncWrite for TunnelWriter {
     }
 }
 
-impl Drop for TunnelWriter {
+impl Drop for ConnectionWriter {
     fn drop(&mut self) {
         // Queues the reset behind this connection's data; never blocks.
         self.close_local();
     }
 }
 
-impl AsyncRead for TunnelStream {
+impl AsyncRead for Connection {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1130,7 +1136,7 @@ impl AsyncRead for TunnelStream {
     }
 }
 
-impl AsyncWrite for TunnelStream {
+impl AsyncWrite for Connection {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1239,7 +1245,7 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Counting<'_, W> {
 ///   the peer had already sent is still written out locally.
 /// - Peer reset or session end: everything received is written, then the local socket is shut
 ///   down.
-pub async fn splice<L>(local: L, tunnel: TunnelStream) -> Spliced
+pub async fn splice<L>(local: L, tunnel: Connection) -> Spliced
 where
     L: AsyncRead + AsyncWrite + Unpin,
 {
@@ -1293,7 +1299,7 @@ where
 #[cfg(test)]
 mod tests {
     //! A source session and a destination session joined by an in-memory WebSocket (what a
-    //! verbatim relay amounts to): the tokio shell, `TunnelStream` and `splice`, without sockets.
+    //! verbatim relay amounts to): the tokio shell, `Connection` and `splice`, without sockets.
     use super::*;
     use crate::Format;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
