@@ -27,22 +27,13 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::registry::{ApiError, IssuedTokens, OpenRequest, RotateWhich, TunnelView};
-use crate::server::AppState;
+use crate::reply::error;
+use crate::state::AppState;
 use crate::store::{CloseReason, Status};
-
-/// An error response.
-pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(serde_json::json!({"error": code, "message": message.into()})),
-    )
-        .into_response()
-}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -86,11 +77,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
         ));
     };
     let presented = value.strip_prefix("Bearer ").unwrap_or("").trim();
-    if presented
-        .as_bytes()
-        .ct_eq(state.api_key.0.as_bytes())
-        .into()
-    {
+    if state.api_key.matches(presented) {
         Ok(())
     } else {
         Err(error(
@@ -209,7 +196,7 @@ async fn blocking<T: Send + 'static>(
 /// is answered with 408 instead of holding the handler.
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// A request body, read (at most the router's body limit) within [`BODY_TIMEOUT`], and parsed
+/// A request body, read (at most the router's body limit) within 10 s, and parsed
 /// as JSON by the handler, after the API key was checked. The deadline covers only the body:
 /// what a handler then does runs to completion.
 pub struct ApiBody(axum::body::Bytes);

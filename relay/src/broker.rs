@@ -20,7 +20,7 @@
 //!
 //! rumqttd refuses topics starting with `$` (reserved for brokers), but AWS's notify topic is
 //! `$aws/things/<thing>/tunnels/notify`. Inside rumqttd such topics are therefore stored as
-//! `culvert-dollar/…` ([`internal_topic`]); SUBSCRIBE / UNSUBSCRIBE filters are rewritten on the
+//! `culvert-dollar/…` ([`crate::topic::internal_topic`]); SUBSCRIBE / UNSUBSCRIBE filters are rewritten on the
 //! way in and PUBLISH topics on the way out, so devices only ever see the AWS names.
 
 use std::collections::HashMap;
@@ -43,27 +43,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::devices::Devices;
-use crate::notify::topic_for;
 use crate::slots::{Admitted, Gate, ListenerLimits, RefusalLog};
-
-/// Inside rumqttd, `$…` topics carry this prefix instead of the `$`.
-const DOLLAR: &str = "culvert-dollar/";
-
-/// The name rumqttd stores a topic under.
-pub fn internal_topic(t: &str) -> String {
-    match t.strip_prefix('$') {
-        Some(rest) => format!("{DOLLAR}{rest}"),
-        None => t.to_owned(),
-    }
-}
-
-/// The name a device sees for a topic rumqttd stores.
-fn external_topic(t: &[u8]) -> Bytes {
-    match t.strip_prefix(DOLLAR.as_bytes()) {
-        Some(rest) => [b"$", rest].concat().into(),
-        None => Bytes::copy_from_slice(t),
-    }
-}
+use crate::topic::{external_topic, internal_topic, topic_for};
 
 /// Largest MQTT packet accepted from a device.
 const MAX_PACKET: usize = 256 * 1024;
@@ -582,16 +563,6 @@ impl Link<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dollar_topics_are_renamed_both_ways() {
-        let t = "$aws/things/cell-7/tunnels/notify";
-        let inside = internal_topic(t);
-        assert_eq!(inside, "culvert-dollar/aws/things/cell-7/tunnels/notify");
-        assert_eq!(&external_topic(inside.as_bytes())[..], t.as_bytes());
-        assert_eq!(internal_topic("plain/topic"), "plain/topic");
-        assert_eq!(&external_topic(b"plain/topic")[..], b"plain/topic");
-    }
 
     #[test]
     fn peer_text_in_logs_is_escaped_and_bounded() {

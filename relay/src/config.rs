@@ -219,7 +219,7 @@ impl RawMqtt {
                     tls,
                     client_id: self.client_id.unwrap_or_else(|| "culvert-relay".into()),
                     username: self.username.unwrap_or_else(|| "culvert-relay".into()),
-                    password,
+                    password: password.into(),
                 })
             }
         };
@@ -446,7 +446,7 @@ impl RawConfig {
         Ok(RelayConfig {
             listen,
             state_dir: resolve(&self.state_dir),
-            api_key: Secret(api_key),
+            api_key: Secret::new(api_key),
             tls,
             limits: Limits {
                 max_services: self.limits.max_services,

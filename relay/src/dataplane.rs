@@ -2,7 +2,7 @@
 //! exactly as AWS IoT Secure Tunneling defines it, and the forwarding of tunnel frames between
 //! the two peers of a tunnel.
 //!
-//! Frames are validated ([`TunnelRules`](culvert_protocol::rules::TunnelRules)) and forwarded
+//! Frames are validated ([`FrameRules`](culvert_protocol::rules::FrameRules)) and forwarded
 //! verbatim, never re-encoded; the relay does not translate between protocol versions. A peer
 //! that breaks the rules is closed with a reason; the other side and other tunnels carry on.
 
@@ -12,29 +12,36 @@ use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUp
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::BytesMut;
 
 use crate::metrics::{METRICS, label};
 use culvert_protocol::ext::{self, Extensions};
 use culvert_protocol::flow::Hello;
-use culvert_protocol::frame::{self, FrameError, FrameReader};
-use culvert_protocol::message::{MAX_WS_MESSAGE, Message, MessageRef, MessageType};
-use culvert_protocol::rules::Violation;
+use culvert_protocol::frame::{self, MessageBatch};
+use culvert_protocol::message::{MAX_WS_MESSAGE, Message};
 use culvert_protocol::{Format, Mode, SUBPROTOCOLS, valid_client_token};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::api::error;
-use crate::registry::{Admission, AdmitError, Chunk, Kick, KickReason, NewPeer};
-use crate::server::AppState;
+use crate::registry::{Admission, AdmitError, Kick, KickReason, NewPeer};
+use crate::reply::error;
+use crate::state::{AppState, ConnectionSlots};
+use culvert_protocol::forward::{Chunk, Inbound};
 
 /// Frames queued towards one peer.
 const PEER_QUEUE: usize = 64;
 
 /// Largest upgrade request (AWS: "must not exceed 4k bytes").
 const MAX_UPGRADE_REQUEST: usize = 4096;
+
+/// Whether a WebSocket read failed because the peer's message (or frame) is over the limit.
+fn is_too_big(e: &axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error;
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<Error>())
+        .is_some_and(|t| matches!(t, Error::Capacity(_)))
+}
 
 /// Time allowed to deliver a close frame to a peer that is being disconnected.
 const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -112,7 +119,7 @@ pub async fn handshake(
     State(state): State<Arc<AppState>>,
     Query(q): Query<TunnelQuery>,
     headers: HeaderMap,
-    slots: Option<axum::Extension<crate::server::ConnectionSlots>>,
+    slots: Option<axum::Extension<ConnectionSlots>>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let channel = culvert_protocol::new_client_token();
@@ -248,43 +255,6 @@ enum End {
     Transport(String),
 }
 
-/// What the relay does with one checked frame.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fwd {
-    /// Forward it.
-    Frame,
-    /// Forward it and end the WebSocket message after it (a start frame; see
-    /// [`frame::is_start_frame`]).
-    Start,
-    /// Do not forward it: an extension message for a peer that did not negotiate extensions.
-    Skip,
-}
-
-/// How to forward the checked frames of one received message: `frames` holds each frame's end
-/// offset and what to do with it; the result is the byte ranges to send, each at most
-/// [`MAX_WS_MESSAGE`] bytes of whole frames, and whether it must end its WebSocket message.
-fn plan_chunks(frames: &[(usize, Fwd)], out: &mut Vec<(std::ops::Range<usize>, bool)>) {
-    out.clear();
-    let (mut start, mut end) = (0, 0);
-    for (i, &(frame_end, what)) in frames.iter().enumerate() {
-        if what == Fwd::Skip {
-            if end > start {
-                out.push((start..end, false));
-            }
-            (start, end) = (frame_end, frame_end);
-            continue;
-        }
-        end = frame_end;
-        let next_too_big = frames
-            .get(i + 1)
-            .is_some_and(|&(next, _)| next - start > MAX_WS_MESSAGE);
-        if what == Fwd::Start || i + 1 == frames.len() || next_too_big {
-            out.push((start..end, what == Fwd::Start));
-            start = end;
-        }
-    }
-}
-
 async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions: Extensions) {
     METRICS
         .peer_connects
@@ -352,7 +322,7 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
     // Writer: our queue → this peer, coalescing queued frames into one WebSocket message.
     let writer_kick = kick.clone();
     let writer = tokio::spawn(async move {
-        let mut batch = BytesMut::new();
+        let mut batch = MessageBatch::default();
         loop {
             let first = tokio::select! {
                 // A kick (with its close frame) wins over a queue that closed at the same time.
@@ -367,27 +337,27 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
                 }
                 f = rx.recv() => match f { Some(f) => f, None => break },
             };
-            // Coalesce queued chunks into one WebSocket message, ending it after a start frame.
+            // Coalesce queued chunks into WebSocket messages (frame::MessageBatch's rules); a lone
+            // chunk goes out as it is, without a copy.
             let msg = if first.ends_message {
                 first.bytes
             } else {
                 match rx.try_recv() {
                     Err(_) => first.bytes,
                     Ok(second) => {
-                        batch.clear();
-                        batch.extend_from_slice(&first.bytes);
+                        batch.begin();
+                        batch.push(&first.bytes, false);
                         let mut next = Some(second);
                         let mut failed = false;
                         while let Some(c) = next.take() {
-                            if batch.len() + c.bytes.len() > MAX_WS_MESSAGE {
-                                let out = batch.split().freeze();
-                                if sink.feed(WsMessage::Binary(out)).await.is_err() {
-                                    failed = true;
-                                    break;
-                                }
+                            if !batch.fits(c.bytes.len())
+                                && sink.feed(WsMessage::Binary(batch.take())).await.is_err()
+                            {
+                                failed = true;
+                                break;
                             }
-                            batch.extend_from_slice(&c.bytes);
-                            if c.ends_message {
+                            batch.push(&c.bytes, c.ends_message);
+                            if batch.is_ended() {
                                 break;
                             }
                             next = rx.try_recv().ok();
@@ -395,7 +365,7 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
                         if failed {
                             break;
                         }
-                        batch.split().freeze()
+                        batch.take()
                     }
                 }
             };
@@ -411,11 +381,9 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
         }
     });
 
-    let mut frames = FrameReader::new();
-    let mut replies: Vec<Message> = Vec::new();
-    // End offset of each checked frame, and what to do with it.
-    let mut checked_frames: Vec<(usize, Fwd)> = Vec::new();
-    let mut chunks = Vec::new();
+    let mut inbound = Inbound::new(mode, extensions);
+    // Reused for every message: forwarding allocates nothing per frame.
+    let (mut chunks, mut replies): (Vec<Chunk>, Vec<Message>) = (Vec::new(), Vec::new());
     let end = loop {
         let next = tokio::select! {
             biased;
@@ -428,13 +396,8 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
         };
         let data = match data {
             None => break End::Closed,
-            Some(Err(e)) => {
-                let e = e.to_string();
-                if e.contains("Message too long") || e.contains("Space limit") {
-                    break End::TooBig(e);
-                }
-                break End::Transport(e);
-            }
+            Some(Err(e)) if is_too_big(&e) => break End::TooBig(e.to_string()),
+            Some(Err(e)) => break End::Transport(e.to_string()),
             Some(Ok(WsMessage::Binary(b))) => b,
             Some(Ok(WsMessage::Text(_))) => {
                 break End::Violation(
@@ -444,49 +407,20 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
             Some(Ok(WsMessage::Close(_))) => break End::Closed,
             Some(Ok(_)) => continue, // ping/pong: answered by the WebSocket layer
         };
-        // Validate every complete frame under the tunnel lock; forward them verbatim after.
-        replies.clear();
-        checked_frames.clear();
-        let (fwd, to) = {
+        // Check every complete frame under the tunnel lock; forward them after, verbatim.
+        let (to, forwarded) = {
             let mut g = live.lock();
             if !g.is_current(mode, peer_id) {
                 break End::Kicked(KickReason::Replaced);
             }
             let to = g.target(mode.other());
-            // Extension messages (flow control's, so far) travel only between peers that both
-            // negotiated it.
-            let extensions_pass =
-                extensions.flow_control && to.as_ref().is_some_and(|t| t.extensions.flow_control);
-            let mut offset = 0;
-            let checked = frames.feed::<FwdError>(data, |body| {
-                offset += frame::LENGTH_PREFIX + body.len();
-                // Checked without allocating; the rare message off that path (SERVICE_IDS,
-                // unknown fields, malformed) is decoded in full, for the check or its error.
-                let owned;
-                let msg = match frame::decode_ref(&body)? {
-                    Some(m) => m,
-                    None => {
-                        owned = frame::decode(body.clone())?;
-                        MessageRef::from(&owned)
-                    }
-                };
-                g.rules.check(mode, msg.clone())?;
-                let what = match msg.kind() {
-                    Some(MessageType::StreamStart | MessageType::ConnectionStart) => Fwd::Start,
-                    None if ext::is_extension_type(msg.r#type) && !extensions_pass => Fwd::Skip,
-                    _ => Fwd::Frame,
-                };
-                checked_frames.push((offset, what));
-                if to.is_none()
-                    && let Some(r) = reset_for_absent_peer(&msg)
-                    && !replies.contains(&r)
-                {
-                    replies.push(r);
+            let other = to.as_ref().map(|t| t.extensions);
+            match inbound.feed(data, &mut g.rules, other) {
+                Ok(f) => {
+                    chunks.extend(f.chunks());
+                    replies.extend_from_slice(f.replies);
+                    (to, f.forwarded())
                 }
-                Ok(())
-            });
-            match checked {
-                Ok(fwd) => (fwd, to),
                 Err(e) => break End::Violation(e.to_string()),
             }
         };
@@ -508,17 +442,12 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
                 }
             }
         }
-        if let (Some(to), false) = (to, fwd.is_empty()) {
-            // Whole frames, at most one WebSocket message each, ending after start frames.
+        replies.clear();
+        if let Some(to) = to {
             // Waits while the other peer is slow (back-pressure, never an unbounded queue), but
             // not past a kick of either side.
-            plan_chunks(&checked_frames, &mut chunks);
-            for (range, ends_message) in chunks.drain(..) {
-                METRICS.bytes_forwarded.inc_by(range.len() as u64);
-                let chunk = Chunk {
-                    bytes: fwd.slice(range),
-                    ends_message,
-                };
+            METRICS.bytes_forwarded.inc_by(forwarded as u64);
+            for chunk in chunks.drain(..) {
                 let sent = tokio::select! {
                     biased;
                     _ = kick.kicked() => false,
@@ -530,6 +459,7 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
                 }
             }
         }
+        chunks.clear();
     };
     match &end {
         End::Closed => info!("peer disconnected"),
@@ -549,79 +479,4 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
     kick.kick(KickReason::Gone);
     drop(tx);
     let _ = writer.await;
-}
-
-/// The reset that tells a sender its stream cannot be carried: with the other side absent every
-/// stream is dead, so the whole stream is reset (a CONNECTION_RESET would leave a V3 source
-/// sending CONNECTION_STARTs on a stream the other side never saw).
-fn reset_for_absent_peer(msg: &MessageRef<'_>) -> Option<Message> {
-    match msg.kind()? {
-        MessageType::StreamStart | MessageType::ConnectionStart | MessageType::Data => {
-            Some(Message::stream_reset(msg.stream_id, msg.service_id))
-        }
-        _ => None,
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-enum FwdError {
-    #[error(transparent)]
-    Frame(#[from] FrameError),
-    #[error(transparent)]
-    Rule(#[from] Violation),
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn plan(frames: &[(usize, Fwd)]) -> Vec<(std::ops::Range<usize>, bool)> {
-        let mut out = Vec::new();
-        plan_chunks(frames, &mut out);
-        out
-    }
-
-    #[test]
-    fn frames_go_out_whole_and_a_start_ends_its_message() {
-        assert_eq!(
-            plan(&[(10, Fwd::Frame), (30, Fwd::Frame)]),
-            vec![(0..30, false)]
-        );
-        assert_eq!(
-            plan(&[(10, Fwd::Frame), (20, Fwd::Start), (30, Fwd::Frame)]),
-            vec![(0..20, true), (20..30, false)]
-        );
-        assert_eq!(plan(&[]), vec![]);
-    }
-
-    #[test]
-    fn skipped_frames_are_cut_out_and_nothing_else_is_lost() {
-        // An extension message between two frames, first, last, and alone.
-        assert_eq!(
-            plan(&[(10, Fwd::Frame), (16, Fwd::Skip), (30, Fwd::Frame)]),
-            vec![(0..10, false), (16..30, false)]
-        );
-        assert_eq!(
-            plan(&[(6, Fwd::Skip), (20, Fwd::Start), (30, Fwd::Frame)]),
-            vec![(6..20, true), (20..30, false)]
-        );
-        assert_eq!(
-            plan(&[(10, Fwd::Frame), (16, Fwd::Skip)]),
-            vec![(0..10, false)]
-        );
-        assert_eq!(plan(&[(6, Fwd::Skip), (12, Fwd::Skip)]), vec![]);
-    }
-
-    #[test]
-    fn no_chunk_exceeds_a_websocket_message() {
-        let frame = 65_000;
-        let frames: Vec<(usize, Fwd)> = (1..=5).map(|i| (i * frame, Fwd::Frame)).collect();
-        let out = plan(&frames);
-        assert_eq!(out.first().unwrap().0.start, 0);
-        assert_eq!(out.last().unwrap().0.end, 5 * frame);
-        for w in out.windows(2) {
-            assert_eq!(w[0].0.end, w[1].0.start, "contiguous, nothing dropped");
-        }
-        assert!(out.iter().all(|(r, _)| r.len() <= MAX_WS_MESSAGE));
-    }
 }

@@ -67,7 +67,7 @@ pub fn prepare(
         RelayConfig {
             listen,
             state_dir: dir.clone(),
-            api_key: Secret(api_key),
+            api_key: Secret::new(api_key),
             tls,
             limits: Limits::default(),
             listener: crate::config::FdBudget::from_limit().https(),
@@ -121,7 +121,7 @@ pub fn write_client_env(
     let mut text = format!(
         "# written by culvert-relay --dev; source it: . {}\nexport CULVERT_RELAY={addr}\nexport CULVERT_API_KEY={}\nexport CULVERT_CA={}\n",
         path.display(),
-        api_key.0,
+        api_key.expose(),
         files.ca.display()
     );
     if let Some(m) = mqtt {

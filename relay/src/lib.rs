@@ -4,18 +4,22 @@
 //! - [`server`]: the HTTPS listener (rustls) and router; [`server::Relay::run`] is the entry point.
 //! - [`slots`]: connection limits of the public listeners, global and per source address.
 //! - [`api`]: the control API (open / list / describe / close / rotate), JSON, bearer API key.
-//! - [`dataplane`]: the AWS-compatible WebSocket endpoint `/tunnel` and frame forwarding.
-//! - [`registry`]: tunnels, single-use tokens, and the live pairing of each tunnel's two peers.
+//! - [`dataplane`]: the AWS-compatible WebSocket endpoint `/tunnel`: the handshake, and the
+//!   I/O around `culvert_protocol::forward`, which checks and plans every frame.
+//! - [`registry`]: tunnels and their single-use tokens; [`live`]: who is connected on each side
+//!   of a tunnel, and how a peer is disconnected (with which close frame).
+//! - [`state`]: what the handlers share; [`reply`]: the HTTP error responses.
 //! - [`store`]: persistence of tunnel records (embedded redb file by default).
 //! - [`tokens`]: token generation and hashing.
 //! - [`config`] / [`dev`]: configuration file and the zero-setup `--dev` mode.
 //! - [`notify`]: MQTT notification of devices on open and rotation; [`reannounce`]: tunnels a
 //!   device may have missed, announced again when it subscribes (bounded, per thing).
-//! - [`broker`] / [`devices`]: the embedded MQTT broker (rumqttd's router in-process, behind
-//!   culvert's TLS listener and topic rules, with no port of its own) and the device
-//!   credentials it accepts.
+//! - [`broker`] / [`devices`] / [`topic`]: the embedded MQTT broker (rumqttd's router
+//!   in-process, behind culvert's TLS listener and topic rules, with no port of its own), the
+//!   device credentials it accepts, and topic names.
+//! - [`metrics`]: the Prometheus counters.
 //!
-//! Not here (yet): metrics, multi-node operation.
+//! Not here (yet): multi-node operation.
 
 pub mod api;
 pub mod broker;
@@ -23,11 +27,15 @@ pub mod config;
 pub mod dataplane;
 pub mod dev;
 pub mod devices;
+pub mod live;
 pub mod metrics;
 pub mod notify;
 pub mod reannounce;
 pub mod registry;
+pub mod reply;
 pub mod server;
 pub mod slots;
+pub mod state;
 pub mod store;
 pub mod tokens;
+pub mod topic;

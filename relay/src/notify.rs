@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::registry::{Registry, TunnelView};
+use crate::topic::topic_for;
 
 /// How to reach an external broker as the relay.
 #[derive(Clone)]
@@ -25,7 +26,7 @@ pub struct BrokerClient {
     pub tls: Arc<rustls::ClientConfig>,
     pub client_id: String,
     pub username: String,
-    pub password: String,
+    pub password: culvert_protocol::Secret,
 }
 
 #[derive(Clone)]
@@ -40,11 +41,6 @@ pub struct Notifier {
 enum Sink {
     External(AsyncClient),
     Embedded(crate::broker::Publisher),
-}
-
-/// The notify topic of a thing.
-pub fn topic_for(template: &str, thing: &str) -> String {
-    template.replace("{thing}", thing)
 }
 
 impl Notifier {
@@ -69,7 +65,7 @@ impl Notifier {
         shutdown: CancellationToken,
     ) -> Notifier {
         let mut opts = MqttOptions::new(b.client_id.clone(), b.host.clone(), b.port);
-        opts.set_credentials(b.username.clone(), b.password.clone())
+        opts.set_credentials(b.username.clone(), b.password.expose())
             .set_keep_alive(Duration::from_secs(30))
             .set_clean_session(false)
             .set_max_packet_size(64 * 1024, 64 * 1024);

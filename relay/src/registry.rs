@@ -6,18 +6,13 @@
 //! path, so forwarding frames never touches the registry lock.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use culvert_protocol::ext::Extensions;
-use culvert_protocol::message::MAX_WS_MESSAGE;
-use culvert_protocol::rules::TunnelRules;
-use culvert_protocol::{Mode, close, frame, valid_name};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use culvert_protocol::{Mode, valid_name};
 use tracing::{info, warn};
 
+pub use crate::live::{Kick, KickReason, Live, NewPeer};
 use crate::store::{CloseReason, SideRecord, Status, Store, StoreError, TunnelRecord};
 use crate::tokens::{TokenHash, new_secret};
 
@@ -220,311 +215,6 @@ impl RotateWhich {
                 | (RotateWhich::Source, Mode::Source)
                 | (RotateWhich::Destination, Mode::Destination)
         )
-    }
-}
-
-/// Why the relay disconnects a peer. It decides the peer's close frame, and so whether the
-/// peer comes back.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum KickReason {
-    /// The side's token was revoked: rotated, or the tunnel closed or expired. Final: the
-    /// reconnect is refused with the reason.
-    Revoked(&'static str),
-    /// A newer connection with the same token took this one's place.
-    Replaced,
-    /// The peer broke the protocol's rules.
-    Violation(String),
-    /// The peer sent a WebSocket message over the protocol's limit.
-    TooBig,
-    /// The relay is stopping (or draining): the peer should reconnect, to it or another node.
-    Restart,
-    /// The connection has already ended: nothing is sent.
-    Gone,
-}
-
-impl KickReason {
-    /// The close frame (code, reason) for a peer that did or did not negotiate culvert's
-    /// extensions; `None`: end the connection without one.
-    ///
-    /// A restart is told to culvert's programs with [`close::RESTART`]; an AWS peer gets no
-    /// close frame at all, since the localproxy exits for good on any close frame but retries
-    /// a connection that simply ends.
-    pub fn close_frame(&self, extensions: Extensions) -> Option<(u16, String)> {
-        let (code, reason) = match self {
-            KickReason::Revoked(why) => (close::NORMAL, (*why).to_owned()),
-            KickReason::Replaced => (
-                close::NORMAL,
-                "replaced by a new connection with the same access token".to_owned(),
-            ),
-            KickReason::Violation(v) => (close::POLICY, format!("protocol violation: {v}")),
-            KickReason::TooBig => (
-                close::TOO_BIG,
-                format!(
-                    "message too big: WebSocket messages are limited to {MAX_WS_MESSAGE} bytes"
-                ),
-            ),
-            KickReason::Restart if extensions.restart => (
-                close::RESTART,
-                "relay restarting: reconnect with the same tokens".to_owned(),
-            ),
-            KickReason::Restart | KickReason::Gone => return None,
-        };
-        Some((code, truncate_reason(reason)))
-    }
-}
-
-impl std::fmt::Display for KickReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.close_frame(Extensions::ALL) {
-            Some((_, reason)) => f.write_str(&reason),
-            None => f.write_str("connection ended"),
-        }
-    }
-}
-
-/// Close-frame reasons are limited to 123 bytes (RFC 6455 §5.5).
-fn truncate_reason(mut s: String) -> String {
-    let mut end = s.len().min(123);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s.truncate(end);
-    s
-}
-
-/// A disconnect request with the reason that decides the peer's close frame. The first reason
-/// given wins.
-#[derive(Clone, Default)]
-pub struct Kick {
-    token: CancellationToken,
-    reason: Arc<OnceLock<KickReason>>,
-}
-
-impl Kick {
-    pub fn kick(&self, reason: KickReason) {
-        let _ = self.reason.set(reason);
-        self.token.cancel();
-    }
-    pub async fn kicked(&self) -> KickReason {
-        self.token.cancelled().await;
-        self.reason.get().cloned().unwrap_or(KickReason::Gone)
-    }
-}
-
-/// Whole frames on their way to a peer.
-#[derive(Debug)]
-pub struct Chunk {
-    pub bytes: Bytes,
-    /// The chunk ends with a start frame: it must end its WebSocket message
-    /// (see `culvert_protocol::frame::is_start_frame`).
-    pub ends_message: bool,
-}
-
-impl Chunk {
-    pub fn new(bytes: Bytes) -> Chunk {
-        let ends_message = frame::is_start_frame(&bytes);
-        Chunk {
-            bytes,
-            ends_message,
-        }
-    }
-}
-
-/// One connected peer as the data path sees it.
-pub struct PeerSlot {
-    pub peer_id: u64,
-    /// Frames towards this peer (bounded: a slow peer holds back its sender).
-    pub tx: mpsc::Sender<Chunk>,
-    pub kick: Kick,
-    /// The culvert extensions this peer negotiated in its handshake: extension messages reach
-    /// it only if it did.
-    pub extensions: Extensions,
-}
-
-/// A peer about to attach: how to reach it.
-pub struct NewPeer {
-    pub tx: mpsc::Sender<Chunk>,
-    pub kick: Kick,
-    pub extensions: Extensions,
-}
-
-/// The other side of a tunnel as a forwarding peer sees it.
-#[derive(Clone)]
-pub struct Target {
-    pub tx: mpsc::Sender<Chunk>,
-    pub kick: Kick,
-    pub extensions: Extensions,
-}
-
-#[derive(Default)]
-struct Side {
-    peer: Option<PeerSlot>,
-    changed_ms: i64,
-    /// Bumped when this side's token is revoked (rotation, close): a handshake admitted under
-    /// an older generation may not attach.
-    generation: u64,
-}
-
-pub struct LiveInner {
-    pub rules: TunnelRules,
-    source: Side,
-    destination: Side,
-    next_peer: u64,
-}
-
-impl LiveInner {
-    fn side(&mut self, mode: Mode) -> &mut Side {
-        match mode {
-            Mode::Source => &mut self.source,
-            Mode::Destination => &mut self.destination,
-        }
-    }
-
-    fn peer(&self, mode: Mode) -> Option<&PeerSlot> {
-        match mode {
-            Mode::Source => &self.source,
-            Mode::Destination => &self.destination,
-        }
-        .peer
-        .as_ref()
-    }
-
-    /// The sender towards the peer of `mode`, if connected.
-    pub fn tx(&self, mode: Mode) -> Option<mpsc::Sender<Chunk>> {
-        self.peer(mode).map(|p| p.tx.clone())
-    }
-
-    /// The peer of `mode`, if connected: its queue, its kick and its extensions.
-    pub fn target(&self, mode: Mode) -> Option<Target> {
-        self.peer(mode).map(|p| Target {
-            tx: p.tx.clone(),
-            kick: p.kick.clone(),
-            extensions: p.extensions,
-        })
-    }
-
-    /// Is `peer_id` still the attached peer of `mode`? (A replaced peer must stop forwarding.)
-    pub fn is_current(&self, mode: Mode, peer_id: u64) -> bool {
-        self.peer(mode).is_some_and(|p| p.peer_id == peer_id)
-    }
-}
-
-/// The live half of a tunnel: who is connected, and the frame rules.
-pub struct Live {
-    pub id: String,
-    pub services: Vec<String>,
-    inner: Mutex<LiveInner>,
-}
-
-impl Live {
-    fn new(rec: &TunnelRecord) -> Live {
-        Live {
-            id: rec.id.clone(),
-            services: rec.services.clone(),
-            inner: Mutex::new(LiveInner {
-                rules: TunnelRules::new(rec.services.clone()),
-                source: Side {
-                    peer: None,
-                    changed_ms: rec.source.last_change_ms,
-                    generation: 0,
-                },
-                destination: Side {
-                    peer: None,
-                    changed_ms: rec.destination.last_change_ms,
-                    generation: 0,
-                },
-                next_peer: 1,
-            }),
-        }
-    }
-
-    pub fn lock(&self) -> MutexGuard<'_, LiveInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Register a new peer for `mode`, replacing (and kicking) any previous one. The surviving
-    /// other side is told which streams died. `None` if the side's token was revoked after the
-    /// handshake was admitted under `generation`.
-    pub fn attach(&self, mode: Mode, generation: u64, new: NewPeer) -> Option<u64> {
-        let mut g = self.lock();
-        if g.side(mode).generation != generation {
-            return None;
-        }
-        let peer_id = g.next_peer;
-        g.next_peer += 1;
-        let old = g.side(mode).peer.take();
-        if let Some(old) = old {
-            old.kick.kick(KickReason::Replaced);
-            let resets = g.rules.peer_gone();
-            send_resets(g.tx(mode.other()), resets);
-        }
-        let side = g.side(mode);
-        side.peer = Some(PeerSlot {
-            peer_id,
-            tx: new.tx,
-            kick: new.kick,
-            extensions: new.extensions,
-        });
-        side.changed_ms = now_ms();
-        Some(peer_id)
-    }
-
-    /// Revoke a side's token: handshakes admitted before may no longer attach, and the
-    /// connected peer is disconnected with `reason`.
-    pub fn revoke(&self, mode: Mode, reason: &'static str) {
-        let mut g = self.lock();
-        let side = g.side(mode);
-        side.generation += 1;
-        if let Some(p) = &side.peer {
-            p.kick.kick(KickReason::Revoked(reason));
-        }
-    }
-
-    pub fn generation(&self, mode: Mode) -> u64 {
-        self.lock().side(mode).generation
-    }
-
-    /// A peer's session ended. Returns whether it was still the registered one.
-    pub fn detach(&self, mode: Mode, peer_id: u64) -> bool {
-        let mut g = self.lock();
-        if g.side(mode).peer.as_ref().map(|p| p.peer_id) != Some(peer_id) {
-            return false;
-        }
-        let side = g.side(mode);
-        side.peer = None;
-        side.changed_ms = now_ms();
-        let resets = g.rules.peer_gone();
-        send_resets(g.tx(mode.other()), resets);
-        true
-    }
-
-    pub fn kick(&self, mode: Mode, reason: KickReason) {
-        if let Some(p) = &self.lock().side(mode).peer {
-            p.kick.kick(reason);
-        }
-    }
-
-    /// (connected, last change ms) for a side.
-    pub fn state(&self, mode: Mode) -> (bool, i64) {
-        let mut g = self.lock();
-        let s = g.side(mode);
-        (s.peer.is_some(), s.changed_ms)
-    }
-}
-
-/// Queue STREAM_RESETs towards a peer without waiting (spawning if its queue is full).
-fn send_resets(tx: Option<mpsc::Sender<Chunk>>, resets: Vec<culvert_protocol::Message>) {
-    let Some(tx) = tx else { return };
-    for m in resets {
-        let Ok(f) = frame::encode_to_bytes(&m).map(Chunk::new) else {
-            continue;
-        };
-        if let Err(mpsc::error::TrySendError::Full(f)) = tx.try_send(f) {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let _ = tx.send(f).await;
-            });
-        }
     }
 }
 
@@ -1094,6 +784,7 @@ fn view(rec: &TunnelRecord, live: &Live) -> TunnelView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::mpsc;
 
     fn registry() -> (Registry, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!(
@@ -1216,48 +907,13 @@ mod tests {
         let new = NewPeer {
             tx,
             kick: Kick::default(),
-            extensions: Extensions::NONE,
+            extensions: culvert_protocol::ext::Extensions::NONE,
         };
         assert_eq!(
             adm.live.attach(Mode::Destination, adm.generation, new),
             None
         );
         std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn close_frames_tell_culvert_peers_to_come_back_and_leave_aws_peers_none() {
-        // A restart: culvert's programs get "Service Restart"; the localproxy exits for good on
-        // any close frame, so an AWS peer gets none and reconnects.
-        assert_eq!(
-            KickReason::Restart
-                .close_frame(Extensions::ALL)
-                .map(|f| f.0),
-            Some(close::RESTART)
-        );
-        assert_eq!(KickReason::Restart.close_frame(Extensions::NONE), None);
-        assert_eq!(KickReason::Gone.close_frame(Extensions::ALL), None);
-        // Final ends are told to everyone, with the reason.
-        for ext in [Extensions::ALL, Extensions::NONE] {
-            assert_eq!(
-                KickReason::Revoked("tunnel closed").close_frame(ext),
-                Some((close::NORMAL, "tunnel closed".to_owned()))
-            );
-            assert_eq!(
-                KickReason::Violation("x".into())
-                    .close_frame(ext)
-                    .unwrap()
-                    .0,
-                close::POLICY
-            );
-            assert_eq!(
-                KickReason::TooBig.close_frame(ext).unwrap().0,
-                close::TOO_BIG
-            );
-        }
-        let long = KickReason::Violation("é".repeat(100));
-        let (_, reason) = long.close_frame(Extensions::NONE).unwrap();
-        assert!(reason.len() <= 123 && reason.starts_with("protocol violation: é"));
     }
 
     #[tokio::test(start_paused = true)]

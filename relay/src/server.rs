@@ -22,33 +22,13 @@ use crate::config::{BrokerMode, RelayConfig};
 use crate::devices::Devices;
 use crate::notify::Notifier;
 use crate::registry::Registry;
-use crate::slots::{Gate, Guarded, ListenerLimits, RefusalLog};
+use crate::slots::{Gate, Guarded, RefusalLog};
+use crate::state::{AppState, ConnectionSlots};
 use crate::store::Store;
-use crate::tokens::Secret;
 use crate::{api, dataplane, reannounce};
 
 /// Largest API request body.
 const MAX_API_BODY: usize = 64 * 1024;
-
-pub struct AppState {
-    pub registry: Arc<Registry>,
-    /// Devices allowed on the embedded broker.
-    pub devices: Arc<Devices>,
-    pub notifier: Notifier,
-    /// The embedded broker's TLS listener, if it runs.
-    pub mqtt_listen: Option<SocketAddr>,
-    pub api_key: Secret,
-    /// Every peer task, so shutdown can wait for them.
-    pub tasks: TaskTracker,
-    /// Announce culvert's flow-control extension to peers.
-    pub flow_control: bool,
-    /// Connection limits of the HTTPS listener.
-    pub listener: ListenerLimits,
-}
-
-/// The slots of the connection a request arrived on (a request extension).
-#[derive(Clone)]
-pub struct ConnectionSlots(pub Arc<crate::slots::Admitted>);
 
 pub fn router(state: Arc<AppState>) -> Router {
     // The API key is checked before anything else of a request is read.
@@ -71,7 +51,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .nest("/api/v1", api)
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(|| async {
-            api::error(
+            crate::reply::error(
                 axum::http::StatusCode::NOT_FOUND,
                 "not_found",
                 "no such endpoint: the data plane is GET /tunnel, the API is under /api/v1/tunnels",

@@ -70,15 +70,7 @@ pub fn new_secret() -> String {
     URL_SAFE_NO_PAD.encode(b)
 }
 
-/// A secret string whose `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("***")
-    }
-}
+pub use culvert_protocol::Secret;
 
 #[cfg(test)]
 mod tests {
@@ -94,6 +86,6 @@ mod tests {
         assert_eq!(TokenHash::from_hex(&h.to_hex()), Some(h));
         assert!(h.matches(&TokenHash::of(&a)));
         assert!(!h.matches(&TokenHash::of(&b)));
-        assert_eq!(format!("{:?}", Secret(a)), "***");
+        assert_eq!(format!("{:?}", Secret::new(a)), "***");
     }
 }

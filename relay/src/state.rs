@@ -1,0 +1,33 @@
+//! What every request handler shares: the registry, the device list, the notifier and the
+//! relay's settings; and what a request carries about its connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio_util::task::TaskTracker;
+
+use crate::devices::Devices;
+use crate::notify::Notifier;
+use crate::registry::Registry;
+use crate::slots::ListenerLimits;
+use crate::tokens::Secret;
+
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    /// Devices allowed on the embedded broker.
+    pub devices: Arc<Devices>,
+    pub notifier: Notifier,
+    /// The embedded broker's TLS listener, if it runs.
+    pub mqtt_listen: Option<SocketAddr>,
+    pub api_key: Secret,
+    /// Every peer task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+    /// Announce culvert's flow-control extension to peers.
+    pub flow_control: bool,
+    /// Connection limits of the HTTPS listener.
+    pub listener: ListenerLimits,
+}
+
+/// The slots of the connection a request arrived on (a request extension).
+#[derive(Clone)]
+pub struct ConnectionSlots(pub Arc<crate::slots::Admitted>);
