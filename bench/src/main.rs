@@ -1109,7 +1109,7 @@ fn relay_idle(bins: &Path, dir: &Path, steps: &[usize]) -> Vec<(usize, u64)> {
                     let opts = ConnectOptions {
                         endpoint: endpoint.clone(),
                         mode,
-                        access_token: token,
+                        access_token: token.into(),
                         client_token: None,
                         tls: tls.clone(),
                         extensions: Default::default(),

@@ -70,7 +70,7 @@ pub fn parse_mappings(s: &str) -> Result<Vec<Mapping>, String> {
 
 pub struct ConnectArgs {
     pub endpoint: Endpoint,
-    pub access_token: String,
+    pub access_token: culvert_protocol::Secret,
     pub client_token: Option<String>,
     pub ca: Option<PathBuf>,
     pub mappings: Vec<Mapping>,
@@ -104,7 +104,7 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
         endpoint: args.endpoint.clone(),
         mode: Mode::Source,
         access_token: args.access_token.clone(),
-        client_token: Some(client_token),
+        client_token: Some(client_token.into()),
         tls,
         extensions: Extensions::ALL,
     };

@@ -16,6 +16,64 @@ use std::time::Duration;
 use serde::Serialize;
 use tracing::{info, warn};
 
+/// Why a connection ended, or was never made, and how an HTTP request went: the one set of
+/// reasons the audit trail, the metrics' `reason` label and the code all use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// The operator's side (or the tunnel) ended it.
+    ClientClosed,
+    TargetClosed,
+    IdleTimeout,
+    /// The ACL refused the target's address.
+    Denied,
+    /// A connection limit or rate.
+    Limit,
+    /// No rule for the service.
+    NoRule,
+    ConnectFailed,
+    ConnectTimeout,
+    /// It arrived while culvertd was draining.
+    Shutdown,
+    /// Requests: answered by the upstream.
+    Ok,
+    /// Requests: upgraded (WebSocket).
+    Upgraded,
+    /// Requests: no route matched.
+    NoRoute,
+    /// Requests: the upstream failed.
+    Error,
+    /// Requests: the HTTP parser refused it before any rule saw it.
+    Rejected,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::ClientClosed => "client_closed",
+            EndReason::TargetClosed => "target_closed",
+            EndReason::IdleTimeout => "idle_timeout",
+            EndReason::Denied => "denied",
+            EndReason::Limit => "limit",
+            EndReason::NoRule => "no_rule",
+            EndReason::ConnectFailed => "connect_failed",
+            EndReason::ConnectTimeout => "connect_timeout",
+            EndReason::Shutdown => "shutdown",
+            EndReason::Ok => "ok",
+            EndReason::Upgraded => "upgraded",
+            EndReason::NoRoute => "no_route",
+            EndReason::Error => "error",
+            EndReason::Rejected => "rejected",
+        }
+    }
+}
+
+impl std::fmt::Display for EndReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One audit record. `None` fields are left out.
 #[derive(Serialize, Default, Debug, Clone)]
 pub struct Record {
@@ -42,10 +100,9 @@ pub struct Record {
     pub bytes_from_target: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
-    /// Why it ended: `client_closed`, `target_closed`, `idle_timeout`, `denied`, `limit`,
-    /// `no_rule`, `connect_failed`, `connect_timeout`; for requests the HTTP outcome.
+    /// Why it ended (or, for requests, how it went).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<&'static str>,
+    pub reason: Option<EndReason>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -5,45 +5,26 @@
 //! A refused connection is reset (the AWS protocol carries no reason); the reason goes to the
 //! log and to the audit trail.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use culvert_protocol::message::MAX_PAYLOAD;
-use culvert_protocol::session::{GrowBuf, TunnelStream};
+use culvert_protocol::session::{Connection, GrowBuf};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
+
 use tracing::{debug, info, warn};
 
-use crate::acl;
-use crate::audit::Record;
-use crate::config::{HostPort, Kind, Service, Target};
+use crate::audit::{EndReason, Record};
+use crate::config::Kind;
 use crate::limits::Bandwidth;
 use crate::metrics::Metrics;
 use crate::rules::{Gateway, TunnelState};
+use crate::target::{Local, Refusal, connect};
 use culvert_appliance::metrics::prometheus_client::metrics::counter::Counter;
 
-/// Why a connection could not be made.
-#[derive(Debug)]
-pub struct Refusal {
-    pub reason: &'static str,
-    pub detail: String,
-    pub address: Option<String>,
-}
-
-impl Refusal {
-    fn new(reason: &'static str, detail: String) -> Refusal {
-        Refusal {
-            reason,
-            detail,
-            address: None,
-        }
-    }
-}
-
 /// Serve one tunnel connection under the rules in force when it arrived.
-pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelStream) {
+pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: Connection) {
     let started = Instant::now();
     let rules = gw.rules();
     let service = stream.service().to_owned();
@@ -54,13 +35,13 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelSt
         rule: format!("services.{service}"),
         ..Record::default()
     };
-    let refuse = |rec: Record, r: Refusal, stream: TunnelStream| {
+    let refuse = |rec: Record, r: Refusal, stream: Connection| {
         let gw = gw.clone();
         async move {
-            warn!(service = %rec.service, conn = %rec.conn, reason = r.reason, address = ?r.address, "connection refused: {}", r.detail);
+            warn!(service = %rec.service, conn = %rec.conn, reason = r.reason.as_str(), address = ?r.address, "connection refused: {}", r.detail);
             gw.metrics
                 .refused
-                .get_or_create(&Metrics::label("reason", r.reason))
+                .get_or_create(&Metrics::label("reason", r.reason.as_str()))
                 .inc();
             gw.audit.record(
                 Record {
@@ -81,7 +62,7 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelSt
             "no rule for service {service:?} (this gateway has: {})",
             rules.config.service_names().join(", ")
         );
-        return refuse(rec, Refusal::new("no_rule", detail), stream).await;
+        return refuse(rec, Refusal::new(EndReason::NoRule, detail), stream).await;
     };
     let tl = tunnel.limiters(&rules.config.tunnel_limits);
     let rl = rules.limiters[&service].clone();
@@ -106,7 +87,7 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelSt
         });
     let _slots = match admitted {
         Ok(s) => s,
-        Err(why) => return refuse(rec, Refusal::new("limit", why), stream).await,
+        Err(why) => return refuse(rec, Refusal::new(EndReason::Limit, why), stream).await,
     };
     let bw_to: Vec<Arc<Bandwidth>> = [&tl.to_target, &rl.to_target]
         .into_iter()
@@ -153,7 +134,7 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelSt
         #[cfg(not(feature = "http"))]
         Kind::Http(_) => {
             let r = Refusal::new(
-                "no_rule",
+                EndReason::NoRule,
                 "this culvertd was built without HTTP routing".into(),
             );
             return refuse(rec, r, stream).await;
@@ -165,7 +146,7 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: TunnelSt
         conn = %rec.conn,
         to_target = outcome.to_target,
         from_target = outcome.from_target,
-        reason = outcome.reason,
+        reason = outcome.reason.as_str(),
         "connection ended"
     );
     gw.audit.record(
@@ -194,115 +175,11 @@ fn start(gw: &Gateway, rec: &Record) {
     });
 }
 
-enum Local {
-    Tcp(TcpStream, SocketAddr),
-    Unix(UnixStream),
-}
-
-/// Resolve `hp` (literal addresses as they are, names now), within `timeout`.
-pub async fn resolve(hp: &HostPort, timeout: Duration) -> Result<Vec<SocketAddr>, Refusal> {
-    if let Some(ip) = hp.literal() {
-        return Ok(vec![SocketAddr::new(ip, hp.port)]);
-    }
-    match tokio::time::timeout(
-        timeout,
-        tokio::net::lookup_host((hp.host.as_str(), hp.port)),
-    )
-    .await
-    {
-        Ok(Ok(addrs)) => {
-            let v: Vec<SocketAddr> = addrs.collect();
-            if v.is_empty() {
-                Err(Refusal::new(
-                    "connect_failed",
-                    format!("{} resolves to no address", hp.host),
-                ))
-            } else {
-                Ok(v)
-            }
-        }
-        Ok(Err(e)) => Err(Refusal::new(
-            "connect_failed",
-            format!("cannot resolve {}: {e}", hp.host),
-        )),
-        Err(_) => Err(Refusal::new(
-            "connect_timeout",
-            format!("resolving {} took longer than {timeout:?}", hp.host),
-        )),
-    }
-}
-
-/// Every address must pass the rule's ACL: a name that resolves to one denied address is refused
-/// as a whole (it is either misconfigured or being used to reach around the ACL).
-pub fn check_all(svc: &Service, hp: &HostPort, addrs: &[SocketAddr]) -> Result<(), Refusal> {
-    let own = acl::own_addresses();
-    for a in addrs {
-        if let Err(why) = svc.policy.check(*a, &own) {
-            let detail = if hp.literal().is_some() {
-                format!("{hp} denied: {why}")
-            } else {
-                format!("{hp} resolves to {a}, denied: {why}")
-            };
-            return Err(Refusal {
-                reason: "denied",
-                detail,
-                address: Some(a.to_string()),
-            });
-        }
-    }
-    Ok(())
-}
-
-async fn connect(svc: &Service, target: &Target) -> Result<Local, Refusal> {
-    let deadline = Instant::now() + svc.connect_timeout;
-    let timed_out = || {
-        Refusal::new(
-            "connect_timeout",
-            format!("{target} did not answer within {:?}", svc.connect_timeout),
-        )
-    };
-    match target {
-        Target::Unix(path) => {
-            match tokio::time::timeout(svc.connect_timeout, UnixStream::connect(path)).await {
-                Ok(Ok(s)) => Ok(Local::Unix(s)),
-                Ok(Err(e)) => Err(Refusal::new("connect_failed", format!("{target}: {e}"))),
-                Err(_) => Err(timed_out()),
-            }
-        }
-        Target::Tcp(hp) => {
-            let addrs = resolve(hp, svc.connect_timeout).await?;
-            check_all(svc, hp, &addrs)?;
-            let mut last = None;
-            for a in &addrs {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match tokio::time::timeout(left, TcpStream::connect(a)).await {
-                    Ok(Ok(tcp)) => {
-                        let _ = tcp.set_nodelay(true);
-                        return Ok(Local::Tcp(tcp, *a));
-                    }
-                    Ok(Err(e)) => last = Some((*a, e)),
-                    Err(_) => {
-                        let mut r = timed_out();
-                        r.address = Some(a.to_string());
-                        return Err(r);
-                    }
-                }
-            }
-            let (a, e) = last.expect("at least one address");
-            Err(Refusal {
-                reason: "connect_failed",
-                detail: format!("{target} ({a}): {e}"),
-                address: Some(a.to_string()),
-            })
-        }
-    }
-}
-
 /// Bytes carried, and why it ended.
 pub struct Outcome {
     pub to_target: u64,
     pub from_target: u64,
-    pub reason: &'static str,
+    pub reason: EndReason,
 }
 
 /// Carry bytes between the target and the tunnel connection under bandwidth limits, until one
@@ -310,7 +187,7 @@ pub struct Outcome {
 /// closes the target socket (the AWS protocol has no half-close).
 pub async fn pump<L>(
     local: L,
-    tunnel: TunnelStream,
+    tunnel: Connection,
     to_limits: &[Arc<Bandwidth>],
     from_limits: &[Arc<Bandwidth>],
     idle: Option<Duration>,
@@ -332,7 +209,7 @@ where
         // Tunnel → target: the tunnel reader hands out its chunks without a copy.
         let why = loop {
             let chunk = match tr.fill_buf().await {
-                Ok([]) | Err(_) => break "client_closed",
+                Ok([]) | Err(_) => break EndReason::ClientClosed,
                 Ok(c) => c,
             };
             let n = chunk.len().min(to_cap);
@@ -342,7 +219,7 @@ where
                 b.take(n).await;
             }
             if lw.write_all(&chunk[..n]).await.is_err() {
-                break "target_closed";
+                break EndReason::TargetClosed;
             }
             tr.consume(n);
             to_n.fetch_add(n as u64, Ordering::Relaxed);
@@ -355,13 +232,13 @@ where
     let up = async {
         // Small while the connection is quiet, a full payload while it is busy.
         let mut buf = GrowBuf::new(from_cap);
-        let mut why = "target_closed";
+        let mut why = EndReason::TargetClosed;
         loop {
             let n = match lr.read(buf.space()).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            if why == "client_closed" {
+            if why == EndReason::ClientClosed {
                 // The tunnel side is gone: read and discard until the target closes, so that
                 // closing our socket does not turn into a reset that discards what we still
                 // had to deliver to it.
@@ -372,7 +249,7 @@ where
                 b.take(n).await;
             }
             if tw.write_all(buf.filled(n)).await.is_err() {
-                why = "client_closed";
+                why = EndReason::ClientClosed;
                 continue;
             }
             from_n.fetch_add(n as u64, Ordering::Relaxed);
@@ -403,13 +280,13 @@ where
             why
         }
         why = &mut up => {
-            if why == "target_closed" {
+            if why == EndReason::TargetClosed {
                 // The reset is queued; the peer's earlier bytes drain, then the reader ends.
                 let _ = tokio::time::timeout(Duration::from_secs(5), &mut down).await;
             }
             why
         }
-        _ = &mut idle_watch => "idle_timeout",
+        _ = &mut idle_watch => EndReason::IdleTimeout,
     };
     Outcome {
         to_target: to_n.load(Ordering::Relaxed),

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::audit::EndReason;
 use crate::forward;
 use crate::metrics::Metrics;
 use crate::rules::{Gateway, TunnelState, token_label};
@@ -32,8 +33,8 @@ pub struct TunnelArgs {
     pub endpoint: Endpoint,
     /// TLS towards the relay, built (CA files read) before privileges were dropped.
     pub tls: Arc<rustls::ClientConfig>,
-    pub access_token: String,
-    pub client_token: Option<String>,
+    pub access_token: culvert_protocol::Secret,
+    pub client_token: Option<culvert_protocol::Secret>,
     /// The tunnel's id, when known (culvert-relay's notifications carry it), for the audit trail.
     pub tunnel_id: Option<String>,
 }
@@ -78,7 +79,7 @@ async fn serve_tunnel(
     let label = args
         .tunnel_id
         .clone()
-        .unwrap_or_else(|| token_label(&args.access_token));
+        .unwrap_or_else(|| token_label(args.access_token.expose()));
     let tunnel = Arc::new(TunnelState::new(label));
     let tls = args.tls.clone();
     let opts = ConnectOptions {
@@ -87,7 +88,7 @@ async fn serve_tunnel(
         access_token: args.access_token,
         client_token: Some(
             args.client_token
-                .unwrap_or_else(culvert_protocol::new_client_token),
+                .unwrap_or_else(|| culvert_protocol::new_client_token().into()),
         ),
         tls,
         extensions: Extensions::ALL,
@@ -146,7 +147,7 @@ async fn serve_tunnel(
                 s = incoming.streams.recv() => match s {
                     Some(stream) if draining => {
                         info!(service = %stream.service(), "shutting down: new connection refused");
-                        gw.metrics.refused.get_or_create(&Metrics::label("reason", "shutdown")).inc();
+                        gw.metrics.refused.get_or_create(&Metrics::label("reason", EndReason::Shutdown.as_str())).inc();
                         // Not awaited here: a full write queue must not hold up the shutdown.
                         tokio::spawn(stream.reset());
                     }

@@ -34,10 +34,10 @@ use pingora::{Error, ErrorType, OkOrErr, OrErr};
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tracing::{info, warn};
 
-use crate::audit::Record;
+use crate::audit::{EndReason, Record};
 use crate::config::{HttpService, Route, Service};
-use crate::forward;
 use crate::rules::Gateway;
+use crate::target;
 
 /// Start serving HTTP for one tunnel connection; returns the end to pump the tunnel into.
 pub fn serve(
@@ -123,7 +123,7 @@ impl Sniff {
             event: "request",
             rule: format!("services.{service}"),
             status,
-            reason: Some("rejected"),
+            reason: Some(EndReason::Rejected),
             detail: Some(
                 "the HTTP parser refused the request (malformed or oversized head, or CONNECT)"
                     .into(),
@@ -247,7 +247,7 @@ pub struct Ctx {
     upstream: Option<SocketAddr>,
     host: String,
     /// Set when the request was answered here (no route, denied) with this reason.
-    answered: Option<&'static str>,
+    answered: Option<EndReason>,
     detail: Option<String>,
 }
 
@@ -340,7 +340,7 @@ impl ProxyHttp for App {
         ctx.host = request_host(req);
         let path = req.uri.path().to_owned();
         let Some(i) = select(&self.http.routes, &ctx.host, &path) else {
-            ctx.answered = Some("no_route");
+            ctx.answered = Some(EndReason::NoRoute);
             let d = format!(
                 "no route of {} matches host {:?} and path {path:?}",
                 self.svc.name, ctx.host
@@ -351,8 +351,8 @@ impl ProxyHttp for App {
         };
         ctx.route = Some(i);
         let route = &self.http.routes[i];
-        let checked = match forward::resolve(&route.upstream, self.svc.connect_timeout).await {
-            Ok(addrs) => forward::check_all(&self.svc, &route.upstream, &addrs).map(|_| addrs),
+        let checked = match target::resolve(&route.upstream, self.svc.connect_timeout).await {
+            Ok(addrs) => target::check_all(&self.svc, &route.upstream, &addrs).map(|_| addrs),
             Err(r) => Err(r),
         };
         match checked {
@@ -362,18 +362,18 @@ impl ProxyHttp for App {
                 Ok(false)
             }
             Err(r) => {
-                let code = if r.reason == "denied" { 403 } else { 502 };
+                let code = if r.reason == EndReason::Denied {
+                    403
+                } else {
+                    502
+                };
                 warn!(service = %self.svc.name, route = i, "request refused: {}", r.detail);
                 self.gw
                     .metrics
                     .refused
-                    .get_or_create(&crate::metrics::Metrics::label("reason", r.reason))
+                    .get_or_create(&crate::metrics::Metrics::label("reason", r.reason.as_str()))
                     .inc();
-                ctx.answered = Some(if r.reason == "denied" {
-                    "denied"
-                } else {
-                    r.reason
-                });
+                ctx.answered = Some(r.reason);
                 ctx.detail = Some(r.detail.clone());
                 self.answer(session, code, r.detail).await;
                 Ok(true)
@@ -482,9 +482,9 @@ impl ProxyHttp for App {
         let status = session.response_written().map(|r| r.status.as_u16());
         let req = session.req_header();
         let reason = ctx.answered.or(match (e, status) {
-            (Some(_), _) => Some("error"),
-            (None, Some(101)) => Some("upgraded"),
-            _ => Some("ok"),
+            (Some(_), _) => Some(EndReason::Error),
+            (None, Some(101)) => Some(EndReason::Upgraded),
+            _ => Some(EndReason::Ok),
         });
         let rec = Record {
             event: "request",

@@ -9,7 +9,9 @@
 //! - [`rules`]: the rules in force, swapped whole on reload (SIGHUP); per-tunnel state.
 //! - [`gateway`]: connect to the relay as destination, keep the session up (reconnecting with
 //!   the client token), hand each tunnel connection to [`forward`].
-//! - [`forward`]: one connection from arrival to audit record: rule, limits, ACL, connect, pump.
+//! - [`forward`]: one connection from arrival to audit record: rule, limits, connect, pump.
+//! - [`target`]: reaching a rule's target: resolve, check every address against the ACL,
+//!   connect (tcp rules and http upstreams alike).
 //! - `http` (feature `http`): HTTP routing by Host and path to device web UIs, pingora embedded.
 //! - [`notify`]: MQTT notifications: each one starts a destination session for its token.
 //! - [`metrics`]: counters and gauges for the Prometheus endpoint and systemd's STATUS line
@@ -26,6 +28,7 @@ pub mod limits;
 pub mod metrics;
 pub mod notify;
 pub mod rules;
+pub mod target;
 
 /// Exit code for a configuration error (EX_USAGE / EX_CONFIG convention: 64).
 pub const EXIT_CONFIG: u8 = 64;

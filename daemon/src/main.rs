@@ -65,15 +65,16 @@ fn main() -> ExitCode {
             "--token shows the token to every user of this machine (ps); set CULVERT_DESTINATION_TOKEN or use --token-file instead"
         );
     }
-    if let Some(f) = args.token_file.take() {
-        match culvert_protocol::client::access_token(None, Some(&f)) {
-            Ok(t) => args.token = Some(t),
+    let token = match (args.token.take(), args.token_file.take()) {
+        (None, None) => None,
+        (direct, file) => match culvert_protocol::client::access_token(direct, file.as_deref()) {
+            Ok(t) => Some(t),
             Err(e) => {
                 eprintln!("culvertd: --token-file: {e}");
                 return ExitCode::from(EXIT_CONFIG);
             }
-        }
-    }
+        },
+    };
     let cfg = match config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -126,7 +127,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let mqtt_tls = match (&args.token, &cfg.mqtt) {
+    let mqtt_tls = match (&token, &cfg.mqtt) {
         (None, Some(m)) => match notify::tls_config(m, ca.as_deref()) {
             Ok(t) => Some(t),
             Err(e) => {
@@ -136,7 +137,7 @@ fn main() -> ExitCode {
         },
         _ => None,
     };
-    if args.token.is_none() && cfg.mqtt.is_none() {
+    if token.is_none() && cfg.mqtt.is_none() {
         eprintln!(
             "culvertd: nothing to do: add an [mqtt] section to {} to wait for tunnel notifications, \
              or pass a destination token (--token / CULVERT_DESTINATION_TOKEN)",
@@ -270,14 +271,14 @@ fn main() -> ExitCode {
         systemd::spawn_watchdog(move || gw_status.metrics.status());
     }
     systemd::ready(&gw.metrics.status());
-    let r = match args.token {
+    let r = match token {
         // One tunnel, its token given by hand.
         Some(token) => {
             let tunnel = TunnelArgs {
                 endpoint,
                 tls: relay_tls,
                 access_token: token,
-                client_token: args.client_token,
+                client_token: args.client_token.map(Into::into),
                 tunnel_id: args.tunnel_id,
             };
             rt.block_on(run_tunnel(tunnel, gw, shutdown))

@@ -51,7 +51,7 @@ struct Notification {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Valid {
     pub tunnel_id: Option<String>,
-    pub token: String,
+    pub token: culvert_protocol::Secret,
     pub services: Vec<String>,
 }
 
@@ -87,7 +87,7 @@ pub fn validate(payload: &[u8], cfg: &Config) -> Result<Valid, String> {
     Ok(Valid {
         // A label only: kept when it looks like an id, dropped otherwise.
         tunnel_id: n.tunnel_id.filter(|t| culvert_protocol::valid_name(t)),
-        token: n.client_access_token,
+        token: n.client_access_token.into(),
         services: n.services,
     })
 }
@@ -189,13 +189,16 @@ pub async fn run(
                         continue;
                     }
                 };
-                if seen.0.contains(&n.token) {
+                if seen.0.contains(n.token.expose()) {
                     debug!("duplicate notification ignored");
                     continue;
                 }
                 // A new token for a tunnel already served (rotation, re-announcement) replaces
                 // that tunnel's task: its old token no longer works, and it does not count twice.
-                let key = n.tunnel_id.clone().unwrap_or_else(|| token_label(&n.token));
+                let key = n
+                    .tunnel_id
+                    .clone()
+                    .unwrap_or_else(|| token_label(n.token.expose()));
                 served.retain(|_, (_, done)| !done.is_cancelled());
                 let max_tunnels = gw.config().daemon.max_tunnels;
                 let replaced = served.remove(&key);
@@ -208,8 +211,8 @@ pub async fn run(
                     info!(tunnel = %key, "a new token for a tunnel already served: the old session stops");
                     old.drain.cancel();
                 }
-                seen.0.insert(n.token.clone());
-                seen.1.push_back(n.token.clone());
+                seen.0.insert(n.token.expose().to_owned());
+                seen.1.push_back(n.token.expose().to_owned());
                 if seen.1.len() > SEEN_TOKENS
                     && let Some(old) = seen.1.pop_front()
                 {

@@ -781,8 +781,8 @@ pub mod raw {
         let opts = ConnectOptions {
             endpoint: Endpoint::parse(&relay.addr.to_string()).unwrap(),
             mode,
-            access_token: token.to_owned(),
-            client_token: client_token.map(str::to_owned),
+            access_token: token.into(),
+            client_token: client_token.map(Into::into),
             tls: client::tls_config(Some(&relay.ca)).unwrap(),
             extensions,
         };
