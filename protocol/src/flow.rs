@@ -69,6 +69,11 @@ pub struct Hello {
     /// Destination: this HELLO answers the source's.
     #[prost(bool, tag = "6")]
     pub reply: bool,
+    /// Relay: numbers this announcement. An end echoes the number of the last relay HELLO it
+    /// has seen in every HELLO it sends, so the relay knows which of its frames were sent after
+    /// it learned of a peer change (0: an end that does not echo).
+    #[prost(uint64, tag = "7")]
+    pub epoch: u64,
 }
 
 impl Hello {
@@ -94,9 +99,15 @@ impl Hello {
 
     /// What culvert-relay sends to each peer.
     pub fn relay() -> Hello {
+        Hello::relay_epoch(0)
+    }
+
+    /// What culvert-relay sends to a peer, numbered.
+    pub fn relay_epoch(epoch: u64) -> Hello {
         Hello {
             from: "relay".into(),
             features: vec![FEATURE.into()],
+            epoch,
             ..Default::default()
         }
     }
@@ -401,6 +412,7 @@ mod tests {
             budget: 5000,
             confirm: true,
             reply: false,
+            epoch: 7,
         };
         let m = h.to_message();
         assert!(m.ignorable);

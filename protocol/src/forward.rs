@@ -15,9 +15,11 @@ use bytes::Bytes;
 
 use crate::Mode;
 use crate::ext::{self, Extensions};
+use crate::flow::{self, Hello};
 use crate::frame::{self, FrameError, FrameReader};
 use crate::message::{MAX_WS_MESSAGE, Message, MessageRef, MessageType};
 use crate::rules::{FrameRules, Violation};
+use prost::Message as _;
 
 /// Whole frames on their way to a peer.
 #[derive(Debug)]
@@ -95,12 +97,18 @@ impl Inbound {
     }
 
     /// Take one WebSocket message. `rules` are the tunnel's; `other` is the other side's
-    /// negotiated extensions when it is connected, `None` when it is absent.
+    /// negotiated extensions when it is connected, `None` when it is absent. `awaiting` is the
+    /// number of a relay HELLO that told this peer of a new other side, until the peer has
+    /// answered it ([`Inbound::feed`] clears it then). What it sent about connections before
+    /// that answer belongs to the peer that is gone: its starts were made on that peer's terms
+    /// (flow control on or off) and are answered with a reset, and its DATA, resets and credit
+    /// are dropped, since the new peer may reuse the same stream ids for new connections.
     pub fn feed(
         &mut self,
         data: Bytes,
         rules: &mut FrameRules,
         other: Option<Extensions>,
+        awaiting: &mut Option<u64>,
     ) -> Result<Forward<'_>, FwdError> {
         self.checked.clear();
         self.chunks.clear();
@@ -123,13 +131,29 @@ impl Inbound {
                 }
             };
             rules.check(mode, msg.clone())?;
+            if awaiting.is_some() && msg.r#type == flow::HELLO {
+                let epoch = Hello::decode(msg.payload.clone()).map_or(0, |h| h.epoch);
+                if epoch == 0 || Some(epoch) == *awaiting {
+                    *awaiting = None;
+                }
+            }
+            let start = matches!(
+                msg.kind(),
+                Some(MessageType::StreamStart | MessageType::ConnectionStart)
+            );
+            // Sent before the peer heard of the new other side: about connections of the old
+            // one (whose stream ids the new one may reuse), on its terms.
+            let stale = awaiting.is_some()
+                && (msg.kind().is_some_and(MessageType::is_stream_bound)
+                    || msg.r#type == flow::WINDOW_UPDATE);
             let what = match msg.kind() {
-                Some(MessageType::StreamStart | MessageType::ConnectionStart) => Fwd::Start,
+                _ if stale => Fwd::Skip,
+                _ if start => Fwd::Start,
                 None if ext::is_extension_type(msg.r#type) && !extensions_pass => Fwd::Skip,
                 _ => Fwd::Frame,
             };
             checked.push((offset, what));
-            if other.is_none()
+            if (other.is_none() || (stale && start))
                 && let Some(r) = reset_for_absent_peer(&msg)
                 && !replies.contains(&r)
             {
@@ -241,7 +265,9 @@ mod tests {
             Message::connection_start(1, "SSH", 2),
             data(2, b"two"),
         ]);
-        let f = src.feed(msg, &mut rules, Some(Extensions::NONE)).unwrap();
+        let f = src
+            .feed(msg, &mut rules, Some(Extensions::NONE), &mut None)
+            .unwrap();
         assert!(f.replies.is_empty());
         let (got, ends) = delivered(&f);
         assert_eq!(got.len(), 4);
@@ -268,7 +294,7 @@ mod tests {
         for (other, expect) in [(Extensions::NONE, 2), (Extensions::ALL, 4)] {
             let mut rules = FrameRules::new(vec!["SSH".into()]);
             let mut src = Inbound::new(Mode::Source, Extensions::ALL);
-            let f = src.feed(msg(), &mut rules, Some(other)).unwrap();
+            let f = src.feed(msg(), &mut rules, Some(other), &mut None).unwrap();
             let (got, _) = delivered(&f);
             assert_eq!(got.len(), expect, "to {other:?}: {got:?}");
             if other == Extensions::NONE {
@@ -278,7 +304,9 @@ mod tests {
         // A sender that did not negotiate them gets none through either.
         let mut rules = FrameRules::new(vec!["SSH".into()]);
         let mut aws = Inbound::new(Mode::Source, Extensions::NONE);
-        let f = aws.feed(msg(), &mut rules, Some(Extensions::ALL)).unwrap();
+        let f = aws
+            .feed(msg(), &mut rules, Some(Extensions::ALL), &mut None)
+            .unwrap();
         assert_eq!(delivered(&f).0.len(), 2);
     }
 
@@ -291,12 +319,59 @@ mod tests {
             data(1, b"a"),
             data(1, b"b"),
         ]);
-        let f = src.feed(msg, &mut rules, None).unwrap();
+        let f = src.feed(msg, &mut rules, None, &mut None).unwrap();
         assert_eq!(f.chunks().count(), 0);
         assert_eq!(
             f.replies,
             &[Message::stream_reset(1, "SSH")],
             "one reset for the stream"
+        );
+    }
+
+    #[test]
+    fn starts_sent_before_the_peer_heard_of_the_new_other_side_are_reset() {
+        // The destination was replaced: the relay told the source (HELLO number 5). Until the
+        // source answers it, its starts were made on the old destination's terms.
+        let mut rules = FrameRules::new(vec!["SSH".into()]);
+        let mut src = Inbound::new(Mode::Source, Extensions::ALL);
+        let mut awaiting = Some(5);
+        let stale = frames(&[Message::stream_start(1, "SSH", 1), data(1, b"old terms")]);
+        let f = src
+            .feed(stale, &mut rules, Some(Extensions::ALL), &mut awaiting)
+            .unwrap();
+        let (got, _) = delivered(&f);
+        assert!(
+            got.is_empty(),
+            "neither the stale start nor its data reaches the new destination: {got:?}"
+        );
+        assert_eq!(f.replies, &[Message::stream_reset(1, "SSH")]);
+        // An older answer does not count; the answer to number 5 does, and starts pass again.
+        let answer = |epoch| {
+            Hello {
+                from: "source".into(),
+                features: vec![flow::FEATURE.into()],
+                epoch,
+                ..Default::default()
+            }
+            .to_message()
+        };
+        let msg = frames(&[answer(4), Message::stream_start(2, "SSH", 1)]);
+        let f = src
+            .feed(msg, &mut rules, Some(Extensions::ALL), &mut awaiting)
+            .unwrap();
+        assert_eq!(awaiting, Some(5));
+        assert_eq!(f.replies.len(), 1);
+        let msg = frames(&[answer(5), Message::stream_start(3, "SSH", 1)]);
+        let f = src
+            .feed(msg, &mut rules, Some(Extensions::ALL), &mut awaiting)
+            .unwrap();
+        assert_eq!(awaiting, None);
+        assert!(f.replies.is_empty());
+        assert!(
+            delivered(&f)
+                .0
+                .iter()
+                .any(|m| m.kind() == Some(MessageType::StreamStart))
         );
     }
 
@@ -307,7 +382,12 @@ mod tests {
         let all = frames(&[Message::stream_start(1, "SSH", 1), data(1, b"split me")]);
         let cut = all.len() - 3;
         let first = src
-            .feed(all.slice(..cut), &mut rules, Some(Extensions::NONE))
+            .feed(
+                all.slice(..cut),
+                &mut rules,
+                Some(Extensions::NONE),
+                &mut None,
+            )
             .unwrap();
         assert_eq!(
             delivered(&first).0.len(),
@@ -315,7 +395,12 @@ mod tests {
             "the complete start frame only"
         );
         let second = src
-            .feed(all.slice(cut..), &mut rules, Some(Extensions::NONE))
+            .feed(
+                all.slice(cut..),
+                &mut rules,
+                Some(Extensions::NONE),
+                &mut None,
+            )
             .unwrap();
         assert_eq!(&delivered(&second).0[0].payload[..], b"split me");
     }
@@ -326,13 +411,13 @@ mod tests {
         let mut dst = Inbound::new(Mode::Destination, Extensions::NONE);
         let start = frames(&[Message::stream_start(1, "SSH", 1)]);
         assert!(matches!(
-            dst.feed(start, &mut rules, Some(Extensions::NONE)),
+            dst.feed(start, &mut rules, Some(Extensions::NONE), &mut None),
             Err(FwdError::Rule(Violation::NotAllowed { .. }))
         ));
         let mut src = Inbound::new(Mode::Source, Extensions::NONE);
         let garbage = Bytes::from_static(&[0, 3, 0xff, 0xff, 0xff]);
         assert!(matches!(
-            src.feed(garbage, &mut rules, Some(Extensions::NONE)),
+            src.feed(garbage, &mut rules, Some(Extensions::NONE), &mut None),
             Err(FwdError::Frame(_))
         ));
     }

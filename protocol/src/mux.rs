@@ -201,6 +201,8 @@ struct Flow {
     credit: Option<Credit>,
     /// The relay announced the extension in this session.
     relay: bool,
+    /// The number of the relay's last HELLO, echoed in ours.
+    epoch: u64,
 }
 
 /// One end of one tunnel session.
@@ -429,6 +431,10 @@ impl Mux {
             return;
         };
         let me = self.role.as_str();
+        if h.from == "relay" {
+            self.flow.epoch = h.epoch;
+        }
+        let epoch = self.flow.epoch;
         let hello = |confirm: bool, reply: bool| {
             Hello {
                 from: me.into(),
@@ -437,6 +443,7 @@ impl Mux {
                 budget: own.budget,
                 confirm,
                 reply,
+                epoch,
             }
             .to_message()
         };

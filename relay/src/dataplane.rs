@@ -301,21 +301,31 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
     };
     info!(thing = %thing_name, ?format, ?extensions, "peer connected");
     let (mut sink, mut stream) = socket.split();
-    if let Ok(f) = frame::encode_to_bytes(&Hello::relay().to_message()) {
-        // Announce the flow-control extension (see culvert_protocol::flow) to this peer, and,
-        // since its peer changed, to the other side, before anything this peer sends is
-        // forwarded there; each only if it negotiated the extension in its handshake.
-        if extensions.flow_control {
-            let _ = tx.try_send(Chunk::new(f.clone()));
+    // Announce the flow-control extension (see culvert_protocol::flow) to this peer, and,
+    // since its peer changed, to the other side, before anything this peer sends is forwarded
+    // there; each only if it negotiated the extension in its handshake. The other side's peer
+    // may have started connections on the old peer's terms: until it answers this HELLO, its
+    // starts are reset (culvert_protocol::forward).
+    if extensions.flow_control {
+        let epoch = live.lock().next_hello();
+        if let Ok(f) = frame::encode_to_bytes(&Hello::relay_epoch(epoch).to_message()) {
+            let _ = tx.try_send(Chunk::new(f));
         }
-        let other = live.lock().target(mode.other());
-        if let Some(to) = other.filter(|to| to.extensions.flow_control) {
-            tokio::select! {
-                biased;
-                _ = kick.kicked() => {}
-                _ = to.kick.kicked() => {}
-                _ = to.tx.send(Chunk::new(f)) => {}
-            }
+    }
+    let other = {
+        let mut g = live.lock();
+        g.target(mode.other())
+            .filter(|to| to.extensions.flow_control)
+            .map(|to| (to, g.announce_peer_change(mode.other())))
+    };
+    if let Some((to, epoch)) = other
+        && let Ok(f) = frame::encode_to_bytes(&Hello::relay_epoch(epoch).to_message())
+    {
+        tokio::select! {
+            biased;
+            _ = kick.kicked() => {}
+            _ = to.kick.kicked() => {}
+            _ = to.tx.send(Chunk::new(f)) => {}
         }
     }
 
@@ -415,7 +425,8 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
             }
             let to = g.target(mode.other());
             let other = to.as_ref().map(|t| t.extensions);
-            match inbound.feed(data, &mut g.rules, other) {
+            let (rules, awaiting) = g.check_context(mode);
+            match inbound.feed(data, rules, other, awaiting) {
                 Ok(f) => {
                     chunks.extend(f.chunks());
                     replies.extend_from_slice(f.replies);

@@ -137,6 +137,9 @@ struct Side {
     /// Bumped when this side's token is revoked (rotation, close): a handshake admitted under
     /// an older generation may not attach.
     generation: u64,
+    /// The relay HELLO that told this side's peer of a new peer on the other side, until the
+    /// peer answers it (see `culvert_protocol::forward::Inbound::feed`).
+    awaiting: Option<u64>,
 }
 
 pub struct LiveInner {
@@ -144,6 +147,8 @@ pub struct LiveInner {
     source: Side,
     destination: Side,
     next_peer: u64,
+    /// Numbers the relay's HELLOs in this tunnel.
+    next_epoch: u64,
 }
 
 impl LiveInner {
@@ -177,6 +182,32 @@ impl LiveInner {
         })
     }
 
+    /// What checking a frame from `mode` needs: the tunnel's rules, and the HELLO that side's
+    /// peer has not answered yet.
+    pub fn check_context(&mut self, mode: Mode) -> (&mut FrameRules, &mut Option<u64>) {
+        let side = match mode {
+            Mode::Source => &mut self.source,
+            Mode::Destination => &mut self.destination,
+        };
+        (&mut self.rules, &mut side.awaiting)
+    }
+
+    /// The number of the next relay HELLO. Every one is numbered from 1: an end echoes the
+    /// last it saw, so 0 can only come from an end that does not echo.
+    pub fn next_hello(&mut self) -> u64 {
+        self.next_epoch += 1;
+        self.next_epoch
+    }
+
+    /// A relay HELLO is about to tell `mode`'s peer of a new peer on the other side: its
+    /// number. Until that peer answers it, what it sends about connections is stale
+    /// (`culvert_protocol::forward::Inbound::feed`).
+    pub fn announce_peer_change(&mut self, mode: Mode) -> u64 {
+        let epoch = self.next_hello();
+        self.side(mode).awaiting = Some(epoch);
+        epoch
+    }
+
     /// Is `peer_id` still the attached peer of `mode`? (A replaced peer must stop forwarding.)
     pub fn is_current(&self, mode: Mode, peer_id: u64) -> bool {
         self.peer(mode).is_some_and(|p| p.peer_id == peer_id)
@@ -201,13 +232,16 @@ impl Live {
                     peer: None,
                     changed_ms: rec.source.last_change_ms,
                     generation: 0,
+                    awaiting: None,
                 },
                 destination: Side {
                     peer: None,
                     changed_ms: rec.destination.last_change_ms,
                     generation: 0,
+                    awaiting: None,
                 },
                 next_peer: 1,
+                next_epoch: 0,
             }),
         }
     }

@@ -51,6 +51,7 @@ fn culvert_source_burst() -> Bytes {
         budget: flow::DEFAULT_BUDGET,
         confirm: false,
         reply: false,
+        epoch: 0,
     }
     .to_message();
     let mut b = Vec::new();
