@@ -40,7 +40,7 @@ fn the_core_modules_use_no_io() {
     }
     // Every module is either core or shell: a new one must be placed.
     let mut known: Vec<&str> = CORE.to_vec();
-    known.extend(["lib.rs", "session.rs", "client.rs"]);
+    known.extend(["lib.rs", "session", "client.rs"]);
     for e in std::fs::read_dir(&dir).unwrap() {
         let name = e.unwrap().file_name().into_string().unwrap();
         assert!(

@@ -1,0 +1,303 @@
+//! A tunnel connection as the application sees it: `AsyncRead + AsyncWrite`, split into a
+//! reader and a writer.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::Shared;
+use super::inbox::Take;
+use crate::message::MAX_PAYLOAD;
+use crate::mux::{ConnId, Output};
+
+/// One tunnel connection. Reading yields the peer's bytes in order and EOF when the peer resets
+/// the connection or the session ends. Writing sends DATA; shutting down (or dropping) sends the
+/// reset that closes the connection on the other end: the AWS protocol has no half-close.
+#[derive(Debug)]
+pub struct Connection {
+    reader: ConnectionReader,
+    writer: ConnectionWriter,
+}
+
+/// The receiving half of a [`Connection`]; also an `AsyncBufRead` that hands out the peer's
+/// bytes from its buffer without another copy.
+pub struct ConnectionReader {
+    id: ConnId,
+    shared: Arc<Shared>,
+    /// Bytes taken from the inbox; `pending[pos..]` are unread.
+    pending: Vec<u8>,
+    pos: usize,
+    /// Flow-controlled: consumed bytes return credit to the peer.
+    credited: bool,
+    eof: bool,
+}
+
+/// The sending half of a [`Connection`]. Dropping it resets the connection.
+pub struct ConnectionWriter {
+    id: ConnId,
+    service: String,
+    shared: Arc<Shared>,
+    closed_local: bool,
+}
+
+impl std::fmt::Debug for ConnectionReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionReader")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for ConnectionWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionWriter")
+            .field("id", &self.id)
+            .field("service", &self.service)
+            .finish()
+    }
+}
+
+impl Connection {
+    pub(super) fn new(id: ConnId, service: String, shared: &Arc<Shared>, credited: bool) -> Self {
+        Connection {
+            reader: ConnectionReader {
+                id,
+                shared: shared.clone(),
+                pending: Vec::new(),
+                pos: 0,
+                credited,
+                eof: false,
+            },
+            writer: ConnectionWriter {
+                id,
+                service,
+                shared: shared.clone(),
+                closed_local: false,
+            },
+        }
+    }
+
+    pub fn id(&self) -> ConnId {
+        self.writer.id
+    }
+
+    pub fn service(&self) -> &str {
+        &self.writer.service
+    }
+
+    /// Whether this connection uses culvert's flow control.
+    pub fn is_flow_controlled(&self) -> bool {
+        self.reader.credited
+    }
+
+    pub fn into_split(self) -> (ConnectionReader, ConnectionWriter) {
+        (self.reader, self.writer)
+    }
+
+    /// Refuse or end this connection (e.g. the LAN target refused): sends the reset now.
+    pub async fn reset(mut self) {
+        self.writer.close_local();
+    }
+}
+
+impl ConnectionReader {
+    /// Make sure unread bytes are in `pending`, unless there are none yet (`Pending`) or
+    /// none will come (`Ready` with nothing pending: EOF).
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.pos < self.pending.len() || self.eof {
+            return Poll::Ready(());
+        }
+        let mut inner = self.shared.lock();
+        let inner = &mut *inner;
+        let Some(ib) = inner.conns.get_mut(&self.id) else {
+            self.eof = true;
+            return Poll::Ready(());
+        };
+        self.pos = 0;
+        match ib.take(&mut self.pending, &mut inner.pool, cx.waker()) {
+            Take::Bytes => Poll::Ready(()),
+            Take::Pending => Poll::Pending,
+            Take::Eof => {
+                inner.remove_inbox(self.id);
+                self.eof = true;
+                Poll::Ready(())
+            }
+        }
+    }
+
+    /// The application took `n` bytes.
+    fn consume_pending(&mut self, n: usize) {
+        self.pos += n;
+        if self.credited && n > 0 {
+            let mut inner = self.shared.lock();
+            inner.consumed(self.id, n);
+            let queued = inner.sched.has_control();
+            drop(inner);
+            if queued {
+                self.shared.work.notify_one();
+            }
+        }
+    }
+}
+
+impl Drop for ConnectionReader {
+    fn drop(&mut self) {
+        let mut guard = self.shared.lock();
+        let inner = &mut *guard;
+        let Some(ib) = inner.conns.get_mut(&self.id) else {
+            return;
+        };
+        let unread = self.pending.len() - self.pos + ib.reader_dropped(&mut inner.pool);
+        if ib.is_closed() {
+            inner.remove_inbox(self.id);
+        }
+        if self.credited && unread > 0 {
+            // Bytes nobody will read: their credit goes back to the peer.
+            inner.consumed(self.id, unread);
+            drop(guard);
+            self.shared.work.notify_one();
+        }
+    }
+}
+
+impl ConnectionWriter {
+    /// Close the connection from this side: the reset goes out after what is queued.
+    fn close_local(&mut self) {
+        if self.closed_local {
+            return;
+        }
+        self.closed_local = true;
+        let mut out = Output::default();
+        {
+            let mut inner = self.shared.lock();
+            let inner = &mut *inner;
+            inner.mux.close(self.id, &mut out);
+            inner.close_inbox(self.id);
+            // Its data, then its reset, ahead of anything charged against what it freed.
+            inner.sched.drain_into_control(self.id, &mut inner.pool);
+            inner.queue_control(&mut out);
+        }
+        self.shared.work.notify_one();
+    }
+}
+
+impl AsyncRead for ConnectionReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        ready!(self.poll_pending(cx));
+        let this = &mut *self;
+        let n = (this.pending.len() - this.pos).min(buf.remaining());
+        buf.put_slice(&this.pending[this.pos..this.pos + n]);
+        this.consume_pending(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncBufRead for ConnectionReader {
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
+        let this = self.get_mut();
+        ready!(this.poll_pending(cx));
+        Poll::Ready(Ok(&this.pending[this.pos..]))
+    }
+
+    fn consume(mut self: Pin<&mut Self>, amt: usize) {
+        let n = amt.min(self.pending.len() - self.pos);
+        self.consume_pending(n);
+    }
+}
+
+impl AsyncWrite for ConnectionWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.closed_local || self.shared.cancel.is_cancelled() {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let id = self.id;
+        let mut inner = self.shared.lock();
+        let inner = &mut *inner;
+        let credit = match inner.mux.send_credit(id) {
+            Ok(c) => c,
+            Err(_) => return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())),
+        };
+        let n = buf.len().min(MAX_PAYLOAD).min(credit.unwrap_or(usize::MAX));
+        if n == 0 {
+            // Out of credit: say so, so that credit for another connection wakes this writer
+            // when the tunnel budget is what holds it.
+            inner.mux.wait_for_credit(id);
+            inner.sched.park(id, cx.waker());
+            return Poll::Pending;
+        }
+        // One copy: the payload goes straight into its frame, behind the queued ones.
+        let mux = &mut inner.mux;
+        let queued = inner
+            .sched
+            .push_data(id, &mut inner.pool, cx.waker(), |frames| {
+                mux.encode_data(id, &buf[..n], frames)
+            });
+        match queued {
+            // Wait for the writer to take a frame.
+            None => Poll::Pending,
+            Some(Err(_)) => Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())),
+            Some(Ok(())) => {
+                self.shared.work.notify_one();
+                Poll::Ready(Ok(n))
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.close_local();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for ConnectionWriter {
+    fn drop(&mut self) {
+        // Queues the reset behind this connection's data; never blocks.
+        self.close_local();
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.reader).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.writer).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.writer).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.writer).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,582 @@
+//! The tokio shell around [`Mux`]: runs one tunnel session over one WebSocket and exposes each
+//! tunnel connection as a [`Connection`] (`AsyncRead + AsyncWrite`).
+//!
+//! Two tasks per session, so that reading never waits on writing (a relay forwarding both ways
+//! would otherwise deadlock the two ends under bidirectional load):
+//! - the **reader** decodes frames, feeds the mux under a short lock (never held across an
+//!   `.await`), and delivers data into each connection's queue. With culvert's flow control
+//!   ([`crate::flow`]) a connection's queue is bounded by the credit it was granted, so the
+//!   reader never waits: a slow local reader stalls only its own connection. Without it (AWS
+//!   peers and relays) the queue is bounded and the reader waits when it is full: the AWS
+//!   protocol has no flow control, so a slow local reader holds back the whole session rather
+//!   than losing bytes or buffering without bound.
+//! - the **writer** owns the WebSocket sink and schedules what goes out: control messages
+//!   (starts, credit, negotiation) first, then one DATA frame per connection in turn (round
+//!   robin), so an interactive connection's keystrokes overtake a bulk transfer's backlog. Frames
+//!   are coalesced into WebSocket messages of at most [`crate::message::MAX_WS_MESSAGE`] bytes. It pings every
+//!   [`SessionConfig::ping_interval`].
+//!
+//! The session ends when the peer closes, on a transport or protocol error, when nothing is heard
+//! for [`SessionConfig::idle_timeout`], or when [`SessionHandle::close`] is called. Then every
+//! connection reads EOF and fails writes with `BrokenPipe`.
+
+//!
+//! The parts, one file each: [`sched`] (what the writer sends next, and in which order),
+//! `inbox` (received bytes on their way to a connection's reader, bounded without flow control),
+//! `pool` (reused buffers), `reader` and `writer` (the two tasks), `connection` (the
+//! application's [`Connection`]) and `splice` (a connection joined to a local socket).
+
+mod connection;
+mod inbox;
+mod pool;
+mod reader;
+mod sched;
+mod splice;
+mod writer;
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+pub use connection::{Connection, ConnectionReader, ConnectionWriter};
+pub use splice::{GrowBuf, Spliced, splice};
+
+use crate::flow::FlowConfig;
+use crate::frame::{self, FrameError};
+use crate::mux::{ConnId, Event, Mux, MuxError, Output};
+use inbox::Inbox;
+use pool::Pool;
+use sched::Sched;
+
+/// Space reserved at a time for encoding control frames.
+const CONTROL_BUFFER: usize = 8 * 1024;
+/// New streams waiting for the application to take them (destination).
+const INCOMING_QUEUE: usize = 128;
+
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// WebSocket ping period (the localproxy uses 20 s).
+    pub ping_interval: Duration,
+    /// End the session when nothing at all arrives for this long (pings are answered, so a live
+    /// relay is never idle this long).
+    pub idle_timeout: Duration,
+    /// Offer culvert's flow-control extension (used only when the relay and the peer offer it).
+    pub flow_control: Option<FlowConfig>,
+}
+
+impl SessionConfig {
+    /// Keep only the extensions the relay accepted in the handshake
+    /// ([`crate::client::Connected::extensions`]): against AWS's relay, none.
+    pub fn for_relay(mut self, accepted: crate::ext::Extensions) -> SessionConfig {
+        if !accepted.flow_control {
+            self.flow_control = None;
+        }
+        self
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(65),
+            flow_control: Some(FlowConfig::default()),
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum SessionEnd {
+    /// The relay closed the WebSocket (with the close frame's code and reason, if it sent one).
+    #[error("the relay closed the session{}", .reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+    PeerClosed {
+        code: Option<u16>,
+        reason: Option<String>,
+    },
+    #[error("protocol error from the peer: {0}")]
+    Protocol(PeerError),
+    #[error("connection to the relay failed: {0}")]
+    Transport(String),
+    #[error("nothing heard from the relay for {0:?}")]
+    Idle(Duration),
+    #[error("session closed locally")]
+    Cancelled,
+}
+
+/// What the peer sent that breaks the protocol; it ends the session (reconnecting may help,
+/// the same bytes again would not).
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PeerError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Message(#[from] crate::mux::ProtocolError),
+    #[error("text WebSocket frame (only binary is allowed)")]
+    TextFrame,
+}
+
+impl SessionEnd {
+    /// The relay is restarting or draining and asked us to come back
+    /// ([`crate::close::RESTART`]); the tunnel and its tokens are still valid.
+    pub fn is_relay_restart(&self) -> bool {
+        matches!(
+            self,
+            SessionEnd::PeerClosed {
+                code: Some(crate::close::RESTART),
+                ..
+            }
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Mux(#[from] MuxError),
+    #[error("the tunnel session has ended")]
+    Ended,
+}
+
+struct Inner {
+    mux: Mux,
+    conns: HashMap<ConnId, Inbox>,
+    sched: Sched,
+    pool: Pool,
+    /// Control frames are encoded here and split off (the writer copies them out and drops
+    /// them, so the space is reused).
+    ctl: BytesMut,
+    /// Reused for the mux's output outside the session reader.
+    scratch: Output,
+}
+
+impl Inner {
+    /// Queue what the mux produced to send (messages, then credit), and wake writers waiting
+    /// for the tunnel budget if a closed connection gave some back. Leaves `out.events`. The
+    /// caller notifies the writer.
+    fn queue_control(&mut self, out: &mut Output) {
+        for m in out.transmit.drain(..) {
+            self.reserve_ctl();
+            if frame::encode(&m, &mut self.ctl).is_ok() {
+                self.sched.push_control(self.ctl.split().freeze());
+            }
+        }
+        for (id, inc) in out.credit.drain(..) {
+            self.reserve_ctl();
+            if self.mux.encode_window_update(id, inc, &mut self.ctl) {
+                self.sched.push_control(self.ctl.split().freeze());
+            }
+        }
+        if self.mux.take_budget_freed() {
+            self.sched.wake_all();
+        }
+    }
+
+    /// Room for a control frame in `ctl` without allocating per frame.
+    fn reserve_ctl(&mut self) {
+        if self.ctl.capacity() < 512 {
+            self.ctl.reserve(CONTROL_BUFFER);
+        }
+    }
+
+    /// The application consumed `n` bytes of connection `id`: return credit if it is due.
+    fn consumed(&mut self, id: ConnId, n: usize) {
+        let mut out = std::mem::take(&mut self.scratch);
+        self.mux.consumed(id, n, &mut out);
+        self.queue_control(&mut out);
+        self.scratch = out;
+    }
+
+    /// No more bytes will come for connection `id`: its reader gets EOF once it has read
+    /// what is buffered.
+    fn close_inbox(&mut self, id: ConnId) {
+        if let Some(ib) = self.conns.get_mut(&id)
+            && ib.close()
+        {
+            self.remove_inbox(id);
+        }
+    }
+
+    fn remove_inbox(&mut self, id: ConnId) {
+        if let Some(ib) = self.conns.remove(&id) {
+            self.pool.put(ib.into_buf());
+        }
+    }
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    /// Wakes the writer: something was queued.
+    work: Notify,
+    cancel: CancellationToken,
+    service_ids: watch::Sender<Option<Vec<String>>>,
+    end: watch::Sender<Option<SessionEnd>>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock is a bug; the state is still consistent enough to
+        // tear down, so recover the guard rather than cascade panics through every connection.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait until the control queue has room (a peer that provokes replies faster than the
+    /// relay takes them is slowed down, not buffered without bound).
+    async fn control_space(&self) {
+        std::future::poll_fn(|cx| {
+            if self.cancel.is_cancelled() || self.lock().sched.control_room(cx.waker()) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// A cloneable handle to a running session.
+#[derive(Clone)]
+pub struct SessionHandle {
+    shared: Arc<Shared>,
+}
+
+/// What the application receives from a session: streams the peer opened (destination).
+pub struct Incoming {
+    pub streams: mpsc::Receiver<Connection>,
+}
+
+/// Start a session over an established WebSocket.
+pub fn spawn<S>(ws: WebSocketStream<S>, mux: Mux, cfg: SessionConfig) -> (SessionHandle, Incoming)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sink, stream) = ws.split();
+    let (itx, irx) = mpsc::channel(INCOMING_QUEUE);
+    let mux = match cfg.flow_control {
+        Some(fc) => mux.with_flow_control(fc),
+        None => mux,
+    };
+    let shared = Arc::new(Shared {
+        inner: Mutex::new(Inner {
+            mux,
+            conns: Default::default(),
+            sched: Sched::default(),
+            pool: Pool::default(),
+            ctl: BytesMut::new(),
+            scratch: Output::default(),
+        }),
+        work: Notify::new(),
+        cancel: CancellationToken::new(),
+        service_ids: watch::channel(None).0,
+        end: watch::channel(None).0,
+    });
+    let handle = SessionHandle {
+        shared: shared.clone(),
+    };
+    tokio::spawn(writer::run(sink, shared.clone(), cfg.clone()));
+    tokio::spawn(reader::run(stream, shared, itx, cfg));
+    (handle, Incoming { streams: irx })
+}
+
+impl SessionHandle {
+    /// Source: open a connection to `service`. Queues the start; does not wait for the peer.
+    pub async fn open(&self, service: &str) -> Result<Connection, SessionError> {
+        let mut out = Output::default();
+        let (id, credited) = {
+            let mut inner = self.shared.lock();
+            let inner = &mut *inner;
+            if self.shared.cancel.is_cancelled() {
+                return Err(SessionError::Ended);
+            }
+            let id = inner.mux.open(service, &mut out)?;
+            let credited = inner.mux.is_flow_controlled(id);
+            inner.conns.insert(id, Inbox::new(credited));
+            for ev in out.events.drain(..) {
+                if let Event::Closed { id, .. } = ev {
+                    // V1/V2: the stream it replaces delivers its last bytes first.
+                    inner.close_inbox(id);
+                    inner.sched.drain_into_control(id, &mut inner.pool);
+                }
+            }
+            inner.queue_control(&mut out);
+            (id, credited)
+        };
+        self.shared.work.notify_one();
+        Ok(Connection::new(
+            id,
+            service.to_owned(),
+            &self.shared,
+            credited,
+        ))
+    }
+
+    /// The tunnel's services, once the relay has sent them.
+    pub fn service_ids(&self) -> Option<Vec<String>> {
+        self.shared.service_ids.borrow().clone()
+    }
+
+    /// Wait for the relay's SERVICE_IDS (or the end of the session).
+    pub async fn wait_service_ids(&self) -> Result<Vec<String>, SessionError> {
+        let mut rx = self.shared.service_ids.subscribe();
+        let ids = match rx.wait_for(|v| v.is_some()).await {
+            Ok(v) => v.clone().unwrap_or_default(),
+            Err(_) => return Err(SessionError::Ended),
+        };
+        // `finish` wakes waiters with an empty list; a real tunnel always has services.
+        if ids.is_empty() && self.ended().is_some() {
+            return Err(SessionError::Ended);
+        }
+        Ok(ids)
+    }
+
+    /// Number of open tunnel connections.
+    pub fn open_connections(&self) -> usize {
+        self.shared.lock().mux.open_connections()
+    }
+
+    /// Whether connections opened now use culvert's flow control.
+    pub fn flow_control_active(&self) -> bool {
+        self.shared.lock().mux.flow_control_active()
+    }
+
+    /// End the session: the WebSocket is closed and every connection ends.
+    pub fn close(&self) {
+        finish(&self.shared, SessionEnd::Cancelled);
+    }
+
+    /// Why the session ended, if it has.
+    pub fn ended(&self) -> Option<SessionEnd> {
+        self.shared.end.borrow().clone()
+    }
+
+    /// Wait until the session ends.
+    pub async fn closed(&self) -> SessionEnd {
+        let mut rx = self.shared.end.subscribe();
+        match rx.wait_for(|e| e.is_some()).await {
+            Ok(e) => e.clone().unwrap_or(SessionEnd::Cancelled),
+            Err(_) => SessionEnd::Cancelled,
+        }
+    }
+}
+
+/// Record the end (first reason wins), cancel both tasks, and end every connection.
+fn finish(shared: &Shared, why: SessionEnd) {
+    shared.end.send_if_modified(|e| {
+        if e.is_none() {
+            debug!(reason = %why, "tunnel session ended");
+            *e = Some(why);
+            true
+        } else {
+            false
+        }
+    });
+    shared.cancel.cancel();
+    {
+        let mut inner = shared.lock();
+        let ids: Vec<ConnId> = inner.conns.keys().copied().collect();
+        for id in ids {
+            inner.close_inbox(id);
+        }
+        inner.sched.wake_all();
+    }
+    shared.work.notify_one();
+    // Wake anyone waiting for service ids.
+    shared.service_ids.send_if_modified(|v| {
+        if v.is_none() {
+            *v = Some(Vec::new());
+            true
+        } else {
+            false
+        }
+    });
+}
+
+/// The runtime for a program at one end of a tunnel (`culvert connect`, culvertd): one worker
+/// thread unless `TOKIO_WORKER_THREADS` says otherwise. Measured on loopback (docs/performance.md),
+/// one worker per process cut the 64-byte round trip through the whole path from about 275 to
+/// 171 µs and the CPU per GB by a sixth: every hand-over between a connection's task and the
+/// session's tasks on another thread costs a cross-thread wake-up. The relay, which serves many
+/// tunnels, keeps one worker per core.
+pub fn end_runtime() -> io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        b.worker_threads(1);
+    }
+    b.enable_all().build()
+}
+
+#[cfg(test)]
+mod tests {
+    //! A source session and a destination session joined by an in-memory WebSocket (what a
+    //! verbatim relay amounts to): the tokio shell, `Connection` and `splice`, without sockets.
+    use super::*;
+    use crate::Format;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Wake, Waker};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    /// How often a waker was woken (for the parts' unit tests).
+    #[derive(Clone, Default)]
+    pub(super) struct Woken(Arc<AtomicUsize>);
+
+    impl Woken {
+        pub(super) fn get(&self) -> usize {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Wake for Woken {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    pub(super) fn counting_waker() -> (Waker, Woken) {
+        let woken = Woken::default();
+        (Waker::from(Arc::new(woken.clone())), woken)
+    }
+
+    async fn pair() -> (SessionHandle, Incoming) {
+        pair_in(Format::V3).await
+    }
+
+    async fn pair_in(format: Format) -> (SessionHandle, Incoming) {
+        let (a, b) = tokio::io::duplex(256 * 1024);
+        let ws_src = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+        let ws_dst = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
+        let ids = vec!["ECHO".to_owned()];
+        let mut out = Output::default();
+        let mut src = Mux::source(format);
+        src.handle(crate::Message::service_ids(&ids), &mut out)
+            .unwrap();
+        let (src, _) = spawn(ws_src, src, SessionConfig::default());
+        let (_dst, incoming) = spawn(
+            ws_dst,
+            Mux::destination(Some(ids)),
+            SessionConfig::default(),
+        );
+        (src, incoming)
+    }
+
+    /// The destination side: every incoming stream is spliced to an in-memory echo.
+    fn echo_all(mut incoming: Incoming) {
+        tokio::spawn(async move {
+            while let Some(stream) = incoming.streams.recv().await {
+                tokio::spawn(async move {
+                    let (near, mut far) = tokio::io::duplex(64 * 1024);
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            match far.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if far.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    });
+                    splice(near, stream).await;
+                });
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn many_connections_echo_through_a_session_pair() {
+        let (src, incoming) = pair().await;
+        echo_all(incoming);
+        let mut tasks = Vec::new();
+        for i in 0..40usize {
+            let src = src.clone();
+            tasks.push(tokio::spawn(async move {
+                let stream = src.open("ECHO").await.unwrap();
+                let (mut r, mut w) = stream.into_split();
+                // Larger than one frame, so DATA is split and reassembled.
+                let data: Vec<u8> = (0..100_000 + i).map(|k| (k * 7 + i) as u8).collect();
+                let expect = data.clone();
+                let writer = tokio::spawn(async move {
+                    w.write_all(&data).await.unwrap();
+                    w
+                });
+                let mut got = vec![0u8; expect.len()];
+                r.read_exact(&mut got).await.unwrap();
+                assert!(got == expect, "connection {i} echoed different bytes");
+                drop(writer.await.unwrap());
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(src.ended().is_none());
+    }
+
+    #[tokio::test]
+    async fn v2_a_connection_closed_then_replaced_delivers_all_its_bytes_first() {
+        // V2 carries one connection per service: the next connection's STREAM_START replaces
+        // the stream, and DATA of the old one arriving after it would be dropped as stale.
+        let (src, mut incoming) = pair_in(Format::V2).await;
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 13) as u8).collect();
+        let mut first = src.open("ECHO").await.unwrap();
+        first.write_all(&data).await.unwrap();
+        drop(first);
+        let _second = src.open("ECHO").await.unwrap();
+        let mut far = incoming.streams.recv().await.unwrap();
+        let mut got = Vec::new();
+        far.read_to_end(&mut got).await.unwrap();
+        assert_eq!(
+            got.len(),
+            data.len(),
+            "bytes of the replaced stream were lost"
+        );
+        assert!(got == data);
+    }
+
+    #[tokio::test]
+    async fn a_reset_reaches_the_other_side_as_eof() {
+        let (src, mut incoming) = pair().await;
+        let mut stream = src.open("ECHO").await.unwrap();
+        stream.write_all(b"hello").await.unwrap();
+        let mut far = incoming.streams.recv().await.unwrap();
+        let mut got = [0u8; 5];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+        drop(stream); // local close: a CONNECTION_RESET goes out
+        let mut rest = Vec::new();
+        far.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        // Writing to a connection the peer reset fails instead of vanishing.
+        let mut failed = false;
+        for _ in 0..100 {
+            if far.write_all(b"late").await.is_err() {
+                failed = true;
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(failed, "writes after the peer's reset must fail");
+    }
+
+    #[tokio::test]
+    async fn closing_the_session_ends_every_connection() {
+        let (src, mut incoming) = pair().await;
+        let stream = src.open("ECHO").await.unwrap();
+        let mut far = incoming.streams.recv().await.unwrap();
+        src.close();
+        let mut buf = Vec::new();
+        far.read_to_end(&mut buf).await.unwrap();
+        drop(stream);
+        assert!(matches!(src.closed().await, SessionEnd::Cancelled));
+    }
+}
