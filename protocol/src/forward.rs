@@ -130,7 +130,6 @@ impl Inbound {
                     MessageRef::from(&owned)
                 }
             };
-            rules.check(mode, msg.clone())?;
             if awaiting.is_some() && msg.r#type == flow::HELLO {
                 let epoch = Hello::decode(msg.payload.clone()).map_or(0, |h| h.epoch);
                 if epoch == 0 || Some(epoch) == *awaiting {
@@ -142,10 +141,16 @@ impl Inbound {
                 Some(MessageType::StreamStart | MessageType::ConnectionStart)
             );
             // Sent before the peer heard of the new other side: about connections of the old
-            // one (whose stream ids the new one may reuse), on its terms.
+            // one (whose stream ids the new one may reuse), on its terms. Checked, but it
+            // changes no stream's state: the relay drops it.
             let stale = awaiting.is_some()
                 && (msg.kind().is_some_and(MessageType::is_stream_bound)
                     || msg.r#type == flow::WINDOW_UPDATE);
+            if stale {
+                rules.check_stale(mode, msg.clone())?;
+            } else {
+                rules.check(mode, msg.clone())?;
+            }
             let what = match msg.kind() {
                 _ if stale => Fwd::Skip,
                 _ if start => Fwd::Start,
@@ -373,6 +378,45 @@ mod tests {
                 .iter()
                 .any(|m| m.kind() == Some(MessageType::StreamStart))
         );
+    }
+
+    /// Found by the `mux_sequences` fuzz target (V2): a stale reset from the destination, about
+    /// the old source's stream 2, arrived after the new source had started its own stream 2 on
+    /// the same service. Dropped, it must not close the new stream in the relay's books: when
+    /// that source went away in turn, the destination was never told its stream 2 had died,
+    /// kept writing on it, and its bytes landed on the next source's stream 2.
+    #[test]
+    fn a_stale_reset_does_not_hide_a_live_stream_from_the_next_peer_change() {
+        let mut rules = FrameRules::new(vec!["S0".into(), "S1".into()]);
+        let mut src = Inbound::new(Mode::Source, Extensions::ALL);
+        let mut dst = Inbound::new(Mode::Destination, Extensions::ALL);
+        // The new source starts stream 2 of S0; the destination has not yet answered the HELLO
+        // that told it of the new source.
+        let start = frames(&[Message::stream_start(2, "S0", 0)]);
+        src.feed(start, &mut rules, Some(Extensions::ALL), &mut None)
+            .unwrap();
+        let mut awaiting = Some(7);
+        let stale = frames(&[Message::stream_reset(2, "S0")]);
+        let f = dst
+            .feed(stale, &mut rules, Some(Extensions::ALL), &mut awaiting)
+            .unwrap();
+        assert!(delivered(&f).0.is_empty(), "the stale reset is dropped");
+        assert_eq!(
+            rules.peer_gone(),
+            [Message::stream_reset(2, "S0")],
+            "when the source goes, the destination hears that its stream 2 died"
+        );
+        // A stale start is answered, and does not become the active stream either.
+        let mut awaiting = Some(8);
+        let stale = frames(&[
+            Message::stream_start(3, "S1", 0),
+            Message::data(3, "S1", 0, Bytes::from_static(b"old terms")),
+        ]);
+        let f = src
+            .feed(stale, &mut rules, Some(Extensions::ALL), &mut awaiting)
+            .unwrap();
+        assert_eq!(f.replies, &[Message::stream_reset(3, "S1")]);
+        assert!(rules.peer_gone().is_empty());
     }
 
     #[test]

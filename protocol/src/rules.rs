@@ -58,7 +58,27 @@ impl FrameRules {
         from: Mode,
         msg: impl Into<MessageRef<'a>>,
     ) -> Result<(), Violation> {
-        let msg = msg.into();
+        self.check_inner(from, msg.into(), true)
+    }
+
+    /// Check a message the relay will not forward because it belongs to a peer that is gone
+    /// (see `crate::forward::Inbound::feed`): the same rules, but it does not change which
+    /// stream is active, since neither end shares that stream any more. (A stale start still
+    /// counts as started, so the stale frames that follow it are legal.)
+    pub fn check_stale<'a>(
+        &mut self,
+        from: Mode,
+        msg: impl Into<MessageRef<'a>>,
+    ) -> Result<(), Violation> {
+        self.check_inner(from, msg.into(), false)
+    }
+
+    fn check_inner(
+        &mut self,
+        from: Mode,
+        msg: MessageRef<'_>,
+        track_active: bool,
+    ) -> Result<(), Violation> {
         let Some(kind) = msg.kind() else {
             // Extensions travel as new ignorable types; the receiver decides.
             return if msg.ignorable {
@@ -102,7 +122,9 @@ impl FrameRules {
         if kind == MessageType::StreamStart {
             let max = self.max_started.entry(service.to_owned()).or_insert(0);
             *max = (*max).max(msg.stream_id);
-            self.active.insert(service.to_owned(), msg.stream_id);
+            if track_active {
+                self.active.insert(service.to_owned(), msg.stream_id);
+            }
             return Ok(());
         }
         // Every other stream-bound message must name a stream the source has started. Stale
@@ -118,7 +140,10 @@ impl FrameRules {
                 service: msg.service_id.to_owned(),
             });
         }
-        if kind == MessageType::StreamReset && self.active.get(service) == Some(&msg.stream_id) {
+        if track_active
+            && kind == MessageType::StreamReset
+            && self.active.get(service) == Some(&msg.stream_id)
+        {
             self.active.remove(service);
         }
         Ok(())
