@@ -178,20 +178,6 @@ fn tokens_json(t: IssuedTokens) -> TokensJson {
     }
 }
 
-/// Run a call that may write to the store off the async workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, Response> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(IntoResponse::into_response),
-        Err(e) => Err(error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            e.to_string(),
-        )),
-    }
-}
-
 /// How long a request body may take to arrive once the head has: a body sent a byte at a time
 /// is answered with 408 instead of holding the handler.
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -257,8 +243,7 @@ pub async fn open(State(state): State<Arc<AppState>>, b: ApiBody) -> Response {
         description: b.description,
         tags: b.tags,
     };
-    let registry = state.registry.clone();
-    match blocking(move || registry.open(req)).await {
+    match state.registry.open(req).await {
         Ok((view, tokens)) => {
             if let Some(t) = &tokens.destination {
                 state.notifier.announce(&state.registry, &view, t).await;
@@ -271,7 +256,7 @@ pub async fn open(State(state): State<Arc<AppState>>, b: ApiBody) -> Response {
             }
             (StatusCode::CREATED, Json(v)).into_response()
         }
-        Err(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -331,9 +316,14 @@ pub async fn list(
             }
         },
     };
-    let (page, next) = state
+    let (page, next) = match state
         .registry
-        .list(q.thing_name.as_deref(), status, after, max);
+        .list(q.thing_name.as_deref(), status, after, max)
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
     let tunnels: Vec<TunnelJson> = page.iter().map(tunnel_json).collect();
     Json(serde_json::json!({
         "tunnels": tunnels,
@@ -343,7 +333,7 @@ pub async fn list(
 }
 
 pub async fn describe(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    match state.registry.describe(&id) {
+    match state.registry.describe(&id).await {
         Ok(v) => Json(tunnel_json(&v)).into_response(),
         Err(e) => e.into_response(),
     }
@@ -366,14 +356,13 @@ pub async fn close(
         Ok(b) => b.delete,
         Err(r) => return r,
     };
-    let registry = state.registry.clone();
-    match blocking(move || registry.close(&id, delete)).await {
+    match state.registry.close(&id, delete).await {
         Ok(v) => {
             let mut j = serde_json::to_value(tunnel_json(&v)).unwrap_or_default();
             j["deleted"] = serde_json::Value::Bool(delete);
             Json(j).into_response()
         }
-        Err(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -404,18 +393,18 @@ pub async fn rotate(
             );
         }
     };
-    let tid = id.clone();
-    let registry = state.registry.clone();
-    match blocking(move || registry.rotate(&tid, which)).await {
+    match state.registry.rotate(&id, which).await {
         Ok(t) => {
-            if let (Some(token), Ok(v)) = (&t.destination, state.registry.describe(&id)) {
+            if let Some(token) = &t.destination
+                && let Ok(v) = state.registry.describe(&id).await
+            {
                 state.notifier.announce(&state.registry, &v, token).await;
             }
             let mut j = serde_json::to_value(tokens_json(t)).unwrap_or_default();
             j["tunnelId"] = serde_json::Value::String(id);
             Json(j).into_response()
         }
-        Err(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -441,9 +430,7 @@ pub async fn add_device(State(state): State<Arc<AppState>>, b: ApiBody) -> Respo
             ),
         );
     }
-    let thing = b.thing_name.clone();
-    let devices = state.devices.clone();
-    match blocking(move || Ok(devices.issue(&thing)?)).await {
+    match state.devices.issue(&b.thing_name).await {
         Ok(password) => (
             StatusCode::CREATED,
             Json(serde_json::json!({
@@ -455,7 +442,7 @@ pub async fn add_device(State(state): State<Arc<AppState>>, b: ApiBody) -> Respo
             })),
         )
             .into_response(),
-        Err(r) => r,
+        Err(e) => ApiError::from(e).into_response(),
     }
 }
 
@@ -473,15 +460,13 @@ pub async fn remove_device(
     State(state): State<Arc<AppState>>,
     Path(thing): Path<String>,
 ) -> Response {
-    let devices = state.devices.clone();
-    let t = thing.clone();
-    match blocking(move || Ok(devices.remove(&t)?)).await {
+    match state.devices.remove(&thing).await {
         Ok(true) => Json(serde_json::json!({"thingName": thing, "deleted": true})).into_response(),
         Ok(false) => error(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("no device {thing:?}"),
         ),
-        Err(r) => r,
+        Err(e) => ApiError::from(e).into_response(),
     }
 }

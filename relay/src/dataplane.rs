@@ -183,31 +183,22 @@ pub async fn handshake(
             SUBPROTOCOLS.join(", ")
         ));
     };
-    let registry = state.registry.clone();
-    let ct = client_token.clone();
-    let admitted =
-        tokio::task::spawn_blocking(move || registry.admit(&token, mode, ct.as_deref())).await;
+    let admitted = state
+        .registry
+        .admit(&token, mode, client_token.as_deref())
+        .await;
     let adm = match admitted {
-        Ok(Ok(a)) => a,
-        Ok(Err(AdmitError::Refused(r))) => {
+        Ok(a) => a,
+        Err(AdmitError::Refused(r)) => {
             let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::FORBIDDEN);
             return refuse(status, r.code(), r.to_string(), &channel);
         }
-        Ok(Err(AdmitError::Store(e))) => {
+        Err(AdmitError::Store(e)) => {
             tracing::error!(error = %e, "tunnel store failed during handshake");
             return refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",
                 "the relay could not record the connection; retry later",
-                &channel,
-            );
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "handshake task failed");
-            return refuse(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "internal error; see the relay's log",
                 &channel,
             );
         }
@@ -222,7 +213,11 @@ pub async fn handshake(
             warn!(error = %e, "WebSocket upgrade failed");
             // The handshake did not complete: the token is not spent.
             if let Some((registry, tunnel, token)) = release {
-                tokio::task::spawn_blocking(move || registry.release(&tunnel, mode, token));
+                tokio::spawn(async move {
+                    if let Err(e) = registry.release(&tunnel, mode, token).await {
+                        warn!(error = %e, "could not release the token of a failed upgrade");
+                    }
+                });
             }
         })
         .on_upgrade(move |socket| {

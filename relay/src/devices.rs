@@ -8,19 +8,23 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{DeviceRecord, Store, StoreError};
+
 use crate::tokens::{TokenHash, new_secret};
 
 pub struct Devices {
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     map: Mutex<BTreeMap<String, DeviceRecord>>,
     /// Cancelled when a device is removed or gets a new password: its connections end.
     sessions: Mutex<HashMap<String, CancellationToken>>,
 }
 
 impl Devices {
-    pub fn load(store: Arc<Store>) -> Result<Devices, StoreError> {
+    /// Every device from `store`, kept in memory: the broker checks passwords on every
+    /// connection, synchronously.
+    pub async fn load(store: Arc<dyn Store>) -> Result<Devices, StoreError> {
         let map = store
-            .load_devices()?
+            .devices()
+            .await?
             .into_iter()
             .map(|d| (d.thing_name.clone(), d))
             .collect();
@@ -36,21 +40,21 @@ impl Devices {
     }
 
     /// Create the device, or issue it a new password. Returns the password (shown once).
-    pub fn issue(&self, thing: &str) -> Result<String, StoreError> {
+    pub async fn issue(&self, thing: &str) -> Result<String, StoreError> {
         let password = new_secret();
         let rec = DeviceRecord {
             thing_name: thing.to_owned(),
             password: TokenHash::of(&password),
             created_ms: crate::registry::now_ms(),
         };
-        self.store.put_device(&rec)?;
+        self.store.put_device(&rec).await?;
         self.lock().insert(thing.to_owned(), rec);
         self.revoke(thing);
         Ok(password)
     }
 
-    pub fn remove(&self, thing: &str) -> Result<bool, StoreError> {
-        self.store.remove_device(thing)?;
+    pub async fn remove(&self, thing: &str) -> Result<bool, StoreError> {
+        self.store.remove_device(thing).await?;
         self.revoke(thing);
         Ok(self.lock().remove(thing).is_some())
     }

@@ -9,7 +9,8 @@
 //! - [`registry`]: tunnels and their single-use tokens; [`live`]: who is connected on each side
 //!   of a tunnel, and how a peer is disconnected (with which close frame).
 //! - [`state`]: what the handlers share; [`reply`]: the HTTP error responses.
-//! - [`store`]: persistence of tunnel records (embedded redb file by default).
+//! - [`store`]: tunnel records behind the [`store::Store`] trait, one atomic operation per
+//!   change (`store::ops`); a redb file by default, in memory for tests.
 //! - [`tokens`]: token generation and hashing.
 //! - [`config`] / [`dev`]: configuration file and the zero-setup `--dev` mode.
 //! - [`notify`]: MQTT notification of devices on open and rotation; [`reannounce`]: tunnels a

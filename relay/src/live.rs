@@ -113,6 +113,8 @@ pub struct PeerSlot {
     /// The culvert extensions this peer negotiated in its handshake: extension messages reach
     /// it only if it did.
     pub extensions: Extensions,
+    /// The side's generation it was admitted under.
+    pub generation: u64,
 }
 
 /// A peer about to attach: how to reach it.
@@ -134,8 +136,9 @@ pub struct Target {
 struct Side {
     peer: Option<PeerSlot>,
     changed_ms: i64,
-    /// Bumped when this side's token is revoked (rotation, close): a handshake admitted under
-    /// an older generation may not attach.
+    /// The newest generation of this side's token seen here (it moves on with every
+    /// rotation and close, in the store): a handshake admitted under an older one may not
+    /// attach.
     generation: u64,
     /// The relay HELLO that told this side's peer of a new peer on the other side, until the
     /// peer answers it (see `culvert_protocol::forward::Inbound::feed`).
@@ -231,13 +234,13 @@ impl Live {
                 source: Side {
                     peer: None,
                     changed_ms: rec.source.last_change_ms,
-                    generation: 0,
+                    generation: rec.source.generation,
                     awaiting: None,
                 },
                 destination: Side {
                     peer: None,
                     changed_ms: rec.destination.last_change_ms,
-                    generation: 0,
+                    generation: rec.destination.generation,
                     awaiting: None,
                 },
                 next_peer: 1,
@@ -255,9 +258,11 @@ impl Live {
     /// handshake was admitted under `generation`.
     pub fn attach(&self, mode: Mode, generation: u64, new: NewPeer) -> Option<u64> {
         let mut g = self.lock();
-        if g.side(mode).generation != generation {
+        let side = g.side(mode);
+        if generation < side.generation {
             return None;
         }
+        side.generation = generation;
         let peer_id = g.next_peer;
         g.next_peer += 1;
         let old = g.side(mode).peer.take();
@@ -272,24 +277,24 @@ impl Live {
             tx: new.tx,
             kick: new.kick,
             extensions: new.extensions,
+            generation,
         });
         side.changed_ms = now_ms();
         Some(peer_id)
     }
 
-    /// Revoke a side's token: handshakes admitted before may no longer attach, and the
-    /// connected peer is disconnected with `reason`.
-    pub fn revoke(&self, mode: Mode, reason: &'static str) {
+    /// A side's token was revoked, moving it to `generation`: handshakes admitted under an
+    /// older one may no longer attach, and a peer connected under one is disconnected with
+    /// `reason`. (Revocations may arrive out of order; an older one changes nothing.)
+    pub fn revoke(&self, mode: Mode, generation: u64, reason: &'static str) {
         let mut g = self.lock();
         let side = g.side(mode);
-        side.generation += 1;
-        if let Some(p) = &side.peer {
+        side.generation = side.generation.max(generation);
+        if let Some(p) = &side.peer
+            && p.generation < generation
+        {
             p.kick.kick(KickReason::Revoked(reason));
         }
-    }
-
-    pub fn generation(&self, mode: Mode) -> u64 {
-        self.lock().side(mode).generation
     }
 
     /// A peer's session ended. Returns whether it was still the registered one.

@@ -101,12 +101,16 @@ pub async fn run(
 }
 
 async fn reannounce(registry: &Arc<Registry>, notifier: &Notifier, thing: &str, at: Instant) {
-    for id in registry.unclaimed_destinations(thing, at, INTERVAL) {
-        let r = registry.clone();
-        let tid = id.clone();
-        let rotated =
-            tokio::task::spawn_blocking(move || r.rotate(&tid, RotateWhich::Destination)).await;
-        if let (Ok(Ok(tokens)), Ok(view)) = (rotated, registry.describe(&id))
+    let ids = match registry.unclaimed_destinations(thing, at, INTERVAL).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            warn!(%thing, error = %e, "could not look for tunnels to re-announce");
+            return;
+        }
+    };
+    for id in ids {
+        if let Ok(tokens) = registry.rotate(&id, RotateWhich::Destination).await
+            && let Ok(view) = registry.describe(&id).await
             && let Some(token) = tokens.destination
         {
             info!(tunnel = %id, %thing, "re-announcing an unclaimed tunnel to its device");

@@ -1,23 +1,32 @@
-//! The relay's tunnels: their records (persisted through [`Store`]), the token index, and the
-//! live pairing of each tunnel's two peers.
+//! The relay's tunnels: their records, through the [`Store`] and its atomic operations, and
+//! this relay's live pairing of each tunnel's two peers.
 //!
-//! Locking: one registry mutex guards records and the token index (taken on API calls and
-//! handshakes, never across an `.await`); each tunnel's [`Live`] has its own mutex for the data
-//! path, so forwarding frames never touches the registry lock.
+//! Nothing here holds a lock across a store call: the store decides (token checks, single use,
+//! rotation, close) atomically, and the registry then brings the live halves in line. A
+//! handshake admitted just before a rotation or a close carries the side's generation from the
+//! store, and [`Live::attach`] refuses it once the live half has seen a newer one, whichever
+//! order the two land in.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use culvert_protocol::{Mode, valid_name};
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 pub use crate::live::{Kick, KickReason, Live, NewPeer};
-use crate::store::{CloseReason, SideRecord, Status, Store, StoreError, TunnelRecord};
+pub use crate::store::{AdmitError, Refusal};
+use crate::store::{
+    ChangeError, CloseReason, Handshake, ListQuery, NewTokens, SideRecord, Status, Store,
+    StoreError, TunnelRecord,
+};
 use crate::tokens::{TokenHash, new_secret};
 
-/// Rotated-away tokens remembered per side, to tell their holders why they are refused.
-const ROTATED_KEPT: usize = 8;
+/// How long the live half of a closed tunnel is kept: long enough that a handshake admitted
+/// just before the close finds it (revoked) rather than making a fresh one.
+const CLOSED_LIVE_KEPT: Duration = Duration::from_secs(60);
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -56,54 +65,12 @@ pub enum ApiError {
     Store(#[from] StoreError),
 }
 
-/// Why a data-plane handshake is refused. All are 4xx: the client must not retry.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum Refusal {
-    #[error("unknown access token: it was never issued by this relay or its tunnel was deleted")]
-    UnknownToken,
-    #[error("this is a {token} access token, but the request asked for local-proxy-mode={asked}")]
-    WrongMode { token: Mode, asked: Mode },
-    #[error(
-        "this access token was already used; a reconnect must present the client-token it was first used with"
-    )]
-    NeedsClientToken,
-    #[error(
-        "this access token was already used without a client token, so it cannot be used again; rotate the tunnel's {0} token"
-    )]
-    Spent(Mode),
-    #[error("the client-token does not match the one this access token was first used with")]
-    ClientTokenMismatch,
-    #[error("the client-token is already bound to another open tunnel; use a fresh one")]
-    ClientTokenInUse,
-    #[error("this access token was rotated; use the tunnel's new {0} token")]
-    Rotated(Mode),
-    #[error("tunnel {0} is closed")]
-    Closed(String),
-    #[error("tunnel {0} expired")]
-    Expired(String),
-}
-
-impl Refusal {
-    /// HTTP status: 410 for a tunnel that is gone, 400 for a malformed request, 403 otherwise.
-    pub fn status(&self) -> u16 {
-        match self {
-            Refusal::Closed(_) | Refusal::Expired(_) => 410,
-            Refusal::WrongMode { .. } => 400,
-            _ => 403,
-        }
-    }
-
-    pub fn code(&self) -> &'static str {
-        match self {
-            Refusal::UnknownToken => "unknown_token",
-            Refusal::WrongMode { .. } => "wrong_mode",
-            Refusal::NeedsClientToken => "token_reused",
-            Refusal::Spent(_) => "token_spent",
-            Refusal::ClientTokenMismatch => "client_token_mismatch",
-            Refusal::ClientTokenInUse => "client_token_in_use",
-            Refusal::Rotated(_) => "token_rotated",
-            Refusal::Closed(_) => "tunnel_closed",
-            Refusal::Expired(_) => "tunnel_expired",
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> ApiError {
+        match e {
+            ChangeError::NotFound(id) => ApiError::NotFound(id),
+            e @ ChangeError::Closed(_) => ApiError::Conflict(e.to_string()),
+            ChangeError::Store(e) => ApiError::Store(e),
         }
     }
 }
@@ -218,80 +185,12 @@ impl RotateWhich {
     }
 }
 
-struct Entry {
-    rec: TunnelRecord,
-    live: Arc<Live>,
-    /// When the destination token was last published to the device (in memory only: after a
-    /// restart the embedded broker has lost what it held, so a tunnel counts as never sent).
-    notified: Option<tokio::time::Instant>,
-    /// When it was last re-announced ([`crate::reannounce`]).
-    reannounced: Option<tokio::time::Instant>,
-}
-
-#[derive(Clone, Copy)]
-struct TokenRef<'a> {
-    tunnel: &'a str,
-    mode: Mode,
-    current: bool,
-}
-
-#[derive(Default)]
-struct State {
-    tunnels: HashMap<String, Entry>,
-    /// Token hash → (tunnel id, mode, still current?).
-    tokens: HashMap<TokenHash, (String, Mode, bool)>,
-    /// Client token hash → tunnel id, for open tunnels (client tokens are unique among them).
-    client_tokens: HashMap<TokenHash, String>,
-}
-
-impl State {
-    fn index(&mut self, rec: &TunnelRecord) {
-        for mode in [Mode::Source, Mode::Destination] {
-            let side = side_of(rec, mode);
-            self.tokens.insert(side.token, (rec.id.clone(), mode, true));
-            for old in &side.rotated {
-                self.tokens.insert(*old, (rec.id.clone(), mode, false));
-            }
-            if let (Some(ct), Status::Open) = (side.client_token, rec.status) {
-                self.client_tokens.insert(ct, rec.id.clone());
-            }
-        }
-    }
-
-    fn unindex(&mut self, rec: &TunnelRecord) {
-        for mode in [Mode::Source, Mode::Destination] {
-            let side = side_of(rec, mode);
-            self.tokens.remove(&side.token);
-            for old in &side.rotated {
-                self.tokens.remove(old);
-            }
-            if let Some(ct) = side.client_token {
-                self.client_tokens.remove(&ct);
-            }
-        }
-    }
-}
-
-fn side_of(rec: &TunnelRecord, mode: Mode) -> &SideRecord {
-    match mode {
-        Mode::Source => &rec.source,
-        Mode::Destination => &rec.destination,
-    }
-}
-
-fn side_of_mut(rec: &mut TunnelRecord, mode: Mode) -> &mut SideRecord {
-    match mode {
-        Mode::Source => &mut rec.source,
-        Mode::Destination => &mut rec.destination,
-    }
-}
-
 /// What a successful handshake gets.
 pub struct Admission {
     pub live: Arc<Live>,
     pub mode: Mode,
     pub thing_name: String,
-    /// The side's revocation generation when admitted (see [`Live::attach`]).
+    /// The side's generation when admitted (see [`Live::attach`]).
     pub generation: u64,
     /// This handshake was the token's first use: if the upgrade then fails, the use is
     /// released ([`Registry::release`]), since AWS spends a token only on a successful handshake.
@@ -309,39 +208,46 @@ pub struct TunnelView {
     pub destination_changed_ms: i64,
 }
 
+/// This relay's in-memory state of one tunnel.
+struct Local {
+    live: Arc<Live>,
+    /// When the tunnel was closed (its live half goes [`CLOSED_LIVE_KEPT`] later).
+    closed: Option<Instant>,
+}
+
+/// When a tunnel's destination token was last published to its device, and last re-announced
+/// ([`crate::reannounce`]). In memory only: after a restart the embedded broker has lost what
+/// it held, so a tunnel counts as never sent.
+#[derive(Clone, Copy, Default)]
+struct Marks {
+    notified: Option<Instant>,
+    reannounced: Option<Instant>,
+}
+
+#[derive(Default)]
+struct LocalState {
+    tunnels: HashMap<String, Local>,
+    marks: HashMap<String, Marks>,
+}
+
 pub struct Registry {
-    state: Mutex<State>,
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     limits: Limits,
+    local: Mutex<LocalState>,
+    /// Open tunnels, as of the last sweep (for status lines and metrics).
+    open: AtomicUsize,
 }
 
 impl Registry {
-    /// Load every stored tunnel. Open tunnels come back with both sides disconnected.
-    pub fn load(store: Arc<Store>, limits: Limits) -> Result<Registry, StoreError> {
-        let mut state = State::default();
-        for rec in store.load_all()? {
-            state.index(&rec);
-            let live = Arc::new(Live::new(&rec));
-            state.tunnels.insert(
-                rec.id.clone(),
-                Entry {
-                    rec,
-                    live,
-                    notified: None,
-                    reannounced: None,
-                },
-            );
-        }
-        let open = state
-            .tunnels
-            .values()
-            .filter(|e| e.rec.status == Status::Open)
-            .count();
-        info!(tunnels = state.tunnels.len(), open, "tunnel store loaded");
+    /// A registry over `store`. Stored open tunnels come back with both sides disconnected.
+    pub async fn new(store: Arc<dyn Store>, limits: Limits) -> Result<Registry, StoreError> {
+        let open = store.count_open().await?;
+        info!(open, "tunnel store loaded");
         Ok(Registry {
-            state: Mutex::new(state),
             store,
             limits,
+            local: Mutex::new(LocalState::default()),
+            open: AtomicUsize::new(open),
         })
     }
 
@@ -349,11 +255,41 @@ impl Registry {
         &self.limits
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, LocalState> {
+        self.local.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn open(&self, req: OpenRequest) -> Result<(TunnelView, IssuedTokens), ApiError> {
+    /// The live half of `rec`'s tunnel, made if this relay has none yet.
+    fn live_for(&self, rec: &TunnelRecord) -> Arc<Live> {
+        self.lock()
+            .tunnels
+            .entry(rec.id.clone())
+            .or_insert_with(|| Local {
+                live: Arc::new(Live::new(rec)),
+                closed: None,
+            })
+            .live
+            .clone()
+    }
+
+    fn view(&self, rec: TunnelRecord) -> TunnelView {
+        let live = self.lock().tunnels.get(&rec.id).map(|l| l.live.clone());
+        let state = |mode: Mode| match &live {
+            Some(l) => l.state(mode),
+            None => (false, rec.side(mode).last_change_ms),
+        };
+        let (sc, sm) = state(Mode::Source);
+        let (dc, dm) = state(Mode::Destination);
+        TunnelView {
+            rec,
+            source_connected: sc,
+            source_changed_ms: sm,
+            destination_connected: dc,
+            destination_changed_ms: dm,
+        }
+    }
+
+    pub async fn open(&self, req: OpenRequest) -> Result<(TunnelView, IssuedTokens), ApiError> {
         req.validate(&self.limits)?;
         let now = now_ms();
         let src = new_secret();
@@ -373,23 +309,11 @@ impl Registry {
             source: SideRecord::new(TokenHash::of(&src), now),
             destination: SideRecord::new(TokenHash::of(&dst), now),
         };
-        self.store.put(&rec)?;
-        let mut st = self.lock();
-        st.index(&rec);
-        let live = Arc::new(Live::new(&rec));
+        self.store.create(&rec).await?;
+        self.open.fetch_add(1, Ordering::Relaxed);
         info!(tunnel = %rec.id, thing = %rec.thing_name, services = ?rec.services, "tunnel opened");
-        let view = view(&rec, &live);
-        st.tunnels.insert(
-            rec.id.clone(),
-            Entry {
-                rec,
-                live,
-                notified: None,
-                reannounced: None,
-            },
-        );
         Ok((
-            view,
+            self.view(rec),
             IssuedTokens {
                 source: Some(src),
                 destination: Some(dst),
@@ -397,156 +321,97 @@ impl Registry {
         ))
     }
 
-    pub fn describe(&self, id: &str) -> Result<TunnelView, ApiError> {
-        let st = self.lock();
-        let e = st
-            .tunnels
+    pub async fn describe(&self, id: &str) -> Result<TunnelView, ApiError> {
+        let rec = self
+            .store
             .get(id)
+            .await?
             .ok_or_else(|| ApiError::NotFound(id.to_owned()))?;
-        Ok(view(&e.rec, &e.live))
+        Ok(self.view(rec))
     }
 
     /// Newest first; `after` is the (created_ms, id) of the last item of the previous page.
-    pub fn list(
+    pub async fn list(
         &self,
         thing: Option<&str>,
         status: Option<Status>,
         after: Option<(i64, String)>,
         max: usize,
-    ) -> (Vec<TunnelView>, Option<(i64, String)>) {
-        let st = self.lock();
-        let mut all: Vec<&Entry> = st
-            .tunnels
-            .values()
-            .filter(|e| thing.is_none_or(|t| e.rec.thing_name == t))
-            .filter(|e| status.is_none_or(|s| e.rec.status == s))
-            .filter(|e| {
-                after
-                    .as_ref()
-                    .is_none_or(|(c, id)| (e.rec.created_ms, &e.rec.id) < (*c, id))
-            })
-            .collect();
-        all.sort_by(|a, b| (b.rec.created_ms, &b.rec.id).cmp(&(a.rec.created_ms, &a.rec.id)));
-        let more = all.len() > max;
-        let page: Vec<TunnelView> = all
-            .iter()
-            .take(max)
-            .map(|e| view(&e.rec, &e.live))
-            .collect();
+    ) -> Result<(Vec<TunnelView>, Option<(i64, String)>), ApiError> {
+        let q = ListQuery {
+            thing: thing.map(str::to_owned),
+            status,
+            after,
+            max,
+        };
+        let (recs, more) = self.store.list(&q).await?;
+        let page: Vec<TunnelView> = recs.into_iter().map(|r| self.view(r)).collect();
         let next = more
             .then(|| page.last().map(|v| (v.rec.created_ms, v.rec.id.clone())))
             .flatten();
-        (page, next)
+        Ok((page, next))
     }
 
     /// Close a tunnel (idempotent), disconnecting both sides; optionally delete its record.
-    pub fn close(&self, id: &str, delete: bool) -> Result<TunnelView, ApiError> {
-        self.close_with(id, CloseReason::Closed, delete)
-    }
-
-    fn close_with(
-        &self,
-        id: &str,
-        reason: CloseReason,
-        delete: bool,
-    ) -> Result<TunnelView, ApiError> {
-        let mut st = self.lock();
-        let st = &mut *st;
-        let e = st
-            .tunnels
-            .get_mut(id)
-            .ok_or_else(|| ApiError::NotFound(id.to_owned()))?;
-        if e.rec.status == Status::Open {
-            let mut rec = e.rec.clone();
-            rec.status = Status::Closed;
-            rec.closed_ms = Some(now_ms());
-            rec.close_reason = Some(reason);
-            if !delete {
-                self.store.put(&rec)?;
-            }
-            e.rec = rec;
-            for mode in [Mode::Source, Mode::Destination] {
-                if let Some(ct) = side_of(&e.rec, mode).client_token {
-                    st.client_tokens.remove(&ct);
-                }
-            }
-            let why = match reason {
-                CloseReason::Closed => "tunnel closed",
-                CloseReason::Expired => "tunnel expired",
-            };
-            e.live.revoke(Mode::Source, why);
-            e.live.revoke(Mode::Destination, why);
-            info!(tunnel = %id, reason = why, "tunnel closed");
-        }
-        let v = view(&e.rec, &e.live);
+    pub async fn close(&self, id: &str, delete: bool) -> Result<TunnelView, ApiError> {
+        let v = self.close_with(id, CloseReason::Closed).await?;
         if delete {
-            self.store.remove(id)?;
-            if let Some(e) = st.tunnels.remove(id) {
-                st.unindex(&e.rec);
-            }
-            info!(tunnel = %id, "tunnel deleted");
+            self.delete(id).await?;
         }
         Ok(v)
     }
 
-    /// Issue new tokens; the old ones stop working and their peers are disconnected.
-    pub fn rotate(&self, id: &str, which: RotateWhich) -> Result<IssuedTokens, ApiError> {
-        let mut st = self.lock();
-        let st = &mut *st;
-        let e = st
-            .tunnels
-            .get(id)
-            .ok_or_else(|| ApiError::NotFound(id.to_owned()))?;
-        if e.rec.status != Status::Open {
-            return Err(ApiError::Conflict(format!(
-                "tunnel {id} is closed; open a new tunnel instead"
-            )));
-        }
-        let mut rec = e.rec.clone();
-        let live = e.live.clone();
-        let mut issued = IssuedTokens::default();
-        let mut index_changes = Vec::new();
-        let mut unbound = Vec::new();
-        for mode in [Mode::Source, Mode::Destination] {
-            if !which.includes(mode) {
-                continue;
-            }
-            let secret = new_secret();
-            let side = side_of_mut(&mut rec, mode);
-            let old = side.token;
-            side.rotated.push(old);
-            if side.rotated.len() > ROTATED_KEPT {
-                let gone = side.rotated.remove(0);
-                index_changes.push((gone, None));
-            }
-            if let Some(ct) = side.client_token.take() {
-                unbound.push(ct);
-            }
-            side.token = TokenHash::of(&secret);
-            side.used = false;
-            index_changes.push((old, Some((id.to_owned(), mode, false))));
-            index_changes.push((side.token, Some((id.to_owned(), mode, true))));
-            match mode {
-                Mode::Source => issued.source = Some(secret),
-                Mode::Destination => issued.destination = Some(secret),
-            }
-        }
-        self.store.put(&rec)?;
-        for ct in unbound {
-            st.client_tokens.remove(&ct);
-        }
-        for (h, v) in index_changes {
-            match v {
-                Some(v) => st.tokens.insert(h, v),
-                None => st.tokens.remove(&h),
+    async fn close_with(&self, id: &str, reason: CloseReason) -> Result<TunnelView, ApiError> {
+        let c = self.store.close(id, reason, now_ms()).await?;
+        if c.changed {
+            let why = match reason {
+                CloseReason::Closed => "tunnel closed",
+                CloseReason::Expired => "tunnel expired",
             };
+            // Revoke even a live half this relay has not made yet: a handshake admitted just
+            // before the close must find it revoked.
+            let live = self.live_for(&c.rec);
+            if let Some(l) = self.lock().tunnels.get_mut(id) {
+                l.closed = Some(Instant::now());
+            }
+            self.lock().marks.remove(id);
+            for mode in [Mode::Source, Mode::Destination] {
+                live.revoke(mode, c.rec.side(mode).generation, why);
+            }
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            info!(tunnel = %id, reason = why, "tunnel closed");
         }
-        if let Some(e) = st.tunnels.get_mut(id) {
-            e.rec = rec;
+        Ok(self.view(c.rec))
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        if self.store.delete(id).await? {
+            info!(tunnel = %id, "tunnel deleted");
         }
-        for mode in [Mode::Source, Mode::Destination] {
-            if which.includes(mode) {
-                live.revoke(mode, "access token rotated");
+        Ok(())
+    }
+
+    /// Issue new tokens; the old ones stop working and their peers are disconnected.
+    pub async fn rotate(&self, id: &str, which: RotateWhich) -> Result<IssuedTokens, ApiError> {
+        let mut issued = IssuedTokens::default();
+        let mut new = NewTokens::default();
+        if which.includes(Mode::Source) {
+            let s = new_secret();
+            new.source = Some(TokenHash::of(&s));
+            issued.source = Some(s);
+        }
+        if which.includes(Mode::Destination) {
+            let s = new_secret();
+            new.destination = Some(TokenHash::of(&s));
+            issued.destination = Some(s);
+        }
+        let rec = self.store.rotate(id, &new).await?;
+        let live = self.lock().tunnels.get(id).map(|l| l.live.clone());
+        if let Some(live) = live {
+            for mode in [Mode::Source, Mode::Destination] {
+                if which.includes(mode) {
+                    live.revoke(mode, rec.side(mode).generation, "access token rotated");
+                }
             }
         }
         info!(tunnel = %id, ?which, "tokens rotated");
@@ -554,192 +419,119 @@ impl Registry {
     }
 
     /// Check a data-plane handshake and consume the token as AWS defines single use.
-    pub fn admit(
+    pub async fn admit(
         &self,
         token: &str,
         mode: Mode,
         client_token: Option<&str>,
     ) -> Result<Admission, AdmitError> {
         let h = TokenHash::of(token);
-        let mut st = self.lock();
-        let st = &mut *st;
-        let Some((tid, tmode, current)) = st.tokens.get(&h).cloned() else {
-            return Err(Refusal::UnknownToken.into());
-        };
-        let r = TokenRef {
-            tunnel: &tid,
-            mode: tmode,
-            current,
-        };
-        let e = st
-            .tunnels
-            .get_mut(r.tunnel)
-            .ok_or(AdmitError::Refused(Refusal::UnknownToken))?;
-        match e.rec.close_reason {
-            Some(CloseReason::Expired) => return Err(Refusal::Expired(tid).into()),
-            Some(CloseReason::Closed) => return Err(Refusal::Closed(tid).into()),
-            None if e.rec.expires_ms <= now_ms() => return Err(Refusal::Expired(tid).into()),
-            None => {}
-        }
-        if !r.current {
-            return Err(Refusal::Rotated(r.mode).into());
-        }
-        if !side_of(&e.rec, r.mode).token.matches(&h) {
-            return Err(Refusal::UnknownToken.into());
-        }
-        if r.mode != mode {
-            return Err(Refusal::WrongMode {
-                token: r.mode,
-                asked: mode,
-            }
-            .into());
-        }
-        let ct = client_token.map(TokenHash::of);
-        let side = side_of(&e.rec, mode);
-        let first_use = !side.used;
-        if side.used {
-            match (side.client_token, ct) {
-                (Some(bound), Some(ct)) if bound.matches(&ct) => {}
-                (Some(_), Some(_)) => return Err(Refusal::ClientTokenMismatch.into()),
-                (Some(_), None) => return Err(Refusal::NeedsClientToken.into()),
-                (None, _) => return Err(Refusal::Spent(mode).into()),
-            }
-        } else {
-            if let Some(ct) = ct
-                && st.client_tokens.get(&ct).is_some_and(|t| *t != tid)
-            {
-                return Err(Refusal::ClientTokenInUse.into());
-            }
-            let mut rec = e.rec.clone();
-            let side = side_of_mut(&mut rec, mode);
-            side.used = true;
-            side.client_token = ct;
-            side.last_change_ms = now_ms();
-            self.store.put(&rec)?;
-            e.rec = rec;
-            if let Some(ct) = ct {
-                st.client_tokens.insert(ct, tid.clone());
-            }
-        }
+        let a = self
+            .store
+            .admit(&Handshake {
+                token: h,
+                mode,
+                client_token: client_token.map(TokenHash::of),
+                now_ms: now_ms(),
+            })
+            .await?;
         Ok(Admission {
-            live: e.live.clone(),
+            live: self.live_for(&a.rec),
             mode,
-            thing_name: e.rec.thing_name.clone(),
-            generation: e.live.generation(mode),
-            first_use,
+            thing_name: a.rec.thing_name.clone(),
+            generation: a.rec.side(mode).generation,
+            first_use: a.first_use,
             token: h,
         })
     }
 
     /// Undo the first use of a token whose WebSocket upgrade failed after admission.
-    pub fn release(&self, tunnel: &str, mode: Mode, token: TokenHash) -> Result<(), StoreError> {
-        let mut st = self.lock();
-        let st = &mut *st;
-        let Some(e) = st.tunnels.get_mut(tunnel) else {
-            return Ok(());
-        };
-        let side = side_of(&e.rec, mode);
-        if !side.used || !side.token.matches(&token) {
-            return Ok(());
-        }
-        let mut rec = e.rec.clone();
-        let side = side_of_mut(&mut rec, mode);
-        side.used = false;
-        let unbound = side.client_token.take();
-        self.store.put(&rec)?;
-        e.rec = rec;
-        if let Some(ct) = unbound {
-            st.client_tokens.remove(&ct);
-        }
-        Ok(())
+    pub async fn release(
+        &self,
+        tunnel: &str,
+        mode: Mode,
+        token: TokenHash,
+    ) -> Result<(), StoreError> {
+        self.store.release(tunnel, mode, token).await
     }
 
     /// The destination token of tunnel `id` was just published to its device.
     pub fn mark_notified(&self, id: &str) {
-        if let Some(e) = self.lock().tunnels.get_mut(id) {
-            e.notified = Some(tokio::time::Instant::now());
-        }
+        self.lock().marks.entry(id.to_owned()).or_default().notified = Some(Instant::now());
     }
 
     /// Tunnel `id` is being re-announced now.
     pub fn mark_reannounced(&self, id: &str) {
-        if let Some(e) = self.lock().tunnels.get_mut(id) {
-            e.reannounced = Some(tokio::time::Instant::now());
-        }
+        self.lock()
+            .marks
+            .entry(id.to_owned())
+            .or_default()
+            .reannounced = Some(Instant::now());
     }
 
     /// Open tunnels of `thing` that a device which subscribed at `subscribed_at` may have
     /// missed: the destination token is still unused, its last notification (if any) went out
     /// before that subscription, and it was not re-announced in the last `interval`. A tunnel
     /// notified while the device was subscribed reached it.
-    pub fn unclaimed_destinations(
+    pub async fn unclaimed_destinations(
         &self,
         thing: &str,
-        subscribed_at: tokio::time::Instant,
+        subscribed_at: Instant,
         interval: Duration,
-    ) -> Vec<String> {
-        let now = tokio::time::Instant::now();
-        let wall = now_ms();
-        self.lock()
-            .tunnels
-            .values()
-            .filter(|e| {
-                e.rec.thing_name == thing
-                    && e.rec.status == Status::Open
-                    && e.rec.expires_ms > wall
-                    && !e.rec.destination.used
-                    && e.notified.is_none_or(|n| n < subscribed_at)
-                    && e.reannounced
+    ) -> Result<Vec<String>, StoreError> {
+        let ids = self.store.unclaimed(thing, now_ms()).await?;
+        let now = Instant::now();
+        let st = self.lock();
+        Ok(ids
+            .into_iter()
+            .filter(|id| {
+                let m = st.marks.get(id).copied().unwrap_or_default();
+                m.notified.is_none_or(|n| n < subscribed_at)
+                    && m.reannounced
                         .is_none_or(|r| now.duration_since(r) >= interval)
             })
-            .map(|e| e.rec.id.clone())
-            .collect()
+            .collect())
     }
 
     /// Close expired tunnels and forget closed ones past retention. Called periodically.
-    pub fn sweep(&self) {
+    pub async fn sweep(&self) {
         let now = now_ms();
         let retention = self.limits.closed_retention.as_millis() as i64;
-        let (expired, stale): (Vec<String>, Vec<String>) = {
-            let st = self.lock();
-            let expired = st
-                .tunnels
-                .values()
-                .filter(|e| e.rec.status == Status::Open && e.rec.expires_ms <= now)
-                .map(|e| e.rec.id.clone())
-                .collect();
-            let stale = st
-                .tunnels
-                .values()
-                .filter(|e| e.rec.closed_ms.is_some_and(|c| c + retention <= now))
-                .map(|e| e.rec.id.clone())
-                .collect();
-            (expired, stale)
+        let due = match self.store.due(now, now - retention).await {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "could not sweep the tunnel store");
+                return;
+            }
         };
-        for id in expired {
-            if let Err(e) = self.close_with(&id, CloseReason::Expired, false) {
+        for id in due.expired {
+            if let Err(e) = self.close_with(&id, CloseReason::Expired).await {
                 warn!(tunnel = %id, error = %e, "could not expire tunnel");
             }
         }
-        for id in stale {
-            if let Err(e) = self.close_with(&id, CloseReason::Closed, true) {
+        for id in due.purge {
+            if let Err(e) = self.delete(&id).await {
                 warn!(tunnel = %id, error = %e, "could not purge closed tunnel");
             }
         }
+        if let Ok(n) = self.store.count_open().await {
+            self.open.store(n, Ordering::Relaxed);
+        }
+        let mut st = self.lock();
+        st.tunnels
+            .retain(|_, l| l.closed.is_none_or(|c| c.elapsed() < CLOSED_LIVE_KEPT));
     }
 
-    /// Open tunnels, and how many peers are connected to them.
+    /// Open tunnels, and how many peers are connected to this relay.
     pub fn counts(&self) -> (usize, usize) {
         // Take the live halves out first: a tunnel's lock is never taken under the registry's.
-        let open: Vec<Arc<Live>> = {
-            let st = self.lock();
-            st.tunnels
-                .values()
-                .filter(|e| e.rec.status == Status::Open)
-                .map(|e| e.live.clone())
-                .collect()
-        };
-        let peers = open
+        let lives: Vec<Arc<Live>> = self
+            .lock()
+            .tunnels
+            .values()
+            .map(|l| l.live.clone())
+            .collect();
+        let peers = lives
             .iter()
             .map(|l| {
                 [Mode::Source, Mode::Destination]
@@ -748,36 +540,21 @@ impl Registry {
                     .count()
             })
             .sum();
-        (open.len(), peers)
+        (self.open.load(Ordering::Relaxed), peers)
     }
 
     /// Disconnect every peer (relay shutdown).
     pub fn kick_all(&self, reason: KickReason) {
-        let st = self.lock();
-        for e in st.tunnels.values() {
-            e.live.kick(Mode::Source, reason.clone());
-            e.live.kick(Mode::Destination, reason.clone());
+        let lives: Vec<Arc<Live>> = self
+            .lock()
+            .tunnels
+            .values()
+            .map(|l| l.live.clone())
+            .collect();
+        for l in lives {
+            l.kick(Mode::Source, reason.clone());
+            l.kick(Mode::Destination, reason.clone());
         }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum AdmitError {
-    #[error(transparent)]
-    Refused(#[from] Refusal),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-fn view(rec: &TunnelRecord, live: &Live) -> TunnelView {
-    let (sc, sm) = live.state(Mode::Source);
-    let (dc, dm) = live.state(Mode::Destination);
-    TunnelView {
-        rec: rec.clone(),
-        source_connected: sc,
-        source_changed_ms: sm,
-        destination_connected: dc,
-        destination_changed_ms: dm,
     }
 }
 
@@ -786,15 +563,22 @@ mod tests {
     use super::*;
     use tokio::sync::mpsc;
 
-    fn registry() -> (Registry, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!(
-            "culvert-reg-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = Arc::new(Store::open(&dir.join("t.redb")).unwrap());
-        (Registry::load(store, Limits::default()).unwrap(), dir)
+    async fn registry() -> Registry {
+        Registry::new(
+            Arc::new(crate::store::MemoryStore::new()),
+            Limits::default(),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn peer() -> NewPeer {
+        let (tx, _rx) = mpsc::channel(1);
+        NewPeer {
+            tx,
+            kick: Kick::default(),
+            extensions: culvert_protocol::ext::Extensions::NONE,
+        }
     }
 
     fn req() -> OpenRequest {
@@ -815,161 +599,180 @@ mod tests {
         }
     }
 
-    #[test]
-    fn single_use_and_client_tokens() {
-        let (reg, dir) = registry();
-        let (v, t) = reg.open(req()).unwrap();
+    #[tokio::test]
+    async fn single_use_and_client_tokens() {
+        let reg = registry().await;
+        let (v, t) = reg.open(req()).await.unwrap();
         let src = t.source.unwrap();
         let dst = t.destination.unwrap();
         let ct = culvert_protocol::new_client_token();
         assert_eq!(
-            refusal(reg.admit("nope", Mode::Source, None)),
+            refusal(reg.admit("nope", Mode::Source, None).await),
             Refusal::UnknownToken
         );
+        reg.admit(&src, Mode::Source, Some(&ct)).await.unwrap();
+        reg.admit(&src, Mode::Source, Some(&ct)).await.unwrap();
         assert_eq!(
-            refusal(reg.admit(&src, Mode::Destination, None)),
-            Refusal::WrongMode {
-                token: Mode::Source,
-                asked: Mode::Destination
-            }
-        );
-        reg.admit(&src, Mode::Source, Some(&ct)).unwrap();
-        reg.admit(&src, Mode::Source, Some(&ct)).unwrap();
-        assert_eq!(
-            refusal(reg.admit(&src, Mode::Source, None)),
+            refusal(reg.admit(&src, Mode::Source, None).await),
             Refusal::NeedsClientToken
         );
-        let other = culvert_protocol::new_client_token();
+        reg.admit(&dst, Mode::Destination, None).await.unwrap();
         assert_eq!(
-            refusal(reg.admit(&src, Mode::Source, Some(&other))),
-            Refusal::ClientTokenMismatch
-        );
-        reg.admit(&dst, Mode::Destination, None).unwrap();
-        assert_eq!(
-            refusal(reg.admit(&dst, Mode::Destination, None)),
+            refusal(reg.admit(&dst, Mode::Destination, None).await),
             Refusal::Spent(Mode::Destination)
         );
         // Rotation: old token refused with the reason, new one works.
-        let new = reg.rotate(&v.rec.id, RotateWhich::Destination).unwrap();
+        let new = reg
+            .rotate(&v.rec.id, RotateWhich::Destination)
+            .await
+            .unwrap();
+        assert!(new.source.is_none());
         assert_eq!(
-            refusal(reg.admit(&dst, Mode::Destination, None)),
+            refusal(reg.admit(&dst, Mode::Destination, None).await),
             Refusal::Rotated(Mode::Destination)
         );
         reg.admit(new.destination.as_deref().unwrap(), Mode::Destination, None)
+            .await
             .unwrap();
-        // A client token cannot be bound to two open tunnels.
-        let (_v2, t2) = reg.open(req()).unwrap();
+        reg.close(&v.rec.id, false).await.unwrap();
         assert_eq!(
-            refusal(reg.admit(t2.source.as_deref().unwrap(), Mode::Source, Some(&ct))),
-            Refusal::ClientTokenInUse
-        );
-        reg.close(&v.rec.id, false).unwrap();
-        assert_eq!(
-            refusal(reg.admit(&src, Mode::Source, Some(&ct))),
+            refusal(reg.admit(&src, Mode::Source, Some(&ct)).await),
             Refusal::Closed(v.rec.id.clone())
         );
-        std::fs::remove_dir_all(dir).unwrap();
+        assert!(matches!(
+            reg.rotate(&v.rec.id, RotateWhich::All).await,
+            Err(ApiError::Conflict(_))
+        ));
+        reg.close(&v.rec.id, true).await.unwrap();
+        assert!(matches!(
+            reg.describe(&v.rec.id).await,
+            Err(ApiError::NotFound(_))
+        ));
     }
 
-    #[test]
-    fn state_survives_reload() {
-        let (reg, dir) = registry();
-        let (v, t) = reg.open(req()).unwrap();
+    #[tokio::test]
+    async fn state_survives_a_restart_on_the_embedded_store() {
+        let dir = std::env::temp_dir().join(format!(
+            "culvert-reg-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let open = || Arc::new(crate::store::RedbStore::open(&dir.join("t.redb")).unwrap());
+        let reg = Registry::new(open(), Limits::default()).await.unwrap();
+        let (v, t) = reg.open(req()).await.unwrap();
         let src = t.source.unwrap();
         let ct = culvert_protocol::new_client_token();
-        reg.admit(&src, Mode::Source, Some(&ct)).unwrap();
+        reg.admit(&src, Mode::Source, Some(&ct)).await.unwrap();
         drop(reg);
-        let store = Arc::new(Store::open(&dir.join("t.redb")).unwrap());
-        let reg = Registry::load(store, Limits::default()).unwrap();
-        assert_eq!(reg.describe(&v.rec.id).unwrap().rec.status, Status::Open);
-        reg.admit(&src, Mode::Source, Some(&ct)).unwrap();
+        let reg = Registry::new(open(), Limits::default()).await.unwrap();
+        assert_eq!(reg.counts(), (1, 0));
+        let d = reg.describe(&v.rec.id).await.unwrap();
+        assert_eq!(d.rec.status, Status::Open);
+        assert!(!d.source_connected);
+        reg.admit(&src, Mode::Source, Some(&ct)).await.unwrap();
         assert_eq!(
-            refusal(reg.admit(&src, Mode::Source, None)),
+            refusal(reg.admit(&src, Mode::Source, None).await),
             Refusal::NeedsClientToken
         );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    #[test]
-    fn a_revoked_admission_cannot_attach_and_a_failed_upgrade_releases_the_token() {
-        let (reg, dir) = registry();
-        let (v, t) = reg.open(req()).unwrap();
+    #[tokio::test]
+    async fn a_revoked_admission_cannot_attach_and_a_failed_upgrade_releases_the_token() {
+        let reg = registry().await;
+        let (v, t) = reg.open(req()).await.unwrap();
         let dst = t.destination.unwrap();
-        let adm = reg.admit(&dst, Mode::Destination, None).unwrap();
+        let adm = reg.admit(&dst, Mode::Destination, None).await.unwrap();
         assert!(adm.first_use);
         // The upgrade failed: the token is usable again.
         reg.release(&v.rec.id, Mode::Destination, adm.token)
+            .await
             .unwrap();
-        let adm = reg.admit(&dst, Mode::Destination, None).unwrap();
+        let adm = reg.admit(&dst, Mode::Destination, None).await.unwrap();
         // A rotation lands between admission and attach: the attach is refused.
-        reg.rotate(&v.rec.id, RotateWhich::Destination).unwrap();
-        let (tx, _rx) = mpsc::channel(1);
-        let new = NewPeer {
-            tx,
-            kick: Kick::default(),
-            extensions: culvert_protocol::ext::Extensions::NONE,
-        };
+        reg.rotate(&v.rec.id, RotateWhich::Destination)
+            .await
+            .unwrap();
         assert_eq!(
-            adm.live.attach(Mode::Destination, adm.generation, new),
+            adm.live.attach(Mode::Destination, adm.generation, peer()),
             None
         );
-        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_close_between_admission_and_attach_wins_even_before_the_live_half_exists() {
+        let reg = registry().await;
+        let (v, t) = reg.open(req()).await.unwrap();
+        let src = t.source.unwrap();
+        // Admitted, and the tunnel closed, before this relay made its live half: the close
+        // makes it (revoked), and the admission finds that one.
+        let adm = reg.admit(&src, Mode::Source, None).await.unwrap();
+        reg.lock().tunnels.clear();
+        reg.close(&v.rec.id, false).await.unwrap();
+        let live = reg.live_for(&reg.describe(&v.rec.id).await.unwrap().rec);
+        assert_eq!(live.attach(Mode::Source, adm.generation, peer()), None);
+    }
+
+    #[tokio::test]
+    async fn a_rotation_after_attach_disconnects_the_peer() {
+        let reg = registry().await;
+        let (v, t) = reg.open(req()).await.unwrap();
+        let adm = reg
+            .admit(t.source.as_deref().unwrap(), Mode::Source, None)
+            .await
+            .unwrap();
+        let p = peer();
+        let kick = p.kick.clone();
+        adm.live.attach(Mode::Source, adm.generation, p).unwrap();
+        assert_eq!(reg.counts(), (1, 1));
+        reg.rotate(&v.rec.id, RotateWhich::Source).await.unwrap();
+        assert!(matches!(kick.kicked().await, KickReason::Revoked(_)));
     }
 
     #[tokio::test(start_paused = true)]
     async fn unclaimed_destinations_are_the_open_never_used_ones_the_device_missed() {
         let minute = Duration::from_secs(60);
-        let (reg, dir) = registry();
-        let (a, ta) = reg.open(req()).unwrap();
-        let (b, _tb) = reg.open(req()).unwrap();
-        let (c, _tc) = reg.open(req()).unwrap();
+        let reg = registry().await;
+        let (a, ta) = reg.open(req()).await.unwrap();
+        let (b, _tb) = reg.open(req()).await.unwrap();
+        let (c, _tc) = reg.open(req()).await.unwrap();
         reg.admit(ta.destination.as_deref().unwrap(), Mode::Destination, None)
+            .await
             .unwrap();
-        reg.close(&c.rec.id, false).unwrap();
+        reg.close(&c.rec.id, false).await.unwrap();
         let mut other = req();
         other.thing_name = "another-thing".into();
-        reg.open(other).unwrap();
+        reg.open(other).await.unwrap();
         reg.mark_notified(&b.rec.id);
         tokio::time::advance(Duration::from_millis(50)).await;
-        let subscribed = tokio::time::Instant::now();
+        let subscribed = Instant::now();
+        let unclaimed = |at| reg.unclaimed_destinations("cell-7", at, minute);
         assert_eq!(
-            reg.unclaimed_destinations("cell-7", subscribed, minute),
+            unclaimed(subscribed).await.unwrap(),
             vec![b.rec.id.clone()],
             "notified before the device subscribed"
         );
-        assert!(
-            !reg.unclaimed_destinations("cell-7", subscribed, minute)
-                .contains(&a.rec.id)
-        );
+        assert!(!unclaimed(subscribed).await.unwrap().contains(&a.rec.id));
         // Re-announced now: not again within the interval, whatever the device does.
         reg.mark_reannounced(&b.rec.id);
         reg.mark_notified(&b.rec.id);
         tokio::time::advance(Duration::from_secs(1)).await;
-        let again = tokio::time::Instant::now();
-        assert!(
-            reg.unclaimed_destinations("cell-7", again, minute)
-                .is_empty()
-        );
-        assert!(
-            reg.unclaimed_destinations("cell-7", subscribed, minute)
-                .is_empty()
-        );
+        let again = Instant::now();
+        assert!(unclaimed(again).await.unwrap().is_empty());
+        assert!(unclaimed(subscribed).await.unwrap().is_empty());
         tokio::time::advance(minute).await;
-        let later = tokio::time::Instant::now();
+        let later = Instant::now();
         assert_eq!(
-            reg.unclaimed_destinations("cell-7", later, minute),
+            unclaimed(later).await.unwrap(),
             vec![b.rec.id.clone()],
             "once the interval is over, a new subscription may get it again"
         );
         // A tunnel opened and notified after the subscription reached the device.
-        let (d, _) = reg.open(req()).unwrap();
+        let (d, _) = reg.open(req()).await.unwrap();
         reg.mark_notified(&d.rec.id);
         tokio::time::advance(2 * minute).await;
-        assert!(
-            !reg.unclaimed_destinations("cell-7", again, minute)
-                .contains(&d.rec.id)
-        );
-        std::fs::remove_dir_all(dir).unwrap();
+        assert!(!unclaimed(again).await.unwrap().contains(&d.rec.id));
     }
 
     #[test]

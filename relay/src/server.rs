@@ -24,7 +24,7 @@ use crate::notify::Notifier;
 use crate::registry::Registry;
 use crate::slots::{Gate, Guarded, RefusalLog};
 use crate::state::{AppState, ConnectionSlots};
-use crate::store::Store;
+use crate::store::RedbStore;
 use crate::{api, dataplane, reannounce};
 
 /// Largest API request body.
@@ -79,9 +79,9 @@ impl Relay {
                 cfg.state_dir.display()
             )
         })?;
-        let store = Arc::new(Store::open(&cfg.state_dir.join("tunnels.redb"))?);
-        let registry = Arc::new(Registry::load(store.clone(), cfg.limits.clone())?);
-        let devices = Arc::new(Devices::load(store)?);
+        let store = Arc::new(RedbStore::open(&cfg.state_dir.join("tunnels.redb"))?);
+        let registry = Arc::new(Registry::new(store.clone(), cfg.limits.clone()).await?);
+        let devices = Arc::new(Devices::load(store).await?);
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
@@ -177,10 +177,7 @@ impl Relay {
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        _ = tick.tick() => {
-                            let r = registry.clone();
-                            let _ = tokio::task::spawn_blocking(move || r.sweep()).await;
-                        }
+                        _ = tick.tick() => registry.sweep().await,
                     }
                 }
             })

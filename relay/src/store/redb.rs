@@ -1,238 +1,562 @@
-//! Persistent tunnel metadata. The embedded default is a redb file in the state directory
-//! (`tunnels.redb`): one record per tunnel, written on open, close, rotation and when a token is
-//! first used, so a relay restart loses no open tunnel and no single-use token comes back to life.
-//! Connection state (who is connected right now) is not persisted: after a restart everyone is
-//! disconnected until they reconnect.
+//! The embedded store: a redb file (`tunnels.redb` in the state directory). Each operation is
+//! one redb write transaction, committed durably before it returns; reads use snapshots and
+//! never wait for a writer. The blocking work runs on tokio's blocking pool.
 //!
-//! The [`Store`] is deliberately a small interface (put / remove / load) so a PostgreSQL
-//! implementation can replace it for several relay nodes.
+//! Tables: `tunnels` (id → JSON record), `devices`, and the indexes [`super::ops`] derives from
+//! the records: `tokens` (token hash → tunnel, side, current?), `client_tokens` (bound client
+//! token → open tunnel), `open_by_expiry` and `closed_by_time`. The indexes are rebuilt from
+//! the records every time the file is opened (milliseconds for thousands of tunnels), so a file
+//! from before they existed, or one an older relay wrote to, is always consistent.
 
-use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
+use async_trait::async_trait;
+use culvert_protocol::Mode;
+use redb::{ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
+use super::ops::{self, Reads, Tables, TokenRef};
+use super::{
+    AdmitError, Admitted, ChangeError, CloseReason, Closed, DeviceRecord, Due, Handshake,
+    ListQuery, NewTokens, Store, StoreError, TunnelRecord,
+};
 use crate::tokens::TokenHash;
 
 const TUNNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("tunnels");
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
+const CLIENT_TOKENS: TableDefinition<&[u8], &str> = TableDefinition::new("client_tokens");
+const OPEN: TableDefinition<(i64, &str), ()> = TableDefinition::new("open_by_expiry");
+const CLOSED: TableDefinition<(i64, &str), ()> = TableDefinition::new("closed_by_time");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// 1: tunnels and devices only. 2: the indexes.
+const SCHEMA: u64 = 2;
 
-/// A device allowed on the embedded MQTT broker.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct DeviceRecord {
-    pub thing_name: String,
-    pub password: TokenHash,
-    pub created_ms: i64,
+pub struct RedbStore {
+    db: Arc<redb::Database>,
+    path: Arc<str>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Status {
-    Open,
-    Closed,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CloseReason {
-    /// Closed through the API.
-    Closed,
-    /// The lifetime ran out.
-    Expired,
-}
-
-/// Token state of one side (source or destination) of a tunnel.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SideRecord {
-    pub token: TokenHash,
-    /// Set on the first successful handshake that presented a client token.
-    pub client_token: Option<TokenHash>,
-    /// The token has completed a handshake (without a client token it is now spent).
-    pub used: bool,
-    /// Tokens rotated away (newest last), kept to tell their holders why they are refused.
-    pub rotated: Vec<TokenHash>,
-    /// Last time this side connected or disconnected (unix ms).
-    pub last_change_ms: i64,
-}
-
-impl SideRecord {
-    pub fn new(token: TokenHash, now_ms: i64) -> SideRecord {
-        SideRecord {
-            token,
-            client_token: None,
-            used: false,
-            rotated: Vec::new(),
-            last_change_ms: now_ms,
-        }
+fn fail(path: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError {
+        path: path.to_owned(),
+        message: e.to_string(),
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct TunnelRecord {
-    pub id: String,
-    pub thing_name: String,
-    pub services: Vec<String>,
-    pub description: Option<String>,
-    pub tags: BTreeMap<String, String>,
-    pub created_ms: i64,
-    pub lifetime_minutes: u32,
-    pub expires_ms: i64,
-    pub status: Status,
-    pub closed_ms: Option<i64>,
-    pub close_reason: Option<CloseReason>,
-    pub source: SideRecord,
-    pub destination: SideRecord,
+/// The tables of one transaction: read-only ones in a snapshot, writable ones in a write
+/// transaction.
+struct Set<A, B, C, D, E> {
+    tunnels: A,
+    tokens: B,
+    client_tokens: C,
+    open: D,
+    closed: E,
+    path: Arc<str>,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("tunnel store {path}: {message}")]
-pub struct StoreError {
-    pub path: String,
-    pub message: String,
-}
+type ReadSet = Set<
+    redb::ReadOnlyTable<&'static str, &'static [u8]>,
+    redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    redb::ReadOnlyTable<&'static [u8], &'static str>,
+    redb::ReadOnlyTable<(i64, &'static str), ()>,
+    redb::ReadOnlyTable<(i64, &'static str), ()>,
+>;
 
-pub struct Store {
-    db: redb::Database,
-    path: String,
-}
+type WriteSet<'t> = Set<
+    redb::Table<'t, &'static str, &'static [u8]>,
+    redb::Table<'t, &'static [u8], &'static [u8]>,
+    redb::Table<'t, &'static [u8], &'static str>,
+    redb::Table<'t, (i64, &'static str), ()>,
+    redb::Table<'t, (i64, &'static str), ()>,
+>;
 
-impl Store {
-    /// Open (or create) the store at `path`.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let err = |m: String| StoreError {
-            path: path.display().to_string(),
-            message: m,
-        };
-        let db = redb::Database::create(path).map_err(|e| {
-            err(format!(
-                "{e} (is another culvert-relay using this state directory?)"
-            ))
-        })?;
-        let s = Store {
-            db,
-            path: path.display().to_string(),
-        };
-        // Make sure the table exists so reads of an empty store work.
-        let tx = s.db.begin_write().map_err(|e| err(e.to_string()))?;
-        tx.open_table(TUNNELS).map_err(|e| err(e.to_string()))?;
-        tx.open_table(DEVICES).map_err(|e| err(e.to_string()))?;
-        tx.commit().map_err(|e| err(e.to_string()))?;
-        Ok(s)
-    }
-
+impl<A, B, C, D, E> Set<A, B, C, D, E> {
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError {
-            path: self.path.clone(),
-            message: e.to_string(),
+        fail(&self.path, e)
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(&self, key: &str, v: &[u8]) -> Result<T, StoreError> {
+        serde_json::from_slice(v).map_err(|e| self.err(format!("record {key:?} is corrupt: {e}")))
+    }
+}
+
+impl<A, B, C, D, E> Reads for Set<A, B, C, D, E>
+where
+    A: ReadableTable<&'static str, &'static [u8]>,
+    B: ReadableTable<&'static [u8], &'static [u8]>,
+    C: ReadableTable<&'static [u8], &'static str>,
+    D: ReadableTable<(i64, &'static str), ()>,
+    E: ReadableTable<(i64, &'static str), ()>,
+{
+    fn tunnel(&self, id: &str) -> Result<Option<TunnelRecord>, StoreError> {
+        match self.tunnels.get(id).map_err(|e| self.err(e))? {
+            Some(v) => Ok(Some(self.decode(id, v.value())?)),
+            None => Ok(None),
         }
     }
 
-    fn put_in<T: Serialize>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-        key: &str,
-        rec: &T,
-    ) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(rec).map_err(|e| self.err(e))?;
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut t = tx.open_table(table).map_err(|e| self.err(e))?;
-            t.insert(key, bytes.as_slice()).map_err(|e| self.err(e))?;
+    fn token(&self, h: &TokenHash) -> Result<Option<TokenRef>, StoreError> {
+        match self.tokens.get(&h.0[..]).map_err(|e| self.err(e))? {
+            Some(v) => Ok(Some(self.decode("token", v.value())?)),
+            None => Ok(None),
         }
-        tx.commit().map_err(|e| self.err(e))
     }
 
-    fn remove_in(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut t = tx.open_table(table).map_err(|e| self.err(e))?;
-            t.remove(key).map_err(|e| self.err(e))?;
-        }
-        tx.commit().map_err(|e| self.err(e))
+    fn client_token(&self, h: &TokenHash) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .client_tokens
+            .get(&h.0[..])
+            .map_err(|e| self.err(e))?
+            .map(|v| v.value().to_owned()))
     }
 
-    /// Every record of a table. A record that does not parse is reported, not silently dropped.
-    fn load_in<T: serde::de::DeserializeOwned>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-    ) -> Result<Vec<T>, StoreError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = tx.open_table(table).map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(|e| self.err(e))? {
+    fn each_tunnel(&self, f: &mut dyn FnMut(TunnelRecord)) -> Result<(), StoreError> {
+        for row in self.tunnels.iter().map_err(|e| self.err(e))? {
             let (k, v) = row.map_err(|e| self.err(e))?;
-            let rec: T = serde_json::from_slice(v.value())
-                .map_err(|e| self.err(format!("record {:?} is corrupt: {e}", k.value())))?;
-            out.push(rec);
+            f(self.decode(k.value(), v.value())?);
+        }
+        Ok(())
+    }
+
+    fn open_until(&self, until_ms: i64) -> Result<Vec<String>, StoreError> {
+        let rows = match until_ms.checked_add(1) {
+            Some(end) => self.open.range(..(end, "")),
+            None => self.open.range::<(i64, &str)>(..),
+        }
+        .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (k, _) = row.map_err(|e| self.err(e))?;
+            out.push(k.value().1.to_owned());
         }
         Ok(out)
     }
 
-    /// Write one tunnel record durably.
-    pub fn put(&self, rec: &TunnelRecord) -> Result<(), StoreError> {
-        self.put_in(TUNNELS, &rec.id, rec)
+    fn closed_before(&self, before_ms: i64) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for row in self
+            .closed
+            .range(..(before_ms, ""))
+            .map_err(|e| self.err(e))?
+        {
+            let (k, _) = row.map_err(|e| self.err(e))?;
+            out.push(k.value().1.to_owned());
+        }
+        Ok(out)
     }
 
-    pub fn remove(&self, id: &str) -> Result<(), StoreError> {
-        self.remove_in(TUNNELS, id)
+    fn count_open(&self) -> Result<usize, StoreError> {
+        Ok(self.open.len().map_err(|e| self.err(e))? as usize)
+    }
+}
+
+impl Tables for WriteSet<'_> {
+    fn put_tunnel(&mut self, rec: &TunnelRecord) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(rec).map_err(|e| self.err(e))?;
+        self.tunnels
+            .insert(rec.id.as_str(), bytes.as_slice())
+            .map_err(|e| fail(&self.path, e))?;
+        Ok(())
     }
 
-    pub fn load_all(&self) -> Result<Vec<TunnelRecord>, StoreError> {
-        self.load_in(TUNNELS)
+    fn remove_tunnel(&mut self, id: &str) -> Result<(), StoreError> {
+        self.tunnels.remove(id).map_err(|e| fail(&self.path, e))?;
+        Ok(())
     }
 
-    pub fn put_device(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
-        self.put_in(DEVICES, &rec.thing_name, rec)
+    fn put_token(&mut self, h: &TokenHash, r: &TokenRef) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(r).map_err(|e| self.err(e))?;
+        self.tokens
+            .insert(&h.0[..], bytes.as_slice())
+            .map_err(|e| fail(&self.path, e))?;
+        Ok(())
     }
 
-    pub fn remove_device(&self, thing: &str) -> Result<(), StoreError> {
-        self.remove_in(DEVICES, thing)
+    fn remove_token(&mut self, h: &TokenHash) -> Result<(), StoreError> {
+        self.tokens
+            .remove(&h.0[..])
+            .map_err(|e| fail(&self.path, e))?;
+        Ok(())
     }
 
-    pub fn load_devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        self.load_in(DEVICES)
+    fn put_client_token(&mut self, h: &TokenHash, tunnel: &str) -> Result<(), StoreError> {
+        self.client_tokens
+            .insert(&h.0[..], tunnel)
+            .map_err(|e| fail(&self.path, e))?;
+        Ok(())
+    }
+
+    fn remove_client_token(&mut self, h: &TokenHash) -> Result<(), StoreError> {
+        self.client_tokens
+            .remove(&h.0[..])
+            .map_err(|e| fail(&self.path, e))?;
+        Ok(())
+    }
+
+    fn put_open(&mut self, expires_ms: i64, id: &str) -> Result<(), StoreError> {
+        self.open
+            .insert((expires_ms, id), ())
+            .map_err(|e| fail(&self.path, e))?;
+        Ok(())
+    }
+
+    fn remove_open(&mut self, expires_ms: i64, id: &str) -> Result<(), StoreError> {
+        self.open
+            .remove((expires_ms, id))
+            .map_err(|e| fail(&self.path, e))?;
+        Ok(())
+    }
+
+    fn put_closed(&mut self, closed_ms: i64, id: &str) -> Result<(), StoreError> {
+        self.closed
+            .insert((closed_ms, id), ())
+            .map_err(|e| fail(&self.path, e))?;
+        Ok(())
+    }
+
+    fn remove_closed(&mut self, closed_ms: i64, id: &str) -> Result<(), StoreError> {
+        self.closed
+            .remove((closed_ms, id))
+            .map_err(|e| fail(&self.path, e))?;
+        Ok(())
+    }
+}
+
+fn read_set(tx: &ReadTransaction, path: &Arc<str>) -> Result<ReadSet, StoreError> {
+    let e = |e| fail(path, e);
+    Ok(Set {
+        tunnels: tx.open_table(TUNNELS).map_err(e)?,
+        tokens: tx.open_table(TOKENS).map_err(e)?,
+        client_tokens: tx.open_table(CLIENT_TOKENS).map_err(e)?,
+        open: tx.open_table(OPEN).map_err(e)?,
+        closed: tx.open_table(CLOSED).map_err(e)?,
+        path: path.clone(),
+    })
+}
+
+fn write_set<'t>(tx: &'t WriteTransaction, path: &Arc<str>) -> Result<WriteSet<'t>, StoreError> {
+    let e = |e| fail(path, e);
+    Ok(Set {
+        tunnels: tx.open_table(TUNNELS).map_err(e)?,
+        tokens: tx.open_table(TOKENS).map_err(e)?,
+        client_tokens: tx.open_table(CLIENT_TOKENS).map_err(e)?,
+        open: tx.open_table(OPEN).map_err(e)?,
+        closed: tx.open_table(CLOSED).map_err(e)?,
+        path: path.clone(),
+    })
+}
+
+impl RedbStore {
+    /// Open (or create) the store at `path`, and rebuild its indexes.
+    pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        let p: Arc<str> = path.display().to_string().into();
+        let db = redb::Database::create(path).map_err(|e| {
+            fail(
+                &p,
+                format!("{e} (is another culvert-relay using this state directory?)"),
+            )
+        })?;
+        let tx = db.begin_write().map_err(|e| fail(&p, e))?;
+        {
+            tx.open_table(DEVICES).map_err(|e| fail(&p, e))?;
+            let mut meta = tx.open_table(META).map_err(|e| fail(&p, e))?;
+            let schema = meta
+                .get("schema")
+                .map_err(|e| fail(&p, e))?
+                .map(|v| v.value())
+                .unwrap_or(1);
+            if schema > SCHEMA {
+                return Err(fail(
+                    &p,
+                    format!(
+                        "written by a newer culvert-relay (schema {schema}, this one knows {SCHEMA}); upgrade this relay"
+                    ),
+                ));
+            }
+            tx.delete_table(TOKENS).map_err(|e| fail(&p, e))?;
+            tx.delete_table(CLIENT_TOKENS).map_err(|e| fail(&p, e))?;
+            for index in [OPEN, CLOSED] {
+                tx.delete_table(index).map_err(|e| fail(&p, e))?;
+            }
+            let mut set = write_set(&tx, &p)?;
+            let mut all = Vec::new();
+            set.each_tunnel(&mut |r| all.push(r))?;
+            for rec in &all {
+                ops::write(&mut set, None, Some(rec))?;
+            }
+            meta.insert("schema", SCHEMA).map_err(|e| fail(&p, e))?;
+        }
+        tx.commit().map_err(|e| fail(&p, e))?;
+        Ok(RedbStore {
+            db: Arc::new(db),
+            path: p,
+        })
+    }
+
+    /// Run `f` on a snapshot, on the blocking pool.
+    async fn read<T, E>(
+        &self,
+        f: impl FnOnce(&ReadSet) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let (db, path) = (self.db.clone(), self.path.clone());
+        self.blocking(move || {
+            let tx = db.begin_read().map_err(|e| fail(&path, e))?;
+            f(&read_set(&tx, &path)?)
+        })
+        .await
+    }
+
+    /// Run `f` in a write transaction, on the blocking pool; commit (durably) if it succeeds.
+    async fn write<T, E>(
+        &self,
+        f: impl FnOnce(&mut WriteSet<'_>) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let (db, path) = (self.db.clone(), self.path.clone());
+        self.blocking(move || {
+            let tx = db.begin_write().map_err(|e| fail(&path, e))?;
+            let out = {
+                let mut set = write_set(&tx, &path)?;
+                f(&mut set)
+            };
+            match out {
+                Ok(v) => {
+                    tx.commit().map_err(|e| fail(&path, e))?;
+                    Ok(v)
+                }
+                Err(e) => {
+                    let _ = tx.abort();
+                    Err(e)
+                }
+            }
+        })
+        .await
+    }
+
+    async fn blocking<T, E>(
+        &self,
+        f: impl FnOnce() -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        match tokio::task::spawn_blocking(f).await {
+            Ok(r) => r,
+            Err(e) => Err(fail(&self.path, format!("store task failed: {e}")).into()),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for RedbStore {
+    async fn create(&self, rec: &TunnelRecord) -> Result<(), StoreError> {
+        let rec = rec.clone();
+        self.write(move |t| ops::create(t, &rec)).await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<TunnelRecord>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |t| t.tunnel(&id)).await
+    }
+
+    async fn list(&self, q: &ListQuery) -> Result<(Vec<TunnelRecord>, bool), StoreError> {
+        let q = q.clone();
+        self.read(move |t| ops::list(t, &q)).await
+    }
+
+    async fn admit(&self, h: &Handshake) -> Result<Admitted, AdmitError> {
+        let h = h.clone();
+        self.write(move |t| ops::admit(t, &h)).await
+    }
+
+    async fn release(&self, id: &str, mode: Mode, token: TokenHash) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.write(move |t| ops::release(t, &id, mode, token)).await
+    }
+
+    async fn rotate(&self, id: &str, new: &NewTokens) -> Result<TunnelRecord, ChangeError> {
+        let (id, new) = (id.to_owned(), new.clone());
+        self.write(move |t| ops::rotate(t, &id, &new)).await
+    }
+
+    async fn close(
+        &self,
+        id: &str,
+        reason: CloseReason,
+        now_ms: i64,
+    ) -> Result<Closed, ChangeError> {
+        let id = id.to_owned();
+        self.write(move |t| ops::close(t, &id, reason, now_ms))
+            .await
+    }
+
+    async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.write(move |t| ops::delete(t, &id)).await
+    }
+
+    async fn due(&self, now_ms: i64, purge_before_ms: i64) -> Result<Due, StoreError> {
+        self.read(move |t| ops::due(t, now_ms, purge_before_ms))
+            .await
+    }
+
+    async fn unclaimed(&self, thing: &str, now_ms: i64) -> Result<Vec<String>, StoreError> {
+        let thing = thing.to_owned();
+        self.read(move |t| ops::unclaimed(t, &thing, now_ms)).await
+    }
+
+    async fn count_open(&self) -> Result<usize, StoreError> {
+        self.read(|t| t.count_open()).await
+    }
+
+    async fn put_device(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
+        let (db, path) = (self.db.clone(), self.path.clone());
+        let bytes = serde_json::to_vec(rec).map_err(|e| fail(&path, e))?;
+        let thing = rec.thing_name.clone();
+        self.blocking(move || {
+            let tx = db.begin_write().map_err(|e| fail(&path, e))?;
+            tx.open_table(DEVICES)
+                .map_err(|e| fail(&path, e))?
+                .insert(thing.as_str(), bytes.as_slice())
+                .map_err(|e| fail(&path, e))?;
+            tx.commit().map_err(|e| fail(&path, e))
+        })
+        .await
+    }
+
+    async fn remove_device(&self, thing: &str) -> Result<(), StoreError> {
+        let (db, path) = (self.db.clone(), self.path.clone());
+        let thing = thing.to_owned();
+        self.blocking(move || {
+            let tx = db.begin_write().map_err(|e| fail(&path, e))?;
+            tx.open_table(DEVICES)
+                .map_err(|e| fail(&path, e))?
+                .remove(thing.as_str())
+                .map_err(|e| fail(&path, e))?;
+            tx.commit().map_err(|e| fail(&path, e))
+        })
+        .await
+    }
+
+    async fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        let (db, path) = (self.db.clone(), self.path.clone());
+        self.blocking(move || {
+            let tx = db.begin_read().map_err(|e| fail(&path, e))?;
+            let t = tx.open_table(DEVICES).map_err(|e| fail(&path, e))?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(|e| fail(&path, e))? {
+                let (k, v) = row.map_err(|e| fail(&path, e))?;
+                out.push(
+                    serde_json::from_slice(v.value()).map_err(|e| {
+                        fail(&path, format!("device {:?} is corrupt: {e}", k.value()))
+                    })?,
+                );
+            }
+            Ok(out)
+        })
+        .await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{SideRecord, Status};
 
-    #[test]
-    fn records_survive_reopen() {
-        let dir = std::env::temp_dir().join(format!("culvert-store-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("t.redb");
-        let rec = TunnelRecord {
-            id: "t1".into(),
+    fn dir() -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "culvert-store-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn rec(id: &str, token: &str) -> TunnelRecord {
+        TunnelRecord {
+            id: id.into(),
             thing_name: "cell-7".into(),
             services: vec!["SSH".into()],
             description: None,
             tags: Default::default(),
             created_ms: 1,
             lifetime_minutes: 720,
-            expires_ms: 2,
+            expires_ms: i64::MAX / 2,
             status: Status::Open,
             closed_ms: None,
             close_reason: None,
-            source: SideRecord::new(TokenHash::of("a"), 1),
-            destination: SideRecord::new(TokenHash::of("b"), 1),
-        };
-        {
-            let s = Store::open(&path).unwrap();
-            s.put(&rec).unwrap();
-            s.put(&TunnelRecord {
-                id: "t2".into(),
-                ..rec.clone()
-            })
-            .unwrap();
-            s.remove("t2").unwrap();
+            source: SideRecord::new(TokenHash::of(&format!("{token}-src")), 1),
+            destination: SideRecord::new(TokenHash::of(&format!("{token}-dst")), 1),
         }
-        let s = Store::open(&path).unwrap();
-        let all = s.load_all().unwrap();
-        assert_eq!(all.len(), 1);
-        assert_eq!(all[0].destination.token, TokenHash::of("b"));
-        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn records_and_indexes_survive_reopen() {
+        let d = dir();
+        let path = d.join("t.redb");
+        {
+            let s = RedbStore::open(&path).unwrap();
+            s.create(&rec("t1", "a")).await.unwrap();
+            s.create(&rec("t2", "b")).await.unwrap();
+            s.delete("t2").await.unwrap();
+        }
+        let s = RedbStore::open(&path).unwrap();
+        assert!(s.get("t1").await.unwrap().is_some());
+        assert!(s.get("t2").await.unwrap().is_none());
+        let h = Handshake {
+            token: TokenHash::of("a-dst"),
+            mode: Mode::Destination,
+            client_token: None,
+            now_ms: 2,
+        };
+        assert!(s.admit(&h).await.unwrap().first_use);
+        assert_eq!(s.count_open().await.unwrap(), 1);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    /// A state directory from before the indexes (schema 1: records only, no `generation`
+    /// field) keeps its tunnels and tokens.
+    #[tokio::test]
+    async fn a_file_from_before_the_indexes_gets_them_built() {
+        let d = dir();
+        let path = d.join("t.redb");
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut t = tx.open_table(TUNNELS).unwrap();
+                let mut v = serde_json::to_value(rec("old", "o")).unwrap();
+                v["source"].as_object_mut().unwrap().remove("generation");
+                v["destination"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("generation");
+                t.insert("old", serde_json::to_vec(&v).unwrap().as_slice())
+                    .unwrap();
+                tx.open_table(DEVICES).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let s = RedbStore::open(&path).unwrap();
+        let h = Handshake {
+            token: TokenHash::of("o-src"),
+            mode: Mode::Source,
+            client_token: None,
+            now_ms: 2,
+        };
+        let a = s.admit(&h).await.unwrap();
+        assert_eq!(a.rec.id, "old");
+        assert_eq!(s.count_open().await.unwrap(), 1);
+        std::fs::remove_dir_all(d).unwrap();
     }
 }
