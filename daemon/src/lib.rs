@@ -14,6 +14,8 @@
 //!   connect (tcp rules and http upstreams alike).
 //! - `http` (feature `http`): HTTP routing by Host and path to device web UIs, pingora embedded.
 //! - [`notify`]: MQTT notifications: each one starts a destination session for its token.
+//! - [`service`]: [`run`]: serve, stop (drain, then cut after the grace period) and reload
+//!   on [`Signal`]s, under one shutdown; `main` only prepares and calls it.
 //! - [`metrics`]: counters and gauges for the Prometheus endpoint and systemd's STATUS line
 //!   (readiness, watchdog and the endpoint itself are in `culvert-appliance`).
 
@@ -28,7 +30,10 @@ pub mod limits;
 pub mod metrics;
 pub mod notify;
 pub mod rules;
+pub mod service;
 pub mod target;
+
+pub use service::{Daemon, Signal, Work, run};
 
 /// Exit code for a configuration error (EX_USAGE / EX_CONFIG convention: 64).
 pub const EXIT_CONFIG: u8 = 64;

@@ -1,5 +1,7 @@
-//! `culvertd`: parse arguments, load the rules, serve tunnels until SIGTERM / SIGINT; SIGHUP
-//! re-reads the rules (a broken file is refused and the rules in force stay).
+//! `culvertd`: parse the arguments, load and check the rules, bind the metrics port, open the
+//! audit trail, drop privileges, and hand over to [`culvertd::run`] with the Unix signals as
+//! [`culvertd::Signal`]s: SIGTERM / SIGINT stop (drain, then cut), SIGHUP re-reads the rules (a
+//! broken file is refused and the rules in force stay).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,12 +9,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use culvert_appliance::systemd;
 use culvert_protocol::client::Endpoint;
-use culvertd::gateway::{Shutdown, TunnelArgs, TunnelError, run_tunnel};
-use culvertd::metrics::Metrics;
+use culvertd::gateway::{TunnelArgs, TunnelError};
 use culvertd::rules::Gateway;
-use culvertd::{EXIT_CONFIG, EXIT_REFUSED, config, notify};
+use culvertd::{Daemon, EXIT_CONFIG, EXIT_REFUSED, Signal, Work, config, notify};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 /// culvert's gateway daemon: carries tunnel connections to LAN targets by rules.
 #[derive(Parser)]
@@ -166,7 +167,6 @@ fn main() -> ExitCode {
         );
     }
     let gw = Gateway::new(cfg);
-    let shutdown = Shutdown::default();
     // Install the handlers before anything runs: until then SIGHUP would end the process.
     let handlers = rt.block_on(async {
         Ok::<_, std::io::Error>((
@@ -211,58 +211,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    // SIGTERM / SIGINT: stop taking connections, let the open ones finish within the grace
-    // period, then cut them; a second signal cuts them at once.
-    let (gw_stop, stop) = (gw.clone(), shutdown.clone());
-    let grace = settings.shutdown_grace;
+    let (signals, signalled) = tokio::sync::mpsc::channel(8);
     rt.spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
-        }
-        let open = gw_stop.metrics.connections.get();
-        info!(open, ?grace, "shutting down: draining open connections");
-        systemd::stopping(&format!("draining {open} connection(s), at most {grace:?}"));
-        let _ = gw_stop.http_shutdown.send(true);
-        stop.drain.cancel();
-        tokio::select! {
-            _ = tokio::time::sleep(grace) => {
-                let left = gw_stop.metrics.connections.get();
-                if left > 0 {
-                    warn!(left, "grace period over: closing the remaining connections");
-                }
-            }
-            _ = term.recv() => warn!("second signal: closing the remaining connections"),
-            _ = int.recv() => warn!("second signal: closing the remaining connections"),
-        }
-        stop.hard.cancel();
-    });
-    let (gw_hup, path) = (gw.clone(), args.config.clone());
-    rt.spawn(async move {
-        while hup.recv().await.is_some() {
-            info!(file = %path.display(), "SIGHUP: reloading the configuration");
-            let result = match config::load(&path) {
-                Ok(c) => {
-                    gw_hup.reload(c);
-                    "applied"
-                }
-                Err(e) => {
-                    error!(
-                        "configuration not reloaded, the rules in force stay: {} problem(s):\n{e}",
-                        e.problems.len()
-                    );
-                    "refused"
-                }
+        loop {
+            let s = tokio::select! {
+                _ = term.recv() => Signal::Stop,
+                _ = int.recv() => Signal::Stop,
+                _ = hup.recv() => Signal::Reload,
             };
-            gw_hup
-                .metrics
-                .reloads
-                .get_or_create(&Metrics::label("result", result))
-                .inc();
-            systemd::status(&format!(
-                "configuration reload {result}; {}",
-                gw_hup.metrics.status()
-            ));
+            if signals.send(s).await.is_err() {
+                break;
+            }
         }
     });
     {
@@ -271,29 +230,27 @@ fn main() -> ExitCode {
         systemd::spawn_watchdog(move || gw_status.metrics.status());
     }
     systemd::ready(&gw.metrics.status());
-    let r = match token {
-        // One tunnel, its token given by hand.
-        Some(token) => {
-            let tunnel = TunnelArgs {
-                endpoint,
-                tls: relay_tls,
-                access_token: token,
-                client_token: args.client_token.map(Into::into),
-                tunnel_id: args.tunnel_id,
-            };
-            rt.block_on(run_tunnel(tunnel, gw, shutdown))
-        }
-        // Tunnels announced over MQTT.
-        None => rt
-            .block_on(notify::run(
-                gw,
-                endpoint,
-                relay_tls,
-                mqtt_tls.expect("built above for MQTT mode"),
-                shutdown,
-            ))
-            .map_err(TunnelError::Fatal),
+    let work = match token {
+        Some(token) => Work::Tunnel(TunnelArgs {
+            endpoint,
+            tls: relay_tls,
+            access_token: token,
+            client_token: args.client_token.map(Into::into),
+            tunnel_id: args.tunnel_id,
+        }),
+        None => Work::Notifications {
+            relay: endpoint,
+            relay_tls,
+            mqtt_tls: mqtt_tls.expect("built above for MQTT mode"),
+        },
     };
+    let daemon = Daemon {
+        gateway: gw,
+        work,
+        config_path: args.config,
+        grace: settings.shutdown_grace,
+    };
+    let r = rt.block_on(culvertd::run(daemon, signalled));
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match r {
         Ok(()) => ExitCode::SUCCESS,
