@@ -152,7 +152,7 @@ pub struct MqttConfig {
     pub thing_name: String,
     pub client_id: String,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<culvert_protocol::Secret>,
     /// PEM certificate chain and key for TLS client authentication.
     pub client_cert: Option<(PathBuf, PathBuf)>,
     pub ca: Option<PathBuf>,
@@ -164,7 +164,7 @@ impl std::fmt::Debug for MqttConfig {
         f.debug_struct("MqttConfig")
             .field("broker", &self.broker)
             .field("thing_name", &self.thing_name)
-            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("password", &self.password)
             .field("topic", &self.topic)
             .finish_non_exhaustive()
     }
@@ -867,11 +867,11 @@ impl Validator<'_> {
                 );
                 None
             }
-            (Some(p), None) => Some(p.clone()),
+            (Some(p), None) => Some(p.as_str().into()),
             (None, Some(f)) => {
                 let path = self.path("mqtt.password_file", f);
                 match std::fs::read_to_string(&path) {
-                    Ok(p) => Some(p.trim().to_owned()),
+                    Ok(p) => Some(p.trim().into()),
                     Err(e) if path.is_file() => {
                         self.push(
                             f.span(),

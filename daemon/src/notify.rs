@@ -144,7 +144,8 @@ pub async fn run(
             rumqttc::TlsConfiguration::Rustls(tls),
         ));
     if let Some(u) = &m.username {
-        opts.set_credentials(u.clone(), m.password.clone().unwrap_or_default());
+        let password = m.password.as_ref().map(|p| p.expose().to_owned());
+        opts.set_credentials(u.clone(), password.unwrap_or_default());
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 16);
     let tunnels = TaskTracker::new();
