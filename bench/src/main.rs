@@ -19,7 +19,10 @@
 //! Options: `--bytes N` (per throughput round, default 1 GiB), `--rounds N` (default 3, the
 //! median is reported), `--pings N` (default 20000), `--only` (culvert and direct only),
 //! `--no-flow-control` (culvert without its extension, as over AWS's relay),
-//! `--max-idle-tunnels N` (default 9000; 0 skips the relay's idle-tunnel memory).
+//! `--max-idle-tunnels N` (default 9000; 0 skips the relay's idle-tunnel memory),
+//! `--baseline DIR` (also measure the `culvert`, `culvert-relay` and `culvertd` binaries in DIR,
+//! say an earlier commit's `target/release`, as route "culvert (baseline)", and report this
+//! build's ratios to it).
 //! Every loop is bounded by a count; nothing runs open-ended.
 //!
 //! `--open-latency [--tunnels N]` measures instead, with the embedded MQTT broker, the time from
@@ -31,16 +34,10 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use culvert_devkit::KillOnDrop as Kill;
 
 /// Report and stop. Unwinds (rather than `exit`) so the `Kill` guards stop the children.
 fn die(msg: impl std::fmt::Display) -> ! {
@@ -161,32 +158,18 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn build() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let ok = Command::new(cargo)
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--bins",
-            "-p",
-            "culvert-relay",
-            "-p",
-            "culvertd",
-            "-p",
-            "culvert-cli",
-        ])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        die("building the release binaries failed");
+/// The value after `name`, if given.
+fn arg_str(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a == name)?;
+    match args.get(i + 1) {
+        Some(v) => Some(v.clone()),
+        None => die(format!("{name} needs a value")),
     }
-    root.join("target/release")
+}
+
+fn build() -> PathBuf {
+    culvert_devkit::build_binaries(&[]).unwrap_or_else(|e| die(e))
 }
 
 /// One way from a client to the sink and echo servers, and the processes that carry it.
@@ -196,7 +179,7 @@ struct Route {
     echo: u16,
     pids: Vec<u32>,
     _procs: Vec<Kill>,
-    _sshd: Option<culvert_e2e::Sshd>,
+    _sshd: Option<culvert_devkit::Sshd>,
 }
 
 /// What was measured on one route.
@@ -215,9 +198,9 @@ struct Figures {
     cpu_s_per_gb: f64,
 }
 
-/// culvertd's RSS on culvert's route (its pids are proxy, relay, gateway); 0 elsewhere.
+/// culvertd's RSS on culvert's routes (its pids are proxy, relay, gateway); 0 elsewhere.
 fn gateway_rss(r: &Route) -> u64 {
-    if r.name == "culvert" {
+    if r.name.starts_with("culvert") {
         rss_kb(&r.pids[2..3])
     } else {
         0
@@ -385,7 +368,22 @@ fn main() {
         _sshd: None,
     }];
     let mut missing: Vec<String> = Vec::new();
-    routes.push(culvert_route(&bins, &dir, sink, echo));
+    routes.push(culvert_route(&bins, &dir, sink, echo, "culvert"));
+    if let Some(base) = arg_str("--baseline") {
+        let base = PathBuf::from(base);
+        for b in ["culvert", "culvert-relay", "culvertd"] {
+            if !base.join(b).is_file() {
+                die(format!("--baseline {}: no {b} there", base.display()));
+            }
+        }
+        routes.push(culvert_route(
+            &base,
+            &dir.join("baseline"),
+            sink,
+            echo,
+            "culvert (baseline)",
+        ));
+    }
     if !only_culvert {
         for r in [
             rathole_route(&dir, sink, echo, true),
@@ -517,6 +515,20 @@ fn main() {
             .map(|(_, other)| f(c) / f(other))
     };
     println!("culvert ratios (same run):");
+    if let Some(cpu) = ratio("culvert (baseline)", &|f| f.cpu_s_per_gb) {
+        let (t1, t8) = (
+            ratio("culvert (baseline)", &|f| f.tp1).unwrap_or_default(),
+            ratio("culvert (baseline)", &|f| f.tp8).unwrap_or_default(),
+        );
+        let (l, l99, lb) = (
+            ratio("culvert (baseline)", &|f| f.p50).unwrap_or_default(),
+            ratio("culvert (baseline)", &|f| f.p99).unwrap_or_default(),
+            ratio("culvert (baseline)", &|f| f.bulk_p50).unwrap_or_default(),
+        );
+        println!(
+            "  this build vs the baseline: 1-stream {t1:.2}×   8-stream {t8:.2}×   p50 {l:.2}×   p99 {l99:.2}×   p50 under bulk {lb:.2}×   CPU per GB {cpu:.2}×"
+        );
+    }
     for name in [
         "direct",
         "rathole (ws+tls)",
@@ -561,7 +573,14 @@ fn main() {
 }
 
 /// culvert's full path: relay, culvertd and culvert connect, one tunnel with SINK and ECHO.
-fn culvert_route(bins: &Path, dir: &Path, sink: SocketAddr, echo: SocketAddr) -> Route {
+fn culvert_route(
+    bins: &Path,
+    dir: &Path,
+    sink: SocketAddr,
+    echo: SocketAddr,
+    name: &'static str,
+) -> Route {
+    std::fs::create_dir_all(dir).unwrap();
     let (relay, env) = start_relay(bins, dir);
     let t = open_tunnel(bins, &env, "bench", "SINK,ECHO");
     let rules = dir.join("rules.toml");
@@ -619,7 +638,7 @@ fn culvert_route(bins: &Path, dir: &Path, sink: SocketAddr, echo: SocketAddr) ->
         }
     }
     Route {
-        name: "culvert",
+        name,
         sink: ports["SINK"],
         echo: ports["ECHO"],
         pids: vec![px.0.id(), relay.0.id(), gw.0.id()],
@@ -706,9 +725,9 @@ fn rathole_route(
     std::fs::create_dir_all(&d).unwrap();
     self_signed(&d)?;
     let (control, sink_port, echo_port) = (
-        culvert_e2e::free_port(),
-        culvert_e2e::free_port(),
-        culvert_e2e::free_port(),
+        culvert_devkit::free_port(),
+        culvert_devkit::free_port(),
+        culvert_devkit::free_port(),
     );
     let (server_transport, client_transport) = if ws {
         (
@@ -792,10 +811,10 @@ fn stunnel_route(dir: &Path, sink: SocketAddr, echo: SocketAddr) -> Result<Route
     std::fs::create_dir_all(&d).unwrap();
     self_signed(&d)?;
     let (tls_sink, tls_echo, sink_port, echo_port) = (
-        culvert_e2e::free_port(),
-        culvert_e2e::free_port(),
-        culvert_e2e::free_port(),
-        culvert_e2e::free_port(),
+        culvert_devkit::free_port(),
+        culvert_devkit::free_port(),
+        culvert_devkit::free_port(),
+        culvert_devkit::free_port(),
     );
     let common = "foreground = yes\npid =\nsyslog = no\ndebug = 3\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n";
     std::fs::write(
@@ -833,8 +852,8 @@ fn ssh_route(dir: &Path, sink: SocketAddr, echo: SocketAddr) -> Result<Route, St
     };
     let d = dir.join("ssh");
     std::fs::create_dir_all(&d).unwrap();
-    let sshd = culvert_e2e::Sshd::start(&d);
-    let (sink_port, echo_port) = (culvert_e2e::free_port(), culvert_e2e::free_port());
+    let sshd = culvert_devkit::Sshd::start(&d);
+    let (sink_port, echo_port) = (culvert_devkit::free_port(), culvert_devkit::free_port());
     let client = spawn(
         "ssh",
         Command::new(ssh)
@@ -842,7 +861,7 @@ fn ssh_route(dir: &Path, sink: SocketAddr, echo: SocketAddr) -> Result<Route, St
             .args(["-N", "-p", &sshd.port.to_string()])
             .args(["-L", &format!("127.0.0.1:{sink_port}:{sink}")])
             .args(["-L", &format!("127.0.0.1:{echo_port}:{echo}")])
-            .arg(format!("{}@127.0.0.1", culvert_e2e::Sshd::user())),
+            .arg(format!("{}@127.0.0.1", culvert_devkit::Sshd::user())),
         &d.join("ssh.log"),
     );
     // sshd forks a process per session: it is counted as a descendant of the listener.

@@ -11,54 +11,16 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use culvert_devkit::KillOnDrop as Kill;
 
 /// Report and stop. Unwinds (rather than `exit`) so the `Kill` guards stop the children.
 fn die(msg: impl std::fmt::Display) -> ! {
     eprintln!("culvert-demo: {msg}");
     std::panic::resume_unwind(Box::new(()))
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("demo/ lives in the workspace")
-        .to_owned()
-}
-
-fn build(root: &Path, release: bool) -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(root).args([
-        "build",
-        "--bins",
-        "-p",
-        "culvert-relay",
-        "-p",
-        "culvertd",
-        "-p",
-        "culvert-cli",
-    ]);
-    if release {
-        cmd.arg("--release");
-    }
-    if !cmd.status().map(|s| s.success()).unwrap_or(false) {
-        die("building the culvert binaries failed (see above)");
-    }
-    let exe = std::env::current_exe().unwrap_or_else(|e| die(e));
-    exe.parent()
-        .unwrap_or_else(|| die("no target dir"))
-        .to_owned()
 }
 
 /// The demo "robot cell": a web page and an echo service on the ports the demo rules name.
@@ -139,11 +101,8 @@ fn echo(port: u16, msg: &[u8]) -> bool {
 
 fn main() -> ExitCode {
     let once = std::env::args().any(|a| a == "--once");
-    let root = workspace_root();
-    let release = std::env::current_exe()
-        .map(|e| e.components().any(|c| c.as_os_str() == "release"))
-        .unwrap_or(false);
-    let bins = build(&root, release);
+    let root = culvert_devkit::workspace();
+    let bins = culvert_devkit::build_binaries(&[]).unwrap_or_else(|e| die(e));
     let state = std::env::var_os("CULVERT_DEMO_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join(".culvert-dev"));

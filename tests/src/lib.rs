@@ -1,6 +1,7 @@
 //! Test harness for culvert's end-to-end tests: starts the real programs (`culvert-relay`,
 //! `culvertd`, `culvert`) as separate processes on loopback, with ports chosen by the OS, plus
-//! real OpenSSH and simple in-process TCP targets.
+//! real OpenSSH, mosquitto and simple in-process TCP targets. What the demo and the benchmark
+//! also need (building the binaries, processes, sshd) is in `culvert-devkit`, re-exported here.
 //!
 //! Every wait is bounded and fails with a message saying what did not happen; nothing asserts
 //! on elapsed time. A missing tool (sshd, ssh, scp, ssh-keygen) fails the test with the Debian
@@ -10,51 +11,20 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use culvert_devkit::{
+    KillOnDrop, Proc, Sshd, WAIT, free_port, require_tool, scratch, wait_for, workspace,
+};
 pub use serde_json::Value;
-
-/// How long any one wait may take before the test fails.
-pub const WAIT: Duration = Duration::from_secs(30);
 
 /// The directory holding the built binaries (building them once per test process).
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current_exe");
-        // target/<profile>/deps/<test binary>
-        let dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary lives in target/<profile>/deps")
-            .to_owned();
-        let release = dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--bins",
-            "-p",
-            "culvert-relay",
-            "-p",
-            "culvertd",
-            "-p",
-            "culvert-cli",
-            "-p",
-            "culvert-demo",
-        ]);
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo build for the binaries");
-        assert!(
-            status.success(),
-            "cargo build of the culvert binaries failed"
-        );
-        dir
+        culvert_devkit::build_binaries(&["culvert-demo"]).unwrap_or_else(|e| panic!("{e}"))
     })
 }
 
@@ -64,26 +34,6 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// Fail with an install hint when a system tool is missing.
-pub fn require_tool(path_or_name: &str, package: &str) -> PathBuf {
-    let candidates: Vec<PathBuf> = if path_or_name.contains('/') {
-        vec![PathBuf::from(path_or_name)]
-    } else {
-        std::env::var("PATH")
-            .unwrap_or_default()
-            .split(':')
-            .chain(["/usr/sbin", "/sbin"])
-            .map(|d| Path::new(d).join(path_or_name))
-            .collect()
-    };
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("{path_or_name} is required for this test: install it with `apt-get install {package}`")
-        })
-}
-
 /// A command running `program` with its open-file limit (soft and hard) set to `open_files`.
 pub fn prlimit(open_files: u32, program: &Path) -> Command {
     let mut c = Command::new(require_tool("prlimit", "util-linux"));
@@ -91,123 +41,6 @@ pub fn prlimit(open_files: u32, program: &Path) -> Command {
         .arg("--")
         .arg(program);
     c
-}
-
-/// A fresh scratch directory for one test.
-pub fn scratch(name: &str) -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "culvert-e2e-{}-{}-{}",
-        name,
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Poll `f` until it returns `Some`, or fail after [`WAIT`] saying `what` did not happen.
-pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A child process killed when dropped, with its stderr kept in a log file for diagnostics.
-pub struct Proc {
-    pub name: String,
-    pub child: Child,
-    pub log: PathBuf,
-}
-
-impl Proc {
-    pub fn spawn(name: &str, cmd: &mut Command, dir: &Path) -> Proc {
-        Proc::start(name, cmd, dir, false)
-    }
-
-    /// Like [`Proc::spawn`], with stdout going to the same log (for programs that log there,
-    /// such as the AWS localproxy).
-    pub fn spawn_logging_stdout(name: &str, cmd: &mut Command, dir: &Path) -> Proc {
-        Proc::start(name, cmd, dir, true)
-    }
-
-    fn start(name: &str, cmd: &mut Command, dir: &Path, stdout_too: bool) -> Proc {
-        let log = dir.join(format!("{name}.log"));
-        let err = std::fs::File::create(&log).unwrap();
-        if stdout_too {
-            cmd.stdout(err.try_clone().unwrap());
-        }
-        let child = cmd
-            .stderr(err)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc {
-            name: name.to_owned(),
-            child,
-            log,
-        }
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Wait for the process to exit by itself; returns its exit code.
-    pub fn wait_exit(&mut self) -> i32 {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code().unwrap_or(-1);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit; log:\n{}",
-                self.name,
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    pub fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
-            .status();
-    }
-
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!(
-                "---- {} log ({}) ----\n{}",
-                self.name,
-                self.log.display(),
-                self.log_text()
-            );
-        }
-    }
 }
 
 /// A running `culvert-relay --dev`.
@@ -637,107 +470,6 @@ pub fn sha256(data: &[u8]) -> String {
 
 pub fn stderr_of(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A real OpenSSH server on 127.0.0.1 with its own host key and one authorized client key.
-pub struct Sshd {
-    pub proc: Proc,
-    pub port: u16,
-    pub client_key: PathBuf,
-    pub dir: PathBuf,
-}
-
-impl Sshd {
-    pub fn start(dir: &Path) -> Sshd {
-        let sshd = require_tool("/usr/sbin/sshd", "openssh-server");
-        let keygen = require_tool("ssh-keygen", "openssh-client");
-        let d = dir.join("sshd");
-        std::fs::create_dir_all(&d).unwrap();
-        // sshd refuses to start without its privilege-separation directory.
-        let _ = std::fs::create_dir_all("/run/sshd");
-        for (name, kind) in [("host_key", "ed25519"), ("client_key", "ed25519")] {
-            let st = Command::new(&keygen)
-                .args(["-q", "-t", kind, "-N", "", "-f"])
-                .arg(d.join(name))
-                .status()
-                .unwrap();
-            assert!(st.success(), "ssh-keygen failed");
-        }
-        std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
-        let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
-        let config = d.join("sshd_config");
-        std::fs::write(
-            &config,
-            format!(
-                "ListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {ak}\nPidFile {pid}\n\
-                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
-                 PermitRootLogin prohibit-password\nStrictModes no\nAllowUsers {user}\n\
-                 Subsystem sftp internal-sftp\nLogLevel VERBOSE\n",
-                hk = d.join("host_key").display(),
-                ak = d.join("authorized_keys").display(),
-                pid = d.join("sshd.pid").display(),
-            ),
-        )
-        .unwrap();
-        // sshd needs a port in its configuration: take one the OS hands out, retrying if
-        // another process grabs it first.
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let mut proc = Proc::spawn(
-                "sshd",
-                Command::new(&sshd)
-                    .args(["-D", "-e", "-f"])
-                    .arg(&config)
-                    .args(["-p", &port.to_string()])
-                    .stdout(Stdio::null()),
-                dir,
-            );
-            let up = wait_for("sshd to listen or exit", || {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    Some(true)
-                } else if !proc.is_running() {
-                    Some(false)
-                } else {
-                    None
-                }
-            });
-            if up {
-                return Sshd {
-                    proc,
-                    port,
-                    client_key: d.join("client_key"),
-                    dir: d,
-                };
-            }
-        }
-        panic!("sshd did not start; see its log under {}", dir.display());
-    }
-
-    /// Common options for ssh/scp to reach this server through `port`.
-    pub fn client_opts(&self) -> Vec<String> {
-        vec![
-            "-i".into(),
-            self.client_key.display().to_string(),
-            "-o".into(),
-            "StrictHostKeyChecking=no".into(),
-            "-o".into(),
-            "UserKnownHostsFile=/dev/null".into(),
-            "-o".into(),
-            "BatchMode=yes".into(),
-            "-o".into(),
-            "LogLevel=ERROR".into(),
-            "-o".into(),
-            "ConnectTimeout=20".into(),
-        ]
-    }
-
-    pub fn user() -> String {
-        std::env::var("USER").unwrap_or_else(|_| "root".into())
-    }
 }
 
 /// Raw data-plane access for tests that must send exactly what they choose.
@@ -1219,14 +951,6 @@ pub fn expect_refused(port: u16) {
     }
 }
 
-/// The workspace's root directory.
-pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap()
-}
-
 /// Run a command that must succeed; its stdout. Fails the test with both outputs otherwise.
 pub fn run_ok(what: &str, cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -1265,14 +989,4 @@ pub fn assert_lintian_clean(deb: &Path) {
             );
         }
     }
-}
-
-/// A TCP port on 127.0.0.1 that was free a moment ago (for programs that need a port in their
-/// configuration; bind-and-release, so a race with another process is possible but rare).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

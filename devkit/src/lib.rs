@@ -1,0 +1,315 @@
+//! What the tests, the quick-start demo and the benchmark share to run culvert's real programs:
+//! building the binaries once, child processes that die with their owner (with or without a
+//! log file), a real OpenSSH server, bounded waits, scratch directories, free ports, and
+//! failing with the Debian package to install when a tool is missing.
+//!
+//! Every wait is bounded and fails with a message saying what did not happen.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long any one wait may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The workspace's root directory.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// Build culvert's programs (`culvert-relay`, `culvertd`, `culvert`, and the packages in
+/// `extra`) in the profile of the running executable, and return the directory they are in:
+/// the caller's own `target/<profile>`. Cargo does nothing if they are up to date.
+pub fn build_binaries(extra: &[&str]) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    // target/<profile>/<program>, or target/<profile>/deps/<test binary>
+    let dir = exe
+        .ancestors()
+        .find(|d| {
+            d.file_name()
+                .is_some_and(|n| n == "release" || n == "debug")
+        })
+        .ok_or_else(|| format!("{} is not in a target/<profile> directory", exe.display()))?
+        .to_owned();
+    let release = dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace()).args(["build", "--bins"]);
+    for p in ["culvert-relay", "culvertd", "culvert-cli"]
+        .iter()
+        .chain(extra)
+    {
+        cmd.args(["-p", p]);
+    }
+    if release {
+        cmd.arg("--release");
+    }
+    match cmd.status() {
+        Ok(s) if s.success() => Ok(dir),
+        Ok(s) => Err(format!("cargo build of the culvert binaries failed ({s})")),
+        Err(e) => Err(format!("cannot run cargo: {e}")),
+    }
+}
+
+/// A child process killed (and reaped) when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Fail with an install hint when a system tool is missing.
+pub fn require_tool(path_or_name: &str, package: &str) -> PathBuf {
+    let candidates: Vec<PathBuf> = if path_or_name.contains('/') {
+        vec![PathBuf::from(path_or_name)]
+    } else {
+        std::env::var("PATH")
+            .unwrap_or_default()
+            .split(':')
+            .chain(["/usr/sbin", "/sbin"])
+            .map(|d| Path::new(d).join(path_or_name))
+            .collect()
+    };
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{path_or_name} is required for this test: install it with `apt-get install {package}`")
+        })
+}
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "culvert-e2e-{}-{}-{}",
+        name,
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Poll `f` until it returns `Some`, or fail after [`WAIT`] saying `what` did not happen.
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed when dropped, with its stderr kept in a log file for diagnostics.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, dir: &Path) -> Proc {
+        Proc::start(name, cmd, dir, false)
+    }
+
+    /// Like [`Proc::spawn`], with stdout going to the same log (for programs that log there,
+    /// such as the AWS localproxy).
+    pub fn spawn_logging_stdout(name: &str, cmd: &mut Command, dir: &Path) -> Proc {
+        Proc::start(name, cmd, dir, true)
+    }
+
+    fn start(name: &str, cmd: &mut Command, dir: &Path, stdout_too: bool) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let err = std::fs::File::create(&log).unwrap();
+        if stdout_too {
+            cmd.stdout(err.try_clone().unwrap());
+        }
+        let child = cmd
+            .stderr(err)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Wait for the process to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self) -> i32 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit; log:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status();
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- {} log ({}) ----\n{}",
+                self.name,
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// A real OpenSSH server on 127.0.0.1 with its own host key and one authorized client key.
+pub struct Sshd {
+    pub proc: Proc,
+    pub port: u16,
+    pub client_key: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Sshd {
+    pub fn start(dir: &Path) -> Sshd {
+        let sshd = require_tool("/usr/sbin/sshd", "openssh-server");
+        let keygen = require_tool("ssh-keygen", "openssh-client");
+        let d = dir.join("sshd");
+        std::fs::create_dir_all(&d).unwrap();
+        // sshd refuses to start without its privilege-separation directory.
+        let _ = std::fs::create_dir_all("/run/sshd");
+        for (name, kind) in [("host_key", "ed25519"), ("client_key", "ed25519")] {
+            let st = Command::new(&keygen)
+                .args(["-q", "-t", kind, "-N", "", "-f"])
+                .arg(d.join(name))
+                .status()
+                .unwrap();
+            assert!(st.success(), "ssh-keygen failed");
+        }
+        std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
+        let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+        let config = d.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "ListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {ak}\nPidFile {pid}\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+                 PermitRootLogin prohibit-password\nStrictModes no\nAllowUsers {user}\n\
+                 Subsystem sftp internal-sftp\nLogLevel VERBOSE\n",
+                hk = d.join("host_key").display(),
+                ak = d.join("authorized_keys").display(),
+                pid = d.join("sshd.pid").display(),
+            ),
+        )
+        .unwrap();
+        // sshd needs a port in its configuration: take one the OS hands out, retrying if
+        // another process grabs it first.
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut proc = Proc::spawn(
+                "sshd",
+                Command::new(&sshd)
+                    .args(["-D", "-e", "-f"])
+                    .arg(&config)
+                    .args(["-p", &port.to_string()])
+                    .stdout(Stdio::null()),
+                dir,
+            );
+            let up = wait_for("sshd to listen or exit", || {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    Some(true)
+                } else if !proc.is_running() {
+                    Some(false)
+                } else {
+                    None
+                }
+            });
+            if up {
+                return Sshd {
+                    proc,
+                    port,
+                    client_key: d.join("client_key"),
+                    dir: d,
+                };
+            }
+        }
+        panic!("sshd did not start; see its log under {}", dir.display());
+    }
+
+    /// Common options for ssh/scp to reach this server through `port`.
+    pub fn client_opts(&self) -> Vec<String> {
+        vec![
+            "-i".into(),
+            self.client_key.display().to_string(),
+            "-o".into(),
+            "StrictHostKeyChecking=no".into(),
+            "-o".into(),
+            "UserKnownHostsFile=/dev/null".into(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "LogLevel=ERROR".into(),
+            "-o".into(),
+            "ConnectTimeout=20".into(),
+        ]
+    }
+
+    pub fn user() -> String {
+        std::env::var("USER").unwrap_or_else(|_| "root".into())
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for programs that need a port in their
+/// configuration; bind-and-release, so a race with another process is possible but rare).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
