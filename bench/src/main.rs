@@ -586,7 +586,9 @@ fn culvert_route(
     let rules = dir.join("rules.toml");
     std::fs::write(
         &rules,
-        format!("[acl]\nallow = [\"127.0.0.0/8\"]\n[services.SINK]\ntarget = \"{sink}\"\n[services.ECHO]\ntarget = \"{echo}\"\n"),
+        // 1 000 idle connections and 512 concurrent ones in this one tunnel: above the default
+        // per-tunnel limit (256).
+        format!("[acl]\nallow = [\"127.0.0.0/8\"]\n[tunnel_limits]\nmax_connections = 2048\n[services.SINK]\ntarget = \"{sink}\"\n[services.ECHO]\ntarget = \"{echo}\"\n"),
     )
     .unwrap();
     let gw = Kill(
