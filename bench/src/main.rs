@@ -453,10 +453,11 @@ fn main() {
         .collect();
     eprintln!("  relay idle tunnels");
     let max_idle = arg("--max-idle-tunnels", 9000) as usize;
-    let idle_steps: Vec<usize> = [100usize, 1000, max_idle]
+    let mut idle_steps: Vec<usize> = [100usize, 1000, max_idle]
         .into_iter()
         .filter(|&n| n > 0 && n <= max_idle)
         .collect();
+    idle_steps.dedup();
     let idle = relay_idle(&bins, &dir, &idle_steps);
 
     println!();
@@ -928,6 +929,59 @@ fn start_relay(bins: &Path, dir: &Path) -> (Kill, Vec<(String, String)>) {
     (relay, env_of(&dir.join("relay/client.env")))
 }
 
+/// A relay for thousands of tunnels from one address: `--dev` generates the CA, certificate and
+/// API key, then the relay restarts from a configuration file that lifts the per-source connection
+/// limits (they protect a public relay; here every tunnel comes from 127.0.0.1).
+fn start_relay_unlimited(bins: &Path, dir: &Path) -> (Kill, Vec<(String, String)>) {
+    let (dev, mut env) = start_relay(bins, dir);
+    drop(dev);
+    let port = culvert_devkit::free_port();
+    let config = dir.join("relay.toml");
+    let d = dir.join("relay");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nstate_dir = {state:?}\napi_key_file = {key:?}\n\
+             [tls]\ncert = {cert:?}\nkey = {tls_key:?}\n\
+             [limits]\nmax_connections_per_source = 100000\nmax_handshakes_per_source = 512\n\
+             [mqtt]\nlisten = \"127.0.0.1:{mqtt}\"\n",
+            state = d,
+            key = d.join("api-key"),
+            cert = d.join("server.pem"),
+            tls_key = d.join("server-key.pem"),
+            mqtt = culvert_devkit::free_port(),
+        ),
+    )
+    .unwrap();
+    let relay = Kill(
+        Command::new(bins.join("culvert-relay"))
+            .args(
+                std::env::args()
+                    .any(|a| a == "--no-flow-control")
+                    .then_some("--no-flow-control"),
+            )
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| die(e)),
+    );
+    for (k, v) in &mut env {
+        if k == "CULVERT_RELAY" {
+            *v = format!("127.0.0.1:{port}");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            die("the relay did not start from its configuration file");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (relay, env)
+}
+
 fn env_of(file: &Path) -> Vec<(String, String)> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -1077,7 +1131,7 @@ fn relay_idle(bins: &Path, dir: &Path, steps: &[usize]) -> Vec<(usize, u64)> {
     use culvert_protocol::client::{self, ConnectOptions, Endpoint};
     use futures_util::{SinkExt, StreamExt};
 
-    let (relay, env) = start_relay(bins, &dir.join("idle"));
+    let (relay, env) = start_relay_unlimited(bins, &dir.join("idle"));
     let get = |k: &str| {
         env.iter()
             .find(|(n, _)| n == k)
