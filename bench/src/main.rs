@@ -23,7 +23,12 @@
 //! `--baseline DIR` (also measure the `culvert`, `culvert-relay` and `culvertd` binaries in DIR,
 //! say an earlier commit's `target/release`, as route "culvert (baseline)", and report this
 //! build's ratios to it).
+//! The routes take turns, round by round (throughput, then round trips in `--rounds` slices), so
+//! a slow minute of a shared machine is shared by all of them and same-run ratios stay fair.
 //! Every loop is bounded by a count; nothing runs open-ended.
+//!
+//! `--instructions [--bytes N] [--baseline DIR]` counts instead, with callgrind, the CPU
+//! instructions culvert's three processes spend per byte carried (see [`instructions`]).
 //!
 //! `--open-latency [--tunnels N]` measures instead, with the embedded MQTT broker, the time from
 //! `culvert tunnel open` returning to the first byte echoed through a new connection of that
@@ -133,24 +138,34 @@ fn throughput(port: u16, n: u64) -> f64 {
 }
 
 /// (p50, p99) in µs of `count` 64-byte round trips through `port`.
-fn latency(port: u16, count: usize) -> (f64, f64) {
+/// Round trips before those [`latency`] counts.
+const WARM_UP: usize = 1000;
+
+/// `count` 64-byte round trips through `port` after a warm-up, in µs.
+fn latency(port: u16, count: usize) -> Vec<f64> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| die(e));
     s.set_nodelay(true).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let msg = [7u8; 64];
     let mut back = [0u8; 64];
     let mut samples = Vec::with_capacity(count);
-    for i in 0..count + 1000 {
+    for i in 0..count + WARM_UP {
         let t = Instant::now();
         s.write_all(&msg).unwrap();
         s.read_exact(&mut back)
             .unwrap_or_else(|e| die(format!("echo: {e}")));
-        if i >= 1000 {
+        if i >= WARM_UP {
             samples.push(t.elapsed().as_secs_f64() * 1e6);
         }
     }
+    samples
+}
+
+/// p50 and p99 of round-trip samples.
+fn percentiles(mut samples: Vec<f64>) -> (f64, f64) {
     samples.sort_by(f64::total_cmp);
-    (samples[count / 2], samples[count * 99 / 100])
+    let n = samples.len();
+    (samples[n / 2], samples[n * 99 / 100])
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -166,6 +181,162 @@ fn arg_str(name: &str) -> Option<String> {
         Some(v) => Some(v.clone()),
         None => die(format!("{name} needs a value")),
     }
+}
+
+/// Set by `--instructions`: where callgrind writes its counts.
+static CALLGRIND: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// A command for one of culvert's long-running programs in `bins`: under callgrind with
+/// `--instructions`, as itself otherwise.
+fn program(bins: &Path, name: &str) -> Command {
+    match CALLGRIND.get() {
+        None => Command::new(bins.join(name)),
+        Some(out) => {
+            let mut c = Command::new("valgrind");
+            // Valgrind counts every iteration of `rep stosb` / `rep movsb` as an instruction,
+            // so glibc's ERMS memset and memcpy (which zero or copy a byte per iteration) would
+            // dominate the counts out of all proportion to their cost: one 16 KiB read-buffer
+            // clear in tungstenite counted as ~16 000 instructions. glibc's vector loops
+            // instead (32 bytes an instruction) count about what the hardware does.
+            c.env(
+                "GLIBC_TUNABLES",
+                "glibc.cpu.x86_rep_stosb_threshold=0xffffffff:glibc.cpu.x86_rep_movsb_threshold=0xffffffff",
+            )
+            .args(["--tool=callgrind", "--quiet"])
+                .arg(format!(
+                    "--callgrind-out-file={}/{name}.%p.callgrind",
+                    out.display()
+                ))
+                .arg(bins.join(name));
+            c
+        }
+    }
+}
+
+/// `--instructions`: the CPU instructions each of culvert's three processes spends per byte
+/// carried, counted by callgrind (`valgrind`, Debian's package). Unlike seconds, instruction
+/// counts do not depend on what else this shared machine is doing, so a build compared with
+/// `--baseline` shows a change of a few percent that the timed rounds cannot resolve. Counters
+/// are zeroed once the route is up (setup and TLS handshakes excluded), then `--bytes` (default
+/// 64 MiB) go through once; the processes stop gracefully so callgrind writes its totals.
+const ROUND_TRIPS: usize = 5000;
+
+fn instructions() {
+    culvert_devkit::require_tool("valgrind", "valgrind");
+    culvert_devkit::require_tool("callgrind_control", "valgrind");
+    let bytes = arg("--bytes", 64 << 20);
+    let bins = build();
+    let dir = std::env::temp_dir().join(format!("culvert-bench-insn-{}", std::process::id()));
+    let sink = sink_server();
+    let echo = echo_server();
+    let mut sets = vec![("culvert", bins)];
+    if let Some(base) = arg_str("--baseline") {
+        sets.push(("culvert (baseline)", PathBuf::from(base)));
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = CALLGRIND.set(dir.clone());
+    let mut results = Vec::new();
+    // One route after the other: each process's counts are in a file named by its pid.
+    for (i, (name, bins)) in sets.iter().enumerate() {
+        let out = dir.join(format!("route{i}"));
+        let route = culvert_route(bins, &out, sink, echo, name);
+        wait_route(name, route.sink);
+        let control = |what: &str| {
+            for pid in &route.pids {
+                let ok = Command::new("callgrind_control")
+                    .args([what, &pid.to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !ok {
+                    die(format!("callgrind_control {what} {pid} failed"));
+                }
+            }
+        };
+        control("--zero");
+        eprintln!("  {name}: {bytes} bytes, then {ROUND_TRIPS} round trips, under callgrind");
+        throughput(route.sink, bytes);
+        // The bulk transfer's counts go to a numbered file of their own; the round trips' are
+        // in the one written at exit.
+        control("--dump");
+        latency(route.echo, ROUND_TRIPS);
+        // SIGTERM and wait, so each writes its counts: proxy, gateway, then the relay (which
+        // would otherwise give its connected peers their grace period).
+        let Route { pids, _procs, .. } = route;
+        let mut procs: Vec<Option<Kill>> = _procs.into_iter().map(Some).collect();
+        for i in [0, 2, 1] {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pids[i].to_string()])
+                .status();
+            if let Some(mut p) = procs[i].take() {
+                let _ = p.0.wait();
+            }
+        }
+        let total = |file: PathBuf| -> u64 {
+            let text = std::fs::read_to_string(&file)
+                .unwrap_or_else(|e| die(format!("no callgrind output {}: {e}", file.display())));
+            text.lines()
+                .filter_map(|l| l.strip_prefix("totals: ").or(l.strip_prefix("summary: ")))
+                .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .last()
+                .unwrap_or_else(|| die(format!("no totals in {}", file.display())))
+        };
+        // Proxy, relay, gateway, in the order of `pids`.
+        let counts: Vec<(u64, u64)> = ["culvert", "culvert-relay", "culvertd"]
+            .iter()
+            .zip(&pids)
+            .map(|(prog, pid)| {
+                let base = format!("{prog}.{pid}.callgrind");
+                (total(dir.join(format!("{base}.1"))), total(dir.join(base)))
+            })
+            .collect();
+        results.push((*name, counts));
+    }
+    let table = |what: &str, per: f64, pick: fn(&(u64, u64)) -> u64| {
+        println!();
+        println!("instructions {what} (callgrind):");
+        println!(
+            "{:<20} {:>10} {:>14} {:>10} {:>10}",
+            "route", "culvert", "culvert-relay", "culvertd", "all three"
+        );
+        for (name, c) in &results {
+            let v: Vec<f64> = c.iter().map(|x| pick(x) as f64 / per).collect();
+            println!(
+                "{:<20} {:>10.2} {:>14.2} {:>10.2} {:>10.2}",
+                name,
+                v[0],
+                v[1],
+                v[2],
+                v.iter().sum::<f64>()
+            );
+        }
+        if let [(_, now), (_, base)] = &results[..] {
+            let r = |i: usize| pick(&now[i]) as f64 / pick(&base[i]) as f64;
+            let all = now.iter().map(pick).sum::<u64>() as f64
+                / base.iter().map(pick).sum::<u64>() as f64;
+            println!(
+                "this build vs the baseline: culvert {:.3}×   culvert-relay {:.3}×   culvertd {:.3}×   all three {all:.3}×",
+                r(0),
+                r(1),
+                r(2)
+            );
+        }
+    };
+    table(&format!("per byte of {bytes} carried"), bytes as f64, |c| {
+        c.0
+    });
+    let trips = ROUND_TRIPS + WARM_UP;
+    table(
+        &format!("per 64-byte round trip ({trips})"),
+        trips as f64,
+        |c| c.1,
+    );
+    println!();
+    println!(
+        "callgrind's files (for callgrind_annotate; .1: the bulk transfer) are in {}",
+        dir.display()
+    );
 }
 
 fn build() -> PathBuf {
@@ -277,7 +448,7 @@ fn throughput_n(port: u16, n: u64, streams: usize) -> f64 {
 }
 
 /// 64-byte round trips through `echo` while a bulk transfer runs to `sink` on the same route.
-fn latency_under_bulk(sink: u16, echo: u16, pings: usize) -> (f64, f64) {
+fn latency_under_bulk(sink: u16, echo: u16, pings: usize) -> Vec<f64> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
     let bulk = std::thread::spawn(move || {
@@ -349,6 +520,9 @@ fn main() {
     if std::env::args().any(|a| a == "--open-latency") {
         return open_latency(arg("--tunnels", 20).max(2) as usize);
     }
+    if std::env::args().any(|a| a == "--instructions") {
+        return instructions();
+    }
     let bytes = arg("--bytes", 1 << 30);
     let rounds = arg("--rounds", 3).max(1) as usize;
     let pings = arg("--pings", 20_000).max(100) as usize;
@@ -405,31 +579,51 @@ fn main() {
         "measuring {} route(s): {rounds} round(s) of {bytes} bytes, {pings} pings …",
         routes.len()
     );
-    let mut figures = Vec::new();
+    // Memory first, before any bulk traffic has grown the processes' heaps.
+    let mut memory = Vec::new();
     for r in &routes {
-        eprintln!("  {}", r.name);
-        // Memory first, before any bulk traffic has grown the processes' heaps.
         let rss_idle_kb = rss_kb(&r.pids);
         let gw_idle_kb = gateway_rss(r);
         let idle = idle_connections(r.echo, 1000);
         std::thread::sleep(Duration::from_millis(500));
-        let rss_1000_kb = rss_kb(&r.pids);
-        let gw_1000_kb = gateway_rss(r);
+        memory.push((rss_idle_kb, gw_idle_kb, rss_kb(&r.pids), gateway_rss(r)));
         drop(idle);
-        std::thread::sleep(Duration::from_millis(500));
-        let cpu0 = cpu_s(&r.pids);
-        let tp1 = median((0..rounds).map(|_| throughput(r.sink, bytes)).collect());
-        let cpu_s_per_gb = (cpu_s(&r.pids) - cpu0) / (rounds as f64 * bytes as f64 / 1e9);
-        let tp8 = median(
-            (0..rounds)
-                .map(|_| throughput_n(r.sink, bytes, 8))
-                .collect(),
-        );
-        let (p50, p99) = latency(r.echo, pings);
-        let (bulk_p50, _) = latency_under_bulk(r.sink, r.echo, (pings / 10).max(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // Rounds take turns between the routes, so a slower minute of this shared machine falls on
+    // all of them alike rather than on whichever route was measuring (same-run ratios stay fair).
+    let n = routes.len();
+    let (mut tp1, mut tp8, mut cpu) = (vec![vec![]; n], vec![vec![]; n], vec![0.0; n]);
+    for round in 0..rounds {
+        eprintln!("  round {}/{rounds}", round + 1);
+        for (i, r) in routes.iter().enumerate() {
+            let cpu0 = cpu_s(&r.pids);
+            tp1[i].push(throughput(r.sink, bytes));
+            cpu[i] += cpu_s(&r.pids) - cpu0;
+            tp8[i].push(throughput_n(r.sink, bytes, 8));
+        }
+    }
+    // Round trips too, in turns: idle, then under a bulk transfer.
+    let (mut idle_rtt, mut bulk_rtt) = (vec![vec![]; n], vec![vec![]; n]);
+    eprintln!("  round trips");
+    for _ in 0..rounds {
+        for (i, r) in routes.iter().enumerate() {
+            idle_rtt[i].extend(latency(r.echo, pings.div_ceil(rounds)));
+            bulk_rtt[i].extend(latency_under_bulk(
+                r.sink,
+                r.echo,
+                (pings / 10).max(100).div_ceil(rounds),
+            ));
+        }
+    }
+    let mut figures = Vec::new();
+    for i in 0..n {
+        let (p50, p99) = percentiles(std::mem::take(&mut idle_rtt[i]));
+        let (bulk_p50, _) = percentiles(std::mem::take(&mut bulk_rtt[i]));
+        let (rss_idle_kb, gw_idle_kb, rss_1000_kb, gw_1000_kb) = memory[i];
         figures.push(Figures {
-            tp1,
-            tp8,
+            tp1: median(std::mem::take(&mut tp1[i])),
+            tp8: median(std::mem::take(&mut tp8[i])),
             p50,
             p99,
             bulk_p50,
@@ -437,7 +631,7 @@ fn main() {
             rss_1000_kb,
             gw_idle_kb,
             gw_1000_kb,
-            cpu_s_per_gb,
+            cpu_s_per_gb: cpu[i] / (rounds as f64 * bytes as f64 / 1e9),
         });
     }
     // culvert's own pieces, idle, and its scaling.
@@ -593,7 +787,7 @@ fn culvert_route(
     )
     .unwrap();
     let gw = Kill(
-        Command::new(bins.join("culvertd"))
+        program(bins, "culvertd")
             .arg("--config")
             .arg(&rules)
             .envs(env.iter().map(|(k, v)| (k, v)))
@@ -606,7 +800,7 @@ fn culvert_route(
             .unwrap_or_else(|e| die(e)),
     );
     let mut px = Kill(
-        Command::new(bins.join("culvert"))
+        program(bins, "culvert")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .args(["connect", "-s", "SINK=0,ECHO=0"])
             .env(
@@ -913,7 +1107,7 @@ fn open_tunnel(
 
 fn start_relay(bins: &Path, dir: &Path) -> (Kill, Vec<(String, String)>) {
     let relay = Kill(
-        Command::new(bins.join("culvert-relay"))
+        program(bins, "culvert-relay")
             .args(
                 std::env::args()
                     .any(|a| a == "--no-flow-control")
