@@ -1,6 +1,10 @@
 //! `culvert-relay --dev`: everything a local trial needs, generated on first start and reused
 //! after: a private CA and a server certificate for localhost / 127.0.0.1 / ::1, an API key, a
 //! state directory, and `client.env` with what a client needs to reach this relay.
+//!
+//! A port given as 0 is chosen freely on the first start and then kept (in `ports` in the state
+//! directory): a gateway configured from `culvert device add`, or a shell that sourced
+//! `client.env`, must still reach the relay after it restarts.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -110,6 +114,42 @@ fn generate_pki(ca_path: &Path, cert_path: &Path, key_path: &Path) -> anyhow::Re
     Ok(())
 }
 
+/// Ports chosen on an earlier start, kept so that clients configured for them keep working.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct KeptPorts {
+    pub https: Option<u16>,
+    pub mqtt: Option<u16>,
+}
+
+const PORTS_FILE: &str = "ports";
+
+impl KeptPorts {
+    /// What an earlier start wrote in `dir` (nothing, if it never ran or the file is unreadable:
+    /// then ports are chosen afresh).
+    pub fn read(dir: &Path) -> KeptPorts {
+        let text = std::fs::read_to_string(dir.join(PORTS_FILE)).unwrap_or_default();
+        let get = |key: &str| {
+            text.lines()
+                .filter_map(|l| l.split_once('='))
+                .find(|(k, _)| k.trim() == key)
+                .and_then(|(_, v)| v.trim().parse::<u16>().ok())
+                .filter(|&p| p != 0)
+        };
+        KeptPorts {
+            https: get("https"),
+            mqtt: get("mqtt"),
+        }
+    }
+
+    /// `addr` itself, or with the kept port when `addr` asks for any port (0).
+    pub fn apply(addr: SocketAddr, kept: Option<u16>) -> SocketAddr {
+        match kept {
+            Some(p) if addr.port() == 0 => SocketAddr::new(addr.ip(), p),
+            _ => addr,
+        }
+    }
+}
+
 /// Write `client.env` (shell syntax) for clients of the running dev relay.
 pub fn write_client_env(
     files: &DevFiles,
@@ -127,9 +167,57 @@ pub fn write_client_env(
     if let Some(m) = mqtt {
         text.push_str(&format!("export CULVERT_MQTT={m}\n"));
     }
+    let mut ports = format!(
+        "# ports this dev relay chose on its first start; it keeps them (delete to choose anew)\nhttps={}\n",
+        addr.port()
+    );
+    if let Some(m) = mqtt {
+        ports.push_str(&format!("mqtt={}\n", m.port()));
+    }
+    let tmp = files.dir.join("ports.tmp");
+    std::fs::write(&tmp, ports)?;
+    std::fs::rename(&tmp, files.dir.join(PORTS_FILE))?;
     // Written whole, then renamed into place, so a reader never sees half of it.
     let tmp = files.dir.join("client.env.tmp");
     write_private(&tmp, &text)?;
     std::fs::rename(&tmp, &path)?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_asked_as_any_is_the_kept_one_and_an_explicit_port_wins() {
+        let dir = std::env::temp_dir().join(format!("culvert-dev-ports-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(
+            KeptPorts::read(&dir),
+            KeptPorts::default(),
+            "nothing kept yet"
+        );
+        let files = DevFiles {
+            dir: dir.clone(),
+            ca: dir.join("ca.pem"),
+        };
+        let key = Secret::new("k".repeat(32));
+        write_client_env(
+            &files,
+            "127.0.0.1:40001".parse().unwrap(),
+            &key,
+            Some("127.0.0.1:40002".parse().unwrap()),
+        )
+        .unwrap();
+        let kept = KeptPorts::read(&dir);
+        assert_eq!((kept.https, kept.mqtt), (Some(40001), Some(40002)));
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert_eq!(KeptPorts::apply(any, kept.mqtt).port(), 40002);
+        let explicit: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        assert_eq!(KeptPorts::apply(explicit, kept.https), explicit);
+        // A damaged file is ignored: ports are chosen afresh.
+        std::fs::write(dir.join(PORTS_FILE), "https=banana\nmqtt=0\n").unwrap();
+        assert_eq!(KeptPorts::read(&dir), KeptPorts::default());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -24,13 +24,15 @@ struct Args {
     /// State directory for --dev.
     #[arg(long, default_value = ".culvert-dev", requires = "dev")]
     state_dir: PathBuf,
-    /// Listen address for --dev (port 0: any free port; see client.env for the one chosen).
+    /// Listen address for --dev (port 0: any free port on the first start, the same one after;
+    /// see client.env).
     #[arg(long, default_value = "127.0.0.1:8443", requires = "dev")]
     listen: std::net::SocketAddr,
     /// Check the configuration and exit (0: valid, 64: invalid).
     #[arg(long)]
     check_config: bool,
-    /// --dev: the embedded MQTT broker's TLS listener (port 0: any free port).
+    /// --dev: the embedded MQTT broker's TLS listener (port 0: any free port on the first start,
+    /// the same one after).
     #[arg(long, default_value = "127.0.0.1:0", requires = "dev")]
     mqtt_listen: String,
     /// --dev: notify devices through this external broker (mqtts://host:port) instead.
@@ -65,11 +67,24 @@ fn main() -> ExitCode {
     culvert_appliance::logging::init();
     // Before the configuration: its connection limits default to a share of this limit.
     let open_files = culvert_appliance::limits::raise_open_file_limit();
+    // --dev ports given as 0 that an earlier start chose (and that clients were told).
+    let mut kept_in_use = false;
     let (cfg, dev_files) = if args.dev {
         let broker = args.mqtt_broker.clone();
+        let kept = dev::KeptPorts::read(&args.state_dir);
+        let listen = dev::KeptPorts::apply(args.listen, kept.https);
+        let mqtt_listen = match args.mqtt_listen.parse() {
+            Ok(addr) => {
+                let a = dev::KeptPorts::apply(addr, kept.mqtt);
+                kept_in_use |= a != addr && broker.is_none();
+                a.to_string()
+            }
+            Err(_) => args.mqtt_listen.clone(),
+        };
+        kept_in_use |= listen != args.listen;
         let raw = |dev_ca: &std::path::Path| {
             RawMqtt {
-                listen: broker.is_none().then(|| args.mqtt_listen.clone()),
+                listen: broker.is_none().then_some(mqtt_listen),
                 ca: broker
                     .as_ref()
                     .map(|_| args.mqtt_ca.clone().unwrap_or_else(|| dev_ca.to_owned())),
@@ -84,7 +99,7 @@ fn main() -> ExitCode {
             }
             .validate(|p| p.to_owned())
         };
-        match dev::prepare(&args.state_dir, args.listen, raw) {
+        match dev::prepare(&args.state_dir, listen, raw) {
             Ok((mut c, f)) => {
                 if let Some(n) = args.max_services {
                     c.limits.max_services = n.into();
@@ -129,6 +144,15 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("culvert-relay: {e:#}");
+            if kept_in_use && format!("{e:#}").contains("cannot listen") {
+                eprintln!(
+                    "culvert-relay: --dev keeps the ports of its first start (in {}), so that \
+                     clients and gateways configured for them keep working. Stop whatever holds \
+                     the port now, give ports explicitly (--listen, --mqtt-listen), or delete \
+                     that file to choose new ones (then update client.env users and gateways).",
+                    args.state_dir.join("ports").display()
+                );
+            }
             ExitCode::FAILURE
         }
     }

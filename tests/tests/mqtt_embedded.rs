@@ -44,6 +44,67 @@ fn open_with_the_cli_and_ssh_through_the_notified_gateway() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `culvert-relay --dev` chooses its ports once: after a restart the gateway configured from
+/// `culvert device add` hears the relay again and the shell's `client.env` still points at it.
+#[test]
+fn a_restarted_dev_relay_keeps_its_ports_and_its_gateways() {
+    let dir = scratch("mqtt-dev-ports");
+    let echo = echo_server();
+    let grace = ["--shutdown-grace-secs".to_owned(), "1".to_owned()];
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut relay = Relay::start_with(&dir, any, &grace);
+    let (addr, mqtt) = (relay.addr, relay.mqtt.unwrap());
+    let password = relay.add_device("coffee-robot-3");
+    let rules = mqtt_rules(
+        &dir,
+        mqtt,
+        "coffee-robot-3",
+        &password,
+        &[("ECHO", echo.to_string())],
+    );
+    let gw = relay.mqtt_gateway(&dir, &rules);
+    wait_log(&gw, "subscribed");
+
+    relay.proc.signal("TERM");
+    assert_eq!(relay.proc.wait_exit(), 0, "{}", relay.proc.log_text());
+    drop(relay);
+    // Asked for any port again, as the first time.
+    let relay = Relay::start_with(&dir, any, &grace);
+    assert_eq!(relay.addr, addr, "the API port changed across the restart");
+    assert_eq!(
+        relay.mqtt,
+        Some(mqtt),
+        "the MQTT port changed across the restart"
+    );
+    wait_log_count(&gw, "subscribed", 2);
+    let t = relay.open_tunnel("coffee-robot-3", &["ECHO"]);
+    relay.wait_side(&t.id, "destination", "CONNECTED");
+    let (_px, ports) = relay.proxy(&dir, &t.source, &["ECHO"]);
+    assert!(echo_works(ports["ECHO"], b"heard after the restart"));
+
+    // A kept port another process holds: the relay says so and what to do, not a new port.
+    let mut relay = relay;
+    relay.proc.signal("TERM");
+    assert_eq!(relay.proc.wait_exit(), 0);
+    drop(relay);
+    let _squatter = std::net::TcpListener::bind(mqtt).unwrap();
+    let out = Command::new(bin("culvert-relay"))
+        .args(["--dev", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.join("relay-state"))
+        .output()
+        .unwrap();
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen for MQTT on {mqtt}"))
+            && err.contains("keeps the ports of its first start")
+            && err.contains("relay-state/ports"),
+        "{err}"
+    );
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn gateway_offline_at_open_time_still_gets_the_tunnel() {
     let dir = scratch("mqtt-offline");
