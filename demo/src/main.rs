@@ -8,11 +8,14 @@
 //!    destination token, and `culvert connect` with the source token;
 //! 5. checks that the web page and the echo come back through the tunnel, then prints what to
 //!    connect to. `--once` stops after the check (used by the test suite).
+//!
+//! SIGTERM, SIGINT (Ctrl-C) and SIGHUP stop the demo and every process it started, at any step.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use culvert_devkit::KillOnDrop as Kill;
@@ -21,6 +24,46 @@ use culvert_devkit::KillOnDrop as Kill;
 fn die(msg: impl std::fmt::Display) -> ! {
     eprintln!("culvert-demo: {msg}");
     std::panic::resume_unwind(Box::new(()))
+}
+
+/// Set when SIGTERM, SIGINT or SIGHUP arrives. Every wait checks it and unwinds, so the `Kill`
+/// guards stop the children (a demo killed by SIGTERM used to leave its relay running, and the
+/// next run found the relay's database locked).
+static STOP: AtomicBool = AtomicBool::new(false);
+
+fn stop_on_signals() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap_or_else(|e| die(format!("cannot start the signal thread: {e}")));
+    // Registered here, before any child exists; awaited on a thread of their own.
+    let mut signals = {
+        let _entered = rt.enter();
+        [
+            SignalKind::terminate(),
+            SignalKind::interrupt(),
+            SignalKind::hangup(),
+        ]
+        .map(|k| signal(k).unwrap_or_else(|e| die(format!("cannot handle signals: {e}"))))
+    };
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            let [t, i, h] = &mut signals;
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+                _ = h.recv() => {}
+            }
+        });
+        STOP.store(true, Ordering::SeqCst);
+    });
+}
+
+fn stop_requested() {
+    if STOP.load(Ordering::SeqCst) {
+        die("stopped by a signal; the relay, gateway and proxy are stopped too");
+    }
 }
 
 /// The demo "robot cell": a web page and an echo service on the ports the demo rules name.
@@ -70,6 +113,7 @@ fn start_targets() {
 fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
+        stop_requested();
         if let Some(v) = f() {
             return v;
         }
@@ -101,8 +145,10 @@ fn echo(port: u16, msg: &[u8]) -> bool {
 
 fn main() -> ExitCode {
     let once = std::env::args().any(|a| a == "--once");
+    stop_on_signals();
     let root = culvert_devkit::workspace();
     let bins = culvert_devkit::build_binaries(&[]).unwrap_or_else(|e| die(e));
+    stop_requested();
     let state = std::env::var_os("CULVERT_DEMO_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join(".culvert-dev"));
@@ -114,7 +160,7 @@ fn main() -> ExitCode {
     let log = |name: &str| {
         std::fs::File::create(state.join(format!("{name}.log"))).unwrap_or_else(|e| die(e))
     };
-    let _relay = Kill(
+    let mut relay = Kill(
         Command::new(bins.join("culvert-relay"))
             .args(["--dev", "--listen", "127.0.0.1:0", "--state-dir"])
             .arg(&state)
@@ -123,7 +169,18 @@ fn main() -> ExitCode {
             .spawn()
             .unwrap_or_else(|e| die(format!("cannot start culvert-relay: {e}"))),
     );
+    let relay_log = state.join("relay.log");
     let env: Vec<(String, String)> = wait("the relay to start", || {
+        if let Ok(Some(status)) = relay.0.try_wait() {
+            let log = std::fs::read_to_string(&relay_log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            die(format!(
+                "culvert-relay stopped before it was ready ({status}); the end of {}:\n  {}",
+                relay_log.display(),
+                tail.join("\n  ")
+            ));
+        }
         let t = std::fs::read_to_string(&env_file).ok()?;
         let v: Vec<(String, String)> = t
             .lines()
@@ -274,7 +331,17 @@ fn main() -> ExitCode {
     if once {
         return ExitCode::SUCCESS;
     }
-    println!("Press Ctrl-C to stop everything.");
-    let _ = proxy.0.wait();
+    println!("Press Ctrl-C (or send SIGTERM) to stop everything.");
+    loop {
+        if STOP.load(Ordering::SeqCst) {
+            eprintln!("culvert-demo: stopping the relay, gateway and proxy");
+            break;
+        }
+        if let Ok(Some(status)) = proxy.0.try_wait() {
+            eprintln!("culvert-demo: culvert connect ended ({status}); stopping the rest");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     ExitCode::SUCCESS
 }
