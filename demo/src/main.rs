@@ -3,7 +3,8 @@
 //! 1. builds `culvert-relay`, `culvertd` and `culvert`;
 //! 2. starts `culvert-relay --dev` (CA, certificate, API key in `.culvert-dev/`);
 //! 3. starts a demo "robot cell": a web page on 127.0.0.1:18080 and an echo service on
-//!    127.0.0.1:18007 (the targets in `config/culvertd-demo.toml`);
+//!    127.0.0.1:18007 (the targets in `config/culvertd-demo.toml`), and an sshd of its own on a
+//!    free loopback port with a throwaway key (when openssh-server is installed);
 //! 4. opens a tunnel with `culvert tunnel open`, starts `culvertd` with the demo rules and the
 //!    destination token, and `culvert connect` with the source token;
 //! 5. checks that the web page and the echo come back through the tunnel, then prints what to
@@ -222,8 +223,18 @@ fn main() -> ExitCode {
         device["password"].as_str().unwrap_or_default(),
     )
     .unwrap_or_else(|e| die(e));
-    let rules =
+    // SSH: an sshd of the demo's own (the machine's port 22 may have none, or refuse keys).
+    let sshd = std::path::Path::new("/usr/sbin/sshd")
+        .exists()
+        .then(|| culvert_devkit::Sshd::start(&state));
+    let mut rules =
         std::fs::read_to_string(root.join("config/culvertd-demo.toml")).unwrap_or_else(|e| die(e));
+    if let Some(sshd) = &sshd {
+        rules = rules.replace(
+            "target = \"127.0.0.1:22\"",
+            &format!("target = \"127.0.0.1:{}\"", sshd.port),
+        );
+    }
     let gateway_config = state.join("culvertd.toml");
     std::fs::write(
         &gateway_config,
@@ -310,15 +321,19 @@ fn main() -> ExitCode {
     println!();
     println!("  web page of the robot cell   curl http://127.0.0.1:{web}/   (an http rule)");
     println!("  echo service                 nc 127.0.0.1 {echo_port}");
+    match &sshd {
+        Some(sshd) => println!(
+            "  SSH to the demo's sshd       ssh -p {ssh} -i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null {}@127.0.0.1",
+            sshd.client_key.display(),
+            culvert_devkit::Sshd::user()
+        ),
+        None => println!(
+            "  SSH                          not set up: install openssh-server for the demo's own sshd (apt-get install openssh-server)"
+        ),
+    }
     println!(
-        "  SSH to this machine's sshd   ssh -p {ssh} $USER@127.0.0.1   (needs an sshd on port 22)"
-    );
-    println!(
-        "  manage tunnels               . {} && culvert tunnel list",
-        env_file.display()
-    );
-    println!(
-        "                               ({} is the culvert binary)",
+        "  manage tunnels               . {} && {} tunnel list",
+        env_file.display(),
         bins.join("culvert").display()
     );
     println!("  logs                         {}/*.log", state.display());

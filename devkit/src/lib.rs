@@ -219,16 +219,23 @@ impl Sshd {
         std::fs::create_dir_all(&d).unwrap();
         // sshd refuses to start without its privilege-separation directory.
         let _ = std::fs::create_dir_all("/run/sshd");
+        // Keys from an earlier start in the same directory are kept (the demo prints the
+        // client key's path; a user's known_hosts may hold the host key).
         for (name, kind) in [("host_key", "ed25519"), ("client_key", "ed25519")] {
+            if d.join(name).exists() && d.join(format!("{name}.pub")).exists() {
+                continue;
+            }
+            let _ = std::fs::remove_file(d.join(name));
             let st = Command::new(&keygen)
                 .args(["-q", "-t", kind, "-N", "", "-f"])
                 .arg(d.join(name))
+                .stdin(Stdio::null())
                 .status()
                 .unwrap();
             assert!(st.success(), "ssh-keygen failed");
         }
         std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
-        let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+        let user = Sshd::user();
         let config = d.join("sshd_config");
         std::fs::write(
             &config,
@@ -299,8 +306,18 @@ impl Sshd {
         ]
     }
 
+    /// The user this process runs as (the one sshd lets in): `$USER`, or `id -un` where the
+    /// environment has none (containers, cron, systemd services).
     pub fn user() -> String {
-        std::env::var("USER").unwrap_or_else(|_| "root".into())
+        std::env::var("USER")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .or_else(|| {
+                let out = Command::new("id").arg("-un").output().ok()?;
+                let name = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+                (out.status.success() && !name.is_empty()).then_some(name)
+            })
+            .unwrap_or_else(|| "root".into())
     }
 }
 

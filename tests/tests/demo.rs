@@ -57,12 +57,31 @@ fn quick_start_demo_comes_up_carries_traffic_and_stops_cleanly() {
         .unwrap();
     let pid = run.id();
     let stdout = BufReader::new(run.stdout.take().unwrap());
-    let up = stdout
+    let lines: Vec<String> = stdout
         .lines()
         .map_while(Result::ok)
         .take(100)
-        .any(|l| l.starts_with("Press Ctrl-C"));
-    assert!(up, "the demo did not come up");
+        .take_while(|l| !l.starts_with("Press Ctrl-C"))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.starts_with("Checked:")),
+        "the demo did not come up: {lines:#?}"
+    );
+    // The commands it prints work as printed, pasted into a shell.
+    let printed = |start: &str| -> String {
+        lines
+            .iter()
+            .find_map(|l| Some(l[l.find(start)?..].split("   (").next()?.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no `{start}` command printed: {lines:#?}"))
+    };
+    let shell = |cmd: &str| run_ok(cmd, Command::new("sh").args(["-c", cmd]));
+    require_tool("curl", "curl");
+    let page = shell(&printed("curl http://"));
+    assert!(page.contains("Hello from robot cell 7"), "{page}");
+    let ssh = format!("{} echo through the tunnel", printed("ssh -p"));
+    assert_eq!(shell(&ssh).trim(), "through the tunnel");
+    let list = shell(&printed(". /"));
+    assert!(list.contains("robot-cell-7"), "{list}");
     let started = children(pid);
     assert!(
         started.len() >= 3,
