@@ -84,6 +84,9 @@ pub enum ConnectError {
     /// The relay refused the token, or the tunnel is closed or expired.
     #[error("the relay refused the connection (HTTP {status}): {message}")]
     Refused { status: u16, message: String },
+    /// The relay's certificate is not trusted (the CA is missing or wrong).
+    #[error("{0}")]
+    Untrusted(String),
     #[error("{0}")]
     Fatal(String),
 }
@@ -140,14 +143,22 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut first = true;
     loop {
-        let c = match client::connect_retrying(&opts, &mut backoff, &shutdown).await {
-            Ok(Some(c)) => c,
-            Ok(None) => return Ok(()),
-            Err(client::ConnectError::Refused { status, message }) => {
-                return Err(ConnectError::Refused { status, message });
-            }
-            Err(e) => return Err(ConnectError::Fatal(e.to_string())),
-        };
+        // An operator at a terminal is told of an untrusted certificate at once: retrying
+        // cannot fix it.
+        let untrusted =
+            |e: &client::ConnectError| matches!(e, client::ConnectError::Untrusted { .. });
+        let c =
+            match client::connect_retrying_until(&opts, &mut backoff, &shutdown, untrusted).await {
+                Ok(Some(c)) => c,
+                Ok(None) => return Ok(()),
+                Err(client::ConnectError::Refused { status, message }) => {
+                    return Err(ConnectError::Refused { status, message });
+                }
+                Err(e @ client::ConnectError::Untrusted { .. }) => {
+                    return Err(ConnectError::Untrusted(e.to_string()));
+                }
+                Err(e) => return Err(ConnectError::Fatal(e.to_string())),
+            };
         let format = args.format.map_or(c.format, |f| f.min(c.format));
         let cfg = SessionConfig::default().for_relay(c.extensions);
         let (handle, _incoming) = session::spawn(c.ws, Mux::source(format), cfg);

@@ -7,7 +7,8 @@
 //!   each connection through the tunnel, reconnect with the client token when the relay drops).
 //!
 //! Exit codes: 0 success; 1 an error (message on stderr); 2 bad usage; 3 the relay refused
-//! the token or the tunnel is closed/expired (`connect`), so scripts can tell "gone" from "broken".
+//! the token or the tunnel is closed/expired (`connect`), so scripts can tell "gone" from "broken";
+//! 4 the relay's certificate is not trusted (`connect`: pass its CA).
 
 pub mod api;
 pub mod connect;
@@ -15,3 +16,5 @@ pub mod tunnel;
 
 /// Exit code for "the relay refused us / the tunnel is gone".
 pub const EXIT_REFUSED: u8 = 3;
+/// Exit code for "the relay's certificate is not trusted".
+pub const EXIT_UNTRUSTED: u8 = 4;

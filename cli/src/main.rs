@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use culvert_cli::api::ApiClient;
 use culvert_cli::connect::{self, ConnectArgs, ConnectError};
-use culvert_cli::{EXIT_REFUSED, tunnel};
+use culvert_cli::{EXIT_REFUSED, EXIT_UNTRUSTED, tunnel};
 use culvert_protocol::Format;
 use culvert_protocol::client::Endpoint;
 use tokio_util::sync::CancellationToken;
@@ -305,6 +305,10 @@ fn main() -> ExitCode {
                 Err(e @ ConnectError::Refused { .. }) => {
                     eprintln!("culvert: {e}");
                     ExitCode::from(EXIT_REFUSED)
+                }
+                Err(e @ ConnectError::Untrusted(_)) => {
+                    eprintln!("culvert: {e}");
+                    ExitCode::from(EXIT_UNTRUSTED)
                 }
                 Err(e) => fail(e),
             }

@@ -202,12 +202,33 @@ pub enum ConnectError {
     /// TCP, TLS or WebSocket failure. Retry with backoff.
     #[error("cannot reach relay {endpoint}: {message}")]
     Transport { endpoint: String, message: String },
+    /// The relay's certificate failed verification: a configuration problem on this side (the
+    /// CA is missing, or the name connected to is not the certificate's). An operator at a
+    /// terminal should be told; an unattended gateway keeps retrying (it may be the relay's
+    /// certificate that is being fixed).
+    #[error(
+        "the certificate of relay {endpoint} is not trusted ({reason}): pass the CA that signed it \
+         with --ca FILE (or CULVERT_CA; for culvert-relay --dev, its state directory's ca.pem), \
+         or connect by the name the certificate was issued for"
+    )]
+    Untrusted { endpoint: String, reason: String },
 }
 
 impl ConnectError {
     /// Whether retrying can succeed (AWS: 5xx and transport errors yes, 4xx no).
     pub fn is_retryable(&self) -> bool {
         !matches!(self, ConnectError::Refused { .. })
+    }
+}
+
+/// The certificate verification failure inside a TLS handshake error, if that is what it is.
+fn certificate_error(e: &tokio_tungstenite::tungstenite::Error) -> Option<String> {
+    let tokio_tungstenite::tungstenite::Error::Io(io) = e else {
+        return None;
+    };
+    match io.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::InvalidCertificate(c) => Some(format!("{c:?}")),
+        _ => None,
     }
 }
 
@@ -297,7 +318,15 @@ async fn connect_inner(opts: &ConnectOptions) -> Result<Connected, ConnectError>
                 ConnectError::Unavailable { status, message }
             });
         }
-        Err(e) => return Err(transport(e.to_string())),
+        Err(e) => {
+            return Err(match certificate_error(&e) {
+                Some(reason) => ConnectError::Untrusted {
+                    endpoint: opts.endpoint.to_string(),
+                    reason,
+                },
+                None => transport(e.to_string()),
+            });
+        }
     };
     let chosen = resp
         .headers()
@@ -328,6 +357,16 @@ pub async fn connect_retrying(
     backoff: &mut Backoff,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<Option<Connected>, ConnectError> {
+    connect_retrying_until(opts, backoff, shutdown, |e| !e.is_retryable()).await
+}
+
+/// [`connect_retrying`], giving up on the errors `is_final` picks (besides refusals).
+pub async fn connect_retrying_until(
+    opts: &ConnectOptions,
+    backoff: &mut Backoff,
+    shutdown: &tokio_util::sync::CancellationToken,
+    is_final: fn(&ConnectError) -> bool,
+) -> Result<Option<Connected>, ConnectError> {
     loop {
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
@@ -335,7 +374,7 @@ pub async fn connect_retrying(
         };
         match attempt {
             Ok(x) => return Ok(Some(x)),
-            Err(e) if !e.is_retryable() => return Err(e),
+            Err(e) if !e.is_retryable() || is_final(&e) => return Err(e),
             Err(e) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to relay");

@@ -31,10 +31,12 @@ fn token_misuse_is_refused_with_a_reason() {
             m.contains("already used") && m.contains("client-token"),
             "{m}"
         );
+        let rotate = format!("culvert tunnel rotate {} --mode source", t.id);
+        assert!(m.contains(&rotate), "{m}");
         let other = culvert_protocol::new_client_token();
         let (s, m) = refused(&relay, &t.source, Mode::Source, Some(&other)).await;
         assert_eq!(s, 403);
-        assert!(m.contains("does not match"), "{m}");
+        assert!(m.contains("does not match") && m.contains(&rotate), "{m}");
         let _second = raw::connect(&relay, &t.source, Mode::Source, Some(&ct))
             .await
             .expect("a reconnect with the right client token is accepted");
@@ -51,6 +53,8 @@ fn token_misuse_is_refused_with_a_reason() {
         let (s, m) = refused(&relay, &t.destination, Mode::Destination, None).await;
         assert_eq!(s, 403);
         assert!(m.contains("cannot be used again"), "{m}");
+        let rotate = format!("culvert tunnel rotate {} --mode destination", t.id);
+        assert!(m.contains(&rotate), "{m}");
     });
 
     // Rotation: the old token is refused as rotated, the new one works.
@@ -88,6 +92,59 @@ fn token_misuse_is_refused_with_a_reason() {
         stderr_of(&out).contains("unknown access token"),
         "{}",
         stderr_of(&out)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The newcomer's case: `culvert connect` killed (or started with a typo in `-s`) and run again
+/// with the same token. The second run makes a new client token, so the relay refuses it; the
+/// message names the command that helps, and following it works.
+#[test]
+fn a_restarted_connect_is_told_which_token_to_rotate_and_how() {
+    let dir = scratch("tokens-restart");
+    let relay = Relay::start(&dir);
+    let t = relay.open_tunnel("door-3", &["SSH"]);
+    let (mut first, _) = relay.proxy(&dir, &t.source, &["SSH"]);
+    relay.wait_side(&t.id, "source", "CONNECTED");
+    first.kill();
+    let again = relay
+        .culvert()
+        .args(["connect", "-s", "SSH=0"])
+        .env("CULVERT_ACCESS_TOKEN", &t.source)
+        .output()
+        .unwrap();
+    let err = stderr_of(&again);
+    assert_eq!(again.status.code(), Some(3), "{err}");
+    let advice = format!("culvert tunnel rotate {} --mode source", t.id);
+    assert!(err.contains(&advice), "{err}");
+    // As advised: rotate, then connect with the new source token.
+    let args: Vec<&str> = advice.split_whitespace().skip(1).collect();
+    let rotated = relay.api(&args);
+    let token = rotated["sourceAccessToken"].as_str().unwrap();
+    let (_px, _) = relay.proxy(&dir, token, &["SSH"]);
+    relay.wait_side(&t.id, "source", "CONNECTED");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Without the relay's CA, `culvert connect` does not retry forever: it ends at once, says what
+/// to pass, and exits 4.
+#[test]
+fn an_untrusted_relay_certificate_ends_connect_with_what_to_pass() {
+    let dir = scratch("tokens-untrusted");
+    let relay = Relay::start(&dir);
+    let t = relay.open_tunnel("door-4", &["SSH"]);
+    let out = relay
+        .culvert()
+        .env_remove("CULVERT_CA")
+        .args(["connect", "-s", "SSH=0"])
+        .env("CULVERT_ACCESS_TOKEN", &t.source)
+        .output()
+        .unwrap();
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("is not trusted (UnknownIssuer)") && err.contains("--ca FILE"),
+        "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -131,15 +131,17 @@ pub enum Refusal {
     #[error("this is a {token} access token, but the request asked for local-proxy-mode={asked}")]
     WrongMode { token: Mode, asked: Mode },
     #[error(
-        "this access token was already used; a reconnect must present the client-token it was first used with"
+        "this {mode} access token was already used; a reconnect must present the client-token it was first used with. For a new start, rotate it: culvert tunnel rotate {tunnel} --mode {mode}"
     )]
-    NeedsClientToken,
+    NeedsClientToken { mode: Mode, tunnel: String },
     #[error(
-        "this access token was already used without a client token, so it cannot be used again; rotate the tunnel's {0} token"
+        "this {mode} access token was already used without a client token, so it cannot be used again; rotate it: culvert tunnel rotate {tunnel} --mode {mode}"
     )]
-    Spent(Mode),
-    #[error("the client-token does not match the one this access token was first used with")]
-    ClientTokenMismatch,
+    Spent { mode: Mode, tunnel: String },
+    #[error(
+        "this {mode} access token is taken: the client-token does not match the one it was first used with (each culvert connect makes its own unless --client-token is given, so a restarted one is refused too). Rotate it for a new start: culvert tunnel rotate {tunnel} --mode {mode}"
+    )]
+    ClientTokenMismatch { mode: Mode, tunnel: String },
     #[error("the client-token is already bound to another open tunnel; use a fresh one")]
     ClientTokenInUse,
     #[error("this access token was rotated; use the tunnel's new {0} token")]
@@ -164,9 +166,9 @@ impl Refusal {
         match self {
             Refusal::UnknownToken => "unknown_token",
             Refusal::WrongMode { .. } => "wrong_mode",
-            Refusal::NeedsClientToken => "token_reused",
-            Refusal::Spent(_) => "token_spent",
-            Refusal::ClientTokenMismatch => "client_token_mismatch",
+            Refusal::NeedsClientToken { .. } => "token_reused",
+            Refusal::Spent { .. } => "token_spent",
+            Refusal::ClientTokenMismatch { .. } => "client_token_mismatch",
             Refusal::ClientTokenInUse => "client_token_in_use",
             Refusal::Rotated(_) => "token_rotated",
             Refusal::Closed(_) => "tunnel_closed",

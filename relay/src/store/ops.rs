@@ -173,9 +173,21 @@ pub(crate) fn admit(t: &mut impl Tables, h: &Handshake) -> Result<Admitted, Admi
                 rec,
                 first_use: false,
             }),
-            (Some(_), Some(_)) => Err(Refusal::ClientTokenMismatch.into()),
-            (Some(_), None) => Err(Refusal::NeedsClientToken.into()),
-            (None, _) => Err(Refusal::Spent(h.mode).into()),
+            (Some(_), Some(_)) => Err(Refusal::ClientTokenMismatch {
+                mode: h.mode,
+                tunnel: id,
+            }
+            .into()),
+            (Some(_), None) => Err(Refusal::NeedsClientToken {
+                mode: h.mode,
+                tunnel: id,
+            }
+            .into()),
+            (None, _) => Err(Refusal::Spent {
+                mode: h.mode,
+                tunnel: id,
+            }
+            .into()),
         };
     }
     if let Some(ct) = h.client_token
