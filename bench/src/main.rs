@@ -277,9 +277,9 @@ fn instructions() {
             let text = std::fs::read_to_string(&file)
                 .unwrap_or_else(|e| die(format!("no callgrind output {}: {e}", file.display())));
             text.lines()
+                .rev()
                 .filter_map(|l| l.strip_prefix("totals: ").or(l.strip_prefix("summary: ")))
-                .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-                .last()
+                .find_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
                 .unwrap_or_else(|| die(format!("no totals in {}", file.display())))
         };
         // Proxy, relay, gateway, in the order of `pids`.
