@@ -1105,18 +1105,24 @@ fn open_tunnel(
     serde_json::from_slice(&o.stdout).unwrap_or_else(|_| die(String::from_utf8_lossy(&o.stderr)))
 }
 
+/// `culvert-relay` as the bench runs it: quiet, and without flow control if the bench is.
+fn relay_command(bins: &Path) -> Command {
+    let mut c = program(bins, "culvert-relay");
+    c.args(
+        std::env::args()
+            .any(|a| a == "--no-flow-control")
+            .then_some("--no-flow-control"),
+    )
+    .env("RUST_LOG", "warn")
+    .stdout(Stdio::null());
+    c
+}
+
 fn start_relay(bins: &Path, dir: &Path) -> (Kill, Vec<(String, String)>) {
     let relay = Kill(
-        program(bins, "culvert-relay")
-            .args(
-                std::env::args()
-                    .any(|a| a == "--no-flow-control")
-                    .then_some("--no-flow-control"),
-            )
+        relay_command(bins)
             .args(["--dev", "--listen", "127.0.0.1:0", "--state-dir"])
             .arg(dir.join("relay"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| die(e)),
     );
@@ -1148,16 +1154,9 @@ fn start_relay_unlimited(bins: &Path, dir: &Path) -> (Kill, Vec<(String, String)
     )
     .unwrap();
     let relay = Kill(
-        Command::new(bins.join("culvert-relay"))
-            .args(
-                std::env::args()
-                    .any(|a| a == "--no-flow-control")
-                    .then_some("--no-flow-control"),
-            )
+        relay_command(bins)
             .arg("--config")
             .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| die(e)),
     );
