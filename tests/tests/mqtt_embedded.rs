@@ -168,6 +168,43 @@ fn a_gateway_started_for_the_first_time_after_the_open_gets_the_tunnel() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A new password, or removing the device, cuts the gateway's broker connection at once, and its
+/// old password no longer gets it back in.
+#[test]
+fn a_new_password_or_removing_the_device_cuts_its_broker_connection() {
+    let dir = scratch("mqtt-revoke");
+    let relay = Relay::start(&dir);
+    let mut gateways = Vec::new();
+    for thing in ["kiosk-9", "kiosk-10"] {
+        let password = relay.add_device(thing);
+        let rules = mqtt_rules(
+            &dir,
+            relay.mqtt.unwrap(),
+            thing,
+            &password,
+            &[("ECHO", echo_server().to_string())],
+        );
+        let gw = relay.mqtt_gateway_with(&dir, &rules, &format!("culvertd-{thing}"), None);
+        wait_log(&gw, "subscribed");
+        gateways.push(gw);
+    }
+    relay.add_device("kiosk-9");
+    wait_log(
+        &relay.proc,
+        "device kiosk-9 was removed or got a new password",
+    );
+    // Its reconnect, with the old password, is refused.
+    wait_log(&gateways[0], "BadUserNamePassword");
+    relay.api(&["device", "remove", "kiosk-10"]);
+    wait_log(
+        &relay.proc,
+        "device kiosk-10 was removed or got a new password",
+    );
+    wait_log(&gateways[1], "BadUserNamePassword");
+    drop(gateways);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn rotation_moves_the_gateway_to_the_new_token() {
     let dir = scratch("mqtt-rotate");
