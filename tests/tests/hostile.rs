@@ -32,8 +32,34 @@ fn tls_client(ca: &std::path::Path) -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(cfg)
 }
 
-/// `n` connections from `from`: TLS, then half an HTTP request, then nothing. Returns how many
-/// TCP connects succeeded, and the connections the relay let get past TLS.
+/// A connection from `from`: TLS, then half an HTTP request, then nothing; `None` when the relay
+/// refused it or closed it before TLS was done.
+async fn half_sent_request(
+    tls: tokio_rustls::TlsConnector,
+    from: IpAddr,
+    addr: SocketAddr,
+) -> Option<tokio_rustls::client::TlsStream<TcpStream>> {
+    half_sent_request_on(tls, connect_from(from, addr).await.ok()?).await
+}
+
+/// TLS on `tcp`, then half an HTTP request.
+async fn half_sent_request_on(
+    tls: tokio_rustls::TlsConnector,
+    tcp: TcpStream,
+) -> Option<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut s = tokio::time::timeout(WAIT, tls.connect(name, tcp))
+        .await
+        .ok()?
+        .ok()?;
+    s.write_all(b"GET /api/v1/tunnels HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .ok()?;
+    Some(s)
+}
+
+/// `n` connections from `from`, all at once: TLS, then half an HTTP request, then nothing.
+/// Returns how many TCP connects succeeded, and the connections the relay let get past TLS.
 async fn half_sent_requests(
     addr: SocketAddr,
     ca: &std::path::Path,
@@ -48,15 +74,7 @@ async fn half_sent_requests(
         tasks.spawn(async move {
             let tcp = connect_from(from, addr).await.ok()?;
             connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-            let mut s = tokio::time::timeout(WAIT, tls.connect(name, tcp))
-                .await
-                .ok()?
-                .ok()?;
-            s.write_all(b"GET /api/v1/tunnels HTTP/1.1\r\nHost: x\r\n")
-                .await
-                .ok()?;
-            Some(s)
+            half_sent_request_on(tls, tcp).await
         });
     }
     let mut held = Vec::new();
@@ -66,6 +84,44 @@ async fn half_sent_requests(
         }
     }
     (connected.load(std::sync::atomic::Ordering::Relaxed), held)
+}
+
+/// `n` attackers from one address, each keeping one connection to the relay open: opened by
+/// `open`, and opened again 100 ms after the relay refuses or closes it, so that every slot the
+/// relay frees (at its handshake timeout) is taken again at once. Once `stop` is set they open
+/// nothing more, and each keeps what it holds until the relay closes it.
+fn besiege<S, F, Fut>(
+    rt: &tokio::runtime::Runtime,
+    n: usize,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: F,
+) -> tokio::task::JoinSet<()>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Option<S>> + Send,
+    S: tokio::io::AsyncRead + Unpin + Send,
+{
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (open, stop) = (open.clone(), stop.clone());
+        tasks.spawn_on(
+            async move {
+                // Bounded: at most one connection per 100 ms for the test's few minutes.
+                for _ in 0..10_000 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
+                    if let Some(mut s) = open().await {
+                        // The relay sends nothing before it closes (a 408 at most).
+                        let _ = tokio::io::AsyncReadExt::read(&mut s, &mut [0; 512]).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            rt.handle(),
+        );
+    }
+    tasks
 }
 
 /// `n` TCP connections from `from` to `to` that send nothing (the client's ends, kept open).
@@ -121,51 +177,34 @@ fn half_sent_requests_and_idle_mqtt_connections_do_not_lock_anyone_out() {
             held_from(pid, mqtt.port(), mqtt_attacker),
         )
     };
-    // The attackers keep at it, each on its own: a round opens 1000 half-sent requests, or
-    // 10000 idle MQTT connections, afresh (what the relay closed at its timeout comes back),
-    // until told to stop; they then keep their last round's connections open.
+    // The flood: 1000 half-sent requests and 10000 idle MQTT connections at once, all kept
+    // open. What they achieved, from the attackers' side: TCP connects that succeeded,
+    // half-sent requests that got past TLS, idle MQTT connections.
+    let ((connected, flood_web), flood_mqtt) = rt.block_on(async {
+        tokio::join!(
+            half_sent_requests(relay.addr, &relay.ca, web_attacker, 1000),
+            idle_connections(mqtt_attacker, mqtt, 10_000),
+        )
+    });
+    let (past_tls, idle) = (flood_web.len(), flood_mqtt.len());
+    // Then the siege: more attackers than the relay gives each source, retaking every slot it
+    // frees, so that the attack never lets go while the legitimate work below is done.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // What the first rounds achieved, from the attackers' side: (TCP connects that succeeded,
-    // half-sent requests that got past TLS), and idle MQTT connections.
-    let web_first = std::sync::Arc::new(std::sync::OnceLock::new());
-    let mqtt_first = std::sync::Arc::new(std::sync::OnceLock::new());
-    let web_attack = {
-        let (stop, relay_addr, ca) = (stop.clone(), relay.addr, relay.ca.clone());
-        let first = web_first.clone();
-        rt.spawn(async move {
-            let mut last = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                drop(std::mem::take(&mut last));
-                let (connected, held) =
-                    half_sent_requests(relay_addr, &ca, web_attacker, 1000).await;
-                let _ = first.set((connected, held.len()));
-                last = held;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            last
+    let web_siege = {
+        let (tls, to) = (tls_client(&relay.ca), relay.addr);
+        besiege(&rt, 48, &stop, move || {
+            half_sent_request(tls.clone(), web_attacker, to)
         })
     };
-    let mqtt_attack = {
-        let stop = stop.clone();
-        let first = mqtt_first.clone();
-        rt.spawn(async move {
-            let mut last = Vec::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                drop(std::mem::take(&mut last));
-                let idle = idle_connections(mqtt_attacker, mqtt, 10_000).await;
-                let _ = first.set(idle.len());
-                last = idle;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            last
-        })
-    };
+    let mqtt_siege = besiege(&rt, 48, &stop, move || async move {
+        connect_from(mqtt_attacker, mqtt).await.ok()
+    });
     wait_for("the attack to reach the relay", || {
         let (web, broker) = held_by_relay();
         (web > 0 && broker > 0).then_some(())
     });
     // What the relay holds: sockets it keeps, not the ones it is closing right after accept
-    // (those come and go under the flood), so the least of a few looks.
+    // (those come and go under the siege), so the least of a few looks.
     let samples: Vec<(usize, usize)> = (0..5)
         .map(|_| {
             std::thread::sleep(Duration::from_millis(50));
@@ -174,8 +213,6 @@ fn half_sent_requests_and_idle_mqtt_connections_do_not_lock_anyone_out() {
         .collect();
     let web = samples.iter().map(|s| s.0).min().unwrap();
     let broker = samples.iter().map(|s| s.1).min().unwrap();
-    let (connected, past_tls) = *wait_for("the first round of the attack", || web_first.get());
-    let idle = *wait_for("the first round of the attack", || mqtt_first.get());
     println!(
         "attack in place: {connected} of 1000 connections to the HTTPS port ({past_tls} got past TLS), \
          {idle} of 10000 idle MQTT connections; the relay holds {web} and {broker} of them"
@@ -191,8 +228,8 @@ fn half_sent_requests_and_idle_mqtt_connections_do_not_lock_anyone_out() {
 
     // While it sits: an operator opens a tunnel, the gateway is notified and connects, a
     // second gateway connects to the broker for the first time, and bytes flow. Meanwhile a
-    // watcher records the most attack connections the relay held (a round of the attack may be
-    // between its connections, or the relay may just have timed them out, at any one moment).
+    // watcher records the most attack connections the relay held (at any one moment the relay
+    // may just have timed the held ones out, before the siege takes their slots again).
     let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let watcher = {
         let watching = watching.clone();
@@ -246,12 +283,23 @@ fn half_sent_requests_and_idle_mqtt_connections_do_not_lock_anyone_out() {
     );
 
     // The handshake timeout releases every half-open slot, though the attackers keep their
-    // connections.
+    // connections: the flood's, and the siege's last.
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _kept = rt.block_on(async { (web_attack.await.unwrap(), mqtt_attack.await.unwrap()) });
     wait_for("the relay to close every half-open connection", || {
         (held_by_relay() == (0, 0)).then_some(())
     });
+    rt.block_on(async {
+        for mut siege in [web_siege, mqtt_siege] {
+            tokio::time::timeout(WAIT, async {
+                while let Some(r) = siege.join_next().await {
+                    r.unwrap();
+                }
+            })
+            .await
+            .expect("every attacker's connection was closed by the relay");
+        }
+    });
+    drop((flood_web, flood_mqtt));
     let log = relay.proc.log_text();
     assert!(!log.contains("Too many open files"), "{log}");
     assert!(
