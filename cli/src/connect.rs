@@ -6,11 +6,20 @@
 //! token, with exponential backoff. The listeners stay bound across reconnects, so
 //! `ssh -p 5555 localhost` keeps working once the relay is back. A 4xx from the relay (token
 //! refused, tunnel closed or expired) ends the proxy with [`ConnectError::Refused`].
+//!
+//! Readiness: the ports are bound at once (a port in use is an error before anything else), but
+//! "listening" is printed, and connections accepted, only once the relay has accepted the token
+//! and named the tunnel's services. While the relay is unreachable, a new local connection is
+//! closed at once rather than left hanging; during a reconnect that is still in its first
+//! attempt (a relay restart), it waits for the new session.
+//!
+//! [`Local::Stdio`] carries one connection over stdin and stdout instead, for ssh's
+//! `ProxyCommand` (`culvert ssh` uses it).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use culvert_protocol::client::{self, Backoff, ConnectOptions, Endpoint};
 use culvert_protocol::ext::Extensions;
@@ -24,10 +33,12 @@ use tracing::{debug, info, warn};
 
 /// Most simultaneous local connections the proxy carries (the localproxy caps at 128).
 pub const MAX_CONNECTIONS: usize = 1024;
-/// How long an accepted connection waits for a relay session before it is dropped.
+/// Most an accepted connection waits for a reconnect in progress before it is dropped.
 const WAIT_FOR_SESSION: Duration = Duration::from_secs(20);
 /// How long to wait for the relay's SERVICE_IDS after connecting.
 const WAIT_FOR_SERVICE_IDS: Duration = Duration::from_secs(20);
+/// How long the stdio mode tries to reach the relay before it gives up (ssh is waiting).
+const STDIO_GIVE_UP: Duration = Duration::from_secs(30);
 
 /// One `-s` mapping: a service (or none, the V1 single-service form) and a local port.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,15 +79,36 @@ pub fn parse_mappings(s: &str) -> Result<Vec<Mapping>, String> {
     Ok(out)
 }
 
+/// What the proxy carries on this machine.
+pub enum Local {
+    /// Listen on `bind`, a port per mapping, and carry every connection accepted there.
+    Listen {
+        mappings: Vec<Mapping>,
+        bind: String,
+    },
+    /// Carry one connection to `service` over stdin and stdout, then end.
+    Stdio { service: String },
+}
+
 pub struct ConnectArgs {
     pub endpoint: Endpoint,
     pub access_token: culvert_protocol::Secret,
     pub client_token: Option<String>,
     pub ca: Option<PathBuf>,
-    pub mappings: Vec<Mapping>,
-    pub bind: String,
+    pub local: Local,
     /// Message format to speak; by default the one the negotiated subprotocol implies.
     pub format: Option<Format>,
+}
+
+/// The relay session, as the local connections see it.
+#[derive(Clone)]
+enum Relay {
+    Up(SessionHandle),
+    /// The session ended and the first attempt to reconnect is under way: a relay restart
+    /// usually ends here, so new connections wait for it.
+    Reconnecting,
+    /// An attempt to reconnect failed: new connections are closed at once.
+    Unreachable,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,53 +144,46 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
         extensions: Extensions::ALL,
     };
 
-    // Bind every listener first: a port that cannot be bound is a fatal, local error.
+    // Bind every listener first: a port that cannot be bound is a fatal, local error. They
+    // accept nothing until the relay has taken the token.
+    let mut listeners = Vec::new();
+    if let Local::Listen { mappings, bind } = &args.local {
+        for m in mappings {
+            let listener = TcpListener::bind((bind.as_str(), m.port))
+                .await
+                .map_err(|e| {
+                    ConnectError::Fatal(format!("cannot listen on {bind}:{}: {e}", m.port))
+                })?;
+            listeners.push((listener, m.service.clone()));
+        }
+    }
+    let mut listeners = Some(listeners);
     let v1_service: Arc<OnceLock<String>> = Arc::new(OnceLock::new());
-    let (current_tx, current) = watch::channel::<Option<SessionHandle>>(None);
+    let (state_tx, state) = watch::channel(Relay::Reconnecting);
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    for m in &args.mappings {
-        let listener = TcpListener::bind((args.bind.as_str(), m.port))
-            .await
-            .map_err(|e| {
-                ConnectError::Fatal(format!("cannot listen on {}:{}: {e}", args.bind, m.port))
-            })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| ConnectError::Fatal(e.to_string()))?;
-        let name = m
-            .service
-            .clone()
-            .unwrap_or_else(|| "(the tunnel's service)".into());
-        println!("culvert: service {name} listening on {addr}");
-        tokio::spawn(accept_loop(
-            listener,
-            m.service.clone(),
-            v1_service.clone(),
-            current.clone(),
-            limit.clone(),
-            shutdown.clone(),
-        ));
+    // The stdio mode gives up after a while: ssh is waiting for its banner.
+    let give_up = shutdown.child_token();
+    if matches!(args.local, Local::Stdio { .. }) {
+        let give_up = give_up.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(STDIO_GIVE_UP).await;
+            give_up.cancel();
+        });
     }
 
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut first = true;
     loop {
-        // An operator at a terminal is told of an untrusted certificate at once: retrying
-        // cannot fix it.
-        let untrusted =
-            |e: &client::ConnectError| matches!(e, client::ConnectError::Untrusted { .. });
-        let c =
-            match client::connect_retrying_until(&opts, &mut backoff, &shutdown, untrusted).await {
-                Ok(Some(c)) => c,
-                Ok(None) => return Ok(()),
-                Err(client::ConnectError::Refused { status, message }) => {
-                    return Err(ConnectError::Refused { status, message });
-                }
-                Err(e @ client::ConnectError::Untrusted { .. }) => {
-                    return Err(ConnectError::Untrusted(e.to_string()));
-                }
-                Err(e) => return Err(ConnectError::Fatal(e.to_string())),
-            };
+        let c = match reconnect(&opts, &mut backoff, &give_up, &state_tx).await? {
+            Some(c) => c,
+            None if shutdown.is_cancelled() => return Ok(()),
+            None => {
+                return Err(ConnectError::Fatal(format!(
+                    "could not reach the relay at {} within {STDIO_GIVE_UP:?}",
+                    args.endpoint
+                )));
+            }
+        };
         let format = args.format.map_or(c.format, |f| f.min(c.format));
         let cfg = SessionConfig::default().for_relay(c.extensions);
         let (handle, _incoming) = session::spawn(c.ws, Mux::source(format), cfg);
@@ -171,13 +196,25 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
                     .map(|e| e.to_string())
                     .unwrap_or_else(|| "no SERVICE_IDS from the relay".into());
                 handle.close();
+                state_tx.send_replace(Relay::Unreachable);
                 let delay = backoff.next_delay();
                 warn!(reason = %why, retry_in = ?delay, "relay session failed to start");
                 tokio::time::sleep(delay).await;
                 continue;
             }
         };
-        check_mappings(&args.mappings, &ids, &v1_service)?;
+        let mappings = match &args.local {
+            Local::Listen { mappings, .. } => mappings.clone(),
+            Local::Stdio { service } => vec![Mapping {
+                service: Some(service.clone()),
+                port: 0,
+            }],
+        };
+        check_mappings(&mappings, &ids, &v1_service)?;
+        if let Local::Stdio { service } = &args.local {
+            debug!(relay = %args.endpoint, %service, ?format, "connected to relay");
+            return carry_stdio(&handle, service).await;
+        }
         if first {
             info!(relay = %args.endpoint, services = ?ids, ?format, "connected to relay");
             first = false;
@@ -185,7 +222,25 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
             info!(relay = %args.endpoint, "reconnected to relay");
         }
         backoff.reset();
-        current_tx.send_replace(Some(handle.clone()));
+        state_tx.send_replace(Relay::Up(handle.clone()));
+        // Ready: the relay took the token and the services are there.
+        for (listener, service) in listeners.take().into_iter().flatten() {
+            let addr = listener
+                .local_addr()
+                .map_err(|e| ConnectError::Fatal(e.to_string()))?;
+            let name = service
+                .clone()
+                .unwrap_or_else(|| "(the tunnel's service)".into());
+            println!("culvert: service {name} listening on {addr}");
+            tokio::spawn(accept_loop(
+                listener,
+                service,
+                v1_service.clone(),
+                state.clone(),
+                limit.clone(),
+                shutdown.clone(),
+            ));
+        }
         let why = tokio::select! {
             _ = shutdown.cancelled() => {
                 handle.close();
@@ -193,13 +248,68 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
             }
             why = handle.closed() => why,
         };
-        current_tx.send_replace(None);
+        state_tx.send_replace(Relay::Reconnecting);
         if why.is_relay_restart() {
             info!("the relay is restarting; reconnecting");
         } else {
             warn!(reason = %why, "relay session ended; reconnecting");
         }
     }
+}
+
+/// Connect to the relay: one attempt, then (once it failed, and local connections are told
+/// the relay is unreachable) retries with backoff. `None` when `stop` was cancelled.
+async fn reconnect(
+    opts: &ConnectOptions,
+    backoff: &mut Backoff,
+    stop: &CancellationToken,
+    state: &watch::Sender<Relay>,
+) -> Result<Option<client::Connected>, ConnectError> {
+    // An operator at a terminal is told of an untrusted certificate at once: retrying cannot
+    // fix it.
+    let untrusted = |e: &client::ConnectError| matches!(e, client::ConnectError::Untrusted { .. });
+    let first = tokio::select! {
+        _ = stop.cancelled() => return Ok(None),
+        r = client::connect(opts) => r,
+    };
+    let r = match first {
+        Ok(c) => Ok(Some(c)),
+        Err(e) if e.is_retryable() && !untrusted(&e) => {
+            state.send_replace(Relay::Unreachable);
+            let delay = backoff.next_delay();
+            warn!(error = %e, retry_in = ?delay, "cannot connect to relay");
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            client::connect_retrying_until(opts, backoff, stop, untrusted).await
+        }
+        Err(e) => Err(e),
+    };
+    r.map_err(|e| match e {
+        client::ConnectError::Refused { status, message } => {
+            ConnectError::Refused { status, message }
+        }
+        e @ client::ConnectError::Untrusted { .. } => ConnectError::Untrusted(e.to_string()),
+        e => ConnectError::Fatal(e.to_string()),
+    })
+}
+
+/// The stdio mode: one connection to `service`, spliced to stdin and stdout.
+async fn carry_stdio(handle: &SessionHandle, service: &str) -> Result<(), ConnectError> {
+    let stream = handle
+        .open(service)
+        .await
+        .map_err(|e| ConnectError::Fatal(format!("cannot open a connection to {service}: {e}")))?;
+    let id = stream.id();
+    let r = session::splice(
+        tokio::io::join(tokio::io::stdin(), tokio::io::stdout()),
+        stream,
+    )
+    .await;
+    debug!(%service, conn = %id, sent = r.sent, received = r.received, peer_closed = r.peer_closed, "connection closed");
+    handle.close();
+    Ok(())
 }
 
 /// Every mapped service must exist in the tunnel (the localproxy refuses to run otherwise).
@@ -240,7 +350,7 @@ async fn accept_loop(
     listener: TcpListener,
     service: Option<String>,
     v1_service: Arc<OnceLock<String>>,
-    current: watch::Receiver<Option<SessionHandle>>,
+    current: watch::Receiver<Relay>,
     limit: Arc<Semaphore>,
     shutdown: CancellationToken,
 ) {
@@ -276,18 +386,27 @@ async fn carry(
     peer: SocketAddr,
     service: Option<String>,
     v1: Arc<OnceLock<String>>,
-    mut current: watch::Receiver<Option<SessionHandle>>,
+    mut current: watch::Receiver<Relay>,
 ) {
-    let live = |h: &Option<SessionHandle>| h.as_ref().is_some_and(|h| h.ended().is_none());
-    let handle: Option<SessionHandle> =
-        match tokio::time::timeout(WAIT_FOR_SESSION, current.wait_for(live)).await {
-            Ok(Ok(h)) => h.clone(),
-            _ => None,
-        };
-    let handle = match handle {
-        Some(h) => h,
-        None => {
-            warn!(%peer, "no relay session within {WAIT_FOR_SESSION:?}; dropping connection");
+    // A live session, a reconnect to wait for, or an unreachable relay.
+    let settled = |r: &Relay| match r {
+        Relay::Up(h) => h.ended().is_none(),
+        Relay::Reconnecting => false,
+        Relay::Unreachable => true,
+    };
+    let started = Instant::now();
+    let state = match tokio::time::timeout(WAIT_FOR_SESSION, current.wait_for(settled)).await {
+        Ok(Ok(r)) => r.clone(),
+        _ => Relay::Reconnecting,
+    };
+    let handle = match state {
+        Relay::Up(h) => h,
+        Relay::Unreachable => {
+            warn!(%peer, "the relay is unreachable (culvert connect keeps retrying); connection closed");
+            return;
+        }
+        Relay::Reconnecting => {
+            warn!(%peer, waited = ?started.elapsed(), "no relay session yet (culvert connect keeps retrying); connection closed");
             return;
         }
     };

@@ -4,14 +4,20 @@
 //! - [`api`]: a small blocking client of culvert-relay's control API.
 //! - [`tunnel`]: `culvert tunnel open|list|describe|close|rotate` and their output.
 //! - [`connect`]: `culvert connect`, the source-side local proxy (listen on local ports, carry
-//!   each connection through the tunnel, reconnect with the client token when the relay drops).
+//!   each connection through the tunnel, reconnect with the client token when the relay drops),
+//!   or one connection over stdin and stdout (`--stdio`, ssh's ProxyCommand).
+//! - [`reach`]: `culvert ssh` and `culvert open`, one command to a device: a tunnel of their
+//!   own, opened, waited for, carried and closed.
 //!
 //! Exit codes: 0 success; 1 an error (message on stderr); 2 bad usage; 3 the relay refused
 //! the token or the tunnel is closed/expired (`connect`), so scripts can tell "gone" from "broken";
-//! 4 the relay's certificate is not trusted (`connect`: pass its CA).
+//! 4 the relay's certificate is not trusted (`connect`: pass its CA). `culvert ssh` exits with
+//! ssh's own code once ssh ran (255 for ssh's own errors), and 1 when no tunnel could be opened
+//! or its gateway never connected.
 
 pub mod api;
 pub mod connect;
+pub mod reach;
 pub mod tunnel;
 
 /// Exit code for "the relay refused us / the tunnel is gone".

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use culvert_cli::api::ApiClient;
-use culvert_cli::connect::{self, ConnectArgs, ConnectError};
+use culvert_cli::connect::{self, ConnectArgs, ConnectError, Local};
+use culvert_cli::reach::{self, RelaySettings};
 use culvert_cli::{EXIT_REFUSED, EXIT_UNTRUSTED, tunnel};
 use culvert_protocol::Format;
 use culvert_protocol::client::Endpoint;
@@ -46,6 +47,53 @@ enum Command {
         #[command(subcommand)]
         command: DeviceCommand,
     },
+    /// Log in to a device with the system's ssh: opens a tunnel for SSH, waits for the
+    /// device's gateway, runs ssh through it, and closes the tunnel when ssh exits.
+    ///
+    /// Everything after [USER@]THING goes to ssh (options, then a command), e.g.
+    /// `culvert ssh pi@cell-7 -i ~/.ssh/cell uptime`.
+    #[command(trailing_var_arg = true)]
+    Ssh {
+        /// The relay's API key.
+        #[arg(long, env = "CULVERT_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// The tunnel service that reaches the device's sshd.
+        #[arg(long, default_value = "SSH")]
+        service: String,
+        /// Seconds to wait for the device's gateway to connect to the new tunnel.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        wait: u64,
+        /// The ssh program to run.
+        #[arg(long, env = "CULVERT_SSH", default_value = "ssh")]
+        ssh: String,
+        /// The device: its thing name, with the user to log in as if not your own.
+        #[arg(value_name = "[USER@]THING")]
+        destination: String,
+        /// Arguments for ssh: options, then the command to run.
+        #[arg(allow_hyphen_values = true, value_name = "SSH ARGS")]
+        ssh_args: Vec<std::ffi::OsString>,
+    },
+    /// Reach any service of a device: opens a tunnel of its own, listens on local ports until
+    /// Ctrl-C (or SIGTERM), then closes the tunnel.
+    Open {
+        /// The relay's API key.
+        #[arg(long, env = "CULVERT_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// The device's thing name.
+        thing: String,
+        /// Service name (repeat, or comma-separate, for several).
+        #[arg(long = "service", required = true, value_delimiter = ',')]
+        services: Vec<String>,
+        /// The local port of the (single) service; by default a free one, printed.
+        #[arg(long)]
+        local: Option<u16>,
+        /// Seconds to wait for the device's gateway to connect to the new tunnel.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        wait: u64,
+        /// Local address to listen on.
+        #[arg(long, short = 'b', default_value = "127.0.0.1")]
+        bind: String,
+    },
     /// Run the local proxy: listen on local ports and carry connections through the tunnel.
     Connect {
         /// The tunnel's source access token. Prefer CULVERT_ACCESS_TOKEN or --token-file: on
@@ -71,11 +119,15 @@ enum Command {
         )]
         client_token: Option<String>,
         /// Service mappings: SERVICE=PORT[,SERVICE=PORT…] (port 0 picks a free one).
-        #[arg(long = "services", short = 's')]
-        services: String,
-        /// Local address to listen on.
-        #[arg(long, short = 'b', default_value = "127.0.0.1")]
-        bind: String,
+        #[arg(long = "services", short = 's', required_unless_present = "stdio")]
+        services: Option<String>,
+        /// Carry one connection to SERVICE over stdin and stdout instead of listening, e.g.
+        /// as ssh's ProxyCommand (what `culvert ssh` does).
+        #[arg(long, value_name = "SERVICE", conflicts_with_all = ["services", "bind"])]
+        stdio: Option<String>,
+        /// Local address to listen on [default: 127.0.0.1].
+        #[arg(long, short = 'b')]
+        bind: Option<String>,
         /// Use AWS's endpoint for this region instead of --relay.
         #[arg(long, conflicts_with = "relay")]
         region: Option<String>,
@@ -156,6 +208,45 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// A token cancelled by SIGTERM, SIGINT or SIGHUP, handled on `rt`.
+fn stop_on_signals(rt: &tokio::runtime::Runtime) -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    rt.spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            eprintln!("culvert: cannot handle signals; stop it with SIGKILL");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = hup.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        stop.cancel();
+    });
+    shutdown
+}
+
+/// How `culvert connect` (and `culvert open`) end: the exit code says which kind of end.
+fn connect_exit(r: Result<(), ConnectError>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ ConnectError::Refused { .. }) => {
+            eprintln!("culvert: {e}");
+            ExitCode::from(EXIT_REFUSED)
+        }
+        Err(e @ ConnectError::Untrusted(_)) => {
+            eprintln!("culvert: {e}");
+            ExitCode::from(EXIT_UNTRUSTED)
+        }
+        Err(e) => fail(e),
+    }
+}
+
 fn main() -> ExitCode {
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
@@ -172,7 +263,11 @@ fn main() -> ExitCode {
              set CULVERT_ACCESS_TOKEN or use --token-file instead"
         );
     }
-    let default_level = if matches!(cli.command, Command::Connect { .. }) {
+    // The stdio mode's stderr is the ssh user's terminal: warnings only.
+    let default_level = if matches!(
+        cli.command,
+        Command::Connect { stdio: None, .. } | Command::Open { .. }
+    ) {
         "info"
     } else {
         "warn"
@@ -193,14 +288,71 @@ fn main() -> ExitCode {
         let key = key.ok_or("no API key given: pass --api-key or set CULVERT_API_KEY")?;
         ApiClient::new(&relay, &key, cli.ca.as_deref()).map_err(|e| e.to_string())
     };
+    let relay_settings = |wait: u64| -> Result<RelaySettings, String> {
+        Ok(RelaySettings {
+            gateway_wait: std::time::Duration::from_secs(wait),
+            relay: cli
+                .relay
+                .clone()
+                .ok_or("no relay given: pass --relay HOST:PORT or set CULVERT_RELAY")?,
+            ca: cli.ca.clone(),
+        })
+    };
     match cli.command {
+        Command::Ssh {
+            api_key,
+            service,
+            wait,
+            ssh,
+            destination,
+            ssh_args,
+        } => {
+            let (api, relay) =
+                match api_client(api_key).and_then(|a| Ok((a, relay_settings(wait)?))) {
+                    Ok(x) => x,
+                    Err(e) => return fail(e),
+                };
+            match reach::ssh(&api, &relay, &service, &ssh, &destination, &ssh_args) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => fail(e),
+            }
+        }
+        Command::Open {
+            api_key,
+            thing,
+            services,
+            local,
+            wait,
+            bind,
+        } => {
+            let (api, relay) =
+                match api_client(api_key).and_then(|a| Ok((a, relay_settings(wait)?))) {
+                    Ok(x) => x,
+                    Err(e) => return fail(e),
+                };
+            connect_exit(reach::open(
+                &api,
+                &relay,
+                &thing,
+                &services,
+                local,
+                bind,
+                stop_on_signals,
+            ))
+        }
         Command::Device { api_key, command } => {
             let api = match api_client(api_key) {
                 Ok(a) => a,
                 Err(e) => return fail(e),
             };
             let r = match command {
-                DeviceCommand::Add { thing } => tunnel::device_add(&api, &thing, cli.json),
+                DeviceCommand::Add { thing } => tunnel::device_add(
+                    &api,
+                    &thing,
+                    cli.relay.as_deref().unwrap_or_default(),
+                    cli.ca.as_deref(),
+                    cli.json,
+                ),
                 DeviceCommand::List => tunnel::device_list(&api, cli.json),
                 DeviceCommand::Remove { thing } => tunnel::device_remove(&api, &thing, cli.json),
             };
@@ -249,6 +401,7 @@ fn main() -> ExitCode {
             token_file,
             client_token,
             services,
+            stdio,
             bind,
             region,
             format,
@@ -269,49 +422,32 @@ fn main() -> ExitCode {
                 Ok(t) => t,
                 Err(e) => return fail(e),
             };
-            let mappings = match connect::parse_mappings(&services) {
-                Ok(m) => m,
-                Err(e) => return fail(format!("-s {e}")),
+            let local = match (stdio, services) {
+                (Some(service), _) => Local::Stdio { service },
+                (None, services) => match connect::parse_mappings(&services.unwrap_or_default()) {
+                    Ok(mappings) => Local::Listen {
+                        mappings,
+                        bind: bind.unwrap_or_else(|| "127.0.0.1".into()),
+                    },
+                    Err(e) => return fail(format!("-s {e}")),
+                },
             };
             let args = ConnectArgs {
                 endpoint,
                 access_token: token,
                 client_token,
                 ca: cli.ca,
-                mappings,
-                bind,
+                local,
                 format,
             };
             let rt = match culvert_protocol::session::end_runtime() {
                 Ok(rt) => rt,
                 Err(e) => return fail(e),
             };
-            let shutdown = CancellationToken::new();
-            let stop = shutdown.clone();
-            rt.spawn(async move {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("installing a SIGTERM handler");
-                tokio::select! {
-                    _ = term.recv() => {},
-                    _ = tokio::signal::ctrl_c() => {},
-                }
-                stop.cancel();
-            });
+            let shutdown = stop_on_signals(&rt);
             let r = rt.block_on(connect::run(args, shutdown));
             rt.shutdown_timeout(std::time::Duration::from_secs(1));
-            match r {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e @ ConnectError::Refused { .. }) => {
-                    eprintln!("culvert: {e}");
-                    ExitCode::from(EXIT_REFUSED)
-                }
-                Err(e @ ConnectError::Untrusted(_)) => {
-                    eprintln!("culvert: {e}");
-                    ExitCode::from(EXIT_UNTRUSTED)
-                }
-                Err(e) => fail(e),
-            }
+            connect_exit(r)
         }
     }
 }

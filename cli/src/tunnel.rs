@@ -247,8 +247,16 @@ pub fn rotate(api: &ApiClient, id: &str, mode: &str, as_json: bool) -> Result<()
     Ok(())
 }
 
-/// `culvert device add`: register a gateway on the relay's embedded MQTT broker.
-pub fn device_add(api: &ApiClient, thing: &str, as_json: bool) -> Result<(), ApiError> {
+/// `culvert device add`: register a gateway on the relay's embedded MQTT broker, and print the
+/// gateway's `[relay]` and `[mqtt]` settings: `relay` and `ca` are this CLI's own (the relay it
+/// talks to, and the CA file it trusts, which the gateway needs a copy of).
+pub fn device_add(
+    api: &ApiClient,
+    thing: &str,
+    relay: &str,
+    ca: Option<&std::path::Path>,
+    as_json: bool,
+) -> Result<(), ApiError> {
     let v = api.post("/devices", &json!({"thingName": thing}))?;
     if as_json {
         print_json(&v);
@@ -258,6 +266,15 @@ pub fn device_add(api: &ApiClient, thing: &str, as_json: bool) -> Result<(), Api
     println!("device {thing} registered; its password is shown only now.");
     println!();
     println!("In the gateway's culvertd.toml:");
+    println!();
+    println!("[relay]");
+    println!("endpoint = \"{}\"", shown(relay));
+    if let Some(ca) = ca {
+        println!(
+            "ca = \"/etc/culvert/relay-ca.pem\"   # a copy of {} (the relay's CA)",
+            shown(&ca.display().to_string())
+        );
+    }
     println!();
     println!("[mqtt]");
     println!("broker = \"mqtts://{broker}\"");

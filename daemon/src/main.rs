@@ -87,15 +87,6 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if args.check_config {
-        println!(
-            "{}: OK ({} service(s): {})",
-            args.config.display(),
-            cfg.services.len(),
-            cfg.service_names().join(", ")
-        );
-        return ExitCode::SUCCESS;
-    }
     if let Some(dir) = cfg.audit_file.as_ref().and_then(|f| f.parent())
         && let Err(e) = std::fs::metadata(dir)
     {
@@ -112,7 +103,7 @@ fn main() -> ExitCode {
             Some(e) => e,
             None => {
                 eprintln!(
-                    "culvertd: no relay: set relay.endpoint in {} or pass --relay",
+                    "culvertd: no relay: set relay.endpoint in {} or pass --relay (CULVERT_RELAY)",
                     args.config.display()
                 );
                 return ExitCode::from(EXIT_CONFIG);
@@ -138,6 +129,17 @@ fn main() -> ExitCode {
         },
         _ => None,
     };
+    // What a start would refuse, a check refuses too: the relay, its CA, the broker's TLS
+    // settings and the audit directory were all checked above.
+    if args.check_config {
+        println!(
+            "{}: OK ({} service(s): {})",
+            args.config.display(),
+            cfg.services.len(),
+            cfg.service_names().join(", ")
+        );
+        return ExitCode::SUCCESS;
+    }
     if token.is_none() && cfg.mqtt.is_none() {
         eprintln!(
             "culvertd: nothing to do: add an [mqtt] section to {} to wait for tunnel notifications, \

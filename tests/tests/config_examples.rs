@@ -37,11 +37,14 @@ fn every_example_config_loads() {
                 .output()
                 .unwrap()
         } else {
-            Command::new(bin("culvertd"))
-                .args(["--check-config", "--config"])
-                .arg(&path)
-                .output()
-                .unwrap()
+            let mut check = Command::new(bin("culvertd"));
+            check.args(["--check-config", "--config"]).arg(&path);
+            check.env_remove("CULVERT_RELAY");
+            if name == "culvertd-demo.toml" {
+                // The demo's rules leave the relay to the environment it starts culvertd in.
+                check.env("CULVERT_RELAY", "127.0.0.1:8443");
+            }
+            check.output().unwrap()
         };
         assert!(
             out.status.success(),
