@@ -14,7 +14,9 @@
 //! attempt (a relay restart), it waits for the new session.
 //!
 //! [`Local::Stdio`] carries one connection over stdin and stdout instead, for ssh's
-//! `ProxyCommand` (`culvert ssh` uses it).
+//! `ProxyCommand` (`culvert ssh` uses it). [`Local::Destination`] is the localproxy's
+//! destination mode (`-d SSH=127.0.0.1:22`): connections from the tunnel go to the mapped
+//! addresses, with no rules, ACL or audit; on a gateway, culvertd is the program for that.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -79,6 +81,52 @@ pub fn parse_mappings(s: &str) -> Result<Vec<Mapping>, String> {
     Ok(out)
 }
 
+/// Where the relay is, from what the user gave: `-e` or `--relay` typed on the command line,
+/// `-r`, and `CULVERT_RELAY` from the environment. What was typed wins over the environment (a
+/// sourced `client.env` does not stand in the way of `-r`); a relay and a region typed together
+/// are an error, as the localproxy's `-e` and `-r` are exclusive.
+pub fn endpoint(
+    typed_relay: Option<&str>,
+    proxy_endpoint: Option<&str>,
+    region: Option<&str>,
+    env_relay: Option<&str>,
+) -> Result<Endpoint, String> {
+    if let (Some(a), Some(b)) = (typed_relay, proxy_endpoint)
+        && a != b
+    {
+        return Err(format!(
+            "--relay {a} and -e {b} name different relays: give one"
+        ));
+    }
+    match (proxy_endpoint.or(typed_relay), region) {
+        (Some(relay), Some(region)) => Err(format!(
+            "-r {region} (AWS's endpoint) and -e/--relay {relay} name different relays: give one"
+        )),
+        (Some(relay), None) => Endpoint::parse(relay),
+        (None, Some(region)) => Ok(Endpoint::aws_region(region)),
+        (None, None) => match env_relay {
+            Some(relay) => Endpoint::parse(relay),
+            None => Err(
+                "no relay given: pass -e HOST:PORT (or --relay), -r REGION for AWS, or set \
+                 CULVERT_RELAY"
+                    .into(),
+            ),
+        },
+    }
+}
+
+/// The tracing filter for the localproxy's `-v LEVEL`.
+pub fn log_filter(verbose: u8) -> &'static str {
+    match verbose {
+        0 => "off",
+        1 | 2 => "error",
+        3 => "warn",
+        4 => "info",
+        5 => "debug",
+        _ => "trace",
+    }
+}
+
 /// What the proxy carries on this machine.
 pub enum Local {
     /// Listen on `bind`, a port per mapping, and carry every connection accepted there.
@@ -88,6 +136,55 @@ pub enum Local {
     },
     /// Carry one connection to `service` over stdin and stdout, then end.
     Stdio { service: String },
+    /// The destination side: carry each connection from the tunnel to its service's address.
+    Destination { targets: Vec<Target> },
+}
+
+/// One `-d` mapping: a service (or none, for a one-service tunnel) and the address it reaches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub service: Option<String>,
+    pub addr: String,
+}
+
+/// Parse the localproxy's `-d`: `SSH=127.0.0.1:22,HMI=80`, or a bare `host:port` or `port`
+/// for a one-service tunnel; a bare port is on localhost.
+pub fn parse_targets(s: &str) -> Result<Vec<Target>, String> {
+    let mut out: Vec<Target> = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (service, addr) = match part.split_once('=') {
+            Some((svc, addr)) => {
+                if !culvert_protocol::valid_name(svc) {
+                    return Err(format!(
+                        "{part:?}: service name {svc:?} must be 1-128 characters of A-Z a-z 0-9 : _ -"
+                    ));
+                }
+                (Some(svc.to_owned()), addr)
+            }
+            None => (None, part),
+        };
+        let addr = if addr.parse::<u16>().is_ok() {
+            format!("localhost:{addr}")
+        } else {
+            match addr.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                    addr.to_owned()
+                }
+                _ => return Err(format!("{part:?}: {addr:?} is not HOST:PORT or PORT")),
+            }
+        };
+        if out.iter().any(|t| t.service == service) {
+            return Err(format!("{part:?}: service mapped twice"));
+        }
+        out.push(Target { service, addr });
+    }
+    if out.is_empty() {
+        return Err("no destination given: use -d SERVICE=HOST:PORT[,SERVICE=HOST:PORT…]".into());
+    }
+    if out.len() > 1 && out.iter().any(|t| t.service.is_none()) {
+        return Err("a bare address (no SERVICE=) is only valid as the only mapping".into());
+    }
+    Ok(out)
 }
 
 pub struct ConnectArgs {
@@ -137,13 +234,20 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
     }
     let opts = ConnectOptions {
         endpoint: args.endpoint.clone(),
-        mode: Mode::Source,
+        mode: if matches!(args.local, Local::Destination { .. }) {
+            Mode::Destination
+        } else {
+            Mode::Source
+        },
         access_token: args.access_token.clone(),
         client_token: Some(client_token.into()),
         tls,
         extensions: Extensions::ALL,
     };
 
+    if let Local::Destination { targets } = &args.local {
+        return serve_destination(&args.endpoint, &opts, targets, shutdown).await;
+    }
     // Bind every listener first: a port that cannot be bound is a fatal, local error. They
     // accept nothing until the relay has taken the token.
     let mut listeners = Vec::new();
@@ -209,6 +313,7 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
                 service: Some(service.clone()),
                 port: 0,
             }],
+            Local::Destination { .. } => unreachable!("served above"),
         };
         check_mappings(&mappings, &ids, &v1_service)?;
         if let Local::Stdio { service } = &args.local {
@@ -293,6 +398,98 @@ async fn reconnect(
         e @ client::ConnectError::Untrusted { .. } => ConnectError::Untrusted(e.to_string()),
         e => ConnectError::Fatal(e.to_string()),
     })
+}
+
+/// The destination mode: connect as the tunnel's destination and carry each connection from
+/// the tunnel to its service's address, reconnecting as the source side does.
+async fn serve_destination(
+    endpoint: &Endpoint,
+    opts: &ConnectOptions,
+    targets: &[Target],
+    shutdown: CancellationToken,
+) -> Result<(), ConnectError> {
+    let (state, _) = watch::channel(Relay::Reconnecting);
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut first = true;
+    loop {
+        let Some(c) = reconnect(opts, &mut backoff, &shutdown, &state).await? else {
+            return Ok(());
+        };
+        backoff.reset();
+        // A V1 stream names no service: it maps to the one mapping when there is one.
+        let named: Vec<String> = targets.iter().filter_map(|t| t.service.clone()).collect();
+        let mux = Mux::destination((named.len() == 1).then_some(named));
+        let cfg = SessionConfig::default().for_relay(c.extensions);
+        let (handle, mut incoming) = session::spawn(c.ws, mux, cfg);
+        if first {
+            info!(relay = %endpoint, "connected to relay as destination");
+            for t in targets {
+                let name = t.service.as_deref().unwrap_or("(the tunnel's service)");
+                println!("culvert: service {name} forwarded to {}", t.addr);
+            }
+            first = false;
+        } else {
+            info!(relay = %endpoint, "reconnected to relay");
+        }
+        let why = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    handle.close();
+                    return Ok(());
+                }
+                why = handle.closed() => break why,
+                s = incoming.streams.recv() => match s {
+                    Some(stream) => {
+                        let target = match targets {
+                            [only] => Some(only),
+                            all => all.iter().find(|t| t.service.as_deref() == Some(stream.service())),
+                        };
+                        let (Some(target), Ok(permit)) = (target, limit.clone().try_acquire_owned()) else {
+                            warn!(service = %stream.service(), "no -d mapping for this service, or too many connections; connection refused");
+                            tokio::spawn(stream.reset());
+                            continue;
+                        };
+                        let addr = target.addr.clone();
+                        tokio::spawn(async move {
+                            carry_to(&addr, stream).await;
+                            drop(permit);
+                        });
+                    }
+                    None => break handle.closed().await,
+                },
+            }
+        };
+        if why.is_relay_restart() {
+            info!("the relay is restarting; reconnecting");
+        } else {
+            warn!(reason = %why, "relay session ended; reconnecting");
+        }
+    }
+}
+
+/// How long a destination connection may take to reach its address.
+const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn carry_to(addr: &str, stream: session::Connection) {
+    let service = stream.service().to_owned();
+    let tcp = match tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => {
+            warn!(%service, %addr, error = %e, "cannot reach the destination; connection reset");
+            stream.reset().await;
+            return;
+        }
+        Err(_) => {
+            warn!(%service, %addr, "the destination did not answer within {TARGET_CONNECT_TIMEOUT:?}; connection reset");
+            stream.reset().await;
+            return;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let id = stream.id();
+    let r = session::splice(tcp, stream).await;
+    debug!(%service, conn = %id, sent = r.sent, received = r.received, peer_closed = r.peer_closed, "connection closed");
 }
 
 /// The stdio mode: one connection to `service`, spliced to stdin and stdout.
@@ -454,5 +651,60 @@ mod tests {
                 .contains("only mapping")
         );
         assert!(parse_mappings("bad name=1").is_err());
+    }
+
+    #[test]
+    fn what_is_typed_names_the_relay_and_the_environment_gives_way() {
+        let host = |r: Result<Endpoint, String>| r.unwrap().to_string();
+        let env = Some("relay.example.com:443");
+        assert!(host(endpoint(None, None, Some("eu-west-1"), env)).contains("eu-west-1"));
+        assert!(host(endpoint(None, Some("127.0.0.1:9"), None, env)).contains("127.0.0.1"));
+        assert!(host(endpoint(Some("127.0.0.1:9"), None, None, env)).contains("127.0.0.1"));
+        assert!(host(endpoint(None, None, None, env)).contains("relay.example.com"));
+        assert!(
+            endpoint(None, Some("a:1"), Some("eu-west-1"), None)
+                .unwrap_err()
+                .contains("give one")
+        );
+        assert!(
+            endpoint(Some("a:1"), Some("b:1"), None, None)
+                .unwrap_err()
+                .contains("give one")
+        );
+        assert!(
+            endpoint(None, None, None, None)
+                .unwrap_err()
+                .contains("CULVERT_RELAY")
+        );
+        assert_eq!(log_filter(0), "off");
+        assert_eq!(log_filter(5), "debug");
+        assert_eq!(log_filter(200), "trace");
+    }
+
+    #[test]
+    fn destinations_as_the_localproxy_takes_them() {
+        let t = |s: Option<&str>, a: &str| Target {
+            service: s.map(str::to_owned),
+            addr: a.to_owned(),
+        };
+        assert_eq!(
+            parse_targets("SSH=127.0.0.1:22,HMI=80").unwrap(),
+            vec![
+                t(Some("SSH"), "127.0.0.1:22"),
+                t(Some("HMI"), "localhost:80")
+            ]
+        );
+        assert_eq!(parse_targets("22").unwrap(), vec![t(None, "localhost:22")]);
+        assert_eq!(
+            parse_targets("plc.local:502").unwrap(),
+            vec![t(None, "plc.local:502")]
+        );
+        assert!(parse_targets("SSH=host").unwrap_err().contains("HOST:PORT"));
+        assert!(
+            parse_targets("22,HMI=80")
+                .unwrap_err()
+                .contains("only mapping")
+        );
+        assert!(parse_targets("SSH=1,SSH=2").unwrap_err().contains("twice"));
     }
 }

@@ -9,7 +9,6 @@ use culvert_cli::connect::{self, ConnectArgs, ConnectError, Local};
 use culvert_cli::reach::{self, RelaySettings};
 use culvert_cli::{EXIT_REFUSED, EXIT_UNTRUSTED, tunnel};
 use culvert_protocol::Format;
-use culvert_protocol::client::Endpoint;
 use tokio_util::sync::CancellationToken;
 
 /// culvert: open and manage tunnels, and reach the machines behind them.
@@ -19,9 +18,19 @@ struct Cli {
     /// The relay, host:port (API and data plane share it).
     #[arg(long, env = "CULVERT_RELAY", global = true)]
     relay: Option<String>,
-    /// Extra CA certificate (PEM) to trust, e.g. the dev relay's ca.pem.
-    #[arg(long, env = "CULVERT_CA", global = true)]
+    /// Extra CA certificate (PEM) to trust, e.g. the dev relay's ca.pem, or a directory of
+    /// them (the localproxy's `-c DIR`).
+    #[arg(
+        long,
+        short = 'c',
+        visible_alias = "capath",
+        env = "CULVERT_CA",
+        global = true
+    )]
     ca: Option<PathBuf>,
+    /// The relay's API key (tunnel, device, ssh and open).
+    #[arg(long, env = "CULVERT_API_KEY", hide_env_values = true, global = true)]
+    api_key: Option<String>,
     /// Print the relay's JSON instead of human output.
     #[arg(long, global = true)]
     json: bool,
@@ -33,17 +42,11 @@ struct Cli {
 enum Command {
     /// Manage tunnels through the relay's API.
     Tunnel {
-        /// The relay's API key.
-        #[arg(long, env = "CULVERT_API_KEY", hide_env_values = true)]
-        api_key: Option<String>,
         #[command(subcommand)]
         command: TunnelCommand,
     },
     /// Manage gateways allowed on the relay's embedded MQTT broker.
     Device {
-        /// The relay's API key.
-        #[arg(long, env = "CULVERT_API_KEY", hide_env_values = true)]
-        api_key: Option<String>,
         #[command(subcommand)]
         command: DeviceCommand,
     },
@@ -54,9 +57,6 @@ enum Command {
     /// `culvert ssh pi@cell-7 -i ~/.ssh/cell uptime`.
     #[command(trailing_var_arg = true)]
     Ssh {
-        /// The relay's API key.
-        #[arg(long, env = "CULVERT_API_KEY", hide_env_values = true)]
-        api_key: Option<String>,
         /// The tunnel service that reaches the device's sshd.
         #[arg(long, default_value = "SSH")]
         service: String,
@@ -76,9 +76,6 @@ enum Command {
     /// Reach any service of a device: opens a tunnel of its own, listens on local ports until
     /// Ctrl-C (or SIGTERM), then closes the tunnel.
     Open {
-        /// The relay's API key.
-        #[arg(long, env = "CULVERT_API_KEY", hide_env_values = true)]
-        api_key: Option<String>,
         /// The device's thing name.
         thing: String,
         /// Service name (repeat, or comma-separate, for several).
@@ -95,22 +92,28 @@ enum Command {
         bind: String,
     },
     /// Run the local proxy: listen on local ports and carry connections through the tunnel.
+    ///
+    /// The AWS localproxy's options and environment work too, so a script written for it runs
+    /// with `culvert connect` in its place: -t, -i, -e, -r, -s, -d, -b, -c, -v, -m, -y, and
+    /// AWSIOT_TUNNEL_ACCESS_TOKEN / AWSIOT_TUNNEL_CLIENT_TOKEN.
     Connect {
-        /// The tunnel's source access token. Prefer CULVERT_ACCESS_TOKEN or --token-file: on
-        /// the command line, every user of the machine can read it with `ps`.
+        /// The tunnel's access token. Prefer CULVERT_ACCESS_TOKEN (or the localproxy's
+        /// AWSIOT_TUNNEL_ACCESS_TOKEN) or --token-file: on the command line, every user of the
+        /// machine can read it with `ps`.
         #[arg(
             long,
             short = 't',
+            visible_alias = "access-token",
             env = "CULVERT_ACCESS_TOKEN",
             hide_env_values = true,
-            required_unless_present = "token_file",
             conflicts_with = "token_file"
         )]
         token: Option<String>,
-        /// A file holding the tunnel's source access token.
+        /// A file holding the tunnel's access token.
         #[arg(long)]
         token_file: Option<PathBuf>,
-        /// Client token binding this proxy to the token, so it can reconnect (generated if absent).
+        /// Client token binding this proxy to the token, so it can reconnect (generated if
+        /// absent; AWSIOT_TUNNEL_CLIENT_TOKEN is read too).
         #[arg(
             long,
             short = 'i',
@@ -118,22 +121,44 @@ enum Command {
             hide_env_values = true
         )]
         client_token: Option<String>,
-        /// Service mappings: SERVICE=PORT[,SERVICE=PORT…] (port 0 picks a free one).
-        #[arg(long = "services", short = 's', required_unless_present = "stdio")]
+        /// The relay, host:port, as the localproxy names it (overrides CULVERT_RELAY).
+        #[arg(long, short = 'e', value_name = "HOST:PORT")]
+        proxy_endpoint: Option<String>,
+        /// Use AWS's endpoint for this region (overrides CULVERT_RELAY).
+        #[arg(long, short = 'r')]
+        region: Option<String>,
+        /// Source side: SERVICE=PORT[,SERVICE=PORT…] (port 0 picks a free one), or a bare PORT
+        /// for a one-service tunnel.
+        #[arg(long = "services", short = 's', visible_alias = "source-listen-port")]
         services: Option<String>,
+        /// Destination side: SERVICE=HOST:PORT[,…], or a bare HOST:PORT or PORT for a
+        /// one-service tunnel. No rules or ACL: on a gateway, use culvertd.
+        #[arg(
+            long = "destination-app",
+            short = 'd',
+            value_name = "SERVICE=HOST:PORT"
+        )]
+        destination: Option<String>,
         /// Carry one connection to SERVICE over stdin and stdout instead of listening, e.g.
         /// as ssh's ProxyCommand (what `culvert ssh` does).
-        #[arg(long, value_name = "SERVICE", conflicts_with_all = ["services", "bind"])]
+        #[arg(long, value_name = "SERVICE", conflicts_with_all = ["services", "destination", "bind"])]
         stdio: Option<String>,
         /// Local address to listen on [default: 127.0.0.1].
-        #[arg(long, short = 'b')]
+        #[arg(long, short = 'b', visible_alias = "local-bind-address")]
         bind: Option<String>,
-        /// Use AWS's endpoint for this region instead of --relay.
-        #[arg(long, conflicts_with = "relay")]
-        region: Option<String>,
+        /// src or dst (the localproxy's -m); implied by -s or -d.
+        #[arg(long, short = 'm')]
+        mode: Option<String>,
         /// Message format to speak (V1 or V2 for older destinations); default: as negotiated.
-        #[arg(long)]
+        #[arg(long, short = 'y', visible_alias = "destination-client-type")]
         format: Option<Format>,
+        /// Log level as the localproxy counts it: 0 off, 1-2 errors, 3 warnings, 4 info
+        /// (default), 5 debug, 6 and up trace. Overrides RUST_LOG.
+        #[arg(long, short = 'v', value_name = "LEVEL")]
+        verbose: Option<u8>,
+        /// Refused: culvert always verifies the relay's certificate.
+        #[arg(long = "no-ssl-host-verify", short = 'k', hide = true)]
+        no_verify: bool,
     },
 }
 
@@ -253,10 +278,15 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
-    let token_on_command_line = matches
-        .subcommand_matches("connect")
-        .and_then(|m| m.value_source("token"))
-        == Some(clap::parser::ValueSource::CommandLine);
+    let typed = |name: &str| {
+        matches
+            .subcommand()
+            .map_or(&matches, |(_, m)| m)
+            .value_source(name)
+            == Some(clap::parser::ValueSource::CommandLine)
+    };
+    let token_on_command_line = matches.subcommand_name() == Some("connect") && typed("token");
+    let relay_typed = typed("relay");
     if token_on_command_line {
         eprintln!(
             "culvert: warning: --token shows the token to every user of this machine (ps); \
@@ -272,14 +302,19 @@ fn main() -> ExitCode {
     } else {
         "warn"
     };
+    let filter = match cli.command {
+        Command::Connect {
+            verbose: Some(v), ..
+        } => connect::log_filter(v).into(),
+        _ => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| default_level.into()),
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_level.into()),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let api_key = cli.api_key.clone();
     let api_client = |key: Option<String>| -> Result<ApiClient, String> {
         let relay = cli
             .relay
@@ -300,7 +335,6 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Ssh {
-            api_key,
             service,
             wait,
             ssh,
@@ -318,7 +352,6 @@ fn main() -> ExitCode {
             }
         }
         Command::Open {
-            api_key,
             thing,
             services,
             local,
@@ -340,7 +373,7 @@ fn main() -> ExitCode {
                 stop_on_signals,
             ))
         }
-        Command::Device { api_key, command } => {
+        Command::Device { command } => {
             let api = match api_client(api_key) {
                 Ok(a) => a,
                 Err(e) => return fail(e),
@@ -361,7 +394,7 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        Command::Tunnel { api_key, command } => {
+        Command::Tunnel { command } => {
             let api = match api_client(api_key) {
                 Ok(a) => a,
                 Err(e) => return fail(e),
@@ -400,38 +433,88 @@ fn main() -> ExitCode {
             token,
             token_file,
             client_token,
+            proxy_endpoint,
+            region,
             services,
+            destination,
             stdio,
             bind,
-            region,
+            mode,
             format,
+            verbose: _,
+            no_verify,
         } => {
-            let endpoint = match (region, cli.relay) {
-                (Some(r), _) => Endpoint::aws_region(&r),
-                (None, Some(relay)) => match Endpoint::parse(&relay) {
-                    Ok(e) => e,
-                    Err(e) => return fail(e),
-                },
-                (None, None) => {
-                    return fail(
-                        "no relay given: pass --relay HOST:PORT (or --region) or set CULVERT_RELAY",
-                    );
-                }
-            };
-            let token = match culvert_protocol::client::access_token(token, token_file.as_deref()) {
-                Ok(t) => t,
+            if no_verify {
+                return fail(
+                    "-k (no certificate verification) is not supported: culvert always verifies \
+                     the relay. Pass the relay's CA with -c DIR or --ca FILE",
+                );
+            }
+            let endpoint = match connect::endpoint(
+                cli.relay.as_deref().filter(|_| relay_typed),
+                proxy_endpoint.as_deref(),
+                region.as_deref(),
+                cli.relay.as_deref().filter(|_| !relay_typed),
+            ) {
+                Ok(e) => e,
                 Err(e) => return fail(e),
             };
-            let local = match (stdio, services) {
-                (Some(service), _) => Local::Stdio { service },
-                (None, services) => match connect::parse_mappings(&services.unwrap_or_default()) {
+            // The localproxy's environment, after culvert's own.
+            let aws_env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+            let token = token.or_else(|| {
+                token_file
+                    .is_none()
+                    .then(|| aws_env("AWSIOT_TUNNEL_ACCESS_TOKEN"))
+                    .flatten()
+            });
+            let token = match culvert_protocol::client::access_token(token, token_file.as_deref()) {
+                Ok(t) => t,
+                Err(e) => {
+                    return fail(format!(
+                        "{e}: set CULVERT_ACCESS_TOKEN (or AWSIOT_TUNNEL_ACCESS_TOKEN), or pass \
+                         --token-file FILE"
+                    ));
+                }
+            };
+            let client_token = client_token.or_else(|| aws_env("AWSIOT_TUNNEL_CLIENT_TOKEN"));
+            let local = match (stdio, services, destination) {
+                (Some(service), _, _) => Local::Stdio { service },
+                (None, Some(_), Some(_)) => {
+                    return fail(
+                        "-s and -d together: a proxy is the tunnel's source (-s) or its \
+                         destination (-d), not both",
+                    );
+                }
+                (None, Some(services), None) => match connect::parse_mappings(&services) {
                     Ok(mappings) => Local::Listen {
                         mappings,
                         bind: bind.unwrap_or_else(|| "127.0.0.1".into()),
                     },
                     Err(e) => return fail(format!("-s {e}")),
                 },
+                (None, None, Some(d)) => match connect::parse_targets(&d) {
+                    Ok(targets) => Local::Destination { targets },
+                    Err(e) => return fail(format!("-d {e}")),
+                },
+                (None, None, None) => {
+                    return fail(
+                        "say what to carry: -s SERVICE=PORT (the source side), -d \
+                         SERVICE=HOST:PORT (the destination side), or --stdio SERVICE",
+                    );
+                }
             };
+            match (mode.as_deref(), &local) {
+                (None, _)
+                | (Some("src" | "source"), Local::Listen { .. } | Local::Stdio { .. })
+                | (Some("dst" | "destination"), Local::Destination { .. }) => {}
+                (Some(m @ ("src" | "source" | "dst" | "destination")), _) => {
+                    return fail(format!(
+                        "-m {m} does not match the mappings: -s is the source side, -d the \
+                         destination side"
+                    ));
+                }
+                (Some(m), _) => return fail(format!("-m {m:?}: expected src or dst")),
+            }
             let args = ConnectArgs {
                 endpoint,
                 access_token: token,

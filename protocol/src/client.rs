@@ -130,7 +130,9 @@ pub fn tls_config(extra_ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, 
     Ok(Arc::new(cfg))
 }
 
-/// The system's trusted roots plus, optionally, the certificates of a PEM CA file.
+/// The system's trusted roots plus, optionally, the certificates of a PEM CA file, or of
+/// every PEM file in a CA directory (the localproxy's `-c DIR`, as `openssl rehash` leaves it:
+/// its hash-named links are the same files and add nothing twice).
 pub fn root_store(extra_ca: Option<&Path>) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
@@ -138,19 +140,27 @@ pub fn root_store(extra_ca: Option<&Path>) -> Result<rustls::RootCertStore, Stri
         let _ = roots.add(cert);
     }
     if let Some(path) = extra_ca {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
-        let mut n = 0;
-        for cert in rustls_pemfile::certs(&mut &pem[..]) {
-            let cert = cert.map_err(|e| format!("CA file {}: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("CA file {}: {e}", path.display()))?;
-            n += 1;
-        }
+        let n = if path.is_dir() {
+            let entries = std::fs::read_dir(path)
+                .map_err(|e| format!("cannot read CA directory {}: {e}", path.display()))?;
+            let mut files: Vec<_> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect();
+            files.sort();
+            let mut n = 0;
+            for file in files.iter().take(1000) {
+                // Other files may sit beside the certificates (CRLs, a README): skipped.
+                n += add_pem_certs(&mut roots, file).unwrap_or(0);
+            }
+            n
+        } else {
+            add_pem_certs(&mut roots, path)?
+        };
         if n == 0 {
             return Err(format!(
-                "CA file {} contains no PEM certificate",
+                "CA {} {} holds no PEM certificate",
+                if path.is_dir() { "directory" } else { "file" },
                 path.display()
             ));
         }
@@ -414,6 +424,21 @@ fn error_message(body: &[u8]) -> Option<String> {
         }
     }
     Some(text.trim().chars().take(500).collect())
+}
+
+/// Add the certificates of one PEM file; how many.
+fn add_pem_certs(roots: &mut rustls::RootCertStore, path: &Path) -> Result<usize, String> {
+    let pem =
+        std::fs::read(path).map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+    let mut n = 0;
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        let cert = cert.map_err(|e| format!("CA file {}: {e}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// Exponential backoff with full jitter, for reconnecting to a relay or broker.

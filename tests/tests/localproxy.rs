@@ -448,3 +448,69 @@ fn wrong_tokens_make_the_localproxy_exit_without_a_listener() {
     let log = relay.proc.log_text();
     assert!(!log.contains("peer connected"), "{log}");
 }
+
+/// A script written for the localproxy runs with `culvert connect` in its place: the same
+/// arguments and environment (`-e HOST:PORT -c DIR -s/-d … -v 5`, AWSIOT_TUNNEL_ACCESS_TOKEN and
+/// AWSIOT_TUNNEL_CLIENT_TOKEN, none of culvert's own settings), as the tunnel's destination with
+/// the real localproxy as its source, and as the source with the localproxy as the destination.
+#[test]
+fn culvert_connect_runs_the_localproxy_command_line_on_either_side() {
+    let dir = scratch("lp-command-line");
+    let echo = echo_server();
+    let relay = Relay::start(&dir);
+    let cadir = ca_dir(&relay, &dir);
+    let culvert = bin("culvert");
+    let lp = localproxy();
+    let run = |program: &Path, token: &str, mapping: [String; 2], name: &str| {
+        let mut cmd = Command::new(program);
+        if program == culvert {
+            cmd.arg("connect");
+        }
+        cmd.arg("-e")
+            .arg(relay.addr.to_string())
+            .arg("-c")
+            .arg(&cadir)
+            .args(&mapping)
+            .args(["-v", "5"])
+            .env("AWSIOT_TUNNEL_ACCESS_TOKEN", token)
+            .env(
+                "AWSIOT_TUNNEL_CLIENT_TOKEN",
+                culvert_protocol::new_client_token(),
+            );
+        for var in [
+            "CULVERT_RELAY",
+            "CULVERT_CA",
+            "CULVERT_ACCESS_TOKEN",
+            "CULVERT_CLIENT_TOKEN",
+            "RUST_LOG",
+        ] {
+            cmd.env_remove(var);
+        }
+        Proc::spawn_logging_stdout(name, &mut cmd, &dir)
+    };
+    let destination = || ["-d".to_owned(), format!("ECHO={echo}")];
+    for (i, (dst_program, src_program)) in
+        [(&culvert, &lp), (&lp, &culvert)].into_iter().enumerate()
+    {
+        let t = relay.open_tunnel(&format!("lp-command-line-{i}"), &["ECHO"]);
+        let dst = run(dst_program, &t.destination, destination(), "destination");
+        relay.wait_side(&t.id, "destination", "CONNECTED");
+        let port = free_port();
+        let src = run(
+            src_program,
+            &t.source,
+            ["-s".to_owned(), format!("ECHO={port}")],
+            "source",
+        );
+        relay.wait_side(&t.id, "source", "CONNECTED");
+        checked_echo(port, 1024 * 1024);
+        let ours = if dst_program == &culvert { &dst } else { &src };
+        assert!(
+            ours.log_text().contains("DEBUG"),
+            "-v 5 is debug logging:\n{}",
+            ours.log_text()
+        );
+        drop((src, dst));
+    }
+    assert_no_sni_warning(&relay);
+}
