@@ -1381,6 +1381,7 @@ fn relay_idle(bins: &Path, dir: &Path, steps: &[usize]) -> Vec<(usize, u64)> {
                         client_token: None,
                         tls: tls.clone(),
                         extensions: Default::default(),
+                        proxy: None,
                     };
                     let permit = sem.clone().acquire_owned().await.unwrap();
                     joins.push(tokio::spawn(async move {

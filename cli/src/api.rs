@@ -21,8 +21,14 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    /// `relay` is `host:port` (or `https://host:port`); `ca` an extra PEM CA (e.g. the dev CA).
-    pub fn new(relay: &str, key: &str, ca: Option<&Path>) -> anyhow::Result<ApiClient> {
+    /// `relay` is `host:port` (or `https://host:port`); `ca` an extra PEM CA (e.g. the dev CA);
+    /// `proxy` the one to reach the relay through.
+    pub fn new(
+        relay: &str,
+        key: &str,
+        ca: Option<&Path>,
+        proxy: Option<&culvert_protocol::proxy::Proxy>,
+    ) -> anyhow::Result<ApiClient> {
         let host = relay
             .trim_start_matches("https://")
             .trim_start_matches("wss://")
@@ -42,7 +48,13 @@ impl ApiClient {
             }
             tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
         }
+        // ureq speaks both HTTP CONNECT and SOCKS5; culvert decides which (and NO_PROXY).
+        let proxy = proxy
+            .map(|p| ureq::Proxy::new(p.url_with_credentials().expose()))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("proxy: {e}"))?;
         let agent = ureq::Agent::config_builder()
+            .proxy(proxy)
             .tls_config(tls.build())
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))

@@ -189,6 +189,8 @@ pub fn parse_targets(s: &str) -> Result<Vec<Target>, String> {
 
 pub struct ConnectArgs {
     pub endpoint: Endpoint,
+    /// The proxy to reach the relay through, if any.
+    pub proxy: Option<culvert_protocol::proxy::Proxy>,
     pub access_token: culvert_protocol::Secret,
     pub client_token: Option<String>,
     pub ca: Option<PathBuf>,
@@ -220,6 +222,16 @@ pub enum ConnectError {
     Fatal(String),
 }
 
+impl ConnectArgs {
+    /// Where the relay is, and through which proxy, for messages.
+    fn relay_shown(&self) -> String {
+        match &self.proxy {
+            Some(p) => format!("{} (through {p})", self.endpoint),
+            None => self.endpoint.to_string(),
+        }
+    }
+}
+
 /// Run the proxy until `shutdown` is cancelled or the relay refuses us.
 pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), ConnectError> {
     let tls = client::tls_config(args.ca.as_deref()).map_err(ConnectError::Fatal)?;
@@ -243,6 +255,7 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
         client_token: Some(client_token.into()),
         tls,
         extensions: Extensions::ALL,
+        proxy: args.proxy.clone(),
     };
 
     if let Local::Destination { targets } = &args.local {
@@ -321,7 +334,7 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
             return carry_stdio(&handle, service).await;
         }
         if first {
-            info!(relay = %args.endpoint, services = ?ids, ?format, "connected to relay");
+            info!(relay = %args.relay_shown(), services = ?ids, ?format, "connected to relay");
             first = false;
         } else {
             info!(relay = %args.endpoint, "reconnected to relay");

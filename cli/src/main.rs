@@ -28,6 +28,11 @@ struct Cli {
         global = true
     )]
     ca: Option<PathBuf>,
+    /// Reach the relay through this proxy: http://[USER:PASSWORD@]HOST:PORT (HTTP CONNECT),
+    /// socks5:// or socks5h:// (SOCKS5), or `none`. Default: HTTPS_PROXY, then ALL_PROXY,
+    /// unless NO_PROXY names the relay.
+    #[arg(long, env = "CULVERT_PROXY", hide_env_values = true, global = true)]
+    proxy: Option<String>,
     /// The relay's API key (tunnel, device, ssh and open).
     #[arg(long, env = "CULVERT_API_KEY", hide_env_values = true, global = true)]
     api_key: Option<String>,
@@ -315,13 +320,20 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let api_key = cli.api_key.clone();
+    // The proxy towards `host` (the relay's): --proxy, or the environment's.
+    let proxy_for = |host: &str| {
+        culvert_protocol::proxy::Proxy::choose(cli.proxy.as_deref(), host)
+            .map_err(|e| format!("--proxy: {e}"))
+    };
     let api_client = |key: Option<String>| -> Result<ApiClient, String> {
         let relay = cli
             .relay
             .clone()
             .ok_or("no relay given: pass --relay HOST:PORT or set CULVERT_RELAY")?;
         let key = key.ok_or("no API key given: pass --api-key or set CULVERT_API_KEY")?;
-        ApiClient::new(&relay, &key, cli.ca.as_deref()).map_err(|e| e.to_string())
+        let host = culvert_protocol::client::Endpoint::parse(&relay)?.host;
+        ApiClient::new(&relay, &key, cli.ca.as_deref(), proxy_for(&host)?.as_ref())
+            .map_err(|e| e.to_string())
     };
     let relay_settings = |wait: u64| -> Result<RelaySettings, String> {
         Ok(RelaySettings {
@@ -331,6 +343,7 @@ fn main() -> ExitCode {
                 .clone()
                 .ok_or("no relay given: pass --relay HOST:PORT or set CULVERT_RELAY")?,
             ca: cli.ca.clone(),
+            proxy: cli.proxy.clone(),
         })
     };
     match cli.command {
@@ -515,7 +528,12 @@ fn main() -> ExitCode {
                 }
                 (Some(m), _) => return fail(format!("-m {m:?}: expected src or dst")),
             }
+            let proxy = match proxy_for(&endpoint.host) {
+                Ok(p) => p,
+                Err(e) => return fail(e),
+            };
             let args = ConnectArgs {
+                proxy,
                 endpoint,
                 access_token: token,
                 client_token,

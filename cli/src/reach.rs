@@ -99,6 +99,8 @@ pub fn open_tunnel<'a>(
 pub struct RelaySettings {
     pub relay: String,
     pub ca: Option<PathBuf>,
+    /// `--proxy` as given (the environment's proxy variables reach ssh's proxy as they are).
+    pub proxy: Option<String>,
     /// How long to wait for the thing's gateway to connect to a new tunnel.
     pub gateway_wait: Duration,
 }
@@ -138,6 +140,10 @@ pub fn ssh(
     match &relay.ca {
         Some(ca) => cmd.env("CULVERT_CA", ca),
         None => cmd.env_remove("CULVERT_CA"),
+    };
+    match &relay.proxy {
+        Some(proxy) => cmd.env("CULVERT_PROXY", proxy),
+        None => cmd.env_remove("CULVERT_PROXY"),
     };
     let rt = culvert_protocol::session::end_runtime().map_err(|e| e.to_string())?;
     let status = rt.block_on(async {
@@ -202,11 +208,14 @@ pub fn open(
         ));
     }
     let endpoint = Endpoint::parse(&relay.relay).map_err(ConnectError::Fatal)?;
+    let proxy = culvert_protocol::proxy::Proxy::choose(relay.proxy.as_deref(), &endpoint.host)
+        .map_err(|e| ConnectError::Fatal(format!("--proxy: {e}")))?;
     let opened = open_tunnel(api, thing, services, "open", relay.gateway_wait)
         .map_err(ConnectError::Fatal)?;
     eprintln!("culvert: Ctrl-C closes the tunnel");
     let args = ConnectArgs {
         endpoint,
+        proxy,
         access_token: opened.source_token.clone(),
         client_token: None,
         ca: relay.ca.clone(),

@@ -69,6 +69,7 @@ struct RawRelay {
     endpoint: Option<Spanned<String>>,
     region: Option<String>,
     ca: Option<Spanned<PathBuf>>,
+    proxy: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -376,6 +377,8 @@ pub fn default_max_connections(open_files: usize) -> usize {
 pub struct Config {
     pub endpoint: Option<Endpoint>,
     pub ca: Option<PathBuf>,
+    /// `relay.proxy` as written (checked): a proxy URL, or `none`; absent, the environment's.
+    pub proxy: Option<String>,
     pub mqtt: Option<MqttConfig>,
     pub daemon: DaemonSettings,
     pub tunnel_limits: Limits,
@@ -702,9 +705,9 @@ impl Validator<'_> {
     }
 
     fn config(&mut self, raw: RawConfig) -> Config {
-        let (endpoint, ca) = match raw.relay {
+        let (endpoint, ca, proxy) = match raw.relay {
             Some(r) => self.relay(r),
-            None => (None, None),
+            None => (None, None, None),
         };
         let mqtt = raw.mqtt.and_then(|m| self.mqtt(m));
         let acl = raw.acl.unwrap_or_default();
@@ -762,6 +765,7 @@ impl Validator<'_> {
         Config {
             endpoint,
             ca,
+            proxy,
             mqtt,
             daemon,
             tunnel_limits,
@@ -819,7 +823,7 @@ impl Validator<'_> {
         }
     }
 
-    fn relay(&mut self, r: RawRelay) -> (Option<Endpoint>, Option<PathBuf>) {
+    fn relay(&mut self, r: RawRelay) -> (Option<Endpoint>, Option<PathBuf>, Option<String>) {
         let endpoint = match (r.endpoint, r.region) {
             (Some(e), None) => match Endpoint::parse(e.get_ref()) {
                 Ok(ep) => Some(ep),
@@ -840,7 +844,16 @@ impl Validator<'_> {
             (None, None) => None,
         };
         let ca = r.ca.map(|c| self.path("relay.ca", &c));
-        (endpoint, ca)
+        let proxy = r.proxy.and_then(|p| {
+            match culvert_protocol::proxy::Proxy::choose(Some(p.get_ref()), "") {
+                Ok(_) => Some(p.get_ref().clone()),
+                Err(m) => {
+                    self.push(p.span(), "relay.proxy", m);
+                    None
+                }
+            }
+        });
+        (endpoint, ca, proxy)
     }
 
     fn mqtt(&mut self, m: RawMqtt) -> Option<MqttConfig> {

@@ -29,10 +29,17 @@ pub enum TunnelError {
     Fatal(String),
 }
 
-pub struct TunnelArgs {
+/// How this gateway reaches the relay: where it is, the TLS to speak (built, CA files read,
+/// before privileges were dropped), and the proxy in between, if any.
+#[derive(Clone)]
+pub struct RelayLink {
     pub endpoint: Endpoint,
-    /// TLS towards the relay, built (CA files read) before privileges were dropped.
     pub tls: Arc<rustls::ClientConfig>,
+    pub proxy: Option<culvert_protocol::proxy::Proxy>,
+}
+
+pub struct TunnelArgs {
+    pub relay: RelayLink,
     pub access_token: culvert_protocol::Secret,
     pub client_token: Option<culvert_protocol::Secret>,
     /// The tunnel's id, when known (culvert-relay's notifications carry it), for the audit trail.
@@ -81,17 +88,17 @@ async fn serve_tunnel(
         .clone()
         .unwrap_or_else(|| token_label(args.access_token.expose()));
     let tunnel = Arc::new(TunnelState::new(label));
-    let tls = args.tls.clone();
     let opts = ConnectOptions {
-        endpoint: args.endpoint.clone(),
+        endpoint: args.relay.endpoint.clone(),
         mode: Mode::Destination,
         access_token: args.access_token,
         client_token: Some(
             args.client_token
                 .unwrap_or_else(|| culvert_protocol::new_client_token().into()),
         ),
-        tls,
+        tls: args.relay.tls.clone(),
         extensions: Extensions::ALL,
+        proxy: args.relay.proxy.clone(),
     };
     let conns = TaskTracker::new();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
@@ -117,7 +124,7 @@ async fn serve_tunnel(
         let mux = Mux::destination((names.len() == 1).then_some(names));
         let cfg = SessionConfig::default().for_relay(c.extensions);
         let (handle, mut incoming) = session::spawn(c.ws, mux, cfg);
-        info!(relay = %args.endpoint, subprotocol = ?c.format, extensions = ?c.extensions, tunnel = %tunnel.label, "connected to relay as destination");
+        info!(relay = %args.relay.endpoint, subprotocol = ?c.format, extensions = ?c.extensions, tunnel = %tunnel.label, "connected to relay as destination");
         let ids_handle = handle.clone();
         let cfg = gw.config();
         tokio::spawn(async move {

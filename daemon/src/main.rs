@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use culvert_appliance::systemd;
 use culvert_protocol::client::Endpoint;
-use culvertd::gateway::{TunnelArgs, TunnelError};
+use culvertd::gateway::{RelayLink, TunnelArgs, TunnelError};
 use culvertd::rules::Gateway;
 use culvertd::{Daemon, EXIT_CONFIG, EXIT_REFUSED, Signal, Work, config, notify};
 use tokio::signal::unix::{SignalKind, signal};
@@ -119,6 +119,18 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The proxy to the relay: relay.proxy, or the environment's (HTTPS_PROXY, ALL_PROXY,
+    // NO_PROXY), as a systemd unit's Environment= sets them.
+    let proxy = match culvert_protocol::proxy::Proxy::choose(cfg.proxy.as_deref(), &endpoint.host) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("culvertd: relay.proxy: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(p) = &proxy {
+        info!(proxy = %p, "reaching the relay through a proxy");
+    }
     let mqtt_tls = match (&token, &cfg.mqtt) {
         (None, Some(m)) => match notify::tls_config(m, ca.as_deref()) {
             Ok(t) => Some(t),
@@ -232,17 +244,20 @@ fn main() -> ExitCode {
         systemd::spawn_watchdog(move || gw_status.metrics.status());
     }
     systemd::ready(&gw.metrics.status());
+    let relay = RelayLink {
+        endpoint,
+        tls: relay_tls,
+        proxy,
+    };
     let work = match token {
         Some(token) => Work::Tunnel(TunnelArgs {
-            endpoint,
-            tls: relay_tls,
+            relay,
             access_token: token,
             client_token: args.client_token.map(Into::into),
             tunnel_id: args.tunnel_id,
         }),
         None => Work::Notifications {
-            relay: endpoint,
-            relay_tls,
+            relay,
             mqtt_tls: mqtt_tls.expect("built above for MQTT mode"),
         },
     };

@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use culvert_protocol::client::{Backoff, Endpoint};
+use culvert_protocol::client::Backoff;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeReasonCode, Transport};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::{Config, MqttConfig};
-use crate::gateway::{Shutdown, TunnelArgs, TunnelError, run_tunnel};
+use crate::gateway::{RelayLink, Shutdown, TunnelArgs, TunnelError, run_tunnel};
 use crate::rules::{Gateway, token_label};
 
 /// Largest notification payload accepted (the AWS payload is a few hundred bytes).
@@ -126,8 +126,7 @@ pub fn tls_config(
 /// Serve notifications until `shutdown`.
 pub async fn run(
     gw: Arc<Gateway>,
-    relay: Endpoint,
-    relay_tls: Arc<rustls::ClientConfig>,
+    relay: RelayLink,
     tls: Arc<rustls::ClientConfig>,
     shutdown: Shutdown,
 ) -> Result<(), String> {
@@ -221,8 +220,7 @@ pub async fn run(
                 }
                 info!(tunnel = ?n.tunnel_id, services = ?n.services, "tunnel notification: connecting to the relay");
                 let args = TunnelArgs {
-                    endpoint: relay.clone(),
-                    tls: relay_tls.clone(),
+                    relay: relay.clone(),
                     access_token: n.token,
                     client_token: None,
                     tunnel_id: n.tunnel_id,

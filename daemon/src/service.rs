@@ -15,12 +15,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use culvert_appliance::systemd;
-use culvert_protocol::client::Endpoint;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::config;
-use crate::gateway::{Shutdown, TunnelArgs, TunnelError, run_tunnel};
+use crate::gateway::{RelayLink, Shutdown, TunnelArgs, TunnelError, run_tunnel};
 use crate::metrics::Metrics;
 use crate::notify;
 use crate::rules::Gateway;
@@ -40,8 +39,7 @@ pub enum Work {
     Tunnel(TunnelArgs),
     /// The tunnels announced over MQTT.
     Notifications {
-        relay: Endpoint,
-        relay_tls: Arc<rustls::ClientConfig>,
+        relay: RelayLink,
         mqtt_tls: Arc<rustls::ClientConfig>,
     },
 }
@@ -61,13 +59,11 @@ pub async fn run(d: Daemon, signals: mpsc::Receiver<Signal>) -> Result<(), Tunne
     supervise(&gw, &d.config_path, d.grace, signals, |stop| async move {
         match d.work {
             Work::Tunnel(args) => run_tunnel(args, d.gateway, stop).await,
-            Work::Notifications {
-                relay,
-                relay_tls,
-                mqtt_tls,
-            } => notify::run(d.gateway, relay, relay_tls, mqtt_tls, stop)
-                .await
-                .map_err(TunnelError::Fatal),
+            Work::Notifications { relay, mqtt_tls } => {
+                notify::run(d.gateway, relay, mqtt_tls, stop)
+                    .await
+                    .map_err(TunnelError::Fatal)
+            }
         }
     })
     .await

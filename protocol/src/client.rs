@@ -199,6 +199,8 @@ pub struct ConnectOptions {
     /// culvert extensions to offer in the handshake ([`crate::ext`]); a relay that does not
     /// accept them (AWS's) never sees one used.
     pub extensions: Extensions,
+    /// The proxy to reach the relay through, if any ([`crate::proxy`]).
+    pub proxy: Option<crate::proxy::Proxy>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -222,12 +224,20 @@ pub enum ConnectError {
          or connect by the name the certificate was issued for"
     )]
     Untrusted { endpoint: String, reason: String },
+    /// The proxy in between could not be reached (retry), or refused (do not).
+    #[error("{0}")]
+    Proxy(#[from] crate::proxy::ProxyError),
 }
 
 impl ConnectError {
-    /// Whether retrying can succeed (AWS: 5xx and transport errors yes, 4xx no).
+    /// Whether retrying can succeed (AWS: 5xx and transport errors yes, 4xx no; a proxy that
+    /// refused, no).
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, ConnectError::Refused { .. })
+        !matches!(
+            self,
+            ConnectError::Refused { .. }
+                | ConnectError::Proxy(crate::proxy::ProxyError::Refused { .. })
+        )
     }
 }
 
@@ -305,9 +315,16 @@ async fn connect_inner(opts: &ConnectOptions) -> Result<Connected, ConnectError>
     if let Some(offer) = opts.extensions.header_value() {
         headers.insert(ext::HEADER, hv(&offer, "extensions")?);
     }
-    let tcp = TcpStream::connect((opts.endpoint.host.as_str(), opts.endpoint.port))
-        .await
-        .map_err(|e| transport(e.to_string()))?;
+    let tcp = match &opts.proxy {
+        Some(proxy) => {
+            proxy
+                .connect(&opts.endpoint.host, opts.endpoint.port)
+                .await?
+        }
+        None => TcpStream::connect((opts.endpoint.host.as_str(), opts.endpoint.port))
+            .await
+            .map_err(|e| transport(e.to_string()))?,
+    };
     let _ = tcp.set_nodelay(true);
     let result = tokio_tungstenite::client_async_tls_with_config(
         req,

@@ -28,6 +28,7 @@ pub mod forward;
 pub mod frame;
 pub mod message;
 pub mod mux;
+pub mod proxy;
 pub mod rules;
 pub mod secret;
 pub mod session;

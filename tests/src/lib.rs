@@ -517,6 +517,7 @@ pub mod raw {
             client_token: client_token.map(Into::into),
             tls: client::tls_config(Some(&relay.ca)).unwrap(),
             extensions,
+            proxy: None,
         };
         client::connect(&opts).await
     }
