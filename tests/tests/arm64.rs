@@ -67,7 +67,10 @@ fn arm64_package_carries_ssh_and_a_checked_echo_under_qemu() {
     };
     assert_eq!(field("Architecture").trim(), "arm64");
     let depends = field("Depends");
-    assert_eq!(depends.trim(), "adduser, libc6 (>= 2.34), procps");
+    assert_eq!(
+        depends.trim(),
+        "adduser, libc6 (>= 2.34), procps, ca-certificates"
+    );
 
     // lintian: no errors; the warnings are the ones packaging/README.md justifies for amd64.
     assert_lintian_clean(&deb);

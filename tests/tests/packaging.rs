@@ -15,9 +15,10 @@ use culvert_e2e::*;
 
 const SUITE: &str = "bookworm";
 const MIRROR: &str = "http://deb.debian.org/debian";
-/// What a gateway's Debian has besides minbase: the packages' dependencies of priority
-/// "important" (adduser, procps) and systemd (for `systemd-analyze verify` in the root).
-const INCLUDE: &str = "adduser,procps,systemd";
+/// What a gateway's Debian has besides minbase: the packages' dependencies (adduser, procps,
+/// ca-certificates: the system's trusted roots, for a relay with a public certificate) and
+/// systemd (for `systemd-analyze verify` in the root).
+const INCLUDE: &str = "adduser,procps,ca-certificates,systemd";
 const PACKAGES: [(&str, &str); 3] = [
     ("culvertd", "culvertd"),
     ("culvert-relay", "culvert-relay"),

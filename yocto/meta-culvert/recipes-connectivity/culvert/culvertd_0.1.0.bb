@@ -33,4 +33,4 @@ do_install:append() {
 }
 
 CONFFILES:${PN} = "${sysconfdir}/culvert/culvertd.toml"
-RDEPENDS:${PN} = "procps"
+RDEPENDS:${PN} = "procps ca-certificates"
