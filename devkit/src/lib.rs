@@ -40,6 +40,26 @@ pub fn build_binaries(extra: &[&str]) -> Result<PathBuf, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace()).args(["build", "--bins"]);
+    // What cargo set for the running program (`cargo run`, `cargo test`) describes that
+    // program, not the build: ring's build script reruns when CARGO_PKG_NAME or
+    // CARGO_MANIFEST_DIR change, which rebuilt ring, rustls and every binary on each switch
+    // between `cargo run -p culvert-demo` and `cargo build`.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || name.starts_with("CARGO_BIN_")
+            || matches!(
+                &*name,
+                "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+            )
+        {
+            cmd.env_remove(&*name);
+        }
+    }
     for p in ["culvert-relay", "culvertd", "culvert-cli"]
         .iter()
         .chain(extra)
