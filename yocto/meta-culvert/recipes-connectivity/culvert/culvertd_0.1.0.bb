@@ -33,4 +33,4 @@ do_install:append() {
 }
 
 CONFFILES:${PN} = "${sysconfdir}/culvert/culvertd.toml"
-RDEPENDS:${PN} = "procps ca-certificates"
+RDEPENDS:${PN} = "ca-certificates procps"
