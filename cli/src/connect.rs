@@ -51,32 +51,52 @@ pub struct Mapping {
 
 /// Parse `SSH=5555,HMI=8080` (or a bare `5555` for a one-service tunnel).
 pub fn parse_mappings(s: &str) -> Result<Vec<Mapping>, String> {
-    let mut out: Vec<Mapping> = Vec::new();
+    let usage = "-s SERVICE=PORT[,SERVICE=PORT…]";
+    let pairs = service_pairs(s, "port", usage, |port| {
+        port.parse::<u16>()
+            .map_err(|_| format!("{port:?} is not a port number (0 picks a free one)"))
+    })?;
+    Ok(pairs
+        .into_iter()
+        .map(|(service, port)| Mapping { service, port })
+        .collect())
+}
+
+/// The form `-s` and `-d` share: `SERVICE=VALUE[,SERVICE=VALUE…]`, or one bare `VALUE` for a
+/// one-service tunnel; each service once. `what` names the value and `usage` the option's form,
+/// in messages.
+fn service_pairs<T>(
+    s: &str,
+    what: &str,
+    usage: &str,
+    value: impl Fn(&str) -> Result<T, String>,
+) -> Result<Vec<(Option<String>, T)>, String> {
+    let mut out: Vec<(Option<String>, T)> = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (service, port) = match part.split_once('=') {
-            Some((svc, port)) => {
+        let (service, v) = match part.split_once('=') {
+            Some((svc, v)) => {
                 if !culvert_protocol::valid_name(svc) {
                     return Err(format!(
                         "{part:?}: service name {svc:?} must be 1-128 characters of A-Z a-z 0-9 : _ -"
                     ));
                 }
-                (Some(svc.to_owned()), port)
+                (Some(svc.to_owned()), v)
             }
             None => (None, part),
         };
-        let port: u16 = port
-            .parse()
-            .map_err(|_| format!("{part:?}: {port:?} is not a port number (0 picks a free one)"))?;
-        if out.iter().any(|m| m.service == service) {
+        let v = value(v).map_err(|e| format!("{part:?}: {e}"))?;
+        if out.iter().any(|(s, _)| *s == service) {
             return Err(format!("{part:?}: service mapped twice"));
         }
-        out.push(Mapping { service, port });
+        out.push((service, v));
     }
     if out.is_empty() {
-        return Err("no service mapping given: use -s SERVICE=PORT[,SERVICE=PORT…]".into());
+        return Err(format!("no mapping given: use {usage}"));
     }
-    if out.len() > 1 && out.iter().any(|m| m.service.is_none()) {
-        return Err("a bare port (no SERVICE=) is only valid as the only mapping".into());
+    if out.len() > 1 && out.iter().any(|(s, _)| s.is_none()) {
+        return Err(format!(
+            "a bare {what} (no SERVICE=) is only valid as the only mapping"
+        ));
     }
     Ok(out)
 }
@@ -150,41 +170,22 @@ pub struct Target {
 /// Parse the localproxy's `-d`: `SSH=127.0.0.1:22,HMI=80`, or a bare `host:port` or `port`
 /// for a one-service tunnel; a bare port is on localhost.
 pub fn parse_targets(s: &str) -> Result<Vec<Target>, String> {
-    let mut out: Vec<Target> = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (service, addr) = match part.split_once('=') {
-            Some((svc, addr)) => {
-                if !culvert_protocol::valid_name(svc) {
-                    return Err(format!(
-                        "{part:?}: service name {svc:?} must be 1-128 characters of A-Z a-z 0-9 : _ -"
-                    ));
-                }
-                (Some(svc.to_owned()), addr)
-            }
-            None => (None, part),
-        };
-        let addr = if addr.parse::<u16>().is_ok() {
-            format!("localhost:{addr}")
-        } else {
-            match addr.rsplit_once(':') {
-                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-                    addr.to_owned()
-                }
-                _ => return Err(format!("{part:?}: {addr:?} is not HOST:PORT or PORT")),
-            }
-        };
-        if out.iter().any(|t| t.service == service) {
-            return Err(format!("{part:?}: service mapped twice"));
+    let usage = "-d SERVICE=HOST:PORT[,SERVICE=HOST:PORT…]";
+    let pairs = service_pairs(s, "address", usage, |addr| {
+        if addr.parse::<u16>().is_ok() {
+            return Ok(format!("localhost:{addr}"));
         }
-        out.push(Target { service, addr });
-    }
-    if out.is_empty() {
-        return Err("no destination given: use -d SERVICE=HOST:PORT[,SERVICE=HOST:PORT…]".into());
-    }
-    if out.len() > 1 && out.iter().any(|t| t.service.is_none()) {
-        return Err("a bare address (no SERVICE=) is only valid as the only mapping".into());
-    }
-    Ok(out)
+        match addr.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(addr.to_owned())
+            }
+            _ => Err(format!("{addr:?} is not HOST:PORT or PORT")),
+        }
+    })?;
+    Ok(pairs
+        .into_iter()
+        .map(|(service, addr)| Target { service, addr })
+        .collect())
 }
 
 pub struct ConnectArgs {
