@@ -183,8 +183,12 @@ pub struct Outcome {
 }
 
 /// Carry bytes between the target and the tunnel connection under bandwidth limits, until one
-/// side ends or nothing moved for `idle`; `counted` (to target, from target) follow as they go. Ending either way resets the tunnel connection and
-/// closes the target socket (the AWS protocol has no half-close).
+/// side ends or nothing moved for `idle`; `counted` (to target, from target) follow as they go.
+///
+/// With half-close negotiated (culvert's extension), a FIN from either side reaches the other as
+/// a FIN and the reverse direction goes on (until it ends too, or the idle timeout). Without it
+/// (the AWS protocol has no half-close), ending either way resets the tunnel connection and
+/// closes the target socket, after at most 5 s for what is still in flight.
 pub async fn pump<L>(
     local: L,
     tunnel: Connection,
@@ -205,6 +209,7 @@ where
     let cap =
         |limits: &[Arc<Bandwidth>]| limits.iter().map(|b| b.burst).fold(MAX_PAYLOAD, usize::min);
     let (to_cap, from_cap) = (cap(to_limits), cap(from_limits));
+    let half_close = tw.can_half_close();
     let down = async {
         // Tunnel → target: the tunnel reader hands out its chunks without a copy.
         let why = loop {
@@ -227,15 +232,16 @@ where
             touch();
         };
         let _ = lw.shutdown().await;
-        why
+        (why, tr.peer_finished())
     };
     let up = async {
         // Small while the connection is quiet, a full payload while it is busy.
         let mut buf = GrowBuf::new(from_cap);
         let mut why = EndReason::TargetClosed;
-        loop {
+        let eof = loop {
             let n = match lr.read(buf.space()).await {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break true,
+                Err(_) => break false,
                 Ok(n) => n,
             };
             if why == EndReason::ClientClosed {
@@ -255,8 +261,14 @@ where
             from_n.fetch_add(n as u64, Ordering::Relaxed);
             counted.1.inc_by(n as u64);
             touch();
+        };
+        if eof {
+            // The target's FIN: a FIN to the client where half-close is negotiated, else the
+            // reset.
+            let _ = tw.shutdown().await;
+        } else {
+            tw.reset();
         }
-        let _ = tw.shutdown().await;
         why
     };
     let idle_watch = async {
@@ -274,17 +286,33 @@ where
     };
     tokio::pin!(down, up, idle_watch);
     let reason = tokio::select! {
-        why = &mut down => {
-            // Our FIN is queued to the target; let it read the rest and close (bounded).
-            let _ = tokio::time::timeout(Duration::from_secs(5), &mut up).await;
-            why
+        (why, finished) = &mut down => {
+            if finished {
+                // The client finished sending (half-close): the target may answer at leisure.
+                tokio::select! {
+                    _ = &mut up => why,
+                    _ = &mut idle_watch => EndReason::IdleTimeout,
+                }
+            } else {
+                // Our FIN is queued to the target; let it read the rest and close (bounded).
+                let _ = tokio::time::timeout(Duration::from_secs(5), &mut up).await;
+                why
+            }
         }
         why = &mut up => {
-            if why == EndReason::TargetClosed {
-                // The reset is queued; the peer's earlier bytes drain, then the reader ends.
-                let _ = tokio::time::timeout(Duration::from_secs(5), &mut down).await;
+            if half_close && why == EndReason::TargetClosed {
+                // The target finished sending: the client may still send to it.
+                tokio::select! {
+                    _ = &mut down => why,
+                    _ = &mut idle_watch => EndReason::IdleTimeout,
+                }
+            } else {
+                if why == EndReason::TargetClosed {
+                    // The reset is queued; the peer's earlier bytes drain, then the reader ends.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), &mut down).await;
+                }
+                why
             }
-            why
         }
         _ = &mut idle_watch => EndReason::IdleTimeout,
     };

@@ -1,7 +1,7 @@
 //! Sequences of multiplexer operations on a source and a destination joined by a relay made of
 //! the relay's own forwarding code (`protocol::forward`, its frame rules and its HELLOs), in the
 //! V1, V2 and V3 formats with flow control on or off at either end, with peers that reconnect
-//! while frames are in flight, and with arbitrary messages injected: never a panic; frames the
+//! while frames are in flight, half-closes, and with arbitrary messages injected: never a panic; frames the
 //! muxes make themselves pass the relay's rules; and an end that respects its credit is never
 //! refused for it by the other end.
 #![no_main]
@@ -29,6 +29,11 @@ enum Op {
         len: u16,
     },
     Close {
+        on_dst: bool,
+        conn: u8,
+    },
+    /// Half-close (a reset where it cannot be half-closed).
+    Finish {
         on_dst: bool,
         conn: u8,
     },
@@ -230,6 +235,17 @@ fuzz_target!(|input: Input| {
                 }
                 let id = end.conns.remove(conn as usize % end.conns.len());
                 end.mux.close(id, &mut out);
+                collect(end, &mut out);
+            }
+            Op::Finish { on_dst, conn } => {
+                let end = if on_dst { &mut dst } else { &mut src };
+                if end.conns.is_empty() {
+                    continue;
+                }
+                let id = end.conns.remove(conn as usize % end.conns.len());
+                if !end.mux.finish(id, &mut out) {
+                    end.mux.close(id, &mut out);
+                }
                 collect(end, &mut out);
             }
             Op::Consume { conn, n } => {

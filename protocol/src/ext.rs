@@ -17,6 +17,17 @@
 //!
 //! Extension messages are message types in culvert's own range (`0x4355_xxxx`, "CU"), always
 //! sent with `ignorable = true`; the protocol's fields are never extended.
+//!
+//! Half-close (`half-close/1`) rides on flow control: it is not a handshake token but a feature
+//! the two ends name in their flow-control HELLOs, so it is on for exactly the connections that
+//! use flow control and whose both ends listed it (both decide at the same confirmation; see
+//! [`crate::flow`]). On such a connection, an end whose application finished sending (a FIN on
+//! its socket) sends [`FIN`] after its last DATA instead of a reset, and goes on reading. The
+//! other end gives its application a FIN and goes on sending. Once an end has both sent and
+//! received a FIN, the connection is over for it and nothing more is sent for it: no reset
+//! (which the peer would count as stale). A reset still ends a half-closed connection at once,
+//! both ways. Without the feature (an AWS peer, an older culvert), a FIN is a reset, as the
+//! AWS protocol has it.
 
 /// The request and response header carrying the extensions offered and accepted.
 pub const HEADER: &str = "culvert-extensions";
@@ -26,6 +37,30 @@ pub const FLOW_CONTROL: &str = crate::flow::FEATURE;
 /// The token for "a relay that stops asks me to come back with close code 1012"
 /// ([`crate::close::RESTART`]): no message of its own, only what the relay does on a stop.
 pub const RESTART: &str = "restart/1";
+
+/// The feature name of half-close in the flow-control HELLO's `features`.
+pub const HALF_CLOSE: &str = "half-close/1";
+/// Message type of a half-close: "no more DATA from me on this connection" (names the
+/// connection as DATA does; empty payload).
+pub const FIN: i32 = 0x4355_0003;
+
+/// The half-close of the connection a DATA message with the same names would reach.
+pub fn fin(stream_id: i32, service_id: &str, connection_id: u32) -> crate::Message {
+    crate::Message {
+        r#type: FIN,
+        stream_id,
+        ignorable: true,
+        service_id: service_id.to_owned(),
+        connection_id,
+        ..Default::default()
+    }
+}
+
+/// Does an extension message of type `t` name one connection (as DATA does)? The relay treats
+/// these like the AWS messages that do (dropped when they belong to a peer that is gone).
+pub fn names_connection(t: i32) -> bool {
+    t == crate::flow::WINDOW_UPDATE || t == FIN
+}
 
 /// Is `t` a message type of culvert's own range (an extension message)?
 pub fn is_extension_type(t: i32) -> bool {
@@ -125,6 +160,9 @@ mod tests {
     fn culvert_types_are_recognised() {
         assert!(is_extension_type(crate::flow::HELLO));
         assert!(is_extension_type(crate::flow::WINDOW_UPDATE));
+        assert!(is_extension_type(FIN));
+        assert!(names_connection(FIN) && names_connection(crate::flow::WINDOW_UPDATE));
+        assert!(!names_connection(crate::flow::HELLO));
         for aws in 0..=7 {
             assert!(!is_extension_type(aws));
         }

@@ -145,7 +145,7 @@ impl Inbound {
             // changes no stream's state: the relay drops it.
             let stale = awaiting.is_some()
                 && (msg.kind().is_some_and(MessageType::is_stream_bound)
-                    || msg.r#type == flow::WINDOW_UPDATE);
+                    || ext::names_connection(msg.r#type));
             if stale {
                 rules.check_stale(mode, msg.clone())?;
             } else {

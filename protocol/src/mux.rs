@@ -24,6 +24,10 @@
 //! connection gets credit windows both ways. [`Mux::encode_data`] charges the send window,
 //! [`Mux::handle`] charges the receive window and rejects DATA past it, and [`Mux::consumed`]
 //! (called as the application reads) returns credit through the same [`Output`].
+//!
+//! So does half-close ([`crate::ext::HALF_CLOSE`]): on a connection whose both ends listed it
+//! in their HELLOs, [`Mux::finish`] sends a FIN instead of a reset, and a FIN received is
+//! [`Event::Finished`]; a connection whose FINs went both ways is over.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -66,6 +70,9 @@ pub enum Event {
     Data { id: ConnId, payload: Bytes },
     /// The peer ended a connection; no more data will arrive for it.
     Closed { id: ConnId, cause: CloseCause },
+    /// The peer finished sending on a connection (half-close): no more data will arrive for
+    /// it, but it still reads what this end sends.
+    Finished { id: ConnId },
     /// The peer returned send credit for a connection (flow control): writers waiting for
     /// credit may go on. `budget` is set when the tunnel budget was what held them.
     Credit { id: ConnId, budget: bool },
@@ -146,6 +153,8 @@ pub enum MuxError {
     V1NeedsOneService(usize),
     #[error("connection {0} is not open")]
     NotOpen(ConnId),
+    #[error("connection {0} has finished sending (half-closed)")]
+    Finished(ConnId),
     #[error("only a source starts connections")]
     NotSource,
     #[error("payload of {0} bytes exceeds {MAX_PAYLOAD}; split it")]
@@ -163,6 +172,15 @@ struct Conn {
     format: Format,
     /// Set when the connection uses flow control (decided when it starts).
     credit: Option<ConnCredit>,
+    /// Set when it can be half-closed (decided when it starts, with flow control).
+    half: Option<Half>,
+}
+
+/// Which FINs of a half-closable connection went which way.
+#[derive(Clone, Copy, Debug, Default)]
+struct Half {
+    sent: bool,
+    received: bool,
 }
 
 #[derive(Debug)]
@@ -203,6 +221,10 @@ struct Flow {
     relay: bool,
     /// The number of the relay's last HELLO, echoed in ours.
     epoch: u64,
+    /// This end offers half-close (with flow control).
+    offer_half_close: bool,
+    /// Connections started from now on can be half-closed (both ends listed it).
+    half_close: bool,
 }
 
 /// One end of one tunnel session.
@@ -259,6 +281,14 @@ impl Mux {
     /// window, as the peer would refuse anything less.
     pub fn with_flow_control(mut self, cfg: FlowConfig) -> Mux {
         self.flow.credit = Some(Credit::new(cfg));
+        self.flow.offer_half_close = true;
+        self
+    }
+
+    /// Do not offer half-close (as a culvert end older than it behaves), though flow control
+    /// is offered.
+    pub fn without_half_close(mut self) -> Mux {
+        self.flow.offer_half_close = false;
         self
     }
 
@@ -275,11 +305,19 @@ impl Mux {
         self.conns.get(&id).is_some_and(|c| c.credit.is_some())
     }
 
-    /// Credit for a new connection, if flow control is on.
-    fn new_credit(&mut self) -> Option<ConnCredit> {
-        let c = self.flow.credit.as_ref()?.open()?;
+    /// Whether connection `id` can be half-closed ([`Mux::finish`]).
+    pub fn is_half_closable(&self, id: ConnId) -> bool {
+        self.conns.get(&id).is_some_and(|c| c.half.is_some())
+    }
+
+    /// Credit for a new connection, if flow control is on, and its half-close state, if both
+    /// ends offer that too.
+    fn new_credit(&mut self) -> (Option<ConnCredit>, Option<Half>) {
+        let Some(c) = self.flow.credit.as_ref().and_then(Credit::open) else {
+            return (None, None);
+        };
         self.stats.flow_controlled += 1;
-        Some(c)
+        (Some(c), self.flow.half_close.then(Half::default))
     }
 
     pub fn role(&self) -> Mode {
@@ -330,6 +368,10 @@ impl Mux {
         if msg.r#type == flow::WINDOW_UPDATE && self.flow.credit.is_some() {
             return self.on_window_update(&msg, out);
         }
+        if msg.r#type == crate::ext::FIN && self.flow.credit.is_some() {
+            self.on_fin(&msg, out);
+            return Ok(());
+        }
         self.handle(msg.to_message(), out)
     }
 
@@ -342,6 +384,10 @@ impl Mux {
                     return Ok(());
                 }
                 flow::WINDOW_UPDATE => return self.on_window_update(&(&msg).into(), out),
+                crate::ext::FIN => {
+                    self.on_fin(&(&msg).into(), out);
+                    return Ok(());
+                }
                 _ => {}
             }
         }
@@ -408,6 +454,10 @@ impl Mux {
 
     fn on_data(&mut self, msg: &MessageRef<'_>, out: &mut Output) -> Result<(), ProtocolError> {
         match self.lookup(msg.service_id, msg.stream_id, msg.connection_id) {
+            Some(id) if self.conns[&id].half.is_some_and(|h| h.received) => {
+                // Past the peer's own FIN: its bug, counted like data after a reset.
+                self.stats.stale_data += 1
+            }
             Some(id) => {
                 self.charge_received(id, msg.payload.len())?;
                 self.flush_if_budget_tight(out);
@@ -435,10 +485,16 @@ impl Mux {
             self.flow.epoch = h.epoch;
         }
         let epoch = self.flow.epoch;
+        let offer_half_close = self.flow.offer_half_close;
+        let half_close = offer_half_close && h.features.iter().any(|f| f == crate::ext::HALF_CLOSE);
         let hello = |confirm: bool, reply: bool| {
+            let mut features = vec![flow::FEATURE.to_owned()];
+            if offer_half_close {
+                features.push(crate::ext::HALF_CLOSE.to_owned());
+            }
             Hello {
                 from: me.into(),
-                features: vec![flow::FEATURE.into()],
+                features,
                 window: own.window,
                 budget: own.budget,
                 confirm,
@@ -471,11 +527,13 @@ impl Mux {
                     // Confirm first: connections started after it use flow control.
                     out.transmit.push(hello(true, false));
                     self.set_peer_flow(Some(g), out);
+                    self.flow.half_close = half_close;
                 }
             }
             (Mode::Destination, "source") if self.flow.relay => {
                 if h.confirm {
                     let g = grants();
+                    self.flow.half_close = g.is_some() && half_close;
                     self.set_peer_flow(g, out);
                 } else {
                     self.set_peer_flow(None, out);
@@ -490,6 +548,9 @@ impl Mux {
 
     fn set_peer_flow(&mut self, peer: Option<FlowConfig>, out: &mut Output) {
         let on = peer.is_some();
+        if !on {
+            self.flow.half_close = false;
+        }
         if let Some(credit) = self.flow.credit.as_mut()
             && credit.set_peer(peer)
         {
@@ -526,6 +587,52 @@ impl Mux {
         let budget = credit.credited(c, inc);
         out.events.push(Event::Credit { id, budget });
         Ok(())
+    }
+
+    /// A FIN from the peer: it finished sending on a connection. One for a connection that
+    /// cannot be half-closed (or a second one) changes nothing and is counted.
+    fn on_fin(&mut self, msg: &MessageRef<'_>, out: &mut Output) {
+        let Some(id) = self.lookup(msg.service_id, msg.stream_id, msg.connection_id) else {
+            self.stats.stale_control += 1;
+            return;
+        };
+        let Some(half) = self.conns.get_mut(&id).and_then(|c| c.half.as_mut()) else {
+            self.stats.stale_control += 1;
+            return;
+        };
+        if std::mem::replace(&mut half.received, true) {
+            self.stats.stale_control += 1;
+            return;
+        }
+        let over = half.sent;
+        out.events.push(Event::Finished { id });
+        if over {
+            self.forget(id);
+        }
+    }
+
+    /// Half-close connection `id` from our side (the local application finished sending):
+    /// the FIN goes out after its DATA, and the connection still reads. False, sending
+    /// nothing, when it cannot be half-closed ([`Mux::is_half_closable`]): then
+    /// [`Mux::close`] it. A connection whose FINs have gone both ways is over.
+    pub fn finish(&mut self, id: ConnId, out: &mut Output) -> bool {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return false;
+        };
+        let Some(half) = c.half.as_mut() else {
+            return false;
+        };
+        if std::mem::replace(&mut half.sent, true) {
+            return true;
+        }
+        let over = half.received;
+        let (service, cid) = wire_names(c);
+        out.transmit
+            .push(crate::ext::fin(c.stream_id, service, cid));
+        if over {
+            self.forget(id);
+        }
+        true
     }
 
     /// Account for `n` bytes of DATA received on `id`; past the credit is a protocol error.
@@ -712,7 +819,7 @@ impl Mux {
         self.end_stream(&service, CloseCause::Replaced, out);
         let cid = msg.connection_id.max(1);
         let id = self.alloc();
-        let credit = self.new_credit();
+        let (credit, half) = self.new_credit();
         let mut conns = BTreeMap::new();
         conns.insert(cid, id);
         self.services.entry(service.clone()).or_default().active = Some(Stream {
@@ -729,6 +836,7 @@ impl Mux {
                 connection_id: cid,
                 format,
                 credit,
+                half,
             },
         );
         out.events.push(Event::Opened { id, service });
@@ -737,7 +845,7 @@ impl Mux {
     fn on_connection_start(&mut self, msg: Message, out: &mut Output) {
         let cid = msg.connection_id;
         let id = self.alloc();
-        let credit = self.new_credit();
+        let (credit, half) = self.new_credit();
         let service = self.resolve_service(&msg.service_id);
         let stream = service
             .as_deref()
@@ -755,6 +863,7 @@ impl Mux {
                         connection_id: cid,
                         format: Format::V3,
                         credit,
+                        half,
                     },
                 );
                 out.events.push(Event::Opened { id, service });
@@ -838,7 +947,7 @@ impl Mux {
         }
         let format = self.format;
         let id = self.alloc();
-        let credit = self.new_credit();
+        let (credit, half) = self.new_credit();
         let state = self.services.entry(service.to_owned()).or_default();
         let wire_service = if format == Format::V1 { "" } else { service };
         if format == Format::V3
@@ -858,6 +967,7 @@ impl Mux {
                     connection_id: cid,
                     format,
                     credit,
+                    half,
                 },
             );
             return Ok(id);
@@ -902,6 +1012,7 @@ impl Mux {
                 connection_id: 1,
                 format,
                 credit,
+                half,
             },
         );
         Ok(id)
@@ -941,6 +1052,9 @@ impl Mux {
 
     fn charge_send(&mut self, id: ConnId, n: usize) -> Result<(), MuxError> {
         let c = self.conns.get_mut(&id).ok_or(MuxError::NotOpen(id))?;
+        if c.half.is_some_and(|h| h.sent) {
+            return Err(MuxError::Finished(id));
+        }
         if let (Some(credit), Some(cc)) = (self.flow.credit.as_mut(), c.credit.as_mut()) {
             credit
                 .sent(cc, n as u64)
@@ -1292,6 +1406,123 @@ mod tests {
             p.pump(vec![], out.transmit);
             assert!(p.src.take_budget_freed());
             assert_eq!(p.src.send_credit(c).unwrap(), Some(50_000));
+        }
+
+        /// `who` finishes `id` (half-close); what it sent reaches the other end.
+        fn finish(p: &mut Pair, src: bool, id: ConnId) -> bool {
+            let mut out = Output::default();
+            let done = if src {
+                p.src.finish(id, &mut out)
+            } else {
+                p.dst.finish(id, &mut out)
+            };
+            if src {
+                p.pump(out.transmit, vec![]);
+            } else {
+                p.pump(vec![], out.transmit);
+            }
+            done
+        }
+
+        #[test]
+        fn half_close_keeps_the_other_direction_until_both_have_finished() {
+            let (mut p, _) = pair(Some(CFG), Some(CFG), true);
+            let (s, d) = p.open("A");
+            assert!(p.src.is_half_closable(s) && p.dst.is_half_closable(d));
+            p.dst_events.clear();
+            p.send_src(s, b"cmd\n");
+            assert!(finish(&mut p, true, s));
+            assert_eq!(
+                p.dst_events.drain(..).collect::<Vec<_>>(),
+                vec![data(d, b"cmd\n"), Event::Finished { id: d }],
+                "the FIN comes after the data"
+            );
+            assert_eq!(
+                p.src.data(s, Bytes::from_static(b"x")).unwrap_err(),
+                MuxError::Finished(s),
+                "no DATA after our own FIN"
+            );
+            // The answer still flows back, then the destination finishes too.
+            p.send_dst(d, b"answer");
+            assert_eq!(p.src_events.pop(), Some(data(s, b"answer")));
+            assert!(finish(&mut p, false, d));
+            assert_eq!(p.src_events.pop(), Some(Event::Finished { id: s }));
+            assert_eq!(
+                p.src.open_connections(),
+                0,
+                "over both ways, without a reset"
+            );
+            assert_eq!(p.dst.open_connections(), 0);
+            assert_eq!(p.src.stats().stale_control + p.dst.stats().stale_control, 0);
+            // A reset after a FIN still ends a connection at once.
+            let (s, d) = p.open("A");
+            assert!(finish(&mut p, false, d));
+            let mut out = Output::default();
+            p.src.close(s, &mut out);
+            p.pump(out.transmit, vec![]);
+            assert_eq!(
+                p.dst_events.pop(),
+                Some(Event::Closed {
+                    id: d,
+                    cause: CloseCause::ConnectionReset
+                })
+            );
+            assert_eq!(p.dst.open_connections(), 0);
+        }
+
+        #[test]
+        fn data_after_a_fin_and_a_second_fin_are_dropped_and_counted() {
+            let (mut p, _) = pair(Some(CFG), Some(CFG), true);
+            let (s, d) = p.open("A");
+            assert!(finish(&mut p, true, s));
+            p.dst_events.clear();
+            let mut out = Output::default();
+            p.dst
+                .handle(
+                    Message::data(1, "A", 1, Bytes::from_static(b"late")),
+                    &mut out,
+                )
+                .unwrap();
+            p.dst.handle(crate::ext::fin(1, "A", 1), &mut out).unwrap();
+            assert!(out.is_empty(), "{out:?}");
+            assert_eq!(p.dst.stats().stale_data, 1);
+            assert_eq!(p.dst.stats().stale_control, 1);
+            assert!(p.dst.is_open(d));
+        }
+
+        #[test]
+        fn without_half_close_on_both_ends_a_finish_is_refused_and_no_fin_is_sent() {
+            // An older culvert end (flow control, no half-close), either side.
+            for older_src in [true, false] {
+                let (mut p, _) = pair(None, None, false);
+                p.src = Mux::source(Format::V3).with_flow_control(CFG);
+                p.dst = Mux::destination(None).with_flow_control(CFG);
+                if older_src {
+                    p.src =
+                        std::mem::replace(&mut p.src, Mux::source(Format::V3)).without_half_close();
+                } else {
+                    p.dst =
+                        std::mem::replace(&mut p.dst, Mux::destination(None)).without_half_close();
+                }
+                let ids = vec!["A".to_string()];
+                let mut out = Output::default();
+                p.src.handle(Message::service_ids(&ids), &mut out).unwrap();
+                p.dst.handle(Message::service_ids(&ids), &mut out).unwrap();
+                let (mut a, mut b) = (Output::default(), Output::default());
+                p.src.handle(Hello::relay().to_message(), &mut a).unwrap();
+                p.dst.handle(Hello::relay().to_message(), &mut b).unwrap();
+                p.pump(a.transmit, b.transmit);
+                let (s, d) = p.open("A");
+                assert!(p.src.is_flow_controlled(s), "flow control is still on");
+                assert!(!p.src.is_half_closable(s) && !p.dst.is_half_closable(d));
+                let mut out = Output::default();
+                assert!(!p.src.finish(s, &mut out) && !p.dst.finish(d, &mut out));
+                assert!(out.transmit.is_empty());
+            }
+            // Nor without flow control (an AWS peer or relay).
+            let (mut p, _) = pair(Some(CFG), Some(CFG), false);
+            let (s, _) = p.open("A");
+            assert!(!finish(&mut p, true, s));
         }
 
         #[test]

@@ -60,6 +60,7 @@ fn culvert_source_burst() -> Bytes {
         flow::window_update(1, "SSH", 1, 65_536),
         Message::stream_start(1, "SSH", 1),
         hello,
+        culvert_protocol::ext::fin(1, "SSH", 1),
         Message::data(1, "SSH", 1, Bytes::from_static(b"after the hello")),
     ] {
         b.extend_from_slice(&encode_to_bytes(&m).unwrap());

@@ -4,6 +4,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -11,11 +12,16 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::Shared;
 use super::inbox::Take;
 use crate::message::MAX_PAYLOAD;
-use crate::mux::{ConnId, Output};
+use crate::mux::ConnId;
 
 /// One tunnel connection. Reading yields the peer's bytes in order and EOF when the peer resets
-/// the connection or the session ends. Writing sends DATA; shutting down (or dropping) sends the
-/// reset that closes the connection on the other end: the AWS protocol has no half-close.
+/// the connection, finishes sending (half-close), or the session ends. Writing sends DATA.
+///
+/// Shutting the writer down half-closes the connection when both ends negotiated half-close
+/// ([`crate::ext::HALF_CLOSE`]): the peer reads EOF and can still send. Otherwise (an AWS
+/// peer: the AWS protocol has no half-close) it resets the connection, as dropping the writer
+/// without a shutdown always does. Once both halves are dropped, a connection that is not over
+/// both ways is reset.
 #[derive(Debug)]
 pub struct Connection {
     reader: ConnectionReader,
@@ -33,6 +39,9 @@ pub struct ConnectionReader {
     /// Flow-controlled: consumed bytes return credit to the peer.
     credited: bool,
     eof: bool,
+    /// The EOF is the peer's half-close.
+    finished: bool,
+    halves: Arc<AtomicU8>,
 }
 
 /// The sending half of a [`Connection`]. Dropping it resets the connection.
@@ -40,7 +49,11 @@ pub struct ConnectionWriter {
     id: ConnId,
     service: String,
     shared: Arc<Shared>,
+    /// Reset, or half-closed: nothing more is written.
     closed_local: bool,
+    /// Half-closed (a FIN went out): dropping it does not reset while the reader lives.
+    finished: bool,
+    halves: Arc<AtomicU8>,
 }
 
 impl std::fmt::Debug for ConnectionReader {
@@ -62,6 +75,7 @@ impl std::fmt::Debug for ConnectionWriter {
 
 impl Connection {
     pub(super) fn new(id: ConnId, service: String, shared: &Arc<Shared>, credited: bool) -> Self {
+        let halves = Arc::new(AtomicU8::new(2));
         Connection {
             reader: ConnectionReader {
                 id,
@@ -70,12 +84,16 @@ impl Connection {
                 pos: 0,
                 credited,
                 eof: false,
+                finished: false,
+                halves: halves.clone(),
             },
             writer: ConnectionWriter {
                 id,
                 service,
                 shared: shared.clone(),
                 closed_local: false,
+                finished: false,
+                halves,
             },
         }
     }
@@ -99,7 +117,15 @@ impl Connection {
 
     /// Refuse or end this connection (e.g. the LAN target refused): sends the reset now.
     pub async fn reset(mut self) {
-        self.writer.close_local();
+        self.writer.reset();
+    }
+}
+
+/// One half of a connection was dropped: the last one resets what is not over.
+fn half_dropped(halves: &AtomicU8, shared: &Shared, id: ConnId) {
+    if halves.fetch_sub(1, Ordering::AcqRel) == 1 {
+        shared.lock().reset(id);
+        shared.work.notify_one();
     }
 }
 
@@ -121,11 +147,18 @@ impl ConnectionReader {
             Take::Bytes => Poll::Ready(()),
             Take::Pending => Poll::Pending,
             Take::Eof => {
+                self.finished = ib.is_finished();
                 inner.remove_inbox(self.id);
                 self.eof = true;
                 Poll::Ready(())
             }
         }
+    }
+
+    /// The EOF read was the peer's half-close: it finished sending and still reads what this
+    /// end sends. False before EOF, and for an EOF from a reset or the session's end.
+    pub fn peer_finished(&self) -> bool {
+        self.finished
     }
 
     /// The application took `n` bytes.
@@ -159,27 +192,40 @@ impl Drop for ConnectionReader {
             inner.consumed(self.id, unread);
             drop(guard);
             self.shared.work.notify_one();
+        } else {
+            drop(guard);
         }
+        half_dropped(&self.halves, &self.shared, self.id);
     }
 }
 
 impl ConnectionWriter {
-    /// Close the connection from this side: the reset goes out after what is queued.
-    fn close_local(&mut self) {
+    /// Reset the connection from this side, both ways: the reset goes out after what is
+    /// queued. A no-op once the connection is over.
+    pub fn reset(&mut self) {
+        if self.closed_local && !self.finished {
+            return;
+        }
+        self.closed_local = true;
+        self.finished = false;
+        self.shared.lock().reset(self.id);
+        self.shared.work.notify_one();
+    }
+
+    /// Whether shutting down half-closes the connection (both ends negotiated it) rather than
+    /// resetting it.
+    pub fn can_half_close(&self) -> bool {
+        self.shared.lock().mux.is_half_closable(self.id)
+    }
+
+    /// Finish sending: a FIN after what is queued if the connection can be half-closed, else
+    /// the reset.
+    fn finish(&mut self) {
         if self.closed_local {
             return;
         }
         self.closed_local = true;
-        let mut out = Output::default();
-        {
-            let mut inner = self.shared.lock();
-            let inner = &mut *inner;
-            inner.mux.close(self.id, &mut out);
-            inner.close_inbox(self.id);
-            // Its data, then its reset, ahead of anything charged against what it freed.
-            inner.sched.drain_into_control(self.id, &mut inner.pool);
-            inner.queue_control(&mut out);
-        }
+        self.finished = self.shared.lock().finish(self.id);
         self.shared.work.notify_one();
     }
 }
@@ -262,15 +308,19 @@ impl AsyncWrite for ConnectionWriter {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.close_local();
+        self.finish();
         Poll::Ready(Ok(()))
     }
 }
 
 impl Drop for ConnectionWriter {
     fn drop(&mut self) {
-        // Queues the reset behind this connection's data; never blocks.
-        self.close_local();
+        // Queues the reset behind this connection's data; never blocks. A half-closed one
+        // lives on while its reader does.
+        if !self.finished {
+            self.reset();
+        }
+        half_dropped(&self.halves, &self.shared, self.id);
     }
 }
 

@@ -22,6 +22,8 @@ pub(super) struct Inbox {
     credited: bool,
     /// No more bytes will come (peer reset, local close, session end): EOF once drained.
     closed: bool,
+    /// Of those, the peer's half-close: it still reads what this end sends.
+    finished: bool,
     /// The connection's reader was dropped: what arrives is discarded (and credited).
     reader_gone: bool,
     reader: Option<Waker>,
@@ -59,6 +61,7 @@ impl Inbox {
             buf: Vec::new(),
             credited,
             closed: false,
+            finished: false,
             reader_gone: false,
             reader: None,
             space: None,
@@ -112,8 +115,23 @@ impl Inbox {
     /// when nobody will read, so the inbox can go.
     pub(super) fn close(&mut self) -> bool {
         self.closed = true;
+        self.finished = false;
         self.wake();
         self.reader_gone
+    }
+
+    /// The peer finished sending (half-close): like [`Inbox::close`], but the EOF says the
+    /// peer still reads. A reset that follows makes it a plain close.
+    pub(super) fn finish(&mut self) -> bool {
+        let was_closed = self.closed;
+        let gone = self.close();
+        self.finished = !was_closed;
+        gone
+    }
+
+    /// The EOF is the peer's half-close ([`Inbox::finish`]).
+    pub(super) fn is_finished(&self) -> bool {
+        self.finished
     }
 
     pub(super) fn is_closed(&self) -> bool {
@@ -202,6 +220,23 @@ mod tests {
         assert_eq!(pending, b"hello");
         assert_eq!(ib.take(&mut pending, &mut pool, &waker), Take::Eof);
         assert!(pending.is_empty());
+    }
+
+    #[test]
+    fn a_half_close_is_an_eof_that_a_later_reset_turns_into_a_close() {
+        let mut pool = Pool::default();
+        let (waker, _) = counting_waker();
+        let mut ib = Inbox::new(true);
+        ib.push(b"last", &mut pool, &waker);
+        assert!(!ib.finish());
+        assert!(ib.is_finished() && ib.is_closed());
+        assert_eq!(ib.push(b"late", &mut pool, &waker), Push::Closed);
+        ib.close();
+        assert!(!ib.is_finished(), "a reset after the FIN is a close");
+        let mut closed = Inbox::new(true);
+        closed.close();
+        closed.finish();
+        assert!(!closed.is_finished(), "a FIN after a close changes nothing");
     }
 
     #[test]

@@ -206,6 +206,45 @@ impl Inner {
         }
     }
 
+    /// The peer finished sending on connection `id` (half-close): its reader gets EOF once
+    /// it has read what is buffered, and knows the peer still reads.
+    fn finish_inbox(&mut self, id: ConnId) {
+        if let Some(ib) = self.conns.get_mut(&id)
+            && ib.finish()
+        {
+            self.remove_inbox(id);
+        }
+    }
+
+    /// Reset connection `id` from this side (no-op if it is over): its queued data, then the
+    /// reset, go out ahead of anything charged against what it freed. The caller notifies the
+    /// writer.
+    fn reset(&mut self, id: ConnId) {
+        let mut out = std::mem::take(&mut self.scratch);
+        self.mux.close(id, &mut out);
+        self.close_inbox(id);
+        self.sched.drain_into_control(id, &mut self.pool);
+        self.queue_control(&mut out);
+        self.scratch = out;
+    }
+
+    /// Half-close connection `id` from this side, or reset it if it cannot be half-closed.
+    /// True if it was half-closed. The caller notifies the writer.
+    fn finish(&mut self, id: ConnId) -> bool {
+        let mut out = std::mem::take(&mut self.scratch);
+        let finished = self.mux.finish(id, &mut out);
+        if finished {
+            // Its data, then the FIN.
+            self.sched.drain_into_control(id, &mut self.pool);
+            self.queue_control(&mut out);
+        }
+        self.scratch = out;
+        if !finished {
+            self.reset(id);
+        }
+        finished
+    }
+
     fn remove_inbox(&mut self, id: ConnId) {
         if let Some(ib) = self.conns.remove(&id) {
             self.pool.put(ib.into_buf());

@@ -180,6 +180,10 @@ async fn deliver(
                 // What it still had queued would be stale on arrival; its writer fails now.
                 inner.sched.discard(id, &mut inner.pool);
             }
+            Event::Finished { id } => {
+                debug!(conn = %id, "peer finished sending (half-close)");
+                shared.lock().finish_inbox(id);
+            }
             Event::Credit { id, budget } => {
                 let mut inner = shared.lock();
                 if budget {

@@ -80,10 +80,14 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Counting<'_, W> {
     }
 }
 
-/// Carry bytes both ways between a local socket and a tunnel connection until one side ends.
+/// Carry bytes both ways between a local socket and a tunnel connection until both directions
+/// have ended.
 ///
-/// - Local EOF or error: the tunnel connection is reset (no half-close in the protocol); what
-///   the peer had already sent is still written out locally.
+/// - Local EOF: with half-close negotiated, the peer gets a FIN and the other direction goes
+///   on until the peer finishes too; without it (AWS peers), the tunnel connection is reset and
+///   what the peer had already sent is still written out locally. A local read error resets.
+/// - Peer FIN (half-close): everything received is written, the local socket is shut down for
+///   writing (a FIN), and the local side may go on sending.
 /// - Peer reset or session end: everything received is written, then the local socket is shut
 ///   down.
 pub async fn splice<L>(local: L, tunnel: Connection) -> Spliced
@@ -106,26 +110,40 @@ where
     };
     let up = async {
         let mut buf = GrowBuf::new(MAX_PAYLOAD);
-        loop {
+        let eof = loop {
             let n = match lr.read(buf.space()).await {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break true,
+                Err(_) => break false,
                 Ok(n) => n,
             };
             if tw.write_all(buf.filled(n)).await.is_err() {
-                break;
+                break false;
             }
+        };
+        if eof {
+            // A FIN to the peer, or the reset where half-close is not negotiated.
+            let _ = tw.shutdown().await;
+        } else {
+            tw.inner.reset();
         }
-        let _ = tw.shutdown().await;
     };
     let down = async {
         let _ = copy_buf(&mut tr, &mut lw).await;
         let _ = lw.shutdown().await;
+        tr.peer_finished()
     };
     tokio::pin!(up, down);
     let peer_closed = tokio::select! {
-        _ = &mut down => true,
+        peer_finished = &mut down => {
+            if peer_finished {
+                // Half-closed by the peer: the local side may still send.
+                up.await;
+            }
+            true
+        }
         _ = &mut up => {
-            // The reset is queued; the peer's earlier bytes drain, then the connection reads EOF.
+            // A FIN or reset is queued; the peer's bytes drain until it finishes or resets
+            // (after a reset, the connection reads EOF).
             down.await;
             false
         }
