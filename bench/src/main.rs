@@ -30,6 +30,9 @@
 //! `--instructions [--bytes N] [--baseline DIR]` counts instead, with callgrind, the CPU
 //! instructions culvert's three processes spend per byte carried (see [`instructions`]).
 //!
+//! `--wan [--seconds S] [--rate-mbit R]` measures instead culvert over an emulated WAN (see
+//! [`wan`]; needs root).
+//!
 //! `--open-latency [--tunnels N]` measures instead, with the embedded MQTT broker, the time from
 //! `culvert tunnel open` returning to the first byte echoed through a new connection of that
 //! tunnel (the gateway learns of the tunnel only through its notification; the operator proxy
@@ -43,6 +46,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use culvert_devkit::KillOnDrop as Kill;
+
+mod wan;
 
 /// Report and stop. Unwinds (rather than `exit`) so the `Kill` guards stop the children.
 fn die(msg: impl std::fmt::Display) -> ! {
@@ -239,7 +244,7 @@ fn instructions() {
     // One route after the other: each process's counts are in a file named by its pid.
     for (i, (name, bins)) in sets.iter().enumerate() {
         let out = dir.join(format!("route{i}"));
-        let route = culvert_route(bins, &out, sink, echo, name);
+        let route = culvert_route(bins, &out, sink, echo, name, true);
         wait_route(name, route.sink);
         let control = |what: &str| {
             for pid in &route.pids {
@@ -517,6 +522,11 @@ fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Kill {
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "--wan") {
+        let bins = culvert_devkit::build_binaries(&["culvert-devkit"]).unwrap_or_else(|e| die(e));
+        let secs = arg("--seconds", 8).max(1) as f64;
+        return wan::run(&bins, secs, arg("--rate-mbit", 100).max(1));
+    }
     if std::env::args().any(|a| a == "--open-latency") {
         return open_latency(arg("--tunnels", 20).max(2) as usize);
     }
@@ -542,7 +552,27 @@ fn main() {
         _sshd: None,
     }];
     let mut missing: Vec<String> = Vec::new();
-    routes.push(culvert_route(&bins, &dir, sink, echo, "culvert"));
+    let flow_control = !std::env::args().any(|a| a == "--no-flow-control");
+    routes.push(culvert_route(
+        &bins,
+        &dir,
+        sink,
+        echo,
+        "culvert",
+        flow_control,
+    ));
+    if flow_control {
+        // The same path with the extension off (the AWS protocol as it is), for the same-run
+        // ratio of what flow control costs or buys.
+        routes.push(culvert_route(
+            &bins,
+            &dir.join("no-flow-control"),
+            sink,
+            echo,
+            "culvert (no fc)",
+            false,
+        ));
+    }
     if let Some(base) = arg_str("--baseline") {
         let base = PathBuf::from(base);
         for b in ["culvert", "culvert-relay", "culvertd"] {
@@ -556,6 +586,7 @@ fn main() {
             sink,
             echo,
             "culvert (baseline)",
+            flow_control,
         ));
     }
     if !only_culvert {
@@ -726,6 +757,7 @@ fn main() {
     }
     for name in [
         "direct",
+        "culvert (no fc)",
         "rathole (ws+tls)",
         "rathole (tcp)",
         "stunnel",
@@ -774,9 +806,10 @@ fn culvert_route(
     sink: SocketAddr,
     echo: SocketAddr,
     name: &'static str,
+    flow_control: bool,
 ) -> Route {
     std::fs::create_dir_all(dir).unwrap();
-    let (relay, env) = start_relay(bins, dir);
+    let (relay, env) = start_relay_with(bins, dir, flow_control);
     let t = open_tunnel(bins, &env, "bench", "SINK,ECHO");
     let rules = dir.join("rules.toml");
     std::fs::write(
@@ -1107,20 +1140,28 @@ fn open_tunnel(
 
 /// `culvert-relay` as the bench runs it: quiet, and without flow control if the bench is.
 fn relay_command(bins: &Path) -> Command {
+    relay_command_with(bins, !std::env::args().any(|a| a == "--no-flow-control"))
+}
+
+fn relay_command_with(bins: &Path, flow_control: bool) -> Command {
     let mut c = program(bins, "culvert-relay");
-    c.args(
-        std::env::args()
-            .any(|a| a == "--no-flow-control")
-            .then_some("--no-flow-control"),
-    )
-    .env("RUST_LOG", "warn")
-    .stdout(Stdio::null());
+    c.args((!flow_control).then_some("--no-flow-control"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
     c
 }
 
 fn start_relay(bins: &Path, dir: &Path) -> (Kill, Vec<(String, String)>) {
+    start_relay_with(
+        bins,
+        dir,
+        !std::env::args().any(|a| a == "--no-flow-control"),
+    )
+}
+
+fn start_relay_with(bins: &Path, dir: &Path, flow_control: bool) -> (Kill, Vec<(String, String)>) {
     let relay = Kill(
-        relay_command(bins)
+        relay_command_with(bins, flow_control)
             .args(["--dev", "--listen", "127.0.0.1:0", "--state-dir"])
             .arg(dir.join("relay"))
             .spawn()

@@ -5,6 +5,8 @@
 //!
 //! Every wait is bounded and fails with a message saying what did not happen.
 
+pub mod wan;
+
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

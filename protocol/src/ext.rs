@@ -59,7 +59,7 @@ pub fn fin(stream_id: i32, service_id: &str, connection_id: u32) -> crate::Messa
 /// Does an extension message of type `t` name one connection (as DATA does)? The relay treats
 /// these like the AWS messages that do (dropped when they belong to a peer that is gone).
 pub fn names_connection(t: i32) -> bool {
-    t == crate::flow::WINDOW_UPDATE || t == FIN
+    t == crate::flow::WINDOW_UPDATE || t == crate::flow::WINDOW_SIZE || t == FIN
 }
 
 /// Is `t` a message type of culvert's own range (an extension message)?

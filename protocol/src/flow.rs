@@ -27,6 +27,8 @@
 //! (every quarter window). Sending past either limit is a protocol error that ends the session.
 //! A connection that closes gives its outstanding bytes back to the budget on both ends.
 
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
 use prost::Message as _;
 
@@ -36,6 +38,34 @@ use crate::message::Message;
 pub const HELLO: i32 = 0x4355_0001;
 /// Message type of a credit update (culvert extension; not an AWS type).
 pub const WINDOW_UPDATE: i32 = 0x4355_0002;
+/// Message type of a window resize: "your window on this connection is now N bytes" (4-byte
+/// big-endian payload, at least [`MIN_WINDOW`]); only to a peer that listed [`AUTOTUNE`].
+pub const WINDOW_SIZE: i32 = 0x4355_0004;
+
+/// Message type of a round-trip probe: the peer answers with [`PONG`] and the same 8-byte
+/// payload, at once (auto-tuning's round trip; only to a peer that listed [`AUTOTUNE`]).
+pub const PING: i32 = 0x4355_0005;
+/// Message type of the answer to a [`PING`].
+pub const PONG: i32 = 0x4355_0006;
+
+/// A [`PING`] (or, `pong`, its answer) carrying `nonce`.
+pub fn ping(nonce: u64, pong: bool) -> Message {
+    Message {
+        r#type: if pong { PONG } else { PING },
+        ignorable: true,
+        payload: Bytes::copy_from_slice(&nonce.to_be_bytes()),
+        ..Default::default()
+    }
+}
+
+/// The feature name of auto-tuned windows in [`Hello::features`].
+pub const AUTOTUNE: &str = "window-autotune/1";
+/// Round-trip samples kept ([`Credit::min_rtt`] is the shortest of them).
+pub const RTT_SAMPLES: usize = 4;
+
+/// The most an auto-tuned window grows to (it is also held to half the budget, and to a fair
+/// share of it while several connections have grown).
+pub const MAX_AUTO_WINDOW: u64 = 16 * 1024 * 1024;
 
 /// The feature name of this extension in [`Hello::features`].
 pub const FEATURE: &str = "flow-control/1";
@@ -142,6 +172,21 @@ pub fn window_update(stream_id: i32, service_id: &str, connection_id: u32, inc: 
     }
 }
 
+/// A window resize for the connection a DATA message with the same names would reach.
+pub fn window_size(stream_id: i32, service_id: &str, connection_id: u32, window: u32) -> Message {
+    Message {
+        r#type: WINDOW_SIZE,
+        payload: Bytes::copy_from_slice(&window.to_be_bytes()),
+        ..window_update(stream_id, service_id, connection_id, 1)
+    }
+}
+
+/// The window a WINDOW_SIZE payload carries: 4 bytes, big-endian, at least [`MIN_WINDOW`].
+pub fn size(payload: &[u8]) -> Option<u32> {
+    let b: [u8; 4] = payload.try_into().ok()?;
+    Some(u32::from_be_bytes(b)).filter(|&n| n >= MIN_WINDOW)
+}
+
 /// The increment a WINDOW_UPDATE carries, if its payload is well formed.
 pub fn window_increment(msg: &Message) -> Option<u32> {
     increment(&msg.payload)
@@ -157,16 +202,32 @@ pub fn increment(payload: &[u8]) -> Option<u32> {
 /// through [`Credit`], which holds the tunnel's totals they add up to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnCredit {
-    /// Bytes we may still send on it.
-    send: u64,
+    /// The window the peer grants us: at most this many bytes in flight.
+    window: u64,
     /// Bytes we sent that the peer has not credited back.
     in_flight: u64,
-    /// Bytes the peer may still send before we return credit.
-    recv: u64,
+    /// The window we grant the peer now.
+    granted: u64,
+    /// The largest window we ever granted it: what we hold it to, since a smaller one may not
+    /// have reached it yet.
+    limit: u64,
     /// Bytes received and not yet consumed by the application.
     buffered: u64,
     /// Bytes consumed and not yet credited back (batched).
     unreturned: u64,
+    /// Auto-tuning ([`Credit::retune`]): on for this connection (both ends listed
+    /// [`AUTOTUNE`] when it started).
+    tuned: bool,
+    tune: Tune,
+}
+
+/// What auto-tuning measures of one connection, per window's worth of bytes consumed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Tune {
+    /// When the current measurement began.
+    since: Option<Instant>,
+    /// Bytes consumed since then.
+    consumed: u64,
 }
 
 impl ConnCredit {
@@ -178,6 +239,21 @@ impl ConnCredit {
     /// Bytes received on it and not yet consumed.
     pub fn buffered(&self) -> u64 {
         self.buffered
+    }
+
+    /// The window this end grants the peer now (auto-tuned).
+    pub fn granted(&self) -> u64 {
+        self.granted
+    }
+
+    /// The window the peer grants this end now.
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+
+    /// Bytes received and not yet credited back.
+    fn held(&self) -> u64 {
+        self.buffered + self.unreturned
     }
 }
 
@@ -222,6 +298,15 @@ pub struct Credit {
     unreturned_total: u64,
     /// A writer waits for the tunnel budget.
     budget_blocked: bool,
+    /// Auto-tuning: both ends listed [`AUTOTUNE`] (for connections started from now on).
+    autotune: bool,
+    /// The clock, as the caller last set it ([`Credit::tick`]); without it nothing is tuned.
+    now: Option<Instant>,
+    /// The last round trips measured ([`PING`] out, its answer back), newest last: tuning
+    /// uses the shortest, so a path that changed is followed within a few samples.
+    rtts: [Option<Duration>; RTT_SAMPLES],
+    /// Connections whose granted window is above [`FlowConfig::window`].
+    grown: usize,
 }
 
 impl Credit {
@@ -239,7 +324,38 @@ impl Credit {
             received_total: 0,
             unreturned_total: 0,
             budget_blocked: false,
+            autotune: false,
+            now: None,
+            rtts: [None; RTT_SAMPLES],
+            grown: 0,
         }
+    }
+
+    /// Auto-tune the windows of connections started from now on (both ends listed
+    /// [`AUTOTUNE`]).
+    pub fn set_autotune(&mut self, on: bool) {
+        self.autotune = on;
+    }
+
+    /// The time now, for auto-tuning: the caller sets it before handing in what happened.
+    pub fn tick(&mut self, now: Instant) {
+        self.now = Some(now);
+    }
+
+    /// The shortest of the last round trips measured, if any.
+    pub fn min_rtt(&self) -> Option<Duration> {
+        self.rtts.iter().flatten().min().copied()
+    }
+
+    /// A round trip to the peer and back was measured ([`PING`]).
+    pub fn rtt_sample(&mut self, rtt: Duration) {
+        self.rtts.rotate_left(1);
+        self.rtts[RTT_SAMPLES - 1] = Some(rtt);
+    }
+
+    /// Whether auto-tuning is on for connections started now.
+    pub fn autotune(&self) -> bool {
+        self.autotune
     }
 
     /// What this end grants.
@@ -264,21 +380,26 @@ impl Credit {
     pub fn open(&self) -> Option<ConnCredit> {
         let peer = self.peer?;
         Some(ConnCredit {
-            send: peer.window as u64,
+            window: peer.window as u64,
             in_flight: 0,
-            recv: self.own.window as u64,
+            granted: self.own.window as u64,
+            limit: self.own.window as u64,
             buffered: 0,
             unreturned: 0,
+            tuned: self.autotune,
+            tune: Tune::default(),
         })
     }
 
-    /// What `c` may send now: the smaller of its window and what is left of the budget.
+    /// What `c` may send now: the smaller of what its window leaves and what is left of the
+    /// budget.
     pub fn available(&self, c: &ConnCredit) -> Available {
         let budget = self.peer.map_or(0, |p| p.budget);
         let tunnel = budget.saturating_sub(self.sent_total);
+        let send = c.window.saturating_sub(c.in_flight);
         Available {
-            bytes: c.send.min(tunnel),
-            budget_bound: tunnel < c.send && tunnel < crate::message::MAX_PAYLOAD as u64,
+            bytes: send.min(tunnel),
+            budget_bound: tunnel < send && tunnel < crate::message::MAX_PAYLOAD as u64,
         }
     }
 
@@ -296,7 +417,6 @@ impl Credit {
         if n > avail.bytes {
             return Err(avail);
         }
-        c.send -= n;
         c.in_flight += n;
         self.sent_total += n;
         Ok(())
@@ -305,7 +425,6 @@ impl Credit {
     /// The peer returned `inc` bytes of credit for `c`. True if writers waiting for the budget
     /// should look again (clears that flag).
     pub fn credited(&mut self, c: &mut ConnCredit, inc: u64) -> bool {
-        c.send = c.send.saturating_add(inc);
         let back = inc.min(c.in_flight);
         c.in_flight -= back;
         self.sent_total -= back.min(self.sent_total);
@@ -315,13 +434,10 @@ impl Credit {
     /// `n` bytes of DATA arrived on `c`. Past the connection's credit or the tunnel budget is
     /// the peer's protocol error.
     pub fn received(&mut self, c: &mut ConnCredit, n: u64) -> Result<(), CreditError> {
-        if n > c.recv {
-            return Err(CreditError::Window {
-                got: n,
-                credit: c.recv,
-            });
+        let credit = c.limit.saturating_sub(c.held());
+        if n > credit {
+            return Err(CreditError::Window { got: n, credit });
         }
-        c.recv -= n;
         c.buffered += n;
         self.received_total += n;
         if self.received_total > self.own.budget {
@@ -340,8 +456,9 @@ impl Credit {
         let n = n.min(c.buffered);
         c.buffered -= n;
         c.unreturned += n;
+        c.tune.consumed += n;
         self.unreturned_total += n;
-        if c.unreturned >= (self.own.window / 4) as u64 {
+        if c.unreturned >= c.granted / 4 {
             self.take_return(c)
         } else {
             None
@@ -366,7 +483,6 @@ impl Credit {
             return None;
         }
         c.unreturned -= inc;
-        c.recv += inc;
         self.received_total -= inc.min(self.received_total);
         self.unreturned_total -= inc.min(self.unreturned_total);
         Some(inc as u32)
@@ -375,10 +491,75 @@ impl Credit {
     /// `c` has closed: what it had in flight or buffered no longer counts against the budget,
     /// on either end.
     pub fn closed(&mut self, c: ConnCredit) {
+        if c.granted > self.own.window as u64 {
+            self.grown -= 1.min(self.grown);
+        }
         self.sent_total -= c.in_flight.min(self.sent_total);
         let held = c.buffered + c.unreturned;
         self.received_total -= held.min(self.received_total);
         self.unreturned_total -= c.unreturned.min(self.unreturned_total);
+    }
+
+    /// The peer resized `c`'s window ([`WINDOW_SIZE`]). True if it grew (a writer waiting for
+    /// credit may go on).
+    pub fn resized(&mut self, c: &mut ConnCredit, window: u32) -> bool {
+        let grew = window as u64 > c.window;
+        c.window = window as u64;
+        grew
+    }
+
+    /// Auto-tuning, once the application of `c` has consumed a window's worth since the last
+    /// look: the window to announce to the peer ([`WINDOW_SIZE`]) if it changes.
+    ///
+    /// It doubles when the window's worth went by in less than two of the shortest round trips
+    /// measured and the application kept up (less than a quarter window unread): a sender
+    /// limited by its window moves one window per round trip. Past that the path, not the
+    /// window, sets the pace, and a larger window would only lengthen the queues (the shortest
+    /// round trip leaves queueing out, so windows settle near twice the bandwidth-delay
+    /// product, not at whatever the buffers on the path hold). It halves (not below [`FlowConfig::window`]) when the application is slow (more
+    /// than half the window unread) or when the connection holds more than its fair share:
+    /// half the budget, divided among the connections that have grown. So the budget stays
+    /// the bound on what a tunnel buffers, whatever the windows.
+    pub fn retune(&mut self, c: &mut ConnCredit) -> Option<u32> {
+        let now = self.now?;
+        if !c.tuned {
+            return None;
+        }
+        let since = *c.tune.since.get_or_insert(now);
+        if c.tune.consumed < c.granted {
+            return None;
+        }
+        let base = self.own.window as u64;
+        let others = self.grown - usize::from(c.granted > base).min(self.grown);
+        let fair = (self.own.budget / 2 / (others as u64 + 1))
+            .min(MAX_AUTO_WINDOW)
+            .max(base);
+        let window_bound = c.buffered <= c.granted / 4
+            && self
+                .min_rtt()
+                .is_some_and(|rtt| now.saturating_duration_since(since) < rtt * 2);
+        let next = if window_bound && c.granted < fair {
+            (c.granted * 2).min(fair)
+        } else if c.buffered > c.granted / 2 || c.granted > fair {
+            (c.granted / 2).max(base)
+        } else {
+            c.granted
+        };
+        c.tune = Tune {
+            since: Some(now),
+            consumed: 0,
+        };
+        if next == c.granted {
+            return None;
+        }
+        match (c.granted > base, next > base) {
+            (false, true) => self.grown += 1,
+            (true, false) => self.grown -= 1.min(self.grown),
+            _ => {}
+        }
+        c.granted = next;
+        c.limit = c.limit.max(next);
+        Some(next.min(u32::MAX as u64) as u32)
     }
 
     /// Whether writers waiting for the budget should look again after connections closed
@@ -474,6 +655,194 @@ mod tests {
         }
     }
 
+    /// One connection over a simulated path: a link of `rate` bytes per second and a round
+    /// trip of `rtt`, a receiving application that consumes `app_rate` bytes per second (or at
+    /// once), and a sender with unlimited data. Returns the throughput over the second half of
+    /// `secs` (bytes per second), and the window the receiver ended up granting.
+    fn simulate(
+        autotune: bool,
+        rtt: Duration,
+        rate: u64,
+        app_rate: Option<u64>,
+        secs: u64,
+    ) -> (f64, u64) {
+        #[derive(Debug)]
+        enum Back {
+            Update(u32),
+            Size(u32),
+        }
+        let cfg = FlowConfig::default();
+        let (mut a, mut b) = (Credit::new(cfg), Credit::new(cfg));
+        a.set_peer(Some(cfg));
+        b.set_peer(Some(cfg));
+        a.set_autotune(autotune);
+        b.set_autotune(autotune);
+        // As the first PING, before any data, measures it.
+        b.rtt_sample(rtt);
+        let (mut ac, mut bc) = (a.open().unwrap(), b.open().unwrap());
+        let base = Instant::now();
+        let step = 20u64; // µs
+        let half = rtt.as_micros() as u64 / 2;
+        let (mut data, mut back) = (
+            std::collections::VecDeque::<(u64, u64)>::new(),
+            std::collections::VecDeque::<(u64, Back)>::new(),
+        );
+        let (mut link_free, mut app_budget) = (0u64, 0f64);
+        let (mut delivered_late, end) = (0u64, secs * 1_000_000);
+        let mut t = 0u64;
+        while t < end {
+            let now = base + Duration::from_micros(t);
+            // The sender: one frame at a time, as fast as the link takes them.
+            if t >= link_free {
+                let n = a
+                    .available(&ac)
+                    .bytes
+                    .min(crate::message::MAX_PAYLOAD as u64);
+                if n > 0 {
+                    a.sent(&mut ac, n).unwrap();
+                    let tx = n * 1_000_000 / rate;
+                    link_free = t + tx.max(1);
+                    data.push_back((t + tx + half, n));
+                }
+            }
+            b.tick(now);
+            while data.front().is_some_and(|(at, _)| *at <= t) {
+                let (_, n) = data.pop_front().unwrap();
+                b.received(&mut bc, n).expect("within the granted window");
+                if t >= end / 2 {
+                    delivered_late += n;
+                }
+            }
+            let n = match app_rate {
+                None => bc.buffered(),
+                Some(r) => {
+                    app_budget += r as f64 * step as f64 / 1e6;
+                    let n = (app_budget as u64).min(bc.buffered());
+                    app_budget -= n as f64;
+                    n
+                }
+            };
+            if n > 0 {
+                if let Some(inc) = b.consumed(&mut bc, n) {
+                    back.push_back((t + half, Back::Update(inc)));
+                }
+                if b.must_flush()
+                    && let Some(inc) = b.take_return(&mut bc)
+                {
+                    back.push_back((t + half, Back::Update(inc)));
+                }
+                if let Some(w) = b.retune(&mut bc) {
+                    back.push_back((t + half, Back::Size(w)));
+                }
+            }
+            while back.front().is_some_and(|(at, _)| *at <= t) {
+                match back.pop_front().unwrap().1 {
+                    Back::Update(inc) => {
+                        a.credited(&mut ac, inc as u64);
+                    }
+                    Back::Size(w) => {
+                        a.resized(&mut ac, w);
+                    }
+                }
+                assert!(
+                    ac.in_flight() <= bc.limit,
+                    "never more in flight than granted"
+                );
+                assert!(a.sent_total() <= cfg.budget);
+            }
+            t += step;
+        }
+        (delivered_late as f64 / (secs as f64 / 2.0), bc.granted())
+    }
+
+    #[test]
+    fn an_auto_tuned_window_grows_to_what_the_round_trip_needs_and_no_further() {
+        let rate = 100_000_000 / 8; // 100 Mbit/s
+        for rtt_ms in [50u64, 150] {
+            let rtt = Duration::from_millis(rtt_ms);
+            let bdp = rate * rtt_ms / 1000;
+            let (fixed, w) = simulate(false, rtt, rate, None, 8);
+            assert_eq!(w, DEFAULT_WINDOW as u64);
+            let fixed_expect = DEFAULT_WINDOW as f64 / rtt.as_secs_f64();
+            assert!(
+                fixed <= fixed_expect * 1.05,
+                "{rtt_ms} ms: a fixed window carries at most window ÷ RTT ({fixed_expect:.0} B/s), got {fixed:.0}"
+            );
+            let (tuned, w) = simulate(true, rtt, rate, None, 8);
+            println!(
+                "{rtt_ms} ms, 100 Mbit/s: fixed {:.1} Mbit/s, tuned {:.1} Mbit/s, window {} KiB (BDP {} KiB)",
+                fixed * 8e-6,
+                tuned * 8e-6,
+                w / 1024,
+                bdp / 1024
+            );
+            assert!(
+                tuned >= 0.9 * rate as f64,
+                "{rtt_ms} ms: the tuned window reaches 90 % of the link ({tuned:.0} of {rate} B/s)"
+            );
+            assert!(
+                w <= 4 * bdp.max(DEFAULT_WINDOW as u64),
+                "{rtt_ms} ms: the window ({w}) stops within a few BDPs ({bdp})"
+            );
+        }
+        // Loopback-like: a fast link and a short round trip need no more than the default.
+        let (_, w) = simulate(true, Duration::from_micros(200), 1_000_000_000, None, 2);
+        assert!(w <= 4 * DEFAULT_WINDOW as u64, "{w}");
+    }
+
+    #[test]
+    fn a_slow_application_keeps_its_window_small() {
+        // 50 ms, 100 Mbit/s, but the application reads 1 MB/s: the window must not grow.
+        let (tp, w) = simulate(
+            true,
+            Duration::from_millis(50),
+            100_000_000 / 8,
+            Some(1_000_000),
+            6,
+        );
+        assert_eq!(w, DEFAULT_WINDOW as u64, "the window stays at its base");
+        assert!(tp <= 1_100_000.0, "{tp}");
+    }
+
+    #[test]
+    fn grown_windows_shrink_back_to_a_fair_share_of_the_budget() {
+        let cfg = FlowConfig::default();
+        let mut b = Credit::new(cfg);
+        b.set_peer(Some(cfg));
+        b.set_autotune(true);
+        let t0 = Instant::now();
+        b.tick(t0);
+        b.rtt_sample(Duration::from_millis(50));
+        let mut conns: Vec<ConnCredit> = (0..3).map(|_| b.open().unwrap()).collect();
+        // Each, alone, window-bound: grows; together they are held to half the budget.
+        let mut t = t0;
+        for _ in 0..12 {
+            for c in conns.iter_mut() {
+                let w = c.granted;
+                b.received(c, w).unwrap();
+                b.take_return(c); // nothing unreturned yet: marks nothing
+                b.consumed(c, w);
+                b.take_return(c);
+                t += Duration::from_millis(10);
+                b.tick(t);
+                b.retune(c);
+            }
+        }
+        let total: u64 = conns.iter().map(|c| c.granted).sum();
+        assert!(
+            conns.iter().all(|c| c.granted > cfg.window as u64),
+            "{conns:?}"
+        );
+        assert!(
+            total <= cfg.budget / 2 + 2 * cfg.window as u64,
+            "grown windows add up to about half the budget: {total}"
+        );
+        // One closes: the others may take its share.
+        let gone = conns.pop().unwrap();
+        b.closed(gone);
+        assert_eq!(b.grown, 2);
+    }
+
     /// The credit machine of two ends, one direction (sender A, receiver B), driven by random
     /// operation sequences, against its invariants.
     mod machine {
@@ -491,6 +860,15 @@ mod tests {
             DeliverCredit,
             Close(usize),
             Reopen(usize),
+            /// The clock moves (auto-tuning reads it), by microseconds.
+            Tick(u64),
+        }
+
+        /// What travels back from B to A: credit, or a new window size.
+        #[derive(Clone, Copy, Debug)]
+        enum Back {
+            Update(u64),
+            Size(u32),
         }
 
         fn op() -> impl Strategy<Value = Op> {
@@ -505,6 +883,7 @@ mod tests {
                 3 => Just(Op::DeliverCredit),
                 1 => conn.clone().prop_map(Op::Close),
                 1 => conn.prop_map(Op::Reopen),
+                2 => (0u64..20_000).prop_map(Op::Tick),
             ]
         }
 
@@ -525,7 +904,8 @@ mod tests {
             conns: [Option<(ConnCredit, ConnCredit)>; CONNS],
             /// DATA on its way to B, and credit on its way back: (connection, generation, bytes).
             data: VecDeque<(usize, u32, u64)>,
-            credit: VecDeque<(usize, u32, u64)>,
+            credit: VecDeque<(usize, u32, Back)>,
+            now: Instant,
             /// A connection reopened is a new one: messages of an older generation are stale.
             generation: [u32; CONNS],
             consumed: [u64; CONNS],
@@ -533,16 +913,24 @@ mod tests {
         }
 
         impl World {
-            fn new(ca: FlowConfig, cb: FlowConfig) -> World {
+            fn new(ca: FlowConfig, cb: FlowConfig, autotune: bool) -> World {
                 let (mut a, mut b) = (Credit::new(ca), Credit::new(cb));
                 a.set_peer(Some(b.own()));
                 b.set_peer(Some(a.own()));
+                let now = Instant::now();
+                if autotune {
+                    a.set_autotune(true);
+                    b.set_autotune(true);
+                    b.tick(now);
+                    b.rtt_sample(Duration::from_millis(1));
+                }
                 let mut w = World {
                     a,
                     b,
                     conns: [None; CONNS],
                     data: VecDeque::new(),
                     credit: VecDeque::new(),
+                    now,
                     generation: [0; CONNS],
                     consumed: [0; CONNS],
                     returned: [0; CONNS],
@@ -563,7 +951,8 @@ mod tests {
             fn give_back(&mut self, k: usize, inc: Option<u32>) {
                 if let Some(inc) = inc {
                     self.returned[k] += inc as u64;
-                    self.credit.push_back((k, self.generation[k], inc as u64));
+                    self.credit
+                        .push_back((k, self.generation[k], Back::Update(inc as u64)));
                 }
                 if self.b.must_flush() {
                     for j in 0..CONNS {
@@ -571,7 +960,11 @@ mod tests {
                             let inc = self.b.take_return(bc);
                             if let Some(inc) = inc {
                                 self.returned[j] += inc as u64;
-                                self.credit.push_back((j, self.generation[j], inc as u64));
+                                self.credit.push_back((
+                                    j,
+                                    self.generation[j],
+                                    Back::Update(inc as u64),
+                                ));
                             }
                         }
                     }
@@ -616,17 +1009,33 @@ mod tests {
                         let n = n.min(bc.buffered());
                         self.consumed[k] += n;
                         let inc = self.b.consumed(bc, n);
+                        let size = self.b.retune(bc);
                         self.give_back(k, inc);
+                        if let Some(w) = size {
+                            self.credit
+                                .push_back((k, self.generation[k], Back::Size(w)));
+                        }
+                    }
+                    Op::Tick(us) => {
+                        self.now += Duration::from_micros(us);
+                        self.b.tick(self.now);
                     }
                     Op::DeliverCredit => {
-                        let Some((k, g, inc)) = self.credit.pop_front() else {
+                        let Some((k, g, back)) = self.credit.pop_front() else {
                             return;
                         };
                         if g != self.generation[k] {
                             return;
                         }
                         let (ac, _) = self.conns[k].as_mut().unwrap();
-                        self.a.credited(ac, inc);
+                        match back {
+                            Back::Update(inc) => {
+                                self.a.credited(ac, inc);
+                            }
+                            Back::Size(w) => {
+                                self.a.resized(ac, w);
+                            }
+                        }
                     }
                     Op::Close(k) => {
                         if let Some((ac, bc)) = self.conns[k].take() {
@@ -645,23 +1054,35 @@ mod tests {
             }
 
             fn check(&self) {
-                let (window, budget) = (self.b.own().window as u64, self.b.own().budget);
+                let budget = self.b.own().budget;
                 let mut sent = 0;
                 let mut held = 0;
                 for k in 0..CONNS {
                     let Some((ac, bc)) = &self.conns[k] else {
                         continue;
                     };
-                    assert!(ac.in_flight() <= window, "in flight ≤ window");
+                    assert!(
+                        ac.in_flight() <= bc.limit,
+                        "in flight ≤ the largest window granted"
+                    );
+                    assert!(bc.granted >= self.b.own().window as u64 && bc.granted <= bc.limit);
                     assert!(self.returned[k] <= self.consumed[k], "returned ≤ consumed");
                     let g = self.generation[k];
                     let on_wire: u64 = self
                         .data
                         .iter()
-                        .chain(&self.credit)
                         .filter(|(j, gj, _)| *j == k && *gj == g)
                         .map(|(_, _, n)| n)
-                        .sum();
+                        .sum::<u64>()
+                        + self
+                            .credit
+                            .iter()
+                            .filter(|(j, gj, _)| *j == k && *gj == g)
+                            .map(|(_, _, b)| match b {
+                                Back::Update(n) => *n,
+                                Back::Size(_) => 0,
+                            })
+                            .sum::<u64>();
                     assert_eq!(
                         ac.in_flight(),
                         on_wire + bc.buffered + bc.unreturned,
@@ -706,9 +1127,10 @@ mod tests {
             fn credit_keeps_its_invariants(
                 ca in config(),
                 cb in config(),
+                autotune in any::<bool>(),
                 ops in proptest::collection::vec(op(), 0..300),
             ) {
-                let mut w = World::new(ca, cb);
+                let mut w = World::new(ca, cb, autotune);
                 for o in &ops {
                     w.apply(o);
                     w.check();

@@ -37,6 +37,10 @@ use crate::flow::{self, ConnCredit, Credit, CreditError, FlowConfig, Hello};
 use crate::message::{MAX_PAYLOAD, MAX_SERVICES, Message, MessageRef, MessageType};
 use crate::{Format, Mode, valid_name};
 
+/// How often auto-tuning measures the round trip again (while data is consumed): with
+/// [`flow::RTT_SAMPLES`] kept, a path that changed is followed within about 40 s.
+pub const PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A local handle for one tunnel connection, unique for the lifetime of a [`Mux`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
@@ -140,6 +144,10 @@ pub enum ProtocolError {
     BudgetExceeded(u64, u64),
     #[error("flow control: malformed WINDOW_UPDATE (stream id {0}, payload of {1} bytes)")]
     BadWindowUpdate(i32, usize),
+    #[error(
+        "flow control: malformed WINDOW_SIZE (stream id {0}, payload of {1} bytes, or a window under the minimum)"
+    )]
+    BadWindowSize(i32, usize),
 }
 
 /// A local call that cannot be carried out.
@@ -223,6 +231,15 @@ struct Flow {
     epoch: u64,
     /// This end offers half-close (with flow control).
     offer_half_close: bool,
+    /// This end offers auto-tuned windows (with flow control).
+    offer_autotune: bool,
+    /// The clock as last set ([`Mux::tick`]).
+    now: Option<std::time::Instant>,
+    /// The PING waiting for its answer: its nonce and when it went out.
+    ping: Option<(u64, std::time::Instant)>,
+    /// When the last PING went out, and the nonce of the next.
+    last_ping: Option<std::time::Instant>,
+    next_nonce: u64,
     /// Connections started from now on can be half-closed (both ends listed it).
     half_close: bool,
 }
@@ -282,7 +299,75 @@ impl Mux {
     pub fn with_flow_control(mut self, cfg: FlowConfig) -> Mux {
         self.flow.credit = Some(Credit::new(cfg));
         self.flow.offer_half_close = true;
+        self.flow.offer_autotune = true;
         self
+    }
+
+    /// Keep every window at its configured size (as a culvert end older than auto-tuning
+    /// does), though flow control is offered.
+    pub fn without_autotune(mut self) -> Mux {
+        self.flow.offer_autotune = false;
+        self
+    }
+
+    /// The time now, for auto-tuned windows: the session sets it before handing in what it
+    /// received or what its application consumed. Without it, windows keep their size.
+    pub fn tick(&mut self, now: std::time::Instant) {
+        self.flow.now = Some(now);
+        if let Some(c) = self.flow.credit.as_mut() {
+            c.tick(now);
+        }
+    }
+
+    /// Measure the round trip with a PING, if auto-tuning is on and the last one is older
+    /// than [`PING_INTERVAL`] (or its answer never came).
+    fn maybe_ping(&mut self, out: &mut Output) {
+        let (Some(now), Some(credit)) = (self.flow.now, self.flow.credit.as_ref()) else {
+            return;
+        };
+        if !credit.autotune()
+            || self
+                .flow
+                .last_ping
+                .is_some_and(|t| now.saturating_duration_since(t) < PING_INTERVAL)
+        {
+            return;
+        }
+        self.flow.next_nonce += 1;
+        let nonce = self.flow.next_nonce;
+        self.flow.ping = Some((nonce, now));
+        self.flow.last_ping = Some(now);
+        out.transmit.push(flow::ping(nonce, false));
+    }
+
+    /// A PING (answered at once) or the answer to ours (a round-trip sample).
+    fn on_ping(&mut self, msg: &MessageRef<'_>, out: &mut Output) {
+        let Ok(b) = <[u8; 8]>::try_from(&msg.payload[..]) else {
+            self.stats.ignored += 1;
+            return;
+        };
+        let nonce = u64::from_be_bytes(b);
+        if msg.r#type == flow::PING {
+            out.transmit.push(flow::ping(nonce, true));
+            return;
+        }
+        match (self.flow.ping, self.flow.now, self.flow.credit.as_mut()) {
+            (Some((n, sent)), Some(now), Some(credit)) if n == nonce => {
+                credit.rtt_sample(now.saturating_duration_since(sent));
+                self.flow.ping = None;
+            }
+            _ => self.stats.stale_control += 1,
+        }
+    }
+
+    /// The shortest round trip measured to the peer (auto-tuning), if any.
+    pub fn min_rtt(&self) -> Option<std::time::Duration> {
+        self.flow.credit.as_ref()?.min_rtt()
+    }
+
+    /// The window connection `id` grants the peer now, if it uses flow control.
+    pub fn granted_window(&self, id: ConnId) -> Option<u64> {
+        self.conns.get(&id)?.credit.map(|c| c.granted())
     }
 
     /// Do not offer half-close (as a culvert end older than it behaves), though flow control
@@ -368,6 +453,13 @@ impl Mux {
         if msg.r#type == flow::WINDOW_UPDATE && self.flow.credit.is_some() {
             return self.on_window_update(&msg, out);
         }
+        if msg.r#type == flow::WINDOW_SIZE && self.flow.credit.is_some() {
+            return self.on_window_size(&msg, out);
+        }
+        if (msg.r#type == flow::PING || msg.r#type == flow::PONG) && self.flow.credit.is_some() {
+            self.on_ping(&msg, out);
+            return Ok(());
+        }
         if msg.r#type == crate::ext::FIN && self.flow.credit.is_some() {
             self.on_fin(&msg, out);
             return Ok(());
@@ -384,6 +476,11 @@ impl Mux {
                     return Ok(());
                 }
                 flow::WINDOW_UPDATE => return self.on_window_update(&(&msg).into(), out),
+                flow::WINDOW_SIZE => return self.on_window_size(&(&msg).into(), out),
+                flow::PING | flow::PONG => {
+                    self.on_ping(&(&msg).into(), out);
+                    return Ok(());
+                }
                 crate::ext::FIN => {
                     self.on_fin(&(&msg).into(), out);
                     return Ok(());
@@ -485,12 +582,18 @@ impl Mux {
             self.flow.epoch = h.epoch;
         }
         let epoch = self.flow.epoch;
-        let offer_half_close = self.flow.offer_half_close;
-        let half_close = offer_half_close && h.features.iter().any(|f| f == crate::ext::HALF_CLOSE);
+        let (offer_half_close, offer_autotune) =
+            (self.flow.offer_half_close, self.flow.offer_autotune);
+        let lists = |f: &str| h.features.iter().any(|x| x == f);
+        let half_close = offer_half_close && lists(crate::ext::HALF_CLOSE);
+        let autotune = offer_autotune && lists(flow::AUTOTUNE);
         let hello = |confirm: bool, reply: bool| {
             let mut features = vec![flow::FEATURE.to_owned()];
             if offer_half_close {
                 features.push(crate::ext::HALF_CLOSE.to_owned());
+            }
+            if offer_autotune {
+                features.push(flow::AUTOTUNE.to_owned());
             }
             Hello {
                 from: me.into(),
@@ -528,13 +631,17 @@ impl Mux {
                     out.transmit.push(hello(true, false));
                     self.set_peer_flow(Some(g), out);
                     self.flow.half_close = half_close;
+                    self.set_autotune(autotune);
+                    self.maybe_ping(out);
                 }
             }
             (Mode::Destination, "source") if self.flow.relay => {
                 if h.confirm {
                     let g = grants();
                     self.flow.half_close = g.is_some() && half_close;
+                    self.set_autotune(g.is_some() && autotune);
                     self.set_peer_flow(g, out);
+                    self.maybe_ping(out);
                 } else {
                     self.set_peer_flow(None, out);
                     if grants().is_some() {
@@ -546,10 +653,17 @@ impl Mux {
         }
     }
 
+    fn set_autotune(&mut self, on: bool) {
+        if let Some(c) = self.flow.credit.as_mut() {
+            c.set_autotune(on);
+        }
+    }
+
     fn set_peer_flow(&mut self, peer: Option<FlowConfig>, out: &mut Output) {
         let on = peer.is_some();
         if !on {
             self.flow.half_close = false;
+            self.set_autotune(false);
         }
         if let Some(credit) = self.flow.credit.as_mut()
             && credit.set_peer(peer)
@@ -586,6 +700,35 @@ impl Mux {
         };
         let budget = credit.credited(c, inc);
         out.events.push(Event::Credit { id, budget });
+        Ok(())
+    }
+
+    /// The peer resized our window on a connection (auto-tuning).
+    fn on_window_size(
+        &mut self,
+        msg: &MessageRef<'_>,
+        out: &mut Output,
+    ) -> Result<(), ProtocolError> {
+        let Some(window) = flow::size(&msg.payload).filter(|_| msg.stream_id > 0) else {
+            return Err(ProtocolError::BadWindowSize(
+                msg.stream_id,
+                msg.payload.len(),
+            ));
+        };
+        let Some(id) = self.lookup(msg.service_id, msg.stream_id, msg.connection_id) else {
+            self.stats.stale_control += 1;
+            return Ok(());
+        };
+        let (Some(credit), Some(c)) = (
+            self.flow.credit.as_mut(),
+            self.conns.get_mut(&id).and_then(|c| c.credit.as_mut()),
+        ) else {
+            self.stats.stale_control += 1;
+            return Ok(());
+        };
+        if credit.resized(c, window) {
+            out.events.push(Event::Credit { id, budget: false });
+        }
         Ok(())
     }
 
@@ -666,6 +809,13 @@ impl Mux {
         if let Some(inc) = credit.consumed(c, n as u64) {
             out.credit.push((id, inc));
         }
+        if let Some(window) = credit.retune(c) {
+            let conn = &self.conns[&id];
+            let (service, cid) = wire_names(conn);
+            out.transmit
+                .push(flow::window_size(conn.stream_id, service, cid, window));
+        }
+        self.maybe_ping(out);
         self.flush_if_budget_tight(out);
     }
 
@@ -1523,6 +1673,68 @@ mod tests {
             let (mut p, _) = pair(Some(CFG), Some(CFG), false);
             let (s, _) = p.open("A");
             assert!(!finish(&mut p, true, s));
+        }
+
+        #[test]
+        fn auto_tuning_measures_the_round_trip_and_grows_a_window_bound_connection() {
+            for older in [false, true] {
+                let t0 = std::time::Instant::now();
+                let mut p = Pair::new(Format::V3, &["A"]);
+                p.src = std::mem::replace(&mut p.src, Mux::source(Format::V3))
+                    .with_flow_control(FlowConfig::default());
+                p.dst = std::mem::replace(&mut p.dst, Mux::destination(None))
+                    .with_flow_control(FlowConfig::default());
+                if older {
+                    p.src =
+                        std::mem::replace(&mut p.src, Mux::source(Format::V3)).without_autotune();
+                }
+                let (mut a, mut b) = (Output::default(), Output::default());
+                p.src.handle(Hello::relay().to_message(), &mut a).unwrap();
+                p.dst.handle(Hello::relay().to_message(), &mut b).unwrap();
+                p.pump(a.transmit, b.transmit);
+                // The destination's PING goes out at t0 and its answer is back 10 ms later.
+                p.dst.tick(t0);
+                let mut out = Output::default();
+                p.dst.maybe_ping(&mut out);
+                p.dst.tick(t0 + std::time::Duration::from_millis(10));
+                p.pump(vec![], out.transmit);
+                assert_eq!(
+                    p.dst.min_rtt().is_some(),
+                    !older,
+                    "a PING went out and its answer came back (older: {older})"
+                );
+                let (s, d) = p.open("A");
+                // The destination's application consumes a window's worth in far less than
+                // two round trips (here the clock barely moves; the round trip is taken as
+                // 10 ms): its window doubles, and the source may send that much more.
+                let window = flow::DEFAULT_WINDOW as usize;
+                let mut sent = 0;
+                let mut t = t0 + std::time::Duration::from_millis(10);
+                while sent < window {
+                    let m = p.src.data(s, Bytes::from(vec![1u8; MAX_PAYLOAD])).unwrap();
+                    p.pump(vec![m], vec![]);
+                    sent += MAX_PAYLOAD;
+                    t += std::time::Duration::from_micros(100);
+                    p.dst.tick(t);
+                    let mut out = Output::default();
+                    p.dst.consumed(d, MAX_PAYLOAD, &mut out);
+                    p.pump(vec![], out.take_messages(&p.dst));
+                }
+                let grown = p.dst.granted_window(d).unwrap();
+                if older {
+                    assert_eq!(
+                        grown, window as u64,
+                        "an older end's windows keep their size"
+                    );
+                } else {
+                    assert_eq!(grown, 2 * window as u64);
+                    let credit = p.src.send_credit(s).unwrap().unwrap();
+                    assert!(
+                        credit > window + window / 2,
+                        "the source heard of the larger window: {credit} bytes of credit"
+                    );
+                }
+            }
         }
 
         #[test]

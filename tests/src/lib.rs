@@ -24,7 +24,9 @@ pub use serde_json::Value;
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        culvert_devkit::build_binaries(&["culvert-demo"]).unwrap_or_else(|e| panic!("{e}"))
+        // culvert-devkit: the WAN emulator (culvert-wanem) of tests/tests/wan.rs.
+        culvert_devkit::build_binaries(&["culvert-demo", "culvert-devkit"])
+            .unwrap_or_else(|e| panic!("{e}"))
     })
 }
 

@@ -191,7 +191,15 @@ impl Inner {
     /// The application consumed `n` bytes of connection `id`: return credit if it is due.
     fn consumed(&mut self, id: ConnId, n: usize) {
         let mut out = std::mem::take(&mut self.scratch);
+        self.mux.tick(std::time::Instant::now());
         self.mux.consumed(id, n, &mut out);
+        if out
+            .transmit
+            .iter()
+            .any(|m| m.r#type == crate::flow::WINDOW_SIZE)
+        {
+            debug!(conn = %id, window = ?self.mux.granted_window(id), min_rtt = ?self.mux.min_rtt(), "window auto-tuned");
+        }
         self.queue_control(&mut out);
         self.scratch = out;
     }

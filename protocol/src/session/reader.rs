@@ -80,6 +80,8 @@ pub(super) async fn run<S>(
             }
             {
                 let mut inner = shared.lock();
+                // Auto-tuned windows time the credit loop.
+                inner.mux.tick(std::time::Instant::now());
                 let handled = match frame::decode_ref(&body) {
                     Ok(Some(m)) => {
                         trace!(
