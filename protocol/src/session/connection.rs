@@ -178,22 +178,28 @@ impl ConnectionReader {
 
 impl Drop for ConnectionReader {
     fn drop(&mut self) {
-        let mut guard = self.shared.lock();
-        let inner = &mut *guard;
-        let Some(ib) = inner.conns.get_mut(&self.id) else {
-            return;
+        let credit_due = {
+            let mut guard = self.shared.lock();
+            let inner = &mut *guard;
+            match inner.conns.get_mut(&self.id) {
+                // Read to EOF already: nothing is buffered.
+                None => false,
+                Some(ib) => {
+                    let unread = self.pending.len() - self.pos + ib.reader_dropped(&mut inner.pool);
+                    if ib.is_closed() {
+                        inner.remove_inbox(self.id);
+                    }
+                    // Bytes nobody will read: their credit goes back to the peer.
+                    let due = self.credited && unread > 0;
+                    if due {
+                        inner.consumed(self.id, unread);
+                    }
+                    due
+                }
+            }
         };
-        let unread = self.pending.len() - self.pos + ib.reader_dropped(&mut inner.pool);
-        if ib.is_closed() {
-            inner.remove_inbox(self.id);
-        }
-        if self.credited && unread > 0 {
-            // Bytes nobody will read: their credit goes back to the peer.
-            inner.consumed(self.id, unread);
-            drop(guard);
+        if credit_due {
             self.shared.work.notify_one();
-        } else {
-            drop(guard);
         }
         half_dropped(&self.halves, &self.shared, self.id);
     }
