@@ -103,7 +103,12 @@ fn sink_server() -> SocketAddr {
 }
 
 fn echo_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    echo_server_on([127, 0, 0, 1].into())
+}
+
+/// An echo server on `ip` (any free port).
+fn echo_server_on(ip: std::net::IpAddr) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).unwrap();
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {

@@ -46,26 +46,6 @@ fn progress_sink(ip: IpAddr) -> SocketAddr {
     addr
 }
 
-fn echo(ip: IpAddr) -> SocketAddr {
-    let l = TcpListener::bind((ip, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                let _ = s.set_nodelay(true);
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// Mbit/s delivered to the sink at `addr` by one connection writing for `secs` (or until
 /// `stop`), counted up to the sink's last report.
 fn timed_throughput(addr: SocketAddr, secs: f64, stop: Option<Arc<AtomicBool>>) -> f64 {
@@ -145,7 +125,7 @@ pub fn run(bins: &Path, secs: f64, rate_mbit: u64) {
     let (sink, echo_addr) = Wan::within(&site, || {
         (
             progress_sink(IpAddr::V4(SITE_IP)),
-            echo(IpAddr::V4(SITE_IP)),
+            crate::echo_server_on(IpAddr::V4(SITE_IP)),
         )
     });
     let dir = std::env::temp_dir().join(format!("culvert-bench-wan-{}", std::process::id()));

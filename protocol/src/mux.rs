@@ -686,21 +686,30 @@ impl Mux {
                 ));
             }
         };
-        let Some(id) = self.lookup(msg.service_id, msg.stream_id, msg.connection_id) else {
-            // Credit for a connection that has ended: its bytes were given back on close.
-            self.stats.stale_control += 1;
-            return Ok(());
-        };
-        let (Some(credit), Some(c)) = (
-            self.flow.credit.as_mut(),
-            self.conns.get_mut(&id).and_then(|c| c.credit.as_mut()),
-        ) else {
-            self.stats.stale_control += 1;
+        // Credit for a connection that has ended is stale: its bytes were given back on close.
+        let Some((id, credit, c)) = self.credit_named(msg) else {
             return Ok(());
         };
         let budget = credit.credited(c, inc);
         out.events.push(Event::Credit { id, budget });
         Ok(())
+    }
+
+    /// The flow-controlled connection a credit message names, with the tunnel's credit state;
+    /// `None` (counted as stale) for one that has ended or has no flow control.
+    fn credit_named(
+        &mut self,
+        msg: &MessageRef<'_>,
+    ) -> Option<(ConnId, &mut Credit, &mut ConnCredit)> {
+        let id = self.lookup(msg.service_id, msg.stream_id, msg.connection_id);
+        let found = id.and_then(|id| {
+            let c = self.conns.get_mut(&id)?.credit.as_mut()?;
+            Some((id, self.flow.credit.as_mut()?, c))
+        });
+        if found.is_none() {
+            self.stats.stale_control += 1;
+        }
+        found
     }
 
     /// The peer resized our window on a connection (auto-tuning).
@@ -715,15 +724,7 @@ impl Mux {
                 msg.payload.len(),
             ));
         };
-        let Some(id) = self.lookup(msg.service_id, msg.stream_id, msg.connection_id) else {
-            self.stats.stale_control += 1;
-            return Ok(());
-        };
-        let (Some(credit), Some(c)) = (
-            self.flow.credit.as_mut(),
-            self.conns.get_mut(&id).and_then(|c| c.credit.as_mut()),
-        ) else {
-            self.stats.stale_control += 1;
+        let Some((id, credit, c)) = self.credit_named(msg) else {
             return Ok(());
         };
         if credit.resized(c, window) {

@@ -418,6 +418,25 @@ pub fn transform_server(f: fn(&[u8]) -> Vec<u8>) -> SocketAddr {
     addr
 }
 
+/// A target on `ip` that reads each connection to EOF, then answers "<bytes> <sha256>\n" and
+/// closes: what arrived before the client's FIN, checked in one line.
+pub fn digest_at_eof(ip: std::net::IpAddr) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                if s.read_to_end(&mut got).is_ok() {
+                    let _ = writeln!(s, "{} {}", got.len(), sha256(&got));
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// Connect to a local port (the proxy's), retrying while the tunnel comes up.
 pub fn connect_local(port: u16) -> TcpStream {
     let s = wait_for(&format!("a connection to 127.0.0.1:{port}"), || {

@@ -18,24 +18,6 @@ use std::sync::mpsc;
 
 use culvert_e2e::*;
 
-/// A target that reads each connection to EOF, then answers "<bytes> <sha256>\n" and closes.
-fn answers_at_eof() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut got = Vec::new();
-                if s.read_to_end(&mut got).is_ok() {
-                    let _ = writeln!(s, "{} {}", got.len(), sha256(&got));
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// A target that sends a banner and finishes sending at once, then reads each connection to
 /// EOF and reports what it read.
 fn banner_then_listens() -> (SocketAddr, mpsc::Receiver<Vec<u8>>) {
@@ -68,7 +50,7 @@ struct Scenario {
 
 fn scenario(name: &str, relay_args: &[String], connect_args: &[&str]) -> Scenario {
     let dir = scratch(name);
-    let answers = answers_at_eof();
+    let answers = digest_at_eof([127, 0, 0, 1].into());
     let (banner, heard) = banner_then_listens();
     let relay = Relay::start_with(&dir, "127.0.0.1:0".parse().unwrap(), relay_args);
     let t = relay.open_tunnel("robot-cell", &["CMD", "BANNER"]);

@@ -13,31 +13,12 @@
 //! Needs root (namespaces, TUN devices) and iproute2; fails saying so otherwise.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, TcpStream};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use culvert_devkit::wan::{SITE_IP, Wan};
 use culvert_e2e::*;
-
-/// A target at the site that reads each connection to EOF, then answers
-/// "<bytes> <sha256>\n" and closes.
-fn digest_at_eof() -> SocketAddr {
-    let l = TcpListener::bind((IpAddr::V4(SITE_IP), 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut got = Vec::new();
-                if s.read_to_end(&mut got).is_ok() {
-                    let _ = writeln!(s, "{} {}", got.len(), sha256(&got));
-                }
-            });
-        }
-    });
-    addr
-}
 
 /// Send `data` through the operator's local `port`, finish sending, and return the answer.
 fn send_and_digest(port: u16, data: Vec<u8>, on_half: Option<mpsc::Sender<()>>) -> String {
@@ -63,7 +44,7 @@ fn over_a_lossy_50_ms_wan_transfers_arrive_whole_windows_grow_and_a_black_hole_i
         .unwrap_or_else(|e| panic!("{e} (this test needs root and iproute2)"));
     wan.set_rtt(Duration::from_millis(50), 0.5);
     let site = wan.site.clone();
-    let target = Wan::within(&site, digest_at_eof);
+    let target = Wan::within(&site, || digest_at_eof(IpAddr::V4(SITE_IP)));
     let path = wan
         .culvert_path(bins, &dir, 8443, true, &[("DATA", target)])
         .unwrap_or_else(|e| panic!("{e}"));
