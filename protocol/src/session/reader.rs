@@ -67,6 +67,8 @@ pub(super) async fn run<S>(
             break SessionEnd::Protocol(e.into());
         }
         let mut failed = None;
+        // One clock reading per WebSocket message: auto-tuned windows time the credit loop.
+        let now = std::time::Instant::now();
         for body in bodies.drain(..) {
             // Room for the replies first; then handle the message and queue its replies under
             // one lock, so that no start queued by another task can slip between a state
@@ -80,8 +82,7 @@ pub(super) async fn run<S>(
             }
             {
                 let mut inner = shared.lock();
-                // Auto-tuned windows time the credit loop.
-                inner.mux.tick(std::time::Instant::now());
+                inner.mux.tick(now);
                 let handled = match frame::decode_ref(&body) {
                     Ok(Some(m)) => {
                         trace!(
