@@ -109,8 +109,14 @@ pub fn require_tool(path_or_name: &str, package: &str) -> PathBuf {
 }
 
 /// A fresh scratch directory for one test.
+///
+/// A run keeps its scratch directories (their logs explain a failure); the first call of a run
+/// deletes those of earlier runs whose process is gone, so that repeated runs do not fill the
+/// disk (a full disk once failed a whole CI run with unrelated-looking timeouts).
 pub fn scratch(name: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(sweep_dead_scratch);
     let d = std::env::temp_dir().join(format!(
         "culvert-e2e-{}-{}-{}",
         name,
@@ -120,6 +126,27 @@ pub fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// Delete `culvert-e2e-<name>-<pid>-<n>` directories whose process no longer runs.
+fn sweep_dead_scratch() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("culvert-e2e-")) else {
+            continue;
+        };
+        let mut parts = rest.rsplitn(3, '-');
+        let (_n, pid) = (parts.next(), parts.next());
+        let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Poll `f` until it returns `Some`, or fail after [`WAIT`] saying `what` did not happen.
