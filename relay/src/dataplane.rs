@@ -328,19 +328,14 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
     let writer_kick = kick.clone();
     let writer = tokio::spawn(async move {
         let mut batch = MessageBatch::default();
-        loop {
+        // A kick ends the loop with its reason, whether it came while the writer waited for
+        // the queue or while it was sending: the close frame goes out in both cases.
+        let kicked = loop {
             let first = tokio::select! {
                 // A kick (with its close frame) wins over a queue that closed at the same time.
                 biased;
-                reason = writer_kick.kicked() => {
-                    if let Some((code, reason)) = reason.close_frame(extensions) {
-                        let close = WsMessage::Close(Some(CloseFrame { code, reason: reason.into() }));
-                        // A peer that reads nothing does not keep this task.
-                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(close)).await;
-                    }
-                    break;
-                }
-                f = rx.recv() => match f { Some(f) => f, None => break },
+                reason = writer_kick.kicked() => break Some(reason),
+                f = rx.recv() => match f { Some(f) => f, None => break None },
             };
             // Coalesce queued chunks into WebSocket messages (frame::MessageBatch's rules); a lone
             // chunk goes out as it is, without a copy.
@@ -368,21 +363,28 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
                             next = rx.try_recv().ok();
                         }
                         if failed {
-                            break;
+                            break None;
                         }
                         batch.take()
                     }
                 }
             };
             // A peer that stops reading must not keep this task (and its queue) alive after a kick.
-            let sent = tokio::select! {
+            // An interrupted send leaves its message in the WebSocket layer's buffer, which
+            // the close frame's send flushes first.
+            tokio::select! {
                 biased;
-                _ = writer_kick.kicked() => false,
-                r = sink.send(WsMessage::Binary(msg)) => r.is_ok(),
+                reason = writer_kick.kicked() => break Some(reason),
+                r = sink.send(WsMessage::Binary(msg)) => if r.is_err() { break None },
             };
-            if !sent {
-                break;
-            }
+        };
+        if let Some((code, reason)) = kicked.and_then(|r| r.close_frame(extensions)) {
+            let close = WsMessage::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            }));
+            // A peer that reads nothing does not keep this task.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(close)).await;
         }
     });
 
