@@ -291,6 +291,8 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
 
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut first = true;
+    // A session whose WebSocket dropped, holding connections to resume on the next one.
+    let mut held: Option<SessionHandle> = None;
     loop {
         let c = match reconnect(&opts, &mut backoff, &give_up, &state_tx).await? {
             Some(c) => c,
@@ -302,8 +304,38 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
                 )));
             }
         };
+        match held.take() {
+            Some(h) if h.can_resume_with(c.extensions) => {
+                let n = h.suspended_connections();
+                if h.reattach(c.ws).is_ok() {
+                    info!(relay = %args.endpoint, connections = n, "reconnected to relay; resuming connections");
+                    backoff.reset();
+                    state_tx.send_replace(Relay::Up(h.clone()));
+                    match wait_for_link_down(&h, &shutdown).await {
+                        Some(true) => held = Some(h),
+                        Some(false) => {}
+                        None => return Ok(()),
+                    }
+                    state_tx.send_replace(Relay::Reconnecting);
+                }
+                continue;
+            }
+            Some(h) => {
+                warn!(
+                    connections = h.suspended_connections(),
+                    "the relay no longer resumes connections: they end"
+                );
+                h.close();
+            }
+            None => {}
+        }
         let format = args.format.map_or(c.format, |f| f.min(c.format));
-        let cfg = SessionConfig::default().for_relay(c.extensions);
+        let mut cfg = session_config().for_relay(c.extensions);
+        if matches!(args.local, Local::Stdio { .. }) {
+            // One connection, and nobody to reconnect for it once the session is gone
+            // (`carry_stdio` ends with it).
+            cfg.resume_hold = None;
+        }
         let (handle, _incoming) = session::spawn(c.ws, Mux::source(format), cfg);
         let ids = match tokio::time::timeout(WAIT_FOR_SERVICE_IDS, handle.wait_service_ids()).await
         {
@@ -360,20 +392,48 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
                 shutdown.clone(),
             ));
         }
-        let why = tokio::select! {
-            _ = shutdown.cancelled() => {
-                handle.close();
-                return Ok(());
-            }
-            why = handle.closed() => why,
-        };
-        state_tx.send_replace(Relay::Reconnecting);
-        if why.is_relay_restart() {
-            info!("the relay is restarting; reconnecting");
-        } else {
-            warn!(reason = %why, "relay session ended; reconnecting");
+        match wait_for_link_down(&handle, &shutdown).await {
+            Some(true) => held = Some(handle),
+            Some(false) => {}
+            None => return Ok(()),
         }
+        state_tx.send_replace(Relay::Reconnecting);
     }
+}
+
+/// The session settings of this end: `CULVERT_RESUME_HOLD` (seconds, 0: never resume)
+/// overrides how long connections wait for a dropped tunnel to come back.
+fn session_config() -> SessionConfig {
+    let mut cfg = SessionConfig::default();
+    if let Some(secs) = std::env::var("CULVERT_RESUME_HOLD")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        cfg.resume_hold = (secs > 0).then(|| Duration::from_secs(secs));
+    }
+    cfg
+}
+
+/// Wait until the session's WebSocket drops, and say why. `Some(true)`: it holds connections
+/// to resume on the next one; `Some(false)`: it ended; `None`: `shutdown` came first (the
+/// session is closed).
+async fn wait_for_link_down(handle: &SessionHandle, shutdown: &CancellationToken) -> Option<bool> {
+    let why = tokio::select! {
+        _ = shutdown.cancelled() => {
+            handle.close();
+            return None;
+        }
+        why = handle.link_down() => why,
+    };
+    let held = handle.ended().is_none();
+    if held {
+        warn!(reason = %why, connections = handle.suspended_connections(), "relay connection lost; reconnecting to resume the open connections");
+    } else if why.is_relay_restart() {
+        info!("the relay is restarting; reconnecting");
+    } else {
+        warn!(reason = %why, "relay session ended; reconnecting");
+    }
+    Some(held)
 }
 
 /// Connect to the relay: one attempt, then (once it failed, and local connections are told
@@ -426,16 +486,32 @@ async fn serve_destination(
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut first = true;
+    let mut held: Option<(SessionHandle, session::Incoming)> = None;
     loop {
         let Some(c) = reconnect(opts, &mut backoff, &shutdown, &state).await? else {
             return Ok(());
         };
         backoff.reset();
-        // A V1 stream names no service: it maps to the one mapping when there is one.
-        let named: Vec<String> = targets.iter().filter_map(|t| t.service.clone()).collect();
-        let mux = Mux::destination((named.len() == 1).then_some(named));
-        let cfg = SessionConfig::default().for_relay(c.extensions);
-        let (handle, mut incoming) = session::spawn(c.ws, mux, cfg);
+        let (handle, mut incoming) = match held.take() {
+            Some((h, incoming)) if h.can_resume_with(c.extensions) => {
+                let n = h.suspended_connections();
+                if h.reattach(c.ws).is_err() {
+                    continue;
+                }
+                info!(relay = %endpoint, connections = n, "reconnected to relay; resuming connections");
+                (h, incoming)
+            }
+            other => {
+                if let Some((h, _)) = other {
+                    h.close();
+                }
+                // A V1 stream names no service: it maps to the one mapping when there is one.
+                let named: Vec<String> = targets.iter().filter_map(|t| t.service.clone()).collect();
+                let mux = Mux::destination((named.len() == 1).then_some(named));
+                let cfg = session_config().for_relay(c.extensions);
+                session::spawn(c.ws, mux, cfg)
+            }
+        };
         if first {
             info!(relay = %endpoint, "connected to relay as destination");
             for t in targets {
@@ -443,8 +519,6 @@ async fn serve_destination(
                 println!("culvert: service {name} forwarded to {}", t.addr);
             }
             first = false;
-        } else {
-            info!(relay = %endpoint, "reconnected to relay");
         }
         let why = loop {
             tokio::select! {
@@ -452,7 +526,7 @@ async fn serve_destination(
                     handle.close();
                     return Ok(());
                 }
-                why = handle.closed() => break why,
+                why = handle.link_down() => break why,
                 s = incoming.streams.recv() => match s {
                     Some(stream) => {
                         let target = match targets {
@@ -470,11 +544,14 @@ async fn serve_destination(
                             drop(permit);
                         });
                     }
-                    None => break handle.closed().await,
+                    None => break handle.link_down().await,
                 },
             }
         };
-        if why.is_relay_restart() {
+        if handle.ended().is_none() {
+            warn!(reason = %why, connections = handle.suspended_connections(), "relay connection lost; reconnecting to resume the open connections");
+            held = Some((handle, incoming));
+        } else if why.is_relay_restart() {
             info!("the relay is restarting; reconnecting");
         } else {
             warn!(reason = %why, "relay session ended; reconnecting");

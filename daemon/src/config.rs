@@ -111,6 +111,7 @@ struct RawDaemon {
     user: Option<Spanned<String>>,
     max_connections: Option<Spanned<u64>>,
     max_tunnels: Option<Spanned<u64>>,
+    resume_hold_secs: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -356,6 +357,9 @@ pub struct DaemonSettings {
     pub max_connections: usize,
     /// Tunnels served at once (each holds a relay connection).
     pub max_tunnels: usize,
+    /// How long connections wait for a dropped tunnel to come back and resume (`None`: they
+    /// end with the tunnel, as with an AWS relay).
+    pub resume_hold: Option<Duration>,
 }
 
 /// Connections each tunnel may have open at once unless `tunnel_limits.max_connections` says
@@ -783,6 +787,14 @@ impl Validator<'_> {
             Some(g) => Duration::from_secs(*g.get_ref()),
             None => DEFAULT_SHUTDOWN_GRACE,
         };
+        let resume_hold = match &d.resume_hold_secs {
+            Some(h) if *h.get_ref() > 86_400 => {
+                self.push(h.span(), "daemon.resume_hold_secs", "must be 0-86400");
+                Some(culvert_protocol::session::DEFAULT_RESUME_HOLD)
+            }
+            Some(h) => (*h.get_ref() > 0).then(|| Duration::from_secs(*h.get_ref())),
+            None => Some(culvert_protocol::session::DEFAULT_RESUME_HOLD),
+        };
         let metrics_listen = d.metrics_listen.and_then(|m| {
             m.get_ref()
                 .parse()
@@ -820,6 +832,7 @@ impl Validator<'_> {
             user,
             max_connections,
             max_tunnels,
+            resume_hold,
         }
     }
 

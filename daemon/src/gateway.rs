@@ -10,7 +10,7 @@ use culvert_protocol::Mode;
 use culvert_protocol::client::{self, Backoff, ConnectOptions, Endpoint};
 use culvert_protocol::ext::Extensions;
 use culvert_protocol::mux::Mux;
-use culvert_protocol::session::{self, SessionConfig};
+use culvert_protocol::session::{self, Incoming, SessionConfig, SessionHandle};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
@@ -104,6 +104,8 @@ async fn serve_tunnel(
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut draining = false;
     let mut first = true;
+    // A session whose WebSocket dropped, holding connections to resume on the next one.
+    let mut held: Option<(SessionHandle, Incoming)> = None;
     let result = loop {
         if !first {
             gw.metrics.relay_reconnects.inc();
@@ -119,12 +121,33 @@ async fn serve_tunnel(
         };
         backoff.reset();
         *tunnel.relay_ip.lock().unwrap_or_else(|p| p.into_inner()) = relay_ip(&c.ws);
-        // A V1 stream names no service: it maps to the rule when there is exactly one.
-        let names = gw.config().service_names();
-        let mux = Mux::destination((names.len() == 1).then_some(names));
-        let cfg = SessionConfig::default().for_relay(c.extensions);
-        let (handle, mut incoming) = session::spawn(c.ws, mux, cfg);
-        info!(relay = %args.relay.endpoint, subprotocol = ?c.format, extensions = ?c.extensions, tunnel = %tunnel.label, "connected to relay as destination");
+        let (handle, mut incoming) = match held.take() {
+            Some((h, incoming)) if h.can_resume_with(c.extensions) => {
+                let n = h.suspended_connections();
+                if h.reattach(c.ws).is_err() {
+                    continue;
+                }
+                info!(relay = %args.relay.endpoint, tunnel = %tunnel.label, connections = n, "reconnected to relay; resuming connections");
+                (h, incoming)
+            }
+            other => {
+                if let Some((h, _)) = other {
+                    warn!(tunnel = %tunnel.label, connections = h.suspended_connections(), "the relay no longer resumes connections: they end");
+                    h.close();
+                }
+                // A V1 stream names no service: it maps to the rule when there is exactly one.
+                let names = gw.config().service_names();
+                let mux = Mux::destination((names.len() == 1).then_some(names));
+                let cfg = SessionConfig {
+                    resume_hold: gw.config().daemon.resume_hold,
+                    ..SessionConfig::default()
+                }
+                .for_relay(c.extensions);
+                let (handle, incoming) = session::spawn(c.ws, mux, cfg);
+                info!(relay = %args.relay.endpoint, subprotocol = ?c.format, extensions = ?c.extensions, tunnel = %tunnel.label, "connected to relay as destination");
+                (handle, incoming)
+            }
+        };
         let ids_handle = handle.clone();
         let cfg = gw.config();
         tokio::spawn(async move {
@@ -150,7 +173,7 @@ async fn serve_tunnel(
                     handle.close();
                     break None;
                 }
-                why = handle.closed() => break Some(why),
+                why = handle.link_down() => break Some(why),
                 s = incoming.streams.recv() => match s {
                     Some(stream) if draining => {
                         info!(service = %stream.service(), "shutting down: new connection refused");
@@ -162,15 +185,20 @@ async fn serve_tunnel(
                         let span = info_span!("conn", tunnel = %tunnel.label, service = %stream.service(), conn = %stream.id());
                         conns.spawn(forward::handle(gw.clone(), tunnel.clone(), stream).instrument(span));
                     }
-                    None => break Some(handle.closed().await),
+                    None => break Some(handle.link_down().await),
                 },
             }
         };
         match why {
             None => break Ok(()),
             Some(why) if draining => {
+                handle.close();
                 info!(reason = %why, "relay session ended while draining; not reconnecting");
                 break Ok(());
+            }
+            Some(why) if handle.ended().is_none() => {
+                warn!(tunnel = %tunnel.label, reason = %why, connections = handle.suspended_connections(), "relay connection lost; reconnecting to resume the open connections");
+                held = Some((handle, incoming));
             }
             Some(why) if why.is_relay_restart() => {
                 info!(tunnel = %tunnel.label, "the relay is restarting; reconnecting");

@@ -219,6 +219,12 @@ pub struct ConnCredit {
     /// [`AUTOTUNE`] when it started).
     tuned: bool,
     tune: Tune,
+    /// Totals since the connection started, for resuming it ([`crate::ext::ResumePoint`]):
+    /// bytes sent, credit received back, bytes received, credit returned.
+    sent_all: u64,
+    acked_all: u64,
+    received_all: u64,
+    returned_all: u64,
 }
 
 /// What auto-tuning measures of one connection, per window's worth of bytes consumed.
@@ -249,6 +255,21 @@ impl ConnCredit {
     /// The window the peer grants this end now.
     pub fn window(&self) -> u64 {
         self.window
+    }
+
+    /// Bytes sent on this connection in all, and of those, bytes credited back in all.
+    pub fn sent_all(&self) -> (u64, u64) {
+        (self.sent_all, self.acked_all)
+    }
+
+    /// Where this end is on the connection, for a RESUME.
+    pub fn resume_point(&self, fin_received: bool) -> crate::ext::ResumePoint {
+        crate::ext::ResumePoint {
+            received: self.received_all,
+            returned: self.returned_all,
+            window: self.granted.min(u32::MAX as u64) as u32,
+            fin_received,
+        }
     }
 
     /// Bytes received and not yet credited back.
@@ -388,6 +409,10 @@ impl Credit {
             unreturned: 0,
             tuned: self.autotune,
             tune: Tune::default(),
+            sent_all: 0,
+            acked_all: 0,
+            received_all: 0,
+            returned_all: 0,
         })
     }
 
@@ -418,6 +443,7 @@ impl Credit {
             return Err(avail);
         }
         c.in_flight += n;
+        c.sent_all += n;
         self.sent_total += n;
         Ok(())
     }
@@ -427,6 +453,7 @@ impl Credit {
     pub fn credited(&mut self, c: &mut ConnCredit, inc: u64) -> bool {
         let back = inc.min(c.in_flight);
         c.in_flight -= back;
+        c.acked_all += back;
         self.sent_total -= back.min(self.sent_total);
         std::mem::take(&mut self.budget_blocked)
     }
@@ -439,6 +466,7 @@ impl Credit {
             return Err(CreditError::Window { got: n, credit });
         }
         c.buffered += n;
+        c.received_all += n;
         self.received_total += n;
         if self.received_total > self.own.budget {
             return Err(CreditError::Budget {
@@ -483,6 +511,7 @@ impl Credit {
             return None;
         }
         c.unreturned -= inc;
+        c.returned_all += inc;
         self.received_total -= inc.min(self.received_total);
         self.unreturned_total -= inc.min(self.unreturned_total);
         Some(inc as u32)
@@ -498,6 +527,23 @@ impl Credit {
         let held = c.buffered + c.unreturned;
         self.received_total -= held.min(self.received_total);
         self.unreturned_total -= c.unreturned.min(self.unreturned_total);
+    }
+
+    /// The peer resumed `c` at `at` ([`crate::ext::RESUME`]): the credit it returned that
+    /// never arrived comes back, and its window is what it says. Returns how many of the bytes
+    /// sent it has received (where to send again from); `None`, changing nothing, for a point
+    /// that cannot be (bytes received that were never sent, less credit returned than came
+    /// back): the connection cannot be resumed.
+    pub fn resumed(&mut self, c: &mut ConnCredit, at: &crate::ext::ResumePoint) -> Option<u64> {
+        if at.received > c.sent_all || at.returned < c.acked_all || at.returned > at.received {
+            return None;
+        }
+        let back = at.returned - c.acked_all;
+        c.acked_all = at.returned;
+        c.in_flight -= back.min(c.in_flight);
+        self.sent_total -= back.min(self.sent_total);
+        c.window = at.window as u64;
+        Some(at.received)
     }
 
     /// The peer resized `c`'s window ([`WINDOW_SIZE`]). True if it grew (a writer waiting for

@@ -110,6 +110,21 @@ impl Inbound {
         other: Option<Extensions>,
         awaiting: &mut Option<u64>,
     ) -> Result<Forward<'_>, FwdError> {
+        self.feed_held(data, rules, other, awaiting, false)
+    }
+
+    /// [`Inbound::feed`], where `held` says that the other side went away with connections
+    /// to resume (both it and this peer negotiated `resume/1`): this peer's DATA for them is
+    /// then dropped without a reset (it sends it again after the resume), and a new
+    /// connection on a held stream is refused alone (a stream reset would end the held ones).
+    pub fn feed_held(
+        &mut self,
+        data: Bytes,
+        rules: &mut FrameRules,
+        other: Option<Extensions>,
+        awaiting: &mut Option<u64>,
+        held: bool,
+    ) -> Result<Forward<'_>, FwdError> {
         self.checked.clear();
         self.chunks.clear();
         self.replies.clear();
@@ -159,7 +174,7 @@ impl Inbound {
             };
             checked.push((offset, what));
             if (other.is_none() || (stale && start))
-                && let Some(r) = reset_for_absent_peer(&msg)
+                && let Some(r) = reset_for_absent_peer(&msg, held && other.is_none())
                 && !replies.contains(&r)
             {
                 replies.push(r);
@@ -217,8 +232,15 @@ fn plan_chunks(frames: &[(usize, Fwd)], out: &mut Vec<(std::ops::Range<usize>, b
 /// The reset that tells a sender its stream cannot be carried: with the other side absent every
 /// stream is dead, so the whole stream is reset (a CONNECTION_RESET would leave a V3 source
 /// sending CONNECTION_STARTs on a stream the other side never saw).
-fn reset_for_absent_peer(msg: &MessageRef<'_>) -> Option<Message> {
+/// While the other side's connections are held for a resume, only new connections are refused.
+fn reset_for_absent_peer(msg: &MessageRef<'_>, held: bool) -> Option<Message> {
     match msg.kind()? {
+        MessageType::ConnectionStart if held => Some(Message::connection_reset(
+            msg.stream_id,
+            msg.service_id,
+            msg.connection_id,
+        )),
+        MessageType::Data if held => None,
         MessageType::StreamStart | MessageType::ConnectionStart | MessageType::Data => {
             Some(Message::stream_reset(msg.stream_id, msg.service_id))
         }

@@ -62,6 +62,9 @@ pub enum CloseCause {
     SessionReset,
     /// A new stream started on the same service and replaced this one.
     Replaced,
+    /// The other side went away, and the connection could not be resumed (it was not
+    /// resumable, the hold time ran out, or the other side no longer had it).
+    NotResumed,
 }
 
 #[derive(Debug, PartialEq)]
@@ -82,6 +85,11 @@ pub enum Event {
     Credit { id: ConnId, budget: bool },
     /// Flow control was switched on or off for connections started from now on.
     FlowControl(bool),
+    /// The other side went away: the connection sends nothing until it is resumed, and what
+    /// it had queued to send is dropped (it is sent again from where the peer says it is).
+    Suspended { id: ConnId },
+    /// The connection was resumed: its writer may go on.
+    Resumed { id: ConnId },
 }
 
 /// What one call produced: messages to send (in order), credit to return, and events for the
@@ -148,6 +156,8 @@ pub enum ProtocolError {
         "flow control: malformed WINDOW_SIZE (stream id {0}, payload of {1} bytes, or a window under the minimum)"
     )]
     BadWindowSize(i32, usize),
+    #[error("resume: malformed RESUME (stream id {0}, payload of {1} bytes)")]
+    BadResume(i32, usize),
 }
 
 /// A local call that cannot be carried out.
@@ -182,6 +192,37 @@ struct Conn {
     credit: Option<ConnCredit>,
     /// Set when it can be half-closed (decided when it starts, with flow control).
     half: Option<Half>,
+    /// Set when it can be resumed (decided when it starts, with flow control).
+    retx: Option<Retx>,
+}
+
+/// The resume state of a resumable connection ([`crate::ext::RESUME_TOKEN`]).
+#[derive(Clone, Debug, Default)]
+struct Retx {
+    /// Bytes sent and not yet known to have reached the peer (credited back, or counted in
+    /// its RESUME): what a resume may have to send again. At most the peer's window.
+    unacked: std::collections::VecDeque<u8>,
+    /// The number (from the start of the connection) of the first byte of `unacked`.
+    base: u64,
+    /// Waiting for the peer's RESUME: sends nothing, and drops DATA and FINs received (the
+    /// peer sends them again from where this end says it is).
+    suspended: bool,
+    /// When it was suspended (for the hold time).
+    since: Option<std::time::Instant>,
+}
+
+impl Retx {
+    /// Forget the bytes before byte number `upto` (the peer has them).
+    fn drop_until(&mut self, upto: u64) {
+        let n = upto
+            .saturating_sub(self.base)
+            .min(self.unacked.len() as u64);
+        self.unacked.drain(..n as usize);
+        self.base += n;
+        if self.unacked.is_empty() && self.unacked.capacity() > 1024 * 1024 {
+            self.unacked.shrink_to(64 * 1024);
+        }
+    }
 }
 
 /// Which FINs of a half-closable connection went which way.
@@ -242,6 +283,13 @@ struct Flow {
     next_nonce: u64,
     /// Connections started from now on can be half-closed (both ends listed it).
     half_close: bool,
+    /// This end offers resumable connections (the relay accepted `resume/1`).
+    offer_resume: bool,
+    /// Connections started from now on can be resumed (both ends listed it).
+    resume: bool,
+    /// Source: its connections were suspended and it owes their RESUMEs at the next
+    /// confirmation.
+    resume_round: bool,
 }
 
 /// One end of one tunnel session.
@@ -301,6 +349,252 @@ impl Mux {
         self.flow.offer_half_close = true;
         self.flow.offer_autotune = true;
         self
+    }
+
+    /// Offer resumable connections (with flow control; only when the relay accepted
+    /// `resume/1` for this session, since it must then keep streams across a peer change).
+    pub fn with_resume(mut self) -> Mux {
+        self.flow.offer_resume = self.flow.credit.is_some();
+        self
+    }
+
+    /// Whether connection `id` can be resumed.
+    pub fn is_resumable(&self, id: ConnId) -> bool {
+        self.conns.get(&id).is_some_and(|c| c.retx.is_some())
+    }
+
+    /// Connections waiting to be resumed.
+    pub fn suspended_connections(&self) -> usize {
+        self.conns
+            .values()
+            .filter(|c| c.retx.as_ref().is_some_and(|r| r.suspended))
+            .count()
+    }
+
+    /// The WebSocket to the relay is gone: connections that can be resumed are suspended
+    /// (and kept for the next session on a new WebSocket), the others end. True if some are
+    /// kept. Flow control is off until the new session renegotiates it.
+    pub fn detach(&mut self, out: &mut Output) -> bool {
+        self.flow.relay = false;
+        self.flow.ping = None;
+        self.set_peer_flow(None, out);
+        self.suspend_all(out);
+        self.suspended_connections() > 0
+    }
+
+    /// Suspend every resumable connection and end the others (the other side went away, or
+    /// this end's WebSocket did). A stream left with no connection is forgotten: the next
+    /// connection starts a new one, which a new peer knows.
+    fn suspend_all(&mut self, out: &mut Output) {
+        let now = self.flow.now;
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        for id in ids {
+            match self.conns.get_mut(&id).and_then(|c| c.retx.as_mut()) {
+                Some(r) => {
+                    if !r.suspended {
+                        r.suspended = true;
+                        r.since = now;
+                        out.events.push(Event::Suspended { id });
+                    }
+                }
+                None => {
+                    self.forget(id);
+                    out.events.push(Event::Closed {
+                        id,
+                        cause: CloseCause::NotResumed,
+                    });
+                }
+            }
+        }
+        for st in self.services.values_mut() {
+            if st.active.as_ref().is_some_and(|s| s.conns.is_empty()) {
+                st.active = None;
+            }
+        }
+        if self.role == Mode::Source {
+            self.flow.resume_round = true;
+        }
+    }
+
+    /// End the suspended connections that have waited `hold` or longer (by the clock of
+    /// [`Mux::tick`]); none is sent anything (the peer may not know them any more). Returns
+    /// when the next of the others runs out, if any.
+    pub fn expire_suspended(
+        &mut self,
+        hold: std::time::Duration,
+        out: &mut Output,
+    ) -> Option<std::time::Instant> {
+        let now = self.flow.now?;
+        let mut next = None;
+        let mut expired = Vec::new();
+        for (&id, c) in &self.conns {
+            if let Some(since) = c
+                .retx
+                .as_ref()
+                .filter(|r| r.suspended)
+                .and_then(|r| r.since)
+            {
+                let due = since + hold;
+                if due <= now {
+                    expired.push(id);
+                } else {
+                    next = Some(next.map_or(due, |n: std::time::Instant| n.min(due)));
+                }
+            }
+        }
+        for id in expired {
+            self.forget(id);
+            out.events.push(Event::Closed {
+                id,
+                cause: CloseCause::NotResumed,
+            });
+        }
+        next
+    }
+
+    /// End every suspended connection without sending anything (the peer cannot resume
+    /// them).
+    fn drop_suspended(&mut self, out: &mut Output) {
+        let ids: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.retx.as_ref().is_some_and(|r| r.suspended))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            self.forget(id);
+            out.events.push(Event::Closed {
+                id,
+                cause: CloseCause::NotResumed,
+            });
+        }
+    }
+
+    /// Source, at a confirmation: the RESUMEs it owes (one per suspended connection, then
+    /// RESUME_END), or, when the destination cannot resume, the end of those connections.
+    fn send_resumes(&mut self, peer_resumes: bool, out: &mut Output) {
+        if !std::mem::take(&mut self.flow.resume_round) {
+            return;
+        }
+        if !peer_resumes {
+            self.drop_suspended(out);
+            return;
+        }
+        for c in self.conns.values() {
+            if let (Some(r), Some(cc)) = (&c.retx, &c.credit)
+                && r.suspended
+            {
+                let fin = c.half.is_some_and(|h| h.received);
+                let (service, cid) = wire_names(c);
+                out.transmit.push(crate::ext::resume(
+                    c.stream_id,
+                    service,
+                    cid,
+                    cc.resume_point(fin),
+                ));
+            }
+        }
+        out.transmit.push(crate::ext::resume_end());
+    }
+
+    /// A RESUME from the peer: resume the connection it names from where the peer is, or end
+    /// it (with a reset) if that cannot be done.
+    fn on_resume(&mut self, msg: &MessageRef<'_>, out: &mut Output) -> Result<(), ProtocolError> {
+        let Some(at) = crate::ext::ResumePoint::decode(&msg.payload).filter(|_| msg.stream_id > 0)
+        else {
+            return Err(ProtocolError::BadResume(msg.stream_id, msg.payload.len()));
+        };
+        if !self.flow.offer_resume {
+            self.stats.ignored += 1;
+            return Ok(());
+        }
+        let Some(id) = self.lookup(msg.service_id, msg.stream_id, msg.connection_id) else {
+            self.stats.stale_control += 1;
+            if self.role == Mode::Destination {
+                // Not ours (this end restarted, or it ended here meanwhile).
+                let v3_stream_known = self
+                    .resolve_service(msg.service_id)
+                    .and_then(|s| self.services.get(&s))
+                    .and_then(|st| st.active.as_ref())
+                    .is_some_and(|st| st.id == msg.stream_id && st.format == Format::V3);
+                out.transmit.push(if v3_stream_known {
+                    Message::connection_reset(msg.stream_id, msg.service_id, msg.connection_id)
+                } else {
+                    Message::stream_reset(msg.stream_id, msg.service_id)
+                });
+            }
+            return Ok(());
+        };
+        let role = self.role;
+        let c = self.conns.get_mut(&id).expect("looked up");
+        let resumed = match (
+            c.retx.as_mut().filter(|r| r.suspended),
+            c.credit.as_mut(),
+            self.flow.credit.as_mut(),
+        ) {
+            (Some(r), Some(cc), Some(credit)) => {
+                // Ours first (the destination answers), then what the peer has not received.
+                let own = cc.resume_point(c.half.is_some_and(|h| h.received));
+                credit.resumed(cc, &at).map(|received| {
+                    r.drop_until(received);
+                    r.suspended = false;
+                    r.since = None;
+                    (own, std::mem::take(&mut r.unacked))
+                })
+            }
+            _ => None,
+        };
+        let Some((own, pending)) = resumed else {
+            // Live already, not resumable, or an impossible point: end it on both ends.
+            self.stats.stale_control += 1;
+            self.close(id, out);
+            out.events.push(Event::Closed {
+                id,
+                cause: CloseCause::NotResumed,
+            });
+            return Ok(());
+        };
+        let c = &self.conns[&id];
+        let (service, cid) = wire_names(c);
+        if role == Mode::Destination {
+            out.transmit
+                .push(crate::ext::resume(c.stream_id, service, cid, own));
+        }
+        let (a, b) = pending.as_slices();
+        let mut bytes = Vec::with_capacity(pending.len());
+        bytes.extend_from_slice(a);
+        bytes.extend_from_slice(b);
+        let bytes = Bytes::from(bytes);
+        let mut at_byte = 0;
+        while at_byte < bytes.len() {
+            let end = (at_byte + MAX_PAYLOAD).min(bytes.len());
+            out.transmit.push(Message::data(
+                c.stream_id,
+                service,
+                cid,
+                bytes.slice(at_byte..end),
+            ));
+            at_byte = end;
+        }
+        if c.half.is_some_and(|h| h.sent) && !at.fin_received {
+            out.transmit
+                .push(crate::ext::fin(c.stream_id, service, cid));
+        }
+        if let Some(r) = self.conns.get_mut(&id).and_then(|c| c.retx.as_mut()) {
+            r.unacked = pending;
+        }
+        out.events.push(Event::Resumed { id });
+        Ok(())
+    }
+
+    /// Destination: the source named every connection it resumes; those still suspended
+    /// here it no longer has.
+    fn on_resume_end(&mut self, out: &mut Output) {
+        if self.role == Mode::Destination && self.flow.offer_resume {
+            self.drop_suspended(out);
+        } else {
+            self.stats.ignored += 1;
+        }
     }
 
     /// Keep every window at its configured size (as a culvert end older than auto-tuning
@@ -397,12 +691,16 @@ impl Mux {
 
     /// Credit for a new connection, if flow control is on, and its half-close state, if both
     /// ends offer that too.
-    fn new_credit(&mut self) -> (Option<ConnCredit>, Option<Half>) {
+    fn new_credit(&mut self) -> (Option<ConnCredit>, Option<Half>, Option<Retx>) {
         let Some(c) = self.flow.credit.as_ref().and_then(Credit::open) else {
-            return (None, None);
+            return (None, None, None);
         };
         self.stats.flow_controlled += 1;
-        (Some(c), self.flow.half_close.then(Half::default))
+        (
+            Some(c),
+            self.flow.half_close.then(Half::default),
+            self.flow.resume.then(Retx::default),
+        )
     }
 
     pub fn role(&self) -> Mode {
@@ -464,6 +762,9 @@ impl Mux {
             self.on_fin(&msg, out);
             return Ok(());
         }
+        if msg.r#type == crate::ext::RESUME && self.flow.credit.is_some() {
+            return self.on_resume(&msg, out);
+        }
         self.handle(msg.to_message(), out)
     }
 
@@ -483,6 +784,11 @@ impl Mux {
                 }
                 crate::ext::FIN => {
                     self.on_fin(&(&msg).into(), out);
+                    return Ok(());
+                }
+                crate::ext::RESUME => return self.on_resume(&(&msg).into(), out),
+                crate::ext::RESUME_END => {
+                    self.on_resume_end(out);
                     return Ok(());
                 }
                 _ => {}
@@ -555,6 +861,10 @@ impl Mux {
                 // Past the peer's own FIN: its bug, counted like data after a reset.
                 self.stats.stale_data += 1
             }
+            Some(id) if self.conns[&id].retx.as_ref().is_some_and(|r| r.suspended) => {
+                // Sent again after the resume, from where this end says it is.
+                self.stats.stale_data += 1
+            }
             Some(id) => {
                 self.charge_received(id, msg.payload.len())?;
                 self.flush_if_budget_tight(out);
@@ -582,11 +892,15 @@ impl Mux {
             self.flow.epoch = h.epoch;
         }
         let epoch = self.flow.epoch;
-        let (offer_half_close, offer_autotune) =
-            (self.flow.offer_half_close, self.flow.offer_autotune);
+        let (offer_half_close, offer_autotune, offer_resume) = (
+            self.flow.offer_half_close,
+            self.flow.offer_autotune,
+            self.flow.offer_resume,
+        );
         let lists = |f: &str| h.features.iter().any(|x| x == f);
         let half_close = offer_half_close && lists(crate::ext::HALF_CLOSE);
         let autotune = offer_autotune && lists(flow::AUTOTUNE);
+        let resume = offer_resume && lists(crate::ext::RESUME_TOKEN);
         let hello = |confirm: bool, reply: bool| {
             let mut features = vec![flow::FEATURE.to_owned()];
             if offer_half_close {
@@ -594,6 +908,9 @@ impl Mux {
             }
             if offer_autotune {
                 features.push(flow::AUTOTUNE.to_owned());
+            }
+            if offer_resume {
+                features.push(crate::ext::RESUME_TOKEN.to_owned());
             }
             Hello {
                 from: me.into(),
@@ -621,6 +938,10 @@ impl Mux {
                 // Start of the session, or the peer came or went: off until renegotiated.
                 self.flow.relay = h.supports_flow_control();
                 self.set_peer_flow(None, out);
+                if offer_resume {
+                    // The relay keeps the streams for a resume instead of resetting them.
+                    self.suspend_all(out);
+                }
                 if self.flow.relay {
                     out.transmit.push(hello(false, false));
                 }
@@ -631,7 +952,9 @@ impl Mux {
                     out.transmit.push(hello(true, false));
                     self.set_peer_flow(Some(g), out);
                     self.flow.half_close = half_close;
+                    self.flow.resume = resume;
                     self.set_autotune(autotune);
+                    self.send_resumes(resume, out);
                     self.maybe_ping(out);
                 }
             }
@@ -639,8 +962,13 @@ impl Mux {
                 if h.confirm {
                     let g = grants();
                     self.flow.half_close = g.is_some() && half_close;
+                    self.flow.resume = g.is_some() && resume;
                     self.set_autotune(g.is_some() && autotune);
                     self.set_peer_flow(g, out);
+                    if !self.flow.resume {
+                        // Its RESUMEs would follow; a source that cannot resume sends none.
+                        self.drop_suspended(out);
+                    }
                     self.maybe_ping(out);
                 } else {
                     self.set_peer_flow(None, out);
@@ -663,6 +991,7 @@ impl Mux {
         let on = peer.is_some();
         if !on {
             self.flow.half_close = false;
+            self.flow.resume = false;
             self.set_autotune(false);
         }
         if let Some(credit) = self.flow.credit.as_mut()
@@ -691,6 +1020,10 @@ impl Mux {
             return Ok(());
         };
         let budget = credit.credited(c, inc);
+        let acked = c.sent_all().1;
+        if let Some(r) = self.conns.get_mut(&id).and_then(|c| c.retx.as_mut()) {
+            r.drop_until(acked);
+        }
         out.events.push(Event::Credit { id, budget });
         Ok(())
     }
@@ -740,7 +1073,15 @@ impl Mux {
             self.stats.stale_control += 1;
             return;
         };
-        let Some(half) = self.conns.get_mut(&id).and_then(|c| c.half.as_mut()) else {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if c.retx.as_ref().is_some_and(|r| r.suspended) {
+            // Sent again after the resume (its RESUME says whether it arrived).
+            self.stats.stale_control += 1;
+            return;
+        }
+        let Some(half) = c.half.as_mut() else {
             self.stats.stale_control += 1;
             return;
         };
@@ -770,6 +1111,10 @@ impl Mux {
             return true;
         }
         let over = half.received;
+        if c.retx.as_ref().is_some_and(|r| r.suspended) {
+            // Sent with the resume, after the data the peer has not received.
+            return true;
+        }
         let (service, cid) = wire_names(c);
         out.transmit
             .push(crate::ext::fin(c.stream_id, service, cid));
@@ -870,6 +1215,9 @@ impl Mux {
     /// How many bytes connection `id` may send now: `None` without flow control (no limit).
     pub fn send_credit(&self, id: ConnId) -> Result<Option<usize>, MuxError> {
         let c = self.conns.get(&id).ok_or(MuxError::NotOpen(id))?;
+        if c.retx.as_ref().is_some_and(|r| r.suspended) {
+            return Ok(Some(0));
+        }
         Ok(match (&self.flow.credit, &c.credit) {
             (Some(credit), Some(cc)) => {
                 Some(credit.available(cc).bytes.min(usize::MAX as u64) as usize)
@@ -970,7 +1318,7 @@ impl Mux {
         self.end_stream(&service, CloseCause::Replaced, out);
         let cid = msg.connection_id.max(1);
         let id = self.alloc();
-        let (credit, half) = self.new_credit();
+        let (credit, half, retx) = self.new_credit();
         let mut conns = BTreeMap::new();
         conns.insert(cid, id);
         self.services.entry(service.clone()).or_default().active = Some(Stream {
@@ -988,6 +1336,7 @@ impl Mux {
                 format,
                 credit,
                 half,
+                retx,
             },
         );
         out.events.push(Event::Opened { id, service });
@@ -996,7 +1345,7 @@ impl Mux {
     fn on_connection_start(&mut self, msg: Message, out: &mut Output) {
         let cid = msg.connection_id;
         let id = self.alloc();
-        let (credit, half) = self.new_credit();
+        let (credit, half, retx) = self.new_credit();
         let service = self.resolve_service(&msg.service_id);
         let stream = service
             .as_deref()
@@ -1015,6 +1364,7 @@ impl Mux {
                         format: Format::V3,
                         credit,
                         half,
+                        retx,
                     },
                 );
                 out.events.push(Event::Opened { id, service });
@@ -1098,7 +1448,7 @@ impl Mux {
         }
         let format = self.format;
         let id = self.alloc();
-        let (credit, half) = self.new_credit();
+        let (credit, half, retx) = self.new_credit();
         let state = self.services.entry(service.to_owned()).or_default();
         let wire_service = if format == Format::V1 { "" } else { service };
         if format == Format::V3
@@ -1119,14 +1469,15 @@ impl Mux {
                     format,
                     credit,
                     half,
+                    retx,
                 },
             );
             return Ok(id);
         }
         // A new stream. In V1/V2 it replaces the service's current connection, if any.
-        let replaced: Vec<ConnId> = state
-            .active
-            .take()
+        let old = state.active.take();
+        let old_stream = old.as_ref().map(|s| s.id);
+        let replaced: Vec<ConnId> = old
             .map(|s| s.conns.into_values().collect())
             .unwrap_or_default();
         let stream_id = state.next_stream_id.max(1);
@@ -1144,14 +1495,19 @@ impl Mux {
             next_connection_id: 2,
             conns,
         });
-        for old in replaced {
-            if let Some(c) = self.conns.remove(&old) {
+        for old in &replaced {
+            if let Some(c) = self.conns.remove(old) {
                 self.release_credit(&c);
             }
             out.events.push(Event::Closed {
-                id: old,
+                id: *old,
                 cause: CloseCause::Replaced,
             });
+        }
+        if let (Some(old), false) = (old_stream, replaced.is_empty()) {
+            // The old connection ends first, as the localproxy does it: a localproxy
+            // destination resets a new stream that starts while one is open.
+            out.transmit.push(Message::stream_reset(old, wire_service));
         }
         out.transmit
             .push(Message::stream_start(stream_id, wire_service, wire_cid));
@@ -1164,6 +1520,7 @@ impl Mux {
                 format,
                 credit,
                 half,
+                retx,
             },
         );
         Ok(id)
@@ -1175,7 +1532,7 @@ impl Mux {
         if payload.len() > MAX_PAYLOAD {
             return Err(MuxError::PayloadTooLarge(payload.len()));
         }
-        self.charge_send(id, payload.len())?;
+        self.charge_send(id, &payload)?;
         let c = self.conns.get(&id).ok_or(MuxError::NotOpen(id))?;
         let (service, cid) = wire_names(c);
         Ok(Message::data(c.stream_id, service, cid, payload))
@@ -1194,22 +1551,31 @@ impl Mux {
         if payload.len() > MAX_PAYLOAD {
             return Err(MuxError::PayloadTooLarge(payload.len()));
         }
-        self.charge_send(id, payload.len())?;
+        self.charge_send(id, payload)?;
         let c = self.conns.get(&id).ok_or(MuxError::NotOpen(id))?;
         let (service, cid) = wire_names(c);
         crate::frame::encode_data(c.stream_id, service, cid, payload, out)
             .map_err(|_| MuxError::PayloadTooLarge(payload.len()))
     }
 
-    fn charge_send(&mut self, id: ConnId, n: usize) -> Result<(), MuxError> {
+    /// Charge `payload` against the connection's credit, and keep it until the peer has it if
+    /// the connection can be resumed.
+    fn charge_send(&mut self, id: ConnId, payload: &[u8]) -> Result<(), MuxError> {
+        let n = payload.len();
         let c = self.conns.get_mut(&id).ok_or(MuxError::NotOpen(id))?;
         if c.half.is_some_and(|h| h.sent) {
             return Err(MuxError::Finished(id));
+        }
+        if c.retx.as_ref().is_some_and(|r| r.suspended) {
+            return Err(MuxError::NoCredit(n, 0));
         }
         if let (Some(credit), Some(cc)) = (self.flow.credit.as_mut(), c.credit.as_mut()) {
             credit
                 .sent(cc, n as u64)
                 .map_err(|avail| MuxError::NoCredit(n, avail.bytes))?;
+        }
+        if let Some(r) = c.retx.as_mut() {
+            r.unacked.extend(payload);
         }
         Ok(())
     }
@@ -1218,6 +1584,11 @@ impl Mux {
     /// Closing a connection that is already gone is a no-op.
     pub fn close(&mut self, id: ConnId, out: &mut Output) {
         let Some(c) = self.forget(id) else { return };
+        if c.retx.as_ref().is_some_and(|r| r.suspended) {
+            // The peer (perhaps a new one, or a relay that restarted) may not know it: it
+            // learns at the resume that this end no longer has it.
+            return;
+        }
         let (service, cid) = wire_names(&c);
         out.transmit.push(match c.format {
             Format::V3 => Message::connection_reset(c.stream_id, service, cid),
@@ -1808,6 +2179,334 @@ mod tests {
             let (s, d) = p.open("B");
             assert!(p.src.is_flow_controlled(s) && p.dst.is_flow_controlled(d));
         }
+
+        /// Resumable connections over a link that drops: the two muxes, what each side's
+        /// application wrote and read, and the messages in flight each way (lost on a drop).
+        mod resume {
+            use super::*;
+            use proptest::prelude::*;
+            use std::collections::VecDeque;
+
+            struct World {
+                src: Mux,
+                dst: Mux,
+                ids: (ConnId, ConnId),
+                to_dst: VecDeque<Message>,
+                to_src: VecDeque<Message>,
+                /// Bytes written by the source's and the destination's application.
+                wrote: (u64, u64),
+                /// Bytes each application read, and of those not yet consumed.
+                got: (Vec<u8>, Vec<u8>),
+                unread: (usize, usize),
+                /// FINs sent (by the source's application) and received (by the destination's).
+                fin: (bool, bool),
+            }
+
+            /// Byte `i` of what an application writes (different each way).
+            fn byte(i: u64, from_src: bool) -> u8 {
+                (i.wrapping_mul(31) ^ (i >> 8) ^ (u64::from(from_src) * 0x5a)) as u8
+            }
+
+            #[derive(Clone, Debug)]
+            enum Op {
+                Write(bool, usize),
+                Deliver(bool, usize),
+                Consume(bool),
+                /// The link drops: everything in flight is lost. `true`: both ends' WebSockets
+                /// dropped (a relay restart); `false`: the destination's only, the source hears
+                /// of its return from the relay.
+                Drop(bool),
+                Fin,
+            }
+
+            fn op() -> impl Strategy<Value = Op> {
+                prop_oneof![
+                    4 => (any::<bool>(), 1..200_000usize).prop_map(|(s, n)| Op::Write(s, n)),
+                    4 => (any::<bool>(), 1..40usize).prop_map(|(s, n)| Op::Deliver(s, n)),
+                    3 => any::<bool>().prop_map(Op::Consume),
+                    1 => any::<bool>().prop_map(Op::Drop),
+                    1 => Just(Op::Fin),
+                ]
+            }
+
+            impl World {
+                fn new() -> World {
+                    let (mut p, _) = pair(Some(CFG), Some(CFG), false);
+                    p.src = std::mem::replace(&mut p.src, Mux::source(Format::V3)).with_resume();
+                    p.dst = std::mem::replace(&mut p.dst, Mux::destination(None)).with_resume();
+                    let mut w = World {
+                        src: p.src,
+                        dst: p.dst,
+                        ids: (ConnId(0), ConnId(0)),
+                        to_dst: VecDeque::new(),
+                        to_src: VecDeque::new(),
+                        wrote: (0, 0),
+                        got: (Vec::new(), Vec::new()),
+                        unread: (0, 0),
+                        fin: (false, false),
+                    };
+                    w.relay_hello(false);
+                    w.relay_hello(true);
+                    w.settle();
+                    let mut out = Output::default();
+                    let s = w.src.open("A", &mut out).unwrap();
+                    w.to_dst.extend(out.take_messages(&w.src));
+                    w.settle();
+                    assert!(w.src.is_resumable(s), "both ends offer resume");
+                    w.ids.0 = s;
+                    w
+                }
+
+                fn relay_hello(&mut self, to_src: bool) {
+                    let mut out = Output::default();
+                    let m = Hello::relay().to_message();
+                    if to_src {
+                        self.src.handle(m, &mut out).unwrap();
+                        self.to_dst.extend(out.take_messages(&self.src));
+                    } else {
+                        self.dst.handle(m, &mut out).unwrap();
+                        self.to_src.extend(out.take_messages(&self.dst));
+                    }
+                    self.events(to_src, out.events);
+                }
+
+                fn events(&mut self, src: bool, events: Vec<Event>) {
+                    for ev in events {
+                        match ev {
+                            Event::Data { payload, .. } => {
+                                let (got, unread) = if src {
+                                    (&mut self.got.0, &mut self.unread.0)
+                                } else {
+                                    (&mut self.got.1, &mut self.unread.1)
+                                };
+                                got.extend_from_slice(&payload);
+                                *unread += payload.len();
+                            }
+                            Event::Opened { id, .. } => {
+                                assert!(!src);
+                                self.ids.1 = id;
+                            }
+                            Event::Finished { .. } => {
+                                assert!(!src && !self.fin.1, "one FIN, at the destination");
+                                self.fin.1 = true;
+                            }
+                            Event::Closed { cause, .. } => {
+                                panic!("a resumable connection ended ({cause:?})")
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+
+                fn deliver(&mut self, to_src: bool, n: usize) {
+                    for _ in 0..n {
+                        let Some(m) = (if to_src {
+                            self.to_src.pop_front()
+                        } else {
+                            self.to_dst.pop_front()
+                        }) else {
+                            return;
+                        };
+                        let mut out = Output::default();
+                        if to_src {
+                            self.src.handle(m, &mut out).unwrap();
+                            self.to_dst.extend(out.take_messages(&self.src));
+                        } else {
+                            self.dst.handle(m, &mut out).unwrap();
+                            self.to_src.extend(out.take_messages(&self.dst));
+                        }
+                        self.events(to_src, out.events);
+                    }
+                }
+
+                fn write(&mut self, from_src: bool, n: usize) {
+                    let (mux, id, wrote) = if from_src {
+                        (&mut self.src, self.ids.0, &mut self.wrote.0)
+                    } else {
+                        (&mut self.dst, self.ids.1, &mut self.wrote.1)
+                    };
+                    if !mux.is_open(id) || (from_src && self.fin.0) {
+                        return;
+                    }
+                    let mut left = n;
+                    while left > 0 {
+                        let avail = mux.send_credit(id).unwrap().unwrap_or(usize::MAX);
+                        let k = left.min(MAX_PAYLOAD).min(avail);
+                        if k == 0 {
+                            return;
+                        }
+                        let payload: Vec<u8> = (*wrote..*wrote + k as u64)
+                            .map(|i| byte(i, from_src))
+                            .collect();
+                        let m = mux.data(id, Bytes::from(payload)).unwrap();
+                        *wrote += k as u64;
+                        left -= k;
+                        if from_src {
+                            self.to_dst.push_back(m);
+                        } else {
+                            self.to_src.push_back(m);
+                        }
+                    }
+                }
+
+                fn consume(&mut self, src: bool) {
+                    let mut out = Output::default();
+                    if src {
+                        let n = std::mem::take(&mut self.unread.0);
+                        self.src.consumed(self.ids.0, n, &mut out);
+                        self.to_dst.extend(out.take_messages(&self.src));
+                    } else {
+                        let n = std::mem::take(&mut self.unread.1);
+                        self.dst.consumed(self.ids.1, n, &mut out);
+                        self.to_src.extend(out.take_messages(&self.dst));
+                    }
+                }
+
+                fn drop_link(&mut self, both: bool) {
+                    self.to_dst.clear();
+                    self.to_src.clear();
+                    let mut out = Output::default();
+                    assert!(self.dst.detach(&mut out), "the connection is held");
+                    self.events(false, out.events);
+                    if both {
+                        let mut out = Output::default();
+                        assert!(self.src.detach(&mut out));
+                        self.events(true, out.events);
+                    }
+                    // The ends come back (the destination first): the relay greets each, and
+                    // the first again when the second arrives.
+                    self.relay_hello(false);
+                    self.relay_hello(true);
+                    if both {
+                        self.relay_hello(false);
+                    }
+                }
+
+                fn apply(&mut self, op: &Op) {
+                    match *op {
+                        Op::Write(s, n) => self.write(s, n),
+                        Op::Deliver(s, n) => self.deliver(s, n),
+                        Op::Consume(s) => self.consume(s),
+                        Op::Drop(both) => self.drop_link(both),
+                        Op::Fin => {
+                            let mut out = Output::default();
+                            if self.src.is_open(self.ids.0) && !self.fin.0 {
+                                assert!(self.src.finish(self.ids.0, &mut out));
+                                self.fin.0 = true;
+                                self.to_dst.extend(out.take_messages(&self.src));
+                            }
+                        }
+                    }
+                }
+
+                /// What each application read is a prefix of what the other wrote (nothing
+                /// lost, duplicated or reordered), and what a sender keeps for a resume is
+                /// bounded by its credit.
+                fn check(&self) {
+                    for (got, from_src) in [(&self.got.1, true), (&self.got.0, false)] {
+                        assert!(
+                            got.iter()
+                                .enumerate()
+                                .all(|(i, b)| *b == byte(i as u64, from_src)),
+                            "bytes lost, duplicated or reordered"
+                        );
+                    }
+                    for (mux, id) in [(&self.src, self.ids.0), (&self.dst, self.ids.1)] {
+                        if let Some(c) = mux.conns.get(&id) {
+                            let kept = c.retx.as_ref().map_or(0, |r| r.unacked.len()) as u64;
+                            let (sent, acked) = c.credit.map_or((0, 0), |c| c.sent_all());
+                            assert!(kept <= sent - acked && kept <= CFG.budget);
+                        }
+                    }
+                }
+
+                fn settle(&mut self) {
+                    for _ in 0..10_000 {
+                        if self.to_dst.is_empty() && self.to_src.is_empty() {
+                            return;
+                        }
+                        self.deliver(false, usize::MAX);
+                        self.deliver(true, usize::MAX);
+                    }
+                    panic!("the ends never go quiet");
+                }
+
+                /// Everything written arrives once the link stays up.
+                fn finish_and_check(&mut self) {
+                    for _ in 0..1_000 {
+                        self.settle();
+                        self.consume(true);
+                        self.consume(false);
+                        self.settle();
+                        self.check();
+                        if self.got.1.len() as u64 == self.wrote.0
+                            && self.got.0.len() as u64 == self.wrote.1
+                        {
+                            assert_eq!(self.fin.0, self.fin.1, "the FIN arrives");
+                            return;
+                        }
+                    }
+                    panic!(
+                        "bytes never arrived: source wrote {}, destination got {}; destination wrote {}, source got {}",
+                        self.wrote.0,
+                        self.got.1.len(),
+                        self.wrote.1,
+                        self.got.0.len()
+                    );
+                }
+            }
+
+            proptest! {
+                #![proptest_config(ProptestConfig::with_cases(128))]
+                #[test]
+                fn a_dropped_link_loses_nor_repeats_a_byte(ops in proptest::collection::vec(op(), 0..120)) {
+                    let mut w = World::new();
+                    for o in &ops {
+                        w.apply(o);
+                        w.check();
+                    }
+                    w.finish_and_check();
+                }
+            }
+
+            #[test]
+            fn a_destination_that_restarted_resets_what_it_no_longer_has() {
+                let mut w = World::new();
+                w.write(true, 1000);
+                w.settle();
+                let mut out = Output::default();
+                assert!(w.src.detach(&mut out));
+                // A new destination process, with nothing to resume.
+                w.dst = Mux::destination(None).with_flow_control(CFG).with_resume();
+                w.to_dst.clear();
+                w.to_src.clear();
+                w.relay_hello(false);
+                let mut out = Output::default();
+                w.src.handle(Hello::relay().to_message(), &mut out).unwrap();
+                w.to_dst.extend(out.take_messages(&w.src));
+                for _ in 0..100 {
+                    let mut out = Output::default();
+                    if let Some(m) = w.to_dst.pop_front() {
+                        w.dst.handle(m, &mut out).unwrap();
+                        w.to_src.extend(out.take_messages(&w.dst));
+                    }
+                    let mut out = Output::default();
+                    if let Some(m) = w.to_src.pop_front() {
+                        w.src.handle(m, &mut out).unwrap();
+                        w.to_dst.extend(out.take_messages(&w.src));
+                        if out.events.iter().any(|e| matches!(e, Event::Closed { .. })) {
+                            assert!(!w.src.is_open(w.ids.0));
+                            // The next connection starts a new stream the new peer knows.
+                            let mut out = Output::default();
+                            w.src.open("A", &mut out).unwrap();
+                            assert_eq!(out.transmit[0].r#type, MessageType::StreamStart as i32);
+                            return;
+                        }
+                    }
+                }
+                panic!("the source's connection was never ended");
+            }
+        }
     }
 
     fn data(id: ConnId, p: &'static [u8]) -> Event {
@@ -1862,10 +2561,12 @@ mod tests {
         let mut out = Output::default();
         let m = p.src.data(s1, Bytes::from_static(b"x")).unwrap();
         assert_eq!((m.service_id.as_str(), m.connection_id), ("SSH", 0));
-        // A second connection on the same service is a new stream that replaces the first.
+        // A second connection on the same service is a new stream that replaces the first,
+        // which is reset first (a localproxy destination refuses a start during a stream).
         let s2 = p.src.open("SSH", &mut out).unwrap();
-        assert_eq!(out.transmit[0].kind(), Some(MessageType::StreamStart));
-        assert_eq!(out.transmit[0].stream_id, 2);
+        assert_eq!(out.transmit[0], Message::stream_reset(1, "SSH"));
+        assert_eq!(out.transmit[1].kind(), Some(MessageType::StreamStart));
+        assert_eq!(out.transmit[1].stream_id, 2);
         assert_eq!(
             out.events,
             vec![Event::Closed {
@@ -2049,7 +2750,12 @@ mod tests {
         src.services.entry("S".into()).or_default().next_stream_id = i32::MAX;
         src.open("S", &mut out).unwrap();
         src.open("S", &mut out).unwrap();
-        let ids: Vec<i32> = out.transmit.iter().map(|m| m.stream_id).collect();
+        let ids: Vec<i32> = out
+            .transmit
+            .iter()
+            .filter(|m| m.kind() == Some(MessageType::StreamStart))
+            .map(|m| m.stream_id)
+            .collect();
         assert_eq!(ids, vec![i32::MAX, 1]);
     }
 }

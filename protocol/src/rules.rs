@@ -79,13 +79,17 @@ impl FrameRules {
         msg: MessageRef<'_>,
         track_active: bool,
     ) -> Result<(), Violation> {
-        let Some(kind) = msg.kind() else {
+        // A RESUME names a connection: from the source it (re)starts its stream here (a relay
+        // that restarted knows no stream), from the destination it answers one.
+        let kind = match msg.kind() {
+            Some(kind) => kind,
+            None if msg.r#type == crate::ext::RESUME && from == Mode::Source => {
+                MessageType::StreamStart
+            }
+            None if msg.r#type == crate::ext::RESUME => MessageType::Data,
             // Extensions travel as new ignorable types; the receiver decides.
-            return if msg.ignorable {
-                Ok(())
-            } else {
-                Err(Violation::UnknownType(msg.r#type))
-            };
+            None if msg.ignorable => return Ok(()),
+            None => return Err(Violation::UnknownType(msg.r#type)),
         };
         match kind {
             MessageType::Unknown => return Err(Violation::UnknownType(0)),

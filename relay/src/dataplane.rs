@@ -159,9 +159,11 @@ pub async fn handshake(
         .filter_map(|v| v.to_str().ok())
         .collect();
     // `restart/1` costs an AWS peer nothing (it never offers it): always accepted.
+    // `resume/1` rides on flow control.
     let enabled = Extensions {
         flow_control: state.flow_control,
         restart: true,
+        resume: state.flow_control,
     };
     let extensions = Extensions::parse(&offered.join(",")).intersect(enabled);
     let ws = match ws {
@@ -422,8 +424,8 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
             }
             let to = g.target(mode.other());
             let other = to.as_ref().map(|t| t.extensions);
-            let (rules, awaiting) = g.check_context(mode);
-            match inbound.feed(data, rules, other, awaiting) {
+            let (rules, awaiting, held) = g.check_context(mode);
+            match inbound.feed_held(data, rules, other, awaiting, held) {
                 Ok(f) => {
                     chunks.extend(f.chunks());
                     replies.extend_from_slice(f.replies);

@@ -143,6 +143,9 @@ struct Side {
     /// The relay HELLO that told this side's peer of a new peer on the other side, until the
     /// peer answers it (see `culvert_protocol::forward::Inbound::feed`).
     awaiting: Option<u64>,
+    /// This side's peer went away with connections to resume: the other side holds them, and
+    /// the streams were kept (see [`Live::detach`]).
+    held: bool,
 }
 
 pub struct LiveInner {
@@ -185,14 +188,21 @@ impl LiveInner {
         })
     }
 
-    /// What checking a frame from `mode` needs: the tunnel's rules, and the HELLO that side's
-    /// peer has not answered yet.
-    pub fn check_context(&mut self, mode: Mode) -> (&mut FrameRules, &mut Option<u64>) {
+    /// What checking a frame from `mode` needs: the tunnel's rules, the HELLO that side's
+    /// peer has not answered yet, and whether the other side's connections are held for a
+    /// resume.
+    pub fn check_context(&mut self, mode: Mode) -> (&mut FrameRules, &mut Option<u64>, bool) {
+        let held = self.side(mode.other()).held;
         let side = match mode {
             Mode::Source => &mut self.source,
             Mode::Destination => &mut self.destination,
         };
-        (&mut self.rules, &mut side.awaiting)
+        (&mut self.rules, &mut side.awaiting, held)
+    }
+
+    /// Do the peers on both sides, the one gone and the one staying, resume connections?
+    fn both_resume(&self, gone: &PeerSlot, stays: Mode) -> bool {
+        gone.extensions.resume && self.peer(stays).is_some_and(|p| p.extensions.resume)
     }
 
     /// The number of the next relay HELLO. Every one is numbered from 1: an end echoes the
@@ -236,12 +246,14 @@ impl Live {
                     changed_ms: rec.source.last_change_ms,
                     generation: rec.source.generation,
                     awaiting: None,
+                    held: false,
                 },
                 destination: Side {
                     peer: None,
                     changed_ms: rec.destination.last_change_ms,
                     generation: rec.destination.generation,
                     awaiting: None,
+                    held: false,
                 },
                 next_peer: 1,
                 next_epoch: 0,
@@ -254,8 +266,9 @@ impl Live {
     }
 
     /// Register a new peer for `mode`, replacing (and kicking) any previous one. The surviving
-    /// other side is told which streams died. `None` if the side's token was revoked after the
-    /// handshake was admitted under `generation`.
+    /// other side is told which streams died, unless the old peer, the new one and the
+    /// survivor all resume connections (then the two ends resume them). `None` if the side's
+    /// token was revoked after the handshake was admitted under `generation`.
     pub fn attach(&self, mode: Mode, generation: u64, new: NewPeer) -> Option<u64> {
         let mut g = self.lock();
         let side = g.side(mode);
@@ -266,12 +279,20 @@ impl Live {
         let peer_id = g.next_peer;
         g.next_peer += 1;
         let old = g.side(mode).peer.take();
+        let keep = match &old {
+            Some(old) => new.extensions.resume && g.both_resume(old, mode.other()),
+            // Streams kept for a resume (or none): a peer that cannot resume ends them.
+            None => new.extensions.resume,
+        };
         if let Some(old) = old {
             old.kick.kick(KickReason::Replaced);
+        }
+        if !keep {
             let resets = g.rules.peer_gone();
             send_resets(g.tx(mode.other()), resets);
         }
         let side = g.side(mode);
+        side.held = false;
         side.peer = Some(PeerSlot {
             peer_id,
             tx: new.tx,
@@ -297,17 +318,29 @@ impl Live {
         }
     }
 
-    /// A peer's session ended. Returns whether it was still the registered one.
+    /// A peer's session ended. Returns whether it was still the registered one. The other
+    /// side is told which streams died; or, if both peers resume connections, it is told
+    /// (with a relay HELLO) that its peer is gone, and holds its connections for a resume.
     pub fn detach(&self, mode: Mode, peer_id: u64) -> bool {
         let mut g = self.lock();
         if g.side(mode).peer.as_ref().map(|p| p.peer_id) != Some(peer_id) {
             return false;
         }
         let side = g.side(mode);
-        side.peer = None;
+        let gone = side.peer.take();
         side.changed_ms = now_ms();
-        let resets = g.rules.peer_gone();
-        send_resets(g.tx(mode.other()), resets);
+        let held = gone
+            .as_ref()
+            .is_some_and(|gone| g.both_resume(gone, mode.other()));
+        g.side(mode).held = held;
+        if held {
+            let epoch = g.announce_peer_change(mode.other());
+            let hello = culvert_protocol::flow::Hello::relay_epoch(epoch).to_message();
+            send_resets(g.tx(mode.other()), vec![hello]);
+        } else {
+            let resets = g.rules.peer_gone();
+            send_resets(g.tx(mode.other()), resets);
+        }
         true
     }
 
@@ -325,7 +358,8 @@ impl Live {
     }
 }
 
-/// Queue STREAM_RESETs towards a peer without waiting (spawning if its queue is full).
+/// Queue STREAM_RESETs (or a relay HELLO) towards a peer without waiting (spawning if its
+/// queue is full).
 fn send_resets(tx: Option<mpsc::Sender<Chunk>>, resets: Vec<culvert_protocol::Message>) {
     let Some(tx) = tx else { return };
     for m in resets {

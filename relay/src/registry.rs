@@ -723,6 +723,58 @@ mod tests {
         assert_eq!(live.attach(Mode::Source, adm.generation, peer()), None);
     }
 
+    /// What the destination is sent when the source goes away and comes back: with both
+    /// ends resuming, a relay HELLO (hold your connections) and no reset; with a new source
+    /// that cannot resume, the reset of the stream that was kept.
+    #[tokio::test]
+    async fn streams_are_kept_for_a_resume_only_between_peers_that_resume() {
+        use culvert_protocol::ext::Extensions;
+        use culvert_protocol::frame::decode;
+        use culvert_protocol::{Message, MessageType};
+        let reg = registry().await;
+        let (v, t) = reg.open(req()).await.unwrap();
+        let adm = reg
+            .admit(&t.destination.unwrap(), Mode::Destination, None)
+            .await
+            .unwrap();
+        let live = adm.live.clone();
+        let with = |extensions| {
+            let (tx, rx) = mpsc::channel(16);
+            (
+                NewPeer {
+                    tx,
+                    kick: Kick::default(),
+                    extensions,
+                },
+                rx,
+            )
+        };
+        let (dst, mut to_dst) = with(Extensions::ALL);
+        live.attach(Mode::Destination, adm.generation, dst).unwrap();
+        let (src, _to_src) = with(Extensions::ALL);
+        let src_id = live.attach(Mode::Source, 0, src).unwrap();
+        let start = Message::stream_start(1, "SSH", 1);
+        live.lock().rules.check(Mode::Source, &start).unwrap();
+        let mut sent = || {
+            let mut types = Vec::new();
+            while let Ok(c) = to_dst.try_recv() {
+                types.push(decode(c.bytes.slice(2..)).unwrap().r#type);
+            }
+            types
+        };
+        assert!(live.detach(Mode::Source, src_id));
+        assert_eq!(
+            sent(),
+            vec![culvert_protocol::flow::HELLO],
+            "hold, not reset"
+        );
+        // A source that cannot resume (the localproxy) takes its place: the kept stream dies.
+        let (aws, _to_aws) = with(Extensions::NONE);
+        live.attach(Mode::Source, 0, aws).unwrap();
+        assert_eq!(sent(), vec![MessageType::StreamReset as i32]);
+        let _ = v;
+    }
+
     #[tokio::test]
     async fn a_rotation_after_attach_disconnects_the_peer() {
         let reg = registry().await;

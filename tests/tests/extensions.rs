@@ -215,6 +215,7 @@ fn a_relay_without_flow_control_accepts_only_restart_and_announces_nothing() {
     let restart_only = Extensions {
         flow_control: false,
         restart: true,
+        resume: false,
     };
     raw::runtime().block_on(async {
         let ct = culvert_protocol::new_client_token();

@@ -1,9 +1,145 @@
 //! The relay is stopped mid-tunnel, gracefully (SIGTERM) or by a crash (SIGKILL), and started
 //! again on the same address and state: both of culvert's ends reconnect by themselves with
-//! their client tokens, and new connections work. (The AWS localproxy's side of this is in
-//! `localproxy.rs`.)
+//! their client tokens, new connections work, and the connections that were open carry on
+//! (resumable connections): a session that keeps typing, and a bulk transfer both ways, lose
+//! and repeat no byte, and the target still sees exactly one connection each. (The AWS
+//! localproxy's side of this is in `localproxy.rs`.)
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use culvert_e2e::*;
+
+/// An echo target that counts the connections it accepted (a controller whose session must
+/// not be cut and opened again).
+fn counting_echo() -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            seen.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// One typed line and its echo, on a connection that stays open.
+fn type_line(s: &mut TcpStream, line: &str) {
+    s.write_all(line.as_bytes()).unwrap();
+    let mut got = vec![0u8; line.len()];
+    s.read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("the echo of {line:?} did not come back: {e}"));
+    assert_eq!(String::from_utf8_lossy(&got), line);
+}
+
+/// Open connections carry on across a relay restart: what was typed before, during and
+/// after it comes back in order, a transfer running through it completes intact, and the
+/// target saw one connection per session.
+fn connections_resume_across_a_relay_restart(name: &str, signal: &str) {
+    let dir = scratch(name);
+    let (target, accepted) = counting_echo();
+    let grace = vec!["--shutdown-grace-secs".to_owned(), "1".to_owned()];
+    let relay = Relay::start_with(&dir, "127.0.0.1:0".parse().unwrap(), &grace);
+    let t = relay.open_tunnel("robot-cell-2", &["TELNET"]);
+    let rules = rules(&dir, &[("TELNET", target.to_string())]);
+    let mut gw = relay.gateway(&dir, &rules, &t.destination);
+    let (mut px, ports) = relay.proxy(&dir, &t.source, &["TELNET"]);
+    relay.wait_side(&t.id, "destination", "CONNECTED");
+    relay.wait_side(&t.id, "source", "CONNECTED");
+    let port = ports["TELNET"];
+    let mut session = connect_local(port);
+    type_line(&mut session, "AS terminal: HERE #0\r\n");
+    // A transfer both ways through the same tunnel, in the middle of it when the relay goes
+    // away: its reader stops after a quarter until then, so every window and buffer on the
+    // way is full of bytes in flight.
+    let data = random_bytes(32 * 1024 * 1024);
+    let expect = sha256(&data);
+    let mut bulk = connect_local(port);
+    let mut bulk_w = bulk.try_clone().unwrap();
+    let (quarter_tx, quarter) = std::sync::mpsc::channel();
+    let (go_on_tx, go_on) = std::sync::mpsc::channel::<()>();
+    let n = data.len();
+    let writer = std::thread::spawn(move || bulk_w.write_all(&data).expect("writing the transfer"));
+    let transfer = std::thread::spawn(move || {
+        let mut got = vec![0u8; n];
+        bulk.read_exact(&mut got[..n / 4])
+            .expect("reading the transfer back");
+        let _ = quarter_tx.send(());
+        go_on.recv().expect("told to go on reading");
+        bulk.read_exact(&mut got[n / 4..])
+            .expect("reading the transfer back");
+        sha256(&got)
+    });
+    quarter.recv().expect("a quarter of the transfer echoed");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    let addr = relay.addr;
+    let mut relay = relay;
+    relay.proc.signal(signal);
+    relay.proc.wait_exit();
+    wait_log(&gw, "reconnecting to resume the open connections");
+    wait_log(&px, "reconnecting to resume the open connections");
+    go_on_tx.send(()).unwrap();
+    // Typed while the relay is down: it waits, and arrives.
+    session.write_all(b"typed during the outage\r\n").unwrap();
+    drop(relay);
+    let relay = Relay::start_with(&dir, addr, &grace);
+    wait_log(&gw, "resuming connections");
+    wait_log(&px, "resuming connections");
+    for p in [&gw, &px] {
+        let log = p.log_text();
+        assert!(
+            log.contains("resuming connections") && log.contains("connections=2"),
+            "{} held both connections:\n{log}",
+            p.name
+        );
+    }
+    let mut got = vec![0u8; "typed during the outage\r\n".len()];
+    session
+        .read_exact(&mut got)
+        .expect("the line typed during the outage");
+    assert_eq!(got, b"typed during the outage\r\n");
+    type_line(&mut session, "AS terminal: HERE #1\r\n");
+    writer.join().expect("the transfer's writer");
+    assert_eq!(
+        transfer.join().expect("the transfer across the restart"),
+        expect,
+        "the transfer arrived intact"
+    );
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the target saw each connection once: nothing was cut and opened again"
+    );
+    // New connections work as well.
+    assert!(echo_works(port, b"a new connection"));
+    assert!(gw.is_running() && px.is_running());
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn connections_resume_after_a_relay_crash() {
+    connections_resume_across_a_relay_restart("resume-kill", "KILL");
+}
+
+#[test]
+fn connections_resume_after_a_graceful_relay_restart() {
+    connections_resume_across_a_relay_restart("resume-term", "TERM");
+}
 
 fn ends_survive_a_relay_restart(name: &str, signal: &str, relay_args: &[&str]) {
     let dir = scratch(name);

@@ -19,6 +19,12 @@
 //! The session ends when the peer closes, on a transport or protocol error, when nothing is heard
 //! for [`SessionConfig::idle_timeout`], or when [`SessionHandle::close`] is called. Then every
 //! connection reads EOF and fails writes with `BrokenPipe`.
+//!
+//! With resumable connections ([`crate::ext::RESUME_TOKEN`], [`SessionConfig::resume_hold`]) a
+//! WebSocket that drops (not closed for good by the relay) does not end the session if it holds
+//! connections that can be resumed: they wait, their local sockets open, for
+//! [`SessionHandle::reattach`] with a new WebSocket (the application reconnects when
+//! [`SessionHandle::link_down`] says so), and end after the hold time if none comes.
 
 //!
 //! The parts, one file each: [`sched`] (what the writer sends next, and in which order),
@@ -62,6 +68,9 @@ const CONTROL_BUFFER: usize = 8 * 1024;
 /// New streams waiting for the application to take them (destination).
 const INCOMING_QUEUE: usize = 128;
 
+/// How long connections wait for the tunnel to come back by default.
+pub const DEFAULT_RESUME_HOLD: Duration = Duration::from_secs(120);
+
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
     /// WebSocket ping period (the localproxy uses 20 s).
@@ -71,6 +80,9 @@ pub struct SessionConfig {
     pub idle_timeout: Duration,
     /// Offer culvert's flow-control extension (used only when the relay and the peer offer it).
     pub flow_control: Option<FlowConfig>,
+    /// Offer resumable connections (with flow control, when the relay accepted `resume/1`),
+    /// held this long while the tunnel is down.
+    pub resume_hold: Option<Duration>,
 }
 
 impl SessionConfig {
@@ -79,6 +91,9 @@ impl SessionConfig {
     pub fn for_relay(mut self, accepted: crate::ext::Extensions) -> SessionConfig {
         if !accepted.flow_control {
             self.flow_control = None;
+        }
+        if !accepted.resume || self.flow_control.is_none() {
+            self.resume_hold = None;
         }
         self
     }
@@ -90,6 +105,7 @@ impl Default for SessionConfig {
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(65),
             flow_control: Some(FlowConfig::default()),
+            resume_hold: Some(DEFAULT_RESUME_HOLD),
         }
     }
 }
@@ -128,6 +144,19 @@ pub enum PeerError {
 impl SessionEnd {
     /// The relay is restarting or draining and asked us to come back
     /// ([`crate::close::RESTART`]); the tunnel and its tokens are still valid.
+    /// Whether the session's connections may be resumed on a new WebSocket after this end
+    /// (the relay did not end the session for good, and the peer broke no rule).
+    pub fn is_resumable(&self) -> bool {
+        match self {
+            SessionEnd::PeerClosed { code, .. } => !matches!(
+                code,
+                Some(crate::close::NORMAL | crate::close::POLICY | crate::close::TOO_BIG)
+            ),
+            SessionEnd::Transport(_) | SessionEnd::Idle(_) => true,
+            SessionEnd::Protocol(_) | SessionEnd::Cancelled => false,
+        }
+    }
+
     pub fn is_relay_restart(&self) -> bool {
         matches!(
             self,
@@ -253,6 +282,23 @@ impl Inner {
         finished
     }
 
+    /// Carry out the events of a call made outside the reader (detach, hold time): ended
+    /// connections read EOF, suspended ones lose what they had queued.
+    fn apply_local_events(&mut self, out: &mut Output) {
+        for ev in out.events.drain(..) {
+            match ev {
+                Event::Closed { id, cause } => {
+                    debug!(conn = %id, ?cause, "connection ended");
+                    self.close_inbox(id);
+                    self.sched.discard(id, &mut self.pool);
+                }
+                Event::Suspended { id } => self.sched.discard(id, &mut self.pool),
+                Event::Resumed { id } => self.sched.wake(id),
+                _ => {}
+            }
+        }
+    }
+
     fn remove_inbox(&mut self, id: ConnId) {
         if let Some(ib) = self.conns.remove(&id) {
             self.pool.put(ib.into_buf());
@@ -260,11 +306,27 @@ impl Inner {
     }
 }
 
+/// The WebSocket a session runs on now: which one (counted from 1), and why it went down.
+#[derive(Clone, Debug)]
+struct LinkState {
+    number: u64,
+    down: Option<SessionEnd>,
+}
+
 struct Shared {
     inner: Mutex<Inner>,
     /// Wakes the writer: something was queued.
     work: Notify,
+    /// Ends the whole session.
     cancel: CancellationToken,
+    /// Ends the current WebSocket's tasks (a child of `cancel`).
+    link_cancel: Mutex<CancellationToken>,
+    link: watch::Sender<LinkState>,
+    /// Wakes the hold timer: a connection was suspended.
+    suspended: Notify,
+    /// New streams for the application (taken at the end of the session).
+    incoming: Mutex<Option<mpsc::Sender<Connection>>>,
+    cfg: SessionConfig,
     service_ids: watch::Sender<Option<Vec<String>>>,
     end: watch::Sender<Option<SessionEnd>>,
 }
@@ -306,12 +368,17 @@ pub fn spawn<S>(ws: WebSocketStream<S>, mux: Mux, cfg: SessionConfig) -> (Sessio
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (sink, stream) = ws.split();
     let (itx, irx) = mpsc::channel(INCOMING_QUEUE);
     let mux = match cfg.flow_control {
         Some(fc) => mux.with_flow_control(fc),
         None => mux,
     };
+    let mux = if cfg.resume_hold.is_some() {
+        mux.with_resume()
+    } else {
+        mux
+    };
+    let cancel = CancellationToken::new();
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner {
             mux,
@@ -322,16 +389,153 @@ where
             scratch: Output::default(),
         }),
         work: Notify::new(),
-        cancel: CancellationToken::new(),
+        link_cancel: Mutex::new(cancel.child_token()),
+        cancel,
+        link: watch::channel(LinkState {
+            number: 0,
+            down: None,
+        })
+        .0,
+        suspended: Notify::new(),
+        incoming: Mutex::new(Some(itx)),
+        cfg: cfg.clone(),
         service_ids: watch::channel(None).0,
         end: watch::channel(None).0,
     });
     let handle = SessionHandle {
         shared: shared.clone(),
     };
-    tokio::spawn(writer::run(sink, shared.clone(), cfg.clone()));
-    tokio::spawn(reader::run(stream, shared, itx, cfg));
+    if let Some(hold) = cfg.resume_hold {
+        tokio::spawn(hold_timer(shared.clone(), hold));
+    }
+    start_link(&shared, ws);
     (handle, Incoming { streams: irx })
+}
+
+/// Run the session's two tasks on `ws`, as its next link.
+fn start_link<S>(shared: &Arc<Shared>, ws: WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sink, stream) = ws.split();
+    let token = shared.cancel.child_token();
+    *shared.link_cancel.lock().unwrap_or_else(|p| p.into_inner()) = token.clone();
+    let mut number = 0;
+    shared.link.send_modify(|l| {
+        l.number += 1;
+        l.down = None;
+        number = l.number;
+    });
+    let link = Link {
+        token,
+        number,
+        down: Default::default(),
+    };
+    let incoming = shared
+        .incoming
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    tokio::spawn(writer::run(
+        sink,
+        shared.clone(),
+        shared.cfg.clone(),
+        link.clone(),
+    ));
+    tokio::spawn(reader::run(
+        stream,
+        shared.clone(),
+        incoming,
+        shared.cfg.clone(),
+        link,
+    ));
+}
+
+/// One WebSocket of a session, as its tasks know it.
+#[derive(Clone)]
+struct Link {
+    /// Cancelled when this WebSocket is done with.
+    token: CancellationToken,
+    number: u64,
+    /// Set by the first of its tasks to see it go down.
+    down: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The WebSocket of `link` is gone (the first reason wins). If the session can hold its
+/// connections for a resume, they are suspended and the application is told to reconnect;
+/// otherwise the session ends.
+fn link_down(shared: &Shared, link: &Link, why: SessionEnd) {
+    link.token.cancel();
+    if link.down.swap(true, std::sync::atomic::Ordering::AcqRel) || shared.cancel.is_cancelled() {
+        return;
+    }
+    let held = shared.cfg.resume_hold.is_some() && why.is_resumable() && {
+        let mut inner = shared.lock();
+        let inner = &mut *inner;
+        let mut out = Output::default();
+        inner.mux.tick(std::time::Instant::now());
+        let held = inner.mux.detach(&mut out);
+        inner.sched.discard_all(&mut inner.pool);
+        inner.apply_local_events(&mut out);
+        held
+    };
+    if held {
+        debug!(reason = %why, "tunnel WebSocket lost; holding connections for a resume");
+        // Told only now, so that whoever waits for it sees the session held (not ended).
+        shared.link.send_if_modified(|l| {
+            let news = l.number == link.number && l.down.is_none();
+            if news {
+                l.down = Some(why.clone());
+            }
+            news
+        });
+        shared.suspended.notify_one();
+        shared.work.notify_one();
+    } else {
+        finish(shared, why);
+    }
+}
+
+/// Ends suspended connections whose hold time ran out; ends the session once the WebSocket is
+/// down and nothing is left to resume.
+async fn hold_timer(shared: Arc<Shared>, hold: Duration) {
+    loop {
+        let next = {
+            let mut inner = shared.lock();
+            let inner = &mut *inner;
+            let mut out = Output::default();
+            inner.mux.tick(std::time::Instant::now());
+            let next = inner.mux.expire_suspended(hold, &mut out);
+            if !out.events.is_empty() {
+                tracing::warn!(
+                    hold = ?hold,
+                    ended = out.events.len(),
+                    "connections not resumed within the hold time: ended"
+                );
+            }
+            inner.apply_local_events(&mut out);
+            let nothing_held = inner.mux.suspended_connections() == 0;
+            drop(out);
+            (next, nothing_held)
+        };
+        let (next, nothing_held) = next;
+        let down = shared.link.borrow().down.clone();
+        if let (Some(why), true) = (down, nothing_held) {
+            finish(&shared, why);
+            return;
+        }
+        let sleep = async {
+            match next {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            _ = shared.suspended.notified() => {}
+            _ = sleep => {}
+        }
+    }
 }
 
 impl SessionHandle {
@@ -400,6 +604,45 @@ impl SessionHandle {
         finish(&self.shared, SessionEnd::Cancelled);
     }
 
+    /// Wait until the session's WebSocket is gone: why. The session may still hold
+    /// connections for a resume ([`SessionHandle::reattach`]); [`SessionHandle::ended`] says
+    /// whether it has ended instead.
+    pub async fn link_down(&self) -> SessionEnd {
+        let mut rx = self.shared.link.subscribe();
+        match rx.wait_for(|l| l.down.is_some()).await {
+            Ok(l) => l.down.clone().unwrap_or(SessionEnd::Cancelled),
+            Err(_) => SessionEnd::Cancelled,
+        }
+    }
+
+    /// Carry on the session on a new WebSocket (to the same tunnel, with the same tokens),
+    /// after [`SessionHandle::link_down`]: the connections it holds resume. Fails, using
+    /// nothing, when the session has ended (or its WebSocket is still up).
+    pub fn reattach<S>(&self, ws: WebSocketStream<S>) -> Result<(), SessionError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        if self.ended().is_some() || self.shared.link.borrow().down.is_none() {
+            return Err(SessionError::Ended);
+        }
+        start_link(&self.shared, ws);
+        Ok(())
+    }
+
+    /// Whether this session can go on over a new WebSocket whose relay accepted `accepted`
+    /// (its own is down, it still holds connections, and the relay resumes them).
+    pub fn can_resume_with(&self, accepted: crate::ext::Extensions) -> bool {
+        accepted.resume
+            && self.shared.cfg.resume_hold.is_some()
+            && self.ended().is_none()
+            && self.shared.link.borrow().down.is_some()
+    }
+
+    /// Connections waiting to be resumed.
+    pub fn suspended_connections(&self) -> usize {
+        self.shared.lock().mux.suspended_connections()
+    }
+
     /// Why the session ended, if it has.
     pub fn ended(&self) -> Option<SessionEnd> {
         self.shared.end.borrow().clone()
@@ -427,6 +670,19 @@ fn finish(shared: &Shared, why: SessionEnd) {
         }
     });
     shared.cancel.cancel();
+    shared.link.send_if_modified(|l| {
+        if l.down.is_none() {
+            l.down = shared.end.borrow().clone();
+            true
+        } else {
+            false
+        }
+    });
+    shared
+        .incoming
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
     {
         let mut inner = shared.lock();
         let ids: Vec<ConnId> = inner.conns.keys().copied().collect();

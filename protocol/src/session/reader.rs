@@ -13,15 +13,18 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tracing::{debug, info, trace, warn};
 
 use super::inbox::{Inbox, Push};
-use super::{Connection, PeerError, SessionConfig, SessionEnd, SessionError, Shared, finish};
+use super::{
+    Connection, Link, PeerError, SessionConfig, SessionEnd, SessionError, Shared, link_down,
+};
 use crate::frame::{self, FrameError, FrameReader};
 use crate::mux::{Event, Output};
 
 pub(super) async fn run<S>(
     mut stream: futures_util::stream::SplitStream<WebSocketStream<S>>,
     shared: Arc<Shared>,
-    incoming: mpsc::Sender<Connection>,
+    incoming: Option<mpsc::Sender<Connection>>,
     cfg: SessionConfig,
+    link: Link,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -31,7 +34,7 @@ pub(super) async fn run<S>(
     let mut out = Output::default();
     let why = loop {
         let next = tokio::select! {
-            _ = shared.cancel.cancelled() => break SessionEnd::Cancelled,
+            _ = link.token.cancelled() => break SessionEnd::Cancelled,
             r = tokio::time::timeout(cfg.idle_timeout, stream.next()) => r,
         };
         let ws_msg = match next {
@@ -75,7 +78,7 @@ pub(super) async fn run<S>(
             // change (say, flow control switched on) and the message announcing it.
             tokio::select! {
                 _ = shared.control_space() => {}
-                _ = shared.cancel.cancelled() => {
+                _ = link.token.cancelled() => {
                     failed = Some(SessionEnd::Cancelled);
                     break;
                 }
@@ -114,7 +117,7 @@ pub(super) async fn run<S>(
             // get through.
             let delivered = tokio::select! {
                 r = deliver(&shared, &mut out.events, &incoming) => r.is_ok(),
-                _ = shared.cancel.cancelled() => false,
+                _ = link.token.cancelled() => false,
             };
             if !delivered {
                 failed = Some(SessionEnd::Cancelled);
@@ -125,14 +128,14 @@ pub(super) async fn run<S>(
             break why;
         }
     };
-    finish(&shared, why);
+    link_down(&shared, &link, why);
 }
 
 /// Carry out what one message produced. Fails only when the session is going away.
 async fn deliver(
     shared: &Arc<Shared>,
     events: &mut Vec<Event>,
-    incoming: &mpsc::Sender<Connection>,
+    incoming: &Option<mpsc::Sender<Connection>>,
 ) -> Result<(), SessionError> {
     // (Replies were queued with the message's handling.)
     for ev in events.drain(..) {
@@ -148,6 +151,10 @@ async fn deliver(
                     credited
                 };
                 let s = Connection::new(id, service, shared, credited);
+                let Some(incoming) = incoming else {
+                    drop(s);
+                    continue;
+                };
                 if incoming.send(s).await.is_err() {
                     // Nobody takes streams: the Connection's drop already reset it.
                     warn!("stream opened by the peer but this end accepts none");
@@ -197,6 +204,19 @@ async fn deliver(
             }
             Event::FlowControl(true) => {
                 info!("flow control on for new connections (the relay and the peer support it)");
+            }
+            Event::Suspended { id } => {
+                debug!(conn = %id, "suspended until the peer resumes it");
+                {
+                    let mut inner = shared.lock();
+                    let inner = &mut *inner;
+                    inner.sched.discard(id, &mut inner.pool);
+                }
+                shared.suspended.notify_one();
+            }
+            Event::Resumed { id } => {
+                debug!(conn = %id, "resumed");
+                shared.lock().sched.wake(id);
             }
             Event::FlowControl(false) => {
                 info!("flow control off for new connections (peer changed; renegotiating)");

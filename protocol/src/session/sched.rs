@@ -187,6 +187,20 @@ impl Sched {
         }
     }
 
+    /// The WebSocket is gone: nothing queued can be sent any more (resumed connections send
+    /// again from where the peer is). Every writer is woken.
+    pub(super) fn discard_all(&mut self, pool: &mut Pool) {
+        self.control.clear();
+        self.ready.clear();
+        for (_, mut q) in self.queues.drain() {
+            pool.put(std::mem::take(&mut q.frames));
+            q.wake();
+        }
+        if let Some(w) = self.control_space.take() {
+            w.wake();
+        }
+    }
+
     pub(super) fn wake(&mut self, id: ConnId) {
         if let Some(q) = self.queues.get_mut(&id) {
             q.wake();

@@ -9,20 +9,21 @@ use futures_util::SinkExt;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use super::{SessionConfig, SessionEnd, Shared, finish};
+use super::{Link, SessionConfig, SessionEnd, Shared, link_down};
 use crate::frame::MessageBatch;
 
 pub(super) async fn run<S>(
     mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, WsMessage>,
     shared: Arc<Shared>,
     cfg: SessionConfig,
+    link: Link,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut ping = tokio::time::interval(cfg.ping_interval);
     let mut batch = MessageBatch::default();
     let err = loop {
-        if shared.cancel.is_cancelled() {
+        if link.token.is_cancelled() {
             let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
             return;
         }
@@ -43,7 +44,7 @@ pub(super) async fn run<S>(
             continue;
         }
         tokio::select! {
-            _ = shared.cancel.cancelled() => {}
+            _ = link.token.cancelled() => {}
             _ = shared.work.notified() => {}
             _ = ping.tick() => {
                 shared.lock().pool.trim_if_idle();
@@ -57,5 +58,5 @@ pub(super) async fn run<S>(
             }
         }
     };
-    finish(&shared, SessionEnd::Transport(err.to_string()));
+    link_down(&shared, &link, SessionEnd::Transport(err.to_string()));
 }
