@@ -50,3 +50,90 @@ fn ssh_command_and_50_mb_scp_through_the_tunnel() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The relay crashes (SIGKILL) in the middle of an interactive ssh session and of a 200 MB
+/// scp: both carry on once it is back (resumable connections), the session never notices, and
+/// the copy is intact.
+#[test]
+fn an_ssh_session_and_a_200_mb_scp_survive_a_relay_crash() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    let dir = scratch("ssh-resume");
+    let sshd = Sshd::start(&dir);
+    let ssh = require_tool("ssh", "openssh-client");
+    let scp = require_tool("scp", "openssh-client");
+    let relay = Relay::start(&dir);
+    let t = relay.open_tunnel("robot-4", &["SSH"]);
+    let rules = rules(&dir, &[("SSH", format!("127.0.0.1:{}", sshd.port))]);
+    let gw = relay.gateway(&dir, &rules, &t.destination);
+    let (px, ports) = relay.proxy(&dir, &t.source, &["SSH"]);
+    relay.wait_side(&t.id, "destination", "CONNECTED");
+    relay.wait_side(&t.id, "source", "CONNECTED");
+    let port = ports["SSH"].to_string();
+    let target = format!("{}@127.0.0.1", Sshd::user());
+
+    // An operator's session: every line typed comes back from the far side.
+    let mut session = Command::new(&ssh)
+        .args(sshd.client_opts())
+        .args(["-T", "-p", &port, &target])
+        .arg("while read l; do echo \"robot says $l\"; done")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut typed = session.stdin.take().unwrap();
+    let mut answers = BufReader::new(session.stdout.take().unwrap()).lines();
+    let mut exchange = |line: &str| {
+        writeln!(typed, "{line}").unwrap();
+        let got = answers.next().expect("the session ended").unwrap();
+        assert_eq!(got, format!("robot says {line}"));
+    };
+    exchange("status");
+
+    // 200 MiB: a random MiB, numbered in each copy (so a MiB out of place shows), since
+    // generating that much at random takes a debug build longer than the copy.
+    let block = random_bytes(1024 * 1024);
+    let data: Vec<u8> = (0..200u64)
+        .flat_map(|i| {
+            let mut b = block.clone();
+            b[..8].copy_from_slice(&i.to_be_bytes());
+            b
+        })
+        .collect();
+    let src = dir.join("payload.bin");
+    let dst = dir.join("payload-copy.bin");
+    std::fs::write(&src, &data).unwrap();
+    // Limited to 400 Mbit/s so that it is under way when the relay dies.
+    let copy = Command::new(&scp)
+        .args(sshd.client_opts())
+        .args(["-q", "-l", "400000", "-P", &port])
+        .arg(&src)
+        .arg(format!("{target}:{}", dst.display()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the copy to be under way", || {
+        let len = std::fs::metadata(&dst).map(|m| m.len()).unwrap_or(0);
+        (len > 16 * 1024 * 1024).then_some(())
+    });
+    let addr = relay.addr;
+    let mut relay = relay;
+    relay.proc.signal("KILL");
+    relay.proc.wait_exit();
+    wait_log(&px, "reconnecting to resume the open connections");
+    wait_log(&gw, "reconnecting to resume the open connections");
+    drop(relay);
+    let _relay = Relay::start_on(&dir, addr);
+    wait_log(&px, "resuming connections");
+    exchange("still there?");
+    let out = copy.wait_with_output().unwrap();
+    assert!(out.status.success(), "scp failed: {}", stderr_of(&out));
+    let copy = std::fs::read(&dst).unwrap();
+    assert_eq!(copy.len(), data.len());
+    assert_eq!(sha256(&copy), sha256(&data), "the copy differs");
+    exchange("bye");
+    drop(typed);
+    let _ = session.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
