@@ -198,6 +198,9 @@ pub struct ConnectArgs {
     pub local: Local,
     /// Message format to speak; by default the one the negotiated subprotocol implies.
     pub format: Option<Format>,
+    /// How long open connections wait for a dropped tunnel to come back (`None`: they end
+    /// with it).
+    pub resume_hold: Option<Duration>,
 }
 
 /// The relay session, as the local connections see it.
@@ -255,12 +258,16 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
         access_token: args.access_token.clone(),
         client_token: Some(client_token.into()),
         tls,
-        extensions: Extensions::ALL,
+        // Resume offered only by an end that holds connections for it.
+        extensions: Extensions {
+            resume: args.resume_hold.is_some(),
+            ..Extensions::ALL
+        },
         proxy: args.proxy.clone(),
     };
 
     if let Local::Destination { targets } = &args.local {
-        return serve_destination(&args.endpoint, &opts, targets, shutdown).await;
+        return serve_destination(&args.endpoint, &opts, targets, args.resume_hold, shutdown).await;
     }
     // Bind every listener first: a port that cannot be bound is a fatal, local error. They
     // accept nothing until the relay has taken the token.
@@ -330,7 +337,7 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
             None => {}
         }
         let format = args.format.map_or(c.format, |f| f.min(c.format));
-        let mut cfg = session_config().for_relay(c.extensions);
+        let mut cfg = session_config(args.resume_hold).for_relay(c.extensions);
         if matches!(args.local, Local::Stdio { .. }) {
             // One connection, and nobody to reconnect for it once the session is gone
             // (`carry_stdio` ends with it).
@@ -401,17 +408,13 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
     }
 }
 
-/// The session settings of this end: `CULVERT_RESUME_HOLD` (seconds, 0: never resume)
-/// overrides how long connections wait for a dropped tunnel to come back.
-fn session_config() -> SessionConfig {
-    let mut cfg = SessionConfig::default();
-    if let Some(secs) = std::env::var("CULVERT_RESUME_HOLD")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-    {
-        cfg.resume_hold = (secs > 0).then(|| Duration::from_secs(secs));
+/// The session settings of this end: connections held for `resume_hold` when the tunnel
+/// drops.
+fn session_config(resume_hold: Option<Duration>) -> SessionConfig {
+    SessionConfig {
+        resume_hold,
+        ..SessionConfig::default()
     }
-    cfg
 }
 
 /// Wait until the session's WebSocket drops, and say why. `Some(true)`: it holds connections
@@ -480,6 +483,7 @@ async fn serve_destination(
     endpoint: &Endpoint,
     opts: &ConnectOptions,
     targets: &[Target],
+    resume_hold: Option<Duration>,
     shutdown: CancellationToken,
 ) -> Result<(), ConnectError> {
     let (state, _) = watch::channel(Relay::Reconnecting);
@@ -508,7 +512,7 @@ async fn serve_destination(
                 // A V1 stream names no service: it maps to the one mapping when there is one.
                 let named: Vec<String> = targets.iter().filter_map(|t| t.service.clone()).collect();
                 let mux = Mux::destination((named.len() == 1).then_some(named));
-                let cfg = session_config().for_relay(c.extensions);
+                let cfg = session_config(resume_hold).for_relay(c.extensions);
                 session::spawn(c.ws, mux, cfg)
             }
         };

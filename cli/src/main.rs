@@ -157,6 +157,10 @@ enum Command {
         /// Message format to speak (V1 or V2 for older destinations); default: as negotiated.
         #[arg(long, short = 'y', visible_alias = "destination-client-type")]
         format: Option<Format>,
+        /// How long open connections wait for a dropped tunnel to come back and resume
+        /// (seconds; 0: they end with it, as against AWS's relay, which cannot resume).
+        #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+        resume_hold: u64,
         /// Log level as the localproxy counts it: 0 off, 1-2 errors, 3 warnings, 4 info
         /// (default), 5 debug, 6 and up trace. Overrides RUST_LOG.
         #[arg(long, short = 'v', value_name = "LEVEL")]
@@ -454,6 +458,7 @@ fn main() -> ExitCode {
             bind,
             mode,
             format,
+            resume_hold,
             verbose: _,
             no_verify,
         } => {
@@ -540,6 +545,7 @@ fn main() -> ExitCode {
                 ca: cli.ca,
                 local,
                 format,
+                resume_hold: (resume_hold > 0).then(|| std::time::Duration::from_secs(resume_hold)),
             };
             let rt = match culvert_protocol::session::end_runtime() {
                 Ok(rt) => rt,

@@ -229,6 +229,7 @@ pub fn open(
                 .collect(),
             bind,
         },
+        resume_hold: Some(culvert_protocol::session::DEFAULT_RESUME_HOLD),
         format: None,
     };
     let rt =

@@ -97,7 +97,11 @@ async fn serve_tunnel(
                 .unwrap_or_else(|| culvert_protocol::new_client_token().into()),
         ),
         tls: args.relay.tls.clone(),
-        extensions: Extensions::ALL,
+        // Resume offered only by an end that holds connections for it.
+        extensions: Extensions {
+            resume: gw.config().daemon.resume_hold.is_some(),
+            ..Extensions::ALL
+        },
         proxy: args.relay.proxy.clone(),
     };
     let conns = TaskTracker::new();

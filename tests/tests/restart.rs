@@ -199,3 +199,41 @@ fn graceful_relay_restart_mid_tunnel() {
 fn graceful_restart_of_a_relay_without_flow_control() {
     ends_survive_a_relay_restart("restart-term-nofc", "TERM", &["--no-flow-control"]);
 }
+
+/// `culvert connect --resume-hold 0`: open connections end with the tunnel, as they do
+/// against AWS's relay; the ends still reconnect and new connections work.
+#[test]
+fn without_a_hold_time_connections_end_with_the_tunnel() {
+    let dir = scratch("resume-off");
+    let (target, accepted) = counting_echo();
+    let relay = Relay::start(&dir);
+    let t = relay.open_tunnel("robot-cell-3", &["TELNET"]);
+    let rules = rules(&dir, &[("TELNET", target.to_string())]);
+    let gw = relay.gateway(&dir, &rules, &t.destination);
+    let (px, ports) = relay.proxy_with(&dir, &t.source, &["TELNET"], &["--resume-hold", "0"]);
+    relay.wait_side(&t.id, "destination", "CONNECTED");
+    relay.wait_side(&t.id, "source", "CONNECTED");
+    let mut session = connect_local(ports["TELNET"]);
+    type_line(&mut session, "before\r\n");
+    let addr = relay.addr;
+    let mut relay = relay;
+    relay.proc.signal("KILL");
+    relay.proc.wait_exit();
+    wait_log(&px, "relay session ended; reconnecting");
+    let mut rest = Vec::new();
+    // The connection ends (EOF or a reset) instead of waiting.
+    let _ = session.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+    drop(relay);
+    let _relay = Relay::start_on(&dir, addr);
+    assert!(echo_works(ports["TELNET"], b"a new connection"));
+    for p in [&gw, &px] {
+        assert!(
+            !p.log_text().contains("resuming connections"),
+            "{} resumed nothing",
+            p.name
+        );
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
