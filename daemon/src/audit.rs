@@ -23,6 +23,9 @@ use tracing::{info, warn};
 pub enum EndReason {
     /// The operator's side (or the tunnel) ended it.
     ClientClosed,
+    /// The tunnel dropped and the connection could not be resumed (the hold time ran out, or
+    /// the other side no longer had it).
+    TunnelLost,
     TargetClosed,
     IdleTimeout,
     /// The ACL refused the target's address.
@@ -51,6 +54,7 @@ impl EndReason {
     pub fn as_str(self) -> &'static str {
         match self {
             EndReason::ClientClosed => "client_closed",
+            EndReason::TunnelLost => "tunnel_lost",
             EndReason::TargetClosed => "target_closed",
             EndReason::IdleTimeout => "idle_timeout",
             EndReason::Denied => "denied",

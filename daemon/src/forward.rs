@@ -232,6 +232,11 @@ where
             touch();
         };
         let _ = lw.shutdown().await;
+        let why = if why == EndReason::ClientClosed && tr.tunnel_lost() {
+            EndReason::TunnelLost
+        } else {
+            why
+        };
         (why, tr.peer_finished())
     };
     let up = async {

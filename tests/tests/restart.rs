@@ -237,3 +237,43 @@ fn without_a_hold_time_connections_end_with_the_tunnel() {
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A relay that stays away longer than the hold time: both ends give up on the connection
+/// then (the operator's socket ends, culvertd closes the target's), and culvertd's audit trail
+/// says why: `tunnel_lost`.
+#[test]
+fn connections_end_with_the_reason_when_the_hold_time_runs_out() {
+    let dir = scratch("resume-expired");
+    let (target, _) = counting_echo();
+    let relay = Relay::start(&dir);
+    let t = relay.open_tunnel("robot-cell-5", &["TELNET"]);
+    let rules = rules(&dir, &[("TELNET", target.to_string())]);
+    let audit = dir.join("audit.jsonl");
+    let mut config = std::fs::read_to_string(&rules).unwrap();
+    config.insert_str(
+        0,
+        &format!(
+            "[daemon]\nresume_hold_secs = 2\n\n[audit]\nfile = \"{}\"\n\n",
+            audit.display()
+        ),
+    );
+    std::fs::write(&rules, config).unwrap();
+    let gw = relay.gateway(&dir, &rules, &t.destination);
+    let (px, ports) = relay.proxy_with(&dir, &t.source, &["TELNET"], &["--resume-hold", "2"]);
+    relay.wait_side(&t.id, "destination", "CONNECTED");
+    relay.wait_side(&t.id, "source", "CONNECTED");
+    let mut session = connect_local(ports["TELNET"]);
+    type_line(&mut session, "before\r\n");
+    let mut relay = relay;
+    relay.proc.signal("KILL");
+    relay.proc.wait_exit();
+    wait_log(&px, "reconnecting to resume the open connections");
+    let mut rest = Vec::new();
+    let _ = session.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the connection ended after the hold time");
+    wait_log(&px, "connections not resumed within the hold time");
+    wait_log(&gw, "connections not resumed within the hold time");
+    let end = wait_audit(&audit, "the connection's end", |r| r["event"] == "end");
+    assert_eq!(end["reason"], "tunnel_lost", "{end}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

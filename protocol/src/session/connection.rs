@@ -41,6 +41,8 @@ pub struct ConnectionReader {
     eof: bool,
     /// The EOF is the peer's half-close.
     finished: bool,
+    /// The EOF is the tunnel's end: the connection could not be resumed, or the session ended.
+    lost: bool,
     halves: Arc<AtomicU8>,
 }
 
@@ -85,6 +87,7 @@ impl Connection {
                 credited,
                 eof: false,
                 finished: false,
+                lost: false,
                 halves: halves.clone(),
             },
             writer: ConnectionWriter {
@@ -148,6 +151,7 @@ impl ConnectionReader {
             Take::Pending => Poll::Pending,
             Take::Eof => {
                 self.finished = ib.is_finished();
+                self.lost = ib.is_lost();
                 inner.remove_inbox(self.id);
                 self.eof = true;
                 Poll::Ready(())
@@ -159,6 +163,12 @@ impl ConnectionReader {
     /// end sends. False before EOF, and for an EOF from a reset or the session's end.
     pub fn peer_finished(&self) -> bool {
         self.finished
+    }
+
+    /// The EOF read was the tunnel's end, not the peer's: the tunnel dropped and the
+    /// connection could not be resumed (or the session ended). False before EOF.
+    pub fn tunnel_lost(&self) -> bool {
+        self.lost
     }
 
     /// The application took `n` bytes.

@@ -24,6 +24,8 @@ pub(super) struct Inbox {
     closed: bool,
     /// Of those, the peer's half-close: it still reads what this end sends.
     finished: bool,
+    /// Ended with the tunnel ([`Inbox::mark_lost`]).
+    lost: bool,
     /// The connection's reader was dropped: what arrives is discarded (and credited).
     reader_gone: bool,
     reader: Option<Waker>,
@@ -62,6 +64,7 @@ impl Inbox {
             credited,
             closed: false,
             finished: false,
+            lost: false,
             reader_gone: false,
             reader: None,
             space: None,
@@ -132,6 +135,16 @@ impl Inbox {
     /// The EOF is the peer's half-close ([`Inbox::finish`]).
     pub(super) fn is_finished(&self) -> bool {
         self.finished
+    }
+
+    /// The connection ended because the tunnel did: it could not be resumed, or the session
+    /// ended.
+    pub(super) fn mark_lost(&mut self) {
+        self.lost = true;
+    }
+
+    pub(super) fn is_lost(&self) -> bool {
+        self.lost
     }
 
     pub(super) fn is_closed(&self) -> bool {

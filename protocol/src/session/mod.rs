@@ -289,6 +289,7 @@ impl Inner {
             match ev {
                 Event::Closed { id, cause } => {
                     debug!(conn = %id, ?cause, "connection ended");
+                    self.lost(id, cause);
                     self.close_inbox(id);
                     self.sched.discard(id, &mut self.pool);
                 }
@@ -296,6 +297,15 @@ impl Inner {
                 Event::Resumed { id } => self.sched.wake(id),
                 _ => {}
             }
+        }
+    }
+
+    /// A connection that ends for `cause` ended with the tunnel if it could not be resumed.
+    fn lost(&mut self, id: ConnId, cause: crate::mux::CloseCause) {
+        if cause == crate::mux::CloseCause::NotResumed
+            && let Some(ib) = self.conns.get_mut(&id)
+        {
+            ib.mark_lost();
         }
     }
 
@@ -686,7 +696,11 @@ fn finish(shared: &Shared, why: SessionEnd) {
     {
         let mut inner = shared.lock();
         let ids: Vec<ConnId> = inner.conns.keys().copied().collect();
+        let lost = !matches!(shared.end.borrow().as_ref(), Some(SessionEnd::Cancelled));
         for id in ids {
+            if lost && let Some(ib) = inner.conns.get_mut(&id) {
+                ib.mark_lost();
+            }
             inner.close_inbox(id);
         }
         inner.sched.wake_all();

@@ -186,6 +186,7 @@ async fn deliver(
                 debug!(conn = %id, ?cause, "closed by peer");
                 let mut inner = shared.lock();
                 let inner = &mut *inner;
+                inner.lost(id, cause);
                 inner.close_inbox(id);
                 // What it still had queued would be stale on arrival; its writer fails now.
                 inner.sched.discard(id, &mut inner.pool);
