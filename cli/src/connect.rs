@@ -41,6 +41,8 @@ const WAIT_FOR_SESSION: Duration = Duration::from_secs(20);
 const WAIT_FOR_SERVICE_IDS: Duration = Duration::from_secs(20);
 /// How long the stdio mode tries to reach the relay before it gives up (ssh is waiting).
 const STDIO_GIVE_UP: Duration = Duration::from_secs(30);
+/// How long a new session waits for flow control to come on before the first connections.
+const FLOW_CONTROL_WAIT: Duration = Duration::from_secs(2);
 
 /// One `-s` mapping: a service (or none, the V1 single-service form) and a local port.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -337,12 +339,7 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
             None => {}
         }
         let format = args.format.map_or(c.format, |f| f.min(c.format));
-        let mut cfg = session_config(args.resume_hold).for_relay(c.extensions);
-        if matches!(args.local, Local::Stdio { .. }) {
-            // One connection, and nobody to reconnect for it once the session is gone
-            // (`carry_stdio` ends with it).
-            cfg.resume_hold = None;
-        }
+        let cfg = session_config(args.resume_hold).for_relay(c.extensions);
         let (handle, _incoming) = session::spawn(c.ws, Mux::source(format), cfg);
         let ids = match tokio::time::timeout(WAIT_FOR_SERVICE_IDS, handle.wait_service_ids()).await
         {
@@ -369,9 +366,14 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
             Local::Destination { .. } => unreachable!("served above"),
         };
         check_mappings(&mappings, &ids, &v1_service)?;
+        if c.extensions.flow_control {
+            // Connections opened before flow control is on can be neither half-closed nor
+            // resumed: give the other end one round trip to answer, if it is there.
+            handle.wait_flow_control(FLOW_CONTROL_WAIT).await;
+        }
         if let Local::Stdio { service } = &args.local {
             debug!(relay = %args.endpoint, %service, ?format, "connected to relay");
-            return carry_stdio(&handle, service).await;
+            return carry_stdio(&handle, service, &opts, &mut backoff, &shutdown, &state_tx).await;
         }
         if first {
             info!(relay = %args.relay_shown(), services = ?ids, ?format, "connected to relay");
@@ -588,20 +590,63 @@ async fn carry_to(addr: &str, stream: session::Connection) {
 }
 
 /// The stdio mode: one connection to `service`, spliced to stdin and stdout.
-async fn carry_stdio(handle: &SessionHandle, service: &str) -> Result<(), ConnectError> {
+/// The stdio mode's one connection, kept across a dropped tunnel like the listeners' ones: the
+/// session is reattached on a new WebSocket while the connection waits.
+async fn carry_stdio(
+    handle: &SessionHandle,
+    service: &str,
+    opts: &ConnectOptions,
+    backoff: &mut Backoff,
+    shutdown: &CancellationToken,
+    state: &watch::Sender<Relay>,
+) -> Result<(), ConnectError> {
     let stream = handle
         .open(service)
         .await
         .map_err(|e| ConnectError::Fatal(format!("cannot open a connection to {service}: {e}")))?;
     let id = stream.id();
-    let r = session::splice(
+    let splice = session::splice(
         tokio::io::join(tokio::io::stdin(), tokio::io::stdout()),
         stream,
-    )
-    .await;
-    debug!(%service, conn = %id, sent = r.sent, received = r.received, peer_closed = r.peer_closed, "connection closed");
-    handle.close();
-    Ok(())
+    );
+    tokio::pin!(splice);
+    loop {
+        tokio::select! {
+            r = &mut splice => {
+                debug!(%service, conn = %id, sent = r.sent, received = r.received, peer_closed = r.peer_closed, "connection closed");
+                handle.close();
+                return Ok(());
+            }
+            _ = shutdown.cancelled() => {
+                handle.close();
+                return Ok(());
+            }
+            why = handle.link_down(), if handle.ended().is_none() => {
+                if handle.ended().is_some() {
+                    // Not resumable: the connection ends with the session.
+                    continue;
+                }
+                warn!(reason = %why, "relay connection lost; reconnecting to resume the connection");
+                // The connection waits meanwhile (the splice is polled again afterwards), at
+                // most for the hold time.
+                let c = tokio::select! {
+                    c = reconnect(opts, backoff, shutdown, state) => c?,
+                    _ = handle.closed() => continue,
+                };
+                let Some(c) = c else {
+                    handle.close();
+                    return Ok(());
+                };
+                if handle.can_resume_with(c.extensions) && handle.reattach(c.ws).is_ok() {
+                    backoff.reset();
+                    info!(relay = %opts.endpoint, "reconnected to relay; resuming connections");
+                } else {
+                    warn!("the relay no longer resumes connections: the connection ends");
+                    handle.close();
+                }
+            }
+        }
+    }
 }
 
 /// Every mapped service must exist in the tunnel (the localproxy refuses to run otherwise).

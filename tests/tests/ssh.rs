@@ -137,3 +137,63 @@ fn an_ssh_session_and_a_200_mb_scp_survive_a_relay_crash() {
     let _ = session.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// ssh with `culvert connect --stdio` as its ProxyCommand (what `culvert ssh` runs): the
+/// session goes on across a relay crash too.
+#[test]
+fn an_ssh_session_through_the_stdio_proxy_survives_a_relay_crash() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    let dir = scratch("ssh-stdio-resume");
+    let sshd = Sshd::start(&dir);
+    let ssh = require_tool("ssh", "openssh-client");
+    let relay = Relay::start(&dir);
+    let t = relay.open_tunnel("robot-6", &["SSH"]);
+    let rules = rules(&dir, &[("SSH", format!("127.0.0.1:{}", sshd.port))]);
+    let gw = relay.gateway(&dir, &rules, &t.destination);
+    relay.wait_side(&t.id, "destination", "CONNECTED");
+    let log = dir.join("stdio-proxy.log");
+    let proxy = format!(
+        "{} connect --stdio SSH 2>>{}",
+        bin("culvert").display(),
+        log.display()
+    );
+    let mut session = Command::new(&ssh)
+        .args(sshd.client_opts())
+        .args(["-T", "-o", &format!("ProxyCommand={proxy}")])
+        .arg(format!("{}@robot-6", Sshd::user()))
+        .arg("while read l; do echo \"robot says $l\"; done")
+        .env("CULVERT_RELAY", relay.addr.to_string())
+        .env("CULVERT_CA", &relay.ca)
+        .env("CULVERT_ACCESS_TOKEN", &t.source)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut typed = session.stdin.take().unwrap();
+    let mut answers = BufReader::new(session.stdout.take().unwrap()).lines();
+    let mut exchange = |line: &str| {
+        writeln!(typed, "{line}").unwrap();
+        let got = answers.next().expect("the session ended").unwrap();
+        assert_eq!(got, format!("robot says {line}"));
+    };
+    exchange("status");
+    let addr = relay.addr;
+    let mut relay = relay;
+    relay.proc.signal("KILL");
+    relay.proc.wait_exit();
+    wait_log(&gw, "reconnecting to resume the open connections");
+    drop(relay);
+    let _relay = Relay::start_on(&dir, addr);
+    exchange("still there?");
+    let proxy_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        proxy_log.contains("resuming connections"),
+        "the stdio proxy resumed:\n{proxy_log}"
+    );
+    drop(typed);
+    let _ = session.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -334,6 +334,8 @@ struct Shared {
     link: watch::Sender<LinkState>,
     /// Wakes the hold timer: a connection was suspended.
     suspended: Notify,
+    /// Flow control is on for new connections (as the reader last saw it).
+    flow_on: watch::Sender<bool>,
     /// New streams for the application (taken at the end of the session).
     incoming: Mutex<Option<mpsc::Sender<Connection>>>,
     cfg: SessionConfig,
@@ -407,6 +409,7 @@ where
         })
         .0,
         suspended: Notify::new(),
+        flow_on: watch::channel(false).0,
         incoming: Mutex::new(Some(itx)),
         cfg: cfg.clone(),
         service_ids: watch::channel(None).0,
@@ -607,6 +610,15 @@ impl SessionHandle {
     /// Whether connections opened now use culvert's flow control.
     pub fn flow_control_active(&self) -> bool {
         self.shared.lock().mux.flow_control_active()
+    }
+
+    /// Wait (at most `limit`) until connections opened now use flow control, and so can be
+    /// half-closed and resumed: one round trip to the other end after the session starts.
+    /// False if it did not come on (an AWS peer, or none connected yet).
+    pub async fn wait_flow_control(&self, limit: Duration) -> bool {
+        let mut rx = self.shared.flow_on.subscribe();
+        let on = tokio::time::timeout(limit, rx.wait_for(|on| *on)).await;
+        matches!(on, Ok(Ok(_)))
     }
 
     /// End the session: the WebSocket is closed and every connection ends.

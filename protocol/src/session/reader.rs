@@ -203,8 +203,15 @@ async fn deliver(
                     inner.sched.wake(id);
                 }
             }
-            Event::FlowControl(true) => {
-                info!("flow control on for new connections (the relay and the peer support it)");
+            Event::FlowControl(on) => {
+                shared.flow_on.send_replace(on);
+                if on {
+                    info!(
+                        "flow control on for new connections (the relay and the peer support it)"
+                    );
+                } else {
+                    info!("flow control off for new connections (peer changed; renegotiating)");
+                }
             }
             Event::Suspended { id } => {
                 debug!(conn = %id, "suspended until the peer resumes it");
@@ -218,9 +225,6 @@ async fn deliver(
             Event::Resumed { id } => {
                 debug!(conn = %id, "resumed");
                 shared.lock().sched.wake(id);
-            }
-            Event::FlowControl(false) => {
-                info!("flow control off for new connections (peer changed; renegotiating)");
             }
         }
     }
