@@ -138,8 +138,8 @@ fn sweep_dead_scratch() {
         let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("culvert-e2e-")) else {
             continue;
         };
-        let mut parts = rest.rsplitn(3, '-');
-        let (_n, pid) = (parts.next(), parts.next());
+        // <name>-<pid>-<n>: the pid is the second part from the end.
+        let pid = rest.rsplit('-').nth(1);
         let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };

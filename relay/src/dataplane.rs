@@ -372,8 +372,9 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
                 }
             };
             // A peer that stops reading must not keep this task (and its queue) alive after a kick.
-            // An interrupted send leaves its message in the WebSocket layer's buffer, which
-            // the close frame's send flushes first.
+            // A send interrupted after the WebSocket layer took its message leaves it in that
+            // layer's buffer, which the close frame's send flushes first; one interrupted
+            // before is dropped (the peer is being closed anyway).
             tokio::select! {
                 biased;
                 reason = writer_kick.kicked() => break Some(reason),

@@ -1,9 +1,53 @@
 //! A real OpenSSH server reached with the real ssh and scp clients through the whole path:
 //! culvert connect → culvert-relay → culvertd → sshd.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader, Lines, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use culvert_e2e::*;
+
+/// An interactive ssh session to a far side that answers every line typed with
+/// "robot says <line>".
+struct Session {
+    child: Child,
+    typed: ChildStdin,
+    answers: Lines<BufReader<ChildStdout>>,
+}
+
+impl Session {
+    /// `ssh` with its options and destination; the far side's command is added here.
+    fn start(ssh: &mut Command) -> Session {
+        let mut child = ssh
+            .arg("while read l; do echo \"robot says $l\"; done")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let typed = child.stdin.take().unwrap();
+        let answers = BufReader::new(child.stdout.take().unwrap()).lines();
+        Session {
+            child,
+            typed,
+            answers,
+        }
+    }
+
+    /// Type a line and read its answer.
+    fn exchange(&mut self, line: &str) {
+        writeln!(self.typed, "{line}").unwrap();
+        let got = self.answers.next().expect("the session ended").unwrap();
+        assert_eq!(got, format!("robot says {line}"));
+    }
+
+    fn end(self) {
+        let Session {
+            mut child, typed, ..
+        } = self;
+        drop(typed);
+        let _ = child.wait();
+    }
+}
 
 #[test]
 fn ssh_command_and_50_mb_scp_through_the_tunnel() {
@@ -56,8 +100,6 @@ fn ssh_command_and_50_mb_scp_through_the_tunnel() {
 /// the copy is intact.
 #[test]
 fn an_ssh_session_and_a_200_mb_scp_survive_a_relay_crash() {
-    use std::io::{BufRead, BufReader, Write};
-    use std::process::Stdio;
     let dir = scratch("ssh-resume");
     let sshd = Sshd::start(&dir);
     let ssh = require_tool("ssh", "openssh-client");
@@ -73,23 +115,11 @@ fn an_ssh_session_and_a_200_mb_scp_survive_a_relay_crash() {
     let target = format!("{}@127.0.0.1", Sshd::user());
 
     // An operator's session: every line typed comes back from the far side.
-    let mut session = Command::new(&ssh)
-        .args(sshd.client_opts())
-        .args(["-T", "-p", &port, &target])
-        .arg("while read l; do echo \"robot says $l\"; done")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut typed = session.stdin.take().unwrap();
-    let mut answers = BufReader::new(session.stdout.take().unwrap()).lines();
-    let mut exchange = |line: &str| {
-        writeln!(typed, "{line}").unwrap();
-        let got = answers.next().expect("the session ended").unwrap();
-        assert_eq!(got, format!("robot says {line}"));
-    };
-    exchange("status");
+    let mut cmd = Command::new(&ssh);
+    cmd.args(sshd.client_opts())
+        .args(["-T", "-p", &port, &target]);
+    let mut session = Session::start(&mut cmd);
+    session.exchange("status");
 
     // 200 MiB: a random MiB, numbered in each copy (so a MiB out of place shows), since
     // generating that much at random takes a debug build longer than the copy.
@@ -126,15 +156,14 @@ fn an_ssh_session_and_a_200_mb_scp_survive_a_relay_crash() {
     drop(relay);
     let _relay = Relay::start_on(&dir, addr);
     wait_log(&px, "resuming connections");
-    exchange("still there?");
+    session.exchange("still there?");
     let out = copy.wait_with_output().unwrap();
     assert!(out.status.success(), "scp failed: {}", stderr_of(&out));
     let copy = std::fs::read(&dst).unwrap();
     assert_eq!(copy.len(), data.len());
     assert_eq!(sha256(&copy), sha256(&data), "the copy differs");
-    exchange("bye");
-    drop(typed);
-    let _ = session.wait();
+    session.exchange("bye");
+    session.end();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -142,8 +171,6 @@ fn an_ssh_session_and_a_200_mb_scp_survive_a_relay_crash() {
 /// session goes on across a relay crash too.
 #[test]
 fn an_ssh_session_through_the_stdio_proxy_survives_a_relay_crash() {
-    use std::io::{BufRead, BufReader, Write};
-    use std::process::Stdio;
     let dir = scratch("ssh-stdio-resume");
     let sshd = Sshd::start(&dir);
     let ssh = require_tool("ssh", "openssh-client");
@@ -158,28 +185,16 @@ fn an_ssh_session_through_the_stdio_proxy_survives_a_relay_crash() {
         bin("culvert").display(),
         log.display()
     );
-    let mut session = Command::new(&ssh)
-        .args(sshd.client_opts())
+    let mut cmd = Command::new(&ssh);
+    cmd.args(sshd.client_opts())
         .args(["-T", "-o", &format!("ProxyCommand={proxy}")])
         .arg(format!("{}@robot-6", Sshd::user()))
-        .arg("while read l; do echo \"robot says $l\"; done")
         .env("CULVERT_RELAY", relay.addr.to_string())
         .env("CULVERT_CA", &relay.ca)
         .env("CULVERT_ACCESS_TOKEN", &t.source)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut typed = session.stdin.take().unwrap();
-    let mut answers = BufReader::new(session.stdout.take().unwrap()).lines();
-    let mut exchange = |line: &str| {
-        writeln!(typed, "{line}").unwrap();
-        let got = answers.next().expect("the session ended").unwrap();
-        assert_eq!(got, format!("robot says {line}"));
-    };
-    exchange("status");
+        .env("RUST_LOG", "info");
+    let mut session = Session::start(&mut cmd);
+    session.exchange("status");
     let addr = relay.addr;
     let mut relay = relay;
     relay.proc.signal("KILL");
@@ -187,13 +202,12 @@ fn an_ssh_session_through_the_stdio_proxy_survives_a_relay_crash() {
     wait_log(&gw, "reconnecting to resume the open connections");
     drop(relay);
     let _relay = Relay::start_on(&dir, addr);
-    exchange("still there?");
+    session.exchange("still there?");
     let proxy_log = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         proxy_log.contains("resuming connections"),
         "the stdio proxy resumed:\n{proxy_log}"
     );
-    drop(typed);
-    let _ = session.wait();
+    session.end();
     let _ = std::fs::remove_dir_all(&dir);
 }
