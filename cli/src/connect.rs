@@ -319,6 +319,9 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
                 if h.reattach(c.ws).is_ok() {
                     info!(relay = %args.endpoint, connections = n, "reconnected to relay; resuming connections");
                     backoff.reset();
+                    // New connections after the resumes (and with flow control, if the other
+                    // end is back).
+                    h.wait_flow_control(FLOW_CONTROL_WAIT).await;
                     state_tx.send_replace(Relay::Up(h.clone()));
                     match wait_for_link_down(&h, &shutdown).await {
                         Some(true) => held = Some(h),

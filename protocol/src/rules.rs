@@ -131,6 +131,13 @@ impl FrameRules {
             }
             return Ok(());
         }
+        if kind == MessageType::ConnectionStart && !self.max_started.contains_key(service) {
+            // A source carrying on a stream this relay never saw start: it restarted while
+            // the stream's connections waited to resume (their RESUMEs may come after). A
+            // source may start any stream anyway; this one is not made the active one.
+            self.max_started.insert(service.to_owned(), msg.stream_id);
+            return Ok(());
+        }
         // Every other stream-bound message must name a stream the source has started. Stale
         // ids (lower than the newest) are legal: frames cross resets in flight.
         let started = self
@@ -246,6 +253,13 @@ mod tests {
             "stale is legal"
         );
         assert!(r.check(Mode::Destination, &data(4)).is_err());
+        // A source's new connection on a stream started before this relay did.
+        let mut fresh = rules();
+        fresh
+            .check(Mode::Source, &Message::connection_start(5, "SSH", 3))
+            .unwrap();
+        assert_eq!(fresh.check(Mode::Destination, &data(5)), Ok(()));
+        assert!(fresh.peer_gone().is_empty(), "not made the active stream");
         assert_eq!(r.peer_gone(), vec![Message::stream_reset(3, "SSH")]);
         assert!(r.peer_gone().is_empty());
     }

@@ -492,6 +492,8 @@ fn link_down(shared: &Shared, link: &Link, why: SessionEnd) {
         inner.apply_local_events(&mut out);
         held
     };
+    // Renegotiated on the next WebSocket.
+    shared.flow_on.send_replace(false);
     if held {
         debug!(reason = %why, "tunnel WebSocket lost; holding connections for a resume");
         // Told only now, so that whoever waits for it sees the session held (not ended).
@@ -513,7 +515,7 @@ fn link_down(shared: &Shared, link: &Link, why: SessionEnd) {
 /// down and nothing is left to resume.
 async fn hold_timer(shared: Arc<Shared>, hold: Duration) {
     loop {
-        let next = {
+        let (next, nothing_held) = {
             let mut inner = shared.lock();
             let inner = &mut *inner;
             let mut out = Output::default();
@@ -527,11 +529,8 @@ async fn hold_timer(shared: Arc<Shared>, hold: Duration) {
                 );
             }
             inner.apply_local_events(&mut out);
-            let nothing_held = inner.mux.suspended_connections() == 0;
-            drop(out);
-            (next, nothing_held)
+            (next, inner.mux.suspended_connections() == 0)
         };
-        let (next, nothing_held) = next;
         let down = shared.link.borrow().down.clone();
         if let (Some(why), true) = (down, nothing_held) {
             finish(&shared, why);

@@ -47,7 +47,11 @@ pub(super) async fn run<S>(
             _ = link.token.cancelled() => {}
             _ = shared.work.notified() => {}
             _ = ping.tick() => {
-                shared.lock().pool.trim_if_idle();
+                {
+                    let mut inner = shared.lock();
+                    inner.pool.trim_if_idle();
+                    inner.mux.trim_buffers();
+                }
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_millis() as u64)
