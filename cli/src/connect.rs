@@ -313,6 +313,15 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
                 )));
             }
         };
+        // The relay took the token: connections that arrive while the session starts (or
+        // resumes) wait for it, rather than being told the relay is unreachable.
+        state_tx.send_if_modified(|s| {
+            let unreachable = matches!(s, Relay::Unreachable);
+            if unreachable {
+                *s = Relay::Reconnecting;
+            }
+            unreachable
+        });
         match held.take() {
             Some(h) if h.can_resume_with(c.extensions) => {
                 let n = h.suspended_connections();
