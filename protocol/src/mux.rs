@@ -538,7 +538,9 @@ impl Mux {
             return Ok(());
         };
         let role = self.role;
-        let c = self.conns.get_mut(&id).expect("looked up");
+        let Some(c) = self.conns.get_mut(&id) else {
+            return Ok(());
+        };
         let resumed = match (
             c.retx.as_mut().filter(|r| r.suspended),
             c.credit.as_mut(),
