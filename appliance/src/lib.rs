@@ -8,9 +8,11 @@
 //! - [`metrics`]: the opt-in Prometheus endpoint (`GET /metrics`).
 //! - [`logging`]: the daemons' log subscriber.
 //! - [`limits`]: the open-file limit raised to what the system allows.
+//! - [`audit`]: the hash-chained audit file both daemons write, and its verifier.
 //!
 //! Signal handling stays in each program's `main`, where the program's shutdown is decided.
 
+pub mod audit;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

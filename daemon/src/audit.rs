@@ -1,18 +1,14 @@
 //! The audit trail: one JSON line per connection start and end (and per HTTP request), written
 //! to the file the configuration names and to the log (target `culvertd::audit`).
 //!
-//! The file is opened for appending and re-opened when it was moved or deleted (logrotate's
-//! default `create` mode) or truncated in place (`copytruncate` works through O_APPEND), so the
-//! trail survives log rotation without a signal. A write error is logged, never fatal: the
-//! connection it describes goes on.
+//! The file is hash-chained and survives log rotation without a signal
+//! ([`culvert_appliance::audit`]; `culvertd audit verify FILE…` checks it). A write error is
+//! logged, never fatal: the connection it describes goes on.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::path::Path;
 use std::time::Duration;
 
+use culvert_appliance::audit::AuditLog;
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -126,45 +122,28 @@ impl Record {
     }
 }
 
-struct Sink {
-    path: PathBuf,
-    file: Option<(File, u64, u64)>,
-}
-
-/// Where audit records go. Cheap to share; the file is re-targeted on reload.
+/// Where audit records go: the hash-chained file ([`culvert_appliance::audit`]) and the log.
+/// Cheap to share; the file is re-targeted on reload.
 pub struct Audit {
-    sink: Mutex<Option<Sink>>,
+    log: AuditLog,
 }
 
 impl Audit {
     pub fn new(path: Option<&Path>) -> Audit {
-        let a = Audit {
-            sink: Mutex::new(None),
-        };
-        a.set_file(path);
-        a
+        Audit {
+            log: AuditLog::new(path),
+        }
     }
 
     /// Write to `path` from now on (none: the log only).
     pub fn set_file(&self, path: Option<&Path>) {
-        let mut s = self.sink.lock().unwrap_or_else(|p| p.into_inner());
-        if s.as_ref().map(|s| s.path.as_path()) != path {
-            *s = path.map(|p| Sink {
-                path: p.to_owned(),
-                file: None,
-            });
-        }
+        self.log.set_file(path);
     }
 
     /// Open the file now (at start-up, before privileges are dropped), so that a file that
     /// cannot be written is reported at once.
     pub fn open(&self) -> Result<(), String> {
-        let mut guard = self.sink.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(sink) = guard.as_mut() else {
-            return Ok(());
-        };
-        sink.write("")
-            .map_err(|e| format!("audit file {}: {e}", sink.path.display()))
+        self.log.open()
     }
 
     pub fn record(&self, mut r: Record) {
@@ -178,56 +157,8 @@ impl Audit {
                 return;
             }
         };
+        let line = self.log.append(&line);
         info!(target: "culvertd::audit", "{line}");
-        let mut guard = self.sink.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(sink) = guard.as_mut() else { return };
-        if let Err(e) = sink.write(&line) {
-            warn!(file = %sink.path.display(), error = %e, "cannot write the audit file; the record is in this log");
-            // Reopened (and a cut record ended) at the next write.
-            sink.file = None;
-        }
-    }
-}
-
-impl Sink {
-    fn write(&mut self, line: &str) -> std::io::Result<()> {
-        // Re-open when the path now names another file (rotated) or none (deleted).
-        let current = std::fs::metadata(&self.path)
-            .ok()
-            .map(|m| (m.dev(), m.ino()));
-        let stale = match (&self.file, current) {
-            (Some((_, dev, ino)), Some(now)) => (*dev, *ino) != now,
-            _ => true,
-        };
-        let mut buf = Vec::with_capacity(line.len() + 2);
-        if stale {
-            let mut f = OpenOptions::new()
-                .create(true)
-                .read(true)
-                .append(true)
-                .open(&self.path)?;
-            let m = f.metadata()?;
-            // A record cut short by an earlier failed write is ended before the next one.
-            if m.len() > 0 {
-                use std::io::{Read, Seek, SeekFrom};
-                let mut last = [0u8; 1];
-                f.seek(SeekFrom::End(-1))?;
-                f.read_exact(&mut last)?;
-                if last[0] != b'\n' {
-                    buf.push(b'\n');
-                }
-            }
-            self.file = Some((f, m.dev(), m.ino()));
-        }
-        let (f, _, _) = self.file.as_mut().expect("opened above");
-        if line.is_empty() {
-            // Just opening (see `Audit::open`), or ending a cut record.
-            return f.write_all(&buf);
-        }
-        buf.extend_from_slice(line.as_bytes());
-        buf.push(b'\n');
-        // One write per record: appends from several writers never interleave.
-        f.write_all(&buf)
     }
 }
 
@@ -252,6 +183,7 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         a.record(rec("three"));
         // A record cut short (disk full, say) does not swallow the next one.
+        use std::io::Write;
         std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
@@ -273,6 +205,15 @@ mod tests {
         assert_eq!(v["event"], "start");
         assert!(v["ts"].as_str().unwrap().ends_with('Z'));
         assert!(v.get("address").is_none());
+        assert_eq!(v["seq"], 3, "the chain carries on across the rotation");
+        // The deleted file held seq 2: the current one continues the chain after it.
+        let checked = culvert_appliance::audit::verify(std::slice::from_ref(&path)).unwrap();
+        assert_eq!(
+            (checked.first_seq, checked.records, checked.cut.len()),
+            (3, 2, 1)
+        );
+        let files = [dir.join("audit.jsonl.1"), path.clone()];
+        assert!(culvert_appliance::audit::verify(&files).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
