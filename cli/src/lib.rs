@@ -3,6 +3,9 @@
 //! # Layout
 //! - [`api`]: a small blocking client of culvert-relay's control API.
 //! - [`tunnel`]: `culvert tunnel open|list|describe|close|rotate` and their output.
+//! - [`operator`]: `culvert operator …` (operators, keys, grants) and `culvert whoami`;
+//!   [`credentials`]: `culvert login`'s saved relay and key.
+//! - [`output`]: terminal-safe human output and `--json`.
 //! - [`connect`]: `culvert connect`, the source-side local proxy (listen on local ports, carry
 //!   each connection through the tunnel, reconnect with the client token when the relay drops),
 //!   or one connection over stdin and stdout (`--stdio`, ssh's ProxyCommand).
@@ -17,6 +20,19 @@
 
 pub mod api;
 pub mod connect;
+
+// Before the modules that print their output, so that they all print through it (not
+// `connect`, whose stdout may be the data: `--stdio`).
+/// Print a line on stdout. A reader that went away (`culvert tunnel list | head`) ends the
+/// program quietly, as it would a C tool; any other failure to write ends it with an error.
+macro_rules! println {
+    () => { $crate::output::emit(format_args!("")) };
+    ($($arg:tt)*) => { $crate::output::emit(format_args!($($arg)*)) };
+}
+
+pub mod credentials;
+pub mod operator;
+pub mod output;
 pub mod reach;
 pub mod tunnel;
 

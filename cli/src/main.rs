@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use culvert_cli::api::ApiClient;
 use culvert_cli::connect::{self, ConnectArgs, ConnectError, Local};
+use culvert_cli::credentials::Credentials;
 use culvert_cli::reach::{self, RelaySettings};
-use culvert_cli::{EXIT_REFUSED, EXIT_UNTRUSTED, tunnel};
+use culvert_cli::{EXIT_REFUSED, EXIT_UNTRUSTED, operator, tunnel};
 use culvert_protocol::Format;
 use tokio_util::sync::CancellationToken;
 
@@ -15,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
-    /// The relay, host:port (API and data plane share it).
+    /// The relay, host:port (API and data plane share it); default: the one saved by
+    /// `culvert login`.
     #[arg(long, env = "CULVERT_RELAY", global = true)]
     relay: Option<String>,
     /// Extra CA certificate (PEM) to trust, e.g. the dev relay's ca.pem, or a directory of
@@ -33,7 +35,8 @@ struct Cli {
     /// unless NO_PROXY names the relay.
     #[arg(long, env = "CULVERT_PROXY", hide_env_values = true, global = true)]
     proxy: Option<String>,
-    /// The relay's API key (tunnel, device, ssh and open).
+    /// The relay's API key (tunnel, device, operator, ssh and open); default: the one saved by
+    /// `culvert login`.
     #[arg(long, env = "CULVERT_API_KEY", hide_env_values = true, global = true)]
     api_key: Option<String>,
     /// Print the relay's JSON instead of human output.
@@ -45,6 +48,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Save the relay, its CA and your API key for the commands that follow (checked with
+    /// the relay first). The key comes from --api-key or CULVERT_API_KEY, else it is asked for.
+    Login,
+    /// Forget what `culvert login` saved.
+    Logout,
+    /// Who the API key belongs to: operator, role and grants.
+    Whoami,
+    /// Manage operators, their API keys and their grants (admins; anyone for their own keys).
+    Operator {
+        #[command(subcommand)]
+        command: OperatorCommand,
+    },
     /// Manage tunnels through the relay's API.
     Tunnel {
         #[command(subcommand)]
@@ -71,6 +86,9 @@ enum Command {
         /// The ssh program to run.
         #[arg(long, env = "CULVERT_SSH", default_value = "ssh")]
         ssh: String,
+        /// Why: stored with the tunnel and in the audit trails (a relay may require one).
+        #[arg(long, env = "CULVERT_REASON")]
+        reason: Option<String>,
         /// The device: its thing name, with the user to log in as if not your own.
         #[arg(value_name = "[USER@]THING")]
         destination: String,
@@ -95,6 +113,9 @@ enum Command {
         /// Local address to listen on.
         #[arg(long, short = 'b', default_value = "127.0.0.1")]
         bind: String,
+        /// Why: stored with the tunnel and in the audit trails (a relay may require one).
+        #[arg(long, env = "CULVERT_REASON")]
+        reason: Option<String>,
     },
     /// Run the local proxy: listen on local ports and carry connections through the tunnel.
     ///
@@ -172,6 +193,73 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum OperatorCommand {
+    /// Add an operator; prints their first API key (shown once).
+    Add {
+        name: String,
+        /// admin, operator (opens tunnels within their grants) or viewer (sees them).
+        #[arg(long, default_value = "operator")]
+        role: String,
+    },
+    /// List operators with their keys and grants.
+    List,
+    /// Disable an operator: their keys stop working and the tunnels they opened close.
+    Disable { name: String },
+    /// Enable a disabled operator again.
+    Enable { name: String },
+    /// API keys of an operator.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// What an operator may reach.
+    Grant {
+        #[command(subcommand)]
+        command: GrantCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// A new API key (shown once).
+    Create {
+        name: String,
+        #[arg(long)]
+        label: Option<String>,
+        /// The key stops working after this many days.
+        #[arg(long, value_name = "DAYS")]
+        expires_in_days: Option<u32>,
+    },
+    /// Revoke a key: it stops working at once.
+    Revoke { name: String, key_id: String },
+}
+
+#[derive(Subcommand)]
+enum GrantCommand {
+    /// Let an operator reach things (names or patterns: cell-7, cell-*) on services (or *).
+    Add {
+        name: String,
+        /// Thing name or pattern (repeat, or comma-separate).
+        #[arg(long = "thing", required = true, value_delimiter = ',')]
+        things: Vec<String>,
+        /// Service name, or * for all (repeat, or comma-separate).
+        #[arg(long = "service", required = true, value_delimiter = ',')]
+        services: Vec<String>,
+        /// Only from this time on (RFC 3339, e.g. 2026-12-24T08:00:00Z).
+        #[arg(long)]
+        from: Option<String>,
+        /// Only until this time (RFC 3339).
+        #[arg(long, conflicts_with = "minutes")]
+        until: Option<String>,
+        /// Only for this many minutes (from --from, or from now).
+        #[arg(long = "for", value_name = "MINUTES")]
+        minutes: Option<u32>,
+    },
+    /// Revoke a grant: the tunnels it allowed close at once.
+    Revoke { name: String, grant_id: String },
+}
+
+#[derive(Subcommand)]
 enum DeviceCommand {
     /// Register a device (or give it a new password); prints its MQTT settings.
     Add {
@@ -198,6 +286,9 @@ enum TunnelCommand {
         lifetime: Option<u32>,
         #[arg(long)]
         description: Option<String>,
+        /// Why: stored with the tunnel and in the audit trails (a relay may require one).
+        #[arg(long, env = "CULVERT_REASON")]
+        reason: Option<String>,
         /// Tag KEY=VALUE (repeatable).
         #[arg(long = "tag", value_parser = parse_tag)]
         tags: Vec<(String, String)>,
@@ -323,6 +414,26 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // `culvert login`'s saved relay, CA and key: for that relay only.
+    let saved = match cli.command {
+        Command::Login | Command::Logout | Command::Connect { .. } => Ok(None),
+        _ => Credentials::load(),
+    };
+    let saved = match saved {
+        Ok(Some(c)) if cli.relay.as_ref().is_none_or(|r| *r == c.relay) => Some(c),
+        Ok(_) => None,
+        Err(e) if cli.relay.is_none() || cli.api_key.is_none() => return fail(e),
+        Err(_) => None,
+    };
+    let mut cli = cli;
+    if let Some(c) = &saved {
+        cli.relay.get_or_insert_with(|| c.relay.clone());
+        if cli.ca.is_none() {
+            cli.ca = c.ca.clone();
+        }
+        cli.api_key.get_or_insert_with(|| c.api_key.clone());
+    }
+    let cli = cli;
     let api_key = cli.api_key.clone();
     // The proxy towards `host` (the relay's): --proxy, or the environment's.
     let proxy_for = |host: &str| {
@@ -333,15 +444,17 @@ fn main() -> ExitCode {
         let relay = cli
             .relay
             .clone()
-            .ok_or("no relay given: pass --relay HOST:PORT or set CULVERT_RELAY")?;
-        let key = key.ok_or("no API key given: pass --api-key or set CULVERT_API_KEY")?;
+            .ok_or("no relay given: pass --relay HOST:PORT, set CULVERT_RELAY, or culvert login")?;
+        let key =
+            key.ok_or("no API key given: pass --api-key, set CULVERT_API_KEY, or culvert login")?;
         let host = culvert_protocol::client::Endpoint::parse(&relay)?.host;
         ApiClient::new(&relay, &key, cli.ca.as_deref(), proxy_for(&host)?.as_ref())
             .map_err(|e| e.to_string())
     };
-    let relay_settings = |wait: u64| -> Result<RelaySettings, String> {
+    let relay_settings = |wait: u64, reason: Option<String>| -> Result<RelaySettings, String> {
         Ok(RelaySettings {
             gateway_wait: std::time::Duration::from_secs(wait),
+            reason,
             relay: cli
                 .relay
                 .clone()
@@ -351,15 +464,124 @@ fn main() -> ExitCode {
         })
     };
     match cli.command {
+        Command::Login => {
+            let key = match api_key.clone() {
+                Some(k) => k,
+                None => match culvert_cli::credentials::read_key("API key: ") {
+                    Ok(k) => k,
+                    Err(e) => return fail(e),
+                },
+            };
+            let api = match api_client(Some(key.clone())) {
+                Ok(a) => a,
+                Err(e) => return fail(e),
+            };
+            let me = match api.get("/operators/me", &[]) {
+                Ok(v) => v,
+                Err(e) => return fail(e),
+            };
+            let c = Credentials {
+                relay: cli.relay.clone().unwrap_or_default(),
+                api_key: key,
+                ca: cli
+                    .ca
+                    .as_ref()
+                    .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+                operator: me["name"].as_str().unwrap_or_default().to_owned(),
+            };
+            match c.save() {
+                Ok(path) => {
+                    eprintln!(
+                        "culvert: logged in to {} as {} ({}); saved in {}",
+                        c.relay,
+                        c.operator,
+                        me["role"].as_str().unwrap_or("-"),
+                        path.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Logout => match Credentials::remove() {
+            Ok(true) => {
+                eprintln!("culvert: logged out (the key itself still works until revoked)");
+                ExitCode::SUCCESS
+            }
+            Ok(false) => {
+                eprintln!("culvert: not logged in");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::Whoami => match api_client(api_key).map(|a| operator::whoami(&a, cli.json)) {
+            Ok(Ok(_)) => ExitCode::SUCCESS,
+            Ok(Err(e)) => fail(e),
+            Err(e) => fail(e),
+        },
+        Command::Operator { command } => {
+            let api = match api_client(api_key) {
+                Ok(a) => a,
+                Err(e) => return fail(e),
+            };
+            let j = cli.json;
+            let r = match command {
+                OperatorCommand::Add { name, role } => operator::add(&api, &name, &role, j),
+                OperatorCommand::List => operator::list(&api, j),
+                OperatorCommand::Disable { name } => operator::set_disabled(&api, &name, true, j),
+                OperatorCommand::Enable { name } => operator::set_disabled(&api, &name, false, j),
+                OperatorCommand::Key {
+                    command:
+                        KeyCommand::Create {
+                            name,
+                            label,
+                            expires_in_days,
+                        },
+                } => operator::key_create(&api, &name, label, expires_in_days, j),
+                OperatorCommand::Key {
+                    command: KeyCommand::Revoke { name, key_id },
+                } => operator::key_revoke(&api, &name, &key_id, j),
+                OperatorCommand::Grant {
+                    command:
+                        GrantCommand::Add {
+                            name,
+                            things,
+                            services,
+                            from,
+                            until,
+                            minutes,
+                        },
+                } => operator::grant_add(
+                    &api,
+                    &name,
+                    operator::GrantArgs {
+                        things,
+                        services,
+                        from,
+                        until,
+                        minutes,
+                    },
+                    j,
+                ),
+                OperatorCommand::Grant {
+                    command: GrantCommand::Revoke { name, grant_id },
+                } => operator::grant_revoke(&api, &name, &grant_id, j),
+            };
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
         Command::Ssh {
             service,
             wait,
             ssh,
+            reason,
             destination,
             ssh_args,
         } => {
             let (api, relay) =
-                match api_client(api_key).and_then(|a| Ok((a, relay_settings(wait)?))) {
+                match api_client(api_key).and_then(|a| Ok((a, relay_settings(wait, reason)?))) {
                     Ok(x) => x,
                     Err(e) => return fail(e),
                 };
@@ -374,9 +596,10 @@ fn main() -> ExitCode {
             local,
             wait,
             bind,
+            reason,
         } => {
             let (api, relay) =
-                match api_client(api_key).and_then(|a| Ok((a, relay_settings(wait)?))) {
+                match api_client(api_key).and_then(|a| Ok((a, relay_settings(wait, reason)?))) {
                     Ok(x) => x,
                     Err(e) => return fail(e),
                 };
@@ -422,6 +645,7 @@ fn main() -> ExitCode {
                     services,
                     lifetime,
                     description,
+                    reason,
                     tags,
                 } => tunnel::open(
                     &api,
@@ -430,6 +654,7 @@ fn main() -> ExitCode {
                         services,
                         lifetime_minutes: lifetime,
                         description,
+                        reason,
                         tags,
                     },
                     cli.json,

@@ -48,6 +48,7 @@ pub fn open_tunnel<'a>(
     thing: &str,
     services: &[String],
     purpose: &str,
+    reason: Option<&str>,
     wait: Duration,
 ) -> Result<Opened<'a>, String> {
     let by = std::env::var("USER").unwrap_or_default();
@@ -55,12 +56,11 @@ pub fn open_tunnel<'a>(
         "culvert {purpose} by {}",
         if by.is_empty() { "-" } else { &by }
     );
-    let v = api
-        .post(
-            "/tunnels",
-            &json!({"thingName": thing, "services": services, "description": description}),
-        )
-        .map_err(|e| e.to_string())?;
+    let mut body = json!({"thingName": thing, "services": services, "description": description});
+    if let Some(r) = reason {
+        body["reason"] = json!(r);
+    }
+    let v = api.post("/tunnels", &body).map_err(|e| e.to_string())?;
     let (Some(id), Some(token)) = (v["tunnelId"].as_str(), v["sourceAccessToken"].as_str()) else {
         return Err(format!(
             "the relay's answer has no tunnel id or source token: {v}"
@@ -103,6 +103,8 @@ pub struct RelaySettings {
     pub proxy: Option<String>,
     /// How long to wait for the thing's gateway to connect to a new tunnel.
     pub gateway_wait: Duration,
+    /// Why the tunnel is opened (`--reason`).
+    pub reason: Option<String>,
 }
 
 /// `culvert ssh [user@]THING [ssh arguments…]`: returns ssh's exit code.
@@ -122,7 +124,14 @@ pub fn ssh(
     }
     let me = std::env::current_exe()
         .map_err(|e| format!("cannot find the culvert program itself: {e}"))?;
-    let opened = open_tunnel(api, thing, &[service.to_owned()], "ssh", relay.gateway_wait)?;
+    let opened = open_tunnel(
+        api,
+        thing,
+        &[service.to_owned()],
+        "ssh",
+        relay.reason.as_deref(),
+        relay.gateway_wait,
+    )?;
     let mut cmd = tokio::process::Command::new(ssh_program);
     cmd.arg("-o")
         .arg(format!("ProxyCommand={}", proxy_command(&me, service)))
@@ -210,8 +219,15 @@ pub fn open(
     let endpoint = Endpoint::parse(&relay.relay).map_err(ConnectError::Fatal)?;
     let proxy = culvert_protocol::proxy::Proxy::choose(relay.proxy.as_deref(), &endpoint.host)
         .map_err(|e| ConnectError::Fatal(format!("--proxy: {e}")))?;
-    let opened = open_tunnel(api, thing, services, "open", relay.gateway_wait)
-        .map_err(ConnectError::Fatal)?;
+    let opened = open_tunnel(
+        api,
+        thing,
+        services,
+        "open",
+        relay.reason.as_deref(),
+        relay.gateway_wait,
+    )
+    .map_err(ConnectError::Fatal)?;
     eprintln!("culvert: Ctrl-C closes the tunnel");
     let args = ConnectArgs {
         endpoint,

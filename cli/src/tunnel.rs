@@ -1,70 +1,17 @@
 //! `culvert tunnel …`: manage tunnels through the relay's API. Human output by default,
 //! `--json` prints the relay's JSON for scripts.
 
-use std::borrow::Cow;
-use std::io::Write;
-
 use serde_json::{Value, json};
 
 use crate::api::{ApiClient, ApiError};
-
-/// Print a line on stdout. A reader that went away (`culvert tunnel list | head`) ends the
-/// program quietly, as it would a C tool; any other failure to write ends it with an error.
-macro_rules! println {
-    () => { emit(format_args!("")) };
-    ($($arg:tt)*) => { emit(format_args!($($arg)*)) };
-}
-
-fn emit(line: std::fmt::Arguments<'_>) {
-    let mut out = std::io::stdout().lock();
-    if let Err(e) = writeln!(out, "{line}") {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
-        }
-        eprintln!("culvert: cannot write the output: {e}");
-        std::process::exit(1);
-    }
-}
-
-/// Text from the relay, safe to show on a terminal: control characters and bidirectional
-/// overrides are shown escaped instead of acting on the terminal.
-fn shown(text: &str) -> Cow<'_, str> {
-    let unsafe_char = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
-    };
-    if !text.chars().any(unsafe_char) {
-        return Cow::Borrowed(text);
-    }
-    Cow::Owned(
-        text.chars()
-            .map(|c| {
-                if unsafe_char(c) {
-                    c.escape_unicode().to_string()
-                } else {
-                    c.to_string()
-                }
-            })
-            .collect(),
-    )
-}
-
-fn s<'a>(v: &'a Value, k: &str) -> Cow<'a, str> {
-    shown(v[k].as_str().unwrap_or("-"))
-}
-
-fn print_json(v: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
-    );
-}
+use crate::output::{print_json, s, shown};
 
 pub struct OpenArgs {
     pub thing: String,
     pub services: Vec<String>,
     pub lifetime_minutes: Option<u32>,
     pub description: Option<String>,
+    pub reason: Option<String>,
     pub tags: Vec<(String, String)>,
 }
 
@@ -75,6 +22,9 @@ pub fn open(api: &ApiClient, a: OpenArgs, as_json: bool) -> Result<(), ApiError>
     }
     if let Some(d) = a.description {
         body["description"] = json!(d);
+    }
+    if let Some(r) = a.reason {
+        body["reason"] = json!(r);
     }
     if !a.tags.is_empty() {
         body["tags"] = Value::Object(a.tags.into_iter().map(|(k, v)| (k, json!(v))).collect());
@@ -191,6 +141,12 @@ fn print_tunnel(v: &Value) {
     println!("services     {}", services.join(", "));
     if let Some(d) = v["description"].as_str() {
         println!("description  {}", shown(d));
+    }
+    if let Some(o) = v["openedBy"].as_str() {
+        println!("opened by    {}", shown(o));
+    }
+    if let Some(r) = v["reason"].as_str() {
+        println!("reason       {}", shown(r));
     }
     if let Some(tags) = v["tags"].as_object().filter(|t| !t.is_empty()) {
         let tags: Vec<String> = tags

@@ -83,6 +83,11 @@ pub struct Record {
     pub event: &'static str,
     /// The tunnel: its id when the notification named it, else `token:` and a fingerprint.
     pub tunnel: String,
+    /// Who opened the tunnel, and why (as the relay's notification said).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operator_reason: Option<String>,
     pub service: String,
     /// The tunnel connection (stream id / connection id).
     pub conn: String,

@@ -30,6 +30,8 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: Connecti
     let service = stream.service().to_owned();
     let mut rec = Record {
         tunnel: tunnel.label.clone(),
+        operator: tunnel.identity.operator.clone(),
+        operator_reason: tunnel.identity.reason.clone(),
         service: service.clone(),
         conn: stream.id().to_string(),
         rule: format!("services.{service}"),

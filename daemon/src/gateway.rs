@@ -44,6 +44,8 @@ pub struct TunnelArgs {
     pub client_token: Option<culvert_protocol::Secret>,
     /// The tunnel's id, when known (culvert-relay's notifications carry it), for the audit trail.
     pub tunnel_id: Option<String>,
+    /// Who opened it and why, as the relay's notification said.
+    pub identity: crate::rules::Identity,
 }
 
 /// The relay's IP address as seen on this connection.
@@ -87,7 +89,9 @@ async fn serve_tunnel(
         .tunnel_id
         .clone()
         .unwrap_or_else(|| token_label(args.access_token.expose()));
-    let tunnel = Arc::new(TunnelState::new(label));
+    let mut tunnel = TunnelState::new(label);
+    tunnel.identity = args.identity.clone();
+    let tunnel = Arc::new(tunnel);
     let opts = ConnectOptions {
         endpoint: args.relay.endpoint.clone(),
         mode: Mode::Destination,

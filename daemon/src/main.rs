@@ -282,6 +282,7 @@ fn main() -> ExitCode {
             access_token: token,
             client_token: args.client_token.map(Into::into),
             tunnel_id: args.tunnel_id,
+            identity: Default::default(),
         }),
         None => Work::Notifications {
             relay,

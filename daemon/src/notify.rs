@@ -45,6 +45,11 @@ struct Notification {
     client_mode: String,
     #[serde(default)]
     services: Vec<String>,
+    /// culvert-relay adds who opened the tunnel and why (for the audit trail).
+    #[serde(default)]
+    operator: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 /// A notification that passed validation.
@@ -53,6 +58,7 @@ pub struct Valid {
     pub tunnel_id: Option<String>,
     pub token: culvert_protocol::Secret,
     pub services: Vec<String>,
+    pub identity: crate::rules::Identity,
 }
 
 /// Check a notification payload against the rules; the error says why it is ignored.
@@ -89,6 +95,13 @@ pub fn validate(payload: &[u8], cfg: &Config) -> Result<Valid, String> {
         tunnel_id: n.tunnel_id.filter(|t| culvert_protocol::valid_name(t)),
         token: n.client_access_token.into(),
         services: n.services,
+        identity: crate::rules::Identity {
+            operator: n.operator.filter(|o| culvert_protocol::valid_name(o)),
+            // Text for an audit line: bounded, and without what could forge or hide a line.
+            reason: n
+                .reason
+                .filter(|r| r.chars().count() <= 1024 && !r.chars().any(char::is_control)),
+        },
     })
 }
 
@@ -224,6 +237,7 @@ pub async fn run(
                     access_token: n.token,
                     client_token: None,
                     tunnel_id: n.tunnel_id,
+                    identity: n.identity,
                 };
                 // Its own stop: the gateway's, or a newer token for the same tunnel.
                 let stop = Shutdown {
@@ -287,7 +301,8 @@ mod tests {
             Ok(Valid {
                 tunnel_id: None,
                 token: "abc".into(),
-                services: vec!["SSH".into()]
+                services: vec!["SSH".into()],
+                identity: Default::default(),
             })
         );
         let with_id = br#"{"tunnelId":"t-1","clientAccessToken":"abc","clientMode":"destination","services":["SSH"]}"#;
@@ -295,6 +310,17 @@ mod tests {
             validate(with_id, &c).unwrap().tunnel_id.as_deref(),
             Some("t-1")
         );
+        // Who and why, from culvert-relay: kept when they are fit for an audit line.
+        let who = br#"{"clientAccessToken":"abc","clientMode":"destination","services":["SSH"],"operator":"alice","reason":"ticket 4711"}"#;
+        assert_eq!(
+            validate(who, &c).unwrap().identity,
+            crate::rules::Identity {
+                operator: Some("alice".into()),
+                reason: Some("ticket 4711".into())
+            }
+        );
+        let forged = br#"{"clientAccessToken":"abc","clientMode":"destination","services":["SSH"],"operator":"a b","reason":"x\n{\"event\":\"end\"}"}"#;
+        assert_eq!(validate(forged, &c).unwrap().identity, Default::default());
         let err = |p: &[u8]| validate(p, &c).unwrap_err();
         assert!(err(b"not json").contains("JSON"));
         assert!(err(&vec![b' '; 1 << 20]).contains("larger than"));

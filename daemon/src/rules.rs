@@ -149,10 +149,20 @@ fn build(config: Config, old: Option<&Rules>, gauges: &Mutex<HashMap<String, Gau
 }
 
 /// What culvertd knows of one tunnel it serves.
+/// Who opened a tunnel and why: from culvert-relay's notification (the relay's record, never
+/// what the source side claims); empty with `--token` or another relay.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub operator: Option<String>,
+    pub reason: Option<String>,
+}
+
 pub struct TunnelState {
     /// For logs and the audit trail: the tunnel id if the notification named it, else a
     /// fingerprint of the destination token (never the token).
     pub label: String,
+    /// For the audit trail.
+    pub identity: Identity,
     /// The relay's address as this gateway sees it: the hop HTTP requests arrive from.
     pub relay_ip: Mutex<Option<IpAddr>>,
     open: Gauge,
@@ -164,6 +174,7 @@ impl TunnelState {
         let open = Gauge::default();
         TunnelState {
             label,
+            identity: Identity::default(),
             relay_ip: Mutex::new(None),
             limiters: Mutex::new(Arc::new(Limiters::new(&Limits::default(), open.clone()))),
             open,

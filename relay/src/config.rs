@@ -7,6 +7,10 @@
 //! state_dir = "/var/lib/culvert-relay"
 //! api_key_file = "/etc/culvert/relay-api-key"   # or: api_key = "..."
 //! flow_control = true               # offer culvert's flow control (false: exactly as AWS's relay)
+//! # audit_file = "/var/log/culvert/relay-audit.jsonl"   # default: audit.jsonl in state_dir
+//!
+//! [access]
+//! require_reason = false            # opening a tunnel needs a reason (operators' keys and the bootstrap key)
 //!
 //! [tls]
 //! cert = "/etc/culvert/relay.pem"      # certificate chain, PEM
@@ -64,6 +68,19 @@ pub struct RawConfig {
     pub mqtt: RawMqtt,
     #[serde(default)]
     pub daemon: RawDaemon,
+    /// The hash-chained audit trail (default: `audit.jsonl` in the state directory).
+    #[serde(default)]
+    pub audit_file: Option<PathBuf>,
+    #[serde(default)]
+    pub access: RawAccess,
+}
+
+/// `[access]`: policy for operators.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccess {
+    #[serde(default)]
+    pub require_reason: bool,
 }
 
 /// How the process runs: `[daemon]`, the same keys as culvertd's.
@@ -377,6 +394,9 @@ pub struct RelayConfig {
     pub daemon: DaemonSettings,
     /// Announce culvert's flow-control extension (see culvert_protocol::flow).
     pub flow_control: bool,
+    pub audit_file: PathBuf,
+    /// Opening a tunnel needs a reason.
+    pub require_reason: bool,
 }
 
 /// A configuration problem, naming the file and key.
@@ -443,9 +463,15 @@ impl RawConfig {
         let tls = server_tls(&resolve(&self.tls.cert), &resolve(&self.tls.key))?;
         let mqtt = self.mqtt.validate(resolve)?;
         let daemon = self.daemon.validate()?;
+        let state_dir = resolve(&self.state_dir);
         Ok(RelayConfig {
             listen,
-            state_dir: resolve(&self.state_dir),
+            audit_file: self
+                .audit_file
+                .map(|f| resolve(&f))
+                .unwrap_or_else(|| state_dir.join("audit.jsonl")),
+            require_reason: self.access.require_reason,
+            state_dir,
             api_key: Secret::new(api_key),
             tls,
             limits: Limits {

@@ -193,6 +193,10 @@ pub async fn handshake(
         Ok(a) => a,
         Err(AdmitError::Refused(r)) => {
             let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::FORBIDDEN);
+            state.audit.record(
+                "attach_refused",
+                serde_json::json!({"mode": mode.to_string(), "channel": channel, "code": r.code(), "message": r.to_string()}),
+            );
             return refuse(status, r.code(), r.to_string(), &channel);
         }
         Err(AdmitError::Store(e)) => {
@@ -205,6 +209,17 @@ pub async fn handshake(
             );
         }
     };
+    state.audit.record(
+        "attach",
+        serde_json::json!({
+            "tunnel": adm.live.id,
+            "thing": adm.thing_name,
+            "mode": mode.to_string(),
+            "channel": channel,
+            "format": format!("{format:?}"),
+            "first_use": adm.first_use,
+        }),
+    );
     let span = info_span!("peer", tunnel = %adm.live.id, mode = %mode, channel = %channel);
     let tracker = state.tasks.clone();
     let release = adm

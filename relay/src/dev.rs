@@ -78,6 +78,8 @@ pub fn prepare(
             mqtt,
             daemon: crate::config::DaemonSettings::default(),
             flow_control: true,
+            audit_file: dir.join("audit.jsonl"),
+            require_reason: false,
         },
         DevFiles { dir, ca },
     ))

@@ -3,7 +3,9 @@
 //! # Layout
 //! - [`server`]: the HTTPS listener (rustls) and router; [`server::Relay::run`] is the entry point.
 //! - [`slots`]: connection limits of the public listeners, global and per source address.
-//! - [`api`]: the control API (open / list / describe / close / rotate), JSON, bearer API key.
+//! - [`api`]: the control API (tunnels, devices, operators), JSON, bearer API key.
+//! - [`access`]: operators, their API keys and grants; who may do what ([`access::Access`]).
+//! - [`audit`]: the relay's hash-chained audit trail of control actions and attaches.
 //! - [`dataplane`]: the AWS-compatible WebSocket endpoint `/tunnel`: the handshake, and the
 //!   I/O around `culvert_protocol::forward`, which checks and plans every frame.
 //! - [`registry`]: tunnels and their single-use tokens; [`live`]: who is connected on each side
@@ -22,7 +24,9 @@
 //!
 //! Not here (yet): multi-node operation.
 
+pub mod access;
 pub mod api;
+pub mod audit;
 pub mod broker;
 pub mod config;
 pub mod dataplane;

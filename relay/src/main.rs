@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 /// culvert's tunnel relay: control API and AWS-compatible WebSocket data plane on one HTTPS port.
 #[derive(Parser)]
-#[command(version)]
+#[command(version, subcommand_negates_reqs = true)]
 struct Args {
     /// Configuration file (TOML). Not needed with --dev.
     #[arg(long, short, required_unless_present = "dev")]
@@ -57,13 +57,43 @@ struct Args {
     /// (the configuration file's `flow_control = false`).
     #[arg(long)]
     no_flow_control: bool,
+    /// --dev: opening a tunnel needs a reason (a config file sets access.require_reason).
+    #[arg(long, requires = "dev")]
+    require_reason: bool,
     /// --dev: CA of the external broker (default: the dev CA).
     #[arg(long, requires = "mqtt_broker")]
     mqtt_ca: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Work with the audit file.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(clap::Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of audit files (rotated ones first, oldest first, then the current
+    /// one): exit 0 if intact, 1 with the file and line where it breaks.
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Audit {
+        command: AuditCommand::Verify { files },
+    }) = &args.command
+    {
+        return culvert_appliance::audit::verify_command(files);
+    }
     culvert_appliance::logging::init();
     // Before the configuration: its connection limits default to a share of this limit.
     let open_files = culvert_appliance::limits::raise_open_file_limit();
@@ -105,6 +135,7 @@ fn main() -> ExitCode {
                     c.limits.max_services = n.into();
                 }
                 c.daemon.metrics_listen = args.metrics_listen;
+                c.require_reason = args.require_reason;
                 if let Some(g) = args.shutdown_grace_secs {
                     c.daemon.shutdown_grace = std::time::Duration::from_secs(g.min(3600));
                 }

@@ -118,23 +118,42 @@ impl Notifier {
             &view.rec.id,
             token,
             &view.rec.services,
+            Identity {
+                operator: view.rec.opened_by.as_deref(),
+                reason: view.rec.reason.as_deref(),
+            },
         )
         .await;
     }
 
     /// Queue the notification (QoS 1: the client retransmits until the broker acknowledges).
-    /// `tunnelId` is a culvert addition AWS payloads do not carry (JSON readers ignore it):
-    /// culvertd puts it in its audit trail, so the trail matches `culvert tunnel list`.
-    pub async fn notify(&self, thing: &str, tunnel_id: &str, token: &str, services: &[String]) {
+    /// `tunnelId`, `operator` and `reason` are culvert additions AWS payloads do not carry
+    /// (JSON readers ignore them): culvertd puts them in its audit trail, so the trail matches
+    /// `culvert tunnel list` and names who opened the tunnel and why — as the relay, not the
+    /// source side, says.
+    pub async fn notify(
+        &self,
+        thing: &str,
+        tunnel_id: &str,
+        token: &str,
+        services: &[String],
+        who: Identity<'_>,
+    ) {
         let topic = topic_for(&self.topic_template, thing);
-        let payload = serde_json::json!({
+        let mut payload = serde_json::json!({
             "tunnelId": tunnel_id,
             "clientAccessToken": token,
             "clientMode": "destination",
             "region": self.region,
             "services": services,
-        })
-        .to_string();
+        });
+        if let Some(o) = who.operator {
+            payload["operator"] = serde_json::json!(o);
+        }
+        if let Some(r) = who.reason {
+            payload["reason"] = serde_json::json!(r);
+        }
+        let payload = payload.to_string();
         let r = match &self.sink {
             Sink::Embedded(p) => p.publish(&topic, payload).await,
             Sink::External(client) => {
@@ -153,4 +172,11 @@ impl Notifier {
             Err(e) => warn!(%thing, error = %e, "could not queue the device notification"),
         }
     }
+}
+
+/// Who opened a tunnel, and why, for the device's audit trail.
+#[derive(Clone, Copy, Default)]
+pub struct Identity<'a> {
+    pub operator: Option<&'a str>,
+    pub reason: Option<&'a str>,
 }

@@ -90,6 +90,9 @@ pub struct OpenRequest {
     pub lifetime_minutes: u32,
     pub description: Option<String>,
     pub tags: BTreeMap<String, String>,
+    /// The operator opening it (none: the bootstrap key).
+    pub opened_by: Option<String>,
+    pub reason: Option<String>,
 }
 
 impl OpenRequest {
@@ -134,6 +137,14 @@ impl OpenRequest {
         {
             return bad(
                 "description must be 1-2048 characters without control or bidirectional-override characters"
+                    .into(),
+            );
+        }
+        if let Some(r) = &self.reason
+            && (r.trim().is_empty() || r.chars().count() > 1024 || r.chars().any(is_unsafe_char))
+        {
+            return bad(
+                "reason must be 1-1024 characters without control or bidirectional-override characters"
                     .into(),
             );
         }
@@ -308,6 +319,8 @@ impl Registry {
             close_reason: None,
             source: SideRecord::new(TokenHash::of(&src), now),
             destination: SideRecord::new(TokenHash::of(&dst), now),
+            opened_by: req.opened_by,
+            reason: req.reason,
         };
         self.store.create(&rec).await?;
         self.open.fetch_add(1, Ordering::Relaxed);
@@ -367,6 +380,7 @@ impl Registry {
             let why = match reason {
                 CloseReason::Closed => "tunnel closed",
                 CloseReason::Expired => "tunnel expired",
+                CloseReason::AccessRevoked => "access revoked",
             };
             // Revoke even a live half this relay has not made yet: a handshake admitted just
             // before the close must find it revoked.
@@ -382,6 +396,38 @@ impl Registry {
             info!(tunnel = %id, reason = why, "tunnel closed");
         }
         Ok(self.view(c.rec))
+    }
+
+    /// Close every open tunnel an operator opened that `allowed` no longer allows (the
+    /// operator was disabled, a grant was revoked or ran out). Returns the closed ones.
+    pub async fn close_unallowed(
+        &self,
+        allowed: impl Fn(&str, &TunnelRecord) -> bool,
+    ) -> Result<Vec<String>, ApiError> {
+        let mut closed = Vec::new();
+        let mut after = None;
+        loop {
+            let q = ListQuery {
+                thing: None,
+                status: Some(Status::Open),
+                after: after.take(),
+                max: 100,
+            };
+            let (recs, more) = self.store.list(&q).await?;
+            for rec in &recs {
+                if let Some(by) = &rec.opened_by
+                    && !allowed(by, rec)
+                {
+                    self.close_with(&rec.id, CloseReason::AccessRevoked).await?;
+                    info!(tunnel = %rec.id, operator = %by, "tunnel closed: its operator's access was revoked");
+                    closed.push(rec.id.clone());
+                }
+            }
+            match recs.last() {
+                Some(last) if more => after = Some((last.created_ms, last.id.clone())),
+                _ => return Ok(closed),
+            }
+        }
     }
 
     async fn delete(&self, id: &str) -> Result<(), StoreError> {
@@ -588,6 +634,8 @@ mod tests {
             lifetime_minutes: 720,
             description: None,
             tags: Default::default(),
+            opened_by: None,
+            reason: None,
         }
     }
 

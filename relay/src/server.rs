@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::access::Access;
+use crate::audit::Audit;
 use crate::broker;
 use crate::config::{BrokerMode, RelayConfig};
 use crate::devices::Devices;
@@ -31,6 +33,7 @@ use crate::{api, dataplane, reannounce};
 const MAX_API_BODY: usize = 64 * 1024;
 
 pub fn router(state: Arc<AppState>) -> Router {
+    use api::operators as ops;
     // The API key is checked before anything else of a request is read.
     let api = Router::new()
         .route("/tunnels", post(api::open).get(api::list))
@@ -41,6 +44,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/devices/{thing}",
             axum::routing::delete(api::remove_device),
+        )
+        .route("/operators", post(ops::add).get(ops::list))
+        .route("/operators/me", get(ops::me))
+        .route("/operators/{name}/disable", post(ops::disable))
+        .route("/operators/{name}/enable", post(ops::enable))
+        .route("/operators/{name}/keys", post(ops::create_key))
+        .route("/operators/{name}/keys/{id}/revoke", post(ops::revoke_key))
+        .route("/operators/{name}/grants", post(ops::add_grant))
+        .route(
+            "/operators/{name}/grants/{id}/revoke",
+            post(ops::revoke_grant),
         )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -59,6 +73,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         })
         .layer(DefaultBodyLimit::max(MAX_API_BODY))
         .with_state(state)
+}
+
+/// Close the open tunnels whose operator may no longer reach them.
+async fn enforce_grants(state: &AppState) {
+    let access = state.access.clone();
+    match state
+        .registry
+        .close_unallowed(|by, rec| access.still_allowed(by, &rec.thing_name, &rec.services))
+        .await
+    {
+        Ok(closed) if !closed.is_empty() => state.audit.record(
+            "access_expired",
+            serde_json::json!({"tunnels_closed": closed}),
+        ),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "could not check tunnels against grants"),
+    }
 }
 
 /// A bound relay, ready to serve.
@@ -81,7 +112,17 @@ impl Relay {
         })?;
         let store = Arc::new(RedbStore::open(&cfg.state_dir.join("tunnels.redb"))?);
         let registry = Arc::new(Registry::new(store.clone(), cfg.limits.clone()).await?);
-        let devices = Arc::new(Devices::load(store).await?);
+        let devices = Arc::new(Devices::load(store.clone()).await?);
+        let access = Arc::new(
+            Access::load(
+                store,
+                cfg.api_key.clone(),
+                Arc::new(crate::registry::now_ms),
+                cfg.require_reason,
+            )
+            .await?,
+        );
+        let audit = Arc::new(Audit::open(&cfg.audit_file).map_err(anyhow::Error::msg)?);
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
@@ -131,7 +172,8 @@ impl Relay {
                 devices,
                 notifier,
                 mqtt_listen,
-                api_key: cfg.api_key.clone(),
+                access,
+                audit,
                 tasks: TaskTracker::new(),
                 flow_control: cfg.flow_control,
                 listener: cfg.listener.clone(),
@@ -170,14 +212,21 @@ impl Relay {
         } = self;
         let app = router(state.clone());
         let sweeper = {
-            let registry = state.registry.clone();
+            let state = state.clone();
             let stop = shutdown.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let mut n = 0u64;
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        _ = tick.tick() => registry.sweep().await,
+                        _ = tick.tick() => state.registry.sweep().await,
+                    }
+                    // Grants that ran out close the tunnels they allowed (every 5 s: it reads
+                    // every open tunnel).
+                    n += 1;
+                    if n.is_multiple_of(5) {
+                        enforce_grants(&state).await;
                     }
                 }
             })

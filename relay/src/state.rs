@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use tokio_util::task::TaskTracker;
 
+use crate::access::Access;
+use crate::audit::Audit;
 use crate::devices::Devices;
 use crate::notify::Notifier;
 use crate::registry::Registry;
 use crate::slots::ListenerLimits;
-use crate::tokens::Secret;
 
 pub struct AppState {
     pub registry: Arc<Registry>,
@@ -19,7 +20,9 @@ pub struct AppState {
     pub notifier: Notifier,
     /// The embedded broker's TLS listener, if it runs.
     pub mqtt_listen: Option<SocketAddr>,
-    pub api_key: Secret,
+    /// Operators, keys and grants; the bootstrap API key.
+    pub access: Arc<Access>,
+    pub audit: Arc<Audit>,
     /// Every peer task, so shutdown can wait for them.
     pub tasks: TaskTracker,
     /// Announce culvert's flow-control extension to peers.

@@ -215,6 +215,11 @@ impl Relay {
         c.env("CULVERT_RELAY", self.addr.to_string())
             .env("CULVERT_API_KEY", &self.api_key)
             .env("CULVERT_CA", &self.ca)
+            // Never what a `culvert login` on this machine saved.
+            .env(
+                "CULVERT_CREDENTIALS",
+                self.dir.join("no-saved-credentials.json"),
+            )
             .env_remove("RUST_LOG");
         c
     }

@@ -60,6 +60,8 @@ fn rec(id: &str, thing: &str, created_ms: i64) -> TunnelRecord {
         close_reason: None,
         source: SideRecord::new(tok(id, Mode::Source), created_ms),
         destination: SideRecord::new(tok(id, Mode::Destination), created_ms),
+        opened_by: None,
+        reason: None,
     }
 }
 
@@ -381,6 +383,30 @@ async fn devices_are_stored_and_removed(f: Fixture) {
     assert!(s.devices().await.unwrap().is_empty());
 }
 
+async fn operators_are_stored_and_replaced(f: Fixture) {
+    use crate::access::{OperatorRecord, Role};
+    let s = &*f.store;
+    let o = OperatorRecord {
+        name: "alice".into(),
+        role: Role::Operator,
+        created_ms: 1,
+        created_by: "bootstrap-admin".into(),
+        disabled_ms: None,
+        keys: Vec::new(),
+        grants: Vec::new(),
+    };
+    s.put_operator(&o).await.unwrap();
+    s.put_operator(&OperatorRecord {
+        disabled_ms: Some(2),
+        ..o.clone()
+    })
+    .await
+    .unwrap();
+    let all = s.operators().await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].disabled_ms, Some(2));
+}
+
 /// Many handshakes with the same single-use token at once: exactly one gets in.
 async fn concurrent_handshakes_spend_a_token_once(f: Fixture) {
     f.store.create(&rec("t", "a", 1)).await.unwrap();
@@ -432,5 +458,6 @@ conformance!(
     lists_are_newest_first_filtered_and_paged,
     unclaimed_tunnels_are_open_unexpired_and_never_used,
     devices_are_stored_and_removed,
+    operators_are_stored_and_replaced,
     concurrent_handshakes_spend_a_token_once,
 );

@@ -12,6 +12,7 @@ use super::{
     AdmitError, Admitted, ChangeError, CloseReason, Closed, DeviceRecord, Due, Handshake,
     ListQuery, NewTokens, Store, StoreError, TunnelRecord,
 };
+use crate::access::OperatorRecord;
 use crate::tokens::TokenHash;
 
 #[derive(Default)]
@@ -22,6 +23,7 @@ struct Mem {
     open: BTreeSet<(i64, String)>,
     closed: BTreeSet<(i64, String)>,
     devices: BTreeMap<String, DeviceRecord>,
+    operators: BTreeMap<String, OperatorRecord>,
 }
 
 /// Each operation holds the mutex throughout and changes the tables in place, so an operation
@@ -200,5 +202,14 @@ impl Store for MemoryStore {
 
     async fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         Ok(self.lock().devices.values().cloned().collect())
+    }
+
+    async fn put_operator(&self, rec: &OperatorRecord) -> Result<(), StoreError> {
+        self.lock().operators.insert(rec.name.clone(), rec.clone());
+        Ok(())
+    }
+
+    async fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError> {
+        Ok(self.lock().operators.values().cloned().collect())
     }
 }

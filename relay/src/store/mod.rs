@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 pub use memory::MemoryStore;
 pub use redb::RedbStore;
 
+use crate::access::OperatorRecord;
 use crate::tokens::TokenHash;
 
 /// A device allowed on the embedded MQTT broker.
@@ -49,6 +50,8 @@ pub enum CloseReason {
     Closed,
     /// The lifetime ran out.
     Expired,
+    /// The operator who opened it was disabled, or lost the grant that allowed it.
+    AccessRevoked,
 }
 
 /// Token state of one side (source or destination) of a tunnel.
@@ -97,6 +100,12 @@ pub struct TunnelRecord {
     pub close_reason: Option<CloseReason>,
     pub source: SideRecord,
     pub destination: SideRecord,
+    /// The operator who opened it (none: the bootstrap API key, or a relay before operators).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opened_by: Option<String>,
+    /// Why it was opened, as the operator gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl TunnelRecord {
@@ -302,6 +311,11 @@ pub trait Store: Send + Sync {
     async fn remove_device(&self, thing: &str) -> Result<(), StoreError>;
 
     async fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError>;
+
+    /// Create or replace an operator (with their keys and grants).
+    async fn put_operator(&self, rec: &OperatorRecord) -> Result<(), StoreError>;
+
+    async fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError>;
 }
 
 #[cfg(test)]

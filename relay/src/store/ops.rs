@@ -149,7 +149,9 @@ pub(crate) fn admit(t: &mut impl Tables, h: &Handshake) -> Result<Admitted, Admi
     let id = rec.id.clone();
     match rec.close_reason {
         Some(CloseReason::Expired) => return Err(Refusal::Expired(id).into()),
-        Some(CloseReason::Closed) => return Err(Refusal::Closed(id).into()),
+        Some(CloseReason::Closed | CloseReason::AccessRevoked) => {
+            return Err(Refusal::Closed(id).into());
+        }
         None if rec.expires_ms <= h.now_ms => return Err(Refusal::Expired(id).into()),
         None => {}
     }

@@ -2,7 +2,8 @@
 //! one redb write transaction, committed durably before it returns; reads use snapshots and
 //! never wait for a writer. The blocking work runs on tokio's blocking pool.
 //!
-//! Tables: `tunnels` (id → JSON record), `devices`, and the indexes [`super::ops`] derives from
+//! Tables: `tunnels` (id → JSON record), `devices`, `operators` (name → JSON record with keys
+//! and grants), and the indexes [`super::ops`] derives from
 //! the records: `tokens` (token hash → tunnel, side, current?), `client_tokens` (bound client
 //! token → open tunnel), `open_by_expiry` and `closed_by_time`. The indexes are rebuilt from
 //! the records every time the file is opened (milliseconds for thousands of tunnels), so a file
@@ -20,10 +21,12 @@ use super::{
     AdmitError, Admitted, ChangeError, CloseReason, Closed, DeviceRecord, Due, Handshake,
     ListQuery, NewTokens, Store, StoreError, TunnelRecord,
 };
+use crate::access::OperatorRecord;
 use crate::tokens::TokenHash;
 
 const TUNNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("tunnels");
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+const OPERATORS: TableDefinition<&str, &[u8]> = TableDefinition::new("operators");
 const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tokens");
 const CLIENT_TOKENS: TableDefinition<&[u8], &str> = TableDefinition::new("client_tokens");
 const OPEN: TableDefinition<(i64, &str), ()> = TableDefinition::new("open_by_expiry");
@@ -260,6 +263,7 @@ impl RedbStore {
         let tx = db.begin_write().map_err(|e| fail(&p, e))?;
         {
             tx.open_table(DEVICES).map_err(|e| fail(&p, e))?;
+            tx.open_table(OPERATORS).map_err(|e| fail(&p, e))?;
             let mut meta = tx.open_table(META).map_err(|e| fail(&p, e))?;
             let schema = meta
                 .get("schema")
@@ -419,18 +423,7 @@ impl Store for RedbStore {
     }
 
     async fn put_device(&self, rec: &DeviceRecord) -> Result<(), StoreError> {
-        let (db, path) = (self.db.clone(), self.path.clone());
-        let bytes = serde_json::to_vec(rec).map_err(|e| fail(&path, e))?;
-        let thing = rec.thing_name.clone();
-        self.blocking(move || {
-            let tx = db.begin_write().map_err(|e| fail(&path, e))?;
-            tx.open_table(DEVICES)
-                .map_err(|e| fail(&path, e))?
-                .insert(thing.as_str(), bytes.as_slice())
-                .map_err(|e| fail(&path, e))?;
-            tx.commit().map_err(|e| fail(&path, e))
-        })
-        .await
+        self.put_json(DEVICES, rec.thing_name.clone(), rec).await
     }
 
     async fn remove_device(&self, thing: &str) -> Result<(), StoreError> {
@@ -448,16 +441,55 @@ impl Store for RedbStore {
     }
 
     async fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.all_json(DEVICES, "device").await
+    }
+
+    async fn put_operator(&self, rec: &OperatorRecord) -> Result<(), StoreError> {
+        self.put_json(OPERATORS, rec.name.clone(), rec).await
+    }
+
+    async fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError> {
+        self.all_json(OPERATORS, "operator").await
+    }
+}
+
+impl RedbStore {
+    /// Insert or replace `key` → `rec` (as JSON) in a name-keyed table.
+    async fn put_json<T: serde::Serialize>(
+        &self,
+        table: TableDefinition<'static, &'static str, &'static [u8]>,
+        key: String,
+        rec: &T,
+    ) -> Result<(), StoreError> {
+        let (db, path) = (self.db.clone(), self.path.clone());
+        let bytes = serde_json::to_vec(rec).map_err(|e| fail(&path, e))?;
+        self.blocking(move || {
+            let tx = db.begin_write().map_err(|e| fail(&path, e))?;
+            tx.open_table(table)
+                .map_err(|e| fail(&path, e))?
+                .insert(key.as_str(), bytes.as_slice())
+                .map_err(|e| fail(&path, e))?;
+            tx.commit().map_err(|e| fail(&path, e))
+        })
+        .await
+    }
+
+    /// Every record of a name-keyed table.
+    async fn all_json<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        table: TableDefinition<'static, &'static str, &'static [u8]>,
+        what: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
         let (db, path) = (self.db.clone(), self.path.clone());
         self.blocking(move || {
             let tx = db.begin_read().map_err(|e| fail(&path, e))?;
-            let t = tx.open_table(DEVICES).map_err(|e| fail(&path, e))?;
+            let t = tx.open_table(table).map_err(|e| fail(&path, e))?;
             let mut out = Vec::new();
             for row in t.iter().map_err(|e| fail(&path, e))? {
                 let (k, v) = row.map_err(|e| fail(&path, e))?;
                 out.push(
                     serde_json::from_slice(v.value()).map_err(|e| {
-                        fail(&path, format!("device {:?} is corrupt: {e}", k.value()))
+                        fail(&path, format!("{what} {:?} is corrupt: {e}", k.value()))
                     })?,
                 );
             }
@@ -497,6 +529,8 @@ mod tests {
             close_reason: None,
             source: SideRecord::new(TokenHash::of(&format!("{token}-src")), 1),
             destination: SideRecord::new(TokenHash::of(&format!("{token}-dst")), 1),
+            opened_by: None,
+            reason: None,
         }
     }
 

@@ -10,8 +10,14 @@
 //! | POST | /api/v1/devices | register a device for the embedded broker (or reset its password) |
 //! | GET | /api/v1/devices | list devices |
 //! | DELETE | /api/v1/devices/{thing} | remove a device |
+//! | … | /api/v1/operators… | operators, keys and grants ([`operators`]) |
 //!
 //! Opening a tunnel, and rotating its destination token, notify the device over MQTT.
+//!
+//! Who may do what ([`crate::access`]): viewers list and describe tunnels (and devices) of
+//! things their grants name; operators also open, rotate and close them within their grants;
+//! admins (and the bootstrap `api_key`) do everything. Every request is one line in the audit
+//! trail, every change another with what it changed.
 //!
 //! Errors are `{"error": "<code>", "message": "<what went wrong and what to do>"}`.
 
@@ -22,14 +28,17 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+pub mod operators;
+
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::access::{AccessError, Denied, Principal, Role};
 use crate::registry::{ApiError, IssuedTokens, OpenRequest, RotateWhich, TunnelView};
 use crate::reply::error;
 use crate::state::AppState;
@@ -54,41 +63,83 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Every API route's first step (a route layer, see [`crate::server::router`]): the bearer API
-/// key, checked in constant time before any extractor reads the request body.
-pub async fn require_api_key(
-    State(state): State<Arc<AppState>>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    match authorize(&state, req.headers()) {
-        Ok(()) => next.run(req).await,
-        Err(r) => r,
+impl IntoResponse for Denied {
+    fn into_response(self) -> Response {
+        match self {
+            Denied::Unauthenticated(m) => error(StatusCode::UNAUTHORIZED, "unauthorized", m),
+            Denied::Forbidden(m) => error(StatusCode::FORBIDDEN, "forbidden", m),
+        }
     }
 }
 
-/// Check the bearer API key in constant time.
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+impl IntoResponse for AccessError {
+    fn into_response(self) -> Response {
+        let msg = self.to_string();
+        match self {
+            AccessError::Invalid(_) => error(StatusCode::BAD_REQUEST, "invalid_request", msg),
+            AccessError::NotFound(_) => error(StatusCode::NOT_FOUND, "not_found", msg),
+            AccessError::Conflict(_) => error(StatusCode::CONFLICT, "conflict", msg),
+            AccessError::Store(e) => ApiError::Store(e).into_response(),
+        }
+    }
+}
+
+/// Every API route's first step (a route layer, see [`crate::server::router`]): who sends the
+/// request, from its bearer API key, before any extractor reads the body. The [`Principal`]
+/// goes into the request's extensions; the request and its status go into the audit trail.
+pub async fn require_api_key(
+    State(state): State<Arc<AppState>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let principal = match authorize(&state, req.headers()) {
+        Ok(p) => p,
+        Err(d) => {
+            state.audit.record(
+                "api_refused",
+                serde_json::json!({"method": method, "path": path, "status": 401, "message": d.to_string()}),
+            );
+            return d.into_response();
+        }
+    };
+    req.extensions_mut().insert(principal.clone());
+    let resp = next.run(req).await;
+    state.audit.record(
+        "api",
+        serde_json::json!({
+            "operator": principal.label(),
+            "key": principal.key_id(),
+            "method": method,
+            "path": path,
+            "status": resp.status().as_u16(),
+        }),
+    );
+    resp
+}
+
+/// Who presents the bearer API key (the bootstrap key, or an operator's).
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Principal, Denied> {
     let Some(value) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
-        return Err(error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing API key: send the header `Authorization: Bearer <api key>`",
+        return Err(Denied::Unauthenticated(
+            "missing API key: send the header `Authorization: Bearer <api key>`".into(),
         ));
     };
     let presented = value.strip_prefix("Bearer ").unwrap_or("").trim();
-    if state.api_key.matches(presented) {
-        Ok(())
-    } else {
-        Err(error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "API key not accepted: check the key in the relay's configuration",
-        ))
-    }
+    state.access.authenticate(presented)
 }
 
-fn rfc3339(ms: i64) -> String {
+/// A refusal, recorded with who was refused what.
+fn denied(state: &AppState, p: &Principal, action: &str, d: Denied) -> Response {
+    state.audit.record(
+        "denied",
+        serde_json::json!({"operator": p.label(), "action": action, "message": d.to_string()}),
+    );
+    d.into_response()
+}
+
+pub(crate) fn rfc3339(ms: i64) -> String {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
         .and_then(|t| t.format(&Rfc3339).ok())
@@ -121,6 +172,10 @@ struct TunnelJson {
     close_reason: Option<CloseReason>,
     source_connection_state: ConnectionState,
     destination_connection_state: ConnectionState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    opened_by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
 }
 
 fn tunnel_json(v: &TunnelView) -> TunnelJson {
@@ -146,6 +201,8 @@ fn tunnel_json(v: &TunnelView) -> TunnelJson {
         close_reason: v.rec.close_reason,
         source_connection_state: cs(v.source_connected, v.source_changed_ms),
         destination_connection_state: cs(v.destination_connected, v.destination_changed_ms),
+        opened_by: v.rec.opened_by.clone(),
+        reason: v.rec.reason.clone(),
     }
 }
 
@@ -160,6 +217,9 @@ pub struct OpenBody {
     description: Option<String>,
     #[serde(default)]
     tags: BTreeMap<String, String>,
+    /// Why the tunnel is opened (required when the relay's policy says so).
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -229,11 +289,29 @@ impl ApiBody {
     }
 }
 
-pub async fn open(State(state): State<Arc<AppState>>, b: ApiBody) -> Response {
+pub async fn open(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    b: ApiBody,
+) -> Response {
     let b: OpenBody = match b.json() {
         Ok(b) => b,
         Err(r) => return r,
     };
+    if let Err(d) = state
+        .access
+        .require(&p, Role::Operator, "opening a tunnel")
+        .and_then(|()| state.access.may_reach(&p, &b.thing_name, &b.services))
+    {
+        return denied(&state, &p, "open", d);
+    }
+    if state.access.require_reason && b.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "reason_required",
+            "this relay requires a reason for every tunnel: give one (culvert tunnel open --reason \"…\")",
+        );
+    }
     let req = OpenRequest {
         thing_name: b.thing_name,
         services: b.services,
@@ -242,9 +320,22 @@ pub async fn open(State(state): State<Arc<AppState>>, b: ApiBody) -> Response {
             .unwrap_or(OpenRequest::DEFAULT_LIFETIME_MINUTES),
         description: b.description,
         tags: b.tags,
+        opened_by: p.operator().map(str::to_owned),
+        reason: b.reason,
     };
     match state.registry.open(req).await {
         Ok((view, tokens)) => {
+            state.audit.record(
+                "tunnel_open",
+                serde_json::json!({
+                    "operator": p.label(),
+                    "tunnel": view.rec.id,
+                    "thing": view.rec.thing_name,
+                    "services": view.rec.services,
+                    "reason": view.rec.reason,
+                    "lifetime_minutes": view.rec.lifetime_minutes,
+                }),
+            );
             if let Some(t) = &tokens.destination {
                 state.notifier.announce(&state.registry, &view, t).await;
             }
@@ -271,6 +362,7 @@ pub struct ListQuery {
 
 pub async fn list(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Ok(Query(q)) = q else {
@@ -324,7 +416,13 @@ pub async fn list(
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    let tunnels: Vec<TunnelJson> = page.iter().map(tunnel_json).collect();
+    // A page filtered to what the caller may see can be short (or empty) with more to come:
+    // nextToken says whether it is the last.
+    let tunnels: Vec<TunnelJson> = page
+        .iter()
+        .filter(|v| state.access.may_see(&p, &v.rec.thing_name))
+        .map(tunnel_json)
+        .collect();
     Json(serde_json::json!({
         "tunnels": tunnels,
         "nextToken": next.map(|(c, id)| format!("{c}.{id}")),
@@ -332,10 +430,37 @@ pub async fn list(
     .into_response()
 }
 
-pub async fn describe(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    match state.registry.describe(&id).await {
+/// Tunnel `id`, if `p` may see its thing (403 otherwise, naming what is missing).
+async fn visible(state: &AppState, p: &Principal, id: &str) -> Result<TunnelView, Response> {
+    let v = state
+        .registry
+        .describe(id)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    if state.access.may_see(p, &v.rec.thing_name) {
+        Ok(v)
+    } else {
+        Err(denied(
+            state,
+            p,
+            "describe",
+            state
+                .access
+                .may_reach(p, &v.rec.thing_name, &v.rec.services)
+                .err()
+                .unwrap_or_else(|| Denied::Forbidden("not within your grants".into())),
+        ))
+    }
+}
+
+pub async fn describe(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Response {
+    match visible(&state, &p, &id).await {
         Ok(v) => Json(tunnel_json(&v)).into_response(),
-        Err(e) => e.into_response(),
+        Err(r) => r,
     }
 }
 
@@ -349,6 +474,7 @@ pub struct CloseBody {
 /// `POST …/close`: the body is optional (empty, or `{"delete": true}`).
 pub async fn close(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     Path(id): Path<String>,
     b: ApiBody,
 ) -> Response {
@@ -356,8 +482,18 @@ pub async fn close(
         Ok(b) => b.delete,
         Err(r) => return r,
     };
+    if let Err(r) = visible(&state, &p, &id).await {
+        return r;
+    }
+    if let Err(d) = state.access.require(&p, Role::Operator, "closing a tunnel") {
+        return denied(&state, &p, "close", d);
+    }
     match state.registry.close(&id, delete).await {
         Ok(v) => {
+            state.audit.record(
+                "tunnel_close",
+                serde_json::json!({"operator": p.label(), "tunnel": id, "thing": v.rec.thing_name, "deleted": delete}),
+            );
             let mut j = serde_json::to_value(tunnel_json(&v)).unwrap_or_default();
             j["deleted"] = serde_json::Value::Bool(delete);
             Json(j).into_response()
@@ -374,6 +510,7 @@ pub struct RotateBody {
 
 pub async fn rotate(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     Path(id): Path<String>,
     b: ApiBody,
 ) -> Response {
@@ -393,8 +530,27 @@ pub async fn rotate(
             );
         }
     };
+    let v = match visible(&state, &p, &id).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if let Err(d) = state
+        .access
+        .require(&p, Role::Operator, "rotating a tunnel's tokens")
+        .and_then(|()| {
+            state
+                .access
+                .may_reach(&p, &v.rec.thing_name, &v.rec.services)
+        })
+    {
+        return denied(&state, &p, "rotate", d);
+    }
     match state.registry.rotate(&id, which).await {
         Ok(t) => {
+            state.audit.record(
+                "tunnel_rotate",
+                serde_json::json!({"operator": p.label(), "tunnel": id, "thing": v.rec.thing_name, "client_mode": b.client_mode}),
+            );
             if let Some(token) = &t.destination
                 && let Ok(v) = state.registry.describe(&id).await
             {
@@ -415,11 +571,21 @@ pub struct DeviceBody {
 }
 
 /// Register a device for the embedded broker, or give it a new password.
-pub async fn add_device(State(state): State<Arc<AppState>>, b: ApiBody) -> Response {
+pub async fn add_device(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    b: ApiBody,
+) -> Response {
     let b: DeviceBody = match b.json() {
         Ok(b) => b,
         Err(r) => return r,
     };
+    if let Err(d) = state
+        .access
+        .require(&p, Role::Admin, "registering a device")
+    {
+        return denied(&state, &p, "device_add", d);
+    }
     if !culvert_protocol::valid_name(&b.thing_name) {
         return error(
             StatusCode::BAD_REQUEST,
@@ -431,26 +597,36 @@ pub async fn add_device(State(state): State<Arc<AppState>>, b: ApiBody) -> Respo
         );
     }
     match state.devices.issue(&b.thing_name).await {
-        Ok(password) => (
-            StatusCode::CREATED,
-            Json(serde_json::json!({
-                "thingName": b.thing_name,
-                "clientId": b.thing_name,
-                "username": b.thing_name,
-                "password": password,
-                "broker": state.mqtt_listen.map(|a| a.to_string()),
-            })),
-        )
-            .into_response(),
+        Ok(password) => {
+            state.audit.record(
+                "device_add",
+                serde_json::json!({"operator": p.label(), "thing": b.thing_name}),
+            );
+            (
+                StatusCode::CREATED,
+                Json(serde_json::json!({
+                    "thingName": b.thing_name,
+                    "clientId": b.thing_name,
+                    "username": b.thing_name,
+                    "password": password,
+                    "broker": state.mqtt_listen.map(|a| a.to_string()),
+                })),
+            )
+                .into_response()
+        }
         Err(e) => ApiError::from(e).into_response(),
     }
 }
 
-pub async fn list_devices(State(state): State<Arc<AppState>>) -> Response {
+pub async fn list_devices(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+) -> Response {
     let list: Vec<serde_json::Value> = state
         .devices
         .list()
         .into_iter()
+        .filter(|d| state.access.may_see(&p, &d.thing_name))
         .map(|d| serde_json::json!({"thingName": d.thing_name, "createdAt": rfc3339(d.created_ms)}))
         .collect();
     Json(serde_json::json!({ "devices": list })).into_response()
@@ -458,10 +634,20 @@ pub async fn list_devices(State(state): State<Arc<AppState>>) -> Response {
 
 pub async fn remove_device(
     State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
     Path(thing): Path<String>,
 ) -> Response {
+    if let Err(d) = state.access.require(&p, Role::Admin, "removing a device") {
+        return denied(&state, &p, "device_remove", d);
+    }
     match state.devices.remove(&thing).await {
-        Ok(true) => Json(serde_json::json!({"thingName": thing, "deleted": true})).into_response(),
+        Ok(true) => {
+            state.audit.record(
+                "device_remove",
+                serde_json::json!({"operator": p.label(), "thing": thing}),
+            );
+            Json(serde_json::json!({"thingName": thing, "deleted": true})).into_response()
+        }
         Ok(false) => error(
             StatusCode::NOT_FOUND,
             "not_found",

@@ -1,0 +1,209 @@
+//! `culvert operator …`, `culvert whoami` and `culvert login`: operators, their API keys and
+//! their grants, through the relay's `/api/v1/operators`.
+
+use serde_json::{Value, json};
+
+use crate::api::{ApiClient, ApiError};
+use crate::output::{print_json, s, shown};
+
+fn strings(v: &Value) -> String {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(|s| shown(s).into_owned())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
+fn grant_line(g: &Value) -> String {
+    let mut line = format!(
+        "{}  {}: {}",
+        s(g, "grantId"),
+        strings(&g["things"]),
+        strings(&g["services"])
+    );
+    if let Some(t) = g["notBefore"].as_str() {
+        line += &format!("  from {}", shown(t));
+    }
+    if let Some(t) = g["notAfter"].as_str() {
+        line += &format!("  until {}", shown(t));
+    }
+    if g["revokedAt"].is_string() {
+        line += "  (revoked)";
+    } else if g["inForce"] == json!(false) {
+        line += "  (not in force now)";
+    }
+    line
+}
+
+fn print_operator(o: &Value) {
+    let state = if o["disabled"] == json!(true) {
+        "  (disabled)"
+    } else {
+        ""
+    };
+    println!("operator  {}  {}{state}", s(o, "name"), s(o, "role"));
+    for k in o["keys"].as_array().into_iter().flatten() {
+        let mut line = format!("  key     {}", s(k, "keyId"));
+        if let Some(l) = k["label"].as_str() {
+            line += &format!("  {}", shown(l));
+        }
+        if k["revokedAt"].is_string() {
+            line += "  (revoked)";
+        } else if let Some(t) = k["expiresAt"].as_str() {
+            line += &format!("  expires {}", shown(t));
+        }
+        println!("{line}");
+    }
+    for g in o["grants"].as_array().into_iter().flatten() {
+        println!("  grant   {}", grant_line(g));
+    }
+}
+
+/// `culvert whoami`.
+pub fn whoami(api: &ApiClient, as_json: bool) -> Result<Value, ApiError> {
+    let v = api.get("/operators/me", &[])?;
+    if as_json {
+        print_json(&v);
+    } else if v["bootstrap"] == json!(true) {
+        println!("the relay's bootstrap API key (admin; add operators with culvert operator add)");
+    } else {
+        print_operator(&v);
+    }
+    Ok(v)
+}
+
+pub fn add(api: &ApiClient, name: &str, role: &str, as_json: bool) -> Result<(), ApiError> {
+    let v = api.post("/operators", &json!({"name": name, "role": role}))?;
+    if as_json {
+        print_json(&v);
+        return Ok(());
+    }
+    println!("operator {} added as {}", s(&v, "name"), s(&v, "role"));
+    println!("  API key  {}", s(&v, "apiKey"));
+    println!("Shown once: hand it to {} (culvert login).", s(&v, "name"));
+    println!(
+        "They can reach nothing yet: culvert operator grant add {} --thing NAME --service SSH",
+        s(&v, "name")
+    );
+    Ok(())
+}
+
+pub fn list(api: &ApiClient, as_json: bool) -> Result<(), ApiError> {
+    let v = api.get("/operators", &[])?;
+    if as_json {
+        print_json(&v);
+        return Ok(());
+    }
+    let all = v["operators"].as_array().cloned().unwrap_or_default();
+    if all.is_empty() {
+        println!("no operators (only the bootstrap API key)");
+    }
+    for o in &all {
+        print_operator(o);
+    }
+    Ok(())
+}
+
+pub fn set_disabled(
+    api: &ApiClient,
+    name: &str,
+    disabled: bool,
+    as_json: bool,
+) -> Result<(), ApiError> {
+    let what = if disabled { "disable" } else { "enable" };
+    let v = api.post(&format!("/operators/{name}/{what}"), &json!({}))?;
+    if as_json {
+        print_json(&v);
+        return Ok(());
+    }
+    println!("operator {} {what}d", s(&v, "name"));
+    let closed = strings(&v["tunnelsClosed"]);
+    if !closed.is_empty() {
+        println!("  tunnels closed: {closed}");
+    }
+    Ok(())
+}
+
+pub fn key_create(
+    api: &ApiClient,
+    name: &str,
+    label: Option<String>,
+    expires_in_days: Option<u32>,
+    as_json: bool,
+) -> Result<(), ApiError> {
+    let mut body = json!({});
+    if let Some(l) = label {
+        body["label"] = json!(l);
+    }
+    if let Some(d) = expires_in_days {
+        body["expiresInDays"] = json!(d);
+    }
+    let v = api.post(&format!("/operators/{name}/keys"), &body)?;
+    if as_json {
+        print_json(&v);
+        return Ok(());
+    }
+    println!("key {} for {}", s(&v, "keyId"), s(&v, "name"));
+    println!("  API key  {}", s(&v, "apiKey"));
+    if let Some(t) = v["expiresAt"].as_str() {
+        println!("  expires  {}", shown(t));
+    }
+    println!("Shown once.");
+    Ok(())
+}
+
+pub fn key_revoke(api: &ApiClient, name: &str, id: &str, as_json: bool) -> Result<(), ApiError> {
+    let v = api.post(&format!("/operators/{name}/keys/{id}/revoke"), &json!({}))?;
+    if as_json {
+        print_json(&v);
+    } else {
+        println!("key {id} of {name} revoked");
+    }
+    Ok(())
+}
+
+pub struct GrantArgs {
+    pub things: Vec<String>,
+    pub services: Vec<String>,
+    pub from: Option<String>,
+    pub until: Option<String>,
+    pub minutes: Option<u32>,
+}
+
+pub fn grant_add(api: &ApiClient, name: &str, g: GrantArgs, as_json: bool) -> Result<(), ApiError> {
+    let mut body = json!({"things": g.things, "services": g.services});
+    if let Some(t) = g.from {
+        body["notBefore"] = json!(t);
+    }
+    if let Some(t) = g.until {
+        body["notAfter"] = json!(t);
+    }
+    if let Some(m) = g.minutes {
+        body["durationMinutes"] = json!(m);
+    }
+    let v = api.post(&format!("/operators/{name}/grants"), &body)?;
+    if as_json {
+        print_json(&v);
+    } else {
+        println!("granted to {name}: {}", grant_line(&v));
+    }
+    Ok(())
+}
+
+pub fn grant_revoke(api: &ApiClient, name: &str, id: &str, as_json: bool) -> Result<(), ApiError> {
+    let v = api.post(&format!("/operators/{name}/grants/{id}/revoke"), &json!({}))?;
+    if as_json {
+        print_json(&v);
+        return Ok(());
+    }
+    println!("grant {id} of {name} revoked");
+    let closed = strings(&v["tunnelsClosed"]);
+    if !closed.is_empty() {
+        println!("  tunnels closed: {closed}");
+    }
+    Ok(())
+}

@@ -1,0 +1,838 @@
+//! Operators, their API keys and grants: who may reach which device and service, until when.
+//!
+//! - An **operator** has a role: `admin` (everything, including managing operators), `operator`
+//!   (open, rotate and close tunnels within their grants) or `viewer` (see tunnels within their
+//!   grants). A disabled operator's keys stop working and the tunnels they opened are closed.
+//! - An **API key** is `ck-<id>.<secret>`: the id names the key (in lists, audit and
+//!   revocation), the 256-bit secret is stored only as its SHA-256 (like access tokens: a
+//!   high-entropy secret needs no slow hash) and compared in constant time. Keys are shown
+//!   once, may expire, and can be revoked.
+//! - A **grant** lets an operator reach things matching any of its patterns (`cell-7`,
+//!   `cell-*`, `*`) on the services it lists (`*`: all), optionally only from `not_before` and
+//!   until `not_after`. A grant that runs out closes the tunnels it allowed at the next sweep.
+//! - The relay's configured `api_key` stays the **bootstrap admin** credential, so a relay
+//!   configured before operators existed works unchanged.
+//!
+//! Every operator is kept in memory (keys are checked on every request, synchronously) and
+//! written through to the [`Store`]. Changes are serialized by one lock on this relay; a
+//! cluster of relays sharing a store must make them atomic there (the cluster issue).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::registry::is_unsafe_char;
+use crate::store::{Store, StoreError};
+use crate::tokens::{Secret, TokenHash, new_secret};
+
+/// Milliseconds since the Unix epoch, from a clock tests can set.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s.to_ascii_lowercase().as_str() {
+            "viewer" => Some(Role::Viewer),
+            "operator" => Some(Role::Operator),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub id: String,
+    pub hash: TokenHash,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    pub created_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_ms: Option<i64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Grant {
+    pub id: String,
+    /// Thing names or patterns (`*` any run of characters, `?` one).
+    pub things: Vec<String>,
+    /// Service names; `*` for all.
+    pub services: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after_ms: Option<i64>,
+    pub created_by: String,
+    pub created_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_ms: Option<i64>,
+}
+
+impl Grant {
+    fn in_force(&self, now: i64) -> bool {
+        self.revoked_ms.is_none()
+            && self.not_before_ms.is_none_or(|t| now >= t)
+            && self.not_after_ms.is_none_or(|t| now < t)
+    }
+
+    fn covers_thing(&self, thing: &str) -> bool {
+        self.things.iter().any(|p| glob(p, thing))
+    }
+
+    fn covers_service(&self, service: &str) -> bool {
+        self.services.iter().any(|s| s == "*" || s == service)
+    }
+
+    /// `cell-7: SSH, HTTP (until 2026-12-02T18:00:00Z)`.
+    fn describe(&self) -> String {
+        let mut s = format!("{}: {}", self.things.join(","), self.services.join(","));
+        if let Some(t) = self.not_before_ms {
+            s += &format!(" from {}", crate::api::rfc3339(t));
+        }
+        if let Some(t) = self.not_after_ms {
+            s += &format!(" until {}", crate::api::rfc3339(t));
+        }
+        s
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OperatorRecord {
+    pub name: String,
+    pub role: Role,
+    pub created_ms: i64,
+    pub created_by: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_ms: Option<i64>,
+    #[serde(default)]
+    pub keys: Vec<KeyRecord>,
+    #[serde(default)]
+    pub grants: Vec<Grant>,
+}
+
+/// Who a request comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    /// The relay's configured `api_key`: an admin with no name of its own.
+    Bootstrap,
+    Operator {
+        name: String,
+        role: Role,
+        key: String,
+    },
+}
+
+impl Principal {
+    pub fn role(&self) -> Role {
+        match self {
+            Principal::Bootstrap => Role::Admin,
+            Principal::Operator { role, .. } => *role,
+        }
+    }
+
+    /// The operator's name; none for the bootstrap key.
+    pub fn operator(&self) -> Option<&str> {
+        match self {
+            Principal::Bootstrap => None,
+            Principal::Operator { name, .. } => Some(name),
+        }
+    }
+
+    /// For the audit trail and messages.
+    pub fn label(&self) -> &str {
+        self.operator().unwrap_or("bootstrap-admin")
+    }
+
+    pub fn key_id(&self) -> Option<&str> {
+        match self {
+            Principal::Bootstrap => None,
+            Principal::Operator { key, .. } => Some(key),
+        }
+    }
+}
+
+/// A request refused for who sent it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Denied {
+    /// 401: no credential, or one that is unknown, revoked, expired or of a disabled operator.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// 403: a known operator without the role or grant.
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+/// Why a change to operators was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// `*` matches any run of characters, `?` one; everything else itself.
+fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    // The classic two-pointer wildcard match: linear, no backtracking blow-up.
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+fn valid_pattern(p: &str) -> bool {
+    !p.is_empty()
+        && p.len() <= 128
+        && p.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '-' | '*' | '?'))
+}
+
+/// `ck-<12 hex>.<secret>` → (id, secret).
+fn split_key(presented: &str) -> Option<(&str, &str)> {
+    let (id, secret) = presented.strip_prefix("ck-")?.split_once('.')?;
+    (id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()) && !secret.is_empty())
+        .then_some((id, secret))
+}
+
+fn new_id() -> String {
+    TokenHash::of(&new_secret()).to_hex()[..12].to_owned()
+}
+
+pub struct Access {
+    store: Arc<dyn Store>,
+    operators: Mutex<BTreeMap<String, OperatorRecord>>,
+    bootstrap: Secret,
+    clock: Clock,
+    /// Opening a tunnel needs a reason.
+    pub require_reason: bool,
+}
+
+/// A key handed out once.
+pub struct IssuedKey {
+    pub id: String,
+    pub secret: String,
+    pub expires_ms: Option<i64>,
+}
+
+impl Access {
+    pub async fn load(
+        store: Arc<dyn Store>,
+        bootstrap: Secret,
+        clock: Clock,
+        require_reason: bool,
+    ) -> Result<Access, StoreError> {
+        let operators = store
+            .operators()
+            .await?
+            .into_iter()
+            .map(|o| (o.name.clone(), o))
+            .collect();
+        Ok(Access {
+            store,
+            operators: Mutex::new(operators),
+            bootstrap,
+            clock,
+            require_reason,
+        })
+    }
+
+    pub fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, OperatorRecord>> {
+        self.operators.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The admins, named in refusals so the operator knows whom to ask.
+    fn admins(&self) -> String {
+        let names: Vec<String> = self
+            .lock()
+            .values()
+            .filter(|o| o.role == Role::Admin && o.disabled_ms.is_none())
+            .map(|o| o.name.clone())
+            .collect();
+        if names.is_empty() {
+            "the holder of the relay's bootstrap api_key".to_owned()
+        } else {
+            format!("an admin ({})", names.join(", "))
+        }
+    }
+
+    /// Who presents `presented` (the bearer credential), in constant time for the secret.
+    pub fn authenticate(&self, presented: &str) -> Result<Principal, Denied> {
+        if self.bootstrap.matches(presented) {
+            return Ok(Principal::Bootstrap);
+        }
+        let refused = || {
+            Denied::Unauthenticated(
+                "API key not accepted: check the key (culvert login), or ask an admin for a new one"
+                    .into(),
+            )
+        };
+        let Some((id, secret)) = split_key(presented) else {
+            return Err(refused());
+        };
+        let hash = TokenHash::of(secret);
+        let now = self.now();
+        let found = self.lock().values().find_map(|o| {
+            let k = o.keys.iter().find(|k| k.id == id)?;
+            Some((o.name.clone(), o.role, o.disabled_ms.is_some(), k.clone()))
+        });
+        let Some((name, role, disabled, key)) = found else {
+            return Err(refused());
+        };
+        if !key.hash.matches(&hash) {
+            return Err(refused());
+        }
+        if disabled {
+            return Err(Denied::Unauthenticated(format!(
+                "operator {name} is disabled; {} can enable them again",
+                self.admins()
+            )));
+        }
+        if key.revoked_ms.is_some() {
+            return Err(Denied::Unauthenticated(format!(
+                "API key {id} of {name} was revoked; create a new one (culvert operator key create)"
+            )));
+        }
+        if key.expires_ms.is_some_and(|t| now >= t) {
+            return Err(Denied::Unauthenticated(format!(
+                "API key {id} of {name} expired at {}; create a new one (culvert operator key create)",
+                crate::api::rfc3339(key.expires_ms.unwrap_or_default())
+            )));
+        }
+        Ok(Principal::Operator {
+            name,
+            role,
+            key: id.to_owned(),
+        })
+    }
+
+    /// Refuse unless `p` has at least `role`.
+    pub fn require(&self, p: &Principal, role: Role, action: &str) -> Result<(), Denied> {
+        if p.role() >= role {
+            return Ok(());
+        }
+        Err(Denied::Forbidden(format!(
+            "{} is {} {}; {action} needs the {} role, which {} can give",
+            p.label(),
+            if p.role() == Role::Viewer { "a" } else { "an" },
+            p.role().as_str(),
+            role.as_str(),
+            self.admins()
+        )))
+    }
+
+    /// The grants of `p` in force now (none for the bootstrap admin, who needs none).
+    fn grants_in_force(&self, name: &str) -> Vec<Grant> {
+        let now = self.now();
+        self.lock()
+            .get(name)
+            .map(|o| {
+                o.grants
+                    .iter()
+                    .filter(|g| g.in_force(now))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// May `p` reach every one of `services` on `thing` now? Admins may reach everything.
+    pub fn may_reach(&self, p: &Principal, thing: &str, services: &[String]) -> Result<(), Denied> {
+        let Some(name) = p.operator() else {
+            return Ok(());
+        };
+        if p.role() == Role::Admin {
+            return Ok(());
+        }
+        let grants = self.grants_in_force(name);
+        let missing: Vec<&str> = services
+            .iter()
+            .filter(|s| {
+                !grants
+                    .iter()
+                    .any(|g| g.covers_thing(thing) && g.covers_service(s))
+            })
+            .map(String::as_str)
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let have = if grants.is_empty() {
+            "none in force".to_owned()
+        } else {
+            grants
+                .iter()
+                .map(Grant::describe)
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        Err(Denied::Forbidden(format!(
+            "{name} has no grant for {thing}/{} (their grants: {have}). {} can grant it: \
+             culvert operator grant add {name} --thing {thing} --service {}",
+            missing.join(","),
+            capitalize(&self.admins()),
+            missing.join(",")
+        )))
+    }
+
+    /// May `p` see tunnels to `thing` (any grant naming it, for any service)?
+    pub fn may_see(&self, p: &Principal, thing: &str) -> bool {
+        match p.operator() {
+            None => true,
+            Some(_) if p.role() == Role::Admin => true,
+            Some(name) => self
+                .grants_in_force(name)
+                .iter()
+                .any(|g| g.covers_thing(thing)),
+        }
+    }
+
+    /// Is a tunnel that `opened_by` opened to `thing` for `services` still allowed now?
+    pub fn still_allowed(&self, opened_by: &str, thing: &str, services: &[String]) -> bool {
+        let (role, disabled) = match self.lock().get(opened_by) {
+            Some(o) => (o.role, o.disabled_ms.is_some()),
+            // An operator this relay does not know (a restored store): leave it be.
+            None => return true,
+        };
+        if disabled {
+            return false;
+        }
+        let p = Principal::Operator {
+            name: opened_by.to_owned(),
+            role,
+            key: String::new(),
+        };
+        self.may_reach(&p, thing, services).is_ok()
+    }
+
+    pub fn list(&self) -> Vec<OperatorRecord> {
+        self.lock().values().cloned().collect()
+    }
+
+    pub fn get(&self, name: &str) -> Option<OperatorRecord> {
+        self.lock().get(name).cloned()
+    }
+
+    /// Change operator `name` by `f` and write it through. The lock is not held across the
+    /// store's write; a second change to the same operator meanwhile is refused as a conflict
+    /// rather than lost.
+    async fn change<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut OperatorRecord, i64) -> Result<T, AccessError>,
+    ) -> Result<(OperatorRecord, T), AccessError> {
+        let now = self.now();
+        let (before, after, out) = {
+            let ops = self.lock();
+            let before = ops
+                .get(name)
+                .cloned()
+                .ok_or_else(|| AccessError::NotFound(format!("no operator {name:?}")))?;
+            let mut after = before.clone();
+            let out = f(&mut after, now)?;
+            (before, after, out)
+        };
+        self.store.put_operator(&after).await?;
+        let theirs = {
+            let mut ops = self.lock();
+            let cur = ops.get(name).cloned();
+            let unchanged = cur.as_ref().is_some_and(|c| {
+                serde_json::to_string(c).ok() == serde_json::to_string(&before).ok()
+            });
+            if unchanged {
+                ops.insert(name.to_owned(), after.clone());
+                None
+            } else {
+                Some(cur)
+            }
+        };
+        match theirs {
+            None => Ok((after, out)),
+            Some(cur) => {
+                // Someone else changed it meanwhile: the store holds ours, memory theirs.
+                // Put theirs back, so memory and store agree, and say so.
+                if let Some(cur) = cur {
+                    self.store.put_operator(&cur).await?;
+                }
+                Err(AccessError::Conflict(format!(
+                    "operator {name} was changed by another request at the same time; try again"
+                )))
+            }
+        }
+    }
+
+    pub async fn add_operator(
+        &self,
+        name: &str,
+        role: Role,
+        by: &Principal,
+    ) -> Result<(OperatorRecord, IssuedKey), AccessError> {
+        if !culvert_protocol::valid_name(name) {
+            return Err(AccessError::Invalid(format!(
+                "operator name {name:?} is invalid: 1-128 characters of A-Z a-z 0-9 : _ -"
+            )));
+        }
+        let now = self.now();
+        let rec = OperatorRecord {
+            name: name.to_owned(),
+            role,
+            created_ms: now,
+            created_by: by.label().to_owned(),
+            disabled_ms: None,
+            keys: Vec::new(),
+            grants: Vec::new(),
+        };
+        {
+            let mut ops = self.lock();
+            if ops.contains_key(name) {
+                return Err(AccessError::Conflict(format!(
+                    "operator {name} exists; give them a key with culvert operator key create {name}"
+                )));
+            }
+            ops.insert(name.to_owned(), rec.clone());
+        }
+        if let Err(e) = self.store.put_operator(&rec).await {
+            self.lock().remove(name);
+            return Err(e.into());
+        }
+        let (rec, key) = self
+            .create_key(name, Some("first key".into()), None)
+            .await?;
+        Ok((rec, key))
+    }
+
+    pub async fn create_key(
+        &self,
+        name: &str,
+        label: Option<String>,
+        expires_ms: Option<i64>,
+    ) -> Result<(OperatorRecord, IssuedKey), AccessError> {
+        if let Some(l) = &label
+            && (l.is_empty() || l.chars().count() > 128 || l.chars().any(is_unsafe_char))
+        {
+            return Err(AccessError::Invalid(
+                "label must be 1-128 characters without control characters".into(),
+            ));
+        }
+        let id = new_id();
+        let secret = new_secret();
+        let hash = TokenHash::of(&secret);
+        let kid = id.clone();
+        let (rec, ()) = self
+            .change(name, move |o, now| {
+                if expires_ms.is_some_and(|t| t <= now) {
+                    return Err(AccessError::Invalid("the expiry is in the past".into()));
+                }
+                o.keys.push(KeyRecord {
+                    id: kid,
+                    hash,
+                    label,
+                    created_ms: now,
+                    expires_ms,
+                    revoked_ms: None,
+                });
+                Ok(())
+            })
+            .await?;
+        Ok((
+            rec,
+            IssuedKey {
+                secret: format!("ck-{id}.{secret}"),
+                id,
+                expires_ms,
+            },
+        ))
+    }
+
+    pub async fn revoke_key(&self, name: &str, id: &str) -> Result<OperatorRecord, AccessError> {
+        let (rec, ()) = self
+            .change(name, |o, now| {
+                let k = o
+                    .keys
+                    .iter_mut()
+                    .find(|k| k.id == id)
+                    .ok_or_else(|| AccessError::NotFound(format!("{name} has no key {id}")))?;
+                k.revoked_ms.get_or_insert(now);
+                Ok(())
+            })
+            .await?;
+        Ok(rec)
+    }
+
+    pub async fn set_disabled(
+        &self,
+        name: &str,
+        disabled: bool,
+    ) -> Result<OperatorRecord, AccessError> {
+        let (rec, ()) = self
+            .change(name, |o, now| {
+                o.disabled_ms = if disabled {
+                    Some(o.disabled_ms.unwrap_or(now))
+                } else {
+                    None
+                };
+                Ok(())
+            })
+            .await?;
+        Ok(rec)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn add_grant(
+        &self,
+        name: &str,
+        things: Vec<String>,
+        services: Vec<String>,
+        not_before_ms: Option<i64>,
+        not_after_ms: Option<i64>,
+        by: &Principal,
+    ) -> Result<(OperatorRecord, Grant), AccessError> {
+        if things.is_empty() || things.len() > 64 || !things.iter().all(|t| valid_pattern(t)) {
+            return Err(AccessError::Invalid(
+                "things: 1-64 names or patterns of A-Z a-z 0-9 : _ - with * and ?".into(),
+            ));
+        }
+        if services.is_empty()
+            || services.len() > 64
+            || !services
+                .iter()
+                .all(|s| s == "*" || culvert_protocol::valid_name(s))
+        {
+            return Err(AccessError::Invalid(
+                "services: 1-64 service names, or \"*\" for all".into(),
+            ));
+        }
+        if let (Some(a), Some(b)) = (not_before_ms, not_after_ms)
+            && a >= b
+        {
+            return Err(AccessError::Invalid(
+                "notBefore must be earlier than notAfter".into(),
+            ));
+        }
+        let g = Grant {
+            id: new_id(),
+            things,
+            services,
+            not_before_ms,
+            not_after_ms,
+            created_by: by.label().to_owned(),
+            created_ms: self.now(),
+            revoked_ms: None,
+        };
+        let grant = g.clone();
+        let (rec, ()) = self
+            .change(name, move |o, _| {
+                o.grants.push(g);
+                Ok(())
+            })
+            .await?;
+        Ok((rec, grant))
+    }
+
+    pub async fn revoke_grant(&self, name: &str, id: &str) -> Result<OperatorRecord, AccessError> {
+        let (rec, ()) = self
+            .change(name, |o, now| {
+                let g =
+                    o.grants.iter_mut().find(|g| g.id == id).ok_or_else(|| {
+                        AccessError::NotFound(format!("{name} has no grant {id}"))
+                    })?;
+                g.revoked_ms.get_or_insert(now);
+                Ok(())
+            })
+            .await?;
+        Ok(rec)
+    }
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    use super::*;
+    use crate::store::MemoryStore;
+
+    const T0: i64 = 1_800_000_000_000;
+
+    async fn access(clock: Arc<AtomicI64>) -> Access {
+        Access::load(
+            Arc::new(MemoryStore::default()),
+            Secret::new("boot"),
+            Arc::new(move || clock.load(Ordering::SeqCst)),
+            false,
+        )
+        .await
+        .unwrap()
+    }
+
+    fn svc(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn globs_match_whole_names() {
+        assert!(glob("cell-*", "cell-7"));
+        assert!(glob("*", "anything"));
+        assert!(glob("cell-?", "cell-7"));
+        assert!(!glob("cell-?", "cell-17"));
+        assert!(!glob("cell-7", "cell-70"));
+        assert!(glob("*-7", "cell-7"));
+        assert!(glob("a*b*c", "axxbyyc"));
+        assert!(!glob("a*b*c", "axxbyy"));
+    }
+
+    #[tokio::test]
+    async fn a_grant_scopes_an_operator_to_its_things_services_and_window() {
+        let clock = Arc::new(AtomicI64::new(T0));
+        let a = access(clock.clone()).await;
+        let (_, key) = a
+            .add_operator("alice", Role::Operator, &Principal::Bootstrap)
+            .await
+            .unwrap();
+        let alice = a.authenticate(&key.secret).unwrap();
+        assert_eq!(alice.operator(), Some("alice"));
+        let e = a.may_reach(&alice, "cell-7", &svc(&["SSH"])).unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "alice has no grant for cell-7/SSH (their grants: none in force). The holder of \
+                 the relay's bootstrap api_key can grant it: culvert operator grant add alice"
+            ),
+            "{e}"
+        );
+        // Time-boxed: from T0 + 1 min for one hour.
+        let (_, g) = a
+            .add_grant(
+                "alice",
+                svc(&["cell-7"]),
+                svc(&["SSH"]),
+                Some(T0 + 60_000),
+                Some(T0 + 3_660_000),
+                &Principal::Bootstrap,
+            )
+            .await
+            .unwrap();
+        assert!(a.may_reach(&alice, "cell-7", &svc(&["SSH"])).is_err());
+        clock.store(T0 + 60_000, Ordering::SeqCst);
+        assert!(a.may_reach(&alice, "cell-7", &svc(&["SSH"])).is_ok());
+        assert!(a.may_see(&alice, "cell-7") && !a.may_see(&alice, "cell-8"));
+        let e = a
+            .may_reach(&alice, "cell-7", &svc(&["SSH", "HTTP"]))
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("cell-7/HTTP (their grants: cell-7: SSH from"),
+            "{e}"
+        );
+        assert!(a.may_reach(&alice, "cell-8", &svc(&["SSH"])).is_err());
+        assert!(a.still_allowed("alice", "cell-7", &svc(&["SSH"])));
+        clock.store(T0 + 3_660_000, Ordering::SeqCst);
+        assert!(a.may_reach(&alice, "cell-7", &svc(&["SSH"])).is_err());
+        assert!(!a.still_allowed("alice", "cell-7", &svc(&["SSH"])));
+        // Revoked before it ran out: the same.
+        clock.store(T0 + 120_000, Ordering::SeqCst);
+        a.revoke_grant("alice", &g.id).await.unwrap();
+        assert!(!a.still_allowed("alice", "cell-7", &svc(&["SSH"])));
+    }
+
+    #[tokio::test]
+    async fn keys_expire_revoke_and_die_with_a_disabled_operator() {
+        let clock = Arc::new(AtomicI64::new(T0));
+        let a = access(clock.clone()).await;
+        assert_eq!(a.authenticate("boot"), Ok(Principal::Bootstrap));
+        let (_, first) = a
+            .add_operator("bob", Role::Viewer, &Principal::Bootstrap)
+            .await
+            .unwrap();
+        let (_, short) = a.create_key("bob", None, Some(T0 + 1000)).await.unwrap();
+        assert!(a.authenticate(&short.secret).is_ok());
+        // A wrong secret with a real id is refused like an unknown key.
+        let forged = format!("ck-{}.{}", short.id, "x".repeat(43));
+        assert!(a.authenticate(&forged).is_err());
+        clock.store(T0 + 1000, Ordering::SeqCst);
+        assert!(
+            a.authenticate(&short.secret)
+                .unwrap_err()
+                .to_string()
+                .contains("expired")
+        );
+        let bob = a.authenticate(&first.secret).unwrap();
+        let e = a
+            .require(&bob, Role::Operator, "opening a tunnel")
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("bob is a viewer; opening a tunnel needs the operator role"),
+            "{e}"
+        );
+        a.revoke_key("bob", &first.id).await.unwrap();
+        assert!(
+            a.authenticate(&first.secret)
+                .unwrap_err()
+                .to_string()
+                .contains("revoked")
+        );
+        let (_, k) = a.create_key("bob", None, None).await.unwrap();
+        a.set_disabled("bob", true).await.unwrap();
+        assert!(
+            a.authenticate(&k.secret)
+                .unwrap_err()
+                .to_string()
+                .contains("disabled")
+        );
+        a.set_disabled("bob", false).await.unwrap();
+        assert!(a.authenticate(&k.secret).is_ok());
+        // Kept in the store: a restart knows them.
+        let b = Access::load(a.store.clone(), Secret::new("boot"), a.clock.clone(), false)
+            .await
+            .unwrap();
+        assert!(b.authenticate(&k.secret).is_ok());
+        assert!(b.authenticate(&first.secret).is_err());
+    }
+}

@@ -1,0 +1,481 @@
+//! Operators, grants and the audit trail, as an admin and an operator use them: the real
+//! culvert-relay, culvertd and `culvert` binaries as separate processes.
+//!
+//! - an operator granted `cell-7/ECHO` opens that and nothing else, and every refusal names
+//!   the missing grant and who can give it;
+//! - a viewer sees, but cannot open; keys are revocable; `culvert login` saves a key;
+//! - disabling an operator, or revoking their grant, ends their live connection at once;
+//! - a relay that requires reasons refuses a tunnel without one, and stores the reason;
+//! - the relay's audit file verifies with `culvert-relay audit verify`, and a one-byte edit is
+//!   found, with its line.
+//!
+//! Time-boxed grants run out on a clock the test controls: `relay/src/access.rs`' unit tests.
+
+use std::io::{Read, Write};
+use std::process::{Command, Output};
+
+use culvert_e2e::*;
+
+/// `culvert --json <args>` with `key`: its output.
+fn as_key(relay: &Relay, key: &str, args: &[&str]) -> Output {
+    relay
+        .culvert()
+        .env("CULVERT_API_KEY", key)
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok_json(what: &str, out: Output) -> serde_json::Value {
+    assert!(out.status.success(), "{what} failed: {}", stderr_of(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+fn refused(what: &str, out: Output) -> String {
+    assert!(!out.status.success(), "{what} was allowed");
+    stderr_of(&out)
+}
+
+/// Add an operator with the bootstrap key; their first API key.
+fn add_operator(relay: &Relay, name: &str, role: &str) -> String {
+    let v = relay.api(&["operator", "add", name, "--role", role]);
+    v["apiKey"].as_str().unwrap().to_owned()
+}
+
+fn audit_verify(files: &[&std::path::Path]) -> Output {
+    Command::new(bin("culvert-relay"))
+        .args(["audit", "verify"])
+        .args(files)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn an_operator_reaches_exactly_their_grants_and_refusals_say_who_can_grant_more() {
+    let dir = scratch("access-scope");
+    let relay = Relay::start(&dir);
+    let alice = add_operator(&relay, "alice", "operator");
+    let vera = add_operator(&relay, "vera", "viewer");
+    // Nothing granted yet.
+    let e = refused(
+        "alice opening before any grant",
+        as_key(
+            &relay,
+            &alice,
+            &["tunnel", "open", "--thing", "cell-7", "--service", "ECHO"],
+        ),
+    );
+    assert!(
+        e.contains("HTTP 403")
+            && e.contains("alice has no grant for cell-7/ECHO (their grants: none in force)")
+            && e.contains("culvert operator grant add alice --thing cell-7 --service ECHO"),
+        "{e}"
+    );
+    relay.api(&[
+        "operator",
+        "grant",
+        "add",
+        "alice",
+        "--thing",
+        "cell-7",
+        "--service",
+        "ECHO",
+    ]);
+    relay.api(&[
+        "operator",
+        "grant",
+        "add",
+        "vera",
+        "--thing",
+        "cell-*",
+        "--service",
+        "*",
+    ]);
+    let t = ok_json(
+        "alice opening cell-7/ECHO",
+        as_key(
+            &relay,
+            &alice,
+            &["tunnel", "open", "--thing", "cell-7", "--service", "ECHO"],
+        ),
+    );
+    let id = t["tunnelId"].as_str().unwrap();
+    assert_eq!(relay.describe(id)["openedBy"], "alice");
+    for (args, missing) in [
+        (["--thing", "cell-8", "--service", "ECHO"], "cell-8/ECHO"),
+        (["--thing", "cell-7", "--service", "SSH"], "cell-7/SSH"),
+    ] {
+        let mut a = vec!["tunnel", "open"];
+        a.extend(args);
+        let e = refused(
+            &format!("alice opening {missing}"),
+            as_key(&relay, &alice, &a),
+        );
+        assert!(
+            e.contains(&format!(
+                "alice has no grant for {missing} (their grants: cell-7: ECHO)"
+            )),
+            "{e}"
+        );
+    }
+    // A viewer sees tunnels of the things granted, and cannot open one.
+    let e = refused(
+        "vera opening",
+        as_key(
+            &relay,
+            &vera,
+            &["tunnel", "open", "--thing", "cell-7", "--service", "ECHO"],
+        ),
+    );
+    assert!(
+        e.contains("vera is a viewer; opening a tunnel needs the operator role"),
+        "{e}"
+    );
+    let listed = ok_json("vera listing", as_key(&relay, &vera, &["tunnel", "list"]));
+    assert_eq!(listed["tunnels"][0]["tunnelId"], id, "{listed}");
+    // Tunnels outside an operator's grants are neither listed nor described to them.
+    relay.open_tunnel("plant-9", &["ECHO"]);
+    let listed = ok_json("alice listing", as_key(&relay, &alice, &["tunnel", "list"]));
+    let things: Vec<&str> = listed["tunnels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["thingName"].as_str().unwrap())
+        .collect();
+    assert_eq!(things, ["cell-7"]);
+    // Only admins manage operators.
+    let e = refused(
+        "alice adding an operator",
+        as_key(&relay, &alice, &["operator", "add", "mallory"]),
+    );
+    assert!(
+        e.contains("alice is an operator; adding operators needs the admin role"),
+        "{e}"
+    );
+    // An operator manages their own keys; a revoked key stops at once.
+    let k = ok_json(
+        "alice creating a key of her own",
+        as_key(
+            &relay,
+            &alice,
+            &[
+                "operator",
+                "key",
+                "create",
+                "alice",
+                "--expires-in-days",
+                "1",
+            ],
+        ),
+    );
+    let second = k["apiKey"].as_str().unwrap();
+    ok_json("the new key", as_key(&relay, second, &["whoami"]));
+    let kid = k["keyId"].as_str().unwrap();
+    ok_json(
+        "revoking it",
+        as_key(&relay, &alice, &["operator", "key", "revoke", "alice", kid]),
+    );
+    let e = refused("a revoked key", as_key(&relay, second, &["whoami"]));
+    assert!(e.contains("HTTP 401") && e.contains("was revoked"), "{e}");
+    // The bootstrap api_key of a relay set up before operators still does everything.
+    relay.api(&["tunnel", "close", id]);
+}
+
+#[test]
+fn culvert_login_saves_the_key_for_the_commands_that_follow() {
+    let dir = scratch("access-login");
+    let relay = Relay::start(&dir);
+    let alice = add_operator(&relay, "alice", "operator");
+    let creds = dir.join("credentials.json");
+    let mut login = relay.culvert();
+    login
+        .arg("login")
+        .env("CULVERT_CREDENTIALS", &creds)
+        .env("CULVERT_API_KEY", &alice);
+    let out = login.output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("as alice (operator)"),
+        "{}",
+        stderr_of(&out)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the saved key is readable by its user alone");
+    // No relay, key or CA given: the saved ones.
+    let out = Command::new(bin("culvert"))
+        .args(["--json", "whoami"])
+        .env("CULVERT_CREDENTIALS", &creds)
+        .env_remove("CULVERT_RELAY")
+        .env_remove("CULVERT_API_KEY")
+        .env_remove("CULVERT_CA")
+        .output()
+        .unwrap();
+    let me = ok_json("whoami with the saved key", out);
+    assert_eq!(
+        (me["name"].as_str(), me["role"].as_str()),
+        (Some("alice"), Some("operator"))
+    );
+    // A wrong key is not saved.
+    let out = relay
+        .culvert()
+        .arg("login")
+        .env("CULVERT_CREDENTIALS", dir.join("other.json"))
+        .env("CULVERT_API_KEY", "ck-0123456789ab.nope")
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && stderr_of(&out).contains("API key not accepted"));
+    assert!(!dir.join("other.json").exists());
+}
+
+/// Open a tunnel as `key` to `thing`/ECHO, with a gateway and a proxy; a live connection.
+fn live_connection(
+    relay: &Relay,
+    dir: &std::path::Path,
+    key: &str,
+    thing: &str,
+) -> (Proc, Proc, std::net::TcpStream) {
+    let t = ok_json(
+        "opening the tunnel",
+        as_key(
+            relay,
+            key,
+            &["tunnel", "open", "--thing", thing, "--service", "ECHO"],
+        ),
+    );
+    std::fs::create_dir_all(dir).unwrap();
+    let rules = rules(dir, &[("ECHO", echo_server().to_string())]);
+    let gw = relay.gateway(dir, &rules, t["destinationAccessToken"].as_str().unwrap());
+    let (px, ports) = relay.proxy(dir, t["sourceAccessToken"].as_str().unwrap(), &["ECHO"]);
+    let mut live = connect_local(ports["ECHO"]);
+    live.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    live.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"ping");
+    (gw, px, live)
+}
+
+/// The connection ends (EOF or reset) without another byte.
+fn ends(mut live: std::net::TcpStream, what: &str) {
+    let _ = live.write_all(b"more");
+    let mut buf = [0u8; 16];
+    match live.read(&mut buf) {
+        Ok(0) => {}
+        Err(e)
+            if !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("{what}: the live connection did not end: {other:?}"),
+    }
+}
+
+#[test]
+fn disabling_an_operator_or_revoking_their_grant_ends_their_live_connections() {
+    let dir = scratch("access-revoke");
+    let relay = Relay::start(&dir);
+    let alice = add_operator(&relay, "alice", "operator");
+    let bob = add_operator(&relay, "bob", "operator");
+    relay.api(&[
+        "operator",
+        "grant",
+        "add",
+        "alice",
+        "--thing",
+        "cell-1",
+        "--service",
+        "ECHO",
+    ]);
+    let g = relay.api(&[
+        "operator",
+        "grant",
+        "add",
+        "bob",
+        "--thing",
+        "cell-2",
+        "--service",
+        "ECHO",
+    ]);
+
+    let (_gw1, _px1, live1) = live_connection(&relay, &dir.join("a"), &alice, "cell-1");
+    let (_gw2, _px2, live2) = live_connection(&relay, &dir.join("b"), &bob, "cell-2");
+
+    let v = relay.api(&["operator", "disable", "alice"]);
+    assert_eq!(v["tunnelsClosed"].as_array().unwrap().len(), 1, "{v}");
+    ends(live1, "alice disabled");
+    let e = refused(
+        "a disabled operator's key",
+        as_key(&relay, &alice, &["whoami"]),
+    );
+    assert!(e.contains("operator alice is disabled"), "{e}");
+    // Bob's connection is not touched by that; revoking his grant ends it.
+    let mut live2 = live2;
+    live2.write_all(b"pong").unwrap();
+    let mut b = [0u8; 4];
+    live2.read_exact(&mut b).unwrap();
+    let v = relay.api(&[
+        "operator",
+        "grant",
+        "revoke",
+        "bob",
+        g["grantId"].as_str().unwrap(),
+    ]);
+    assert_eq!(v["tunnelsClosed"].as_array().unwrap().len(), 1, "{v}");
+    ends(live2, "bob's grant revoked");
+    let tunnels = relay.api(&["tunnel", "list", "--thing", "cell-2"]);
+    assert_eq!(
+        tunnels["tunnels"][0]["closeReason"], "access_revoked",
+        "{tunnels}"
+    );
+
+    // The audit trail names who did what, and verifies.
+    let audit = find_audit(&relay);
+    let records = audit_records(&audit);
+    let has = |event: &str, f: &dyn Fn(&serde_json::Value) -> bool| {
+        records.iter().any(|r| r["event"] == event && f(r))
+    };
+    assert!(has("tunnel_open", &|r| r["operator"] == "alice"
+        && r["thing"] == "cell-1"));
+    assert!(has("operator_disable", &|r| r["name"] == "alice"
+        && r["operator"] == "bootstrap-admin"));
+    assert!(has("grant_revoke", &|r| r["name"] == "bob"));
+    assert!(has("attach", &|r| r["thing"] == "cell-2"
+        && r["mode"] == "destination"));
+    assert!(has("api_refused", &|r| r["status"] == 401));
+    let out = audit_verify(&[&audit]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.starts_with(&format!("audit OK: {} records", records.len())),
+        "{text}"
+    );
+    // One byte changed: found, with its line.
+    let mut bytes = std::fs::read(&audit).unwrap();
+    let line3 = bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(1)
+        .unwrap()
+        .0
+        + 10;
+    bytes[line3] ^= 0x01;
+    let copy = dir.join("edited.jsonl");
+    std::fs::write(&copy, &bytes).unwrap();
+    let out = audit_verify(&[&copy]);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("line 3: the line was changed after it was written"),
+        "{}",
+        stderr_of(&out)
+    );
+}
+
+/// The relay's audit file: `audit.jsonl` in its state directory.
+fn find_audit(relay: &Relay) -> std::path::PathBuf {
+    let p = relay.dir.join("relay-state").join("audit.jsonl");
+    assert!(p.exists(), "no audit file at {}", p.display());
+    p
+}
+
+#[test]
+fn a_relay_that_requires_reasons_refuses_a_tunnel_without_one_and_keeps_the_reason() {
+    let dir = scratch("access-reason");
+    let relay = Relay::start_with(
+        &dir,
+        "127.0.0.1:0".parse().unwrap(),
+        &["--require-reason".into()],
+    );
+    let e = refused(
+        "a tunnel without a reason",
+        relay
+            .culvert()
+            .args(["tunnel", "open", "--thing", "cell-7", "--service", "SSH"])
+            .output()
+            .unwrap(),
+    );
+    assert!(e.contains("this relay requires a reason"), "{e}");
+    let v = relay.api(&[
+        "tunnel",
+        "open",
+        "--thing",
+        "cell-7",
+        "--service",
+        "SSH",
+        "--reason",
+        "ticket 4711: gripper fault",
+    ]);
+    let d = relay.describe(v["tunnelId"].as_str().unwrap());
+    assert_eq!(d["reason"], "ticket 4711: gripper fault");
+    let audit = find_audit(&relay);
+    let rec = audit_records(&audit)
+        .into_iter()
+        .find(|r| r["event"] == "tunnel_open")
+        .unwrap();
+    assert_eq!(rec["reason"], "ticket 4711: gripper fault");
+}
+
+#[test]
+fn the_gateway_audit_names_the_operator_and_reason_the_relay_recorded_and_verifies() {
+    let dir = scratch("access-site");
+    let relay = Relay::start(&dir);
+    let alice = add_operator(&relay, "alice", "operator");
+    relay.api(&[
+        "operator",
+        "grant",
+        "add",
+        "alice",
+        "--thing",
+        "cell-7",
+        "--service",
+        "ECHO",
+    ]);
+    let password = relay.add_device("cell-7");
+    let rules = mqtt_rules(
+        &dir,
+        relay.mqtt.unwrap(),
+        "cell-7",
+        &password,
+        &[("ECHO", echo_server().to_string())],
+    );
+    let site_audit = dir.join("culvertd-audit.jsonl");
+    let mut text = std::fs::read_to_string(&rules).unwrap();
+    text.push_str(&format!("[audit]\nfile = \"{}\"\n", site_audit.display()));
+    std::fs::write(&rules, text).unwrap();
+    let gw = relay.mqtt_gateway(&dir, &rules);
+    wait_log(&gw, "subscribed");
+    let t = ok_json(
+        "alice opening with a reason",
+        as_key(
+            &relay,
+            &alice,
+            &[
+                "tunnel",
+                "open",
+                "--thing",
+                "cell-7",
+                "--service",
+                "ECHO",
+                "--reason",
+                "ticket 4711",
+            ],
+        ),
+    );
+    let (_px, ports) = relay.proxy(&dir, t["sourceAccessToken"].as_str().unwrap(), &["ECHO"]);
+    assert!(echo_works(ports["ECHO"], b"who is there"));
+    let rec = wait_audit(&site_audit, "the connection's end", |r| r["event"] == "end");
+    assert_eq!(rec["tunnel"], t["tunnelId"]);
+    assert_eq!(rec["operator"], "alice", "{rec}");
+    assert_eq!(rec["operator_reason"], "ticket 4711", "{rec}");
+    let out = Command::new(bin("culvertd"))
+        .args(["audit", "verify"])
+        .arg(&site_audit)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .starts_with("audit OK: 2 records, from the start of the chain")
+    );
+}
