@@ -60,6 +60,11 @@ enum Command {
         #[command(subcommand)]
         command: OperatorCommand,
     },
+    /// Ask for access you have no grant for, and (admins) approve or refuse such requests.
+    Access {
+        #[command(subcommand)]
+        command: AccessCommand,
+    },
     /// Manage tunnels through the relay's API.
     Tunnel {
         #[command(subcommand)]
@@ -216,6 +221,41 @@ enum OperatorCommand {
     Grant {
         #[command(subcommand)]
         command: GrantCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccessCommand {
+    /// Ask an admin for access to a thing's services for a while.
+    Request {
+        #[arg(long)]
+        thing: String,
+        /// Service name (repeat, or comma-separate).
+        #[arg(long = "service", required = true, value_delimiter = ',')]
+        services: Vec<String>,
+        /// For this many minutes (at most a week).
+        #[arg(long = "for", value_name = "MINUTES")]
+        minutes: u32,
+        /// From this time (RFC 3339); default: from the approval.
+        #[arg(long)]
+        from: Option<String>,
+        /// Why (required).
+        #[arg(long, env = "CULVERT_REASON")]
+        reason: String,
+    },
+    /// List access requests (admins: everyone's; others: their own).
+    List {
+        /// Only those waiting for a decision.
+        #[arg(long)]
+        pending: bool,
+    },
+    /// Approve a request: a grant for the requested window only.
+    Approve { request_id: String },
+    /// Refuse a request.
+    Refuse {
+        request_id: String,
+        #[arg(long)]
+        why: Option<String>,
     },
 }
 
@@ -519,6 +559,43 @@ fn main() -> ExitCode {
             Ok(Err(e)) => fail(e),
             Err(e) => fail(e),
         },
+        Command::Access { command } => {
+            let api = match api_client(api_key) {
+                Ok(a) => a,
+                Err(e) => return fail(e),
+            };
+            let j = cli.json;
+            let r = match command {
+                AccessCommand::Request {
+                    thing,
+                    services,
+                    minutes,
+                    from,
+                    reason,
+                } => operator::request(
+                    &api,
+                    operator::RequestArgs {
+                        thing,
+                        services,
+                        from,
+                        minutes,
+                        reason,
+                    },
+                    j,
+                ),
+                AccessCommand::List { pending } => operator::requests(&api, pending, j),
+                AccessCommand::Approve { request_id } => {
+                    operator::decide(&api, &request_id, true, None, j)
+                }
+                AccessCommand::Refuse { request_id, why } => {
+                    operator::decide(&api, &request_id, false, why, j)
+                }
+            };
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
         Command::Operator { command } => {
             let api = match api_client(api_key) {
                 Ok(a) => a,

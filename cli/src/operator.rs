@@ -1,5 +1,6 @@
-//! `culvert operator …`, `culvert whoami` and `culvert login`: operators, their API keys and
-//! their grants, through the relay's `/api/v1/operators`.
+//! `culvert operator …`, `culvert whoami` and `culvert access …`: operators, their API keys,
+//! their grants and their access requests, through the relay's `/api/v1/operators` and
+//! `/api/v1/requests`.
 
 use serde_json::{Value, json};
 
@@ -204,6 +205,108 @@ pub fn grant_revoke(api: &ApiClient, name: &str, id: &str, as_json: bool) -> Res
     let closed = strings(&v["tunnelsClosed"]);
     if !closed.is_empty() {
         println!("  tunnels closed: {closed}");
+    }
+    Ok(())
+}
+
+fn request_line(r: &Value) -> String {
+    let mut line = format!(
+        "{}  {:<8}  {}  {}/{}  {} min",
+        s(r, "requestId"),
+        s(r, "state"),
+        s(r, "operator"),
+        s(r, "thingName"),
+        strings(&r["services"]),
+        r["durationMinutes"].as_u64().unwrap_or(0)
+    );
+    if let Some(t) = r["notBefore"].as_str() {
+        line += &format!(" from {}", shown(t));
+    }
+    line += &format!("  \"{}\"", s(r, "reason"));
+    if let Some(by) = r["decidedBy"].as_str() {
+        line += &format!("  by {}", shown(by));
+    }
+    if let Some(w) = r["why"].as_str() {
+        line += &format!(": {}", shown(w));
+    }
+    line
+}
+
+pub struct RequestArgs {
+    pub thing: String,
+    pub services: Vec<String>,
+    pub from: Option<String>,
+    pub minutes: u32,
+    pub reason: String,
+}
+
+/// `culvert access request`.
+pub fn request(api: &ApiClient, r: RequestArgs, as_json: bool) -> Result<(), ApiError> {
+    let mut body = json!({
+        "thingName": r.thing,
+        "services": r.services,
+        "durationMinutes": r.minutes,
+        "reason": r.reason,
+    });
+    if let Some(t) = r.from {
+        body["notBefore"] = json!(t);
+    }
+    let v = api.post("/requests", &body)?;
+    if as_json {
+        print_json(&v);
+        return Ok(());
+    }
+    println!("requested: {}", request_line(&v));
+    println!(
+        "An admin decides it: culvert access approve {} (or refuse)",
+        s(&v, "requestId")
+    );
+    Ok(())
+}
+
+/// `culvert access list`.
+pub fn requests(api: &ApiClient, pending: bool, as_json: bool) -> Result<(), ApiError> {
+    let q = if pending {
+        vec![("state", "pending".to_owned())]
+    } else {
+        Vec::new()
+    };
+    let v = api.get("/requests", &q)?;
+    if as_json {
+        print_json(&v);
+        return Ok(());
+    }
+    let all = v["requests"].as_array().cloned().unwrap_or_default();
+    if all.is_empty() {
+        println!("no access requests");
+    }
+    for r in &all {
+        println!("{}", request_line(r));
+    }
+    Ok(())
+}
+
+/// `culvert access approve|refuse`.
+pub fn decide(
+    api: &ApiClient,
+    id: &str,
+    approve: bool,
+    why: Option<String>,
+    as_json: bool,
+) -> Result<(), ApiError> {
+    let (path, body) = if approve {
+        (format!("/requests/{id}/approve"), json!({}))
+    } else {
+        (format!("/requests/{id}/refuse"), json!({"why": why}))
+    };
+    let v = api.post(&path, &body)?;
+    if as_json {
+        print_json(&v);
+        return Ok(());
+    }
+    println!("{}", request_line(&v));
+    if v["grant"].is_object() {
+        println!("  grant   {}", grant_line(&v["grant"]));
     }
     Ok(())
 }

@@ -34,6 +34,10 @@ pub enum EndReason {
     ConnectTimeout,
     /// It arrived while culvertd was draining.
     Shutdown,
+    /// The site's "remote access allowed" switch was off when it arrived.
+    NoConsent,
+    /// The switch was turned off while it was open.
+    ConsentWithdrawn,
     /// Requests: answered by the upstream.
     Ok,
     /// Requests: upgraded (WebSocket).
@@ -59,6 +63,8 @@ impl EndReason {
             EndReason::ConnectFailed => "connect_failed",
             EndReason::ConnectTimeout => "connect_timeout",
             EndReason::Shutdown => "shutdown",
+            EndReason::NoConsent => "no_consent",
+            EndReason::ConsentWithdrawn => "consent_withdrawn",
             EndReason::Ok => "ok",
             EndReason::Upgraded => "upgraded",
             EndReason::NoRoute => "no_route",

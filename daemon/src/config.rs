@@ -59,6 +59,7 @@ struct RawConfig {
     tunnel_limits: Option<RawLimits>,
     audit: Option<RawAudit>,
     daemon: Option<RawDaemon>,
+    consent: Option<RawConsent>,
     /// Read service by service from the document (see `parse`); skipped here.
     #[serde(default, skip_deserializing)]
     services: BTreeMap<String, RawService>,
@@ -117,6 +118,11 @@ struct RawDaemon {
 #[derive(Deserialize)]
 struct RawAudit {
     file: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Deserialize)]
+struct RawConsent {
+    switch_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize)]
@@ -387,6 +393,10 @@ pub struct Config {
     pub daemon: DaemonSettings,
     pub tunnel_limits: Limits,
     pub audit_file: Option<PathBuf>,
+    /// The on-site "remote access allowed" switch (`[consent] switch_file`): a file (or a GPIO
+    /// line's sysfs `value`) reading 1 / on / yes / true / allowed. Missing or anything else:
+    /// off. None: no switch, access is always allowed.
+    pub consent_switch: Option<PathBuf>,
     pub services: BTreeMap<String, Service>,
 }
 
@@ -733,6 +743,13 @@ impl Validator<'_> {
             .max_connections
             .get_or_insert(DEFAULT_TUNNEL_MAX_CONNECTIONS);
         let audit_file = raw.audit.and_then(|a| a.file).map(|f| self.audit_file(&f));
+        let consent_switch = raw.consent.and_then(|c| c.switch_file).map(|f| {
+            if f.get_ref().is_absolute() {
+                f.into_inner()
+            } else {
+                self.base.join(f.get_ref())
+            }
+        });
         let mut services = BTreeMap::new();
         for (name, svc) in raw.services {
             let key = format!("services.{name}");
@@ -774,6 +791,7 @@ impl Validator<'_> {
             daemon,
             tunnel_limits,
             audit_file,
+            consent_switch,
             services,
         }
     }

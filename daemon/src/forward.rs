@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::audit::{EndReason, Record};
 use crate::config::Kind;
+use crate::consent;
 use crate::limits::Bandwidth;
 use crate::metrics::Metrics;
 use crate::rules::{Gateway, TunnelState};
@@ -66,6 +67,19 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: Connecti
         );
         return refuse(rec, Refusal::new(EndReason::NoRule, detail), stream).await;
     };
+    if !*gw.consent.borrow() {
+        let switch = rules
+            .config
+            .consent_switch
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let detail = format!(
+            "remote access is switched off on site ({switch} does not read 1/on); someone at the \
+             site must turn it on"
+        );
+        return refuse(rec, Refusal::new(EndReason::NoConsent, detail), stream).await;
+    }
     let tl = tunnel.limiters(&rules.config.tunnel_limits);
     let rl = rules.limiters[&service].clone();
     // Slots first, rates last: a connection refused for a slot spends no rate token. The
@@ -115,11 +129,29 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: Connecti
                 Ok(Local::Tcp(tcp, addr)) => {
                     rec.address = Some(addr.to_string());
                     start(&gw, &rec);
-                    pump(tcp, stream, &bw_to, &bw_from, svc.idle_timeout, &counted).await
+                    pump(
+                        tcp,
+                        stream,
+                        &bw_to,
+                        &bw_from,
+                        svc.idle_timeout,
+                        &counted,
+                        consent::withdrawn(&gw),
+                    )
+                    .await
                 }
                 Ok(Local::Unix(sock)) => {
                     start(&gw, &rec);
-                    pump(sock, stream, &bw_to, &bw_from, svc.idle_timeout, &counted).await
+                    pump(
+                        sock,
+                        stream,
+                        &bw_to,
+                        &bw_from,
+                        svc.idle_timeout,
+                        &counted,
+                        consent::withdrawn(&gw),
+                    )
+                    .await
                 }
                 Err(r) => return refuse(rec, r, stream).await,
             }
@@ -131,7 +163,16 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: Connecti
             let local =
                 crate::http::serve(gw.clone(), svc.clone(), http.clone(), rec.clone(), relay_ip);
             start(&gw, &rec);
-            pump(local, stream, &bw_to, &bw_from, svc.idle_timeout, &counted).await
+            pump(
+                local,
+                stream,
+                &bw_to,
+                &bw_from,
+                svc.idle_timeout,
+                &counted,
+                consent::withdrawn(&gw),
+            )
+            .await
         }
         #[cfg(not(feature = "http"))]
         Kind::Http(_) => {
@@ -185,7 +226,8 @@ pub struct Outcome {
 }
 
 /// Carry bytes between the target and the tunnel connection under bandwidth limits, until one
-/// side ends or nothing moved for `idle`; `counted` (to target, from target) follow as they go.
+/// side ends, nothing moved for `idle`, or `stop` resolves (with its reason); `counted` (to
+/// target, from target) follow as they go.
 ///
 /// With half-close negotiated (culvert's extension), a FIN from either side reaches the other as
 /// a FIN and the reverse direction goes on (until it ends too, or the idle timeout). Without it
@@ -198,6 +240,7 @@ pub async fn pump<L>(
     from_limits: &[Arc<Bandwidth>],
     idle: Option<Duration>,
     counted: &(Counter, Counter),
+    stop: impl std::future::Future<Output = EndReason>,
 ) -> Outcome
 where
     L: AsyncRead + AsyncWrite + Unpin,
@@ -278,7 +321,7 @@ where
         }
         why
     };
-    let idle_watch = async {
+    let idle = async {
         let Some(idle) = idle else {
             return std::future::pending().await;
         };
@@ -291,6 +334,13 @@ where
             tokio::time::sleep(idle - quiet).await;
         }
     };
+    // What ends the connection from outside: idleness, or `stop`.
+    let idle_watch = async {
+        tokio::select! {
+            () = idle => EndReason::IdleTimeout,
+            why = stop => why,
+        }
+    };
     tokio::pin!(down, up, idle_watch);
     let reason = tokio::select! {
         (why, finished) = &mut down => {
@@ -298,7 +348,7 @@ where
                 // The client finished sending (half-close): the target may answer at leisure.
                 tokio::select! {
                     _ = &mut up => why,
-                    _ = &mut idle_watch => EndReason::IdleTimeout,
+                    why = &mut idle_watch => why,
                 }
             } else {
                 // Our FIN is queued to the target; let it read the rest and close (bounded).
@@ -311,7 +361,7 @@ where
                 // The target finished sending: the client may still send to it.
                 tokio::select! {
                     _ = &mut down => why,
-                    _ = &mut idle_watch => EndReason::IdleTimeout,
+                    why = &mut idle_watch => why,
                 }
             } else {
                 if why == EndReason::TargetClosed {
@@ -321,7 +371,7 @@ where
                 why
             }
         }
-        _ = &mut idle_watch => EndReason::IdleTimeout,
+        why = &mut idle_watch => why,
     };
     Outcome {
         to_target: to_n.load(Ordering::Relaxed),

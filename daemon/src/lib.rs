@@ -5,7 +5,8 @@
 //!   that every problem is reported with file, line and key.
 //! - [`acl`]: which addresses a rule may reach (default deny, checked after resolution).
 //! - [`limits`]: connection counts, connection rates and bandwidth (governor).
-//! - [`audit`]: the JSON-lines audit trail, surviving log rotation.
+//! - [`audit`]: the JSON-lines audit trail, hash-chained, surviving log rotation.
+//! - [`consent`]: the site's "remote access allowed" switch, checked per connection.
 //! - [`rules`]: the rules in force, swapped whole on reload (SIGHUP); per-tunnel state.
 //! - [`gateway`]: connect to the relay as destination, keep the session up (reconnecting with
 //!   the client token), hand each tunnel connection to [`forward`].
@@ -22,6 +23,7 @@
 pub mod acl;
 pub mod audit;
 pub mod config;
+pub mod consent;
 pub mod forward;
 pub mod gateway;
 #[cfg(feature = "http")]

@@ -252,6 +252,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    rt.spawn(culvertd::consent::watch(gw.clone()));
     let (signals, signalled) = tokio::sync::mpsc::channel(8);
     rt.spawn(async move {
         loop {

@@ -40,6 +40,9 @@ pub struct Gateway {
     /// The metrics port actually bound: a management port of this gateway whatever the
     /// configuration says now (its `[daemon]` changes apply only at restart).
     metrics_port: Mutex<Option<u16>>,
+    /// The site's consent switch as last read: true while remote access is allowed
+    /// ([`crate::consent`] keeps it current).
+    pub consent: tokio::sync::watch::Sender<bool>,
 }
 
 fn protect(mut config: Config, port: Option<u16>) -> Config {
@@ -56,6 +59,11 @@ fn protect(mut config: Config, port: Option<u16>) -> Config {
 impl Gateway {
     pub fn new(config: Config) -> Arc<Gateway> {
         let audit = Audit::new(config.audit_file.as_deref());
+        // Fail closed from the first instant: a switch that is not read yet is off.
+        let consent_at_start = config
+            .consent_switch
+            .as_deref()
+            .is_none_or(crate::consent::reads_on);
         let max_connections = config.daemon.max_connections;
         let gauges = Mutex::new(HashMap::new());
         let rules = build(config, None, &gauges);
@@ -68,6 +76,7 @@ impl Gateway {
             max_connections,
             metrics_port: Mutex::new(None),
             http_shutdown: tokio::sync::watch::channel(false).0,
+            consent: tokio::sync::watch::channel(consent_at_start).0,
         })
     }
 

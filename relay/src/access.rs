@@ -126,7 +126,43 @@ pub struct OperatorRecord {
     pub keys: Vec<KeyRecord>,
     #[serde(default)]
     pub grants: Vec<Grant>,
+    /// Access this operator asked for.
+    #[serde(default)]
+    pub requests: Vec<AccessRequest>,
 }
+
+/// An operator's request for access they have no standing grant for: one thing, some
+/// services, a window, and why. An admin approves it (a grant for that window only) or
+/// refuses it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AccessRequest {
+    pub id: String,
+    pub thing: String,
+    pub services: Vec<String>,
+    /// The window starts here (none: when it is approved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<i64>,
+    pub duration_minutes: u32,
+    pub reason: String,
+    pub created_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Decision {
+    pub approved: bool,
+    pub by: String,
+    pub at_ms: i64,
+    /// The grant an approval made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+}
+
+/// The longest window a request may ask for: a week.
+pub const MAX_REQUEST_MINUTES: u32 = 7 * 24 * 60;
 
 /// Who a request comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -242,6 +278,8 @@ pub struct Access {
     clock: Clock,
     /// Opening a tunnel needs a reason.
     pub require_reason: bool,
+    /// Keys (and the bootstrap key, as "") used since this relay started.
+    used: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A key handed out once.
@@ -270,7 +308,17 @@ impl Access {
             bootstrap,
             clock,
             require_reason,
+            used: Mutex::new(Default::default()),
         })
+    }
+
+    /// True the first time `p`'s key is used in this run (for the audit trail).
+    pub fn first_use_this_run(&self, p: &Principal) -> bool {
+        let key = p.key_id().unwrap_or("").to_owned();
+        self.used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key)
     }
 
     pub fn now(&self) -> i64 {
@@ -408,9 +456,11 @@ impl Access {
         };
         Err(Denied::Forbidden(format!(
             "{name} has no grant for {thing}/{} (their grants: {have}). {} can grant it: \
-             culvert operator grant add {name} --thing {thing} --service {}",
+             culvert operator grant add {name} --thing {thing} --service {}; or ask for it: \
+             culvert access request --thing {thing} --service {} --for MINUTES --reason WHY",
             missing.join(","),
             capitalize(&self.admins()),
+            missing.join(","),
             missing.join(",")
         )))
     }
@@ -521,6 +571,7 @@ impl Access {
             disabled_ms: None,
             keys: Vec::new(),
             grants: Vec::new(),
+            requests: Vec::new(),
         };
         {
             let mut ops = self.lock();
@@ -684,6 +735,152 @@ impl Access {
     }
 }
 
+impl Access {
+    /// File a request for access by operator `name`.
+    pub async fn request(
+        &self,
+        name: &str,
+        thing: &str,
+        services: Vec<String>,
+        not_before_ms: Option<i64>,
+        duration_minutes: u32,
+        reason: String,
+    ) -> Result<AccessRequest, AccessError> {
+        if !culvert_protocol::valid_name(thing) {
+            return Err(AccessError::Invalid(format!(
+                "thingName {thing:?} is invalid: 1-128 characters of A-Z a-z 0-9 : _ -"
+            )));
+        }
+        if services.is_empty()
+            || services.len() > 64
+            || !services.iter().all(|s| culvert_protocol::valid_name(s))
+        {
+            return Err(AccessError::Invalid("services: 1-64 service names".into()));
+        }
+        if !(1..=MAX_REQUEST_MINUTES).contains(&duration_minutes) {
+            return Err(AccessError::Invalid(format!(
+                "durationMinutes must be 1-{MAX_REQUEST_MINUTES} (a week)"
+            )));
+        }
+        if reason.trim().is_empty()
+            || reason.chars().count() > 1024
+            || reason.chars().any(is_unsafe_char)
+        {
+            return Err(AccessError::Invalid(
+                "a request needs a reason: 1-1024 characters without control characters".into(),
+            ));
+        }
+        let r = AccessRequest {
+            id: new_id(),
+            thing: thing.to_owned(),
+            services,
+            not_before_ms,
+            duration_minutes,
+            reason,
+            created_ms: self.now(),
+            decision: None,
+        };
+        let out = r.clone();
+        self.change(name, move |o, now| {
+            if not_before_ms.is_some_and(|t| t + i64::from(duration_minutes) * 60_000 <= now) {
+                return Err(AccessError::Invalid("that window is already over".into()));
+            }
+            let pending = o.requests.iter().filter(|r| r.decision.is_none()).count();
+            if pending >= 32 {
+                return Err(AccessError::Conflict(format!(
+                    "{} has {pending} requests waiting; wait for an admin to decide them",
+                    o.name
+                )));
+            }
+            o.requests.push(r);
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Every request, with the operator who filed it, newest first.
+    pub fn requests(&self) -> Vec<(String, AccessRequest)> {
+        let mut all: Vec<(String, AccessRequest)> = self
+            .lock()
+            .values()
+            .flat_map(|o| o.requests.iter().rev().map(|r| (o.name.clone(), r.clone())))
+            .collect();
+        // Stable: requests of one millisecond stay newest first.
+        all.sort_by_key(|r| std::cmp::Reverse(r.1.created_ms));
+        all
+    }
+
+    /// Approve (a grant for the requested window only) or refuse request `id`.
+    pub async fn decide(
+        &self,
+        id: &str,
+        approve: bool,
+        why: Option<String>,
+        by: &Principal,
+    ) -> Result<(String, AccessRequest, Option<Grant>), AccessError> {
+        let owner = self
+            .lock()
+            .values()
+            .find(|o| o.requests.iter().any(|r| r.id == id))
+            .map(|o| o.name.clone())
+            .ok_or_else(|| AccessError::NotFound(format!("no access request {id:?}")))?;
+        if by.operator() == Some(owner.as_str()) {
+            return Err(AccessError::Conflict(
+                "you cannot decide your own request; another admin can".into(),
+            ));
+        }
+        let by = by.label().to_owned();
+        let (_, (req, grant)) = self
+            .change(&owner, move |o, now| {
+                let r =
+                    o.requests.iter_mut().find(|r| r.id == id).ok_or_else(|| {
+                        AccessError::NotFound(format!("no access request {id:?}"))
+                    })?;
+                if let Some(d) = &r.decision {
+                    return Err(AccessError::Conflict(format!(
+                        "request {id} was already {} by {}",
+                        if d.approved { "approved" } else { "refused" },
+                        d.by
+                    )));
+                }
+                let grant = if approve {
+                    let start = r.not_before_ms.unwrap_or(now);
+                    let end = start + i64::from(r.duration_minutes) * 60_000;
+                    if end <= now {
+                        return Err(AccessError::Invalid(format!(
+                            "request {id}'s window is already over; refuse it"
+                        )));
+                    }
+                    Some(Grant {
+                        id: new_id(),
+                        things: vec![r.thing.clone()],
+                        services: r.services.clone(),
+                        not_before_ms: Some(start),
+                        not_after_ms: Some(end),
+                        created_by: by.clone(),
+                        created_ms: now,
+                        revoked_ms: None,
+                    })
+                } else {
+                    None
+                };
+                r.decision = Some(Decision {
+                    approved: approve,
+                    by,
+                    at_ms: now,
+                    grant_id: grant.as_ref().map(|g| g.id.clone()),
+                    why,
+                });
+                let req = r.clone();
+                o.grants.extend(grant.clone());
+                Ok((req, grant))
+            })
+            .await?;
+        Ok((owner, req, grant))
+    }
+}
+
 fn capitalize(s: &str) -> String {
     let mut c = s.chars();
     match c.next() {
@@ -779,6 +976,74 @@ mod tests {
         clock.store(T0 + 120_000, Ordering::SeqCst);
         a.revoke_grant("alice", &g.id).await.unwrap();
         assert!(!a.still_allowed("alice", "cell-7", &svc(&["SSH"])));
+    }
+
+    #[tokio::test]
+    async fn an_approved_request_grants_exactly_its_window_and_a_refused_one_nothing() {
+        let clock = Arc::new(AtomicI64::new(T0));
+        let a = access(clock.clone()).await;
+        let (_, key) = a
+            .add_operator("alice", Role::Operator, &Principal::Bootstrap)
+            .await
+            .unwrap();
+        let alice = a.authenticate(&key.secret).unwrap();
+        let start = T0 + 3_600_000;
+        let r = a
+            .request(
+                "alice",
+                "cell-7",
+                svc(&["SSH"]),
+                Some(start),
+                30,
+                "ticket 1".into(),
+            )
+            .await
+            .unwrap();
+        let refused = a
+            .request(
+                "alice",
+                "cell-8",
+                svc(&["SSH"]),
+                None,
+                30,
+                "ticket 2".into(),
+            )
+            .await
+            .unwrap();
+        assert!(
+            a.decide(&r.id, true, None, &alice).await.is_err(),
+            "not her own"
+        );
+        let (owner, _, g) = a
+            .decide(&r.id, true, None, &Principal::Bootstrap)
+            .await
+            .unwrap();
+        assert_eq!(owner, "alice");
+        assert_eq!(g.unwrap().not_after_ms, Some(start + 1_800_000));
+        assert!(
+            a.decide(&r.id, false, None, &Principal::Bootstrap)
+                .await
+                .is_err(),
+            "decided"
+        );
+        a.decide(&refused.id, false, Some("no".into()), &Principal::Bootstrap)
+            .await
+            .unwrap();
+        for (at, ok) in [
+            (T0, false),
+            (start, true),
+            (start + 1_799_999, true),
+            (start + 1_800_000, false),
+        ] {
+            clock.store(at, Ordering::SeqCst);
+            assert_eq!(
+                a.may_reach(&alice, "cell-7", &svc(&["SSH"])).is_ok(),
+                ok,
+                "at {at}"
+            );
+            assert!(a.may_reach(&alice, "cell-7", &svc(&["HTTP"])).is_err());
+            assert!(a.may_reach(&alice, "cell-8", &svc(&["SSH"])).is_err());
+        }
     }
 
     #[tokio::test]

@@ -56,6 +56,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/operators/{name}/grants/{id}/revoke",
             post(ops::revoke_grant),
         )
+        .route(
+            "/requests",
+            post(api::requests::file).get(api::requests::list),
+        )
+        .route("/requests/{id}/approve", post(api::requests::approve))
+        .route("/requests/{id}/refuse", post(api::requests::refuse))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             api::require_api_key,

@@ -5,7 +5,10 @@
 //!   the missing grant and who can give it;
 //! - a viewer sees, but cannot open; keys are revocable; `culvert login` saves a key;
 //! - disabling an operator, or revoking their grant, ends their live connection at once;
+//! - an access request, once approved, opens exactly what was asked; a refused one nothing;
 //! - a relay that requires reasons refuses a tunnel without one, and stores the reason;
+//! - the operator and reason reach the gateway's audit trail, through the notification;
+//! - the site's consent switch refuses new connections while off and ends live ones;
 //! - the relay's audit file verifies with `culvert-relay audit verify`, and a one-byte edit is
 //!   found, with its line.
 //!
@@ -478,4 +481,181 @@ fn the_gateway_audit_names_the_operator_and_reason_the_relay_recorded_and_verifi
         String::from_utf8_lossy(&out.stdout)
             .starts_with("audit OK: 2 records, from the start of the chain")
     );
+}
+
+#[test]
+fn an_approved_access_request_opens_exactly_what_was_asked_and_a_refused_one_nothing() {
+    let dir = scratch("access-request");
+    let relay = Relay::start(&dir);
+    let alice = add_operator(&relay, "alice", "operator");
+    let root = add_operator(&relay, "root", "admin");
+    let open = |thing: &str, service: &str| {
+        as_key(
+            &relay,
+            &alice,
+            &["tunnel", "open", "--thing", thing, "--service", service],
+        )
+    };
+    let e = refused("alice without a grant", open("cell-7", "ECHO"));
+    assert!(
+        e.contains("or ask for it: culvert access request --thing cell-7 --service ECHO"),
+        "{e}"
+    );
+    let r = ok_json(
+        "alice requesting",
+        as_key(
+            &relay,
+            &alice,
+            &[
+                "access",
+                "request",
+                "--thing",
+                "cell-7",
+                "--service",
+                "ECHO",
+                "--for",
+                "60",
+                "--reason",
+                "ticket 4711",
+            ],
+        ),
+    );
+    let other = ok_json(
+        "alice requesting more",
+        as_key(
+            &relay,
+            &alice,
+            &[
+                "access",
+                "request",
+                "--thing",
+                "cell-8",
+                "--service",
+                "ECHO",
+                "--for",
+                "60",
+                "--reason",
+                "just looking",
+            ],
+        ),
+    );
+    // Waiting: still refused; she cannot approve her own; the admin sees both.
+    refused("alice before the approval", open("cell-7", "ECHO"));
+    let rid = r["requestId"].as_str().unwrap();
+    let e = refused(
+        "alice approving herself",
+        as_key(&relay, &alice, &["access", "approve", rid]),
+    );
+    assert!(e.contains("needs the admin role"), "{e}");
+    let pending = ok_json(
+        "root listing",
+        as_key(&relay, &root, &["access", "list", "--pending"]),
+    );
+    assert_eq!(
+        pending["requests"].as_array().unwrap().len(),
+        2,
+        "{pending}"
+    );
+    let v = ok_json(
+        "root approving",
+        as_key(&relay, &root, &["access", "approve", rid]),
+    );
+    assert_eq!(
+        (v["state"].as_str(), v["decidedBy"].as_str()),
+        (Some("approved"), Some("root"))
+    );
+    let until = v["grant"]["notAfter"].as_str().unwrap();
+    assert!(until > v["grant"]["notBefore"].as_str().unwrap(), "{v}");
+    ok_json(
+        "root refusing the other",
+        as_key(
+            &relay,
+            &root,
+            &[
+                "access",
+                "refuse",
+                other["requestId"].as_str().unwrap(),
+                "--why",
+                "no ticket",
+            ],
+        ),
+    );
+    // Exactly what was asked: cell-7/ECHO, nothing else.
+    ok_json("alice after the approval", open("cell-7", "ECHO"));
+    refused("another service", open("cell-7", "SSH"));
+    refused("the refused thing", open("cell-8", "ECHO"));
+    let mine = ok_json(
+        "alice's requests",
+        as_key(&relay, &alice, &["access", "list"]),
+    );
+    let states: Vec<&str> = mine["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["refused", "approved"]);
+    let audit = audit_records(&find_audit(&relay));
+    assert!(audit.iter().any(|r| r["event"] == "request_approve"
+        && r["operator"] == "root"
+        && r["request"]["reason"] == "ticket 4711"));
+}
+
+#[test]
+fn the_sites_consent_switch_refuses_new_connections_and_ends_live_ones() {
+    let dir = scratch("access-consent");
+    let relay = Relay::start(&dir);
+    let t = relay.open_tunnel("cell-7", &["ECHO"]);
+    let switch = dir.join("remote-access");
+    std::fs::write(&switch, "0\n").unwrap();
+    let site_audit = dir.join("culvertd-audit.jsonl");
+    let config = rules(&dir, &[("ECHO", echo_server().to_string())]);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[consent]\nswitch_file = \"{}\"\n\n[audit]\nfile = \"{}\"\n",
+        switch.display(),
+        site_audit.display()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let _gw = relay.gateway(&dir, &config, &t.destination);
+    let (_px, ports) = relay.proxy(&dir, &t.source, &["ECHO"]);
+    // Off: refused before the target is contacted, and the record says why.
+    expect_refused(ports["ECHO"]);
+    let rec = wait_audit(&site_audit, "a refusal for consent", |r| {
+        r["reason"] == "no_consent"
+    });
+    assert!(
+        rec["detail"]
+            .as_str()
+            .unwrap()
+            .contains("switched off on site"),
+        "{rec}"
+    );
+    // On: connections go through.
+    std::fs::write(&switch, "1\n").unwrap();
+    wait_for("the switch to be read on", || {
+        echo_works(ports["ECHO"], b"allowed?").then_some(())
+    });
+    let mut live = connect_local(ports["ECHO"]);
+    live.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    live.read_exact(&mut b).unwrap();
+    // Off again: the live connection ends.
+    std::fs::write(&switch, "off\n").unwrap();
+    wait_audit(&site_audit, "the live connection's end", |r| {
+        r["reason"] == "consent_withdrawn"
+    });
+    ends(live, "the switch turned off");
+    let events: Vec<String> = audit_records(&site_audit)
+        .iter()
+        .filter(|r| r["event"] == "consent")
+        .map(|r| r["detail"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(events.len() >= 2, "{events:?}");
+    assert!(events[0].starts_with("remote access allowed"), "{events:?}");
+    assert!(
+        events[1].starts_with("remote access switched off"),
+        "{events:?}"
+    );
+    expect_refused(ports["ECHO"]);
 }

@@ -11,13 +11,15 @@
 //! | GET | /api/v1/devices | list devices |
 //! | DELETE | /api/v1/devices/{thing} | remove a device |
 //! | … | /api/v1/operators… | operators, keys and grants ([`operators`]) |
+//! | … | /api/v1/requests… | access requests and their approval ([`requests`]) |
 //!
 //! Opening a tunnel, and rotating its destination token, notify the device over MQTT.
 //!
 //! Who may do what ([`crate::access`]): viewers list and describe tunnels (and devices) of
 //! things their grants name; operators also open, rotate and close them within their grants;
-//! admins (and the bootstrap `api_key`) do everything. Every request is one line in the audit
-//! trail, every change another with what it changed.
+//! admins (and the bootstrap `api_key`) do everything. The audit trail has a line for each
+//! key's first use in a run, for every request that changes something or is refused, and one
+//! for every change with what it changed.
 //!
 //! Errors are `{"error": "<code>", "message": "<what went wrong and what to do>"}`.
 
@@ -29,6 +31,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub mod operators;
+pub mod requests;
 
 use axum::Json;
 use axum::extract::{Extension, Path, Query, State};
@@ -105,17 +108,27 @@ pub async fn require_api_key(
         }
     };
     req.extensions_mut().insert(principal.clone());
+    if state.access.first_use_this_run(&principal) {
+        state.audit.record(
+            "key_use",
+            serde_json::json!({"operator": principal.label(), "key": principal.key_id()}),
+        );
+    }
     let resp = next.run(req).await;
-    state.audit.record(
-        "api",
-        serde_json::json!({
-            "operator": principal.label(),
-            "key": principal.key_id(),
-            "method": method,
-            "path": path,
-            "status": resp.status().as_u16(),
-        }),
-    );
+    // Reads that succeeded are not recorded one by one (`culvert ssh` polls its tunnel four
+    // times a second while the gateway connects); changes, and every refusal, are.
+    if method != "GET" || !resp.status().is_success() {
+        state.audit.record(
+            "api",
+            serde_json::json!({
+                "operator": principal.label(),
+                "key": principal.key_id(),
+                "method": method,
+                "path": path,
+                "status": resp.status().as_u16(),
+            }),
+        );
+    }
     resp
 }
 

@@ -28,7 +28,7 @@ use crate::access::{Grant, OperatorRecord, Principal, Role};
 use crate::reply::error;
 use crate::state::AppState;
 
-fn grant_json(g: &Grant, now: i64) -> Value {
+pub(super) fn grant_json(g: &Grant, now: i64) -> Value {
     json!({
         "grantId": g.id,
         "things": g.things,
@@ -60,6 +60,7 @@ fn operator_json(o: &OperatorRecord, now: i64) -> Value {
             "revokedAt": k.revoked_ms.map(rfc3339),
         })).collect::<Vec<_>>(),
         "grants": o.grants.iter().map(|g| grant_json(g, now)).collect::<Vec<_>>(),
+        "pendingRequests": o.requests.iter().filter(|r| r.decision.is_none()).count(),
     })
 }
 
@@ -309,7 +310,7 @@ struct GrantBody {
     duration_minutes: Option<u32>,
 }
 
-fn parse_time(field: &str, s: &str) -> Result<i64, Response> {
+pub(super) fn parse_time(field: &str, s: &str) -> Result<i64, Response> {
     OffsetDateTime::parse(s, &Rfc3339)
         .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
         .map_err(|_| {

@@ -394,6 +394,7 @@ async fn operators_are_stored_and_replaced(f: Fixture) {
         disabled_ms: None,
         keys: Vec::new(),
         grants: Vec::new(),
+        requests: Vec::new(),
     };
     s.put_operator(&o).await.unwrap();
     s.put_operator(&OperatorRecord {
