@@ -309,6 +309,36 @@ pub fn verify(files: &[PathBuf]) -> Result<Verified, String> {
     })
 }
 
+/// The daemons' `audit` subcommand: `culvertd audit verify FILE…`, `culvert-relay audit …`.
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Work with the audit file.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of audit files (rotated ones first, oldest first, then the current
+    /// one): exit 0 if intact, 1 with the file and line where it breaks.
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+impl Command {
+    pub fn run(&self) -> std::process::ExitCode {
+        match self {
+            Command::Audit {
+                command: AuditCommand::Verify { files },
+            } => verify_command(files),
+        }
+    }
+}
+
 /// `<program> audit verify FILE…`: print what [`verify`] found; exit 0 if intact, 1 if not.
 pub fn verify_command(files: &[PathBuf]) -> std::process::ExitCode {
     match verify(files) {

@@ -51,26 +51,7 @@ struct Args {
     #[arg(long, env = "CULVERT_CA")]
     ca: Option<PathBuf>,
     #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(clap::Subcommand)]
-enum Command {
-    /// Work with the audit file.
-    Audit {
-        #[command(subcommand)]
-        command: AuditCommand,
-    },
-}
-
-#[derive(clap::Subcommand)]
-enum AuditCommand {
-    /// Check the hash chain of audit files (rotated ones first, oldest first, then the current
-    /// one): exit 0 if intact, 1 with the file and line where it breaks.
-    Verify {
-        #[arg(required = true)]
-        files: Vec<PathBuf>,
-    },
+    command: Option<culvert_appliance::audit::Command>,
 }
 
 fn main() -> ExitCode {
@@ -79,11 +60,8 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => e.exit(),
     };
-    if let Some(Command::Audit {
-        command: AuditCommand::Verify { files },
-    }) = &args.command
-    {
-        return culvert_appliance::audit::verify_command(files);
+    if let Some(c) = &args.command {
+        return c.run();
     }
     culvert_appliance::logging::init();
     // Before the configuration: daemon.max_connections defaults to a share of this limit.

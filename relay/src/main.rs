@@ -64,35 +64,13 @@ struct Args {
     #[arg(long, requires = "mqtt_broker")]
     mqtt_ca: Option<PathBuf>,
     #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(clap::Subcommand)]
-enum Command {
-    /// Work with the audit file.
-    Audit {
-        #[command(subcommand)]
-        command: AuditCommand,
-    },
-}
-
-#[derive(clap::Subcommand)]
-enum AuditCommand {
-    /// Check the hash chain of audit files (rotated ones first, oldest first, then the current
-    /// one): exit 0 if intact, 1 with the file and line where it breaks.
-    Verify {
-        #[arg(required = true)]
-        files: Vec<PathBuf>,
-    },
+    command: Option<culvert_appliance::audit::Command>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(Command::Audit {
-        command: AuditCommand::Verify { files },
-    }) = &args.command
-    {
-        return culvert_appliance::audit::verify_command(files);
+    if let Some(c) = &args.command {
+        return c.run();
     }
     culvert_appliance::logging::init();
     // Before the configuration: its connection limits default to a share of this limit.
