@@ -13,7 +13,8 @@
 //! The file is opened for appending and re-opened when it was moved or deleted (logrotate's
 //! default `create` mode) or truncated in place (`copytruncate` works through O_APPEND); the
 //! chain carries on into the new file, so `verify old new` checks across a rotation. At start
-//! the chain continues from the file's last complete line. A write error is logged, never
+//! the chain continues from the file's last complete line, or, when the file is new or empty,
+//! from the last line of `FILE.1` (logrotate's name for the rotated file). A write error is logged, never
 //! fatal; the chain does not advance past a line that was not written.
 
 use std::fs::{File, OpenOptions};
@@ -89,19 +90,31 @@ fn unchain(line: &str) -> Result<(u64, String, String), String> {
     Ok((seq, prev, hash.to_owned()))
 }
 
-/// The head of the chain in an existing file: its last line that is a chained record.
+/// The head of the chain in an existing file: its last line that is a chained record
+/// (looked for in the last 64 KiB, then 1 MiB, then 16 MiB).
 fn head_of(f: &mut File) -> std::io::Result<Option<Head>> {
     let len = f.metadata()?.len();
-    // Records are short; the last 64 KiB hold the last complete one.
-    let start = len.saturating_sub(64 * 1024);
-    f.seek(SeekFrom::Start(start))?;
-    let mut tail = Vec::new();
-    f.take(64 * 1024).read_to_end(&mut tail)?;
-    let text = String::from_utf8_lossy(&tail);
-    Ok(text.lines().rev().find_map(|l| {
-        let (seq, _, hash) = unchain(l).ok()?;
-        Some(Head { seq, hash })
-    }))
+    for window in [64u64 << 10, 1 << 20, 16 << 20] {
+        let start = len.saturating_sub(window);
+        f.seek(SeekFrom::Start(start))?;
+        let mut tail = Vec::new();
+        f.take(window).read_to_end(&mut tail)?;
+        let text = String::from_utf8_lossy(&tail);
+        // The first line of a window that starts mid-file may be cut: not a candidate.
+        let whole = if start > 0 {
+            text.split_once('\n').map_or("", |(_, rest)| rest)
+        } else {
+            &text
+        };
+        let found = whole.lines().rev().find_map(|l| {
+            let (seq, _, hash) = unchain(l).ok()?;
+            Some(Head { seq, hash })
+        });
+        if found.is_some() || start == 0 {
+            return Ok(found);
+        }
+    }
+    Ok(None)
 }
 
 struct Sink {
@@ -206,6 +219,14 @@ impl Sink {
             .append(true)
             .open(&self.path)?;
         let m = f.metadata()?;
+        if head.is_none() && m.len() == 0 {
+            // Started after a rotation: carry on from the rotated file (logrotate's FILE.1).
+            let mut rotated = self.path.clone().into_os_string();
+            rotated.push(".1");
+            if let Ok(mut r) = File::open(&rotated) {
+                *head = head_of(&mut r)?;
+            }
+        }
         if m.len() > 0 {
             // Carry on the file's chain (at start: from where the last run left it).
             if head.is_none() {
@@ -324,6 +345,9 @@ pub enum AuditCommand {
     /// Check the hash chain of audit files (rotated ones first, oldest first, then the current
     /// one): exit 0 if intact, 1 with the file and line where it breaks.
     Verify {
+        /// Require the files to start the chain (seq 1): nothing removed before them.
+        #[arg(long)]
+        from_start: bool,
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -333,21 +357,31 @@ impl Command {
     pub fn run(&self) -> std::process::ExitCode {
         match self {
             Command::Audit {
-                command: AuditCommand::Verify { files },
-            } => verify_command(files),
+                command: AuditCommand::Verify { files, from_start },
+            } => verify_command(files, *from_start),
         }
     }
 }
 
 /// `<program> audit verify FILE…`: print what [`verify`] found; exit 0 if intact, 1 if not.
-pub fn verify_command(files: &[PathBuf]) -> std::process::ExitCode {
+pub fn verify_command(files: &[PathBuf], from_start: bool) -> std::process::ExitCode {
     match verify(files) {
+        Ok(v) if from_start && v.first_seq != 1 => {
+            eprintln!(
+                "audit NOT intact from the start: the first record is seq {}, so {} earlier \
+                 record(s) are not in the files given (removed, or in older rotated files)",
+                v.first_seq,
+                v.first_seq - 1
+            );
+            std::process::ExitCode::FAILURE
+        }
         Ok(v) => {
             let from = if v.first_seq == 1 {
                 "from the start of the chain".to_owned()
             } else {
                 format!(
-                    "continuing a chain at seq {} (give the rotated files too, oldest first, to check from its start)",
+                    "continuing a chain at seq {} (give the rotated files too, oldest first, to \
+                     check from its start; --from-start requires it)",
                     v.first_seq
                 )
             };
@@ -403,6 +437,15 @@ mod tests {
         assert_eq!(verify(std::slice::from_ref(&path)).unwrap().first_seq, 2);
         // Out of order, the files do not verify.
         assert!(verify(&[path.clone(), d.join("audit.jsonl.1")]).is_err());
+        // Stopped, rotated, started: the new file goes on from the rotated one.
+        drop(a);
+        std::fs::rename(&path, d.join("audit.jsonl.1")).unwrap();
+        let a = AuditLog::new(Some(&path));
+        a.open().unwrap();
+        let line = a.append(r#"{"event":"four"}"#);
+        assert!(line.contains(r#""seq":4,"#), "{line}");
+        let v = verify(&[d.join("audit.jsonl.1"), path.clone()]).unwrap();
+        assert_eq!((v.records, v.first_seq), (3, 2));
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -67,6 +67,9 @@ pub struct KeyRecord {
     pub expires_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_ms: Option<i64>,
+    /// The key an operator used to create this one themself: revoking it revokes this too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -164,6 +167,9 @@ pub struct Decision {
 /// The longest window a request may ask for: a week.
 pub const MAX_REQUEST_MINUTES: u32 = 7 * 24 * 60;
 
+/// The bootstrap key's name in the audit trail (reserved: no operator may have it).
+pub const BOOTSTRAP: &str = "bootstrap-admin";
+
 /// Who a request comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Principal {
@@ -194,7 +200,7 @@ impl Principal {
 
     /// For the audit trail and messages.
     pub fn label(&self) -> &str {
-        self.operator().unwrap_or("bootstrap-admin")
+        self.operator().unwrap_or(BOOTSTRAP)
     }
 
     pub fn key_id(&self) -> Option<&str> {
@@ -280,6 +286,8 @@ pub struct Access {
     pub require_reason: bool,
     /// Keys (and the bootstrap key, as "") used since this relay started.
     used: Mutex<std::collections::HashSet<String>>,
+    /// Serializes changes (see [`Access::change`]).
+    writes: tokio::sync::Mutex<()>,
 }
 
 /// A key handed out once.
@@ -309,6 +317,7 @@ impl Access {
             clock,
             require_reason,
             used: Mutex::new(Default::default()),
+            writes: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -477,14 +486,25 @@ impl Access {
         }
     }
 
-    /// Is a tunnel that `opened_by` opened to `thing` for `services` still allowed now?
-    pub fn still_allowed(&self, opened_by: &str, thing: &str, services: &[String]) -> bool {
-        let (role, disabled) = match self.lock().get(opened_by) {
-            Some(o) => (o.role, o.disabled_ms.is_some()),
+    /// Is a tunnel that `opened_by` opened with key `key` to `thing` for `services` still
+    /// allowed now? Not if the operator was disabled, the key revoked, or no grant covers it.
+    pub fn still_allowed(
+        &self,
+        opened_by: &str,
+        key: Option<&str>,
+        thing: &str,
+        services: &[String],
+    ) -> bool {
+        let (role, disabled, key_revoked) = match self.lock().get(opened_by) {
+            Some(o) => (
+                o.role,
+                o.disabled_ms.is_some(),
+                key.is_some_and(|id| o.keys.iter().any(|k| k.id == id && k.revoked_ms.is_some())),
+            ),
             // An operator this relay does not know (a restored store): leave it be.
             None => return true,
         };
-        if disabled {
+        if disabled || key_revoked {
             return false;
         }
         let p = Principal::Operator {
@@ -503,52 +523,25 @@ impl Access {
         self.lock().get(name).cloned()
     }
 
-    /// Change operator `name` by `f` and write it through. The lock is not held across the
-    /// store's write; a second change to the same operator meanwhile is refused as a conflict
-    /// rather than lost.
+    /// Change operator `name` by `f` and write it through: store first, then memory. Changes
+    /// are serialized by `writes` (held across the store's write; they are rare), so none is
+    /// lost and memory never runs ahead of the store.
     async fn change<T>(
         &self,
         name: &str,
         f: impl FnOnce(&mut OperatorRecord, i64) -> Result<T, AccessError>,
     ) -> Result<(OperatorRecord, T), AccessError> {
+        let _one_at_a_time = self.writes.lock().await;
         let now = self.now();
-        let (before, after, out) = {
-            let ops = self.lock();
-            let before = ops
-                .get(name)
-                .cloned()
-                .ok_or_else(|| AccessError::NotFound(format!("no operator {name:?}")))?;
-            let mut after = before.clone();
-            let out = f(&mut after, now)?;
-            (before, after, out)
-        };
+        let mut after = self
+            .lock()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AccessError::NotFound(format!("no operator {name:?}")))?;
+        let out = f(&mut after, now)?;
         self.store.put_operator(&after).await?;
-        let theirs = {
-            let mut ops = self.lock();
-            let cur = ops.get(name).cloned();
-            let unchanged = cur.as_ref().is_some_and(|c| {
-                serde_json::to_string(c).ok() == serde_json::to_string(&before).ok()
-            });
-            if unchanged {
-                ops.insert(name.to_owned(), after.clone());
-                None
-            } else {
-                Some(cur)
-            }
-        };
-        match theirs {
-            None => Ok((after, out)),
-            Some(cur) => {
-                // Someone else changed it meanwhile: the store holds ours, memory theirs.
-                // Put theirs back, so memory and store agree, and say so.
-                if let Some(cur) = cur {
-                    self.store.put_operator(&cur).await?;
-                }
-                Err(AccessError::Conflict(format!(
-                    "operator {name} was changed by another request at the same time; try again"
-                )))
-            }
-        }
+        self.lock().insert(name.to_owned(), after.clone());
+        Ok((after, out))
     }
 
     pub async fn add_operator(
@@ -562,6 +555,12 @@ impl Access {
                 "operator name {name:?} is invalid: 1-128 characters of A-Z a-z 0-9 : _ -"
             )));
         }
+        if name == BOOTSTRAP {
+            return Err(AccessError::Invalid(format!(
+                "{BOOTSTRAP} names the relay's bootstrap key in the audit trail; choose another name"
+            )));
+        }
+        let writes = self.writes.lock().await;
         let now = self.now();
         let rec = OperatorRecord {
             name: name.to_owned(),
@@ -586,18 +585,26 @@ impl Access {
             self.lock().remove(name);
             return Err(e.into());
         }
+        drop(writes);
         let (rec, key) = self
-            .create_key(name, Some("first key".into()), None)
+            .create_key(name, Some("first key".into()), None, by)
             .await?;
         Ok((rec, key))
     }
 
+    /// A new key for `name`, created by `by`. An operator creating one of their own gets one
+    /// that lives no longer than the key they used, and dies with it: a key cannot outlive
+    /// its revocation or expiry by minting successors.
     pub async fn create_key(
         &self,
         name: &str,
         label: Option<String>,
         expires_ms: Option<i64>,
+        by: &Principal,
     ) -> Result<(OperatorRecord, IssuedKey), AccessError> {
+        let parent = (by.operator() == Some(name) && by.role() != Role::Admin)
+            .then(|| by.key_id().map(str::to_owned))
+            .flatten();
         if let Some(l) = &label
             && (l.is_empty() || l.chars().count() > 128 || l.chars().any(is_unsafe_char))
         {
@@ -609,11 +616,19 @@ impl Access {
         let secret = new_secret();
         let hash = TokenHash::of(&secret);
         let kid = id.clone();
-        let (rec, ()) = self
+        let (rec, expires_ms) = self
             .change(name, move |o, now| {
                 if expires_ms.is_some_and(|t| t <= now) {
                     return Err(AccessError::Invalid("the expiry is in the past".into()));
                 }
+                let cap = parent
+                    .as_ref()
+                    .and_then(|p| o.keys.iter().find(|k| &k.id == p))
+                    .and_then(|k| k.expires_ms);
+                let expires_ms = match (expires_ms, cap) {
+                    (Some(e), Some(c)) => Some(e.min(c)),
+                    (e, c) => e.or(c),
+                };
                 o.keys.push(KeyRecord {
                     id: kid,
                     hash,
@@ -621,8 +636,9 @@ impl Access {
                     created_ms: now,
                     expires_ms,
                     revoked_ms: None,
+                    parent,
                 });
-                Ok(())
+                Ok(expires_ms)
             })
             .await?;
         Ok((
@@ -638,12 +654,19 @@ impl Access {
     pub async fn revoke_key(&self, name: &str, id: &str) -> Result<OperatorRecord, AccessError> {
         let (rec, ()) = self
             .change(name, |o, now| {
-                let k = o
-                    .keys
-                    .iter_mut()
-                    .find(|k| k.id == id)
-                    .ok_or_else(|| AccessError::NotFound(format!("{name} has no key {id}")))?;
-                k.revoked_ms.get_or_insert(now);
+                if !o.keys.iter().any(|k| k.id == id) {
+                    return Err(AccessError::NotFound(format!("{name} has no key {id}")));
+                }
+                // The key, and every key made with it (and with those).
+                let mut gone = vec![id.to_owned()];
+                while let Some(k) = o.keys.iter_mut().find(|k| {
+                    k.revoked_ms.is_none()
+                        && (gone.contains(&k.id)
+                            || k.parent.as_ref().is_some_and(|p| gone.contains(p)))
+                }) {
+                    k.revoked_ms = Some(now);
+                    gone.push(k.id.clone());
+                }
                 Ok(())
             })
             .await?;
@@ -968,14 +991,14 @@ mod tests {
             "{e}"
         );
         assert!(a.may_reach(&alice, "cell-8", &svc(&["SSH"])).is_err());
-        assert!(a.still_allowed("alice", "cell-7", &svc(&["SSH"])));
+        assert!(a.still_allowed("alice", None, "cell-7", &svc(&["SSH"])));
         clock.store(T0 + 3_660_000, Ordering::SeqCst);
         assert!(a.may_reach(&alice, "cell-7", &svc(&["SSH"])).is_err());
-        assert!(!a.still_allowed("alice", "cell-7", &svc(&["SSH"])));
+        assert!(!a.still_allowed("alice", None, "cell-7", &svc(&["SSH"])));
         // Revoked before it ran out: the same.
         clock.store(T0 + 120_000, Ordering::SeqCst);
         a.revoke_grant("alice", &g.id).await.unwrap();
-        assert!(!a.still_allowed("alice", "cell-7", &svc(&["SSH"])));
+        assert!(!a.still_allowed("alice", None, "cell-7", &svc(&["SSH"])));
     }
 
     #[tokio::test]
@@ -1047,6 +1070,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_key_an_operator_makes_lives_no_longer_than_and_dies_with_the_one_used() {
+        let clock = Arc::new(AtomicI64::new(T0));
+        let a = access(clock.clone()).await;
+        a.add_operator("carol", Role::Operator, &Principal::Bootstrap)
+            .await
+            .unwrap();
+        let (_, given) = a
+            .create_key("carol", None, Some(T0 + 1000), &Principal::Bootstrap)
+            .await
+            .unwrap();
+        let carol = a.authenticate(&given.secret).unwrap();
+        let (_, own) = a.create_key("carol", None, None, &carol).await.unwrap();
+        assert_eq!(own.expires_ms, Some(T0 + 1000), "capped at the key used");
+        let by_own = a.authenticate(&own.secret).unwrap();
+        let (_, grandchild) = a.create_key("carol", None, None, &by_own).await.unwrap();
+        a.revoke_key("carol", &given.id).await.unwrap();
+        for k in [&given, &own, &grandchild] {
+            assert!(
+                a.authenticate(&k.secret).is_err(),
+                "{} outlived its parent",
+                k.id
+            );
+        }
+        assert!(
+            a.add_operator(BOOTSTRAP, Role::Admin, &Principal::Bootstrap)
+                .await
+                .is_err(),
+            "the bootstrap key's name is reserved"
+        );
+    }
+
+    #[tokio::test]
     async fn keys_expire_revoke_and_die_with_a_disabled_operator() {
         let clock = Arc::new(AtomicI64::new(T0));
         let a = access(clock.clone()).await;
@@ -1055,7 +1110,10 @@ mod tests {
             .add_operator("bob", Role::Viewer, &Principal::Bootstrap)
             .await
             .unwrap();
-        let (_, short) = a.create_key("bob", None, Some(T0 + 1000)).await.unwrap();
+        let (_, short) = a
+            .create_key("bob", None, Some(T0 + 1000), &Principal::Bootstrap)
+            .await
+            .unwrap();
         assert!(a.authenticate(&short.secret).is_ok());
         // A wrong secret with a real id is refused like an unknown key.
         let forged = format!("ck-{}.{}", short.id, "x".repeat(43));
@@ -1083,7 +1141,10 @@ mod tests {
                 .to_string()
                 .contains("revoked")
         );
-        let (_, k) = a.create_key("bob", None, None).await.unwrap();
+        let (_, k) = a
+            .create_key("bob", None, None, &Principal::Bootstrap)
+            .await
+            .unwrap();
         a.set_disabled("bob", true).await.unwrap();
         assert!(
             a.authenticate(&k.secret)

@@ -11,6 +11,25 @@ use serde_json::{Map, Value};
 
 pub struct Audit {
     log: AuditLog,
+    /// Refusals of unauthenticated requests recorded in the current second, and those left
+    /// out since the last one written: a flood of bad requests must not fill the disk.
+    refusals: std::sync::Mutex<(u64, u32, u64)>,
+}
+
+/// Refusals written per second at most; the rest are counted into the next one written.
+const REFUSALS_PER_SEC: u32 = 20;
+
+/// Text from a request (a path), bounded for the audit line.
+pub fn clip(s: &str) -> String {
+    const MAX: usize = 256;
+    if s.len() <= MAX {
+        return s.to_owned();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 impl Audit {
@@ -18,14 +37,42 @@ impl Audit {
     pub fn open(path: &Path) -> Result<Audit, String> {
         let log = AuditLog::new(Some(path));
         log.open()?;
-        Ok(Audit { log })
+        Ok(Audit {
+            log,
+            refusals: Default::default(),
+        })
     }
 
     /// Write nowhere but the log (tests of the router alone).
     pub fn log_only() -> Audit {
         Audit {
             log: AuditLog::new(None),
+            refusals: Default::default(),
         }
+    }
+
+    /// Record a refusal of a request no credential vouches for, at most
+    /// [`REFUSALS_PER_SEC`] a second; the first one written after a burst says how many were
+    /// left out (`unrecorded_before`).
+    pub fn refusal(&self, event: &str, mut fields: Value) {
+        let second = time::OffsetDateTime::now_utc().unix_timestamp() as u64;
+        let left_out = {
+            let mut g = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            let (at, n, skipped) = &mut *g;
+            if *at != second {
+                (*at, *n) = (second, 0);
+            }
+            if *n >= REFUSALS_PER_SEC {
+                *skipped += 1;
+                return;
+            }
+            *n += 1;
+            std::mem::take(skipped)
+        };
+        if left_out > 0 {
+            fields["unrecorded_before"] = Value::from(left_out);
+        }
+        self.record(event, fields);
     }
 
     /// Record `event` with its fields (`None` values are left out).

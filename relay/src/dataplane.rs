@@ -193,7 +193,7 @@ pub async fn handshake(
         Ok(a) => a,
         Err(AdmitError::Refused(r)) => {
             let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::FORBIDDEN);
-            state.audit.record(
+            state.audit.refusal(
                 "attach_refused",
                 serde_json::json!({"mode": mode.to_string(), "channel": channel, "code": r.code(), "message": r.to_string()}),
             );

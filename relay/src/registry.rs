@@ -90,8 +90,9 @@ pub struct OpenRequest {
     pub lifetime_minutes: u32,
     pub description: Option<String>,
     pub tags: BTreeMap<String, String>,
-    /// The operator opening it (none: the bootstrap key).
+    /// The operator opening it (none: the bootstrap key), and the key they used.
     pub opened_by: Option<String>,
+    pub opened_key: Option<String>,
     pub reason: Option<String>,
 }
 
@@ -320,6 +321,7 @@ impl Registry {
             source: SideRecord::new(TokenHash::of(&src), now),
             destination: SideRecord::new(TokenHash::of(&dst), now),
             opened_by: req.opened_by,
+            opened_key: req.opened_key,
             reason: req.reason,
         };
         self.store.create(&rec).await?;
@@ -635,6 +637,7 @@ mod tests {
             description: None,
             tags: Default::default(),
             opened_by: None,
+            opened_key: None,
             reason: None,
         }
     }

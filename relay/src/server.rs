@@ -86,7 +86,14 @@ async fn enforce_grants(state: &AppState) {
     let access = state.access.clone();
     match state
         .registry
-        .close_unallowed(|by, rec| access.still_allowed(by, &rec.thing_name, &rec.services))
+        .close_unallowed(|by, rec| {
+            access.still_allowed(
+                by,
+                rec.opened_key.as_deref(),
+                &rec.thing_name,
+                &rec.services,
+            )
+        })
         .await
     {
         Ok(closed) if !closed.is_empty() => state.audit.record(

@@ -173,14 +173,46 @@ fn an_operator_reaches_exactly_their_grants_and_refusals_say_who_can_grant_more(
         ),
     );
     let second = k["apiKey"].as_str().unwrap();
-    ok_json("the new key", as_key(&relay, second, &["whoami"]));
+    let with_second = ok_json(
+        "a tunnel opened with the new key",
+        as_key(
+            &relay,
+            second,
+            &["tunnel", "open", "--thing", "cell-7", "--service", "ECHO"],
+        ),
+    );
     let kid = k["keyId"].as_str().unwrap();
-    ok_json(
+    let v = ok_json(
         "revoking it",
         as_key(&relay, &alice, &["operator", "key", "revoke", "alice", kid]),
     );
     let e = refused("a revoked key", as_key(&relay, second, &["whoami"]));
     assert!(e.contains("HTTP 401") && e.contains("was revoked"), "{e}");
+    // What was opened with a revoked key closes with it; what the other key opened stays.
+    let closed = with_second["tunnelId"].as_str().unwrap();
+    assert_eq!(v["tunnelsClosed"], serde_json::json!([closed]), "{v}");
+    assert_eq!(relay.describe(closed)["closeReason"], "access_revoked");
+    assert_eq!(relay.describe(id)["status"], "OPEN");
+    // Another operator with the same grant may not take the tunnel's tokens by rotating.
+    let bob = add_operator(&relay, "bob", "operator");
+    relay.api(&[
+        "operator",
+        "grant",
+        "add",
+        "bob",
+        "--thing",
+        "cell-7",
+        "--service",
+        "ECHO",
+    ]);
+    let e = refused(
+        "bob rotating alice's tunnel",
+        as_key(&relay, &bob, &["tunnel", "rotate", id]),
+    );
+    assert!(
+        e.contains("only whoever opened tunnel") && e.contains("(alice)"),
+        "{e}"
+    );
     // The bootstrap api_key of a relay set up before operators still does everything.
     relay.api(&["tunnel", "close", id]);
 }

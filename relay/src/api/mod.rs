@@ -100,9 +100,9 @@ pub async fn require_api_key(
     let principal = match authorize(&state, req.headers()) {
         Ok(p) => p,
         Err(d) => {
-            state.audit.record(
+            state.audit.refusal(
                 "api_refused",
-                serde_json::json!({"method": method, "path": path, "status": 401, "message": d.to_string()}),
+                serde_json::json!({"method": method, "path": crate::audit::clip(&path), "status": 401, "message": d.to_string()}),
             );
             return d.into_response();
         }
@@ -124,7 +124,7 @@ pub async fn require_api_key(
                 "operator": principal.label(),
                 "key": principal.key_id(),
                 "method": method,
-                "path": path,
+                "path": crate::audit::clip(&path),
                 "status": resp.status().as_u16(),
             }),
         );
@@ -334,6 +334,7 @@ pub async fn open(
         description: b.description,
         tags: b.tags,
         opened_by: p.operator().map(str::to_owned),
+        opened_key: p.key_id().map(str::to_owned),
         reason: b.reason,
     };
     match state.registry.open(req).await {
@@ -495,10 +496,19 @@ pub async fn close(
         Ok(b) => b.delete,
         Err(r) => return r,
     };
-    if let Err(r) = visible(&state, &p, &id).await {
-        return r;
-    }
-    if let Err(d) = state.access.require(&p, Role::Operator, "closing a tunnel") {
+    let v = match visible(&state, &p, &id).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if let Err(d) = state
+        .access
+        .require(&p, Role::Operator, "closing a tunnel")
+        .and_then(|()| {
+            state
+                .access
+                .may_reach(&p, &v.rec.thing_name, &v.rec.services)
+        })
+    {
         return denied(&state, &p, "close", d);
     }
     match state.registry.close(&id, delete).await {
@@ -547,9 +557,26 @@ pub async fn rotate(
         Ok(v) => v,
         Err(r) => return r,
     };
-    if let Err(d) = state
-        .access
-        .require(&p, Role::Operator, "rotating a tunnel's tokens")
+    // New tokens go only to whom revoking access can take them from again: the tunnel's
+    // opener (within their grants) or an admin.
+    let opener = p.operator().is_some() && p.operator() == v.rec.opened_by.as_deref();
+    let who = if opener || p.role() == Role::Admin {
+        Ok(())
+    } else {
+        Err(Denied::Forbidden(format!(
+            "only whoever opened tunnel {id} ({}) or an admin may rotate its tokens; open a tunnel of your own",
+            v.rec
+                .opened_by
+                .as_deref()
+                .unwrap_or(crate::access::BOOTSTRAP)
+        )))
+    };
+    if let Err(d) = who
+        .and_then(|()| {
+            state
+                .access
+                .require(&p, Role::Operator, "rotating a tunnel's tokens")
+        })
         .and_then(|()| {
             state
                 .access

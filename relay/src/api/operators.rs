@@ -7,8 +7,8 @@
 //! | GET | /operators | admin | list |
 //! | POST | /operators/{name}/disable | admin | disable: keys stop working, their tunnels close |
 //! | POST | /operators/{name}/enable | admin | enable again |
-//! | POST | /operators/{name}/keys | admin, self | new key `{"label", "expiresInDays"}` (shown once) |
-//! | POST | /operators/{name}/keys/{id}/revoke | admin, self | revoke a key |
+//! | POST | /operators/{name}/keys | admin, self | new key `{"label", "expiresInDays"}` (shown once; one's own lives no longer than the key used) |
+//! | POST | /operators/{name}/keys/{id}/revoke | admin, self | revoke a key (and the keys made with it); tunnels opened with them close |
 //! | POST | /operators/{name}/grants | admin | grant `{"things", "services", "notBefore", "notAfter" or "durationMinutes"}` |
 //! | POST | /operators/{name}/grants/{id}/revoke | admin | revoke a grant: tunnels it allowed close |
 
@@ -90,7 +90,13 @@ async fn enforce(state: &AppState, name: &str) -> Vec<String> {
     match state
         .registry
         .close_unallowed(|by, rec| {
-            by != name || access.still_allowed(by, &rec.thing_name, &rec.services)
+            by != name
+                || access.still_allowed(
+                    by,
+                    rec.opened_key.as_deref(),
+                    &rec.thing_name,
+                    &rec.services,
+                )
         })
         .await
     {
@@ -255,7 +261,7 @@ pub async fn create_key(
     let expires = b
         .expires_in_days
         .map(|d| state.access.now() + i64::from(d) * 86_400_000);
-    match state.access.create_key(&name, b.label, expires).await {
+    match state.access.create_key(&name, b.label, expires, &p).await {
         Ok((_, key)) => {
             state.audit.record(
                 "key_create",
@@ -286,11 +292,15 @@ pub async fn revoke_key(
     }
     match state.access.revoke_key(&name, &id).await {
         Ok(o) => {
+            // The tunnels opened with it (or a key made with it) close too.
+            let closed = enforce(&state, &name).await;
             state.audit.record(
                 "key_revoke",
-                json!({"operator": p.label(), "name": name, "key": id}),
+                json!({"operator": p.label(), "name": name, "key": id, "tunnels_closed": closed}),
             );
-            Json(operator_json(&o, state.access.now())).into_response()
+            let mut v = operator_json(&o, state.access.now());
+            v["tunnelsClosed"] = json!(closed);
+            Json(v).into_response()
         }
         Err(e) => e.into_response(),
     }

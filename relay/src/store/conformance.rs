@@ -61,6 +61,7 @@ fn rec(id: &str, thing: &str, created_ms: i64) -> TunnelRecord {
         source: SideRecord::new(tok(id, Mode::Source), created_ms),
         destination: SideRecord::new(tok(id, Mode::Destination), created_ms),
         opened_by: None,
+        opened_key: None,
         reason: None,
     }
 }

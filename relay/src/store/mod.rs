@@ -103,6 +103,9 @@ pub struct TunnelRecord {
     /// The operator who opened it (none: the bootstrap API key, or a relay before operators).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub opened_by: Option<String>,
+    /// The id of the API key it was opened with: revoking that key closes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opened_key: Option<String>,
     /// Why it was opened, as the operator gave it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

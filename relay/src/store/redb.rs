@@ -530,6 +530,7 @@ mod tests {
             source: SideRecord::new(TokenHash::of(&format!("{token}-src")), 1),
             destination: SideRecord::new(TokenHash::of(&format!("{token}-dst")), 1),
             opened_by: None,
+            opened_key: None,
             reason: None,
         }
     }
