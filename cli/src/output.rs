@@ -19,10 +19,7 @@ pub fn emit(line: std::fmt::Arguments<'_>) {
 /// Text from the relay, safe to show on a terminal: control characters and bidirectional
 /// overrides are shown escaped instead of acting on the terminal.
 pub fn shown(text: &str) -> Cow<'_, str> {
-    let unsafe_char = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
-    };
+    use culvert_protocol::is_unsafe_char as unsafe_char;
     if !text.chars().any(unsafe_char) {
         return Cow::Borrowed(text);
     }

@@ -98,18 +98,11 @@ pub fn validate(payload: &[u8], cfg: &Config) -> Result<Valid, String> {
         identity: crate::rules::Identity {
             operator: n.operator.filter(|o| culvert_protocol::valid_name(o)),
             // Text for an audit line: bounded, and without what could forge or hide a line.
-            reason: n
-                .reason
-                .filter(|r| r.chars().count() <= 1024 && !r.chars().any(unsafe_text)),
+            reason: n.reason.filter(|r| {
+                r.chars().count() <= 1024 && !r.chars().any(culvert_protocol::is_unsafe_char)
+            }),
         },
     })
-}
-
-/// Characters that make an audit line or a terminal lie: controls, and the bidirectional
-/// overrides and isolates ("Trojan Source").
-fn unsafe_text(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
 }
 
 /// TLS towards the broker (its CA, and the client certificate if any), built before privileges

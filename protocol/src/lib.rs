@@ -144,6 +144,15 @@ impl std::str::FromStr for Format {
     }
 }
 
+/// Characters that make text lie when a terminal, browser or log reader shows it: controls
+/// (NUL, CR/LF, ESC sequences) and the bidirectional overrides and isolates ("Trojan Source").
+/// The relay refuses them in stored text, culvertd in what it writes to its audit trail, and
+/// the CLI shows them escaped.
+pub fn is_unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
+}
+
 /// Is `name` a valid service id or thing name as AWS allows them (`[A-Za-z0-9:_-]`, 1–128 chars)?
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()

@@ -515,6 +515,26 @@ impl Access {
         self.may_reach(&p, thing, services).is_ok()
     }
 
+    /// Close the open tunnels whose opener may no longer reach them: every operator's, or
+    /// only `only`'s (after a change to them). The closed ones.
+    pub async fn close_revoked(
+        &self,
+        registry: &crate::registry::Registry,
+        only: Option<&str>,
+    ) -> Result<Vec<String>, crate::registry::ApiError> {
+        registry
+            .close_unallowed(|by, rec| {
+                only.is_some_and(|n| n != by)
+                    || self.still_allowed(
+                        by,
+                        rec.opened_key.as_deref(),
+                        &rec.thing_name,
+                        &rec.services,
+                    )
+            })
+            .await
+    }
+
     pub fn list(&self) -> Vec<OperatorRecord> {
         self.lock().values().cloned().collect()
     }

@@ -75,12 +75,7 @@ impl From<ChangeError> for ApiError {
     }
 }
 
-/// Characters that make stored text lie when a terminal or browser shows it: controls (NUL,
-/// CR/LF, ESC sequences) and the bidirectional overrides and isolates ("Trojan Source").
-pub fn is_unsafe_char(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
-}
+pub use culvert_protocol::is_unsafe_char;
 
 /// A request to open a tunnel, validated.
 #[derive(Clone, Debug)]

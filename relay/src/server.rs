@@ -83,19 +83,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Close the open tunnels whose operator may no longer reach them.
 async fn enforce_grants(state: &AppState) {
-    let access = state.access.clone();
-    match state
-        .registry
-        .close_unallowed(|by, rec| {
-            access.still_allowed(
-                by,
-                rec.opened_key.as_deref(),
-                &rec.thing_name,
-                &rec.services,
-            )
-        })
-        .await
-    {
+    match state.access.close_revoked(&state.registry, None).await {
         Ok(closed) if !closed.is_empty() => state.audit.record(
             "access_expired",
             serde_json::json!({"tunnels_closed": closed}),

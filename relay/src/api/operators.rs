@@ -86,18 +86,9 @@ fn admin_or_self(
 
 /// Close the tunnels no longer allowed after a change to operator `name`.
 async fn enforce(state: &AppState, name: &str) -> Vec<String> {
-    let access = state.access.clone();
     match state
-        .registry
-        .close_unallowed(|by, rec| {
-            by != name
-                || access.still_allowed(
-                    by,
-                    rec.opened_key.as_deref(),
-                    &rec.thing_name,
-                    &rec.services,
-                )
-        })
+        .access
+        .close_revoked(&state.registry, Some(name))
         .await
     {
         Ok(closed) => closed,
