@@ -144,6 +144,14 @@ impl std::str::FromStr for Format {
     }
 }
 
+/// The MQTT topic on which culvertd tells culvert-relay where a tunnel stands with the site's
+/// approval (`[consent] approve_tunnels`): a culvert extension, published only to a culvert
+/// relay's broker (the tunnel's notification named its id), which lets a device publish on its
+/// own topic and nowhere else.
+pub fn on_site_topic(thing: &str) -> String {
+    format!("culvert/things/{thing}/tunnels/on-site")
+}
+
 /// Characters that make text lie when a terminal, browser or log reader shows it: controls
 /// (NUL, CR/LF, ESC sequences) and the bidirectional overrides and isolates ("Trojan Source").
 /// The relay refuses them in stored text, culvertd in what it writes to its audit trail, and

@@ -10,7 +10,10 @@
 //!   issued by `POST /api/v1/devices` (stored as a hash);
 //! - a device may subscribe only to its own notify topic; any other filter is refused with a
 //!   SUBACK failure (0x80) and logged;
-//! - devices may not publish (notifications come from the relay), nor leave a last will;
+//! - devices may not publish (notifications come from the relay), nor leave a last will, with
+//!   one exception: a device's on-site approval reports ([`crate::onsite`]), at QoS 0 on its
+//!   own [`culvert_protocol::on_site_topic`], which the relay takes itself (they never reach
+//!   the router);
 //! - removing a device, or issuing it a new password, cuts its current connection;
 //! - connections are limited overall and per source address ([`crate::slots`]); a connection
 //!   holds a handshake slot only until its CONNECT is accepted, and at most
@@ -166,15 +169,15 @@ impl Turns {
     }
 }
 
-/// Start rumqttd's router and the TLS listener. `subscribed` receives every device
-/// subscription to its notify topic that the broker confirms.
+/// Start rumqttd's router and the TLS listener; what devices do that the relay acts on goes
+/// to `to_relay`.
 pub async fn start(
     listen: SocketAddr,
     limits: ListenerLimits,
     tls: Arc<rustls::ServerConfig>,
     devices: Arc<Devices>,
     topic_template: String,
-    subscribed: tokio::sync::mpsc::Sender<Subscribed>,
+    to_relay: ToRelay,
     shutdown: CancellationToken,
 ) -> anyhow::Result<EmbeddedBroker> {
     let router = rumqttd::Router::new(
@@ -244,7 +247,7 @@ pub async fn start(
                 template: topic_template.clone(),
                 links: links.clone(),
                 turns: turns.clone(),
-                subscribed: subscribed.clone(),
+                to_relay: to_relay.clone(),
                 handshake_timeout: gate.limits.handshake_timeout,
             };
             tokio::spawn(async move {
@@ -324,8 +327,18 @@ struct GuardContext {
     template: String,
     links: LinkFactory,
     turns: Arc<Turns>,
-    subscribed: tokio::sync::mpsc::Sender<Subscribed>,
+    to_relay: ToRelay,
     handshake_timeout: Duration,
+}
+
+/// What the broker tells the relay about its devices.
+#[derive(Clone)]
+pub struct ToRelay {
+    /// Every subscription to a notify topic the broker confirms (for re-announcement).
+    pub subscribed: tokio::sync::mpsc::Sender<Subscribed>,
+    /// On-site approval reports ([`crate::onsite`]) go to the registry and the audit trail.
+    pub registry: Arc<crate::registry::Registry>,
+    pub audit: Arc<crate::audit::Audit>,
 }
 
 /// A SUBACK return code that grants the subscription (rumqttd answers MQTT 3.1.1 clients
@@ -420,7 +433,8 @@ where
     let link = Link {
         thing: &thing,
         own_topic: topic_for(&ctx.template, &thing),
-        subscribed: &ctx.subscribed,
+        report_topic: culvert_protocol::on_site_topic(&thing),
+        to_relay: &ctx.to_relay,
         revoked,
         replaced,
     };
@@ -449,7 +463,9 @@ where
 struct Link<'a> {
     thing: &'a str,
     own_topic: String,
-    subscribed: &'a tokio::sync::mpsc::Sender<Subscribed>,
+    /// The one topic it may publish on.
+    report_topic: String,
+    to_relay: &'a ToRelay,
     /// The device was removed or got a new password.
     revoked: CancellationToken,
     /// A newer connection of the same thing takes over.
@@ -502,7 +518,7 @@ impl Link<'_> {
                         Packet::Publish(publish, _) => publish.topic = external_topic(&publish.topic),
                         Packet::SubAck(ack, _) if ack.return_codes.iter().all(granted) => {
                             let hint = Subscribed { thing: thing.to_owned(), at: tokio::time::Instant::now() };
-                            if self.subscribed.try_send(hint).is_err() {
+                            if self.to_relay.subscribed.try_send(hint).is_err() {
                                 debug!(%thing, "re-announcement queue full; subscription not reported");
                             }
                         }
@@ -538,6 +554,15 @@ impl Link<'_> {
                                 *f = internal_topic(f);
                             }
                             Packet::Unsubscribe(u, props)
+                        }
+                        Packet::Publish(p, _) if *p.topic == *self.report_topic.as_bytes() => {
+                            // rumqttd keeps the QoS to itself; its size estimate counts the
+                            // packet id that only QoS 1 and 2 carry.
+                            if p.len() != 2 + p.topic.len() + p.payload.len() {
+                                return Err(format!("device {thing} published an on-site report above QoS 0; culvertd sends them at QoS 0"));
+                            }
+                            crate::onsite::report(&self.to_relay.registry, &self.to_relay.audit, thing, &p.payload).await;
+                            continue;
                         }
                         Packet::Publish(p, _) => {
                             return Err(format!(

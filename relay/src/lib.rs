@@ -35,6 +35,7 @@ pub mod devices;
 pub mod live;
 pub mod metrics;
 pub mod notify;
+pub mod onsite;
 pub mod reannounce;
 pub mod registry;
 pub mod reply;

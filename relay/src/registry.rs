@@ -19,8 +19,8 @@ use tracing::{info, warn};
 pub use crate::live::{Kick, KickReason, Live, NewPeer};
 pub use crate::store::{AdmitError, Refusal};
 use crate::store::{
-    ChangeError, CloseReason, Handshake, ListQuery, NewTokens, SideRecord, Status, Store,
-    StoreError, TunnelRecord,
+    ChangeError, CloseReason, Handshake, ListQuery, NewTokens, OnSite, OnSiteState, SideRecord,
+    Status, Store, StoreError, TunnelRecord,
 };
 use crate::tokens::{TokenHash, new_secret};
 
@@ -318,6 +318,7 @@ impl Registry {
             opened_by: req.opened_by,
             opened_key: req.opened_key,
             reason: req.reason,
+            on_site: None,
         };
         self.store.create(&rec).await?;
         self.open.fetch_add(1, Ordering::Relaxed);
@@ -371,6 +372,33 @@ impl Registry {
         Ok(v)
     }
 
+    /// `thing`'s gateway reported where tunnel `id` stands with the site's approval: true if
+    /// that changed it (gateways repeat their reports). A tunnel of another thing is "not
+    /// found" (a device speaks for its own tunnels only); a refusal closes the tunnel.
+    pub async fn set_on_site(
+        &self,
+        thing: &str,
+        id: &str,
+        on_site: OnSite,
+    ) -> Result<bool, ApiError> {
+        let rec = match self.store.get(id).await? {
+            Some(rec) if rec.thing_name == thing => rec,
+            _ => return Err(ApiError::NotFound(id.to_owned())),
+        };
+        let same = |o: &OnSite| {
+            (o.state, &o.by, &o.detail) == (on_site.state, &on_site.by, &on_site.detail)
+        };
+        if rec.on_site.as_ref().is_some_and(same) {
+            return Ok(false);
+        }
+        let refused = on_site.state == OnSiteState::Refused;
+        self.store.set_on_site(id, &on_site).await?;
+        if refused {
+            self.close_with(id, CloseReason::RefusedOnSite).await?;
+        }
+        Ok(true)
+    }
+
     async fn close_with(&self, id: &str, reason: CloseReason) -> Result<TunnelView, ApiError> {
         let c = self.store.close(id, reason, now_ms()).await?;
         if c.changed {
@@ -378,6 +406,7 @@ impl Registry {
                 CloseReason::Closed => "tunnel closed",
                 CloseReason::Expired => "tunnel expired",
                 CloseReason::AccessRevoked => "access revoked",
+                CloseReason::RefusedOnSite => "refused on site",
             };
             // Revoke even a live half this relay has not made yet: a handshake admitted just
             // before the close must find it revoked.

@@ -138,7 +138,11 @@ impl Relay {
                     cfg.tls.clone(),
                     devices.clone(),
                     cfg.mqtt.topic_template.clone(),
-                    subscribed_tx,
+                    broker::ToRelay {
+                        subscribed: subscribed_tx,
+                        registry: registry.clone(),
+                        audit: audit.clone(),
+                    },
                     background.clone(),
                 )
                 .await?;

@@ -189,6 +189,20 @@ struct TunnelJson {
     opened_by: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+    /// Where the tunnel stands with the site's on-site approval, when the site asks for one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    on_site: Option<OnSiteJson>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OnSiteJson {
+    state: crate::store::OnSiteState,
+    since: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
 }
 
 fn tunnel_json(v: &TunnelView) -> TunnelJson {
@@ -216,6 +230,12 @@ fn tunnel_json(v: &TunnelView) -> TunnelJson {
         destination_connection_state: cs(v.destination_connected, v.destination_changed_ms),
         opened_by: v.rec.opened_by.clone(),
         reason: v.rec.reason.clone(),
+        on_site: v.rec.on_site.as_ref().map(|o| OnSiteJson {
+            state: o.state,
+            since: rfc3339(o.at_ms),
+            by: o.by.clone(),
+            detail: o.detail.clone(),
+        }),
     }
 }
 

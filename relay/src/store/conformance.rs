@@ -63,6 +63,7 @@ fn rec(id: &str, thing: &str, created_ms: i64) -> TunnelRecord {
         opened_by: None,
         opened_key: None,
         reason: None,
+        on_site: None,
     }
 }
 
@@ -428,6 +429,51 @@ async fn concurrent_handshakes_spend_a_token_once(f: Fixture) {
     assert_eq!(admitted, 1);
 }
 
+async fn the_sites_approval_is_kept_for_open_tunnels_only(f: Fixture) {
+    let s = &*f.store;
+    s.create(&rec("t", "a", 1)).await.unwrap();
+    let waiting = OnSite {
+        state: OnSiteState::Waiting,
+        at_ms: 2,
+        by: None,
+        detail: Some("ask the shift lead".into()),
+    };
+    let r = s.set_on_site("t", &waiting).await.unwrap();
+    assert_eq!(r.on_site.as_ref(), Some(&waiting));
+    assert_eq!(s.get("t").await.unwrap().unwrap().on_site, Some(waiting));
+    assert!(matches!(
+        s.set_on_site(
+            "nope",
+            &OnSite {
+                state: OnSiteState::Approved,
+                at_ms: 3,
+                by: None,
+                detail: None
+            }
+        )
+        .await,
+        Err(ChangeError::NotFound(_))
+    ));
+    s.close("t", CloseReason::RefusedOnSite, 4).await.unwrap();
+    assert!(matches!(
+        s.set_on_site(
+            "t",
+            &OnSite {
+                state: OnSiteState::Approved,
+                at_ms: 5,
+                by: None,
+                detail: None
+            }
+        )
+        .await,
+        Err(ChangeError::Closed(_))
+    ));
+    assert!(matches!(
+        refused(s, hs(tok("t", Mode::Destination), Mode::Destination, None)).await,
+        Refusal::Closed(_)
+    ));
+}
+
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
         mod memory_store {
@@ -462,4 +508,5 @@ conformance!(
     devices_are_stored_and_removed,
     operators_are_stored_and_replaced,
     concurrent_handshakes_spend_a_token_once,
+    the_sites_approval_is_kept_for_open_tunnels_only,
 );

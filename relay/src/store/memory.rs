@@ -10,7 +10,7 @@ use culvert_protocol::Mode;
 use super::ops::{self, Reads, Tables, TokenRef};
 use super::{
     AdmitError, Admitted, ChangeError, CloseReason, Closed, DeviceRecord, Due, Handshake,
-    ListQuery, NewTokens, Store, StoreError, TunnelRecord,
+    ListQuery, NewTokens, OnSite, Store, StoreError, TunnelRecord,
 };
 use crate::access::OperatorRecord;
 use crate::tokens::TokenHash;
@@ -170,6 +170,10 @@ impl Store for MemoryStore {
         now_ms: i64,
     ) -> Result<Closed, ChangeError> {
         ops::close(&mut *self.lock(), id, reason, now_ms)
+    }
+
+    async fn set_on_site(&self, id: &str, on_site: &OnSite) -> Result<TunnelRecord, ChangeError> {
+        ops::set_on_site(&mut *self.lock(), id, on_site)
     }
 
     async fn delete(&self, id: &str) -> Result<bool, StoreError> {

@@ -52,6 +52,32 @@ pub enum CloseReason {
     Expired,
     /// The operator who opened it was disabled, or lost the grant that allowed it.
     AccessRevoked,
+    /// The site refused it (culvertd's on-site approval).
+    RefusedOnSite,
+}
+
+/// Where a tunnel stands with its site's on-site approval (culvertd `[consent]
+/// approve_tunnels`), as the thing's gateway reported it. None: the site asks for none (or
+/// its gateway is not culvertd).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnSite {
+    pub state: OnSiteState,
+    pub at_ms: i64,
+    /// Who decided, as the site names them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// Why (a refusal's reason, or what the operator waits for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnSiteState {
+    /// Waiting for someone on site to approve it.
+    Waiting,
+    Approved,
+    Refused,
 }
 
 /// Token state of one side (source or destination) of a tunnel.
@@ -109,6 +135,9 @@ pub struct TunnelRecord {
     /// Why it was opened, as the operator gave it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The site's approval, when the site asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_site: Option<OnSite>,
 }
 
 impl TunnelRecord {
@@ -296,6 +325,9 @@ pub trait Store: Send + Sync {
         reason: CloseReason,
         now_ms: i64,
     ) -> Result<Closed, ChangeError>;
+
+    /// Record the site's approval state of open tunnel `id`.
+    async fn set_on_site(&self, id: &str, on_site: &OnSite) -> Result<TunnelRecord, ChangeError>;
 
     /// Forget tunnel `id` and its tokens. False if there was none.
     async fn delete(&self, id: &str) -> Result<bool, StoreError>;

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     AdmitError, Admitted, ChangeError, CloseReason, Closed, Due, Handshake, ListQuery, NewTokens,
-    Refusal, Status, StoreError, TunnelRecord,
+    OnSite, Refusal, Status, StoreError, TunnelRecord,
 };
 use crate::tokens::TokenHash;
 
@@ -149,7 +149,7 @@ pub(crate) fn admit(t: &mut impl Tables, h: &Handshake) -> Result<Admitted, Admi
     let id = rec.id.clone();
     match rec.close_reason {
         Some(CloseReason::Expired) => return Err(Refusal::Expired(id).into()),
-        Some(CloseReason::Closed | CloseReason::AccessRevoked) => {
+        Some(CloseReason::Closed | CloseReason::AccessRevoked | CloseReason::RefusedOnSite) => {
             return Err(Refusal::Closed(id).into());
         }
         None if rec.expires_ms <= h.now_ms => return Err(Refusal::Expired(id).into()),
@@ -289,6 +289,24 @@ pub(crate) fn close(
         rec: next,
         changed: true,
     })
+}
+
+/// Record the site's approval state of an open tunnel.
+pub(crate) fn set_on_site(
+    t: &mut impl Tables,
+    id: &str,
+    on_site: &OnSite,
+) -> Result<TunnelRecord, ChangeError> {
+    let rec = t
+        .tunnel(id)?
+        .ok_or_else(|| ChangeError::NotFound(id.to_owned()))?;
+    if rec.status != Status::Open {
+        return Err(ChangeError::Closed(id.to_owned()));
+    }
+    let mut next = rec.clone();
+    next.on_site = Some(on_site.clone());
+    write(t, Some(&rec), Some(&next))?;
+    Ok(next)
 }
 
 pub(crate) fn delete(t: &mut impl Tables, id: &str) -> Result<bool, StoreError> {

@@ -19,7 +19,7 @@ use redb::{ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, Wr
 use super::ops::{self, Reads, Tables, TokenRef};
 use super::{
     AdmitError, Admitted, ChangeError, CloseReason, Closed, DeviceRecord, Due, Handshake,
-    ListQuery, NewTokens, Store, StoreError, TunnelRecord,
+    ListQuery, NewTokens, OnSite, Store, StoreError, TunnelRecord,
 };
 use crate::access::OperatorRecord;
 use crate::tokens::TokenHash;
@@ -403,6 +403,12 @@ impl Store for RedbStore {
             .await
     }
 
+    async fn set_on_site(&self, id: &str, on_site: &OnSite) -> Result<TunnelRecord, ChangeError> {
+        let (id, on_site) = (id.to_owned(), on_site.clone());
+        self.write(move |t| ops::set_on_site(t, &id, &on_site))
+            .await
+    }
+
     async fn delete(&self, id: &str) -> Result<bool, StoreError> {
         let id = id.to_owned();
         self.write(move |t| ops::delete(t, &id)).await
@@ -532,6 +538,7 @@ mod tests {
             opened_by: None,
             opened_key: None,
             reason: None,
+            on_site: None,
         }
     }
 
