@@ -38,6 +38,8 @@ pub enum EndReason {
     NoConsent,
     /// The switch was turned off while it was open.
     ConsentWithdrawn,
+    /// The tunnel was refused on site (`[consent] approve_tunnels`), or nobody approved it in time.
+    RefusedOnSite,
     /// Requests: answered by the upstream.
     Ok,
     /// Requests: upgraded (WebSocket).
@@ -65,6 +67,7 @@ impl EndReason {
             EndReason::Shutdown => "shutdown",
             EndReason::NoConsent => "no_consent",
             EndReason::ConsentWithdrawn => "consent_withdrawn",
+            EndReason::RefusedOnSite => "refused_on_site",
             EndReason::Ok => "ok",
             EndReason::Upgraded => "upgraded",
             EndReason::NoRoute => "no_route",

@@ -120,9 +120,12 @@ struct RawAudit {
     file: Option<Spanned<PathBuf>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct RawConsent {
     switch_file: Option<Spanned<PathBuf>>,
+    approve_tunnels: Option<Spanned<bool>>,
+    approval_dir: Option<Spanned<PathBuf>>,
+    approval_timeout_secs: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -397,8 +400,25 @@ pub struct Config {
     /// line's sysfs `value`) reading 1 / on / yes / true / allowed. Missing or anything else:
     /// off. None: no switch, access is always allowed.
     pub consent_switch: Option<PathBuf>,
+    /// Every tunnel waits for someone on site to approve it (`[consent] approve_tunnels`).
+    pub approval: Option<Approval>,
     pub services: BTreeMap<String, Service>,
 }
+
+/// On-site approval of each tunnel ([`crate::approval`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Approval {
+    /// Where waiting tunnels are listed and decisions are dropped (`approval_dir`).
+    pub dir: PathBuf,
+    /// A tunnel nobody decides on within this is refused (`approval_timeout_secs`).
+    pub timeout: Duration,
+}
+
+/// Where culvertd lists the tunnels waiting for approval, unless `approval_dir` says otherwise
+/// (the systemd unit's RuntimeDirectory).
+pub const DEFAULT_APPROVAL_DIR: &str = "/run/culvertd/consent";
+/// How long a tunnel waits for someone on site, unless `approval_timeout_secs` says otherwise.
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 impl Config {
     pub fn service_names(&self) -> Vec<String> {
@@ -743,13 +763,13 @@ impl Validator<'_> {
             .max_connections
             .get_or_insert(DEFAULT_TUNNEL_MAX_CONNECTIONS);
         let audit_file = raw.audit.and_then(|a| a.file).map(|f| self.audit_file(&f));
-        let consent_switch = raw.consent.and_then(|c| c.switch_file).map(|f| {
-            if f.get_ref().is_absolute() {
-                f.into_inner()
-            } else {
-                self.base.join(f.get_ref())
-            }
-        });
+        let consent = raw.consent.unwrap_or_default();
+        let consent_switch = consent.switch_file.map(|f| self.relative(f));
+        let approval = self.approval(
+            consent.approve_tunnels,
+            consent.approval_dir,
+            consent.approval_timeout_secs,
+        );
         let mut services = BTreeMap::new();
         for (name, svc) in raw.services {
             let key = format!("services.{name}");
@@ -792,8 +812,43 @@ impl Validator<'_> {
             tunnel_limits,
             audit_file,
             consent_switch,
+            approval,
             services,
         }
+    }
+
+    /// A path as written, relative to the configuration file's directory.
+    fn relative(&self, f: Spanned<PathBuf>) -> PathBuf {
+        if f.get_ref().is_absolute() {
+            f.into_inner()
+        } else {
+            self.base.join(f.get_ref())
+        }
+    }
+
+    fn approval(
+        &mut self,
+        on: Option<Spanned<bool>>,
+        dir: Option<Spanned<PathBuf>>,
+        timeout: Option<Spanned<u64>>,
+    ) -> Option<Approval> {
+        let timeout = self.secs("consent.approval_timeout_secs".into(), &timeout, 86_400);
+        if !on.as_ref().is_some_and(|o| *o.get_ref()) {
+            if let Some(d) = &dir {
+                self.push(
+                    d.span(),
+                    "consent.approval_dir",
+                    "has no effect without consent.approve_tunnels = true",
+                );
+            }
+            return None;
+        }
+        Some(Approval {
+            dir: dir
+                .map(|d| self.relative(d))
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_APPROVAL_DIR)),
+            timeout: timeout.unwrap_or(DEFAULT_APPROVAL_TIMEOUT),
+        })
     }
 
     fn daemon(&mut self, d: RawDaemon) -> DaemonSettings {
@@ -1273,6 +1328,54 @@ mod tests {
     }
 
     const ALLOW: &str = "[acl]\nallow = [\"127.0.0.0/8\"]\n";
+
+    #[test]
+    fn on_site_approval_has_defaults_and_refuses_half_settings() {
+        let svc = "[services.SSH]\ntarget = \"127.0.0.1:22\"\n";
+        let cfg = parse(
+            &format!("{ALLOW}{svc}[consent]\napprove_tunnels = true\n"),
+            Path::new("/etc/culvert"),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.approval,
+            Some(Approval {
+                dir: DEFAULT_APPROVAL_DIR.into(),
+                timeout: DEFAULT_APPROVAL_TIMEOUT
+            })
+        );
+        let cfg = parse(
+            &format!("{ALLOW}{svc}[consent]\napprove_tunnels = true\napproval_dir = \"consent\"\napproval_timeout_secs = 60\n"),
+            Path::new("/etc/culvert"),
+        )
+        .unwrap();
+        let a = cfg.approval.unwrap();
+        assert_eq!(
+            (a.dir.as_path(), a.timeout),
+            (Path::new("/etc/culvert/consent"), Duration::from_secs(60))
+        );
+        let off = parse(
+            &format!("{ALLOW}{svc}[consent]\napprove_tunnels = false\n"),
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(off.approval, None);
+        let p = problems(&format!(
+            "{ALLOW}{svc}[consent]\napproval_dir = \"/run/x\"\n"
+        ));
+        assert!(
+            p.iter()
+                .any(|p| p.key == "consent.approval_dir" && p.message.contains("approve_tunnels")),
+            "{p:?}"
+        );
+        let p = problems(&format!(
+            "{ALLOW}{svc}[consent]\napprove_tunnels = true\napproval_timeout_secs = 0\n"
+        ));
+        assert!(
+            p.iter().any(|p| p.key == "consent.approval_timeout_secs"),
+            "{p:?}"
+        );
+    }
 
     #[test]
     fn targets() {

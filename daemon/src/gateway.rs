@@ -46,6 +46,8 @@ pub struct TunnelArgs {
     pub tunnel_id: Option<String>,
     /// Who opened it and why, as the relay's notification said.
     pub identity: crate::rules::Identity,
+    /// Tells a culvert relay where the tunnel stands with on-site approval.
+    pub reporter: Option<crate::approval::Reporter>,
 }
 
 /// The relay's IP address as seen on this connection.
@@ -89,8 +91,21 @@ async fn serve_tunnel(
         .tunnel_id
         .clone()
         .unwrap_or_else(|| token_label(args.access_token.expose()));
-    let mut tunnel = TunnelState::new(label);
+    let mut tunnel = TunnelState::new(label.clone());
     tunnel.identity = args.identity.clone();
+    // Asked before the relay connection, so the operator sees "waiting" as soon as the gateway
+    // is there. The asking (and its `.waiting` file) ends with this function.
+    let _asking = gw.config().approval.clone().map(|settings| {
+        let (rx, guard) = crate::approval::ask(
+            gw.clone(),
+            settings,
+            label,
+            args.identity.clone(),
+            args.reporter.clone(),
+        );
+        tunnel.approval = Some(rx);
+        guard
+    });
     let tunnel = Arc::new(tunnel);
     let opts = ConnectOptions {
         endpoint: args.relay.endpoint.clone(),

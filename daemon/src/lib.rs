@@ -21,6 +21,7 @@
 //!   (readiness, watchdog and the endpoint itself are in `culvert-appliance`).
 
 pub mod acl;
+pub mod approval;
 pub mod audit;
 pub mod config;
 pub mod consent;

@@ -51,7 +51,58 @@ struct Args {
     #[arg(long, env = "CULVERT_CA")]
     ca: Option<PathBuf>,
     #[command(subcommand)]
-    command: Option<culvert_appliance::audit::Command>,
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    #[command(flatten)]
+    Audit(culvert_appliance::audit::Command),
+    /// Decide on tunnels waiting for on-site approval ([consent] approve_tunnels).
+    Consent {
+        /// The approval directory (default: [consent] approval_dir of --config).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[command(subcommand)]
+        command: culvertd::approval::Command,
+    },
+}
+
+/// `culvertd consent …` against the directory the running daemon uses.
+fn consent(
+    config: &std::path::Path,
+    dir: Option<PathBuf>,
+    c: &culvertd::approval::Command,
+) -> ExitCode {
+    let dir = match dir {
+        Some(d) => d,
+        None => match config::load(config) {
+            Ok(cfg) => match cfg.approval {
+                Some(a) => a.dir,
+                None => {
+                    eprintln!(
+                        "culvertd: {} does not set [consent] approve_tunnels = true: no tunnel waits for approval",
+                        config.display()
+                    );
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            },
+            Err(e) => {
+                eprintln!("{e}");
+                eprintln!(
+                    "culvertd: cannot read the approval directory from the configuration; pass --dir"
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
+    match c.run(&dir) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("culvertd: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -60,8 +111,10 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => e.exit(),
     };
-    if let Some(c) = &args.command {
-        return c.run();
+    match args.command.take() {
+        Some(Command::Audit(c)) => return c.run(),
+        Some(Command::Consent { dir, command }) => return consent(&args.config, dir, &command),
+        None => {}
     }
     culvert_appliance::logging::init();
     // Before the configuration: daemon.max_connections defaults to a share of this limit.
@@ -262,6 +315,7 @@ fn main() -> ExitCode {
             client_token: args.client_token.map(Into::into),
             tunnel_id: args.tunnel_id,
             identity: Default::default(),
+            reporter: None,
         }),
         None => Work::Notifications {
             relay,

@@ -236,6 +236,11 @@ pub async fn run(
                     relay: relay.clone(),
                     access_token: n.token,
                     client_token: None,
+                    // Only a culvert relay names the tunnel, and only its broker takes reports.
+                    reporter: n.tunnel_id.is_some().then(|| crate::approval::Reporter {
+                        client: client.clone(),
+                        thing: m.thing_name.clone(),
+                    }),
                     tunnel_id: n.tunnel_id,
                     identity: n.identity,
                 };

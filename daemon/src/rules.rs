@@ -174,6 +174,8 @@ pub struct TunnelState {
     pub identity: Identity,
     /// The relay's address as this gateway sees it: the hop HTTP requests arrive from.
     pub relay_ip: Mutex<Option<IpAddr>>,
+    /// The site's answer, when it approves each tunnel (`[consent] approve_tunnels`).
+    pub approval: Option<tokio::sync::watch::Receiver<crate::approval::State>>,
     open: Gauge,
     limiters: Mutex<Arc<Limiters>>,
 }
@@ -185,6 +187,7 @@ impl TunnelState {
             label,
             identity: Identity::default(),
             relay_ip: Mutex::new(None),
+            approval: None,
             limiters: Mutex::new(Arc::new(Limiters::new(&Limits::default(), open.clone()))),
             open,
         }
