@@ -81,6 +81,7 @@ pub fn open_tunnel<'a>(
             .get(&format!("/tunnels/{id}"), &[])
             .map_err(|e| e.to_string())?;
         if v["destinationConnectionState"]["status"] == "CONNECTED" {
+            wait_on_site(api, thing, id)?;
             return Ok(opened);
         }
         if Instant::now() >= deadline {
@@ -92,6 +93,67 @@ pub fn open_tunnel<'a>(
             ));
         }
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Longest wait for a site's decision (culvertd's approval timeout is at most a day).
+const ON_SITE_WAIT: Duration = Duration::from_secs(86_400);
+/// How long a connected gateway's "waiting" report may lag behind its connection.
+const ON_SITE_REPORT_LAG: Duration = Duration::from_secs(1);
+
+/// If the thing's site approves each tunnel (culvertd `[consent] approve_tunnels`), say so and
+/// wait for its decision: `Err` if it refused.
+fn wait_on_site(api: &ApiClient, thing: &str, id: &str) -> Result<(), String> {
+    let started = Instant::now();
+    let mut told = false;
+    loop {
+        let v: Value = api
+            .get(&format!("/tunnels/{id}"), &[])
+            .map_err(|e| e.to_string())?;
+        let on_site = &v["onSite"];
+        let by = on_site["by"].as_str().map(crate::output::shown);
+        let detail = on_site["detail"].as_str().map(crate::output::shown);
+        match on_site["state"].as_str() {
+            // A site that asks for no approval (or a gateway that is not culvertd) reports
+            // nothing; its report, if any, comes with the gateway's connection.
+            None if started.elapsed() >= ON_SITE_REPORT_LAG => return Ok(()),
+            Some("approved") => {
+                if told {
+                    eprintln!(
+                        "culvert: approved on site by {}",
+                        by.as_deref().unwrap_or("someone")
+                    );
+                }
+                return Ok(());
+            }
+            Some("refused") => {
+                return Err(format!(
+                    "the site refused the tunnel to {thing} (by {}): {}",
+                    by.as_deref().unwrap_or("someone"),
+                    detail.as_deref().unwrap_or("no reason given")
+                ));
+            }
+            Some("waiting") if !told => {
+                eprintln!(
+                    "culvert: waiting for on-site approval at {thing} (someone there runs \
+                     `culvertd consent approve {id}`)"
+                );
+                told = true;
+            }
+            _ if v["status"] == "CLOSED" => {
+                return Err(format!(
+                    "tunnel {id} was closed while waiting ({})",
+                    v["closeReason"].as_str().unwrap_or("closed")
+                ));
+            }
+            _ => {}
+        }
+        if started.elapsed() >= ON_SITE_WAIT {
+            return Err(format!(
+                "nobody at the site of {thing} decided on tunnel {id} within {ON_SITE_WAIT:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(if told { 500 } else { 100 }));
     }
 }
 

@@ -160,6 +160,20 @@ fn print_tunnel(v: &Value) {
     if let Some(c) = v["closedAt"].as_str() {
         println!("closed       {c} ({})", s(v, "closeReason"));
     }
+    if let Some(o) = v["onSite"].as_object() {
+        let mut line = format!(
+            "{} since {}",
+            s(&v["onSite"], "state"),
+            s(&v["onSite"], "since")
+        );
+        if let Some(by) = o.get("by").and_then(Value::as_str) {
+            line.push_str(&format!(" by {}", shown(by)));
+        }
+        if let Some(d) = o.get("detail").and_then(Value::as_str) {
+            line.push_str(&format!(": {}", shown(d)));
+        }
+        println!("on site      {line}");
+    }
     for (label, key) in [
         ("source     ", "sourceConnectionState"),
         ("destination", "destinationConnectionState"),
