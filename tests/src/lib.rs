@@ -398,13 +398,30 @@ pub fn echo_server() -> SocketAddr {
     transform_server(|b| b.to_vec())
 }
 
+/// An echo server that counts the connections it accepted.
+pub fn counting_echo_server() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let addr = serve(|b| b.to_vec(), Some(count.clone()));
+    (addr, count)
+}
+
 /// A TCP server that answers every read with `f(bytes)`.
 pub fn transform_server(f: fn(&[u8]) -> Vec<u8>) -> SocketAddr {
+    serve(f, None)
+}
+
+fn serve(
+    f: fn(&[u8]) -> Vec<u8>,
+    count: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
+) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(mut s) = s else { continue };
+            if let Some(c) = &count {
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             std::thread::spawn(move || {
                 let mut buf = vec![0u8; 65536];
                 loop {

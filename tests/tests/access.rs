@@ -9,6 +9,10 @@
 //! - a relay that requires reasons refuses a tunnel without one, and stores the reason;
 //! - the operator and reason reach the gateway's audit trail, through the notification;
 //! - the site's consent switch refuses new connections while off and ends live ones;
+//! - a site that approves each tunnel holds its connections (bytes kept) until someone there
+//!   runs `culvertd consent approve`, contacting no target before; the operator sees "waiting"
+//!   and then who approved; a refusal closes the tunnel and `culvert open` says who refused
+//!   and why;
 //! - the relay's audit file verifies with `culvert-relay audit verify`, and a one-byte edit is
 //!   found, with its line.
 //!
@@ -690,4 +694,146 @@ fn the_sites_consent_switch_refuses_new_connections_and_ends_live_ones() {
         "{events:?}"
     );
     expect_refused(ports["ECHO"]);
+}
+
+/// `culvertd consent --dir DIR <args>`.
+fn consent(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(bin("culvertd"))
+        .arg("consent")
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_site_that_approves_each_tunnel_holds_it_until_approved_and_a_refusal_closes_it() {
+    let dir = scratch("access-approval");
+    let relay = Relay::start(&dir);
+    let password = relay.add_device("cell-7");
+    let (target, reached) = counting_echo_server();
+    let rules = mqtt_rules(
+        &dir,
+        relay.mqtt.unwrap(),
+        "cell-7",
+        &password,
+        &[("ECHO", target.to_string())],
+    );
+    let approvals = dir.join("approvals");
+    let site_audit = dir.join("culvertd-audit.jsonl");
+    let mut text = std::fs::read_to_string(&rules).unwrap();
+    text.push_str(&format!(
+        "[consent]\napprove_tunnels = true\napproval_dir = \"{}\"\n\n[audit]\nfile = \"{}\"\n",
+        approvals.display(),
+        site_audit.display()
+    ));
+    std::fs::write(&rules, text).unwrap();
+    let gw = relay.mqtt_gateway(&dir, &rules);
+    wait_log(&gw, "subscribed");
+
+    // A tunnel waits: the relay shows it, and the site lists it.
+    let t = relay.open_tunnel("cell-7", &["ECHO"]);
+    let on_site = wait_for("the relay to show the tunnel waiting", || {
+        let v = relay.describe(&t.id);
+        (v["onSite"]["state"] == "waiting").then_some(v)
+    });
+    assert!(
+        on_site["onSite"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("culvertd consent approve {}", t.id)),
+        "{on_site}"
+    );
+    let out = consent(&approvals, &["list"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&t.id));
+
+    // A connection made now is held, its bytes kept, and carried once approved.
+    let (_px, ports) = relay.proxy(&dir, &t.source, &["ECHO"]);
+    let mut held = connect_local(ports["ECHO"]);
+    held.write_all(b"sent before approval").unwrap();
+    wait_log(&gw, "connection waits for on-site approval");
+    let out = consent(&approvals, &["list"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(
+        reached.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the target was contacted before the site approved the tunnel"
+    );
+    let out = consent(&approvals, &["approve", "--by", "shift lead"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let mut b = [0u8; 20];
+    held.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"sent before approval");
+    let v = wait_for("the relay to show the approval", || {
+        let v = relay.describe(&t.id);
+        (v["onSite"]["state"] == "approved").then_some(v)
+    });
+    assert_eq!(v["onSite"]["by"], "shift lead", "{v}");
+    assert!(echo_works(ports["ECHO"], b"and after"));
+    let out = consent(&approvals, &["list"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no tunnel is waiting"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // `culvert open` says it waits, and a refusal ends it with who and why.
+    let mut open = Proc::spawn_logging_stdout(
+        "culvert-open",
+        relay
+            .culvert()
+            .args(["open", "cell-7", "--service", "ECHO"]),
+        &dir,
+    );
+    wait_log(&open, "waiting for on-site approval at cell-7");
+    let out = consent(&approvals, &["refuse", "--why", "robot is running a job"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_ne!(open.wait_exit(), 0);
+    assert!(
+        open.log_text()
+            .contains("the site refused the tunnel to cell-7 (by "),
+        "{}",
+        open.log_text()
+    );
+    assert!(open.log_text().contains("robot is running a job"));
+    let refused: Vec<_> = relay.api(&["tunnel", "list", "--thing", "cell-7"])["tunnels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| relay.describe(t["tunnelId"].as_str().unwrap()))
+        .filter(|t| t["closeReason"] == "refused_on_site")
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+
+    // Both sites' records: the relay's audit names each step, and so does the gateway's.
+    let relay_audit = audit_records(&find_audit(&relay));
+    let states: Vec<_> = relay_audit
+        .iter()
+        .filter(|r| r["event"] == "on_site")
+        .map(|r| r["state"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        states,
+        ["waiting", "approved", "waiting", "refused"],
+        "{relay_audit:?}"
+    );
+    let details: Vec<_> = audit_records(&site_audit)
+        .iter()
+        .filter(|r| r["event"] == "approval")
+        .map(|r| r["detail"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        details
+            .iter()
+            .any(|d| d == "approved on site by shift lead"),
+        "{details:?}"
+    );
+    assert!(
+        details.iter().any(
+            |d| d.starts_with("refused on site by ") && d.ends_with(": robot is running a job")
+        ),
+        "{details:?}"
+    );
 }
