@@ -230,6 +230,17 @@ pub(crate) fn release(
     write(t, Some(&rec), Some(&new))
 }
 
+/// Tunnel `id`, if it is open.
+fn open_tunnel(t: &impl Tables, id: &str) -> Result<TunnelRecord, ChangeError> {
+    let rec = t
+        .tunnel(id)?
+        .ok_or_else(|| ChangeError::NotFound(id.to_owned()))?;
+    if rec.status != Status::Open {
+        return Err(ChangeError::Closed(id.to_owned()));
+    }
+    Ok(rec)
+}
+
 /// New tokens for the sides `new` names: the old ones are kept (at most [`ROTATED_KEPT`]) to
 /// answer "rotated", the client-token binding goes, and the side's generation moves on.
 pub(crate) fn rotate(
@@ -237,12 +248,7 @@ pub(crate) fn rotate(
     id: &str,
     new: &NewTokens,
 ) -> Result<TunnelRecord, ChangeError> {
-    let rec = t
-        .tunnel(id)?
-        .ok_or_else(|| ChangeError::NotFound(id.to_owned()))?;
-    if rec.status != Status::Open {
-        return Err(ChangeError::Closed(id.to_owned()));
-    }
+    let rec = open_tunnel(t, id)?;
     let mut next = rec.clone();
     for mode in [Mode::Source, Mode::Destination] {
         let Some(token) = new.get(mode) else {
@@ -297,12 +303,7 @@ pub(crate) fn set_on_site(
     id: &str,
     on_site: &OnSite,
 ) -> Result<TunnelRecord, ChangeError> {
-    let rec = t
-        .tunnel(id)?
-        .ok_or_else(|| ChangeError::NotFound(id.to_owned()))?;
-    if rec.status != Status::Open {
-        return Err(ChangeError::Closed(id.to_owned()));
-    }
+    let rec = open_tunnel(t, id)?;
     let mut next = rec.clone();
     next.on_site = Some(on_site.clone());
     write(t, Some(&rec), Some(&next))?;
