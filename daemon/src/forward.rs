@@ -105,18 +105,20 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: Connecti
         Ok(s) => s,
         Err(why) => return refuse(rec, Refusal::new(EndReason::Limit, why), stream).await,
     };
-    if let Some(rx) = &tunnel.approval
-        && *rx.borrow() == crate::approval::State::Waiting
-    {
-        info!(service = %service, conn = %rec.conn, "connection waits for on-site approval of its tunnel");
-    }
+    // Held here, in its slot and before any target is contacted, until the site decides.
     if let Some(rx) = tunnel.approval.clone() {
-        let decided = tokio::select! {
-            r = crate::approval::approved(rx) => r,
-            _ = consent::withdrawn(&gw) => Err("remote access was switched off on site while it waited".into()),
+        if *rx.borrow() == crate::approval::State::Waiting {
+            info!(service = %service, conn = %rec.conn, "connection waits for on-site approval of its tunnel");
+        }
+        let refusal = tokio::select! {
+            r = crate::approval::approved(rx) => r.err().map(|why| Refusal::new(EndReason::RefusedOnSite, why)),
+            reason = consent::withdrawn(&gw) => Some(Refusal::new(
+                reason,
+                "remote access was switched off on site while it waited for approval".into(),
+            )),
         };
-        if let Err(why) = decided {
-            return refuse(rec, Refusal::new(EndReason::RefusedOnSite, why), stream).await;
+        if let Some(refusal) = refusal {
+            return refuse(rec, refusal, stream).await;
         }
     }
     let bw_to: Vec<Arc<Bandwidth>> = [&tl.to_target, &rl.to_target]
