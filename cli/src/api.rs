@@ -112,6 +112,16 @@ impl ApiClient {
         self.finish(&url, r)
     }
 
+    /// `POST /login`: a password for a key (the one call made without a key).
+    pub fn login(&self, name: &str, password: &str) -> Result<Value, ApiError> {
+        let url = format!("{}/login", self.base);
+        let r = self
+            .agent
+            .post(&url)
+            .send_json(serde_json::json!({"name": name, "password": password}));
+        self.finish(&url, r)
+    }
+
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, ApiError> {
         let url = format!("{}{path}", self.base);
         let r = self

@@ -100,8 +100,9 @@ fn open_private(p: &Path) -> std::io::Result<std::fs::File> {
         .open(p)
 }
 
-/// Read an API key from the terminal without echo (or one line of stdin when it is not one).
-pub fn read_key(prompt: &str) -> Result<String, String> {
+/// Read a secret (an API key, a password) from the terminal without echo, or one line of
+/// stdin when it is not one.
+pub fn read_secret(prompt: &str, what: &str) -> Result<String, String> {
     use std::io::{BufRead, IsTerminal};
     let stdin = std::io::stdin();
     let tty = stdin.is_terminal();
@@ -114,13 +115,13 @@ pub fn read_key(prompt: &str) -> Result<String, String> {
     stdin
         .lock()
         .read_line(&mut line)
-        .map_err(|e| format!("cannot read the key: {e}"))?;
+        .map_err(|e| format!("cannot read the {what}: {e}"))?;
     if tty {
         eprintln!();
     }
     let key = line.trim().to_owned();
     if key.is_empty() {
-        return Err("no API key given".into());
+        return Err(format!("no {what} given"));
     }
     Ok(key)
 }

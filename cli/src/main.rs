@@ -49,8 +49,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Save the relay, its CA and your API key for the commands that follow (checked with
-    /// the relay first). The key comes from --api-key or CULVERT_API_KEY, else it is asked for.
-    Login,
+    /// the relay first). The key comes from --api-key or CULVERT_API_KEY, else it is asked for;
+    /// with --user, your password is (or CULVERT_PASSWORD) and the relay issues a key that
+    /// lives 12 hours.
+    Login {
+        /// Log in with this operator's password instead of an API key.
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+    },
     /// Forget what `culvert login` saved.
     Logout,
     /// Who the API key belongs to: operator, role and grants.
@@ -212,6 +218,9 @@ enum OperatorCommand {
     Disable { name: String },
     /// Enable a disabled operator again.
     Enable { name: String },
+    /// Set an operator's password, for `culvert login --user` (yours, or anyone's as an
+    /// admin). Asked for, or taken from CULVERT_PASSWORD; 12-256 characters.
+    Password { name: String },
     /// API keys of an operator.
     Key {
         #[command(subcommand)]
@@ -368,6 +377,14 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
 }
 
+/// A password: CULVERT_PASSWORD (for scripts), else asked for without echo.
+fn password(prompt: &str) -> Result<String, String> {
+    match std::env::var("CULVERT_PASSWORD") {
+        Ok(p) if !p.is_empty() => Ok(p),
+        _ => culvert_cli::credentials::read_secret(prompt, "password"),
+    }
+}
+
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("culvert: {msg}");
     ExitCode::FAILURE
@@ -456,7 +473,7 @@ fn main() -> ExitCode {
         .init();
     // `culvert login`'s saved relay, CA and key: for that relay only.
     let saved = match cli.command {
-        Command::Login | Command::Logout | Command::Connect { .. } => Ok(None),
+        Command::Login { .. } | Command::Logout | Command::Connect { .. } => Ok(None),
         _ => Credentials::load(),
     };
     let saved = match saved {
@@ -504,10 +521,24 @@ fn main() -> ExitCode {
         })
     };
     match cli.command {
-        Command::Login => {
-            let key = match api_key.clone() {
-                Some(k) => k,
-                None => match culvert_cli::credentials::read_key("API key: ") {
+        Command::Login { user } => {
+            let key = match (user, api_key.clone()) {
+                (Some(user), _) => {
+                    match password(&format!("Password for {user}: ")).and_then(|pw| {
+                        let api = api_client(Some(String::new()))?;
+                        let v = api.login(&user, &pw).map_err(|e| e.to_string())?;
+                        v["apiKey"]
+                            .as_str()
+                            .map(str::to_owned)
+                            .ok_or_else(|| format!("the relay's answer has no apiKey: {v}"))
+                    }) {
+                        Ok(k) => k,
+                        Err(e) => return fail(e),
+                    }
+                }
+                (None, Some(k)) => k,
+                (None, None) => match culvert_cli::credentials::read_secret("API key: ", "API key")
+                {
                     Ok(k) => k,
                     Err(e) => return fail(e),
                 },
@@ -605,6 +636,12 @@ fn main() -> ExitCode {
             let r = match command {
                 OperatorCommand::Add { name, role } => operator::add(&api, &name, &role, j),
                 OperatorCommand::List => operator::list(&api, j),
+                OperatorCommand::Password { name } => {
+                    match password(&format!("New password for {name}: ")) {
+                        Ok(pw) => operator::set_password(&api, &name, &pw, j),
+                        Err(e) => return fail(e),
+                    }
+                }
                 OperatorCommand::Disable { name } => operator::set_disabled(&api, &name, true, j),
                 OperatorCommand::Enable { name } => operator::set_disabled(&api, &name, false, j),
                 OperatorCommand::Key {

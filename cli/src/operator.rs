@@ -129,6 +129,28 @@ pub fn set_disabled(
     Ok(())
 }
 
+pub fn set_password(
+    api: &ApiClient,
+    name: &str,
+    password: &str,
+    as_json: bool,
+) -> Result<(), ApiError> {
+    let v = api.post(
+        &format!("/operators/{name}/password"),
+        &json!({ "password": password }),
+    )?;
+    if as_json {
+        print_json(&v);
+        return Ok(());
+    }
+    println!(
+        "password of {} set: `culvert login --user {}` uses it",
+        s(&v, "name"),
+        s(&v, "name")
+    );
+    Ok(())
+}
+
 pub fn key_create(
     api: &ApiClient,
     name: &str,

@@ -132,6 +132,56 @@ pub struct OperatorRecord {
     /// Access this operator asked for.
     #[serde(default)]
     pub requests: Vec<AccessRequest>,
+    /// Their password for `culvert login --user` and the console: an argon2id PHC string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+/// Password lengths accepted, in characters.
+pub const PASSWORD_CHARS: std::ops::RangeInclusive<usize> = 12..=256;
+/// How long the key a password login issues lives.
+pub const LOGIN_KEY_LIFE_MS: i64 = 12 * 3_600_000;
+/// Failed logins one source address may make in [`LOGIN_WINDOW_MS`].
+pub const LOGIN_FAILURES: u32 = 10;
+pub const LOGIN_WINDOW_MS: i64 = 15 * 60_000;
+/// Source addresses whose failures are remembered (the oldest windows go first).
+const LOGIN_SOURCES: usize = 10_000;
+/// Password verifications running at once: each takes argon2's 19 MiB and tens of ms of CPU,
+/// so a flood of logins costs a bounded share of the relay, and the rest are told to retry.
+const VERIFYING: usize = 2;
+
+/// argon2id with the crate's defaults (19 MiB, 2 passes, 1 lane: OWASP's minimum), a random
+/// 16-byte salt.
+fn hash_password(password: &str) -> Result<String, String> {
+    use argon2::PasswordHasher;
+    let salt: [u8; 16] = rand::random();
+    let salt = argon2::password_hash::SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn verify_password(phc: &str, password: &str) -> bool {
+    use argon2::PasswordVerifier;
+    argon2::password_hash::PasswordHash::new(phc).is_ok_and(|h| {
+        argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
+}
+
+/// Why a password login was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    TooMany(String),
+    #[error("the relay is checking other logins; try again in a moment")]
+    Busy,
+    #[error(transparent)]
+    Access(#[from] AccessError),
 }
 
 /// An operator's request for access they have no standing grant for: one thing, some
@@ -288,6 +338,9 @@ pub struct Access {
     used: Mutex<std::collections::HashSet<String>>,
     /// Serializes changes (see [`Access::change`]).
     writes: tokio::sync::Mutex<()>,
+    /// Failed password logins per source address: (window start, failures).
+    failures: Mutex<std::collections::HashMap<std::net::IpAddr, (i64, u32)>>,
+    verifying: tokio::sync::Semaphore,
 }
 
 /// A key handed out once.
@@ -318,6 +371,8 @@ impl Access {
             require_reason,
             used: Mutex::new(Default::default()),
             writes: tokio::sync::Mutex::new(()),
+            failures: Mutex::new(Default::default()),
+            verifying: tokio::sync::Semaphore::new(VERIFYING),
         })
     }
 
@@ -591,6 +646,7 @@ impl Access {
             keys: Vec::new(),
             grants: Vec::new(),
             requests: Vec::new(),
+            password: None,
         };
         {
             let mut ops = self.lock();
@@ -669,6 +725,119 @@ impl Access {
                 expires_ms,
             },
         ))
+    }
+
+    /// Set `name`'s password (replacing any): stored as an argon2id hash only.
+    pub async fn set_password(
+        &self,
+        name: &str,
+        password: String,
+    ) -> Result<OperatorRecord, AccessError> {
+        let chars = password.chars().count();
+        if !PASSWORD_CHARS.contains(&chars) || password.chars().any(char::is_control) {
+            return Err(AccessError::Invalid(format!(
+                "a password has {}-{} characters and no control characters",
+                PASSWORD_CHARS.start(),
+                PASSWORD_CHARS.end()
+            )));
+        }
+        if self.get(name).is_none() {
+            return Err(AccessError::NotFound(format!("no operator {name:?}")));
+        }
+        let phc = tokio::task::spawn_blocking(move || hash_password(&password))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+            .map_err(|e| AccessError::Invalid(format!("cannot hash the password: {e}")))?;
+        let (rec, ()) = self
+            .change(name, move |o, _| {
+                o.password = Some(phc);
+                Ok(())
+            })
+            .await?;
+        Ok(rec)
+    }
+
+    /// A password login from `from`: a new key for `name` that lives [`LOGIN_KEY_LIFE_MS`].
+    /// Unknown names, operators without a password and wrong passwords get the same answer
+    /// after the same work; a source with [`LOGIN_FAILURES`] failures in [`LOGIN_WINDOW_MS`]
+    /// is refused until its window ends.
+    pub async fn login(
+        &self,
+        name: &str,
+        password: String,
+        from: std::net::IpAddr,
+    ) -> Result<(OperatorRecord, IssuedKey), LoginError> {
+        let now = self.now();
+        if let Some((start, n)) = self.failures_lock().get(&from).copied()
+            && n >= LOGIN_FAILURES
+            && now < start + LOGIN_WINDOW_MS
+        {
+            let minutes = (start + LOGIN_WINDOW_MS - now + 59_999) / 60_000;
+            return Err(LoginError::TooMany(format!(
+                "{LOGIN_FAILURES} failed logins from {from}; try again in {minutes} min"
+            )));
+        }
+        let Ok(_permit) = self.verifying.try_acquire() else {
+            return Err(LoginError::Busy);
+        };
+        let rec = self.get(name);
+        let phc = rec.as_ref().and_then(|o| o.password.clone());
+        let ok = tokio::task::spawn_blocking(move || match phc {
+            Some(phc) => verify_password(&phc, &password),
+            None => {
+                // The same work as a real check, so timing does not tell which names exist.
+                static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+                let dummy = DUMMY.get_or_init(|| hash_password(&new_secret()).unwrap_or_default());
+                verify_password(dummy, &password);
+                false
+            }
+        })
+        .await
+        .unwrap_or(false);
+        let refused = || LoginError::Refused("name or password not accepted".into());
+        let Some(rec) = rec.filter(|_| ok) else {
+            let mut failures = self.failures_lock();
+            if failures.len() >= LOGIN_SOURCES && !failures.contains_key(&from) {
+                failures.retain(|_, (start, _)| now < *start + LOGIN_WINDOW_MS);
+                if failures.len() >= LOGIN_SOURCES
+                    && let Some(oldest) = failures
+                        .iter()
+                        .min_by_key(|(_, (s, _))| *s)
+                        .map(|(ip, _)| *ip)
+                {
+                    failures.remove(&oldest);
+                }
+            }
+            let entry = failures.entry(from).or_insert((now, 0));
+            if now >= entry.0 + LOGIN_WINDOW_MS {
+                *entry = (now, 0);
+            }
+            entry.1 += 1;
+            return Err(refused());
+        };
+        if rec.disabled_ms.is_some() {
+            return Err(LoginError::Refused(format!(
+                "operator {name} is disabled; {} can enable them again",
+                self.admins()
+            )));
+        }
+        self.failures_lock().remove(&from);
+        Ok(self
+            .create_key(
+                name,
+                Some("login".into()),
+                Some(now + LOGIN_KEY_LIFE_MS),
+                // Issued by the relay for the login: a key of its own, not made with another.
+                &Principal::Bootstrap,
+            )
+            .await?)
+    }
+
+    fn failures_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, (i64, u32)>> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub async fn revoke_key(&self, name: &str, id: &str) -> Result<OperatorRecord, AccessError> {
@@ -954,6 +1123,85 @@ mod tests {
 
     fn svc(s: &[&str]) -> Vec<String> {
         s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_password_login_issues_a_short_lived_key_and_failures_are_limited_per_source() {
+        let clock = Arc::new(AtomicI64::new(T0));
+        let a = access(clock.clone()).await;
+        a.add_operator("alice", Role::Operator, &Principal::Bootstrap)
+            .await
+            .unwrap();
+        let here: std::net::IpAddr = [127, 0, 0, 1].into();
+        let there: std::net::IpAddr = [127, 0, 0, 2].into();
+        // No password yet: refused like a wrong one.
+        let e = a.login("alice", "correct horse battery".into(), here).await;
+        assert!(
+            matches!(e, Err(LoginError::Refused(_))),
+            "{:?}",
+            e.as_ref().err()
+        );
+        assert!(matches!(
+            a.set_password("alice", "short".into()).await,
+            Err(AccessError::Invalid(_))
+        ));
+        let o = a
+            .set_password("alice", "correct horse battery".into())
+            .await
+            .unwrap();
+        assert!(o.password.as_deref().unwrap().starts_with("$argon2id$"));
+        let (_, key) = a
+            .login("alice", "correct horse battery".into(), here)
+            .await
+            .unwrap();
+        assert_eq!(key.expires_ms, Some(T0 + LOGIN_KEY_LIFE_MS));
+        assert_eq!(
+            a.authenticate(&key.secret).unwrap().operator(),
+            Some("alice")
+        );
+        clock.store(T0 + LOGIN_KEY_LIFE_MS, Ordering::SeqCst);
+        assert!(
+            a.authenticate(&key.secret).is_err(),
+            "the login key expired"
+        );
+
+        // Wrong passwords and unknown names get one answer; the source is then held off.
+        let mut messages = std::collections::BTreeSet::new();
+        for i in 1..LOGIN_FAILURES {
+            let name = if i % 2 == 0 { "alice" } else { "mallory" };
+            match a.login(name, "guess".into(), here).await {
+                Err(LoginError::Refused(m)) => messages.insert(m),
+                other => panic!("{:?}", other.err()),
+            };
+        }
+        assert_eq!(messages.len(), 1, "{messages:?}");
+        assert!(a.login("alice", "guess".into(), here).await.is_err());
+        let e = a.login("alice", "correct horse battery".into(), here).await;
+        assert!(
+            matches!(e, Err(LoginError::TooMany(_))),
+            "{:?}",
+            e.as_ref().err()
+        );
+        // Another source is not held off; the window ends.
+        assert!(
+            a.login("alice", "correct horse battery".into(), there)
+                .await
+                .is_ok()
+        );
+        clock.fetch_add(LOGIN_WINDOW_MS, Ordering::SeqCst);
+        assert!(
+            a.login("alice", "correct horse battery".into(), here)
+                .await
+                .is_ok()
+        );
+
+        a.set_disabled("alice", true).await.unwrap();
+        let e = a.login("alice", "correct horse battery".into(), here).await;
+        assert!(
+            matches!(&e, Err(LoginError::Refused(m)) if m.contains("disabled")),
+            "{:?}",
+            e.as_ref().err()
+        );
     }
 
     #[test]

@@ -50,6 +50,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/operators/{name}/disable", post(ops::disable))
         .route("/operators/{name}/enable", post(ops::enable))
         .route("/operators/{name}/keys", post(ops::create_key))
+        .route("/operators/{name}/password", post(ops::set_password))
         .route("/operators/{name}/keys/{id}/revoke", post(ops::revoke_key))
         .route("/operators/{name}/grants", post(ops::add_grant))
         .route(
@@ -68,6 +69,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         ));
     Router::new()
         .route("/tunnel", get(dataplane::handshake))
+        // The one API call without a key: it trades a password for one.
+        .route("/api/v1/login", post(ops::login))
         .nest("/api/v1", api)
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(|| async {
@@ -285,6 +288,7 @@ impl Relay {
                     move |mut req: hyper::Request<hyper::body::Incoming>| {
                         slots.handshake_done();
                         req.extensions_mut().insert(ConnectionSlots(slots.clone()));
+                        req.extensions_mut().insert(crate::state::Peer(peer));
                         req
                     },
                 );

@@ -34,3 +34,7 @@ pub struct AppState {
 /// The slots of the connection a request arrived on (a request extension).
 #[derive(Clone)]
 pub struct ConnectionSlots(pub Arc<crate::slots::Admitted>);
+
+/// The address a request came from (a request extension, as [`ConnectionSlots`]).
+#[derive(Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);

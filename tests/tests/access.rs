@@ -3,7 +3,8 @@
 //!
 //! - an operator granted `cell-7/ECHO` opens that and nothing else, and every refusal names
 //!   the missing grant and who can give it;
-//! - a viewer sees, but cannot open; keys are revocable; `culvert login` saves a key;
+//! - a viewer sees, but cannot open; keys are revocable; `culvert login` saves a key, or
+//!   trades an operator's password for one that expires;
 //! - disabling an operator, or revoking their grant, ends their live connection at once;
 //! - an access request, once approved, opens exactly what was asked; a refused one nothing;
 //! - a relay that requires reasons refuses a tunnel without one, and stores the reason;
@@ -266,6 +267,93 @@ fn culvert_login_saves_the_key_for_the_commands_that_follow() {
         .unwrap();
     assert!(!out.status.success() && stderr_of(&out).contains("API key not accepted"));
     assert!(!dir.join("other.json").exists());
+}
+
+#[test]
+fn a_password_login_issues_a_key_and_a_wrong_password_saves_nothing() {
+    let dir = scratch("access-password");
+    let relay = Relay::start(&dir);
+    let alice = add_operator(&relay, "alice", "operator");
+    let bob = add_operator(&relay, "bob", "operator");
+    let secret = "correct horse battery staple";
+    let set = |key: &str, name: &str| {
+        relay
+            .culvert()
+            .env("CULVERT_API_KEY", key)
+            .env("CULVERT_PASSWORD", secret)
+            .args(["--json", "operator", "password", name])
+            .output()
+            .unwrap()
+    };
+    // One's own password, yes; another operator's, no.
+    let v = ok_json("alice setting her password", set(&alice, "alice"));
+    assert_eq!(v["hasPassword"], true, "{v}");
+    let out = set(&bob, "alice");
+    assert!(
+        !out.status.success() && stderr_of(&out).contains("setting another operator's password"),
+        "{}",
+        stderr_of(&out)
+    );
+    let login = |password: &str, creds: &std::path::Path| {
+        relay
+            .culvert()
+            .args(["login", "--user", "alice"])
+            .env("CULVERT_CREDENTIALS", creds)
+            .env("CULVERT_PASSWORD", password)
+            .output()
+            .unwrap()
+    };
+    let creds = dir.join("credentials.json");
+    let out = login(secret, &creds);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("as alice (operator)"),
+        "{}",
+        stderr_of(&out)
+    );
+    let out = Command::new(bin("culvert"))
+        .args(["--json", "whoami"])
+        .env("CULVERT_CREDENTIALS", &creds)
+        .env_remove("CULVERT_RELAY")
+        .env_remove("CULVERT_API_KEY")
+        .env_remove("CULVERT_CA")
+        .output()
+        .unwrap();
+    let me = ok_json("whoami with the key the login issued", out);
+    assert_eq!(me["name"], "alice");
+    let key = me["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["keyId"] == me["keyId"])
+        .cloned()
+        .unwrap();
+    assert_eq!(key["label"], "login");
+    assert!(key["expiresAt"].is_string(), "a login key expires: {key}");
+
+    let other = dir.join("other.json");
+    let out = login("not the password", &other);
+    assert!(
+        !out.status.success() && stderr_of(&out).contains("name or password not accepted"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(!other.exists());
+    // The relay keeps only a hash, shows none, and records both attempts.
+    let list = relay.api(&["operator", "list"]).to_string();
+    assert!(!list.contains("argon2") && !list.contains(secret), "{list}");
+    let audit = std::fs::read_to_string(find_audit(&relay)).unwrap();
+    assert!(!audit.contains(secret) && !audit.contains("argon2"));
+    let events: Vec<_> = audit_records(&find_audit(&relay))
+        .iter()
+        .filter_map(|r| r["event"].as_str().map(str::to_owned))
+        .filter(|e| e.starts_with("login") || e == "password_set")
+        .collect();
+    assert_eq!(
+        events,
+        ["password_set", "login", "login_refused"],
+        "{events:?}"
+    );
 }
 
 /// Open a tunnel as `key` to `thing`/ECHO, with a gateway and a proxy; a live connection.

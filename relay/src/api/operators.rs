@@ -8,6 +8,8 @@
 //! | POST | /operators/{name}/disable | admin | disable: keys stop working, their tunnels close |
 //! | POST | /operators/{name}/enable | admin | enable again |
 //! | POST | /operators/{name}/keys | admin, self | new key `{"label", "expiresInDays"}` (shown once; one's own lives no longer than the key used) |
+//! | POST | /operators/{name}/password | admin, self | set the password `{"password"}` (12-256 characters; stored as argon2id) |
+//! | POST | /login | no key | `{"name", "password"}` → a key that lives 12 h (failures limited per source address) |
 //! | POST | /operators/{name}/keys/{id}/revoke | admin, self | revoke a key (and the keys made with it); tunnels opened with them close |
 //! | POST | /operators/{name}/grants | admin | grant `{"things", "services", "notBefore", "notAfter" or "durationMinutes"}` |
 //! | POST | /operators/{name}/grants/{id}/revoke | admin | revoke a grant: tunnels it allowed close |
@@ -61,6 +63,7 @@ fn operator_json(o: &OperatorRecord, now: i64) -> Value {
         })).collect::<Vec<_>>(),
         "grants": o.grants.iter().map(|g| grant_json(g, now)).collect::<Vec<_>>(),
         "pendingRequests": o.requests.iter().filter(|r| r.decision.is_none()).count(),
+        "hasPassword": o.password.is_some(),
     })
 }
 
@@ -270,6 +273,93 @@ pub async fn create_key(
                 .into_response()
         }
         Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordBody {
+    password: String,
+}
+
+pub async fn set_password(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    b: ApiBody,
+) -> Response {
+    if let Err(r) = admin_or_self(&state, &p, &name, "setting another operator's password") {
+        return r;
+    }
+    let b: PasswordBody = match b.json() {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    match state.access.set_password(&name, b.password).await {
+        Ok(o) => {
+            state
+                .audit
+                .record("password_set", json!({"operator": p.label(), "name": name}));
+            Json(operator_json(&o, state.access.now())).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginBody {
+    name: String,
+    password: String,
+}
+
+/// `POST /api/v1/login`: a password for a key that lives
+/// [`crate::access::LOGIN_KEY_LIFE_MS`]. Every attempt is in the audit trail.
+pub async fn login(
+    State(state): State<Arc<AppState>>,
+    peer: Option<Extension<crate::state::Peer>>,
+    b: ApiBody,
+) -> Response {
+    use crate::access::LoginError;
+    let from = peer.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |Extension(p)| {
+        p.0.ip()
+    });
+    let b: LoginBody = match b.json() {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let name = crate::audit::clip(&b.name);
+    match state.access.login(&b.name, b.password, from).await {
+        Ok((o, key)) => {
+            state.audit.record(
+                "login",
+                json!({"operator": o.name, "from": from.to_string(), "key": key.id, "expires": key.expires_ms.map(rfc3339)}),
+            );
+            (
+                StatusCode::CREATED,
+                Json(json!({
+                    "name": o.name,
+                    "role": o.role,
+                    "keyId": key.id,
+                    "apiKey": key.secret,
+                    "expiresAt": key.expires_ms.map(rfc3339),
+                })),
+            )
+                .into_response()
+        }
+        Err(LoginError::Access(e)) => e.into_response(),
+        Err(e) => {
+            let (status, code) = match &e {
+                LoginError::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_logins"),
+                LoginError::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+                _ => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            };
+            state.audit.refusal(
+                "login_refused",
+                json!({"name": name, "from": from.to_string(), "status": status.as_u16(), "message": e.to_string()}),
+            );
+            error(status, code, e.to_string())
+        }
     }
 }
 

@@ -397,6 +397,7 @@ async fn operators_are_stored_and_replaced(f: Fixture) {
         keys: Vec::new(),
         grants: Vec::new(),
         requests: Vec::new(),
+        password: Some("$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into()),
     };
     s.put_operator(&o).await.unwrap();
     s.put_operator(&OperatorRecord {
@@ -408,6 +409,7 @@ async fn operators_are_stored_and_replaced(f: Fixture) {
     let all = s.operators().await.unwrap();
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].disabled_ms, Some(2));
+    assert_eq!(all[0].password, o.password, "the password hash is kept");
 }
 
 /// Many handshakes with the same single-use token at once: exactly one gets in.
