@@ -314,6 +314,18 @@ enum DeviceCommand {
     Add {
         #[arg(long)]
         thing: String,
+        /// KEY=VALUE (repeatable): grants may name things by tag (`--thing tag:line=2`).
+        /// Without any, a device keeps the tags it has.
+        #[arg(long = "tag", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
+    },
+    /// Replace a device's tags (none: remove them all); its password stays.
+    Tag {
+        #[arg(long)]
+        thing: String,
+        /// KEY=VALUE, as many as it has.
+        #[arg(value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
     },
     /// List registered devices.
     List,
@@ -733,13 +745,17 @@ fn main() -> ExitCode {
                 Err(e) => return fail(e),
             };
             let r = match command {
-                DeviceCommand::Add { thing } => tunnel::device_add(
+                DeviceCommand::Add { thing, tags } => tunnel::device_add(
                     &api,
                     &thing,
+                    &tags,
                     cli.relay.as_deref().unwrap_or_default(),
                     cli.ca.as_deref(),
                     cli.json,
                 ),
+                DeviceCommand::Tag { thing, tags } => {
+                    tunnel::device_tag(&api, &thing, &tags, cli.json)
+                }
                 DeviceCommand::List => tunnel::device_list(&api, cli.json),
                 DeviceCommand::Remove { thing } => tunnel::device_remove(&api, &thing, cli.json),
             };

@@ -223,11 +223,16 @@ pub fn rotate(api: &ApiClient, id: &str, mode: &str, as_json: bool) -> Result<()
 pub fn device_add(
     api: &ApiClient,
     thing: &str,
+    tags: &[(String, String)],
     relay: &str,
     ca: Option<&std::path::Path>,
     as_json: bool,
 ) -> Result<(), ApiError> {
-    let v = api.post("/devices", &json!({"thingName": thing}))?;
+    let mut body = json!({"thingName": thing});
+    if !tags.is_empty() {
+        body["tags"] = tag_map(tags);
+    }
+    let v = api.post("/devices", &body)?;
     if as_json {
         print_json(&v);
         return Ok(());
@@ -256,6 +261,44 @@ pub fn device_add(
     Ok(())
 }
 
+fn tag_map(tags: &[(String, String)]) -> serde_json::Value {
+    tags.iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// `line=2, site=campus`.
+fn tags_shown(d: &serde_json::Value) -> String {
+    d["tags"]
+        .as_object()
+        .map(|t| {
+            t.iter()
+                .map(|(k, v)| format!("{}={}", shown(k), shown(v.as_str().unwrap_or_default())))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+}
+
+pub fn device_tag(
+    api: &ApiClient,
+    thing: &str,
+    tags: &[(String, String)],
+    as_json: bool,
+) -> Result<(), ApiError> {
+    let v = api.post(
+        &format!("/devices/{thing}/tags"),
+        &json!({ "tags": tag_map(tags) }),
+    )?;
+    if as_json {
+        print_json(&v);
+    } else {
+        println!("device {thing} tags: {}", tags_shown(&v));
+    }
+    Ok(())
+}
+
 pub fn device_list(api: &ApiClient, as_json: bool) -> Result<(), ApiError> {
     let v = api.get("/devices", &[])?;
     if as_json {
@@ -268,9 +311,10 @@ pub fn device_list(api: &ApiClient, as_json: bool) -> Result<(), ApiError> {
     }
     for d in &list {
         println!(
-            "{:<40}  registered {}",
+            "{:<40}  registered {}  {}",
             s(d, "thingName"),
-            s(d, "createdAt")
+            s(d, "createdAt"),
+            tags_shown(d)
         );
     }
     Ok(())

@@ -96,8 +96,13 @@ impl Grant {
             && self.not_after_ms.is_none_or(|t| now < t)
     }
 
-    fn covers_thing(&self, thing: &str) -> bool {
-        self.things.iter().any(|p| glob(p, thing))
+    /// Does a pattern name `thing`: by name (a glob), or `tag:KEY=VALUE` (VALUE a glob) by
+    /// one of its device tags?
+    fn covers_thing(&self, thing: &str, tags: &BTreeMap<String, String>) -> bool {
+        self.things.iter().any(|p| match tag_pattern(p) {
+            Some((key, value)) => tags.get(key).is_some_and(|v| glob(value, v)),
+            None => glob(p, thing),
+        })
     }
 
     fn covers_service(&self, service: &str) -> bool {
@@ -309,6 +314,20 @@ fn glob(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
+/// `tag:KEY=VALUE` → (KEY, VALUE). A thing name has no `=`, so no name is taken for one.
+fn tag_pattern(p: &str) -> Option<(&str, &str)> {
+    p.strip_prefix("tag:")?.split_once('=')
+}
+
+/// A grant's thing pattern: a name glob, or `tag:KEY=VALUE` with a tag name and a value glob
+/// (`tag:` always starts a tag: a `tag:x` without `=` is refused, not taken for a name).
+fn valid_thing_pattern(p: &str) -> bool {
+    match tag_pattern(p) {
+        Some((key, value)) => culvert_protocol::valid_name(key) && valid_pattern(value),
+        None => !p.starts_with("tag:") && valid_pattern(p),
+    }
+}
+
 fn valid_pattern(p: &str) -> bool {
     !p.is_empty()
         && p.len() <= 128
@@ -329,6 +348,8 @@ fn new_id() -> String {
 
 pub struct Access {
     store: Arc<dyn Store>,
+    /// The registered devices, for grants that name things by tag.
+    devices: Arc<crate::devices::Devices>,
     operators: Mutex<BTreeMap<String, OperatorRecord>>,
     bootstrap: Secret,
     clock: Clock,
@@ -353,6 +374,7 @@ pub struct IssuedKey {
 impl Access {
     pub async fn load(
         store: Arc<dyn Store>,
+        devices: Arc<crate::devices::Devices>,
         bootstrap: Secret,
         clock: Clock,
         require_reason: bool,
@@ -365,6 +387,7 @@ impl Access {
             .collect();
         Ok(Access {
             store,
+            devices,
             operators: Mutex::new(operators),
             bootstrap,
             clock,
@@ -497,12 +520,13 @@ impl Access {
             return Ok(());
         }
         let grants = self.grants_in_force(name);
+        let tags = self.devices.tags(thing);
         let missing: Vec<&str> = services
             .iter()
             .filter(|s| {
                 !grants
                     .iter()
-                    .any(|g| g.covers_thing(thing) && g.covers_service(s))
+                    .any(|g| g.covers_thing(thing, &tags) && g.covers_service(s))
             })
             .map(String::as_str)
             .collect();
@@ -534,10 +558,12 @@ impl Access {
         match p.operator() {
             None => true,
             Some(_) if p.role() == Role::Admin => true,
-            Some(name) => self
-                .grants_in_force(name)
-                .iter()
-                .any(|g| g.covers_thing(thing)),
+            Some(name) => {
+                let tags = self.devices.tags(thing);
+                self.grants_in_force(name)
+                    .iter()
+                    .any(|g| g.covers_thing(thing, &tags))
+            }
         }
     }
 
@@ -890,9 +916,12 @@ impl Access {
         not_after_ms: Option<i64>,
         by: &Principal,
     ) -> Result<(OperatorRecord, Grant), AccessError> {
-        if things.is_empty() || things.len() > 64 || !things.iter().all(|t| valid_pattern(t)) {
+        if things.is_empty() || things.len() > 64 || !things.iter().all(|t| valid_thing_pattern(t))
+        {
             return Err(AccessError::Invalid(
-                "things: 1-64 names or patterns of A-Z a-z 0-9 : _ - with * and ?".into(),
+                "things: 1-64 names or patterns of A-Z a-z 0-9 : _ - with * and ?, or \
+                 tag:KEY=VALUE (a device tag; the value may be a pattern)"
+                    .into(),
             ));
         }
         if services.is_empty()
@@ -1111,8 +1140,10 @@ mod tests {
     const T0: i64 = 1_800_000_000_000;
 
     async fn access(clock: Arc<AtomicI64>) -> Access {
+        let store = Arc::new(MemoryStore::default());
         Access::load(
-            Arc::new(MemoryStore::default()),
+            store.clone(),
+            Arc::new(crate::devices::Devices::load(store).await.unwrap()),
             Secret::new("boot"),
             Arc::new(move || clock.load(Ordering::SeqCst)),
             false,
@@ -1202,6 +1233,61 @@ mod tests {
             "{:?}",
             e.as_ref().err()
         );
+    }
+
+    #[tokio::test]
+    async fn a_grant_by_device_tag_follows_the_devices_tags() {
+        let clock = Arc::new(AtomicI64::new(T0));
+        let a = access(clock).await;
+        a.add_operator("alice", Role::Operator, &Principal::Bootstrap)
+            .await
+            .unwrap();
+        let line2 = || Some([("line".to_owned(), "2".to_owned())].into());
+        a.devices.issue("cell-7", line2()).await.unwrap();
+        a.devices.issue("cell-8", None).await.unwrap();
+        assert!(matches!(
+            a.add_grant(
+                "alice",
+                svc(&["tag:line"]),
+                svc(&["SSH"]),
+                None,
+                None,
+                &Principal::Bootstrap
+            )
+            .await,
+            Err(AccessError::Invalid(_))
+        ));
+        a.add_grant(
+            "alice",
+            svc(&["tag:line=2*"]),
+            svc(&["SSH"]),
+            None,
+            None,
+            &Principal::Bootstrap,
+        )
+        .await
+        .unwrap();
+        let alice = Principal::Operator {
+            name: "alice".into(),
+            role: Role::Operator,
+            key: String::new(),
+        };
+        assert!(a.may_reach(&alice, "cell-7", &svc(&["SSH"])).is_ok());
+        assert!(a.may_see(&alice, "cell-7"));
+        assert!(a.may_reach(&alice, "cell-8", &svc(&["SSH"])).is_err());
+        assert!(!a.may_see(&alice, "cell-8"));
+        // A thing named like the pattern is not matched by name.
+        assert!(a.may_reach(&alice, "tag:line=2", &svc(&["SSH"])).is_err());
+        // Re-issuing a password keeps the tags; retagging moves the access.
+        a.devices.issue("cell-7", None).await.unwrap();
+        assert!(a.still_allowed("alice", None, "cell-7", &svc(&["SSH"])));
+        a.devices.set_tags("cell-7", BTreeMap::new()).await.unwrap();
+        assert!(!a.still_allowed("alice", None, "cell-7", &svc(&["SSH"])));
+        a.devices
+            .set_tags("cell-8", line2().unwrap())
+            .await
+            .unwrap();
+        assert!(a.may_reach(&alice, "cell-8", &svc(&["SSH"])).is_ok());
     }
 
     #[test]
@@ -1423,9 +1509,15 @@ mod tests {
         a.set_disabled("bob", false).await.unwrap();
         assert!(a.authenticate(&k.secret).is_ok());
         // Kept in the store: a restart knows them.
-        let b = Access::load(a.store.clone(), Secret::new("boot"), a.clock.clone(), false)
-            .await
-            .unwrap();
+        let b = Access::load(
+            a.store.clone(),
+            a.devices.clone(),
+            Secret::new("boot"),
+            a.clock.clone(),
+            false,
+        )
+        .await
+        .unwrap();
         assert!(b.authenticate(&k.secret).is_ok());
         assert!(b.authenticate(&first.secret).is_err());
     }

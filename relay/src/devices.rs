@@ -39,18 +39,47 @@ impl Devices {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Create the device, or issue it a new password. Returns the password (shown once).
-    pub async fn issue(&self, thing: &str) -> Result<String, StoreError> {
+    /// Create the device, or issue it a new password. Returns the password (shown once). Its
+    /// tags become `tags`, or stay as they were when that is None.
+    pub async fn issue(
+        &self,
+        thing: &str,
+        tags: Option<BTreeMap<String, String>>,
+    ) -> Result<String, StoreError> {
         let password = new_secret();
         let rec = DeviceRecord {
             thing_name: thing.to_owned(),
             password: TokenHash::of(&password),
             created_ms: crate::registry::now_ms(),
+            tags: tags.unwrap_or_else(|| self.tags(thing)),
         };
         self.store.put_device(&rec).await?;
         self.lock().insert(thing.to_owned(), rec);
         self.revoke(thing);
         Ok(password)
+    }
+
+    /// Replace a device's tags (its password and connection stay). None: no such device.
+    pub async fn set_tags(
+        &self,
+        thing: &str,
+        tags: BTreeMap<String, String>,
+    ) -> Result<Option<DeviceRecord>, StoreError> {
+        let Some(mut rec) = self.lock().get(thing).cloned() else {
+            return Ok(None);
+        };
+        rec.tags = tags;
+        self.store.put_device(&rec).await?;
+        self.lock().insert(thing.to_owned(), rec.clone());
+        Ok(Some(rec))
+    }
+
+    /// A device's tags (none for a thing that is not registered here).
+    pub fn tags(&self, thing: &str) -> BTreeMap<String, String> {
+        self.lock()
+            .get(thing)
+            .map(|d| d.tags.clone())
+            .unwrap_or_default()
     }
 
     pub async fn remove(&self, thing: &str) -> Result<bool, StoreError> {

@@ -45,6 +45,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/devices/{thing}",
             axum::routing::delete(api::remove_device),
         )
+        .route("/devices/{thing}/tags", post(api::set_device_tags))
         .route("/operators", post(ops::add).get(ops::list))
         .route("/operators/me", get(ops::me))
         .route("/operators/{name}/disable", post(ops::disable))
@@ -120,6 +121,7 @@ impl Relay {
         let access = Arc::new(
             Access::load(
                 store,
+                devices.clone(),
                 cfg.api_key.clone(),
                 Arc::new(crate::registry::now_ms),
                 cfg.require_reason,

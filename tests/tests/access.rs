@@ -2,7 +2,7 @@
 //! culvert-relay, culvertd and `culvert` binaries as separate processes.
 //!
 //! - an operator granted `cell-7/ECHO` opens that and nothing else, and every refusal names
-//!   the missing grant and who can give it;
+//!   the missing grant and who can give it; a grant by device tag follows the tags;
 //! - a viewer sees, but cannot open; keys are revocable; `culvert login` saves a key, or
 //!   trades an operator's password for one that expires;
 //! - disabling an operator, or revoking their grant, ends their live connection at once;
@@ -220,6 +220,51 @@ fn an_operator_reaches_exactly_their_grants_and_refusals_say_who_can_grant_more(
     );
     // The bootstrap api_key of a relay set up before operators still does everything.
     relay.api(&["tunnel", "close", id]);
+}
+
+#[test]
+fn a_grant_by_device_tag_reaches_the_tagged_things_and_a_retag_ends_its_tunnels() {
+    let dir = scratch("access-tags");
+    let relay = Relay::start(&dir);
+    let alice = add_operator(&relay, "alice", "operator");
+    relay.api(&["device", "add", "--thing", "cell-7", "--tag", "line=2"]);
+    relay.api(&["device", "add", "--thing", "cell-8", "--tag", "line=3"]);
+    relay.api(&[
+        "operator",
+        "grant",
+        "add",
+        "alice",
+        "--thing",
+        "tag:line=2",
+        "--service",
+        "ECHO",
+    ]);
+    let open = |thing: &str| {
+        as_key(
+            &relay,
+            &alice,
+            &["tunnel", "open", "--thing", thing, "--service", "ECHO"],
+        )
+    };
+    let t = ok_json("alice opening a thing tagged line=2", open("cell-7"));
+    let id = t["tunnelId"].as_str().unwrap();
+    let e = refused("alice opening a thing tagged line=3", open("cell-8"));
+    assert!(
+        e.contains("alice has no grant for cell-8/ECHO (their grants: tag:line=2: ECHO)"),
+        "{e}"
+    );
+    let devices = relay.api(&["device", "list"]);
+    assert_eq!(devices["devices"][0]["tags"]["line"], "2", "{devices}");
+    // Moving cell-7 to another line takes the access with it: the open tunnel closes.
+    let v = relay.api(&["device", "tag", "--thing", "cell-7", "line=4"]);
+    assert_eq!(v["tags"]["line"], "4", "{v}");
+    let closed = wait_for("the retagged thing's tunnel to close", || {
+        let v = relay.describe(id);
+        (v["status"] == "CLOSED").then_some(v)
+    });
+    assert_eq!(closed["closeReason"], "access_revoked", "{closed}");
+    let e = refused("alice opening the retagged thing", open("cell-7"));
+    assert!(e.contains("HTTP 403"), "{e}");
 }
 
 #[test]

@@ -628,6 +628,48 @@ pub async fn rotate(
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeviceBody {
     thing_name: String,
+    /// Replaces the device's tags; absent: they stay as they are.
+    #[serde(default)]
+    tags: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagsBody {
+    tags: BTreeMap<String, String>,
+}
+
+/// At most this many tags on a device.
+const MAX_TAGS: usize = 16;
+
+/// Tags an admin may give a device: names as thing names, values of 1-128 characters without
+/// control characters, `=` or glob characters (so a grant's `tag:KEY=VALUE` reads one way).
+fn check_tags(tags: &BTreeMap<String, String>) -> Result<(), Response> {
+    let bad_value = |v: &str| {
+        v.is_empty()
+            || v.chars().count() > 128
+            || v.chars()
+                .any(|c| culvert_protocol::is_unsafe_char(c) || matches!(c, '=' | '*' | '?'))
+    };
+    if tags.len() > MAX_TAGS
+        || tags
+            .iter()
+            .any(|(k, v)| !culvert_protocol::valid_name(k) || bad_value(v))
+    {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "tags: at most {MAX_TAGS}, each KEY=VALUE with KEY of A-Z a-z 0-9 : _ - and VALUE of \
+                 1-128 characters without control characters, =, * or ?"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn device_json(d: &crate::store::DeviceRecord) -> serde_json::Value {
+    serde_json::json!({"thingName": d.thing_name, "createdAt": rfc3339(d.created_ms), "tags": d.tags})
 }
 
 /// Register a device for the embedded broker, or give it a new password.
@@ -656,11 +698,16 @@ pub async fn add_device(
             ),
         );
     }
-    match state.devices.issue(&b.thing_name).await {
+    if let Some(tags) = &b.tags
+        && let Err(r) = check_tags(tags)
+    {
+        return r;
+    }
+    match state.devices.issue(&b.thing_name, b.tags.clone()).await {
         Ok(password) => {
             state.audit.record(
                 "device_add",
-                serde_json::json!({"operator": p.label(), "thing": b.thing_name}),
+                serde_json::json!({"operator": p.label(), "thing": b.thing_name, "tags": b.tags}),
             );
             (
                 StatusCode::CREATED,
@@ -687,9 +734,44 @@ pub async fn list_devices(
         .list()
         .into_iter()
         .filter(|d| state.access.may_see(&p, &d.thing_name))
-        .map(|d| serde_json::json!({"thingName": d.thing_name, "createdAt": rfc3339(d.created_ms)}))
+        .map(|d| device_json(&d))
         .collect();
     Json(serde_json::json!({ "devices": list })).into_response()
+}
+
+/// Replace a device's tags. Tunnels that were allowed by a tag the device no longer has close
+/// with the relay's next sweep, as when a grant runs out.
+pub async fn set_device_tags(
+    State(state): State<Arc<AppState>>,
+    Extension(p): Extension<Principal>,
+    Path(thing): Path<String>,
+    b: ApiBody,
+) -> Response {
+    if let Err(d) = state.access.require(&p, Role::Admin, "tagging a device") {
+        return denied(&state, &p, "device_tags", d);
+    }
+    let b: TagsBody = match b.json() {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if let Err(r) = check_tags(&b.tags) {
+        return r;
+    }
+    match state.devices.set_tags(&thing, b.tags).await {
+        Ok(Some(d)) => {
+            state.audit.record(
+                "device_tags",
+                serde_json::json!({"operator": p.label(), "thing": thing, "tags": d.tags}),
+            );
+            Json(device_json(&d)).into_response()
+        }
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no device {thing:?} (culvert device list shows them)"),
+        ),
+        Err(e) => ApiError::from(e).into_response(),
+    }
 }
 
 pub async fn remove_device(

@@ -370,6 +370,7 @@ async fn devices_are_stored_and_removed(f: Fixture) {
         thing_name: "cell".into(),
         password: TokenHash::of("pw"),
         created_ms: 1,
+        tags: [("line".to_owned(), "2".to_owned())].into(),
     };
     s.put_device(&d).await.unwrap();
     s.put_device(&DeviceRecord {
@@ -381,6 +382,7 @@ async fn devices_are_stored_and_removed(f: Fixture) {
     let all = s.devices().await.unwrap();
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].password, TokenHash::of("pw2"));
+    assert_eq!(all[0].tags, d.tags);
     s.remove_device("cell").await.unwrap();
     assert!(s.devices().await.unwrap().is_empty());
 }

@@ -34,6 +34,9 @@ pub struct DeviceRecord {
     pub thing_name: String,
     pub password: TokenHash,
     pub created_ms: i64,
+    /// Labels an admin gives it (`line=2`, `site=campus`): grants may name things by tag.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
