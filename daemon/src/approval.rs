@@ -59,14 +59,14 @@ struct Decision {
 
 /// What `<tunnel>.waiting` says.
 #[derive(Deserialize, Serialize)]
-struct Waiting {
-    tunnel: String,
+pub struct Waiting {
+    pub tunnel: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    operator: Option<String>,
+    pub operator: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    reason: Option<String>,
-    since: String,
-    until: String,
+    pub reason: Option<String>,
+    pub since: String,
+    pub until: String,
 }
 
 /// Tells culvert-relay where a tunnel stands, over the gateway's MQTT connection
@@ -388,7 +388,8 @@ pub enum Command {
     },
 }
 
-fn waiting_in(dir: &Path) -> Result<Vec<Waiting>, String> {
+/// The tunnels waiting in `dir`, oldest first.
+pub fn waiting_in(dir: &Path) -> Result<Vec<Waiting>, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| {
         format!(
             "{}: {e} (is culvertd running with [consent] approve_tunnels = true?)",
@@ -447,31 +448,41 @@ impl Command {
                 ));
             }
         };
-        let Some(stem) = stem(&tunnel) else {
-            return Err(format!("{tunnel:?} is not a tunnel id"));
-        };
-        if !waiting.iter().any(|w| w.tunnel == tunnel) {
-            return Err(format!(
-                "tunnel {tunnel} is not waiting for approval (`culvertd consent list` shows those that are)"
-            ));
-        }
         let by = by.clone().or_else(|| {
             ["SUDO_USER", "USER"]
                 .iter()
                 .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
         });
-        let d = Decision {
-            by,
-            why: why.clone(),
-        };
-        let suffix = if approve { "approved" } else { "refused" };
-        let tmp = dir.join(format!(".{stem}.{suffix}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec(&d).unwrap_or_default())
-            .and_then(|()| std::fs::rename(&tmp, dir.join(format!("{stem}.{suffix}"))))
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let suffix = write_decision(dir, &waiting, &tunnel, approve, by, why.clone())?;
         println!("tunnel {tunnel} {suffix}");
         Ok(())
     }
+}
+
+/// Drop the decision on `tunnel` (one of `waiting`) in `dir`; what it became.
+pub fn write_decision(
+    dir: &Path,
+    waiting: &[Waiting],
+    tunnel: &str,
+    approve: bool,
+    by: Option<String>,
+    why: Option<String>,
+) -> Result<&'static str, String> {
+    let Some(stem) = stem(tunnel) else {
+        return Err(format!("{tunnel:?} is not a tunnel id"));
+    };
+    if !waiting.iter().any(|w| w.tunnel == tunnel) {
+        return Err(format!(
+            "tunnel {tunnel} is not waiting for approval (`culvertd consent list` shows those that are)"
+        ));
+    }
+    let d = Decision { by, why };
+    let suffix = if approve { "approved" } else { "refused" };
+    let tmp = dir.join(format!(".{stem}.{suffix}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec(&d).unwrap_or_default())
+        .and_then(|()| std::fs::rename(&tmp, dir.join(format!("{stem}.{suffix}"))))
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(suffix)
 }
 
 #[cfg(test)]

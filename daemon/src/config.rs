@@ -126,6 +126,8 @@ struct RawConsent {
     approve_tunnels: Option<Spanned<bool>>,
     approval_dir: Option<Spanned<PathBuf>>,
     approval_timeout_secs: Option<Spanned<u64>>,
+    hmi_listen: Option<Spanned<String>>,
+    hmi_token_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize)]
@@ -412,7 +414,29 @@ pub struct Approval {
     pub dir: PathBuf,
     /// A tunnel nobody decides on within this is refused (`approval_timeout_secs`).
     pub timeout: Duration,
+    /// A local HMI decides over HTTP ([`crate::hmi`]).
+    pub hmi: Option<Hmi>,
 }
+
+/// `[consent] hmi_listen` and `hmi_token_file`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hmi {
+    pub listen: std::net::SocketAddr,
+    pub token: HmiToken,
+}
+
+/// The HMI's bearer token (never printed).
+#[derive(Clone, PartialEq, Eq)]
+pub struct HmiToken(pub String);
+
+impl std::fmt::Debug for HmiToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HmiToken(..)")
+    }
+}
+
+/// Shortest HMI token accepted.
+pub const MIN_HMI_TOKEN: usize = 16;
 
 /// Where culvertd lists the tunnels waiting for approval, unless `approval_dir` says otherwise
 /// (the systemd unit's RuntimeDirectory).
@@ -765,10 +789,12 @@ impl Validator<'_> {
         let audit_file = raw.audit.and_then(|a| a.file).map(|f| self.audit_file(&f));
         let consent = raw.consent.unwrap_or_default();
         let consent_switch = consent.switch_file.map(|f| self.relative(f));
+        let hmi = self.hmi(consent.hmi_listen, consent.hmi_token_file);
         let approval = self.approval(
             consent.approve_tunnels,
             consent.approval_dir,
             consent.approval_timeout_secs,
+            hmi,
         );
         let mut services = BTreeMap::new();
         for (name, svc) in raw.services {
@@ -831,6 +857,7 @@ impl Validator<'_> {
         on: Option<Spanned<bool>>,
         dir: Option<Spanned<PathBuf>>,
         timeout: Option<Spanned<u64>>,
+        hmi: Option<(Range<usize>, Hmi)>,
     ) -> Option<Approval> {
         let timeout = self.secs("consent.approval_timeout_secs".into(), &timeout, 86_400);
         if !on.as_ref().is_some_and(|o| *o.get_ref()) {
@@ -841,6 +868,13 @@ impl Validator<'_> {
                     "has no effect without consent.approve_tunnels = true",
                 );
             }
+            if let Some((span, _)) = hmi {
+                self.push(
+                    span,
+                    "consent.hmi_listen",
+                    "has no effect without consent.approve_tunnels = true",
+                );
+            }
             return None;
         }
         Some(Approval {
@@ -848,7 +882,80 @@ impl Validator<'_> {
                 .map(|d| self.relative(d))
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_APPROVAL_DIR)),
             timeout: timeout.unwrap_or(DEFAULT_APPROVAL_TIMEOUT),
+            hmi: hmi.map(|(_, h)| h),
         })
+    }
+
+    /// `hmi_listen` with its `hmi_token_file` (both, or neither).
+    fn hmi(
+        &mut self,
+        listen: Option<Spanned<String>>,
+        token_file: Option<Spanned<PathBuf>>,
+    ) -> Option<(Range<usize>, Hmi)> {
+        let listen = match (listen, &token_file) {
+            (None, None) => return None,
+            (None, Some(f)) => {
+                self.push(
+                    f.span(),
+                    "consent.hmi_token_file",
+                    "needs consent.hmi_listen",
+                );
+                return None;
+            }
+            (Some(l), None) => {
+                self.push(
+                    l.span(),
+                    "consent.hmi_listen",
+                    "needs consent.hmi_token_file: the HMI proves itself with that token",
+                );
+                return None;
+            }
+            (Some(l), Some(_)) => l,
+        };
+        let span = listen.span();
+        let addr = match listen.get_ref().parse::<std::net::SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.push(
+                    span.clone(),
+                    "consent.hmi_listen",
+                    "an IP address and port, e.g. \"192.168.10.5:9180\" (the HMI's network only)",
+                );
+                None
+            }
+        };
+        let f = token_file?;
+        let path = self.path("consent.hmi_token_file", &f);
+        let token = match std::fs::read_to_string(&path) {
+            Ok(t) if t.trim().chars().count() >= MIN_HMI_TOKEN => Some(t.trim().to_owned()),
+            Ok(_) => {
+                self.push(
+                    f.span(),
+                    "consent.hmi_token_file",
+                    format!(
+                        "{} holds fewer than {MIN_HMI_TOKEN} characters: write a long random token (openssl rand -hex 24)",
+                        path.display()
+                    ),
+                );
+                None
+            }
+            Err(e) if path.is_file() => {
+                self.push(
+                    f.span(),
+                    "consent.hmi_token_file",
+                    format!("cannot read {}: {e}", path.display()),
+                );
+                None
+            }
+            Err(_) => None,
+        };
+        Some((
+            span,
+            Hmi {
+                listen: addr?,
+                token: HmiToken(token?),
+            },
+        ))
     }
 
     fn daemon(&mut self, d: RawDaemon) -> DaemonSettings {
@@ -1341,7 +1448,8 @@ mod tests {
             cfg.approval,
             Some(Approval {
                 dir: DEFAULT_APPROVAL_DIR.into(),
-                timeout: DEFAULT_APPROVAL_TIMEOUT
+                timeout: DEFAULT_APPROVAL_TIMEOUT,
+                hmi: None,
             })
         );
         let cfg = parse(
@@ -1375,6 +1483,62 @@ mod tests {
             p.iter().any(|p| p.key == "consent.approval_timeout_secs"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn an_hmi_needs_an_address_and_a_long_token() {
+        let dir = std::env::temp_dir().join(format!("culvertd-hmi-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("long"), "0123456789abcdef0123\n").unwrap();
+        std::fs::write(dir.join("short"), "abc\n").unwrap();
+        let svc = "[services.SSH]\ntarget = \"127.0.0.1:22\"\n";
+        let on = "[consent]\napprove_tunnels = true\n";
+        let cfg = parse(
+            &format!(
+                "{ALLOW}{svc}{on}hmi_listen = \"127.0.0.1:9180\"\nhmi_token_file = \"long\"\n"
+            ),
+            &dir,
+        )
+        .unwrap();
+        let hmi = cfg.approval.unwrap().hmi.unwrap();
+        assert_eq!(hmi.listen, "127.0.0.1:9180".parse().unwrap());
+        assert_eq!(hmi.token.0, "0123456789abcdef0123");
+        assert!(
+            !format!("{hmi:?}").contains("0123"),
+            "the token is never printed"
+        );
+        for (extra, key, says) in [
+            (
+                "hmi_listen = \"127.0.0.1:9180\"\n",
+                "consent.hmi_listen",
+                "hmi_token_file",
+            ),
+            (
+                "hmi_token_file = \"long\"\n",
+                "consent.hmi_token_file",
+                "hmi_listen",
+            ),
+            (
+                "hmi_listen = \"127.0.0.1:9180\"\nhmi_token_file = \"short\"\n",
+                "consent.hmi_token_file",
+                "fewer than 16",
+            ),
+            (
+                "hmi_listen = \"panel:80\"\nhmi_token_file = \"long\"\n",
+                "consent.hmi_listen",
+                "IP address and port",
+            ),
+        ] {
+            let p = match parse(&format!("{ALLOW}{svc}{on}{extra}"), &dir) {
+                Err(p) => p,
+                Ok(_) => panic!("{extra} accepted"),
+            };
+            assert!(
+                p.iter().any(|p| p.key == key && p.message.contains(says)),
+                "{extra}: {p:?}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

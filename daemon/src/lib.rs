@@ -7,6 +7,8 @@
 //! - [`limits`]: connection counts, connection rates and bandwidth (governor).
 //! - [`audit`]: the JSON-lines audit trail, hash-chained, surviving log rotation.
 //! - [`consent`]: the site's "remote access allowed" switch, checked per connection.
+//! - [`approval`]: on-site approval of each tunnel (`culvertd consent`, decision files), and
+//!   [`hmi`], the same from a local HMI over HTTP.
 //! - [`rules`]: the rules in force, swapped whole on reload (SIGHUP); per-tunnel state.
 //! - [`gateway`]: connect to the relay as destination, keep the session up (reconnecting with
 //!   the client token), hand each tunnel connection to [`forward`].
@@ -27,6 +29,7 @@ pub mod config;
 pub mod consent;
 pub mod forward;
 pub mod gateway;
+pub mod hmi;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod limits;

@@ -275,6 +275,18 @@ fn main() -> ExitCode {
         eprintln!("culvertd: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    // The HMI's port too (on-site approval over HTTP).
+    if let Some(hmi) = gw.config().approval.as_ref().and_then(|a| a.hmi.clone()) {
+        match rt.block_on(tokio::net::TcpListener::bind(hmi.listen)) {
+            Ok(l) => {
+                rt.spawn(culvertd::hmi::serve(l, gw.clone()));
+            }
+            Err(e) => {
+                eprintln!("culvertd: consent.hmi_listen {}: {e}", hmi.listen);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     match culvert_appliance::privileges::drop_to(settings.user.as_deref()) {
         Ok(Some(what)) => info!("{what}"),
         Ok(None) => {}

@@ -13,7 +13,7 @@
 //! - a site that approves each tunnel holds its connections (bytes kept) until someone there
 //!   runs `culvertd consent approve`, contacting no target before; the operator sees "waiting"
 //!   and then who approved; a refusal closes the tunnel and `culvert open` says who refused
-//!   and why;
+//!   and why; a local HMI approves over HTTP with its token (and not without);
 //! - the relay's audit file verifies with `culvert-relay audit verify`, and a one-byte edit is
 //!   found, with its line.
 //!
@@ -855,10 +855,18 @@ fn a_site_that_approves_each_tunnel_holds_it_until_approved_and_a_refusal_closes
     );
     let approvals = dir.join("approvals");
     let site_audit = dir.join("culvertd-audit.jsonl");
+    let hmi_token = "panel-2-token-0123456789";
+    std::fs::write(dir.join("hmi-token"), format!("{hmi_token}\n")).unwrap();
+    let hmi_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut text = std::fs::read_to_string(&rules).unwrap();
     text.push_str(&format!(
-        "[consent]\napprove_tunnels = true\napproval_dir = \"{}\"\n\n[audit]\nfile = \"{}\"\n",
+        "[consent]\napprove_tunnels = true\napproval_dir = \"{}\"\nhmi_listen = \"127.0.0.1:{hmi_port}\"\nhmi_token_file = \"{}\"\n\n[audit]\nfile = \"{}\"\n",
         approvals.display(),
+        dir.join("hmi-token").display(),
         site_audit.display()
     ));
     std::fs::write(&rules, text).unwrap();
@@ -940,6 +948,55 @@ fn a_site_that_approves_each_tunnel_holds_it_until_approved_and_a_refusal_closes
         .collect();
     assert_eq!(refused.len(), 1, "{refused:?}");
 
+    // A local HMI decides over HTTP, with its token and only with it.
+    let hmi = |token: Option<&str>, method: &str, path: &str, body: &str| {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+            .arg(format!("http://127.0.0.1:{hmi_port}{path}"));
+        if let Some(t) = token {
+            c.args(["-H", &format!("authorization: Bearer {t}")]);
+        }
+        if !body.is_empty() {
+            c.args(["-H", "content-type: application/json", "--data", body]);
+        }
+        let out = c.output().expect("curl (Debian: curl)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+        (code.to_owned(), body.to_owned())
+    };
+    let (code, _) = hmi(None, "GET", "/approvals", "");
+    assert_eq!(code, "401");
+    let (code, _) = hmi(Some("panel-2-token-wrong"), "GET", "/approvals", "");
+    assert_eq!(code, "401");
+    let open = Proc::spawn_logging_stdout(
+        "culvert-open-hmi",
+        relay
+            .culvert()
+            .args(["open", "cell-7", "--service", "ECHO"]),
+        &dir,
+    );
+    wait_log(&open, "waiting for on-site approval at cell-7");
+    let (code, body) = hmi(Some(hmi_token), "GET", "/approvals", "");
+    assert_eq!(code, "200", "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let waiting = listed["waiting"][0]["tunnel"].as_str().unwrap().to_owned();
+    let (code, body) = hmi(
+        Some(hmi_token),
+        "POST",
+        "/approvals/not-a-waiting-tunnel/approve",
+        "",
+    );
+    assert_eq!(code, "404", "{body}");
+    let (code, body) = hmi(
+        Some(hmi_token),
+        "POST",
+        &format!("/approvals/{waiting}/approve"),
+        r#"{"by": "HMI panel 2"}"#,
+    );
+    assert_eq!(code, "200", "{body}");
+    wait_log(&open, "approved on site by HMI panel 2");
+    drop(open);
+
     // Both sites' records: the relay's audit names each step, and so does the gateway's.
     let relay_audit = audit_records(&find_audit(&relay));
     let states: Vec<_> = relay_audit
@@ -949,7 +1006,9 @@ fn a_site_that_approves_each_tunnel_holds_it_until_approved_and_a_refusal_closes
         .collect();
     assert_eq!(
         states,
-        ["waiting", "approved", "waiting", "refused"],
+        [
+            "waiting", "approved", "waiting", "refused", "waiting", "approved"
+        ],
         "{relay_audit:?}"
     );
     let details: Vec<_> = audit_records(&site_audit)
