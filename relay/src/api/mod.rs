@@ -10,6 +10,7 @@
 //! | POST | /api/v1/devices | register a device for the embedded broker (or reset its password) |
 //! | GET | /api/v1/devices | list devices |
 //! | DELETE | /api/v1/devices/{thing} | remove a device |
+//! | POST | /api/v1/devices/{thing}/tags | replace a device's tags (grants may name things by tag) |
 //! | … | /api/v1/operators… | operators, keys and grants ([`operators`]) |
 //! | … | /api/v1/requests… | access requests and their approval ([`requests`]) |
 //!
