@@ -35,6 +35,19 @@ fn as_key(relay: &Relay, key: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `culvert whoami` with no relay, key or CA given: the ones saved in `creds`.
+fn whoami_saved(creds: &std::path::Path, what: &str) -> serde_json::Value {
+    let out = Command::new(bin("culvert"))
+        .args(["--json", "whoami"])
+        .env("CULVERT_CREDENTIALS", creds)
+        .env_remove("CULVERT_RELAY")
+        .env_remove("CULVERT_API_KEY")
+        .env_remove("CULVERT_CA")
+        .output()
+        .unwrap();
+    ok_json(what, out)
+}
+
 fn ok_json(what: &str, out: Output) -> serde_json::Value {
     assert!(out.status.success(), "{what} failed: {}", stderr_of(&out));
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what}: {e}"))
@@ -289,15 +302,7 @@ fn culvert_login_saves_the_key_for_the_commands_that_follow() {
     let mode = std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the saved key is readable by its user alone");
     // No relay, key or CA given: the saved ones.
-    let out = Command::new(bin("culvert"))
-        .args(["--json", "whoami"])
-        .env("CULVERT_CREDENTIALS", &creds)
-        .env_remove("CULVERT_RELAY")
-        .env_remove("CULVERT_API_KEY")
-        .env_remove("CULVERT_CA")
-        .output()
-        .unwrap();
-    let me = ok_json("whoami with the saved key", out);
+    let me = whoami_saved(&creds, "whoami with the saved key");
     assert_eq!(
         (me["name"].as_str(), me["role"].as_str()),
         (Some("alice"), Some("operator"))
@@ -356,15 +361,7 @@ fn a_password_login_issues_a_key_and_a_wrong_password_saves_nothing() {
         "{}",
         stderr_of(&out)
     );
-    let out = Command::new(bin("culvert"))
-        .args(["--json", "whoami"])
-        .env("CULVERT_CREDENTIALS", &creds)
-        .env_remove("CULVERT_RELAY")
-        .env_remove("CULVERT_API_KEY")
-        .env_remove("CULVERT_CA")
-        .output()
-        .unwrap();
-    let me = ok_json("whoami with the key the login issued", out);
+    let me = whoami_saved(&creds, "whoami with the key the login issued");
     assert_eq!(me["name"], "alice");
     let key = me["keys"]
         .as_array()
