@@ -119,19 +119,7 @@ fn stem(label: &str) -> Option<&str> {
 
 /// Text from a decision file, made safe for the audit trail.
 fn tidy(s: &str) -> String {
-    let s: String = s
-        .trim()
-        .chars()
-        .map(|c| {
-            if culvert_protocol::is_unsafe_char(c) {
-                ' '
-            } else {
-                c
-            }
-        })
-        .take(MAX_TEXT)
-        .collect();
-    s.trim().to_owned()
+    culvert_protocol::tidy_text(s, MAX_TEXT)
 }
 
 /// Read a decision file: `None` while there is none.
@@ -526,7 +514,7 @@ mod tests {
         assert_eq!(
             read_decision(&dir, "t3"),
             Some(State::Approved {
-                by: "shift [2Jlead".into()
+                by: "shift?[2Jlead".into()
             })
         );
         std::fs::remove_dir_all(&dir).unwrap();

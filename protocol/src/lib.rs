@@ -161,6 +161,22 @@ pub fn is_unsafe_char(c: char) -> bool {
         || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
 }
 
+/// Text from a peer (a site's approval, a device's report), made safe to store and show:
+/// [`is_unsafe_char`]s become `?`, it is trimmed and cut to at most `max_bytes` (at a
+/// character boundary).
+pub fn tidy_text(s: &str, max_bytes: usize) -> String {
+    let s: String = s
+        .chars()
+        .map(|c| if is_unsafe_char(c) { '?' } else { c })
+        .collect();
+    let s = s.trim();
+    let mut end = s.len().min(max_bytes);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].trim_end().to_owned()
+}
+
 /// Is `name` a valid service id or thing name as AWS allows them (`[A-Za-z0-9:_-]`, 1–128 chars)?
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()

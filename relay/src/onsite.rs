@@ -13,7 +13,7 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::audit::Audit;
-use crate::registry::{Registry, is_unsafe_char, now_ms};
+use crate::registry::{Registry, now_ms};
 use crate::store::{OnSite, OnSiteState};
 
 /// Largest report accepted (a tunnel id, a state and two short texts).
@@ -32,22 +32,10 @@ struct Report {
     detail: Option<String>,
 }
 
-/// Text from a device, made safe to store and show: unsafe characters become `?`, and it is
-/// cut at [`MAX_TEXT`] bytes.
+/// Text from a device, made safe to store and show (at most [`MAX_TEXT`] bytes); None when
+/// nothing is left.
 fn tidy(s: Option<String>) -> Option<String> {
-    let s: String = s?
-        .chars()
-        .map(|c| if is_unsafe_char(c) { '?' } else { c })
-        .collect();
-    let s = s.trim();
-    if s.is_empty() {
-        return None;
-    }
-    let mut end = s.len().min(MAX_TEXT);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    Some(s[..end].to_owned())
+    Some(culvert_protocol::tidy_text(&s?, MAX_TEXT)).filter(|s| !s.is_empty())
 }
 
 /// Apply one report published by `thing`'s authenticated gateway.
