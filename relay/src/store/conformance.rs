@@ -478,6 +478,38 @@ async fn the_sites_approval_is_kept_for_open_tunnels_only(f: Fixture) {
     ));
 }
 
+async fn tags_change_on_any_tunnel_and_a_rotation_can_move_the_destination(f: Fixture) {
+    let s = &*f.store;
+    s.create(&rec("t", "a", 1)).await.unwrap();
+    let tags: BTreeMap<String, String> = [("line".to_owned(), "2".to_owned())].into();
+    assert_eq!(s.set_tags("t", &tags).await.unwrap().tags, tags);
+    let new = NewTokens {
+        destination: Some(tok("t2", Mode::Destination)),
+        retarget: Some(Retarget {
+            thing_name: "b".into(),
+            services: vec!["RDP".into(), "SSH".into()],
+        }),
+        ..Default::default()
+    };
+    let r = s.rotate("t", &new).await.unwrap();
+    assert_eq!((r.thing_name.as_str(), r.services.len()), ("b", 2));
+    assert_eq!(r.tags, tags, "a rotation keeps the tags");
+    assert_eq!(s.unclaimed("b", NOW).await.unwrap(), vec!["t".to_owned()]);
+    assert!(s.unclaimed("a", NOW).await.unwrap().is_empty());
+    s.close("t", CloseReason::Closed, 4).await.unwrap();
+    assert!(
+        s.set_tags("t", &BTreeMap::new())
+            .await
+            .unwrap()
+            .tags
+            .is_empty()
+    );
+    assert!(matches!(
+        s.set_tags("nope", &tags).await,
+        Err(ChangeError::NotFound(_))
+    ));
+}
+
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
         mod memory_store {
@@ -513,4 +545,5 @@ conformance!(
     operators_are_stored_and_replaced,
     concurrent_handshakes_spend_a_token_once,
     the_sites_approval_is_kept_for_open_tunnels_only,
+    tags_change_on_any_tunnel_and_a_rotation_can_move_the_destination,
 );

@@ -172,6 +172,14 @@ impl Store for MemoryStore {
         ops::close(&mut *self.lock(), id, reason, now_ms)
     }
 
+    async fn set_tags(
+        &self,
+        id: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<TunnelRecord, ChangeError> {
+        ops::set_tags(&mut *self.lock(), id, tags)
+    }
+
     async fn set_on_site(&self, id: &str, on_site: &OnSite) -> Result<TunnelRecord, ChangeError> {
         ops::set_on_site(&mut *self.lock(), id, on_site)
     }

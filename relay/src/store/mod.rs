@@ -263,6 +263,15 @@ pub struct Admitted {
 pub struct NewTokens {
     pub source: Option<TokenHash>,
     pub destination: Option<TokenHash>,
+    /// A new destination for the tunnel (AWS's `destinationConfig` of a rotation).
+    pub retarget: Option<Retarget>,
+}
+
+/// The thing a tunnel's destination is, and the services it carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retarget {
+    pub thing_name: String,
+    pub services: Vec<String>,
 }
 
 impl NewTokens {
@@ -328,6 +337,13 @@ pub trait Store: Send + Sync {
         reason: CloseReason,
         now_ms: i64,
     ) -> Result<Closed, ChangeError>;
+
+    /// Replace the tags of tunnel `id`, open or closed.
+    async fn set_tags(
+        &self,
+        id: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<TunnelRecord, ChangeError>;
 
     /// Record the site's approval state of open tunnel `id`.
     async fn set_on_site(&self, id: &str, on_site: &OnSite) -> Result<TunnelRecord, ChangeError>;

@@ -264,6 +264,25 @@ pub(crate) fn rotate(
         side.used = false;
         side.generation += 1;
     }
+    if let Some(r) = &new.retarget {
+        next.thing_name = r.thing_name.clone();
+        next.services = r.services.clone();
+    }
+    write(t, Some(&rec), Some(&next))?;
+    Ok(next)
+}
+
+/// Replace a tunnel's tags (a closed tunnel's too, as AWS tags any tunnel it still lists).
+pub(crate) fn set_tags(
+    t: &mut impl Tables,
+    id: &str,
+    tags: &std::collections::BTreeMap<String, String>,
+) -> Result<TunnelRecord, ChangeError> {
+    let rec = t
+        .tunnel(id)?
+        .ok_or_else(|| ChangeError::NotFound(id.to_owned()))?;
+    let mut next = rec.clone();
+    next.tags = tags.clone();
     write(t, Some(&rec), Some(&next))?;
     Ok(next)
 }

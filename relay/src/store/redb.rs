@@ -9,6 +9,7 @@
 //! the records every time the file is opened (milliseconds for thousands of tunnels), so a file
 //! from before they existed, or one an older relay wrote to, is always consistent.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -401,6 +402,15 @@ impl Store for RedbStore {
         let id = id.to_owned();
         self.write(move |t| ops::close(t, &id, reason, now_ms))
             .await
+    }
+
+    async fn set_tags(
+        &self,
+        id: &str,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<TunnelRecord, ChangeError> {
+        let (id, tags) = (id.to_owned(), tags.clone());
+        self.write(move |t| ops::set_tags(t, &id, &tags)).await
     }
 
     async fn set_on_site(&self, id: &str, on_site: &OnSite) -> Result<TunnelRecord, ChangeError> {
