@@ -278,6 +278,10 @@ enum KeyCommand {
         /// The key stops working after this many days.
         #[arg(long, value_name = "DAYS")]
         expires_in_days: Option<u32>,
+        /// An AWS access key pair instead, for AWS's API on the relay (the aws CLI, boto3 and
+        /// the AWS SDKs, signing with SigV4).
+        #[arg(long)]
+        aws: bool,
     },
     /// Revoke a key: it stops working at once.
     Revoke { name: String, key_id: String },
@@ -662,8 +666,9 @@ fn main() -> ExitCode {
                             name,
                             label,
                             expires_in_days,
+                            aws,
                         },
-                } => operator::key_create(&api, &name, label, expires_in_days, j),
+                } => operator::key_create(&api, &name, label, expires_in_days, aws, j),
                 OperatorCommand::Key {
                     command: KeyCommand::Revoke { name, key_id },
                 } => operator::key_revoke(&api, &name, &key_id, j),

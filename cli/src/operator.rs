@@ -49,6 +49,9 @@ fn print_operator(o: &Value) {
     println!("operator  {}  {}{state}", s(o, "name"), s(o, "role"));
     for k in o["keys"].as_array().into_iter().flatten() {
         let mut line = format!("  key     {}", s(k, "keyId"));
+        if let Some(id) = k["accessKeyId"].as_str() {
+            line += &format!("  AWS {}", shown(id));
+        }
         if let Some(l) = k["label"].as_str() {
             line += &format!("  {}", shown(l));
         }
@@ -156,9 +159,13 @@ pub fn key_create(
     name: &str,
     label: Option<String>,
     expires_in_days: Option<u32>,
+    aws: bool,
     as_json: bool,
 ) -> Result<(), ApiError> {
     let mut body = json!({});
+    if aws {
+        body["kind"] = json!("aws");
+    }
     if let Some(l) = label {
         body["label"] = json!(l);
     }
@@ -171,7 +178,13 @@ pub fn key_create(
         return Ok(());
     }
     println!("key {} for {}", s(&v, "keyId"), s(&v, "name"));
-    println!("  API key  {}", s(&v, "apiKey"));
+    if aws {
+        println!("  AWS_ACCESS_KEY_ID      {}", s(&v, "accessKeyId"));
+        println!("  AWS_SECRET_ACCESS_KEY  {}", s(&v, "secretAccessKey"));
+        println!("  AWS_DEFAULT_REGION     {}", s(&v, "region"));
+    } else {
+        println!("  API key  {}", s(&v, "apiKey"));
+    }
     if let Some(t) = v["expiresAt"].as_str() {
         println!("  expires  {}", shown(t));
     }

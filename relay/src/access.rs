@@ -56,9 +56,29 @@ impl Role {
     }
 }
 
+/// What a key is presented as.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyKind {
+    /// `Authorization: Bearer ck-<id>.<secret>` on culvert's API.
+    #[default]
+    Api,
+    /// An AWS access key pair (`CKIA<ID>` and a derived secret) signing requests to the AWS
+    /// control API with SigV4 ([`crate::aws::keys`]).
+    Aws,
+}
+
+impl KeyKind {
+    fn is_api(&self) -> bool {
+        *self == KeyKind::Api
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KeyRecord {
     pub id: String,
+    #[serde(default, skip_serializing_if = "KeyKind::is_api")]
+    pub kind: KeyKind,
     pub hash: TokenHash,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
@@ -362,6 +382,8 @@ pub struct Access {
     /// Failed password logins per source address: (window start, failures).
     failures: Mutex<std::collections::HashMap<std::net::IpAddr, (i64, u32)>>,
     verifying: tokio::sync::Semaphore,
+    /// Where the secrets of AWS access key pairs come from; none: no AWS keys.
+    aws: Option<Arc<crate::aws::keys::AwsKeys>>,
 }
 
 /// A key handed out once.
@@ -396,7 +418,20 @@ impl Access {
             writes: tokio::sync::Mutex::new(()),
             failures: Mutex::new(Default::default()),
             verifying: tokio::sync::Semaphore::new(VERIFYING),
+            aws: None,
         })
+    }
+
+    /// Let operators have AWS access key pairs, their secrets derived from `keys`.
+    pub fn with_aws_keys(mut self, keys: Arc<crate::aws::keys::AwsKeys>) -> Access {
+        self.aws = Some(keys);
+        self
+    }
+
+    /// The dev relay's bootstrap AWS pair (access key id, secret), if there is one.
+    pub fn aws_bootstrap(&self) -> Option<(String, String)> {
+        let (id, secret) = self.aws.as_ref()?.bootstrap()?;
+        Some((id.to_owned(), secret.to_owned()))
     }
 
     /// True the first time `p`'s key is used in this run (for the audit trail).
@@ -446,17 +481,38 @@ impl Access {
             return Err(refused());
         };
         let hash = TokenHash::of(secret);
-        let now = self.now();
-        let found = self.lock().values().find_map(|o| {
-            let k = o.keys.iter().find(|k| k.id == id)?;
-            Some((o.name.clone(), o.role, o.disabled_ms.is_some(), k.clone()))
-        });
-        let Some((name, role, disabled, key)) = found else {
+        let Some((name, role, disabled, key)) = self.key_record(id, KeyKind::Api) else {
             return Err(refused());
         };
         if !key.hash.matches(&hash) {
             return Err(refused());
         }
+        self.key_in_force(&name, disabled, &key)?;
+        Ok(Principal::Operator {
+            name,
+            role,
+            key: id.to_owned(),
+        })
+    }
+
+    /// The operator holding key `id` of `kind`: name, role, disabled, the key.
+    fn key_record(&self, id: &str, kind: KeyKind) -> Option<(String, Role, bool, KeyRecord)> {
+        self.lock().values().find_map(|o| {
+            let k = o.keys.iter().find(|k| k.id == id && k.kind == kind)?;
+            Some((o.name.clone(), o.role, o.disabled_ms.is_some(), k.clone()))
+        })
+    }
+
+    /// Refuse a key that is revoked, expired or of a disabled operator, saying which.
+    fn key_in_force(&self, name: &str, disabled: bool, key: &KeyRecord) -> Result<(), Denied> {
+        let now = self.now();
+        let id = match key.kind {
+            KeyKind::Api => format!("API key {}", key.id),
+            KeyKind::Aws => format!(
+                "AWS access key {}",
+                crate::aws::keys::access_key_id(&key.id)
+            ),
+        };
         if disabled {
             return Err(Denied::Unauthenticated(format!(
                 "operator {name} is disabled; {} can enable them again",
@@ -465,20 +521,45 @@ impl Access {
         }
         if key.revoked_ms.is_some() {
             return Err(Denied::Unauthenticated(format!(
-                "API key {id} of {name} was revoked; create a new one (culvert operator key create)"
+                "{id} of {name} was revoked; create a new one (culvert operator key create)"
             )));
         }
         if key.expires_ms.is_some_and(|t| now >= t) {
             return Err(Denied::Unauthenticated(format!(
-                "API key {id} of {name} expired at {}; create a new one (culvert operator key create)",
+                "{id} of {name} expired at {}; create a new one (culvert operator key create)",
                 crate::api::rfc3339(key.expires_ms.unwrap_or_default())
             )));
         }
-        Ok(Principal::Operator {
-            name,
-            role,
-            key: id.to_owned(),
-        })
+        Ok(())
+    }
+
+    /// Who holds AWS access key `access_key_id`, and its secret (to check their signature
+    /// with). `Ok(None)`: no such key, as AWS's "The security token included in the request is
+    /// invalid".
+    pub fn aws_secret(&self, access_key_id: &str) -> Result<Option<(Principal, String)>, Denied> {
+        let Some(aws) = &self.aws else {
+            return Ok(None);
+        };
+        if let Some((id, secret)) = aws.bootstrap()
+            && id == access_key_id
+        {
+            return Ok(Some((Principal::Bootstrap, secret.to_owned())));
+        }
+        let Some(id) = crate::aws::keys::record_id(access_key_id) else {
+            return Ok(None);
+        };
+        let Some((name, role, disabled, key)) = self.key_record(&id, KeyKind::Aws) else {
+            return Ok(None);
+        };
+        self.key_in_force(&name, disabled, &key)?;
+        Ok(Some((
+            Principal::Operator {
+                name,
+                role,
+                key: id,
+            },
+            aws.secret(access_key_id),
+        )))
     }
 
     /// Refuse unless `p` has at least `role`.
@@ -704,6 +785,29 @@ impl Access {
         expires_ms: Option<i64>,
         by: &Principal,
     ) -> Result<(OperatorRecord, IssuedKey), AccessError> {
+        self.create_key_of(KeyKind::Api, name, label, expires_ms, by)
+            .await
+    }
+
+    /// [`Access::create_key`] for a key of `kind`: an AWS pair's [`IssuedKey::secret`] is its
+    /// secret access key (its access key id is [`crate::aws::keys::access_key_id`] of the id).
+    pub async fn create_key_of(
+        &self,
+        kind: KeyKind,
+        name: &str,
+        label: Option<String>,
+        expires_ms: Option<i64>,
+        by: &Principal,
+    ) -> Result<(OperatorRecord, IssuedKey), AccessError> {
+        let aws = match (kind, &self.aws) {
+            (KeyKind::Aws, None) => {
+                return Err(AccessError::Invalid(
+                    "this relay has no AWS key file, so it cannot issue AWS access keys".into(),
+                ));
+            }
+            (KeyKind::Aws, Some(a)) => Some(a.clone()),
+            (KeyKind::Api, _) => None,
+        };
         let parent = (by.operator() == Some(name) && by.role() != Role::Admin)
             .then(|| by.key_id().map(str::to_owned))
             .flatten();
@@ -715,7 +819,10 @@ impl Access {
             ));
         }
         let id = new_id();
-        let secret = new_secret();
+        let secret = match &aws {
+            Some(a) => a.secret(&crate::aws::keys::access_key_id(&id)),
+            None => new_secret(),
+        };
         let hash = TokenHash::of(&secret);
         let kid = id.clone();
         let (rec, expires_ms) = self
@@ -733,6 +840,7 @@ impl Access {
                 };
                 o.keys.push(KeyRecord {
                     id: kid,
+                    kind,
                     hash,
                     label,
                     created_ms: now,
@@ -746,7 +854,10 @@ impl Access {
         Ok((
             rec,
             IssuedKey {
-                secret: format!("ck-{id}.{secret}"),
+                secret: match kind {
+                    KeyKind::Api => format!("ck-{id}.{secret}"),
+                    KeyKind::Aws => secret,
+                },
                 id,
                 expires_ms,
             },
@@ -867,6 +978,9 @@ impl Access {
     }
 
     pub async fn revoke_key(&self, name: &str, id: &str) -> Result<OperatorRecord, AccessError> {
+        // An AWS pair may be named by its access key id too.
+        let id = crate::aws::keys::record_id(id).unwrap_or_else(|| id.to_owned());
+        let id = id.as_str();
         let (rec, ()) = self
             .change(name, |o, now| {
                 if !o.keys.iter().any(|k| k.id == id) {

@@ -12,6 +12,11 @@
 //! [access]
 //! require_reason = false            # opening a tunnel needs a reason (operators' keys and the bootstrap key)
 //!
+//! [aws]                             # AWS's control API (aws iotsecuretunneling …) on the same port
+//! region = "us-east-1"              # the region clients sign for, and ARNs name
+//! account_id = "000000000000"       # the account ARNs name
+//! # key_file = "/var/lib/culvert-relay/aws-signing.key"  # AWS secrets derive from it (made if absent)
+//!
 //! [tls]
 //! cert = "/etc/culvert/relay.pem"      # certificate chain, PEM
 //! key = "/etc/culvert/relay-key.pem"   # private key, PEM
@@ -73,6 +78,77 @@ pub struct RawConfig {
     pub audit_file: Option<PathBuf>,
     #[serde(default)]
     pub access: RawAccess,
+    #[serde(default)]
+    pub aws: RawAws,
+}
+
+/// `[aws]`: AWS's control API (JSON 1.1, SigV4) beside culvert's own.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawAws {
+    pub region: Option<String>,
+    pub account_id: Option<String>,
+    pub key_file: Option<PathBuf>,
+}
+
+pub const DEFAULT_AWS_REGION: &str = "us-east-1";
+/// The account ARNs name when none is set (as AWS's local stand-ins use).
+pub const DEFAULT_AWS_ACCOUNT: &str = "000000000000";
+
+/// The AWS control API's settings.
+#[derive(Clone, Debug)]
+pub struct AwsSettings {
+    pub region: String,
+    pub account_id: String,
+    /// The relay AWS key ([`crate::aws::keys`]).
+    pub key_file: PathBuf,
+    /// The bootstrap admin gets an AWS pair (the dev relay only).
+    pub bootstrap_pair: bool,
+}
+
+impl AwsSettings {
+    /// The defaults for a state directory.
+    pub fn defaults(state_dir: &Path) -> AwsSettings {
+        AwsSettings {
+            region: DEFAULT_AWS_REGION.into(),
+            account_id: DEFAULT_AWS_ACCOUNT.into(),
+            key_file: state_dir.join("aws-signing.key"),
+            bootstrap_pair: false,
+        }
+    }
+}
+
+impl RawAws {
+    fn validate(
+        self,
+        state_dir: &Path,
+        resolve: impl Fn(&Path) -> PathBuf,
+    ) -> Result<AwsSettings, String> {
+        let mut s = AwsSettings::defaults(state_dir);
+        if let Some(r) = self.region {
+            if r.is_empty()
+                || r.len() > 32
+                || !r
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return Err(format!(
+                    "aws.region: {r:?} is not a region name such as \"eu-west-1\" (a-z 0-9 -)"
+                ));
+            }
+            s.region = r;
+        }
+        if let Some(a) = self.account_id {
+            if a.len() != 12 || !a.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!("aws.account_id: {a:?} is not 12 digits"));
+            }
+            s.account_id = a;
+        }
+        if let Some(f) = self.key_file {
+            s.key_file = resolve(&f);
+        }
+        Ok(s)
+    }
 }
 
 /// `[access]`: policy for operators.
@@ -397,6 +473,7 @@ pub struct RelayConfig {
     pub audit_file: PathBuf,
     /// Opening a tunnel needs a reason.
     pub require_reason: bool,
+    pub aws: AwsSettings,
 }
 
 /// A configuration problem, naming the file and key.
@@ -464,7 +541,9 @@ impl RawConfig {
         let mqtt = self.mqtt.validate(resolve)?;
         let daemon = self.daemon.validate()?;
         let state_dir = resolve(&self.state_dir);
+        let aws = self.aws.validate(&state_dir, resolve)?;
         Ok(RelayConfig {
+            aws,
             listen,
             audit_file: self
                 .audit_file

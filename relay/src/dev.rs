@@ -80,6 +80,10 @@ pub fn prepare(
             flow_control: true,
             audit_file: dir.join("audit.jsonl"),
             require_reason: false,
+            aws: crate::config::AwsSettings {
+                bootstrap_pair: true,
+                ..crate::config::AwsSettings::defaults(&dir)
+            },
         },
         DevFiles { dir, ca },
     ))
@@ -152,12 +156,21 @@ impl KeptPorts {
     }
 }
 
-/// Write `client.env` (shell syntax) for clients of the running dev relay.
+/// The dev relay's AWS settings for `client.env`.
+pub struct AwsEnv<'a> {
+    pub access_key_id: &'a str,
+    pub secret_access_key: &'a str,
+    pub region: &'a str,
+}
+
+/// Write `client.env` (shell syntax) for clients of the running dev relay: culvert's settings,
+/// and the aws CLI's and the AWS SDKs' (credentials, region, CA, endpoint).
 pub fn write_client_env(
     files: &DevFiles,
     addr: SocketAddr,
     api_key: &Secret,
     mqtt: Option<SocketAddr>,
+    aws: Option<AwsEnv>,
 ) -> std::io::Result<PathBuf> {
     let path = files.dir.join("client.env");
     let mut text = format!(
@@ -168,6 +181,20 @@ pub fn write_client_env(
     );
     if let Some(m) = mqtt {
         text.push_str(&format!("export CULVERT_MQTT={m}\n"));
+    }
+    if let Some(a) = aws {
+        // AWS_ENDPOINT_URL_IOTSECURETUNNELING is the SDKs' own per-service endpoint variable;
+        // CULVERT_AWS_ENDPOINT is for --endpoint-url.
+        text.push_str(&format!(
+            "# the aws CLI and AWS SDKs: aws iotsecuretunneling list-tunnels --endpoint-url \"$CULVERT_AWS_ENDPOINT\"\n\
+             export AWS_ACCESS_KEY_ID={}\nexport AWS_SECRET_ACCESS_KEY={}\nexport AWS_DEFAULT_REGION={}\n\
+             export AWS_CA_BUNDLE={}\nexport CULVERT_AWS_ENDPOINT=https://{addr}\n\
+             export AWS_ENDPOINT_URL_IOTSECURETUNNELING=https://{addr}\n",
+            a.access_key_id,
+            a.secret_access_key,
+            a.region,
+            files.ca.display()
+        ));
     }
     let mut ports = format!(
         "# ports this dev relay chose on its first start; it keeps them (delete to choose anew)\nhttps={}\n",
@@ -209,8 +236,22 @@ mod tests {
             "127.0.0.1:40001".parse().unwrap(),
             &key,
             Some("127.0.0.1:40002".parse().unwrap()),
+            Some(AwsEnv {
+                access_key_id: "CKID000000000000",
+                secret_access_key: "s/+cret",
+                region: "us-east-1",
+            }),
         )
         .unwrap();
+        let env = std::fs::read_to_string(dir.join("client.env")).unwrap();
+        for line in [
+            "export AWS_ACCESS_KEY_ID=CKID000000000000\n",
+            "export AWS_SECRET_ACCESS_KEY=s/+cret\n",
+            "export AWS_DEFAULT_REGION=us-east-1\n",
+            "export CULVERT_AWS_ENDPOINT=https://127.0.0.1:40001\n",
+        ] {
+            assert!(env.contains(line), "{line:?} missing from:\n{env}");
+        }
         let kept = KeptPorts::read(&dir);
         assert_eq!((kept.https, kept.mqtt), (Some(40001), Some(40002)));
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();

@@ -27,6 +27,7 @@
 pub mod access;
 pub mod api;
 pub mod audit;
+pub mod aws;
 pub mod broker;
 pub mod config;
 pub mod dataplane;

@@ -199,7 +199,18 @@ async fn serve(
     let relay = Relay::bind(&cfg).await?;
     let addr = relay.local_addr()?;
     if let Some(files) = &dev_files {
-        let env = dev::write_client_env(files, addr, &cfg.api_key, relay.mqtt_addr())?;
+        let aws = relay.aws_bootstrap();
+        let env = dev::write_client_env(
+            files,
+            addr,
+            &cfg.api_key,
+            relay.mqtt_addr(),
+            aws.as_ref().map(|(id, secret)| dev::AwsEnv {
+                access_key_id: id,
+                secret_access_key: secret,
+                region: relay.aws_region(),
+            }),
+        )?;
         println!("culvert-relay (dev mode) serving https://{addr}");
         println!("  state directory  {}", files.dir.display());
         println!("  CA certificate   {}", files.ca.display());
@@ -210,6 +221,9 @@ async fn serve(
         println!(
             "  client settings  . {}   (then: culvert tunnel open --thing NAME --service SSH)",
             env.display()
+        );
+        println!(
+            "  AWS's API        aws iotsecuretunneling list-tunnels --endpoint-url https://{addr}   (after . client.env)"
         );
     } else {
         println!("culvert-relay serving https://{addr}");

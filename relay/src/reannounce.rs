@@ -109,7 +109,7 @@ async fn reannounce(registry: &Arc<Registry>, notifier: &Notifier, thing: &str, 
         }
     };
     for id in ids {
-        if let Ok(tokens) = registry.rotate(&id, RotateWhich::Destination).await
+        if let Ok(tokens) = registry.rotate(&id, RotateWhich::Destination, None).await
             && let Ok(view) = registry.describe(&id).await
             && let Some(token) = tokens.destination
         {

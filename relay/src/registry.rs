@@ -19,8 +19,8 @@ use tracing::{info, warn};
 pub use crate::live::{Kick, KickReason, Live, NewPeer};
 pub use crate::store::{AdmitError, Refusal};
 use crate::store::{
-    ChangeError, CloseReason, Handshake, ListQuery, NewTokens, OnSite, OnSiteState, SideRecord,
-    Status, Store, StoreError, TunnelRecord,
+    ChangeError, CloseReason, Handshake, ListQuery, NewTokens, OnSite, OnSiteState, Retarget,
+    SideRecord, Status, Store, StoreError, TunnelRecord,
 };
 use crate::tokens::{TokenHash, new_secret};
 
@@ -96,32 +96,7 @@ impl OpenRequest {
 
     pub fn validate(&self, limits: &Limits) -> Result<(), ApiError> {
         let bad = |m: String| Err(ApiError::Invalid(m));
-        if !valid_name(&self.thing_name) {
-            return bad(format!(
-                "thingName {:?} is invalid: 1-128 characters of A-Z a-z 0-9 : _ -",
-                self.thing_name
-            ));
-        }
-        if self.services.is_empty() {
-            return bad("services: give at least one service name, e.g. [\"SSH\"]".into());
-        }
-        if self.services.len() > limits.max_services {
-            return bad(format!(
-                "services: {} given, this relay allows at most {} per tunnel",
-                self.services.len(),
-                limits.max_services
-            ));
-        }
-        for (i, s) in self.services.iter().enumerate() {
-            if !valid_name(s) {
-                return bad(format!(
-                    "services[{i}] {s:?} is invalid: 1-128 characters of A-Z a-z 0-9 : _ -"
-                ));
-            }
-            if self.services[..i].contains(s) {
-                return bad(format!("services[{i}] {s:?} is listed twice"));
-            }
-        }
+        validate_destination(&self.thing_name, &self.services, limits)?;
         if !(1..=720).contains(&self.lifetime_minutes) {
             return bad(format!(
                 "lifetime of {} minutes is out of range: 1 to 720 (12 h)",
@@ -144,26 +119,65 @@ impl OpenRequest {
                     .into(),
             );
         }
-        if self.tags.len() > 50 {
-            return bad(format!(
-                "{} tags given, at most 50 allowed",
-                self.tags.len()
-            ));
-        }
-        for (k, v) in &self.tags {
-            if k.is_empty() || k.len() > 128 || v.len() > 256 {
-                return bad(format!(
-                    "tag {k:?}: keys are 1-128 characters, values at most 256"
-                ));
-            }
-            if k.chars().chain(v.chars()).any(is_unsafe_char) {
-                return bad(format!(
-                    "tag {k:?}: keys and values may not contain control or bidirectional-override characters"
-                ));
-            }
-        }
+        validate_tags(&self.tags)?;
         Ok(())
     }
+}
+
+/// A destination: a valid thing name, and 1 to `limits.max_services` distinct valid services.
+pub fn validate_destination(
+    thing_name: &str,
+    services: &[String],
+    limits: &Limits,
+) -> Result<(), ApiError> {
+    let bad = |m: String| Err(ApiError::Invalid(m));
+    if !valid_name(thing_name) {
+        return bad(format!(
+            "thingName {thing_name:?} is invalid: 1-128 characters of A-Z a-z 0-9 : _ -"
+        ));
+    }
+    if services.is_empty() {
+        return bad("services: give at least one service name, e.g. [\"SSH\"]".into());
+    }
+    if services.len() > limits.max_services {
+        return bad(format!(
+            "services: {} given, this relay allows at most {} per tunnel",
+            services.len(),
+            limits.max_services
+        ));
+    }
+    for (i, s) in services.iter().enumerate() {
+        if !valid_name(s) {
+            return bad(format!(
+                "services[{i}] {s:?} is invalid: 1-128 characters of A-Z a-z 0-9 : _ -"
+            ));
+        }
+        if services[..i].contains(s) {
+            return bad(format!("services[{i}] {s:?} is listed twice"));
+        }
+    }
+    Ok(())
+}
+
+/// At most 50 tags, keys of 1-128 characters, values of at most 256, no control characters.
+pub fn validate_tags(tags: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    let bad = |m: String| Err(ApiError::Invalid(m));
+    if tags.len() > 50 {
+        return bad(format!("{} tags given, at most 50 allowed", tags.len()));
+    }
+    for (k, v) in tags {
+        if k.is_empty() || k.len() > 128 || v.len() > 256 {
+            return bad(format!(
+                "tag {k:?}: keys are 1-128 characters, values at most 256"
+            ));
+        }
+        if k.chars().chain(v.chars()).any(is_unsafe_char) {
+            return bad(format!(
+                "tag {k:?}: keys and values may not contain control or bidirectional-override characters"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Tokens handed out once, at open or rotation.
@@ -463,10 +477,29 @@ impl Registry {
         Ok(())
     }
 
-    /// Issue new tokens; the old ones stop working and their peers are disconnected.
-    pub async fn rotate(&self, id: &str, which: RotateWhich) -> Result<IssuedTokens, ApiError> {
+    /// Issue new tokens; the old ones stop working and their peers are disconnected. With
+    /// `retarget` (destination or both sides only) the new destination token is for another
+    /// thing and set of services.
+    pub async fn rotate(
+        &self,
+        id: &str,
+        which: RotateWhich,
+        retarget: Option<Retarget>,
+    ) -> Result<IssuedTokens, ApiError> {
         let mut issued = IssuedTokens::default();
-        let mut new = NewTokens::default();
+        if let Some(r) = &retarget {
+            if !which.includes(Mode::Destination) {
+                return Err(ApiError::Invalid(
+                    "a new destination needs a new destination token: rotate the destination (or all)"
+                        .into(),
+                ));
+            }
+            validate_destination(&r.thing_name, &r.services, &self.limits)?;
+        }
+        let mut new = NewTokens {
+            retarget,
+            ..NewTokens::default()
+        };
         if which.includes(Mode::Source) {
             let s = new_secret();
             new.source = Some(TokenHash::of(&s));
@@ -488,6 +521,17 @@ impl Registry {
         }
         info!(tunnel = %id, ?which, "tokens rotated");
         Ok(issued)
+    }
+
+    /// Replace a tunnel's tags (checked as at open), open or closed.
+    pub async fn set_tags(
+        &self,
+        id: &str,
+        tags: BTreeMap<String, String>,
+    ) -> Result<TunnelView, ApiError> {
+        validate_tags(&tags)?;
+        let rec = self.store.set_tags(id, &tags).await?;
+        Ok(self.view(rec))
     }
 
     /// Check a data-plane handshake and consume the token as AWS defines single use.
@@ -704,7 +748,7 @@ mod tests {
         ));
         // Rotation: old token refused with the reason, new one works.
         let new = reg
-            .rotate(&v.rec.id, RotateWhich::Destination)
+            .rotate(&v.rec.id, RotateWhich::Destination, None)
             .await
             .unwrap();
         assert!(new.source.is_none());
@@ -721,7 +765,7 @@ mod tests {
             Refusal::Closed(v.rec.id.clone())
         );
         assert!(matches!(
-            reg.rotate(&v.rec.id, RotateWhich::All).await,
+            reg.rotate(&v.rec.id, RotateWhich::All, None).await,
             Err(ApiError::Conflict(_))
         ));
         reg.close(&v.rec.id, true).await.unwrap();
@@ -775,7 +819,7 @@ mod tests {
             .unwrap();
         let adm = reg.admit(&dst, Mode::Destination, None).await.unwrap();
         // A rotation lands between admission and attach: the attach is refused.
-        reg.rotate(&v.rec.id, RotateWhich::Destination)
+        reg.rotate(&v.rec.id, RotateWhich::Destination, None)
             .await
             .unwrap();
         assert_eq!(
@@ -820,7 +864,7 @@ mod tests {
                     tx,
                     kick: Kick::default(),
                     extensions,
-                },
+                        },
                 rx,
             )
         };
@@ -862,7 +906,9 @@ mod tests {
         let kick = p.kick.clone();
         adm.live.attach(Mode::Source, adm.generation, p).unwrap();
         assert_eq!(reg.counts(), (1, 1));
-        reg.rotate(&v.rec.id, RotateWhich::Source).await.unwrap();
+        reg.rotate(&v.rec.id, RotateWhich::Source, None)
+            .await
+            .unwrap();
         assert!(matches!(kick.kicked().await, KickReason::Revoked(_)));
     }
 

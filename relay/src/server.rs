@@ -27,7 +27,7 @@ use crate::registry::Registry;
 use crate::slots::{Gate, Guarded, RefusalLog};
 use crate::state::{AppState, ConnectionSlots};
 use crate::store::RedbStore;
-use crate::{api, dataplane, reannounce};
+use crate::{api, aws, dataplane, reannounce};
 
 /// Largest API request body.
 const MAX_API_BODY: usize = 64 * 1024;
@@ -69,6 +69,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             api::require_api_key,
         ));
     Router::new()
+        // AWS's control API: AWS JSON 1.1, signed with SigV4 (checked by the handler).
+        .route("/", post(aws::handle))
         .route("/tunnel", get(dataplane::handshake))
         // The one API call without a key: it trades a password for one.
         .route("/api/v1/login", post(ops::login))
@@ -78,7 +80,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             crate::reply::error(
                 axum::http::StatusCode::NOT_FOUND,
                 "not_found",
-                "no such endpoint: the data plane is GET /tunnel, the API is under /api/v1/tunnels",
+                "no such endpoint: the data plane is GET /tunnel, the API is under /api/v1/tunnels, AWS's API is POST / (aws iotsecuretunneling --endpoint-url https://this-relay)",
             )
         })
         .layer(DefaultBodyLimit::max(MAX_API_BODY))
@@ -118,6 +120,11 @@ impl Relay {
         let store = Arc::new(RedbStore::open(&cfg.state_dir.join("tunnels.redb"))?);
         let registry = Arc::new(Registry::new(store.clone(), cfg.limits.clone()).await?);
         let devices = Arc::new(Devices::load(store.clone()).await?);
+        let mut aws_keys =
+            aws::keys::AwsKeys::load_or_create(&cfg.aws.key_file).map_err(anyhow::Error::msg)?;
+        if cfg.aws.bootstrap_pair {
+            aws_keys = aws_keys.with_bootstrap(cfg.api_key.expose());
+        }
         let access = Arc::new(
             Access::load(
                 store,
@@ -126,7 +133,8 @@ impl Relay {
                 Arc::new(crate::registry::now_ms),
                 cfg.require_reason,
             )
-            .await?,
+            .await?
+            .with_aws_keys(Arc::new(aws_keys)),
         );
         let audit = Arc::new(Audit::open(&cfg.audit_file).map_err(anyhow::Error::msg)?);
         let listener = TcpListener::bind(cfg.listen)
@@ -187,6 +195,10 @@ impl Relay {
                 tasks: TaskTracker::new(),
                 flow_control: cfg.flow_control,
                 listener: cfg.listener.clone(),
+                aws: Arc::new(aws::AwsApi::new(
+                    cfg.aws.region.clone(),
+                    cfg.aws.account_id.clone(),
+                )),
             }),
             background,
         })
@@ -199,6 +211,16 @@ impl Relay {
     /// The embedded MQTT broker's TLS address, when it runs.
     pub fn mqtt_addr(&self) -> Option<SocketAddr> {
         self.state.mqtt_listen
+    }
+
+    /// The dev relay's bootstrap AWS pair (access key id, secret), if it has one.
+    pub fn aws_bootstrap(&self) -> Option<(String, String)> {
+        self.state.access.aws_bootstrap()
+    }
+
+    /// The region AWS clients sign for.
+    pub fn aws_region(&self) -> &str {
+        &self.state.aws.region
     }
 
     /// The tunnel registry (for status lines).

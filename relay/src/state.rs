@@ -29,6 +29,8 @@ pub struct AppState {
     pub flow_control: bool,
     /// Connection limits of the HTTPS listener.
     pub listener: ListenerLimits,
+    /// AWS's control API (region, account, replayed signatures).
+    pub aws: Arc<crate::aws::AwsApi>,
 }
 
 /// The slots of the connection a request arrived on (a request extension).

@@ -279,7 +279,7 @@ const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// A request body, read (at most the router's body limit) within 10 s, and parsed
 /// as JSON by the handler, after the API key was checked. The deadline covers only the body:
 /// what a handler then does runs to completion.
-pub struct ApiBody(axum::body::Bytes);
+pub struct ApiBody(pub(crate) axum::body::Bytes);
 
 impl<S: Send + Sync> axum::extract::FromRequest<S> for ApiBody {
     type Rejection = Response;
@@ -606,7 +606,7 @@ pub async fn rotate(
     {
         return denied(&state, &p, "rotate", d);
     }
-    match state.registry.rotate(&id, which).await {
+    match state.registry.rotate(&id, which, None).await {
         Ok(t) => {
             state.audit.record(
                 "tunnel_rotate",

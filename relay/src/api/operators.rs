@@ -7,7 +7,7 @@
 //! | GET | /operators | admin | list |
 //! | POST | /operators/{name}/disable | admin | disable: keys stop working, their tunnels close |
 //! | POST | /operators/{name}/enable | admin | enable again |
-//! | POST | /operators/{name}/keys | admin, self | new key `{"label", "expiresInDays"}` (shown once; one's own lives no longer than the key used) |
+//! | POST | /operators/{name}/keys | admin, self | new key `{"label", "expiresInDays", "kind"}` (shown once; one's own lives no longer than the key used; `"kind": "aws"`: an AWS access key pair for AWS's API) |
 //! | POST | /operators/{name}/password | admin, self | set the password `{"password"}` (12-256 characters; stored as argon2id) |
 //! | POST | /login | no key | `{"name", "password"}` → a key that lives 12 h (failures limited per source address) |
 //! | POST | /operators/{name}/keys/{id}/revoke | admin, self | revoke a key (and the keys made with it); tunnels opened with them close |
@@ -26,7 +26,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::{ApiBody, denied, rfc3339};
-use crate::access::{Grant, OperatorRecord, Principal, Role};
+use crate::access::{Grant, KeyKind, OperatorRecord, Principal, Role};
 use crate::reply::error;
 use crate::state::AppState;
 
@@ -56,6 +56,8 @@ fn operator_json(o: &OperatorRecord, now: i64) -> Value {
         "createdBy": o.created_by,
         "keys": o.keys.iter().map(|k| json!({
             "keyId": k.id,
+            "kind": k.kind,
+            "accessKeyId": (k.kind == KeyKind::Aws).then(|| crate::aws::keys::access_key_id(&k.id)),
             "label": k.label,
             "createdAt": rfc3339(k.created_ms),
             "expiresAt": k.expires_ms.map(rfc3339),
@@ -230,6 +232,8 @@ struct KeyBody {
     label: Option<String>,
     #[serde(default)]
     expires_in_days: Option<u32>,
+    #[serde(default)]
+    kind: KeyKind,
 }
 
 pub async fn create_key(
@@ -255,22 +259,31 @@ pub async fn create_key(
     let expires = b
         .expires_in_days
         .map(|d| state.access.now() + i64::from(d) * 86_400_000);
-    match state.access.create_key(&name, b.label, expires, &p).await {
+    match state
+        .access
+        .create_key_of(b.kind, &name, b.label, expires, &p)
+        .await
+    {
         Ok((_, key)) => {
             state.audit.record(
                 "key_create",
-                json!({"operator": p.label(), "name": name, "key": key.id, "expires": key.expires_ms.map(rfc3339)}),
+                json!({"operator": p.label(), "name": name, "key": key.id, "kind": b.kind, "expires": key.expires_ms.map(rfc3339)}),
             );
-            (
-                StatusCode::CREATED,
-                Json(json!({
-                    "name": name,
-                    "keyId": key.id,
-                    "apiKey": key.secret,
-                    "expiresAt": key.expires_ms.map(rfc3339),
-                })),
-            )
-                .into_response()
+            let mut out = json!({
+                "name": name,
+                "keyId": key.id,
+                "kind": b.kind,
+                "expiresAt": key.expires_ms.map(rfc3339),
+            });
+            match b.kind {
+                KeyKind::Api => out["apiKey"] = json!(key.secret),
+                KeyKind::Aws => {
+                    out["accessKeyId"] = json!(crate::aws::keys::access_key_id(&key.id));
+                    out["secretAccessKey"] = json!(key.secret);
+                    out["region"] = json!(state.aws.region);
+                }
+            }
+            (StatusCode::CREATED, Json(out)).into_response()
         }
         Err(e) => e.into_response(),
     }
