@@ -381,6 +381,64 @@ pub fn mqtt_rules(
     p
 }
 
+// The AWS localproxy v3.3.1, the interop peer: a test peer, not part of the project. It is taken
+// from `../shared/peers/aws-localproxy/localproxy` (relative to the workspace) or from
+// `CULVERT_LOCALPROXY`; without it the tests that need it fail and say so.
+
+/// The localproxy binary; fails the test with how to provide it.
+pub fn localproxy() -> PathBuf {
+    let path = std::env::var_os("CULVERT_LOCALPROXY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("../shared/peers/aws-localproxy/localproxy"));
+    assert!(
+        path.is_file(),
+        "the AWS localproxy v3.3.1 is needed for the interop suite and is not at {}: \
+         set CULVERT_LOCALPROXY=/path/to/localproxy (build it from \
+         aws-samples/aws-iot-securetunneling-localproxy v3.3.1, see \
+         ../shared/peers/aws-localproxy/README.md)",
+        path.display()
+    );
+    path
+}
+
+/// The localproxy wants an OpenSSL hashed CA directory (made in `dir` from the relay's CA).
+pub fn localproxy_ca_dir(relay: &Relay, dir: &Path) -> PathBuf {
+    let d = dir.join("cadir");
+    if !d.exists() {
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(&relay.ca, d.join("ca.pem")).unwrap();
+        let openssl = require_tool("openssl", "openssl");
+        run_ok(
+            "openssl rehash",
+            Command::new(openssl).arg("rehash").arg(&d),
+        );
+    }
+    d
+}
+
+/// A running localproxy (`args` are its mode and mappings), optionally with a client token.
+pub fn spawn_localproxy(
+    relay: &Relay,
+    dir: &Path,
+    token: &str,
+    client_token: Option<&str>,
+    args: &[&str],
+    name: &str,
+) -> Proc {
+    let cadir = localproxy_ca_dir(relay, dir);
+    let mut cmd = Command::new(localproxy());
+    cmd.arg("-e")
+        .arg(relay.addr.to_string())
+        .arg("-c")
+        .arg(&cadir)
+        .args(args)
+        .env("AWSIOT_TUNNEL_ACCESS_TOKEN", token);
+    if let Some(ct) = client_token {
+        cmd.env("AWSIOT_TUNNEL_CLIENT_TOKEN", ct);
+    }
+    Proc::spawn_logging_stdout(name, &mut cmd, dir)
+}
+
 /// Wait until a process's log contains `text`.
 pub fn wait_log(p: &Proc, text: &str) {
     wait_log_count(p, text, 1);

@@ -19,60 +19,6 @@ use std::process::Command;
 
 use culvert_e2e::*;
 
-/// The localproxy binary; fails the test with how to provide it.
-fn localproxy() -> PathBuf {
-    let path = std::env::var_os("CULVERT_LOCALPROXY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("../shared/peers/aws-localproxy/localproxy"));
-    assert!(
-        path.is_file(),
-        "the AWS localproxy v3.3.1 is needed for the interop suite and is not at {}: \
-         set CULVERT_LOCALPROXY=/path/to/localproxy (build it from \
-         aws-samples/aws-iot-securetunneling-localproxy v3.3.1, see \
-         ../shared/peers/aws-localproxy/README.md)",
-        path.display()
-    );
-    path
-}
-
-/// The localproxy wants an OpenSSL hashed CA directory.
-fn ca_dir(relay: &Relay, dir: &Path) -> PathBuf {
-    let d = dir.join("cadir");
-    if !d.exists() {
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::copy(&relay.ca, d.join("ca.pem")).unwrap();
-        let openssl = require_tool("openssl", "openssl");
-        run_ok(
-            "openssl rehash",
-            Command::new(openssl).arg("rehash").arg(&d),
-        );
-    }
-    d
-}
-
-/// A running localproxy (`args` are its mode and mappings), optionally with a client token.
-fn spawn_localproxy(
-    relay: &Relay,
-    dir: &Path,
-    token: &str,
-    client_token: Option<&str>,
-    args: &[&str],
-    name: &str,
-) -> Proc {
-    let cadir = ca_dir(relay, dir);
-    let mut cmd = Command::new(localproxy());
-    cmd.arg("-e")
-        .arg(relay.addr.to_string())
-        .arg("-c")
-        .arg(&cadir)
-        .args(args)
-        .env("AWSIOT_TUNNEL_ACCESS_TOKEN", token);
-    if let Some(ct) = client_token {
-        cmd.env("AWSIOT_TUNNEL_CLIENT_TOKEN", ct);
-    }
-    Proc::spawn_logging_stdout(name, &mut cmd, dir)
-}
-
 /// Echo `n` random bytes through `port` in 32 KiB steps (never more than that unanswered) and
 /// check what came back by SHA-256.
 fn checked_echo(port: u16, n: usize) {
@@ -458,7 +404,7 @@ fn culvert_connect_runs_the_localproxy_command_line_on_either_side() {
     let dir = scratch("lp-command-line");
     let echo = echo_server();
     let relay = Relay::start(&dir);
-    let cadir = ca_dir(&relay, &dir);
+    let cadir = localproxy_ca_dir(&relay, &dir);
     let culvert = bin("culvert");
     let lp = localproxy();
     let run = |program: &Path, token: &str, mapping: [String; 2], name: &str| {
