@@ -3,8 +3,9 @@
 //! the two peers of a tunnel.
 //!
 //! Frames are validated ([`FrameRules`](culvert_protocol::rules::FrameRules)) and forwarded
-//! verbatim, never re-encoded; the relay does not translate between protocol versions. A peer
-//! that breaks the rules is closed with a reason; the other side and other tunnels carry on.
+//! verbatim, re-encoded only where a V1 peer meets a V2/V3 peer and the formats differ
+//! ([`crate::bridge`]). A peer that breaks the rules is closed with a reason; the other side
+//! and other tunnels carry on.
 
 use std::sync::Arc;
 
@@ -299,6 +300,7 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
         tx: tx.clone(),
         kick: kick.clone(),
         extensions,
+        format,
     };
     let Some(peer_id) = live.attach(mode, generation, new) else {
         info!("token revoked while connecting; closing");
@@ -407,6 +409,9 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
     });
 
     let mut inbound = Inbound::new(mode, extensions);
+    // This peer speaks V1: from its subprotocol, or from a first STREAM_START without a
+    // service id (crate::bridge).
+    let mut speaks_v1 = format == Format::V1;
     // Reused for every message: forwarding allocates nothing per frame.
     let (mut chunks, mut replies): (Vec<Chunk>, Vec<Message>) = (Vec::new(), Vec::new());
     let end = loop {
@@ -450,8 +455,41 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
                 Err(e) => break End::Violation(e.to_string()),
             }
         };
+        if let Some(to) = to {
+            if !speaks_v1 && chunks.iter().any(crate::bridge::starts_v1_stream) {
+                info!("peer speaks V1 (a stream started without a service id): bridging");
+                speaks_v1 = true;
+            }
+            let bridge = crate::bridge::Bridge::between(speaks_v1, to.format, &live.services);
+            // Waits while the other peer is slow (back-pressure, never an unbounded queue), but
+            // not past a kick of either side.
+            METRICS.bytes_forwarded.inc_by(forwarded as u64);
+            for chunk in chunks.drain(..) {
+                let Some(chunk) = crate::bridge::translate(
+                    &bridge,
+                    chunk,
+                    &live.bridged_connection,
+                    &mut replies,
+                ) else {
+                    continue;
+                };
+                let sent = tokio::select! {
+                    biased;
+                    _ = kick.kicked() => false,
+                    _ = to.kick.kicked() => false,
+                    r = to.tx.send(chunk) => r.is_ok(),
+                };
+                if !sent {
+                    break;
+                }
+            }
+        }
+        chunks.clear();
         if !replies.is_empty() {
-            debug!(count = replies.len(), "other side not connected: resetting");
+            debug!(
+                count = replies.len(),
+                "answering for the other side (absent, or unable to carry it)"
+            );
             for r in replies.drain(..) {
                 let Ok(f) = frame::encode_to_bytes(&r) else {
                     continue;
@@ -469,23 +507,6 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
             }
         }
         replies.clear();
-        if let Some(to) = to {
-            // Waits while the other peer is slow (back-pressure, never an unbounded queue), but
-            // not past a kick of either side.
-            METRICS.bytes_forwarded.inc_by(forwarded as u64);
-            for chunk in chunks.drain(..) {
-                let sent = tokio::select! {
-                    biased;
-                    _ = kick.kicked() => false,
-                    _ = to.kick.kicked() => false,
-                    r = to.tx.send(chunk) => r.is_ok(),
-                };
-                if !sent {
-                    break;
-                }
-            }
-        }
-        chunks.clear();
     };
     match &end {
         End::Closed => info!("peer disconnected"),

@@ -28,6 +28,7 @@ pub mod access;
 pub mod api;
 pub mod audit;
 pub mod aws;
+pub mod bridge;
 pub mod broker;
 pub mod config;
 pub mod dataplane;

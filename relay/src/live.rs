@@ -5,6 +5,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use culvert_protocol::Format;
 use culvert_protocol::ext::Extensions;
 use culvert_protocol::message::MAX_WS_MESSAGE;
 use culvert_protocol::rules::FrameRules;
@@ -113,6 +114,8 @@ pub struct PeerSlot {
     /// The culvert extensions this peer negotiated in its handshake: extension messages reach
     /// it only if it did.
     pub extensions: Extensions,
+    /// The message format of its subprotocol ([`crate::bridge`]).
+    pub format: Format,
     /// The side's generation it was admitted under.
     pub generation: u64,
 }
@@ -122,6 +125,7 @@ pub struct NewPeer {
     pub tx: mpsc::Sender<Chunk>,
     pub kick: Kick,
     pub extensions: Extensions,
+    pub format: Format,
 }
 
 /// The other side of a tunnel as a forwarding peer sees it.
@@ -130,6 +134,7 @@ pub struct Target {
     pub tx: mpsc::Sender<Chunk>,
     pub kick: Kick,
     pub extensions: Extensions,
+    pub format: Format,
 }
 
 #[derive(Default)]
@@ -185,6 +190,7 @@ impl LiveInner {
             tx: p.tx.clone(),
             kick: p.kick.clone(),
             extensions: p.extensions,
+            format: p.format,
         })
     }
 
@@ -231,6 +237,8 @@ impl LiveInner {
 pub struct Live {
     pub id: String,
     pub services: Vec<String>,
+    /// The connection id of the stream a V2/V3 peer runs with a V1 peer ([`crate::bridge`]).
+    pub bridged_connection: std::sync::atomic::AtomicU32,
     inner: Mutex<LiveInner>,
 }
 
@@ -239,6 +247,7 @@ impl Live {
         Live {
             id: rec.id.clone(),
             services: rec.services.clone(),
+            bridged_connection: Default::default(),
             inner: Mutex::new(LiveInner {
                 rules: FrameRules::new(rec.services.clone()),
                 source: Side {
@@ -298,6 +307,7 @@ impl Live {
             tx: new.tx,
             kick: new.kick,
             extensions: new.extensions,
+            format: new.format,
             generation,
         });
         side.changed_ms = now_ms();

@@ -694,6 +694,7 @@ mod tests {
             tx,
             kick: Kick::default(),
             extensions: culvert_protocol::ext::Extensions::NONE,
+            format: culvert_protocol::Format::V3,
         }
     }
 
@@ -864,7 +865,8 @@ mod tests {
                     tx,
                     kick: Kick::default(),
                     extensions,
-                        },
+                    format: culvert_protocol::Format::V3,
+                },
                 rx,
             )
         };

@@ -460,3 +460,128 @@ fn culvert_connect_runs_the_localproxy_command_line_on_either_side() {
     }
     assert_no_sni_warning(&relay);
 }
+
+/// A V1-format source (`-y V1`, as for the AWS console's browser SSH or the Device Client)
+/// against a default (V3) localproxy destination: no flag on the destination, the relay
+/// translates.
+#[test]
+fn a_v1_format_localproxy_source_reaches_a_v3_localproxy_destination_without_a_flag() {
+    let dir = scratch("lp-v1-v3");
+    let echo = echo_server();
+    let relay = Relay::start(&dir);
+    let t = relay.open_tunnel("lp-v1-v3", &["SSH"]);
+    let dst_args = ["-d".to_owned(), format!("SSH={echo}")];
+    let args: Vec<&str> = dst_args.iter().map(String::as_str).collect();
+    let _dst = spawn_localproxy(&relay, &dir, &t.destination, None, &args, "localproxy-dst");
+    relay.wait_side(&t.id, "destination", "CONNECTED");
+    let port = free_port();
+    let _src = spawn_localproxy(
+        &relay,
+        &dir,
+        &t.source,
+        None,
+        &["-s", &port.to_string(), "-y", "V1"],
+        "localproxy-src",
+    );
+    relay.wait_side(&t.id, "source", "CONNECTED");
+    for _ in 0..3 {
+        checked_echo(port, 128 * 1024);
+    }
+}
+
+/// A peer that offers only subprotocol 1.0 (as AWS's V1-only clients do) as the destination,
+/// and a default (V3) localproxy source: the relay strips what V1 has no field for, and gives
+/// the V1 side's answers the tunnel's service.
+#[test]
+fn a_v1_only_destination_answers_a_default_v3_localproxy_source() {
+    use culvert_protocol::frame::{FrameReader, decode, encode_to_bytes};
+    use culvert_protocol::{Message, MessageType};
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let dir = scratch("lp-v3-v1");
+    let relay = Relay::start(&dir);
+    let t = relay.open_tunnel("lp-v3-v1", &["SSH"]);
+    let port = free_port();
+    let rt = culvert_e2e::raw::runtime();
+    let mut dst = rt.block_on(async {
+        let mut req = format!("wss://{}/tunnel?local-proxy-mode=destination", relay.addr)
+            .into_client_request()
+            .unwrap();
+        let h = req.headers_mut();
+        h.insert("access-token", t.destination.parse().unwrap());
+        h.insert(
+            "sec-websocket-protocol",
+            "aws.iot.securetunneling-1.0".parse().unwrap(),
+        );
+        let tls = culvert_protocol::client::tls_config(Some(&relay.ca)).unwrap();
+        let (ws, resp) = tokio_tungstenite::connect_async_tls_with_config(
+            req,
+            None,
+            false,
+            Some(tokio_tungstenite::Connector::Rustls(tls)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            resp.headers()["sec-websocket-protocol"],
+            "aws.iot.securetunneling-1.0"
+        );
+        ws
+    });
+    relay.wait_side(&t.id, "destination", "CONNECTED");
+    let _src = spawn_localproxy(
+        &relay,
+        &dir,
+        &t.source,
+        None,
+        &["-s", &format!("SSH={port}")],
+        "localproxy-src",
+    );
+    relay.wait_side(&t.id, "source", "CONNECTED");
+    let mut app = connect_local(port);
+    app.write_all(b"ping").unwrap();
+    // What the V1 side receives: a V1 STREAM_START and DATA, without service or connection ids.
+    let got: Vec<Message> = rt.block_on(async {
+        let mut reader = FrameReader::new();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let m = tokio::time::timeout(WAIT, dst.next())
+                .await
+                .expect("the V1 destination heard from the source")
+                .unwrap()
+                .unwrap();
+            let Ws::Binary(data) = m else { continue };
+            reader
+                .feed::<culvert_protocol::frame::FrameError>(data, |body| {
+                    got.push(decode(body)?);
+                    Ok(())
+                })
+                .unwrap();
+        }
+        got
+    });
+    assert_eq!(got[0].kind(), Some(MessageType::StreamStart), "{got:?}");
+    assert_eq!(got[1].kind(), Some(MessageType::Data), "{got:?}");
+    for m in &got {
+        assert_eq!((m.service_id.as_str(), m.connection_id), ("", 0), "{m:?}");
+    }
+    assert_eq!(&got[1].payload[..], b"ping");
+    // The V1 side answers as V1 does; the localproxy's client reads the answer.
+    let stream = got[0].stream_id;
+    rt.block_on(async {
+        let f = encode_to_bytes(&Message {
+            r#type: MessageType::Data as i32,
+            stream_id: stream,
+            payload: bytes::Bytes::from_static(b"pong"),
+            ..Message::default()
+        })
+        .unwrap();
+        dst.send(Ws::Binary(f)).await.unwrap();
+    });
+    let mut answer = [0u8; 4];
+    app.read_exact(&mut answer)
+        .expect("the V1 answer reached the localproxy's client");
+    assert_eq!(&answer, b"pong");
+}
