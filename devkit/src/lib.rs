@@ -5,6 +5,7 @@
 //!
 //! Every wait is bounded and fails with a message saying what did not happen.
 
+pub mod pg;
 pub mod wan;
 
 use std::net::{TcpListener, TcpStream};

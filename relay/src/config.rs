@@ -5,6 +5,8 @@
 //! ```toml
 //! listen = "0.0.0.0:443"
 //! state_dir = "/var/lib/culvert-relay"
+//! # store = "postgres://culvert-relay@db.internal:5432/culvert"   # default: tunnels.redb in state_dir
+//! # store_password_file = "/etc/culvert/store-password"
 //! api_key_file = "/etc/culvert/relay-api-key"   # or: api_key = "..."
 //! flow_control = true               # offer culvert's flow control (false: exactly as AWS's relay)
 //! # audit_file = "/var/log/culvert/relay-audit.jsonl"   # default: audit.jsonl in state_dir
@@ -80,6 +82,58 @@ pub struct RawConfig {
     pub access: RawAccess,
     #[serde(default)]
     pub aws: RawAws,
+    /// Where tunnels, devices and operators live: absent for the embedded redb file, or a
+    /// `postgres://` URL for a database several relays share.
+    #[serde(default)]
+    pub store: Option<String>,
+    /// The database password, read from this file (instead of the URL).
+    #[serde(default)]
+    pub store_password_file: Option<PathBuf>,
+}
+
+/// Where the relay keeps its state.
+#[derive(Clone, Debug, Default)]
+pub enum StoreSettings {
+    /// `tunnels.redb` in the state directory.
+    #[default]
+    Embedded,
+    Postgres {
+        url: String,
+        password: Option<String>,
+    },
+}
+
+impl StoreSettings {
+    /// `store` and `store_password_file` of a configuration (or the command line).
+    pub fn parse(
+        url: Option<String>,
+        password_file: Option<&Path>,
+    ) -> Result<StoreSettings, String> {
+        match url {
+            None if password_file.is_some() => {
+                Err("store_password_file is set, but store (a postgres:// URL) is not".into())
+            }
+            None => Ok(StoreSettings::Embedded),
+            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+                let password = match password_file {
+                    None => None,
+                    Some(f) => Some(
+                        std::fs::read_to_string(f)
+                            .map_err(|e| {
+                                format!("store_password_file: cannot read {}: {e}", f.display())
+                            })?
+                            .trim_end_matches(['\r', '\n'])
+                            .to_owned(),
+                    ),
+                };
+                Ok(StoreSettings::Postgres { url: u, password })
+            }
+            Some(u) => Err(format!(
+                "store: {:?} is not a postgres:// URL (leave store out for the embedded store)",
+                u.split('@').next_back().unwrap_or_default()
+            )),
+        }
+    }
 }
 
 /// `[aws]`: AWS's control API (JSON 1.1, SigV4) beside culvert's own.
@@ -474,6 +528,7 @@ pub struct RelayConfig {
     /// Opening a tunnel needs a reason.
     pub require_reason: bool,
     pub aws: AwsSettings,
+    pub store: StoreSettings,
 }
 
 /// A configuration problem, naming the file and key.
@@ -542,8 +597,13 @@ impl RawConfig {
         let daemon = self.daemon.validate()?;
         let state_dir = resolve(&self.state_dir);
         let aws = self.aws.validate(&state_dir, resolve)?;
+        let store = StoreSettings::parse(
+            self.store,
+            self.store_password_file.map(|f| resolve(&f)).as_deref(),
+        )?;
         Ok(RelayConfig {
             aws,
+            store,
             listen,
             audit_file: self
                 .audit_file

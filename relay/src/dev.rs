@@ -84,6 +84,7 @@ pub fn prepare(
                 bootstrap_pair: true,
                 ..crate::config::AwsSettings::defaults(&dir)
             },
+            store: Default::default(),
         },
         DevFiles { dir, ca },
     ))

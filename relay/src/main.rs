@@ -63,6 +63,10 @@ struct Args {
     /// --dev: CA of the external broker (default: the dev CA).
     #[arg(long, requires = "mqtt_broker")]
     mqtt_ca: Option<PathBuf>,
+    /// --dev: keep state in this PostgreSQL database (postgres://USER@HOST:PORT/DB) instead of
+    /// the state directory's redb file (a config file sets store).
+    #[arg(long, requires = "dev")]
+    store: Option<String>,
     #[command(subcommand)]
     command: Option<culvert_appliance::audit::Command>,
 }
@@ -113,6 +117,13 @@ fn main() -> ExitCode {
                     c.limits.max_services = n.into();
                 }
                 c.daemon.metrics_listen = args.metrics_listen;
+                match culvert_relay::config::StoreSettings::parse(args.store.clone(), None) {
+                    Ok(s) => c.store = s,
+                    Err(e) => {
+                        eprintln!("culvert-relay: --store: {e}");
+                        return ExitCode::from(64);
+                    }
+                }
                 c.require_reason = args.require_reason;
                 if let Some(g) = args.shutdown_grace_secs {
                     c.daemon.shutdown_grace = std::time::Duration::from_secs(g.min(3600));

@@ -20,13 +20,14 @@ use tracing::{debug, info, warn};
 use crate::access::Access;
 use crate::audit::Audit;
 use crate::broker;
+use crate::config::StoreSettings;
 use crate::config::{BrokerMode, RelayConfig};
 use crate::devices::Devices;
 use crate::notify::Notifier;
 use crate::registry::Registry;
 use crate::slots::{Gate, Guarded, RefusalLog};
 use crate::state::{AppState, ConnectionSlots};
-use crate::store::RedbStore;
+use crate::store::{PostgresStore, RedbStore, Store};
 use crate::{api, aws, dataplane, reannounce};
 
 /// Largest API request body.
@@ -117,7 +118,14 @@ impl Relay {
                 cfg.state_dir.display()
             )
         })?;
-        let store = Arc::new(RedbStore::open(&cfg.state_dir.join("tunnels.redb"))?);
+        let store: Arc<dyn Store> = match &cfg.store {
+            StoreSettings::Embedded => {
+                Arc::new(RedbStore::open(&cfg.state_dir.join("tunnels.redb"))?)
+            }
+            StoreSettings::Postgres { url, password } => {
+                Arc::new(PostgresStore::open(url, password.clone()).await?)
+            }
+        };
         let registry = Arc::new(Registry::new(store.clone(), cfg.limits.clone()).await?);
         let devices = Arc::new(Devices::load(store.clone()).await?);
         let mut aws_keys =

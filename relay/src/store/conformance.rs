@@ -1,6 +1,7 @@
 //! What every [`Store`] must do, run against each one: the rules of tokens (single use, client
 //! tokens, rotation, close, expiry), the indexes, paging, and atomicity under concurrent
-//! handshakes. A new store (PostgreSQL) is added to the macro at the bottom.
+//! handshakes. Every store is in the macro at the bottom; PostgreSQL's runs against a real
+//! server the tests start (`culvert_devkit::pg`).
 
 use std::sync::Arc;
 
@@ -45,7 +46,18 @@ pub(super) fn redb() -> Fixture {
     }
 }
 
-fn rec(id: &str, thing: &str, created_ms: i64) -> TunnelRecord {
+/// A database of its own on this test process's PostgreSQL server.
+pub(super) async fn postgres() -> Fixture {
+    let url = tokio::task::spawn_blocking(culvert_devkit::pg::database)
+        .await
+        .unwrap();
+    Fixture {
+        store: Arc::new(PostgresStore::open(&url, None).await.unwrap()),
+        dir: None,
+    }
+}
+
+pub(super) fn rec(id: &str, thing: &str, created_ms: i64) -> TunnelRecord {
     TunnelRecord {
         id: id.into(),
         thing_name: thing.into(),
@@ -67,11 +79,11 @@ fn rec(id: &str, thing: &str, created_ms: i64) -> TunnelRecord {
     }
 }
 
-fn tok(id: &str, mode: Mode) -> TokenHash {
+pub(super) fn tok(id: &str, mode: Mode) -> TokenHash {
     TokenHash::of(&format!("{id}/{mode}"))
 }
 
-fn hs(token: TokenHash, mode: Mode, ct: Option<&str>) -> Handshake {
+pub(super) fn hs(token: TokenHash, mode: Mode, ct: Option<&str>) -> Handshake {
     Handshake {
         token,
         mode,
@@ -525,6 +537,14 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
                     super::$test(super::redb()).await
+                }
+            )*
+        }
+        mod postgres_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::postgres().await).await
                 }
             )*
         }

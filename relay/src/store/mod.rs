@@ -5,6 +5,7 @@
 //! the registry above it.
 //!
 //! - [`RedbStore`] (`tunnels.redb` in the state directory) is the embedded default.
+//! - [`PostgresStore`] (`store = "postgres://…"`) is shared by several relays.
 //! - [`MemoryStore`] keeps everything in memory (tests; a relay that may forget).
 //!
 //! What each operation decides is written once, in [`ops`], over the [`ops::Tables`] a store
@@ -14,6 +15,7 @@
 
 mod memory;
 pub(crate) mod ops;
+mod postgres;
 mod redb;
 
 use std::collections::BTreeMap;
@@ -22,6 +24,7 @@ use async_trait::async_trait;
 use culvert_protocol::Mode;
 use serde::{Deserialize, Serialize};
 
+pub use self::postgres::PostgresStore;
 pub use memory::MemoryStore;
 pub use redb::RedbStore;
 
