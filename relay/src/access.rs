@@ -422,6 +422,22 @@ impl Access {
         })
     }
 
+    /// Take the store's operators as they are now: another relay sharing the store may have
+    /// changed them (a key, a grant, a disabled operator). Serialized with this relay's own
+    /// changes, so it never undoes one.
+    pub async fn reload(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.writes.lock().await;
+        let fresh = self
+            .store
+            .operators()
+            .await?
+            .into_iter()
+            .map(|o| (o.name.clone(), o))
+            .collect();
+        *self.lock() = fresh;
+        Ok(())
+    }
+
     /// Let operators have AWS access key pairs, their secrets derived from `keys`.
     pub fn with_aws_keys(mut self, keys: Arc<crate::aws::keys::AwsKeys>) -> Access {
         self.aws = Some(keys);
@@ -715,10 +731,16 @@ impl Access {
     ) -> Result<(OperatorRecord, T), AccessError> {
         let _one_at_a_time = self.writes.lock().await;
         let now = self.now();
-        let mut after = self
-            .lock()
-            .get(name)
-            .cloned()
+        // The stored record, not the one in memory: another relay sharing the store may have
+        // changed it since this one last read it.
+        let stored = self
+            .store
+            .operators()
+            .await?
+            .into_iter()
+            .find(|o| o.name == name);
+        let mut after = stored
+            .or_else(|| self.lock().get(name).cloned())
             .ok_or_else(|| AccessError::NotFound(format!("no operator {name:?}")))?;
         let out = f(&mut after, now)?;
         self.store.put_operator(&after).await?;

@@ -16,6 +16,8 @@ pub struct Devices {
     map: Mutex<BTreeMap<String, DeviceRecord>>,
     /// Cancelled when a device is removed or gets a new password: its connections end.
     sessions: Mutex<HashMap<String, CancellationToken>>,
+    /// Serializes changes and [`Devices::reload`], so a reload never undoes a change made here.
+    writes: tokio::sync::Mutex<()>,
 }
 
 impl Devices {
@@ -32,7 +34,36 @@ impl Devices {
             store,
             map: Mutex::new(map),
             sessions: Mutex::new(HashMap::new()),
+            writes: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Take the store's devices as they are now: another relay sharing the store may have
+    /// changed them. A device removed, or given a new password, there loses its broker
+    /// connections here too.
+    pub async fn reload(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.writes.lock().await;
+        let fresh: BTreeMap<String, DeviceRecord> = self
+            .store
+            .devices()
+            .await?
+            .into_iter()
+            .map(|d| (d.thing_name.clone(), d))
+            .collect();
+        let gone: Vec<String> = {
+            let mut map = self.lock();
+            let gone = map
+                .iter()
+                .filter(|(thing, d)| fresh.get(*thing).is_none_or(|f| f.password != d.password))
+                .map(|(thing, _)| thing.clone())
+                .collect();
+            *map = fresh;
+            gone
+        };
+        for thing in gone {
+            self.revoke(&thing);
+        }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, DeviceRecord>> {
@@ -46,6 +77,7 @@ impl Devices {
         thing: &str,
         tags: Option<BTreeMap<String, String>>,
     ) -> Result<String, StoreError> {
+        let _one_at_a_time = self.writes.lock().await;
         let password = new_secret();
         let rec = DeviceRecord {
             thing_name: thing.to_owned(),
@@ -65,6 +97,7 @@ impl Devices {
         thing: &str,
         tags: BTreeMap<String, String>,
     ) -> Result<Option<DeviceRecord>, StoreError> {
+        let _one_at_a_time = self.writes.lock().await;
         let Some(mut rec) = self.lock().get(thing).cloned() else {
             return Ok(None);
         };
@@ -83,6 +116,7 @@ impl Devices {
     }
 
     pub async fn remove(&self, thing: &str) -> Result<bool, StoreError> {
+        let _one_at_a_time = self.writes.lock().await;
         self.store.remove_device(thing).await?;
         self.revoke(thing);
         Ok(self.lock().remove(thing).is_some())

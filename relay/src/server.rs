@@ -100,6 +100,16 @@ async fn enforce_grants(state: &AppState) {
     }
 }
 
+/// Operators and devices as the shared store has them now.
+async fn reload_shared(state: &AppState) {
+    if let Err(e) = state.access.reload().await {
+        warn!(error = %e, "could not read operators from the shared store");
+    }
+    if let Err(e) = state.devices.reload().await {
+        warn!(error = %e, "could not read devices from the shared store");
+    }
+}
+
 /// A bound relay, ready to serve.
 pub struct Relay {
     listener: TcpListener,
@@ -207,6 +217,7 @@ impl Relay {
                     cfg.aws.region.clone(),
                     cfg.aws.account_id.clone(),
                 )),
+                shared_store: matches!(cfg.store, StoreSettings::Postgres { .. }),
             }),
             background,
         })
@@ -263,9 +274,13 @@ impl Relay {
                         _ = tick.tick() => state.registry.sweep().await,
                     }
                     // Grants that ran out close the tunnels they allowed (every 5 s: it reads
-                    // every open tunnel).
+                    // every open tunnel). On a shared store, what other relays changed about
+                    // operators and devices is read first.
                     n += 1;
                     if n.is_multiple_of(5) {
+                        if state.shared_store {
+                            reload_shared(&state).await;
+                        }
                         enforce_grants(&state).await;
                     }
                 }

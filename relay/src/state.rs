@@ -31,6 +31,9 @@ pub struct AppState {
     pub listener: ListenerLimits,
     /// AWS's control API (region, account, replayed signatures).
     pub aws: Arc<crate::aws::AwsApi>,
+    /// The store is shared with other relays (PostgreSQL): operators and devices are read
+    /// from it again every few seconds.
+    pub shared_store: bool,
 }
 
 /// The slots of the connection a request arrived on (a request extension).

@@ -1,7 +1,7 @@
 //! culvert-relay on PostgreSQL (`--store postgres://…`, a real server the test starts:
 //! `culvert_devkit::pg`): two relays share the tunnels, a single-use token spent on one is
-//! refused by the other, the state outlives both relays, and a tunnel carries traffic as on the
-//! embedded store. (Forwarding between relays, so that a tunnel's two ends may use different
+//! refused by the other, operators changed through one reach the other, the state outlives
+//! both relays, and a tunnel carries traffic as on the embedded store. (Forwarding between relays, so that a tunnel's two ends may use different
 //! ones, is the cluster issue's next step; here each tunnel's ends use one relay.)
 
 use culvert_e2e::raw;
@@ -41,6 +41,26 @@ fn two_relays_share_tunnels_and_spend_each_token_once() {
     let (status, message) = rt.block_on(raw::refused(&b, &t.source, Mode::Source, None));
     assert_eq!(status, 403, "{message}");
     assert!(message.contains("already used"), "{message}");
+
+    // An operator made through A can use B (each relay reads operators again every 5 s), and
+    // one disabled through B is refused by A.
+    let alice = a.api(&["operator", "add", "alice", "--role", "viewer"]);
+    let key = alice["apiKey"].as_str().unwrap().to_owned();
+    let whoami = |r: &Relay| {
+        r.culvert()
+            .env("CULVERT_API_KEY", &key)
+            .args(["--json", "whoami"])
+            .output()
+            .unwrap()
+    };
+    wait_for("B to know the operator made through A", || {
+        whoami(&b).status.success().then_some(())
+    });
+    b.api(&["operator", "disable", "alice"]);
+    wait_for("A to refuse the operator disabled through B", || {
+        let out = whoami(&a);
+        (!out.status.success() && stderr_of(&out).contains("disabled")).then_some(())
+    });
 
     // A tunnel works end to end on the PostgreSQL store.
     let t2 = b.open_tunnel("cell-8", &["ECHO"]);
