@@ -153,6 +153,75 @@ fn denied(state: &AppState, p: &Principal, action: &str, d: Denied) -> Response 
     d.into_response()
 }
 
+/// What follows opening a tunnel through either API (this one or AWS's): the audit record,
+/// and the destination token announced to the device.
+pub(crate) async fn opened(
+    state: &AppState,
+    p: &Principal,
+    view: &TunnelView,
+    tokens: &IssuedTokens,
+) {
+    state.audit.record(
+        "tunnel_open",
+        serde_json::json!({
+            "operator": p.label(),
+            "tunnel": view.rec.id,
+            "thing": view.rec.thing_name,
+            "services": view.rec.services,
+            "reason": view.rec.reason,
+            "lifetime_minutes": view.rec.lifetime_minutes,
+        }),
+    );
+    if let Some(t) = &tokens.destination {
+        state.notifier.announce(&state.registry, view, t).await;
+    }
+}
+
+/// Who may rotate tunnel `v`'s tokens: new tokens go only to whom revoking access can take them
+/// from again, the tunnel's opener (within their grants) or an admin.
+pub(crate) fn may_rotate(state: &AppState, p: &Principal, v: &TunnelView) -> Result<(), Denied> {
+    let opener = p.operator().is_some() && p.operator() == v.rec.opened_by.as_deref();
+    if !opener && p.role() != Role::Admin {
+        return Err(Denied::Forbidden(format!(
+            "only whoever opened tunnel {} ({}) or an admin may rotate its tokens; open a tunnel of your own",
+            v.rec.id,
+            v.rec
+                .opened_by
+                .as_deref()
+                .unwrap_or(crate::access::BOOTSTRAP)
+        )));
+    }
+    state
+        .access
+        .require(p, Role::Operator, "rotating a tunnel's tokens")
+        .and_then(|()| {
+            state
+                .access
+                .may_reach(p, &v.rec.thing_name, &v.rec.services)
+        })
+}
+
+/// What follows a rotation through either API: the audit record, and a new destination token
+/// announced to the (possibly new) destination.
+pub(crate) async fn rotated(
+    state: &AppState,
+    p: &Principal,
+    before: &TunnelView,
+    client_mode: &str,
+    tokens: &IssuedTokens,
+) {
+    let id = &before.rec.id;
+    state.audit.record(
+        "tunnel_rotate",
+        serde_json::json!({"operator": p.label(), "tunnel": id, "thing": before.rec.thing_name, "client_mode": client_mode}),
+    );
+    if let Some(token) = &tokens.destination
+        && let Ok(v) = state.registry.describe(id).await
+    {
+        state.notifier.announce(&state.registry, &v, token).await;
+    }
+}
+
 pub(crate) fn rfc3339(ms: i64) -> String {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
@@ -360,20 +429,7 @@ pub async fn open(
     };
     match state.registry.open(req).await {
         Ok((view, tokens)) => {
-            state.audit.record(
-                "tunnel_open",
-                serde_json::json!({
-                    "operator": p.label(),
-                    "tunnel": view.rec.id,
-                    "thing": view.rec.thing_name,
-                    "services": view.rec.services,
-                    "reason": view.rec.reason,
-                    "lifetime_minutes": view.rec.lifetime_minutes,
-                }),
-            );
-            if let Some(t) = &tokens.destination {
-                state.notifier.announce(&state.registry, &view, t).await;
-            }
+            opened(&state, &p, &view, &tokens).await;
             let mut v = serde_json::to_value(tunnel_json(&view)).unwrap_or_default();
             if let serde_json::Value::Object(m) = &mut v
                 && let Ok(serde_json::Value::Object(t)) = serde_json::to_value(tokens_json(tokens))
@@ -578,45 +634,12 @@ pub async fn rotate(
         Ok(v) => v,
         Err(r) => return r,
     };
-    // New tokens go only to whom revoking access can take them from again: the tunnel's
-    // opener (within their grants) or an admin.
-    let opener = p.operator().is_some() && p.operator() == v.rec.opened_by.as_deref();
-    let who = if opener || p.role() == Role::Admin {
-        Ok(())
-    } else {
-        Err(Denied::Forbidden(format!(
-            "only whoever opened tunnel {id} ({}) or an admin may rotate its tokens; open a tunnel of your own",
-            v.rec
-                .opened_by
-                .as_deref()
-                .unwrap_or(crate::access::BOOTSTRAP)
-        )))
-    };
-    if let Err(d) = who
-        .and_then(|()| {
-            state
-                .access
-                .require(&p, Role::Operator, "rotating a tunnel's tokens")
-        })
-        .and_then(|()| {
-            state
-                .access
-                .may_reach(&p, &v.rec.thing_name, &v.rec.services)
-        })
-    {
+    if let Err(d) = may_rotate(&state, &p, &v) {
         return denied(&state, &p, "rotate", d);
     }
     match state.registry.rotate(&id, which, None).await {
         Ok(t) => {
-            state.audit.record(
-                "tunnel_rotate",
-                serde_json::json!({"operator": p.label(), "tunnel": id, "thing": v.rec.thing_name, "client_mode": b.client_mode}),
-            );
-            if let Some(token) = &t.destination
-                && let Ok(v) = state.registry.describe(&id).await
-            {
-                state.notifier.announce(&state.registry, &v, token).await;
-            }
+            rotated(&state, &p, &v, &b.client_mode, &t).await;
             let mut j = serde_json::to_value(tokens_json(t)).unwrap_or_default();
             j["tunnelId"] = serde_json::Value::String(id);
             Json(j).into_response()

@@ -610,20 +610,7 @@ async fn open(state: &AppState, p: &Principal, body: &[u8]) -> Result<Value, Aws
         opened_key: p.key_id().map(str::to_owned),
     };
     let (view, tokens) = state.registry.open(req).await?;
-    state.audit.record(
-        "tunnel_open",
-        json!({
-            "operator": p.label(),
-            "tunnel": view.rec.id,
-            "thing": view.rec.thing_name,
-            "services": view.rec.services,
-            "reason": view.rec.reason,
-            "lifetime_minutes": view.rec.lifetime_minutes,
-        }),
-    );
-    if let Some(t) = &tokens.destination {
-        state.notifier.announce(&state.registry, &view, t).await;
-    }
+    crate::api::opened(state, p, &view, &tokens).await;
     Ok(json!({
         "tunnelId": view.rec.id,
         "tunnelArn": state.aws.tunnel_arn(&view.rec.id),
@@ -786,31 +773,15 @@ async fn rotate(state: &AppState, p: &Principal, body: &[u8]) -> Result<Value, A
         }
     };
     let v = visible(state, p, &id, "RotateTunnelAccessToken").await?;
-    // As on culvert's API: new tokens go only to the tunnel's opener or an admin.
-    let opener = p.operator().is_some() && p.operator() == v.rec.opened_by.as_deref();
-    if !opener && p.role() != Role::Admin {
-        let d = Denied::Forbidden(format!(
-            "only whoever opened tunnel {id} ({}) or an admin may rotate its tokens",
-            v.rec
-                .opened_by
-                .as_deref()
-                .unwrap_or(crate::access::BOOTSTRAP)
-        ));
-        return Err(denied(
+    crate::api::may_rotate(state, p, &v).map_err(|d| {
+        denied(
             state,
             p,
             "RotateTunnelAccessToken",
             &state.aws.tunnel_arn(&id),
             d,
-        ));
-    }
-    may_change(
-        state,
-        p,
-        &v,
-        "RotateTunnelAccessToken",
-        "rotating a tunnel's tokens",
-    )?;
+        )
+    })?;
     // A destinationConfig moves the destination (its thing defaults to the tunnel's own);
     // the operator must be allowed to reach where it goes, too.
     let retarget = b.destination_config.map(|d| Retarget {
@@ -829,15 +800,14 @@ async fn rotate(state: &AppState, p: &Principal, body: &[u8]) -> Result<Value, A
         ));
     }
     let tokens = state.registry.rotate(&id, which, retarget).await?;
-    state.audit.record(
-        "tunnel_rotate",
-        json!({"operator": p.label(), "tunnel": id, "thing": v.rec.thing_name, "client_mode": b.client_mode}),
-    );
-    if let Some(token) = &tokens.destination
-        && let Ok(v) = state.registry.describe(&id).await
-    {
-        state.notifier.announce(&state.registry, &v, token).await;
-    }
+    crate::api::rotated(
+        state,
+        p,
+        &v,
+        b.client_mode.as_deref().unwrap_or_default(),
+        &tokens,
+    )
+    .await;
     let mut out = json!({"tunnelArn": state.aws.tunnel_arn(&id)});
     if let Some(s) = tokens.source {
         out["sourceAccessToken"] = json!(s);
