@@ -71,21 +71,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         ));
     Router::new()
         // AWS's control API: AWS JSON 1.1, signed with SigV4 (checked by the handler).
-        .route("/", post(aws::handle))
+        .route("/", post(aws::handle).fallback(not_found))
         .route("/tunnel", get(dataplane::handshake))
         // The one API call without a key: it trades a password for one.
         .route("/api/v1/login", post(ops::login))
         .nest("/api/v1", api)
         .route("/healthz", get(|| async { "ok\n" }))
-        .fallback(|| async {
-            crate::reply::error(
-                axum::http::StatusCode::NOT_FOUND,
-                "not_found",
-                "no such endpoint: the data plane is GET /tunnel, the API is under /api/v1/tunnels, AWS's API is POST / (aws iotsecuretunneling --endpoint-url https://this-relay)",
-            )
-        })
+        .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_API_BODY))
         .with_state(state)
+}
+
+/// Any other request: where things are.
+async fn not_found() -> axum::response::Response {
+    crate::reply::error(
+        axum::http::StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint: the data plane is GET /tunnel, the API is under /api/v1/tunnels, AWS's API is POST / (aws iotsecuretunneling --endpoint-url https://this-relay)",
+    )
 }
 
 /// Close the open tunnels whose operator may no longer reach them.

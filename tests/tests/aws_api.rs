@@ -395,7 +395,7 @@ fn boto3_tags_pages_and_is_refused_the_aws_way() {
 }
 
 /// The relay's CA must be what AWS_CA_BUNDLE names; a client without it is refused by TLS,
-/// not answered.
+/// not answered; a GET of / is told where things are.
 #[test]
 fn the_dev_client_env_names_the_ca_region_and_endpoint() {
     let dir = scratch("aws-env");
@@ -421,6 +421,19 @@ fn the_dev_client_env_names_the_ca_region_and_endpoint() {
         stderr_of(&out).contains("CERTIFICATE_VERIFY_FAILED"),
         "{}",
         stderr_of(&out)
+    );
+    // Anything but POST / there is culvert's JSON 404 saying where things are.
+    let curl = require_tool("curl", "curl");
+    let got = run_ok(
+        "curl GET /",
+        Command::new(curl)
+            .args(["-s", "-w", "\n%{http_code}", "--cacert"])
+            .arg(&relay.ca)
+            .arg(format!("https://{}/", relay.addr)),
+    );
+    assert!(
+        got.ends_with("\n404") && got.contains("AWS's API is POST /"),
+        "{got}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
