@@ -14,8 +14,10 @@
 //!   configured before operators existed works unchanged.
 //!
 //! Every operator is kept in memory (keys are checked on every request, synchronously) and
-//! written through to the [`Store`]. Changes are serialized by one lock on this relay; a
-//! cluster of relays sharing a store must make them atomic there (the cluster issue).
+//! written through to the [`Store`]. Changes are serialized by one lock on this relay and start
+//! from the stored record; relays sharing a store read it again every 5 s ([`Access::reload`]).
+//! Two relays changing one operator at the same instant can still overwrite each other: making
+//! that one store step is the cluster issue's.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -56,7 +56,18 @@ pub fn starts_v1_stream(chunk: &Chunk) -> bool {
     if !chunk.ends_message {
         return false;
     }
-    let Some(last) = frames(&chunk.bytes).pop() else {
+    // Walk the length prefixes to the last frame: nothing is decoded or allocated before it.
+    let b = &chunk.bytes;
+    let (mut at, mut last) = (0, None);
+    while at + 2 <= b.len() {
+        let end = at + 2 + usize::from(u16::from_be_bytes([b[at], b[at + 1]]));
+        if end > b.len() {
+            break;
+        }
+        last = Some(b.slice(at + 2..end));
+        at = end;
+    }
+    let Some(last) = last else {
         return false;
     };
     matches!(

@@ -20,7 +20,7 @@ pub use crate::live::{Kick, KickReason, Live, NewPeer};
 pub use crate::store::{AdmitError, Refusal};
 use crate::store::{
     ChangeError, CloseReason, Handshake, ListQuery, NewTokens, OnSite, OnSiteState, Retarget,
-    SideRecord, Status, Store, StoreError, TunnelRecord,
+    SideRecord, Status, Store, StoreError, TagChange, TunnelRecord,
 };
 use crate::tokens::{TokenHash, new_secret};
 
@@ -523,14 +523,17 @@ impl Registry {
         Ok(issued)
     }
 
-    /// Replace a tunnel's tags (checked as at open), open or closed.
-    pub async fn set_tags(
-        &self,
-        id: &str,
-        tags: BTreeMap<String, String>,
-    ) -> Result<TunnelView, ApiError> {
-        validate_tags(&tags)?;
-        let rec = self.store.set_tags(id, &tags).await?;
+    /// Change a tunnel's tags, open or closed, in one store step. The tags set are checked as
+    /// at open; the 50-tag limit against the tunnel as it stands just before.
+    pub async fn retag(&self, id: &str, change: TagChange) -> Result<TunnelView, ApiError> {
+        let mut after = self.describe(id).await?.rec.tags;
+        for k in &change.remove {
+            after.remove(k);
+        }
+        after.extend(change.set.clone());
+        validate_tags(&change.set)?;
+        validate_tags(&after)?;
+        let rec = self.store.retag(id, &change).await?;
         Ok(self.view(rec))
     }
 

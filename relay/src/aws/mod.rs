@@ -35,7 +35,7 @@ use crate::access::{Denied, Principal, Role};
 use crate::api::ApiBody;
 use crate::registry::{ApiError, OpenRequest, RotateWhich, TunnelView};
 use crate::state::AppState;
-use crate::store::Retarget;
+use crate::store::{Retarget, TagChange};
 
 /// How far a request's `X-Amz-Date` may be from the relay's clock, either way (AWS: 5 minutes).
 pub const SKEW_SECS: i64 = 5 * 60;
@@ -453,8 +453,8 @@ pub async fn handle(
         "DescribeTunnel" => describe(&state, &p, &body.0).await,
         "ListTunnels" => list(&state, &p, &body.0).await,
         "RotateTunnelAccessToken" => rotate(&state, &p, &body.0).await,
-        "TagResource" => tag(&state, &p, &body.0).await,
-        "UntagResource" => untag(&state, &p, &body.0).await,
+        "TagResource" => retag(&state, &p, &body.0, "TagResource", false).await,
+        "UntagResource" => retag(&state, &p, &body.0, "UntagResource", true).await,
         "ListTagsForResource" => list_tags(&state, &p, &body.0).await,
         _ if target.is_empty() => Err(AwsError::new(
             StatusCode::BAD_REQUEST,
@@ -836,32 +836,30 @@ fn resource(state: &AppState, arn: Option<String>) -> Result<String, AwsError> {
     state.aws.tunnel_of(&arn)
 }
 
-async fn tag(state: &AppState, p: &Principal, body: &[u8]) -> Result<Value, AwsError> {
+/// TagResource and UntagResource: one store step on the tunnel's tags.
+async fn retag(
+    state: &AppState,
+    p: &Principal,
+    body: &[u8],
+    action: &str,
+    untag: bool,
+) -> Result<Value, AwsError> {
     let b: TagInput = parse(body)?;
     let id = resource(state, b.resource_arn)?;
-    let add = tag_map(b.tags.unwrap_or_default())?;
-    let v = visible(state, p, &id, "TagResource").await?;
-    may_change(state, p, &v, "TagResource", "tagging a tunnel")?;
-    let mut tags = v.rec.tags.clone();
-    tags.extend(add);
-    let v = state.registry.set_tags(&id, tags).await?;
-    state.audit.record(
-        "tunnel_tags",
-        json!({"operator": p.label(), "tunnel": id, "tags": v.rec.tags}),
-    );
-    Ok(json!({}))
-}
-
-async fn untag(state: &AppState, p: &Principal, body: &[u8]) -> Result<Value, AwsError> {
-    let b: TagInput = parse(body)?;
-    let id = resource(state, b.resource_arn)?;
-    let v = visible(state, p, &id, "UntagResource").await?;
-    may_change(state, p, &v, "UntagResource", "untagging a tunnel")?;
-    let mut tags = v.rec.tags.clone();
-    for k in b.tag_keys.unwrap_or_default() {
-        tags.remove(&k);
-    }
-    let v = state.registry.set_tags(&id, tags).await?;
+    let change = if untag {
+        TagChange {
+            remove: b.tag_keys.unwrap_or_default(),
+            ..TagChange::default()
+        }
+    } else {
+        TagChange {
+            set: tag_map(b.tags.unwrap_or_default())?,
+            ..TagChange::default()
+        }
+    };
+    let v = visible(state, p, &id, action).await?;
+    may_change(state, p, &v, action, "changing a tunnel's tags")?;
+    let v = state.registry.retag(&id, change).await?;
     state.audit.record(
         "tunnel_tags",
         json!({"operator": p.label(), "tunnel": id, "tags": v.rec.tags}),

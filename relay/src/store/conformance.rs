@@ -490,11 +490,24 @@ async fn the_sites_approval_is_kept_for_open_tunnels_only(f: Fixture) {
     ));
 }
 
-async fn tags_change_on_any_tunnel_and_a_rotation_can_move_the_destination(f: Fixture) {
+async fn tags_change_in_one_step_on_any_tunnel_and_a_rotation_can_move_the_destination(f: Fixture) {
     let s = &*f.store;
     s.create(&rec("t", "a", 1)).await.unwrap();
     let tags: BTreeMap<String, String> = [("line".to_owned(), "2".to_owned())].into();
-    assert_eq!(s.set_tags("t", &tags).await.unwrap().tags, tags);
+    let set = |tags: &BTreeMap<String, String>| TagChange {
+        set: tags.clone(),
+        remove: Vec::new(),
+    };
+    assert_eq!(s.retag("t", &set(&tags)).await.unwrap().tags, tags);
+    // Two changes of different keys both land (each is one step on the stored tags).
+    let owner: BTreeMap<String, String> = [("owner".to_owned(), "ops".to_owned())].into();
+    let both = s.retag("t", &set(&owner)).await.unwrap().tags;
+    assert_eq!(both.len(), 2, "{both:?}");
+    let gone = TagChange {
+        remove: vec!["owner".into()],
+        ..TagChange::default()
+    };
+    assert_eq!(s.retag("t", &gone).await.unwrap().tags, tags);
     let new = NewTokens {
         destination: Some(tok("t2", Mode::Destination)),
         retarget: Some(Retarget {
@@ -509,15 +522,16 @@ async fn tags_change_on_any_tunnel_and_a_rotation_can_move_the_destination(f: Fi
     assert_eq!(s.unclaimed("b", NOW).await.unwrap(), vec!["t".to_owned()]);
     assert!(s.unclaimed("a", NOW).await.unwrap().is_empty());
     s.close("t", CloseReason::Closed, 4).await.unwrap();
+    let line = TagChange {
+        remove: vec!["line".into()],
+        ..TagChange::default()
+    };
     assert!(
-        s.set_tags("t", &BTreeMap::new())
-            .await
-            .unwrap()
-            .tags
-            .is_empty()
+        s.retag("t", &line).await.unwrap().tags.is_empty(),
+        "a closed tunnel's too"
     );
     assert!(matches!(
-        s.set_tags("nope", &tags).await,
+        s.retag("nope", &set(&tags)).await,
         Err(ChangeError::NotFound(_))
     ));
 }
@@ -565,5 +579,5 @@ conformance!(
     operators_are_stored_and_replaced,
     concurrent_handshakes_spend_a_token_once,
     the_sites_approval_is_kept_for_open_tunnels_only,
-    tags_change_on_any_tunnel_and_a_rotation_can_move_the_destination,
+    tags_change_in_one_step_on_any_tunnel_and_a_rotation_can_move_the_destination,
 );

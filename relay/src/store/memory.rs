@@ -10,7 +10,7 @@ use culvert_protocol::Mode;
 use super::ops::{self, Reads, Tables, TokenRef};
 use super::{
     AdmitError, Admitted, ChangeError, CloseReason, Closed, DeviceRecord, Due, Handshake,
-    ListQuery, NewTokens, OnSite, Store, StoreError, TunnelRecord,
+    ListQuery, NewTokens, OnSite, Store, StoreError, TagChange, TunnelRecord,
 };
 use crate::access::OperatorRecord;
 use crate::tokens::TokenHash;
@@ -172,12 +172,8 @@ impl Store for MemoryStore {
         ops::close(&mut *self.lock(), id, reason, now_ms)
     }
 
-    async fn set_tags(
-        &self,
-        id: &str,
-        tags: &BTreeMap<String, String>,
-    ) -> Result<TunnelRecord, ChangeError> {
-        ops::set_tags(&mut *self.lock(), id, tags)
+    async fn retag(&self, id: &str, change: &TagChange) -> Result<TunnelRecord, ChangeError> {
+        ops::retag(&mut *self.lock(), id, change)
     }
 
     async fn set_on_site(&self, id: &str, on_site: &OnSite) -> Result<TunnelRecord, ChangeError> {

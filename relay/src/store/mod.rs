@@ -270,6 +270,13 @@ pub struct NewTokens {
     pub retarget: Option<Retarget>,
 }
 
+/// A change to a tunnel's tags: these keys removed, then these set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TagChange {
+    pub remove: Vec<String>,
+    pub set: BTreeMap<String, String>,
+}
+
 /// The thing a tunnel's destination is, and the services it carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Retarget {
@@ -341,12 +348,9 @@ pub trait Store: Send + Sync {
         now_ms: i64,
     ) -> Result<Closed, ChangeError>;
 
-    /// Replace the tags of tunnel `id`, open or closed.
-    async fn set_tags(
-        &self,
-        id: &str,
-        tags: &BTreeMap<String, String>,
-    ) -> Result<TunnelRecord, ChangeError>;
+    /// Change the tags of tunnel `id`, open or closed, in one step (two concurrent changes
+    /// both land).
+    async fn retag(&self, id: &str, change: &TagChange) -> Result<TunnelRecord, ChangeError>;
 
     /// Record the site's approval state of open tunnel `id`.
     async fn set_on_site(&self, id: &str, on_site: &OnSite) -> Result<TunnelRecord, ChangeError>;

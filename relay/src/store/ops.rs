@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     AdmitError, Admitted, ChangeError, CloseReason, Closed, Due, Handshake, ListQuery, NewTokens,
-    OnSite, Refusal, Status, StoreError, TunnelRecord,
+    OnSite, Refusal, Status, StoreError, TagChange, TunnelRecord,
 };
 use crate::tokens::TokenHash;
 
@@ -272,17 +272,21 @@ pub(crate) fn rotate(
     Ok(next)
 }
 
-/// Replace a tunnel's tags (a closed tunnel's too, as AWS tags any tunnel it still lists).
-pub(crate) fn set_tags(
+/// Change a tunnel's tags (a closed tunnel's too, as AWS tags any tunnel it still lists).
+pub(crate) fn retag(
     t: &mut impl Tables,
     id: &str,
-    tags: &std::collections::BTreeMap<String, String>,
+    change: &TagChange,
 ) -> Result<TunnelRecord, ChangeError> {
     let rec = t
         .tunnel(id)?
         .ok_or_else(|| ChangeError::NotFound(id.to_owned()))?;
     let mut next = rec.clone();
-    next.tags = tags.clone();
+    for k in &change.remove {
+        next.tags.remove(k);
+    }
+    next.tags
+        .extend(change.set.iter().map(|(k, v)| (k.clone(), v.clone())));
     write(t, Some(&rec), Some(&next))?;
     Ok(next)
 }

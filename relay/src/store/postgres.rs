@@ -13,7 +13,7 @@
 //! are plain TCP: keep the database on loopback or a private network until TLS lands.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -23,7 +23,7 @@ use postgres::{Client, IsolationLevel, NoTls, Transaction};
 use super::ops::{self, Reads, Tables, TokenRef};
 use super::{
     AdmitError, Admitted, ChangeError, CloseReason, Closed, DeviceRecord, Due, Handshake,
-    ListQuery, NewTokens, OnSite, Store, StoreError, TunnelRecord,
+    ListQuery, NewTokens, OnSite, Store, StoreError, TagChange, TunnelRecord,
 };
 use crate::access::OperatorRecord;
 use crate::tokens::TokenHash;
@@ -518,13 +518,9 @@ impl Store for PostgresStore {
             .await
     }
 
-    async fn set_tags(
-        &self,
-        id: &str,
-        tags: &BTreeMap<String, String>,
-    ) -> Result<TunnelRecord, ChangeError> {
-        let (id, tags) = (id.to_owned(), tags.clone());
-        self.write(move |t| ops::set_tags(t, &id, &tags)).await
+    async fn retag(&self, id: &str, change: &TagChange) -> Result<TunnelRecord, ChangeError> {
+        let (id, change) = (id.to_owned(), change.clone());
+        self.write(move |t| ops::retag(t, &id, &change)).await
     }
 
     async fn set_on_site(&self, id: &str, on_site: &OnSite) -> Result<TunnelRecord, ChangeError> {

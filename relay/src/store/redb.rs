@@ -9,7 +9,6 @@
 //! the records every time the file is opened (milliseconds for thousands of tunnels), so a file
 //! from before they existed, or one an older relay wrote to, is always consistent.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -20,7 +19,7 @@ use redb::{ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, Wr
 use super::ops::{self, Reads, Tables, TokenRef};
 use super::{
     AdmitError, Admitted, ChangeError, CloseReason, Closed, DeviceRecord, Due, Handshake,
-    ListQuery, NewTokens, OnSite, Store, StoreError, TunnelRecord,
+    ListQuery, NewTokens, OnSite, Store, StoreError, TagChange, TunnelRecord,
 };
 use crate::access::OperatorRecord;
 use crate::tokens::TokenHash;
@@ -404,13 +403,9 @@ impl Store for RedbStore {
             .await
     }
 
-    async fn set_tags(
-        &self,
-        id: &str,
-        tags: &BTreeMap<String, String>,
-    ) -> Result<TunnelRecord, ChangeError> {
-        let (id, tags) = (id.to_owned(), tags.clone());
-        self.write(move |t| ops::set_tags(t, &id, &tags)).await
+    async fn retag(&self, id: &str, change: &TagChange) -> Result<TunnelRecord, ChangeError> {
+        let (id, change) = (id.to_owned(), change.clone());
+        self.write(move |t| ops::retag(t, &id, &change)).await
     }
 
     async fn set_on_site(&self, id: &str, on_site: &OnSite) -> Result<TunnelRecord, ChangeError> {
