@@ -89,6 +89,9 @@ pub struct RawConfig {
     /// The database password, read from this file (instead of the URL).
     #[serde(default)]
     pub store_password_file: Option<PathBuf>,
+    /// This relay is a node of a cluster ([`crate::cluster`]).
+    #[serde(default)]
+    pub cluster: Option<crate::cluster::RawCluster>,
 }
 
 /// Where the relay keeps its state.
@@ -529,6 +532,8 @@ pub struct RelayConfig {
     pub require_reason: bool,
     pub aws: AwsSettings,
     pub store: StoreSettings,
+    /// This relay is a node of a cluster on the (shared) store.
+    pub cluster: Option<crate::cluster::ClusterSettings>,
 }
 
 /// A configuration problem, naming the file and key.
@@ -593,7 +598,14 @@ impl RawConfig {
         }
         let listener = self.limits.listener()?;
         let tls = server_tls(&resolve(&self.tls.cert), &resolve(&self.tls.key))?;
-        let mqtt = self.mqtt.validate(resolve)?;
+        let mut raw_mqtt = self.mqtt;
+        if let Some(c) = &self.cluster {
+            // Nodes share the broker: each needs a client id of its own.
+            raw_mqtt
+                .client_id
+                .get_or_insert_with(|| format!("culvert-relay-{}", c.node));
+        }
+        let mqtt = raw_mqtt.validate(resolve)?;
         let daemon = self.daemon.validate()?;
         let state_dir = resolve(&self.state_dir);
         let aws = self.aws.validate(&state_dir, resolve)?;
@@ -601,9 +613,35 @@ impl RawConfig {
             self.store,
             self.store_password_file.map(|f| resolve(&f)).as_deref(),
         )?;
+        let cluster = match self.cluster {
+            None => None,
+            Some(c) => {
+                if !matches!(store, StoreSettings::Postgres { .. }) {
+                    return Err(
+                        "cluster: the nodes of a cluster share their state: set store = \"postgres://…\""
+                            .into(),
+                    );
+                }
+                if matches!(mqtt.mode, BrokerMode::Embedded { .. }) {
+                    return Err(
+                        "cluster: the nodes of a cluster notify devices through one broker: set mqtt.broker (an embedded broker would reach only the devices connected to its node)"
+                            .into(),
+                    );
+                }
+                let c = c.validate(resolve)?;
+                if c.listen == listen {
+                    return Err(format!(
+                        "cluster.listen: {} is the relay's own listen address; node links need a port of their own",
+                        c.listen
+                    ));
+                }
+                Some(c)
+            }
+        };
         Ok(RelayConfig {
             aws,
             store,
+            cluster,
             listen,
             audit_file: self
                 .audit_file

@@ -25,9 +25,12 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::cluster::{Cluster, LinkRequest};
 use crate::registry::{Admission, AdmitError, Kick, KickReason, NewPeer};
 use crate::reply::error;
 use crate::state::{AppState, ConnectionSlots};
+use crate::store::Placement;
+use crate::tokens::TokenHash;
 use culvert_protocol::forward::{Chunk, Inbound};
 
 /// Frames queued towards one peer.
@@ -161,12 +164,7 @@ pub async fn handshake(
         .collect();
     // `restart/1` costs an AWS peer nothing (it never offers it): always accepted.
     // `resume/1` rides on flow control.
-    let enabled = Extensions {
-        flow_control: state.flow_control,
-        restart: true,
-        resume: state.flow_control,
-    };
-    let extensions = Extensions::parse(&offered.join(",")).intersect(enabled);
+    let extensions = Extensions::parse(&offered.join(",")).intersect(enabled(&state));
     let ws = match ws {
         Ok(ws) => ws,
         Err(e) => return bad(format!("not a WebSocket upgrade: {}", e.body_text())),
@@ -176,11 +174,12 @@ pub async fn handshake(
         .max_message_size(MAX_WS_MESSAGE)
         .max_frame_size(MAX_WS_MESSAGE)
         .read_buffer_size(culvert_protocol::client::WS_READ_CHUNK);
-    let Some(format) = ws
+    let subprotocol = ws
         .selected_protocol()
         .and_then(|p| p.to_str().ok())
-        .and_then(Format::from_subprotocol)
-    else {
+        .unwrap_or_default()
+        .to_owned();
+    let Some(format) = Format::from_subprotocol(&subprotocol) else {
         return bad(format!(
             "Sec-WebSocket-Protocol must offer one of {}",
             SUBPROTOCOLS.join(", ")
@@ -225,17 +224,68 @@ pub async fn handshake(
     let tracker = state.tasks.clone();
     let release = adm
         .first_use
-        .then(|| (state.registry.clone(), adm.live.id.clone(), adm.token));
+        .then(|| (state.registry.clone(), adm.live.id.clone(), mode, adm.token));
+    // In a cluster the peer attaches on the node that holds the tunnel: this one, or that
+    // one through a node link.
+    let mut link = None;
+    if let Some(cluster) = &state.cluster {
+        let unavailable = |m: String| {
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "node_unavailable",
+                m,
+                &channel,
+            )
+        };
+        match cluster.place(&adm.live.id, mode).await {
+            Ok(Placement::Here) => {}
+            Ok(Placement::At { node, addr }) => {
+                let req = LinkRequest {
+                    tunnel: adm.live.id.clone(),
+                    mode: mode.as_str().to_owned(),
+                    generation: adm.generation,
+                    extensions: extensions.header_value().unwrap_or_default(),
+                    subprotocol: subprotocol.clone(),
+                    from: cluster.node.clone(),
+                    channel: channel.clone(),
+                };
+                match cluster.dial(&node, &addr, &req).await {
+                    Ok(l) => {
+                        debug!(tunnel = %adm.live.id, %node, "forwarding the peer to the node that holds its tunnel");
+                        link = Some(l);
+                    }
+                    Err(e) => {
+                        warn!(tunnel = %adm.live.id, %node, %addr, error = %e, "cannot reach the node that holds this tunnel");
+                        release_use(release).await;
+                        return unavailable(format!(
+                            "the relay node that holds this tunnel ({node}) cannot be reached; retry in a few seconds"
+                        ));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "tunnel store failed while placing a peer");
+                release_use(release).await;
+                return unavailable(
+                    "the relay could not record the connection; retry later".into(),
+                );
+            }
+        }
+    }
+    // Placed here: the side's lease goes if the upgrade fails.
+    let placed_here = state
+        .cluster
+        .clone()
+        .filter(|_| link.is_none())
+        .map(|c| (c, adm.live.id.clone()));
+    let cluster = state.cluster.clone();
     let mut resp = ws
         .on_failed_upgrade(move |e| {
             warn!(error = %e, "WebSocket upgrade failed");
             // The handshake did not complete: the token is not spent.
-            if let Some((registry, tunnel, token)) = release {
-                tokio::spawn(async move {
-                    if let Err(e) = registry.release(&tunnel, mode, token).await {
-                        warn!(error = %e, "could not release the token of a failed upgrade");
-                    }
-                });
+            tokio::spawn(release_use(release));
+            if let Some((c, tunnel)) = placed_here {
+                c.unplace(&tunnel, mode);
             }
         })
         .on_upgrade(move |socket| {
@@ -243,9 +293,17 @@ pub async fn handshake(
             if let Some(axum::Extension(s)) = slots {
                 s.0.upgraded();
             }
-            let fut = run_peer(socket, adm, format, extensions).instrument(span);
             async move {
-                tracker.spawn(fut);
+                match (link, cluster) {
+                    (Some(link), Some(c)) => {
+                        tracker.spawn(c.forward(socket, link, extensions).instrument(span));
+                    }
+                    (_, cluster) => {
+                        tracker.spawn(
+                            run_peer(socket, adm, format, extensions, cluster).instrument(span),
+                        );
+                    }
+                }
             }
         })
         .into_response();
@@ -258,6 +316,120 @@ pub async fn handshake(
     resp
 }
 
+/// The culvert extensions this relay accepts. `restart/1` costs an AWS peer nothing (it never
+/// offers it): always accepted. `resume/1` rides on flow control.
+fn enabled(state: &AppState) -> Extensions {
+    Extensions {
+        flow_control: state.flow_control,
+        restart: true,
+        resume: state.flow_control,
+    }
+}
+
+/// Give back the first use of a token whose handshake did not complete.
+async fn release_use(release: Option<(Arc<crate::registry::Registry>, String, Mode, TokenHash)>) {
+    let Some((registry, tunnel, mode, token)) = release else {
+        return;
+    };
+    if let Err(e) = registry.release(&tunnel, mode, token).await {
+        warn!(error = %e, "could not release the token of a failed upgrade");
+    }
+}
+
+/// `GET /node/v1/peer` on the node link listener: another node of the cluster admitted a
+/// peer of a tunnel this node holds, and carries it here ([`crate::cluster`]). The caller is
+/// a node (its certificate was checked against the cluster CA); the peer's token was checked
+/// and spent there, so here only the side's generation is: a rotation or close since then
+/// refuses it.
+pub async fn link_handshake(
+    State(state): State<Arc<AppState>>,
+    Query(req): Query<LinkRequest>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let channel = req.channel.clone();
+    let Some(cluster) = state.cluster.clone() else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "not a cluster node",
+            &channel,
+        );
+    };
+    let bad = |m: String| refuse(StatusCode::BAD_REQUEST, "bad_request", m, &channel);
+    let mode: Mode = match req.mode.parse() {
+        Ok(m) => m,
+        Err(e) => return bad(format!("mode: {e}")),
+    };
+    let Some(format) = crate::cluster::link_format(&req) else {
+        return bad(format!("unknown subprotocol {:?}", req.subprotocol));
+    };
+    let extensions = Extensions::parse(&req.extensions).intersect(enabled(&state));
+    let ws = match ws {
+        Ok(ws) => ws
+            .max_message_size(MAX_WS_MESSAGE)
+            .max_frame_size(MAX_WS_MESSAGE)
+            .read_buffer_size(culvert_protocol::client::WS_READ_CHUNK),
+        Err(e) => return bad(format!("not a WebSocket upgrade: {}", e.body_text())),
+    };
+    match cluster.place(&req.tunnel, mode).await {
+        Ok(Placement::Here) => {}
+        Ok(Placement::At { node, .. }) => {
+            return refuse(
+                StatusCode::CONFLICT,
+                "held_elsewhere",
+                format!("node {node} holds this tunnel now"),
+                &channel,
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "tunnel store failed while placing a forwarded peer");
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the relay could not record the connection; retry later",
+                &channel,
+            );
+        }
+    }
+    let adm = match state
+        .registry
+        .admit_forwarded(&req.tunnel, mode, req.generation)
+        .await
+    {
+        Ok(a) => a,
+        Err(e) => {
+            cluster.unplace(&req.tunnel, mode);
+            return refuse(StatusCode::FORBIDDEN, "revoked", e.to_string(), &channel);
+        }
+    };
+    state.audit.record(
+        "attach",
+        serde_json::json!({
+            "tunnel": adm.live.id,
+            "thing": adm.thing_name,
+            "mode": mode.to_string(),
+            "channel": channel,
+            "format": format!("{format:?}"),
+            "via_node": req.from,
+        }),
+    );
+    let span = info_span!("peer", tunnel = %adm.live.id, mode = %mode, channel = %channel, via = %req.from);
+    let tracker = state.tasks.clone();
+    let tunnel = req.tunnel.clone();
+    let c = cluster.clone();
+    ws.on_failed_upgrade(move |e| {
+        warn!(error = %e, "node link upgrade failed");
+        c.unplace(&tunnel, mode);
+    })
+    .on_upgrade(move |socket| {
+        let fut = run_peer(socket, adm, format, extensions, Some(cluster)).instrument(span);
+        async move {
+            tracker.spawn(fut);
+        }
+    })
+    .into_response()
+}
+
 /// Why a peer's session ended (for the log and its close frame).
 enum End {
     Closed,
@@ -268,7 +440,13 @@ enum End {
     Transport(String),
 }
 
-async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions: Extensions) {
+async fn run_peer(
+    socket: WebSocket,
+    adm: Admission,
+    format: Format,
+    extensions: Extensions,
+    cluster: Option<Arc<Cluster>>,
+) {
     METRICS
         .peer_connects
         .get_or_create(&label("mode", &adm.mode.to_string()))
@@ -304,6 +482,9 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
     };
     let Some(peer_id) = live.attach(mode, generation, new) else {
         info!("token revoked while connecting; closing");
+        if let Some(c) = &cluster {
+            c.unplace(&live.id, mode);
+        }
         let (mut sink, _) = socket.split();
         let _ = sink
             .send(WsMessage::Close(Some(CloseFrame {
@@ -521,7 +702,11 @@ async fn run_peer(socket: WebSocket, adm: Admission, format: Format, extensions:
         }
         End::Transport(e) => info!(error = %e, "peer connection failed"),
     }
-    live.detach(mode, peer_id);
+    if live.detach(mode, peer_id)
+        && let Some(c) = &cluster
+    {
+        c.unplace(&live.id, mode);
+    }
     // The writer ends with the first reason given: a kick's, else no close frame.
     kick.kick(KickReason::Gone);
     drop(tx);

@@ -85,6 +85,7 @@ pub fn prepare(
                 ..crate::config::AwsSettings::defaults(&dir)
             },
             store: Default::default(),
+            cluster: None,
         },
         DevFiles { dir, ca },
     ))

@@ -21,8 +21,8 @@
 //!   in-process, behind culvert's TLS listener and topic rules, with no port of its own), the
 //!   device credentials it accepts, and topic names.
 //! - [`metrics`]: the Prometheus counters.
-//!
-//! Not here (yet): multi-node operation.
+//! - [`cluster`]: several nodes on one PostgreSQL store: which node holds a tunnel (leases),
+//!   node links (mTLS) that carry a peer to it, and draining.
 
 pub mod access;
 pub mod api;
@@ -30,6 +30,7 @@ pub mod audit;
 pub mod aws;
 pub mod bridge;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod dataplane;
 pub mod dev;

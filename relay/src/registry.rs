@@ -28,6 +28,16 @@ use crate::tokens::{TokenHash, new_secret};
 /// just before the close finds it (revoked) rather than making a fresh one.
 const CLOSED_LIVE_KEPT: Duration = Duration::from_secs(60);
 
+/// A close reason as peers are told it.
+fn close_why(reason: CloseReason) -> &'static str {
+    match reason {
+        CloseReason::Closed => "tunnel closed",
+        CloseReason::Expired => "tunnel expired",
+        CloseReason::AccessRevoked => "access revoked",
+        CloseReason::RefusedOnSite => "refused on site",
+    }
+}
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -227,6 +237,9 @@ pub struct TunnelView {
     pub source_changed_ms: i64,
     pub destination_connected: bool,
     pub destination_changed_ms: i64,
+    /// In a cluster: the node each side is attached on, if it is.
+    pub source_node: Option<String>,
+    pub destination_node: Option<String>,
 }
 
 /// This relay's in-memory state of one tunnel.
@@ -257,6 +270,9 @@ pub struct Registry {
     local: Mutex<LocalState>,
     /// Open tunnels, as of the last sweep (for status lines and metrics).
     open: AtomicUsize,
+    /// In a cluster: the store's side leases, which say where each side is connected, and
+    /// this node's name.
+    placements: std::sync::OnceLock<(Arc<crate::store::PostgresStore>, String)>,
 }
 
 impl Registry {
@@ -269,7 +285,14 @@ impl Registry {
             limits,
             local: Mutex::new(LocalState::default()),
             open: AtomicUsize::new(open),
+            placements: Default::default(),
         })
+    }
+
+    /// This registry is node `node` of a cluster on `store`: a tunnel's sides may be
+    /// connected on other nodes, as the store's leases say.
+    pub fn set_cluster(&self, store: Arc<crate::store::PostgresStore>, node: String) {
+        let _ = self.placements.set((store, node));
     }
 
     pub fn limits(&self) -> &Limits {
@@ -307,7 +330,49 @@ impl Registry {
             source_changed_ms: sm,
             destination_connected: dc,
             destination_changed_ms: dm,
+            source_node: None,
+            destination_node: None,
         }
+    }
+
+    /// Views of `recs`; in a cluster, with where each side is connected on any node.
+    async fn views(&self, recs: Vec<TunnelRecord>) -> Result<Vec<TunnelView>, StoreError> {
+        let mut views: Vec<TunnelView> = recs.into_iter().map(|r| self.view(r)).collect();
+        let Some((store, node)) = self.placements.get() else {
+            return Ok(views);
+        };
+        let ids = views.iter().map(|v| v.rec.id.clone()).collect();
+        let placed = store.placements(ids, now_ms()).await?;
+        for v in &mut views {
+            for p in placed.iter().filter(|p| p.tunnel == v.rec.id) {
+                let (connected, changed, at) = match p.mode {
+                    Mode::Source => (
+                        &mut v.source_connected,
+                        &mut v.source_changed_ms,
+                        &mut v.source_node,
+                    ),
+                    Mode::Destination => (
+                        &mut v.destination_connected,
+                        &mut v.destination_changed_ms,
+                        &mut v.destination_node,
+                    ),
+                };
+                // This node's own state is exact; another node's lease says it is there.
+                if p.node != *node && !*connected {
+                    *connected = true;
+                    *changed = p.since_ms;
+                }
+                if *connected {
+                    *at = Some(p.node.clone());
+                }
+            }
+        }
+        Ok(views)
+    }
+
+    async fn view_one(&self, rec: TunnelRecord) -> Result<TunnelView, ApiError> {
+        let mut v = self.views(vec![rec]).await?;
+        Ok(v.remove(0))
     }
 
     pub async fn open(&self, req: OpenRequest) -> Result<(TunnelView, IssuedTokens), ApiError> {
@@ -352,7 +417,7 @@ impl Registry {
             .get(id)
             .await?
             .ok_or_else(|| ApiError::NotFound(id.to_owned()))?;
-        Ok(self.view(rec))
+        self.view_one(rec).await
     }
 
     /// Newest first; `after` is the (created_ms, id) of the last item of the previous page.
@@ -370,7 +435,7 @@ impl Registry {
             max,
         };
         let (recs, more) = self.store.list(&q).await?;
-        let page: Vec<TunnelView> = recs.into_iter().map(|r| self.view(r)).collect();
+        let page = self.views(recs).await?;
         let next = more
             .then(|| page.last().map(|v| (v.rec.created_ms, v.rec.id.clone())))
             .flatten();
@@ -416,12 +481,7 @@ impl Registry {
     async fn close_with(&self, id: &str, reason: CloseReason) -> Result<TunnelView, ApiError> {
         let c = self.store.close(id, reason, now_ms()).await?;
         if c.changed {
-            let why = match reason {
-                CloseReason::Closed => "tunnel closed",
-                CloseReason::Expired => "tunnel expired",
-                CloseReason::AccessRevoked => "access revoked",
-                CloseReason::RefusedOnSite => "refused on site",
-            };
+            let why = close_why(reason);
             // Revoke even a live half this relay has not made yet: a handshake admitted just
             // before the close must find it revoked.
             let live = self.live_for(&c.rec);
@@ -534,7 +594,7 @@ impl Registry {
         validate_tags(&change.set)?;
         validate_tags(&after)?;
         let rec = self.store.retag(id, &change).await?;
-        Ok(self.view(rec))
+        self.view_one(rec).await
     }
 
     /// Check a data-plane handshake and consume the token as AWS defines single use.
@@ -562,6 +622,107 @@ impl Registry {
             first_use: a.first_use,
             token: h,
         })
+    }
+
+    /// A peer another node of the cluster admitted under `generation` of side `mode`, to
+    /// attach here (this node holds the tunnel). Refused if the tunnel closed or the side's
+    /// token was rotated since.
+    pub async fn admit_forwarded(
+        &self,
+        id: &str,
+        mode: Mode,
+        generation: u64,
+    ) -> Result<Admission, ApiError> {
+        let rec = self
+            .store
+            .get(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(id.to_owned()))?;
+        if rec.status != Status::Open {
+            return Err(ApiError::Conflict(format!("tunnel {id} is closed")));
+        }
+        if generation < rec.side(mode).generation {
+            return Err(ApiError::Conflict(format!(
+                "the {mode} access token of tunnel {id} was rotated"
+            )));
+        }
+        Ok(Admission {
+            live: self.live_for(&rec),
+            mode,
+            thing_name: rec.thing_name.clone(),
+            generation,
+            first_use: false,
+            token: TokenHash([0; 32]),
+        })
+    }
+
+    /// The sides of tunnels with a peer attached on this relay now.
+    pub fn attached_sides(&self) -> Vec<(String, Mode)> {
+        let lives: Vec<Arc<Live>> = self
+            .lock()
+            .tunnels
+            .values()
+            .map(|l| l.live.clone())
+            .collect();
+        let mut sides = Vec::new();
+        for l in lives {
+            for mode in [Mode::Source, Mode::Destination] {
+                if l.state(mode).0 {
+                    sides.push((l.id.clone(), mode));
+                }
+            }
+        }
+        sides
+    }
+
+    /// Disconnect both peers of tunnel `id` on this relay.
+    pub fn kick_tunnel(&self, id: &str, reason: KickReason) {
+        let live = self.lock().tunnels.get(id).map(|l| l.live.clone());
+        if let Some(l) = live {
+            l.kick(Mode::Source, reason.clone());
+            l.kick(Mode::Destination, reason);
+        }
+    }
+
+    /// Another relay on the shared store changed tunnel `id` (closed it, rotated a token):
+    /// bring this relay's live half in line, disconnecting the peers it revoked. `"*"`:
+    /// changes may have been missed, look at every tunnel this relay has live.
+    pub async fn changed_elsewhere(&self, id: &str) {
+        let ids: Vec<String> = if id == "*" {
+            self.lock().tunnels.keys().cloned().collect()
+        } else {
+            match self.lock().tunnels.contains_key(id) {
+                true => vec![id.to_owned()],
+                false => return,
+            }
+        };
+        for id in ids {
+            let rec = match self.store.get(&id).await {
+                Ok(Some(rec)) => rec,
+                Ok(None) => continue,
+                Err(e) => {
+                    warn!(tunnel = %id, error = %e, "could not read a tunnel another relay changed");
+                    continue;
+                }
+            };
+            let Some(live) = self.lock().tunnels.get(&id).map(|l| l.live.clone()) else {
+                continue;
+            };
+            let why = match rec.close_reason {
+                Some(r) if rec.status != Status::Open => close_why(r),
+                _ => "access token rotated",
+            };
+            if rec.status != Status::Open {
+                let mut st = self.lock();
+                if let Some(l) = st.tunnels.get_mut(&id) {
+                    l.closed.get_or_insert_with(Instant::now);
+                }
+                st.marks.remove(&id);
+            }
+            for mode in [Mode::Source, Mode::Destination] {
+                live.revoke(mode, rec.side(mode).generation, why);
+            }
+        }
     }
 
     /// Undo the first use of a token whose WebSocket upgrade failed after admission.

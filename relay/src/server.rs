@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 use crate::access::Access;
 use crate::audit::Audit;
 use crate::broker;
+use crate::cluster::Cluster;
 use crate::config::StoreSettings;
 use crate::config::{BrokerMode, RelayConfig};
 use crate::devices::Devices;
@@ -113,9 +114,72 @@ async fn reload_shared(state: &AppState) {
     }
 }
 
+/// Serve node links ([`crate::cluster`]) until `shutdown`: TLS with a client certificate the
+/// cluster CA issued, then `GET /node/v1/peer` upgraded to a WebSocket.
+async fn serve_links(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+) {
+    let app = Router::new()
+        .route(crate::cluster::LINK_PATH, get(dataplane::link_handshake))
+        .fallback(not_found)
+        .with_state(state);
+    // Node links are few (one per forwarded peer); bound them anyway.
+    let slots = Arc::new(tokio::sync::Semaphore::new(100_000));
+    let timeout = Duration::from_secs(10);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "node link accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            warn!(%peer, "too many node links; closing this one");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (tls, app) = (tls.clone(), app.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let stream = match tokio::time::timeout(timeout, tls.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    warn!(%peer, error = %e, "node link refused: TLS (is its certificate from the cluster CA?)");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "node link TLS handshake timed out");
+                    return;
+                }
+            };
+            let svc = TowerToHyperService::new(app);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "node link ended with an error");
+            }
+        });
+    }
+}
+
 /// A bound relay, ready to serve.
 pub struct Relay {
     listener: TcpListener,
+    /// A cluster node's node-link listener and its (mTLS) acceptor.
+    links: Option<(TcpListener, TlsAcceptor)>,
+    /// On a shared store: the tunnels other relays changed.
+    changes: Option<tokio::sync::mpsc::Receiver<String>>,
     tls: TlsAcceptor,
     state: Arc<AppState>,
     /// Stops the MQTT client and the embedded broker.
@@ -131,15 +195,31 @@ impl Relay {
                 cfg.state_dir.display()
             )
         })?;
-        let store: Arc<dyn Store> = match &cfg.store {
-            StoreSettings::Embedded => {
-                Arc::new(RedbStore::open(&cfg.state_dir.join("tunnels.redb"))?)
-            }
+        let (store, shared): (Arc<dyn Store>, Option<Arc<PostgresStore>>) = match &cfg.store {
+            StoreSettings::Embedded => (
+                Arc::new(RedbStore::open(&cfg.state_dir.join("tunnels.redb"))?),
+                None,
+            ),
             StoreSettings::Postgres { url, password } => {
-                Arc::new(PostgresStore::open(url, password.clone()).await?)
+                let pg = Arc::new(PostgresStore::open(url, password.clone()).await?);
+                (pg.clone(), Some(pg))
             }
         };
         let registry = Arc::new(Registry::new(store.clone(), cfg.limits.clone()).await?);
+        let cluster = match (&cfg.cluster, &shared) {
+            (Some(c), Some(pg)) => {
+                registry.set_cluster(pg.clone(), c.node.clone());
+                let links = TcpListener::bind(c.listen).await.map_err(|e| {
+                    anyhow::anyhow!("cluster.listen: cannot listen on {}: {e}", c.listen)
+                })?;
+                let cluster = Arc::new(Cluster::new(c, pg.clone()));
+                // In the cluster before the first peer is placed.
+                cluster.heartbeat(&registry).await;
+                info!(node = %c.node, links = %c.listen, advertise = %c.advertise, "cluster node");
+                Some((cluster, links, TlsAcceptor::from(c.server_tls.clone())))
+            }
+            _ => None,
+        };
         let devices = Arc::new(Devices::load(store.clone()).await?);
         let mut aws_keys =
             aws::keys::AwsKeys::load_or_create(&cfg.aws.key_file).map_err(anyhow::Error::msg)?;
@@ -203,8 +283,14 @@ impl Relay {
                 (notifier, None)
             }
         };
+        let (cluster, links) = match cluster {
+            Some((c, l, tls)) => (Some(c), Some((l, tls))),
+            None => (None, None),
+        };
         Ok(Relay {
             listener,
+            links,
+            changes: shared.map(|pg| pg.listen()),
             tls: TlsAcceptor::from(cfg.tls.clone()),
             state: Arc::new(AppState {
                 registry,
@@ -221,6 +307,7 @@ impl Relay {
                     cfg.aws.account_id.clone(),
                 )),
                 shared_store: matches!(cfg.store, StoreSettings::Postgres { .. }),
+                cluster,
             }),
             background,
         })
@@ -260,11 +347,40 @@ impl Relay {
     ) -> anyhow::Result<()> {
         let Relay {
             listener,
+            links,
+            changes,
             tls,
             state,
             background,
         } = self;
         let app = router(state.clone());
+        if let Some(mut changes) = changes {
+            let state = state.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    let id = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        id = changes.recv() => match id { Some(id) => id, None => break },
+                    };
+                    state.registry.changed_elsewhere(&id).await;
+                }
+            });
+        }
+        if let (Some((links, tls)), Some(cluster)) = (links, state.cluster.clone()) {
+            tokio::spawn(serve_links(links, tls, state.clone(), shutdown.clone()));
+            let registry = state.registry.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(crate::cluster::RENEW);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => cluster.heartbeat(&registry).await,
+                    }
+                }
+            });
+        }
         let sweeper = {
             let state = state.clone();
             let stop = shutdown.clone();
@@ -373,17 +489,29 @@ impl Relay {
         state.tasks.close();
         conns.close();
         let (_, peers) = state.registry.counts();
-        info!(
-            peers,
-            ?grace,
-            "shutting down: no new connections; connected peers may go on for the grace period"
-        );
-        let drained = tokio::select! {
-            r = tokio::time::timeout(grace, state.tasks.wait()) => r.is_ok(),
-            _ = hard.cancelled() => false,
-        };
-        if !drained {
-            info!("disconnecting the remaining peers");
+        if let Some(cluster) = &state.cluster {
+            // A node drains at once: its peers reconnect, through the load balancer, to the
+            // nodes that remain, which may take its tunnels as soon as its leases are gone.
+            info!(
+                peers,
+                forwarded = cluster.forwarded_count(),
+                "leaving the cluster: peers reconnect to the other nodes"
+            );
+            cluster.leave().await;
+            cluster.kick_forwarded(crate::registry::KickReason::Restart);
+        } else {
+            info!(
+                peers,
+                ?grace,
+                "shutting down: no new connections; connected peers may go on for the grace period"
+            );
+            let drained = tokio::select! {
+                r = tokio::time::timeout(grace, state.tasks.wait()) => r.is_ok(),
+                _ = hard.cancelled() => false,
+            };
+            if !drained {
+                info!("disconnecting the remaining peers");
+            }
         }
         state
             .registry

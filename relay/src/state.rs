@@ -34,6 +34,8 @@ pub struct AppState {
     /// The store is shared with other relays (PostgreSQL): operators and devices are read
     /// from it again every few seconds.
     pub shared_store: bool,
+    /// This node's part in a cluster ([`crate::cluster`]), if it is one.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// The slots of the connection a request arrived on (a request extension).

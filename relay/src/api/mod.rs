@@ -234,6 +234,9 @@ pub(crate) fn rfc3339(ms: i64) -> String {
 struct ConnectionState {
     status: &'static str,
     last_updated_at: String,
+    /// In a cluster: the relay node this side is attached on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -276,13 +279,14 @@ struct OnSiteJson {
 }
 
 fn tunnel_json(v: &TunnelView) -> TunnelJson {
-    let cs = |connected: bool, ms: i64| ConnectionState {
+    let cs = |connected: bool, ms: i64, node: &Option<String>| ConnectionState {
         status: if connected {
             "CONNECTED"
         } else {
             "DISCONNECTED"
         },
         last_updated_at: rfc3339(ms),
+        node: node.clone(),
     };
     TunnelJson {
         tunnel_id: v.rec.id.clone(),
@@ -296,8 +300,12 @@ fn tunnel_json(v: &TunnelView) -> TunnelJson {
         lifetime_minutes: v.rec.lifetime_minutes,
         closed_at: v.rec.closed_ms.map(rfc3339),
         close_reason: v.rec.close_reason,
-        source_connection_state: cs(v.source_connected, v.source_changed_ms),
-        destination_connection_state: cs(v.destination_connected, v.destination_changed_ms),
+        source_connection_state: cs(v.source_connected, v.source_changed_ms, &v.source_node),
+        destination_connection_state: cs(
+            v.destination_connected,
+            v.destination_changed_ms,
+            &v.destination_node,
+        ),
         opened_by: v.rec.opened_by.clone(),
         reason: v.rec.reason.clone(),
         on_site: v.rec.on_site.as_ref().map(|o| OnSiteJson {

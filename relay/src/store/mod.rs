@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use culvert_protocol::Mode;
 use serde::{Deserialize, Serialize};
 
-pub use self::postgres::PostgresStore;
+pub use self::postgres::{Placed, Placement, PostgresStore};
 pub use memory::MemoryStore;
 pub use redb::RedbStore;
 

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use culvert_protocol::Mode;
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, IsolationLevel, NoTls, Transaction};
 
 use super::ops::{self, Reads, Tables, TokenRef};
@@ -29,7 +30,32 @@ use crate::access::OperatorRecord;
 use crate::tokens::TokenHash;
 
 /// The schema migrations, in order: (version, SQL).
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/postgres/001_tables.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../migrations/postgres/001_tables.sql")),
+    (2, include_str!("../../migrations/postgres/002_cluster.sql")),
+];
+
+/// The channel every change that must reach the node holding a tunnel's peers (a close, a
+/// rotation) is announced on, with the tunnel id as payload ([`PostgresStore::listen`]).
+pub const CHANGES: &str = "culvert_tunnels";
+
+/// Where a side of a tunnel is to attach ([`PostgresStore::place`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// On this node: it now holds the side's lease.
+    Here,
+    /// On another node, which holds the tunnel: forward to it.
+    At { node: String, addr: String },
+}
+
+/// A live side lease of another node, as [`PostgresStore::placements`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placed {
+    pub tunnel: String,
+    pub mode: Mode,
+    pub node: String,
+    pub since_ms: i64,
+}
 
 /// Connections this relay keeps to the database.
 pub const CONNECTIONS: usize = 4;
@@ -119,6 +145,12 @@ impl Set<'_, '_> {
             .execute(sql, params)
             .map(|_| ())
             .map_err(|e| self.db_err(e))
+    }
+
+    /// Tell every relay listening on [`CHANGES`] that tunnel `id` changed (delivered when,
+    /// and only if, the transaction commits).
+    fn announce(&self, id: &str) -> Result<(), StoreError> {
+        self.exec("SELECT pg_notify($1, $2)", &[&CHANGES, &id])
     }
 
     fn ids(&self, sql: &str, param: i64) -> Result<Vec<String>, StoreError> {
@@ -457,6 +489,218 @@ impl PostgresStore {
     }
 }
 
+/// The leases of a cluster (relay/src/cluster.rs): which nodes serve, and which node each
+/// side of a tunnel is attached on. Every node renews its rows ([`PostgresStore::heartbeat`]);
+/// rows past their lease, or of a node past its own, count for nothing.
+impl PostgresStore {
+    /// Where side `mode` of `tunnel` attaches, decided for `node` at `now_ms`: on the node
+    /// that already holds a live lease for either side of the tunnel (the earliest, if a
+    /// split left two), else here, taking the side's lease until `until_ms`. Two nodes
+    /// placing one tunnel at once are ordered by the database: one of them forwards.
+    pub async fn place(
+        &self,
+        tunnel: &str,
+        mode: Mode,
+        node: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<Placement, StoreError> {
+        let (tunnel, node) = (tunnel.to_owned(), node.to_owned());
+        self.write(move |t| {
+            let holder = t.query(
+                "SELECT p.node, n.addr FROM peers p JOIN nodes n ON n.name = p.node \
+                 WHERE p.tunnel = $1 AND p.node <> $2 AND p.until_ms > $3 AND n.until_ms > $3 \
+                 ORDER BY p.since_ms, p.node LIMIT 1",
+                &[&tunnel, &node, &now_ms],
+            )?;
+            if let Some(r) = holder.first() {
+                return Ok(Placement::At {
+                    node: r.get(0),
+                    addr: r.get(1),
+                });
+            }
+            // Whatever other nodes left for this tunnel is dead.
+            t.exec(
+                "DELETE FROM peers WHERE tunnel = $1 AND node <> $2",
+                &[&tunnel, &node],
+            )?;
+            t.exec(
+                "INSERT INTO peers (tunnel, mode, node, since_ms, until_ms) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (tunnel, mode) DO UPDATE SET until_ms = EXCLUDED.until_ms",
+                &[&tunnel, &mode.as_str(), &node, &now_ms, &until_ms],
+            )?;
+            Ok(Placement::Here)
+        })
+        .await
+    }
+
+    /// Side `mode` of `tunnel` is no longer attached on `node`.
+    pub async fn unplace(&self, tunnel: &str, mode: Mode, node: &str) -> Result<(), StoreError> {
+        let (tunnel, node) = (tunnel.to_owned(), node.to_owned());
+        self.write(move |t| {
+            t.exec(
+                "DELETE FROM peers WHERE tunnel = $1 AND mode = $2 AND node = $3",
+                &[&tunnel, &mode.as_str(), &node],
+            )
+        })
+        .await
+    }
+
+    /// Renew `node`'s lease (reachable at `addr`) and those of the sides attached on it now,
+    /// `sides`, until `until_ms`; drop its other rows. Returns the tunnels this node must
+    /// give up: another live node holds them too, and took them first (a split that two
+    /// placements racing a release can leave); their peers here reconnect and are placed
+    /// again.
+    pub async fn heartbeat(
+        &self,
+        node: &str,
+        addr: &str,
+        sides: Vec<(String, Mode)>,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let (node, addr) = (node.to_owned(), addr.to_owned());
+        let tunnels: Vec<String> = sides.iter().map(|(t, _)| t.clone()).collect();
+        let modes: Vec<String> = sides.iter().map(|(_, m)| m.as_str().to_owned()).collect();
+        self.write(move |t| {
+            t.exec(
+                "INSERT INTO nodes (name, addr, until_ms) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO UPDATE SET addr = EXCLUDED.addr, until_ms = EXCLUDED.until_ms",
+                &[&node, &addr, &until_ms],
+            )?;
+            t.exec(
+                "DELETE FROM peers WHERE node = $1 AND (tunnel, mode) NOT IN \
+                 (SELECT * FROM unnest($2::text[], $3::text[]))",
+                &[&node, &tunnels, &modes],
+            )?;
+            t.exec(
+                "INSERT INTO peers (tunnel, mode, node, since_ms, until_ms) \
+                 SELECT x.t, x.m, $1, $4, $5 FROM unnest($2::text[], $3::text[]) AS x(t, m) \
+                 ON CONFLICT (tunnel, mode) DO UPDATE SET until_ms = EXCLUDED.until_ms \
+                 WHERE peers.node = EXCLUDED.node",
+                &[&node, &tunnels, &modes, &now_ms, &until_ms],
+            )?;
+            // Leases long dead are forgotten.
+            t.exec(
+                "DELETE FROM peers WHERE until_ms < $1",
+                &[&(now_ms - 3_600_000)],
+            )?;
+            let losers = t.query(
+                "SELECT DISTINCT mine.tunnel FROM peers mine \
+                 JOIN peers other ON other.tunnel = mine.tunnel AND other.node <> mine.node \
+                 JOIN nodes n ON n.name = other.node \
+                 WHERE mine.node = $1 AND other.until_ms > $2 AND n.until_ms > $2 \
+                 AND (other.since_ms, other.node) < (mine.since_ms, mine.node)",
+                &[&node, &now_ms],
+            )?;
+            Ok(losers.iter().map(|r| r.get(0)).collect())
+        })
+        .await
+    }
+
+    /// `node` leaves the cluster (it is draining): its leases end now, so that its peers'
+    /// reconnections are placed on the other nodes at once.
+    pub async fn leave(&self, node: &str) -> Result<(), StoreError> {
+        let node = node.to_owned();
+        self.write(move |t| {
+            t.exec("DELETE FROM peers WHERE node = $1", &[&node])?;
+            t.exec("DELETE FROM nodes WHERE name = $1", &[&node])
+        })
+        .await
+    }
+
+    /// The live side leases of `tunnels` at `now_ms`, on any node.
+    pub async fn placements(
+        &self,
+        tunnels: Vec<String>,
+        now_ms: i64,
+    ) -> Result<Vec<Placed>, StoreError> {
+        self.read(move |t| {
+            let rows = t.query(
+                "SELECT p.tunnel, p.mode, p.node, p.since_ms FROM peers p \
+                 JOIN nodes n ON n.name = p.node \
+                 WHERE p.tunnel = ANY($1) AND p.until_ms > $2 AND n.until_ms > $2",
+                &[&tunnels, &now_ms],
+            )?;
+            Ok(rows
+                .iter()
+                .filter_map(|r| {
+                    Some(Placed {
+                        tunnel: r.get(0),
+                        mode: r.get::<_, String>(1).parse().ok()?,
+                        node: r.get(2),
+                        since_ms: r.get(3),
+                    })
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// The ids of tunnels changed by any relay on this database (closed, rotated), as
+    /// PostgreSQL's LISTEN delivers them, on a thread with a connection of its own. After a
+    /// lost connection, `"*"`: changes may have been missed, look at every tunnel again.
+    /// Ends when the receiver is dropped.
+    pub fn listen(&self) -> tokio::sync::mpsc::Receiver<String> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let (config, shown) = (self.config.clone(), self.shown.clone());
+        let run = move || {
+            let mut first = true;
+            while !tx.is_closed() {
+                let mut client = match config.connect(NoTls) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(store = %shown, error = %e, "cannot listen for tunnel changes; retrying");
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                        continue;
+                    }
+                };
+                if let Err(e) = client.batch_execute(&format!("LISTEN {CHANGES}")) {
+                    tracing::warn!(store = %shown, error = %e, "LISTEN failed; retrying");
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    continue;
+                }
+                if !first && tx.blocking_send("*".into()).is_err() {
+                    return;
+                }
+                first = false;
+                loop {
+                    // A fresh iterator each time: one whose wait ran out returns at once.
+                    let next = client
+                        .notifications()
+                        .timeout_iter(std::time::Duration::from_secs(1))
+                        .next();
+                    match next {
+                        Ok(Some(note)) => {
+                            if tx.blocking_send(note.payload().to_owned()).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) if tx.is_closed() => return,
+                        Ok(None) if client.is_closed() => {
+                            tracing::warn!(store = %shown, "lost the connection that listens for tunnel changes; reconnecting");
+                            break;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(store = %shown, error = %e, "lost the connection that listens for tunnel changes; reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("store-listen".into())
+            .spawn(run)
+        {
+            tracing::error!(error = %e, "cannot start the thread that listens for tunnel changes");
+        }
+        rx
+    }
+}
+
 /// A `postgres::Client` blocks on its own runtime when dropped, which tokio forbids on a
 /// thread that drives async tasks: the last handle closes the connections on a thread of
 /// their own.
@@ -504,7 +748,12 @@ impl Store for PostgresStore {
 
     async fn rotate(&self, id: &str, new: &NewTokens) -> Result<TunnelRecord, ChangeError> {
         let (id, new) = (id.to_owned(), new.clone());
-        self.write(move |t| ops::rotate(t, &id, &new)).await
+        self.write(move |t| {
+            let rec = ops::rotate(t, &id, &new)?;
+            t.announce(&id)?;
+            Ok(rec)
+        })
+        .await
     }
 
     async fn close(
@@ -514,8 +763,14 @@ impl Store for PostgresStore {
         now_ms: i64,
     ) -> Result<Closed, ChangeError> {
         let id = id.to_owned();
-        self.write(move |t| ops::close(t, &id, reason, now_ms))
-            .await
+        self.write(move |t| {
+            let c = ops::close(t, &id, reason, now_ms)?;
+            if c.changed {
+                t.announce(&id)?;
+            }
+            Ok(c)
+        })
+        .await
     }
 
     async fn retag(&self, id: &str, change: &TagChange) -> Result<TunnelRecord, ChangeError> {
@@ -644,6 +899,134 @@ mod tests {
         let t = b.get("t3").await.unwrap().unwrap();
         assert_eq!(t.status, Status::Open);
         assert!(t.source.used);
+    }
+
+    /// The cluster's leases: the first node to place a tunnel holds it, others forward to it;
+    /// a node that leaves (or stops renewing) gives it up; a split is resolved for the node
+    /// that took the tunnel first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_first_node_to_place_a_tunnel_holds_it_until_it_leaves_or_lapses() {
+        let url = tokio::task::spawn_blocking(pg::database).await.unwrap();
+        let s = PostgresStore::open(&url, None).await.unwrap();
+        let (t0, lease) = (1_000_000, 10_000);
+        let beat = |node: &'static str, sides: Vec<(String, Mode)>, now: i64| {
+            let s = &s;
+            async move {
+                s.heartbeat(node, &format!("{node}:8444"), sides, now, now + lease)
+                    .await
+                    .unwrap()
+            }
+        };
+        beat("a", vec![], t0).await;
+        beat("b", vec![], t0).await;
+        assert_eq!(
+            s.place("t1", Mode::Source, "a", t0, t0 + lease)
+                .await
+                .unwrap(),
+            Placement::Here
+        );
+        let at_a = Placement::At {
+            node: "a".into(),
+            addr: "a:8444".into(),
+        };
+        assert_eq!(
+            s.place("t1", Mode::Destination, "b", t0, t0 + lease)
+                .await
+                .unwrap(),
+            at_a,
+            "the other side goes where the tunnel is held"
+        );
+        let placed = s.placements(vec!["t1".into()], t0).await.unwrap();
+        assert_eq!(placed.len(), 1);
+        assert_eq!(
+            (placed[0].mode, placed[0].node.as_str()),
+            (Mode::Source, "a")
+        );
+
+        // A renews; B, which never held it, has nothing to give up.
+        let a_sides = vec![("t1".to_owned(), Mode::Source)];
+        assert!(beat("a", a_sides.clone(), t0 + 1).await.is_empty());
+        assert!(beat("b", vec![], t0 + 1).await.is_empty());
+
+        // A lapses (its node lease runs out): B takes the tunnel.
+        let later = t0 + lease + 1;
+        beat("b", vec![], later).await;
+        assert_eq!(
+            s.place("t1", Mode::Destination, "b", later, later + lease)
+                .await
+                .unwrap(),
+            Placement::Here
+        );
+        // A comes back and renews what it still has attached: both hold t1 now. B's place
+        // removed A's dead row, so A's renewal makes a new one, later than B's: A gives the
+        // tunnel up.
+        let losers = beat("a", a_sides.clone(), later + 1).await;
+        assert_eq!(losers, vec!["t1".to_owned()]);
+        assert!(
+            beat("b", vec![("t1".into(), Mode::Destination)], later + 1)
+                .await
+                .is_empty()
+        );
+
+        // B leaves: its leases go at once, and A may place the tunnel.
+        s.leave("b").await.unwrap();
+        beat("a", vec![], later + 2).await;
+        assert_eq!(
+            s.place("t1", Mode::Source, "a", later + 3, later + 3 + lease)
+                .await
+                .unwrap(),
+            Placement::Here
+        );
+        // A side given up is no longer placed.
+        s.unplace("t1", Mode::Source, "a").await.unwrap();
+        assert!(
+            s.placements(vec!["t1".into()], later + 4)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    /// A close or rotation is announced to every relay listening on the database.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn closes_and_rotations_are_announced_to_listening_relays() {
+        let url = tokio::task::spawn_blocking(pg::database).await.unwrap();
+        let a = PostgresStore::open(&url, None).await.unwrap();
+        let b = PostgresStore::open(&url, None).await.unwrap();
+        let mut changes = b.listen();
+        // The listener is up once it hears something: announce until it does.
+        a.create(&rec("t0", "cell-7", 0)).await.unwrap();
+        let heard = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                a.rotate("t0", &NewTokens::default()).await.unwrap();
+                if let Ok(Some(id)) =
+                    tokio::time::timeout(std::time::Duration::from_millis(200), changes.recv())
+                        .await
+                {
+                    return id;
+                }
+            }
+        })
+        .await
+        .expect("a rotation is heard");
+        assert_eq!(heard, "t0");
+        while let Ok(Some(_)) =
+            tokio::time::timeout(std::time::Duration::from_millis(300), changes.recv()).await
+        {
+        }
+        a.create(&rec("t1", "cell-7", 1)).await.unwrap();
+        a.close("t1", CloseReason::Closed, 5).await.unwrap();
+        let id = tokio::time::timeout(std::time::Duration::from_secs(10), changes.recv())
+            .await
+            .unwrap();
+        assert_eq!(id.as_deref(), Some("t1"));
+        // A close that changes nothing is not announced.
+        a.close("t1", CloseReason::Closed, 6).await.unwrap();
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(500), changes.recv())
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
