@@ -43,6 +43,14 @@
 //! region = "culvert"
 //! # max_connections = 10000          # embedded broker: device connections at once
 //! # max_connections_per_source = 1024
+//!
+//! # [cluster]                       # a node of a cluster (needs store and mqtt.broker)
+//! # node = "relay-a"
+//! # listen = "0.0.0.0:8444"          # node links (mTLS)
+//! # advertise = "relay-a.internal:8444"
+//! # ca = "/etc/culvert/cluster/ca.pem"
+//! # cert = "/etc/culvert/cluster/relay-a.pem"
+//! # key = "/etc/culvert/cluster/relay-a-key.pem"
 //! ```
 
 use std::net::SocketAddr;

@@ -47,11 +47,15 @@ struct Node {
     name: &'static str,
     config: PathBuf,
     relay: Relay,
+    /// Stopped (killed or drained), until restarted.
+    stopped: bool,
+    /// Starts so far (each start logs to a file of its own).
+    starts: u32,
 }
 
 struct Cluster {
     dir: PathBuf,
-    nodes: Vec<Option<Node>>,
+    nodes: Vec<Node>,
     /// HAProxy in front of the nodes: the address every client is given.
     front: Relay,
     pki: PathBuf,
@@ -111,11 +115,13 @@ key = "{cpki}/{name}-key.pem"
                 "  server {name} {} check inter 500ms fall 1 rise 1\n",
                 relay.addr
             );
-            nodes.push(Some(Node {
+            nodes.push(Node {
                 name,
                 config,
                 relay,
-            }));
+                stopped: false,
+                starts: 1,
+            });
         }
         let front = haproxy(dir, &servers, api_key, pki);
         Cluster {
@@ -157,11 +163,13 @@ key = "{cpki}/{name}-key.pem"
         }
     }
 
+    fn running(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().filter(|n| !n.stopped)
+    }
+
     fn node(&self, name: &str) -> &Relay {
         &self
-            .nodes
-            .iter()
-            .flatten()
+            .running()
             .find(|n| n.name == name)
             .unwrap_or_else(|| panic!("{name} is not running"))
             .relay
@@ -173,23 +181,29 @@ key = "{cpki}/{name}-key.pem"
 
     /// Stop a node: SIGKILL (it dies) or SIGTERM (it drains); returns its log.
     fn stop(&mut self, name: &str, signal: &str) -> String {
-        let mut n = self.nodes[Cluster::index(name)].take().unwrap();
+        let n = &mut self.nodes[Cluster::index(name)];
         n.relay.proc.signal(signal);
         n.relay.proc.wait_exit();
-        let log = n.relay.proc.log_text();
-        self.nodes[Cluster::index(name)] = None;
-        drop(n.relay);
-        // Kept for a restart.
-        let _ = (&n.config, &self.dir, &self.pki);
-        log
+        n.stopped = true;
+        n.relay.proc.log_text()
+    }
+
+    /// Start a stopped node again, as it was configured.
+    fn restart(&mut self, name: &str) {
+        let i = Cluster::index(name);
+        assert!(self.nodes[i].stopped, "{name} is running");
+        let config = self.nodes[i].config.clone();
+        self.nodes[i].starts += 1;
+        let log_name = format!("{name}.{}", self.nodes[i].starts);
+        let relay = Cluster::spawn(&self.dir, &log_name, &config, &self.front.api_key, &self.pki);
+        self.nodes[i].relay = relay;
+        self.nodes[i].stopped = false;
     }
 
     /// Any running node other than `but`.
     fn other(&self, but: &str) -> &Relay {
         &self
-            .nodes
-            .iter()
-            .flatten()
+            .running()
             .find(|n| n.name != but)
             .expect("another node runs")
             .relay
@@ -445,13 +459,16 @@ fn three_nodes_share_tunnels_forward_between_them_and_survive_losing_one() {
         broker.addr(),
         "cell-1",
         "cell-1-secret",
-        &[("ECHO", echo.to_string())],
+        &[
+            ("ECHO", echo.to_string()),
+            ("SSH", format!("127.0.0.1:{}", sshd.port)),
+        ],
     );
     let mgw = c.front.mqtt_gateway(&dir, &mqtt_rules);
     wait_log(&mgw, "subscribed");
-    let t = c.node("relay-a").open_tunnel("cell-1", &["ECHO"]);
+    let t = c.node("relay-a").open_tunnel("cell-1", &["ECHO", "SSH"]);
     c.front.wait_side(&t.id, "destination", "CONNECTED");
-    let (_px, ports) = c.front.proxy(&dir, &t.source, &["ECHO"]);
+    let (_px, ports) = c.front.proxy(&dir, &t.source, &["ECHO", "SSH"]);
     c.front.wait_side(&t.id, "source", "CONNECTED");
     assert!(echo_works(ports["ECHO"], b"through haproxy"));
 
@@ -489,17 +506,94 @@ fn three_nodes_share_tunnels_forward_between_them_and_survive_losing_one() {
     wait_for("the tunnel to carry an echo after a drain", || {
         echo_works(ports["ECHO"], b"after a drain").then_some(())
     });
+
+    // 7. A rolling restart of all three nodes, one by one, under an interactive ssh session:
+    //    with culvert's resume extension at both ends, the session never notices.
+    for n in NODES {
+        if c.nodes[Cluster::index(n)].stopped {
+            c.restart(n);
+        }
+    }
+    let mut session = Session::start(&sshd, ports["SSH"]);
+    session.line("before the rolling restart");
+    for n in NODES {
+        let log = c.stop(n, "TERM");
+        assert!(log.contains("leaving the cluster"), "{log}");
+        session.line(&format!("{n} is down"));
+        c.restart(n);
+        session.line(&format!("{n} is back"));
+    }
+    session.end();
     drop(mgw);
 }
 
-/// The name of the one node still running besides `but`.
+/// An interactive ssh session running `cat`: every line typed comes back.
+struct Session {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Session {
+    fn start(sshd: &Sshd, port: u16) -> Session {
+        use std::io::BufRead;
+        let mut args = sshd.client_opts();
+        args.extend([
+            "-p".into(),
+            port.to_string(),
+            format!("{}@127.0.0.1", Sshd::user()),
+            "cat".into(),
+        ]);
+        let mut child = Command::new(require_tool("ssh", "openssh-client"))
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(l);
+            }
+        });
+        Session {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// Type `text` and read it back.
+    fn line(&mut self, text: &str) {
+        writeln!(self.stdin, "{text}").unwrap();
+        self.stdin.flush().unwrap();
+        let got = self
+            .lines
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("the ssh session did not echo {text:?}: {e}"));
+        assert_eq!(got, text);
+    }
+
+    /// End the session (EOF): ssh exits 0.
+    fn end(self) {
+        let Session {
+            mut child, stdin, ..
+        } = self;
+        drop(stdin);
+        let st = child.wait().unwrap();
+        assert!(st.success(), "ssh ended with {st}");
+    }
+}
+
+/// The name of a node running besides `but`.
 fn last_name<'a>(c: &'a Cluster, but: &str) -> &'a str {
-    c.nodes
-        .iter()
-        .flatten()
-        .find(|n| n.name != but)
-        .unwrap()
-        .name
+    c.running().find(|n| n.name != but).unwrap().name
 }
 
 /// A cluster node's configuration is checked before it serves: it needs the shared store and
