@@ -616,11 +616,25 @@ pub mod raw {
             mode,
             access_token: token.into(),
             client_token: client_token.map(Into::into),
-            tls: client::tls_config(Some(&relay.ca)).unwrap(),
+            tls: tls_for(&relay.ca),
             extensions,
             proxy: None,
         };
         client::connect(&opts).await
+    }
+
+    /// A client TLS configuration trusting `ca`, made once per CA file (making one reads the
+    /// system's CA store, which tests that connect often would otherwise spend their time on).
+    pub fn tls_for(ca: &std::path::Path) -> std::sync::Arc<rustls::ClientConfig> {
+        use std::collections::HashMap;
+        use std::sync::{Arc, Mutex};
+        static MADE: Mutex<Option<HashMap<std::path::PathBuf, Arc<rustls::ClientConfig>>>> =
+            Mutex::new(None);
+        let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
+        made.get_or_insert_with(HashMap::new)
+            .entry(ca.to_owned())
+            .or_insert_with(|| client::tls_config(Some(ca)).unwrap())
+            .clone()
     }
 
     /// The status and message of a refused handshake.

@@ -195,7 +195,13 @@ key = "{cpki}/{name}-key.pem"
         let config = self.nodes[i].config.clone();
         self.nodes[i].starts += 1;
         let log_name = format!("{name}.{}", self.nodes[i].starts);
-        let relay = Cluster::spawn(&self.dir, &log_name, &config, &self.front.api_key, &self.pki);
+        let relay = Cluster::spawn(
+            &self.dir,
+            &log_name,
+            &config,
+            &self.front.api_key,
+            &self.pki,
+        );
         self.nodes[i].relay = relay;
         self.nodes[i].stopped = false;
     }
@@ -525,6 +531,182 @@ fn three_nodes_share_tunnels_forward_between_them_and_survive_losing_one() {
     }
     session.end();
     drop(mgw);
+
+    // 8. A thousand tunnels spread over the nodes.
+    fleet(&c.front, 1000);
+}
+
+/// Open `n` tunnels; connect each one's destination, then its source, through HAProxy (so
+/// that they land on any node) as plain AWS clients; send a message through every tunnel;
+/// then check that every node holds a share of them and each tunnel's two sides are on its
+/// holder.
+fn fleet(front: &Relay, n: usize) {
+    use culvert_protocol::frame::{decode, encode_to_bytes};
+    use culvert_protocol::{Message, MessageType};
+    use futures_util::{SinkExt, StreamExt};
+    culvert_appliance::limits::raise_open_file_limit();
+    let t0 = std::time::Instant::now();
+    let api = || {
+        culvert_cli::api::ApiClient::new(
+            &front.addr.to_string(),
+            &front.api_key,
+            Some(&front.ca),
+            None,
+        )
+        .unwrap()
+    };
+    // Opened by 4 clients at once (each keeps its connection, so to one node).
+    let tunnels: Vec<(String, String, String)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                scope.spawn(move || {
+                    let api = api();
+                    (0..n)
+                        .filter(|i| i % 4 == w)
+                        .map(|i| {
+                            let v = api
+                                .post(
+                                    "/tunnels",
+                                    &serde_json::json!({"thingName": format!("fleet-{i}"), "services": ["ECHO"]}),
+                                )
+                                .unwrap();
+                            let s = |k: &str| v[k].as_str().unwrap().to_owned();
+                            (
+                                s("tunnelId"),
+                                s("sourceAccessToken"),
+                                s("destinationAccessToken"),
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    let api = api();
+    println!("{n} tunnels opened in {:?}", t0.elapsed());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use culvert_protocol::client::{self, ConnectOptions, Endpoint};
+        let tls = raw::tls_for(&front.ca);
+        let connect = |token: String, mode: Mode| {
+            let opts = ConnectOptions {
+                endpoint: Endpoint::parse(&front.addr.to_string()).unwrap(),
+                mode,
+                access_token: token.into(),
+                client_token: None,
+                tls: tls.clone(),
+                extensions: raw::Extensions::NONE,
+                proxy: None,
+            };
+            async move {
+                // A node that cannot reach a holder answers 503 (retry), as AWS's clients do.
+                for _ in 0..20 {
+                    match client::connect(&opts).await.map(|c| c.ws) {
+                        Ok(ws) => return ws,
+                        Err(e) if e.is_retryable() => {
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await
+                        }
+                        Err(e) => panic!("{mode} refused: {e}"),
+                    }
+                }
+                panic!("{mode} could not connect");
+            }
+        };
+        let dsts: Vec<_> = futures_util::stream::iter(tunnels.iter())
+            .map(|(_, _, d)| connect(d.clone(), Mode::Destination))
+            .buffered(32)
+            .collect()
+            .await;
+        println!("destinations connected at {:?}", t0.elapsed());
+        let srcs: Vec<_> = futures_util::stream::iter(tunnels.iter())
+            .map(|(_, s, _)| connect(s.clone(), Mode::Source))
+            .buffered(32)
+            .collect()
+            .await;
+        println!("sources connected at {:?}", t0.elapsed());
+        let pairs = srcs.into_iter().zip(dsts).enumerate();
+        let carried = futures_util::stream::iter(pairs)
+            .map(|(i, (mut src, mut dst))| async move {
+                let payload = format!("to fleet-{i}");
+                for m in [
+                    Message::stream_start(1, "ECHO", 1),
+                    Message::data(1, "ECHO", 1, payload.clone().into_bytes().into()),
+                ] {
+                    src.send(raw::Ws::Binary(encode_to_bytes(&m).unwrap()))
+                        .await
+                        .unwrap();
+                }
+                // SERVICE_IDS first, then what the source sent.
+                let got = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+                    loop {
+                        let Some(Ok(raw::Ws::Binary(b))) = dst.next().await else {
+                            panic!("fleet-{i}: the destination's connection ended");
+                        };
+                        let mut rest = b;
+                        while rest.len() >= 2 {
+                            let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+                            let m = decode(rest.slice(2..2 + len)).unwrap();
+                            rest = rest.slice(2 + len..);
+                            if m.r#type == MessageType::Data as i32 {
+                                return m.payload;
+                            }
+                        }
+                    }
+                })
+                .await
+                .unwrap_or_else(|_| panic!("fleet-{i}: nothing arrived"));
+                assert_eq!(got, payload.as_bytes());
+                (src, dst)
+            })
+            .buffer_unordered(64)
+            .collect::<Vec<_>>()
+            .await;
+        assert_eq!(carried.len(), n);
+        println!("a message through each at {:?}", t0.elapsed());
+        // Where they are: every tunnel's sides on one node, every node holding some.
+        let mut held = std::collections::BTreeMap::<String, usize>::new();
+        let mut next: Option<String> = None;
+        loop {
+            let mut q = vec![
+                ("status", "OPEN".to_owned()),
+                ("maxResults", "100".to_owned()),
+            ];
+            if let Some(t) = next.take() {
+                q.push(("nextToken", t));
+            }
+            let page = api.get("/tunnels", &q).unwrap();
+            for t in page["tunnels"].as_array().unwrap() {
+                if !t["thingName"].as_str().unwrap().starts_with("fleet-") {
+                    continue;
+                }
+                let node = |s: &str| {
+                    t[format!("{s}ConnectionState")]["node"]
+                        .as_str()
+                        .map(str::to_owned)
+                };
+                let (s, d) = (node("source"), node("destination"));
+                assert!(s.is_some() && s == d, "{t}");
+                *held.entry(s.unwrap()).or_default() += 1;
+            }
+            match page["nextToken"].as_str() {
+                Some(t) => next = Some(t.to_owned()),
+                None => break,
+            }
+        }
+        println!("{n} tunnels held per node: {held:?}");
+        assert_eq!(held.values().sum::<usize>(), n);
+        assert_eq!(held.len(), NODES.len(), "every node holds some: {held:?}");
+        assert!(held.values().all(|&k| k >= n / 10), "{held:?}");
+        drop(carried);
+    });
 }
 
 /// An interactive ssh session running `cat`: every line typed comes back.

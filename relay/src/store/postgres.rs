@@ -414,12 +414,27 @@ impl PostgresStore {
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
+        self.write_at(IsolationLevel::Serializable, f).await
+    }
+
+    /// [`PostgresStore::write`] at another isolation level: READ COMMITTED for the cluster's
+    /// leases, which order themselves with explicit locks (many nodes renewing many rows at
+    /// once would otherwise keep failing each other's serializable transactions).
+    async fn write_at<T, E>(
+        &self,
+        level: IsolationLevel,
+        f: impl Fn(&mut Set<'_, '_>) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
         self.with_client(move |client, shown| {
             let mut last = String::new();
             for _ in 0..TRIES {
                 let mut tx = client
                     .build_transaction()
-                    .isolation_level(IsolationLevel::Serializable)
+                    .isolation_level(level)
                     .start()
                     .map_err(|e| fail(shown, e))?;
                 let conflict = Cell::new(false);
@@ -506,7 +521,13 @@ impl PostgresStore {
         until_ms: i64,
     ) -> Result<Placement, StoreError> {
         let (tunnel, node) = (tunnel.to_owned(), node.to_owned());
-        self.write(move |t| {
+        self.write_at(IsolationLevel::ReadCommitted, move |t| {
+            // Placements of one tunnel, from any node, one after the other: each sees what
+            // the one before committed.
+            t.exec(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                &[&tunnel],
+            )?;
             let holder = t.query(
                 "SELECT p.node, n.addr FROM peers p JOIN nodes n ON n.name = p.node \
                  WHERE p.tunnel = $1 AND p.node <> $2 AND p.until_ms > $3 AND n.until_ms > $3 \
@@ -538,7 +559,7 @@ impl PostgresStore {
     /// Side `mode` of `tunnel` is no longer attached on `node`.
     pub async fn unplace(&self, tunnel: &str, mode: Mode, node: &str) -> Result<(), StoreError> {
         let (tunnel, node) = (tunnel.to_owned(), node.to_owned());
-        self.write(move |t| {
+        self.write_at(IsolationLevel::ReadCommitted, move |t| {
             t.exec(
                 "DELETE FROM peers WHERE tunnel = $1 AND mode = $2 AND node = $3",
                 &[&tunnel, &mode.as_str(), &node],
@@ -548,10 +569,12 @@ impl PostgresStore {
     }
 
     /// Renew `node`'s lease (reachable at `addr`) and those of the sides attached on it now,
-    /// `sides`, until `until_ms`; drop its other rows. Returns the tunnels this node must
-    /// give up: another live node holds them too, and took them first (a split that two
-    /// placements racing a release can leave); their peers here reconnect and are placed
-    /// again.
+    /// `sides`, until `until_ms` (making a row again for an attached side whose row went).
+    /// Rows of sides no longer attached are not renewed: [`PostgresStore::unplace`] removes
+    /// them, or they run out (a side placed a moment ago may not be in `sides` yet, and must
+    /// keep its row). Returns the tunnels this node must give up: another live node holds
+    /// them too, and took them first (a split, which a node cut off from the database for
+    /// longer than a lease can cause); their peers here reconnect and are placed again.
     pub async fn heartbeat(
         &self,
         node: &str,
@@ -563,16 +586,11 @@ impl PostgresStore {
         let (node, addr) = (node.to_owned(), addr.to_owned());
         let tunnels: Vec<String> = sides.iter().map(|(t, _)| t.clone()).collect();
         let modes: Vec<String> = sides.iter().map(|(_, m)| m.as_str().to_owned()).collect();
-        self.write(move |t| {
+        self.write_at(IsolationLevel::ReadCommitted, move |t| {
             t.exec(
                 "INSERT INTO nodes (name, addr, until_ms) VALUES ($1, $2, $3) \
                  ON CONFLICT (name) DO UPDATE SET addr = EXCLUDED.addr, until_ms = EXCLUDED.until_ms",
                 &[&node, &addr, &until_ms],
-            )?;
-            t.exec(
-                "DELETE FROM peers WHERE node = $1 AND (tunnel, mode) NOT IN \
-                 (SELECT * FROM unnest($2::text[], $3::text[]))",
-                &[&node, &tunnels, &modes],
             )?;
             t.exec(
                 "INSERT INTO peers (tunnel, mode, node, since_ms, until_ms) \
@@ -603,7 +621,7 @@ impl PostgresStore {
     /// reconnections are placed on the other nodes at once.
     pub async fn leave(&self, node: &str) -> Result<(), StoreError> {
         let node = node.to_owned();
-        self.write(move |t| {
+        self.write_at(IsolationLevel::ReadCommitted, move |t| {
             t.exec("DELETE FROM peers WHERE node = $1", &[&node])?;
             t.exec("DELETE FROM nodes WHERE name = $1", &[&node])
         })
@@ -947,9 +965,24 @@ mod tests {
         let a_sides = vec![("t1".to_owned(), Mode::Source)];
         assert!(beat("a", a_sides.clone(), t0 + 1).await.is_empty());
         assert!(beat("b", vec![], t0 + 1).await.is_empty());
+        // A side placed but not attached yet (a renewal's list of attached sides was taken
+        // just before) keeps its row: the renewal does not take it away.
+        assert_eq!(
+            s.place("t2", Mode::Destination, "a", t0 + 1, t0 + 1 + lease)
+                .await
+                .unwrap(),
+            Placement::Here
+        );
+        beat("a", a_sides.clone(), t0 + 2).await;
+        assert_eq!(
+            s.place("t2", Mode::Source, "b", t0 + 2, t0 + 2 + lease)
+                .await
+                .unwrap(),
+            at_a
+        );
 
         // A lapses (its node lease runs out): B takes the tunnel.
-        let later = t0 + lease + 1;
+        let later = t0 + lease + 3;
         beat("b", vec![], later).await;
         assert_eq!(
             s.place("t1", Mode::Destination, "b", later, later + lease)
