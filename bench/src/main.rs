@@ -33,6 +33,9 @@
 //! `--wan [--seconds S] [--rate-mbit R]` measures instead culvert over an emulated WAN (see
 //! [`wan`]; needs root).
 //!
+//! `--cluster [--bytes N] [--rounds N] [--pings N]` measures instead the hop between two relay
+//! nodes of a cluster: same-node against cross-node routes, in one run (see [`cluster`]).
+//!
 //! `--open-latency [--tunnels N]` measures instead, with the embedded MQTT broker, the time from
 //! `culvert tunnel open` returning to the first byte echoed through a new connection of that
 //! tunnel (the gateway learns of the tunnel only through its notification; the operator proxy
@@ -47,6 +50,7 @@ use std::time::{Duration, Instant};
 
 use culvert_devkit::KillOnDrop as Kill;
 
+mod cluster;
 mod wan;
 
 /// Report and stop. Unwinds (rather than `exit`) so the `Kill` guards stop the children.
@@ -538,6 +542,9 @@ fn main() {
     if std::env::args().any(|a| a == "--instructions") {
         return instructions();
     }
+    if std::env::args().any(|a| a == "--cluster") {
+        return cluster::main(&build());
+    }
     let bytes = arg("--bytes", 1 << 30);
     let rounds = arg("--rounds", 3).max(1) as usize;
     let pings = arg("--pings", 20_000).max(100) as usize;
@@ -815,7 +822,28 @@ fn culvert_route(
 ) -> Route {
     std::fs::create_dir_all(dir).unwrap();
     let (relay, env) = start_relay_with(bins, dir, flow_control);
-    let t = open_tunnel(bins, &env, "bench", "SINK,ECHO");
+    let (mut route, _) = tunnel_route(bins, dir, &env, &env, sink, echo, name);
+    route.pids.insert(1, relay.0.id());
+    route._procs.push(relay);
+    route
+}
+
+/// A tunnel with SINK and ECHO through relays already running: `culvertd` on the relay
+/// `gw_env` names (which also opens the tunnel), `culvert connect` on the one `px_env` names.
+/// Its pids are proxy and gateway; also returns the tunnel's id.
+#[allow(clippy::too_many_arguments)]
+fn tunnel_route(
+    bins: &Path,
+    dir: &Path,
+    gw_env: &[(String, String)],
+    px_env: &[(String, String)],
+    sink: SocketAddr,
+    echo: SocketAddr,
+    name: &'static str,
+) -> (Route, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    let env = gw_env;
+    let t = open_tunnel(bins, env, "bench", "SINK,ECHO");
     let rules = dir.join("rules.toml");
     std::fs::write(
         &rules,
@@ -839,7 +867,7 @@ fn culvert_route(
     );
     let mut px = Kill(
         program(bins, "culvert")
-            .envs(env.iter().map(|(k, v)| (k, v)))
+            .envs(px_env.iter().map(|(k, v)| (k, v)))
             .args(["connect", "-s", "SINK=0,ECHO=0"])
             .env(
                 "CULVERT_ACCESS_TOKEN",
@@ -872,14 +900,15 @@ fn culvert_route(
             break;
         }
     }
-    Route {
+    let route = Route {
         name,
         sink: ports["SINK"],
         echo: ports["ECHO"],
-        pids: vec![px.0.id(), relay.0.id(), gw.0.id()],
+        pids: vec![px.0.id(), gw.0.id()],
         _sshd: None,
-        _procs: vec![px, relay, gw],
-    }
+        _procs: vec![px, gw],
+    };
+    (route, t["tunnelId"].as_str().unwrap_or_default().to_owned())
 }
 
 /// A self-signed certificate for "localhost" (cert.pem, key.pem, identity.pfx) made with openssl.

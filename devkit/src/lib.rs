@@ -89,6 +89,34 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A cluster CA and one certificate per node in `dir` (`ca.pem`, `<node>.pem`,
+/// `<node>-key.pem`), made by running the `<!-- cluster-pki -->` block of docs/operations.md
+/// with OpenSSL: what the docs tell operators to run is what the tests and the bench use.
+pub fn cluster_pki(dir: &Path, nodes: &[&str]) -> Result<(), String> {
+    let doc = std::fs::read_to_string(workspace().join("docs/operations.md"))
+        .map_err(|e| format!("docs/operations.md: {e}"))?;
+    let block = doc
+        .split("<!-- cluster-pki -->\n```sh\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n```").next())
+        .ok_or("docs/operations.md has no cluster-pki block")?;
+    require_tool("openssl", "openssl");
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", block])
+        .env("NODES", nodes.join(" "))
+        .current_dir(dir)
+        .output()
+        .map_err(|e| format!("bash: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "the cluster PKI commands of docs/operations.md failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
 /// Fail with an install hint when a system tool is missing.
 pub fn require_tool(path_or_name: &str, package: &str) -> PathBuf {
     let candidates: Vec<PathBuf> = if path_or_name.contains('/') {

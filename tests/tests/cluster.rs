@@ -22,24 +22,10 @@ use culvert_protocol::Mode;
 
 const NODES: [&str; 3] = ["relay-a", "relay-b", "relay-c"];
 
-/// The `<!-- cluster-pki -->` block of docs/operations.md, run in `dir` for `NODES`.
+/// The cluster CA and node certificates, made by the commands in docs/operations.md.
 fn cluster_pki(dir: &Path) -> PathBuf {
-    let doc = std::fs::read_to_string(workspace().join("docs/operations.md")).unwrap();
-    let block = doc
-        .split("<!-- cluster-pki -->\n```sh\n")
-        .nth(1)
-        .and_then(|rest| rest.split("\n```").next())
-        .expect("docs/operations.md has the cluster-pki block");
     let d = dir.join("cluster-pki");
-    std::fs::create_dir_all(&d).unwrap();
-    require_tool("openssl", "openssl");
-    run_ok(
-        "the cluster PKI commands of docs/operations.md",
-        Command::new("bash")
-            .args(["-euo", "pipefail", "-c", block])
-            .env("NODES", NODES.join(" "))
-            .current_dir(&d),
-    );
+    culvert_devkit::cluster_pki(&d, &NODES).unwrap_or_else(|e| panic!("{e}"));
     d
 }
 
