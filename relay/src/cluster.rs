@@ -26,7 +26,6 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use culvert_protocol::ext::Extensions;
-use culvert_protocol::message::MAX_WS_MESSAGE;
 use culvert_protocol::{Format, Mode};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -38,6 +37,7 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::dataplane::is_too_big;
 use crate::registry::{Kick, KickReason, Registry, now_ms};
 use crate::store::{Placement, PostgresStore, StoreError};
 
@@ -314,7 +314,7 @@ impl Cluster {
 
     /// Open a node link to `node` at `addr` for a peer admitted here.
     pub async fn dial(&self, node: &str, addr: &str, req: &LinkRequest) -> Result<Link, String> {
-        let query = serde_urlencoded(req);
+        let query = link_query(req);
         // The URL names the node (its certificate is checked against that name); the
         // connection goes to its address.
         let request = format!("wss://{node}{LINK_PATH}?{query}")
@@ -360,28 +360,37 @@ impl Cluster {
         let up = async {
             let mut ping = tokio::time::interval(LINK_PING);
             ping.tick().await;
+            // Anything from the peer (its pings included) counts; the link's pings do not.
+            let mut heard = tokio::time::Instant::now();
             loop {
                 let m = tokio::select! {
                     biased;
                     _ = done.cancelled() => break,
+                    _ = tokio::time::sleep_until(heard + PEER_IDLE) => {
+                        info!("forwarded peer silent for {PEER_IDLE:?}; dropping it");
+                        break;
+                    }
                     _ = ping.tick() => LinkMessage::Ping(Default::default()),
-                    m = tokio::time::timeout(PEER_IDLE, pstream.next()) => match m {
-                        Err(_) | Ok(None) => break,
-                        Ok(Some(Err(e))) => {
-                            if is_too_big(&e) {
-                                kick.kick(KickReason::TooBig);
+                    m = pstream.next() => {
+                        heard = tokio::time::Instant::now();
+                        match m {
+                            None => break,
+                            Some(Err(e)) => {
+                                if is_too_big(&e) {
+                                    kick.kick(KickReason::TooBig);
+                                }
+                                break;
                             }
-                            break;
+                            Some(Ok(WsMessage::Binary(b))) => LinkMessage::Binary(b),
+                            Some(Ok(WsMessage::Text(t))) => LinkMessage::Text(t.as_str().into()),
+                            Some(Ok(WsMessage::Close(f))) => {
+                                let f = f.map(|f| LinkCloseFrame { code: f.code.into(), reason: f.reason.as_str().into() });
+                                let _ = tokio::time::timeout(LINK_TIMEOUT, lsink.send(LinkMessage::Close(f))).await;
+                                break;
+                            }
+                            Some(Ok(_)) => continue,
                         }
-                        Ok(Some(Ok(WsMessage::Binary(b)))) => LinkMessage::Binary(b),
-                        Ok(Some(Ok(WsMessage::Text(t)))) => LinkMessage::Text(t.as_str().into()),
-                        Ok(Some(Ok(WsMessage::Close(f)))) => {
-                            let f = f.map(|f| LinkCloseFrame { code: f.code.into(), reason: f.reason.as_str().into() });
-                            let _ = tokio::time::timeout(LINK_TIMEOUT, lsink.send(LinkMessage::Close(f))).await;
-                            break;
-                        }
-                        Ok(Some(Ok(_))) => continue,
-                    },
+                    }
                 };
                 tokio::select! {
                     biased;
@@ -448,7 +457,7 @@ impl Cluster {
 }
 
 /// A link request as a query string.
-fn serde_urlencoded(req: &LinkRequest) -> String {
+fn link_query(req: &LinkRequest) -> String {
     let enc = |s: &str| {
         percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
     };
@@ -464,21 +473,10 @@ fn serde_urlencoded(req: &LinkRequest) -> String {
     )
 }
 
-/// Whether a WebSocket read failed because the peer's message is over the protocol's limit.
-pub fn is_too_big(e: &axum::Error) -> bool {
-    use tokio_tungstenite::tungstenite::Error;
-    std::error::Error::source(e)
-        .and_then(|s| s.downcast_ref::<Error>())
-        .is_some_and(|t| matches!(t, Error::Capacity(_)))
-}
-
 /// The format a link request's subprotocol names.
 pub fn link_format(req: &LinkRequest) -> Option<Format> {
     Format::from_subprotocol(&req.subprotocol)
 }
-
-/// Messages on a node link are limited as on the data plane.
-pub const LINK_MAX_MESSAGE: usize = MAX_WS_MESSAGE;
 
 #[cfg(test)]
 mod tests {
@@ -505,7 +503,7 @@ mod tests {
             from: "relay-b".into(),
             channel: "c&d=e".into(),
         };
-        let q = serde_urlencoded(&req);
+        let q = link_query(&req);
         let back: LinkRequest =
             axum::extract::Query::try_from_uri(&format!("/x?{q}").parse().unwrap())
                 .unwrap()

@@ -40,7 +40,7 @@ const PEER_QUEUE: usize = 64;
 const MAX_UPGRADE_REQUEST: usize = 4096;
 
 /// Whether a WebSocket read failed because the peer's message (or frame) is over the limit.
-fn is_too_big(e: &axum::Error) -> bool {
+pub(crate) fn is_too_big(e: &axum::Error) -> bool {
     use tokio_tungstenite::tungstenite::Error;
     std::error::Error::source(e)
         .and_then(|s| s.downcast_ref::<Error>())

@@ -1,8 +1,9 @@
 //! culvert-relay on PostgreSQL (`--store postgres://…`, a real server the test starts:
 //! `culvert_devkit::pg`): two relays share the tunnels, a single-use token spent on one is
 //! refused by the other, operators changed through one reach the other, the state outlives
-//! both relays, and a tunnel carries traffic as on the embedded store. (Forwarding between relays, so that a tunnel's two ends may use different
-//! ones, is the cluster issue's next step; here each tunnel's ends use one relay.)
+//! both relays, and a tunnel carries traffic as on the embedded store. These relays are not a
+//! cluster, so each tunnel's two ends use one relay; tests/tests/cluster.rs has nodes that
+//! carry a peer to the node holding its tunnel.
 
 use culvert_e2e::raw;
 use culvert_e2e::*;
