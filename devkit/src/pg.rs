@@ -1,7 +1,7 @@
 //! A private PostgreSQL server for tests: Debian's `postgresql` binaries, a cluster made by
 //! initdb under a temp directory (never the system's cluster), run as `nobody` when the tests
 //! run as root (PostgreSQL refuses root), on a free loopback port, trusting local connections
-//! as user `culvert`. One per test process, started on first use; it lives as long as the
+//! as user `culvert`, over plain TCP or TLS ([`tls_database`]). One per test process, started on first use; it lives as long as the
 //! process: a shell starts it and, when the process's end closes the shell's stdin, stops it
 //! and removes its directory. Each caller gets a database of its own ([`database`]).
 
@@ -11,10 +11,31 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+/// This process's server (started on first use): its URL and its directory.
+fn running() -> &'static (String, PathBuf) {
+    static SERVER: OnceLock<(String, PathBuf)> = OnceLock::new();
+    SERVER.get_or_init(|| start().unwrap_or_else(|e| panic!("{e}")))
+}
+
 /// `postgres://culvert@127.0.0.1:PORT` of this process's server (started on first use).
 pub fn server() -> &'static str {
-    static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| start().unwrap_or_else(|e| panic!("{e}")))
+    &running().0
+}
+
+/// The CA that issued the server's TLS certificate (for `localhost` and `127.0.0.1`): the
+/// server accepts TLS and plain TCP alike.
+pub fn ca() -> PathBuf {
+    running().1.join("ca.pem")
+}
+
+/// A new, empty database on [`server`], reached over TLS: its URL (host `localhost`, which
+/// the server's certificate names, and `sslmode=require`).
+pub fn tls_database() -> String {
+    let url = database();
+    format!(
+        "{}?sslmode=require",
+        url.replacen("@127.0.0.1:", "@localhost:", 1)
+    )
 }
 
 /// A new, empty database on [`server`]: its URL.
@@ -85,7 +106,50 @@ fn command(program: &Path, root: bool) -> Command {
     }
 }
 
-fn start() -> Result<String, String> {
+/// A CA and a server certificate for `localhost` / `127.0.0.1` in `dir` (`ca.pem`,
+/// `server.pem`, `server-key.pem`), readable by the server's user.
+fn server_pki(dir: &Path, root: bool) -> Result<(), String> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let e = |e: rcgen::Error| e.to_string();
+    let ca_key = KeyPair::generate().map_err(e)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "culvert test PostgreSQL CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).map_err(e)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().map_err(e)?;
+    let params =
+        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).map_err(e)?;
+    let cert = params.signed_by(&key, &issuer).map_err(e)?;
+    let write = |name: &str, text: String| {
+        std::fs::write(dir.join(name), text).map_err(|e| format!("{name}: {e}"))
+    };
+    write("ca.pem", ca_cert.pem())?;
+    write("server.pem", cert.pem())?;
+    write("server-key.pem", key.serialize_pem())?;
+    // PostgreSQL insists on a key only its user can read.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.join("server-key.pem"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .map_err(|e| format!("server-key.pem: {e}"))?;
+    if root {
+        let ok = Command::new("chown")
+            .arg("65534:65534")
+            .arg(dir.join("server.pem"))
+            .arg(dir.join("server-key.pem"))
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Err("cannot chown the server's certificate to nobody".into());
+        }
+    }
+    Ok(())
+}
+
+fn start() -> Result<(String, PathBuf), String> {
     let (initdb, postgres) = (binary("initdb")?, binary("postgres")?);
     let root = as_root();
     let dir = std::env::temp_dir().join(format!("culvert-pg-{}", std::process::id()));
@@ -101,6 +165,7 @@ fn start() -> Result<String, String> {
             return Err(format!("cannot chown {} to nobody", dir.display()));
         }
     }
+    server_pki(&dir, root)?;
     let data = dir.join("data");
     let out = command(&initdb, root)
         .args([
@@ -137,7 +202,17 @@ fn start() -> Result<String, String> {
         .args(["-p", &port.to_string(), "-k"])
         .arg(&dir)
         .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
-        .args(["-c", "max_connections=300"])
+        .args(["-c", "max_connections=300", "-c", "ssl=on"])
+        .arg("-c")
+        .arg(format!(
+            "ssl_cert_file={}",
+            dir.join("server.pem").display()
+        ))
+        .arg("-c")
+        .arg(format!(
+            "ssl_key_file={}",
+            dir.join("server-key.pem").display()
+        ))
         .env("PG_TEST_DIR", &dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -152,7 +227,7 @@ fn start() -> Result<String, String> {
         if text.contains("ready to accept connections")
             && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         {
-            return Ok(format!("postgres://culvert@127.0.0.1:{port}"));
+            return Ok((format!("postgres://culvert@127.0.0.1:{port}"), dir));
         }
         std::thread::sleep(Duration::from_millis(100));
     }

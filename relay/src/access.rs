@@ -247,6 +247,10 @@ pub const MAX_REQUEST_MINUTES: u32 = 7 * 24 * 60;
 /// The bootstrap key's name in the audit trail (reserved: no operator may have it).
 pub const BOOTSTRAP: &str = "bootstrap-admin";
 
+/// A change to an operator that keeps meeting other relays' changes is given up after this
+/// many tries.
+const CHANGE_TRIES: usize = 20;
+
 /// Who a request comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Principal {
@@ -724,30 +728,39 @@ impl Access {
     }
 
     /// Change operator `name` by `f` and write it through: store first, then memory. Changes
-    /// are serialized by `writes` (held across the store's write; they are rare), so none is
-    /// lost and memory never runs ahead of the store.
+    /// on this relay are serialized by `writes` (held across the store's write; they are
+    /// rare), so memory never runs ahead of the store. The write is a compare-and-swap
+    /// against the record `f` started from: if another relay sharing the store changed it in
+    /// between, `f` runs again on the new one, so no change is lost.
     async fn change<T>(
         &self,
         name: &str,
-        f: impl FnOnce(&mut OperatorRecord, i64) -> Result<T, AccessError>,
+        f: impl Fn(&mut OperatorRecord, i64) -> Result<T, AccessError>,
     ) -> Result<(OperatorRecord, T), AccessError> {
         let _one_at_a_time = self.writes.lock().await;
-        let now = self.now();
-        // The stored record, not the one in memory: another relay sharing the store may have
-        // changed it since this one last read it.
-        let stored = self
-            .store
-            .operators()
-            .await?
-            .into_iter()
-            .find(|o| o.name == name);
-        let mut after = stored
-            .or_else(|| self.lock().get(name).cloned())
-            .ok_or_else(|| AccessError::NotFound(format!("no operator {name:?}")))?;
-        let out = f(&mut after, now)?;
-        self.store.put_operator(&after).await?;
-        self.lock().insert(name.to_owned(), after.clone());
-        Ok((after, out))
+        for _ in 0..CHANGE_TRIES {
+            let now = self.now();
+            // The stored record, not the one in memory: another relay sharing the store may
+            // have changed it since this one last read it.
+            let stored = self
+                .store
+                .operators()
+                .await?
+                .into_iter()
+                .find(|o| o.name == name);
+            let mut after = stored
+                .clone()
+                .or_else(|| self.lock().get(name).cloned())
+                .ok_or_else(|| AccessError::NotFound(format!("no operator {name:?}")))?;
+            let out = f(&mut after, now)?;
+            if self.store.swap_operator(stored.as_ref(), &after).await? {
+                self.lock().insert(name.to_owned(), after.clone());
+                return Ok((after, out));
+            }
+        }
+        Err(AccessError::Conflict(format!(
+            "operator {name:?} kept changing through other relays; try again"
+        )))
     }
 
     pub async fn add_operator(
@@ -788,9 +801,19 @@ impl Access {
             }
             ops.insert(name.to_owned(), rec.clone());
         }
-        if let Err(e) = self.store.put_operator(&rec).await {
-            self.lock().remove(name);
-            return Err(e.into());
+        // Only if no relay sharing the store made one of that name meanwhile.
+        match self.store.swap_operator(None, &rec).await {
+            Ok(true) => {}
+            Ok(false) => {
+                self.lock().remove(name);
+                return Err(AccessError::Conflict(format!(
+                    "operator {name} exists (made through another relay); give them a key with culvert operator key create {name}"
+                )));
+            }
+            Err(e) => {
+                self.lock().remove(name);
+                return Err(e.into());
+            }
         }
         drop(writes);
         let (rec, key) = self
@@ -863,14 +886,14 @@ impl Access {
                     (e, c) => e.or(c),
                 };
                 o.keys.push(KeyRecord {
-                    id: kid,
+                    id: kid.clone(),
                     kind,
                     hash,
-                    label,
+                    label: label.clone(),
                     created_ms: now,
                     expires_ms,
                     revoked_ms: None,
-                    parent,
+                    parent: parent.clone(),
                 });
                 Ok(expires_ms)
             })
@@ -912,7 +935,7 @@ impl Access {
             .map_err(|e| AccessError::Invalid(format!("cannot hash the password: {e}")))?;
         let (rec, ()) = self
             .change(name, move |o, _| {
-                o.password = Some(phc);
+                o.password = Some(phc.clone());
                 Ok(())
             })
             .await?;
@@ -1092,7 +1115,7 @@ impl Access {
         let grant = g.clone();
         let (rec, ()) = self
             .change(name, move |o, _| {
-                o.grants.push(g);
+                o.grants.push(g.clone());
                 Ok(())
             })
             .await?;
@@ -1171,7 +1194,7 @@ impl Access {
                     o.name
                 )));
             }
-            o.requests.push(r);
+            o.requests.push(r.clone());
             Ok(())
         })
         .await?;
@@ -1246,10 +1269,10 @@ impl Access {
                 };
                 r.decision = Some(Decision {
                     approved: approve,
-                    by,
+                    by: by.clone(),
                     at_ms: now,
                     grant_id: grant.as_ref().map(|g| g.id.clone()),
-                    why,
+                    why: why.clone(),
                 });
                 let req = r.clone();
                 o.grants.extend(grant.clone());

@@ -7,6 +7,7 @@
 //! state_dir = "/var/lib/culvert-relay"
 //! # store = "postgres://culvert-relay@db.internal:5432/culvert"   # default: tunnels.redb in state_dir
 //! # store_password_file = "/etc/culvert/store-password"
+//! # store_ca_file = "/etc/culvert/db-ca.pem"   # TLS to the database: its server's CA
 //! api_key_file = "/etc/culvert/relay-api-key"   # or: api_key = "..."
 //! flow_control = true               # offer culvert's flow control (false: exactly as AWS's relay)
 //! # audit_file = "/var/log/culvert/relay-audit.jsonl"   # default: audit.jsonl in state_dir
@@ -97,6 +98,10 @@ pub struct RawConfig {
     /// The database password, read from this file (instead of the URL).
     #[serde(default)]
     pub store_password_file: Option<PathBuf>,
+    /// The CA (PEM) the database server's TLS certificate must chain to (default: the
+    /// system's roots).
+    #[serde(default)]
+    pub store_ca_file: Option<PathBuf>,
     /// This relay is a node of a cluster ([`crate::cluster`]).
     #[serde(default)]
     pub cluster: Option<crate::cluster::RawCluster>,
@@ -111,18 +116,25 @@ pub enum StoreSettings {
     Postgres {
         url: String,
         password: Option<String>,
+        /// The CA the server's certificate must chain to (`store_ca_file`).
+        ca: Option<PathBuf>,
     },
 }
 
 impl StoreSettings {
-    /// `store` and `store_password_file` of a configuration (or the command line).
+    /// `store`, `store_password_file` and `store_ca_file` of a configuration (or the
+    /// command line).
     pub fn parse(
         url: Option<String>,
         password_file: Option<&Path>,
+        ca: Option<PathBuf>,
     ) -> Result<StoreSettings, String> {
         match url {
             None if password_file.is_some() => {
                 Err("store_password_file is set, but store (a postgres:// URL) is not".into())
+            }
+            None if ca.is_some() => {
+                Err("store_ca_file is set, but store (a postgres:// URL) is not".into())
             }
             None => Ok(StoreSettings::Embedded),
             Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
@@ -137,7 +149,16 @@ impl StoreSettings {
                             .to_owned(),
                     ),
                 };
-                Ok(StoreSettings::Postgres { url: u, password })
+                if let Some(ca) = &ca
+                    && !ca.is_file()
+                {
+                    return Err(format!("store_ca_file: {} is not a file", ca.display()));
+                }
+                Ok(StoreSettings::Postgres {
+                    url: u,
+                    password,
+                    ca,
+                })
             }
             Some(u) => Err(format!(
                 "store: {:?} is not a postgres:// URL (leave store out for the embedded store)",
@@ -620,6 +641,7 @@ impl RawConfig {
         let store = StoreSettings::parse(
             self.store,
             self.store_password_file.map(|f| resolve(&f)).as_deref(),
+            self.store_ca_file.map(|f| resolve(&f)),
         )?;
         let cluster = match self.cluster {
             None => None,

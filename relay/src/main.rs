@@ -67,6 +67,10 @@ struct Args {
     /// the state directory's redb file (a config file sets store).
     #[arg(long, requires = "dev")]
     store: Option<String>,
+    /// --dev: the CA (PEM) of the database server's TLS certificate (a config file sets
+    /// store_ca_file).
+    #[arg(long, requires = "store")]
+    store_ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<culvert_appliance::audit::Command>,
 }
@@ -117,7 +121,11 @@ fn main() -> ExitCode {
                     c.limits.max_services = n.into();
                 }
                 c.daemon.metrics_listen = args.metrics_listen;
-                match culvert_relay::config::StoreSettings::parse(args.store.clone(), None) {
+                match culvert_relay::config::StoreSettings::parse(
+                    args.store.clone(),
+                    None,
+                    args.store_ca.clone(),
+                ) {
                     Ok(s) => c.store = s,
                     Err(e) => {
                         eprintln!("culvert-relay: --store: {e}");

@@ -200,8 +200,8 @@ impl Relay {
                 Arc::new(RedbStore::open(&cfg.state_dir.join("tunnels.redb"))?),
                 None,
             ),
-            StoreSettings::Postgres { url, password } => {
-                let pg = Arc::new(PostgresStore::open(url, password.clone()).await?);
+            StoreSettings::Postgres { url, password, ca } => {
+                let pg = Arc::new(PostgresStore::open(url, password.clone(), ca.clone()).await?);
                 (pg.clone(), Some(pg))
             }
         };

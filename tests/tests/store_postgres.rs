@@ -1,5 +1,6 @@
 //! culvert-relay on PostgreSQL (`--store postgres://…`, a real server the test starts:
-//! `culvert_devkit::pg`): two relays share the tunnels, a single-use token spent on one is
+//! `culvert_devkit::pg`): two relays share the tunnels (one of them reaching the database over
+//! TLS, `--store-ca`), a single-use token spent on one is
 //! refused by the other, operators changed through one reach the other, the state outlives
 //! both relays, and a tunnel carries traffic as on the embedded store. These relays are not a
 //! cluster, so each tunnel's two ends use one relay; tests/tests/cluster.rs has nodes that
@@ -22,7 +23,21 @@ fn two_relays_share_tunnels_and_spend_each_token_once() {
     let url = culvert_devkit::pg::database();
     let (dir_a, dir_b) = (scratch("pg-a"), scratch("pg-b"));
     let a = relay_on(&dir_a, &url);
-    let b = relay_on(&dir_b, &url);
+    // B reaches the same database over TLS, verifying the server's certificate.
+    let tls_url = format!(
+        "{}?sslmode=require",
+        url.replacen("@127.0.0.1:", "@localhost:", 1)
+    );
+    let b = Relay::start_with(
+        &dir_b,
+        "127.0.0.1:0".parse().unwrap(),
+        &[
+            "--store".to_owned(),
+            tls_url,
+            "--store-ca".to_owned(),
+            culvert_devkit::pg::ca().display().to_string(),
+        ],
+    );
     let echo = echo_server();
 
     // Opened on A, seen on B.

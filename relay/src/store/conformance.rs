@@ -52,7 +52,7 @@ pub(super) async fn postgres() -> Fixture {
         .await
         .unwrap();
     Fixture {
-        store: Arc::new(PostgresStore::open(&url, None).await.unwrap()),
+        store: Arc::new(PostgresStore::open(&url, None, None).await.unwrap()),
         dir: None,
     }
 }
@@ -424,6 +424,34 @@ async fn operators_are_stored_and_replaced(f: Fixture) {
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].disabled_ms, Some(2));
     assert_eq!(all[0].password, o.password, "the password hash is kept");
+
+    // A compare-and-swap: against the stored record it lands, against a stale one it does
+    // not (another writer got there first), and "absent" is a state it can expect.
+    let stored = all[0].clone();
+    let enabled = OperatorRecord {
+        disabled_ms: None,
+        ..stored.clone()
+    };
+    assert!(s.swap_operator(Some(&stored), &enabled).await.unwrap());
+    let stale = OperatorRecord {
+        disabled_ms: Some(3),
+        ..stored.clone()
+    };
+    assert!(!s.swap_operator(Some(&stored), &stale).await.unwrap());
+    assert_eq!(s.operators().await.unwrap()[0].disabled_ms, None);
+    let bob = OperatorRecord {
+        name: "bob".into(),
+        ..o.clone()
+    };
+    assert!(
+        !s.swap_operator(Some(&o), &bob).await.unwrap(),
+        "bob was not there"
+    );
+    assert!(s.swap_operator(None, &bob).await.unwrap());
+    assert!(
+        !s.swap_operator(None, &bob).await.unwrap(),
+        "bob is there now"
+    );
 }
 
 /// Many handshakes with the same single-use token at once: exactly one gets in.

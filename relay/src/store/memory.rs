@@ -220,4 +220,17 @@ impl Store for MemoryStore {
     async fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError> {
         Ok(self.lock().operators.values().cloned().collect())
     }
+
+    async fn swap_operator(
+        &self,
+        before: Option<&OperatorRecord>,
+        after: &OperatorRecord,
+    ) -> Result<bool, StoreError> {
+        let mut st = self.lock();
+        if !super::same_operator(st.operators.get(&after.name), before) {
+            return Ok(false);
+        }
+        st.operators.insert(after.name.clone(), after.clone());
+        Ok(true)
+    }
 }

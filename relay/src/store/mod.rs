@@ -376,7 +376,21 @@ pub trait Store: Send + Sync {
     /// Create or replace an operator (with their keys and grants).
     async fn put_operator(&self, rec: &OperatorRecord) -> Result<(), StoreError>;
 
+    /// Store `after` if the operator of its name is still `before` (`None`: there is none);
+    /// false, changing nothing, if another writer got there first.
+    async fn swap_operator(
+        &self,
+        before: Option<&OperatorRecord>,
+        after: &OperatorRecord,
+    ) -> Result<bool, StoreError>;
+
     async fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError>;
+}
+
+/// Whether two operator records are the same (as stored: field by field, through JSON).
+pub(crate) fn same_operator(a: Option<&OperatorRecord>, b: Option<&OperatorRecord>) -> bool {
+    let json = |r: Option<&OperatorRecord>| r.map(|r| serde_json::to_value(r).ok());
+    json(a) == json(b)
 }
 
 #[cfg(test)]

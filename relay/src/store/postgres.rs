@@ -10,7 +10,8 @@
 //! The `postgres` crate (the blocking client over `tokio-postgres`, from the rust-postgres
 //! project) runs on tokio's blocking pool, as redb does, because [`ops`] is synchronous. The
 //! relay keeps a few connections ([`CONNECTIONS`]) and reconnects one that broke. Connections
-//! are plain TCP: keep the database on loopback or a private network until TLS lands.
+//! are TLS (rustls) unless the database is on this machine or the URL says `sslmode=disable`
+//! ([`PostgresStore::open`]).
 
 use std::cell::{Cell, RefCell};
 
@@ -19,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use culvert_protocol::Mode;
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, IsolationLevel, NoTls, Transaction};
+use postgres::{Client, IsolationLevel, Transaction};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::ops::{self, Reads, Tables, TokenRef};
 use super::{
@@ -68,6 +70,8 @@ const MIGRATION_LOCK: i64 = 0x6375_6c76_6572_7401;
 
 pub struct PostgresStore {
     config: Arc<postgres::Config>,
+    /// How connections are made (TLS unless `sslmode=disable`; see [`PostgresStore::open`]).
+    tls: MakeRustlsConnect,
     /// Where errors say the store is: the URL without its password.
     shown: Arc<str>,
     pool: Arc<Vec<Mutex<Option<Client>>>>,
@@ -328,10 +332,70 @@ fn migrate(client: &mut Client, shown: &str) -> Result<(), StoreError> {
     tx.commit().map_err(|e| fail(shown, e))
 }
 
+/// Whether every host of `config` is this machine (a loopback address, `localhost`, or a
+/// Unix socket).
+fn local_only(config: &postgres::Config) -> bool {
+    use postgres::config::Host;
+    !config.get_hosts().is_empty()
+        && config.get_hosts().iter().all(|h| match h {
+            Host::Tcp(name) => {
+                name == "localhost"
+                    || name
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+            Host::Unix(_) => true,
+        })
+}
+
+/// The TLS connector for the database: its server certificate must chain to `ca` if given
+/// (that CA alone), else to the system's roots, and name the host the URL connects to.
+fn connector(ca: Option<&std::path::Path>) -> Result<MakeRustlsConnect, String> {
+    let roots = match ca {
+        None => culvert_protocol::client::root_store(None)?,
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("store_ca_file: cannot read {}: {e}", path.display()))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pemfile::certs(&mut &pem[..]) {
+                let c = c.map_err(|e| format!("store_ca_file: {}: {e}", path.display()))?;
+                roots
+                    .add(c)
+                    .map_err(|e| format!("store_ca_file: {}: {e}", path.display()))?;
+            }
+            if roots.is_empty() {
+                return Err(format!(
+                    "store_ca_file: {} holds no PEM certificate",
+                    path.display()
+                ));
+            }
+            roots
+        }
+    };
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(tls))
+}
+
 impl PostgresStore {
     /// Connect to `url` (`postgres://user@host:port/database`, or libpq's `key=value` form),
     /// with `password` if given (else the URL's), and bring its schema up to date.
-    pub async fn open(url: &str, password: Option<String>) -> Result<PostgresStore, StoreError> {
+    ///
+    /// TLS: the URL's `sslmode` decides (`disable`, `prefer`, `require`); without one, a
+    /// database on this machine is reached over plain TCP and any other over TLS only
+    /// (`require`: a server that does not offer TLS is refused, never silently used in
+    /// clear). The server's certificate is always verified, against `ca` (a PEM file) if
+    /// given, else the system's roots, and must name the URL's host.
+    pub async fn open(
+        url: &str,
+        password: Option<String>,
+        ca: Option<std::path::PathBuf>,
+    ) -> Result<PostgresStore, StoreError> {
         let shown = without_password(url);
         let mut config: postgres::Config = url.parse().map_err(|e| {
             fail(
@@ -342,20 +406,36 @@ impl PostgresStore {
         if let Some(p) = password {
             config.password(p);
         }
-        tokio::task::spawn_blocking(move || PostgresStore::open_blocking(config, shown.into()))
+        let explicit = url.contains("sslmode=");
+        if !explicit {
+            config.ssl_mode(if local_only(&config) {
+                postgres::config::SslMode::Disable
+            } else {
+                postgres::config::SslMode::Require
+            });
+        } else if config.get_ssl_mode() == postgres::config::SslMode::Prefer && !local_only(&config)
+        {
+            tracing::warn!(store = %shown, "sslmode=prefer: if the database does not offer TLS the relay connects in clear; use sslmode=require");
+        }
+        config.application_name("culvert-relay");
+        let tls = connector(ca.as_deref()).map_err(|e| fail(&shown, e))?;
+        tokio::task::spawn_blocking(move || PostgresStore::open_blocking(config, tls, shown.into()))
             .await
             .map_err(|e| fail(&without_password(url), format!("store task failed: {e}")))?
     }
 
     fn open_blocking(
         config: postgres::Config,
+        tls: MakeRustlsConnect,
         shown: Arc<str>,
     ) -> Result<PostgresStore, StoreError> {
-        let mut first = config.connect(NoTls).map_err(|e| {
-            fail(
-                &shown,
-                format!("cannot connect: {e} (is PostgreSQL running, and are the URL's user, password and database right?)"),
-            )
+        let mut first = config.connect(tls.clone()).map_err(|e| {
+            let hint = if config.get_ssl_mode() == postgres::config::SslMode::Disable {
+                "is PostgreSQL running, and are the URL's user, password and database right?"
+            } else {
+                "is PostgreSQL running with TLS, is its certificate issued for the URL's host by store_ca_file's CA (or a system root), and are the URL's user, password and database right?"
+            };
+            fail(&shown, format!("cannot connect: {e} ({hint})"))
         })?;
         migrate(&mut first, &shown)?;
         let pool: Vec<Mutex<Option<Client>>> = std::iter::once(Some(first))
@@ -364,6 +444,7 @@ impl PostgresStore {
             .collect();
         Ok(PostgresStore {
             config: Arc::new(config),
+            tls,
             shown,
             pool: Arc::new(pool),
             next: Default::default(),
@@ -381,13 +462,14 @@ impl PostgresStore {
         E: From<StoreError> + Send + 'static,
     {
         let (pool, config, shown) = (self.pool.clone(), self.config.clone(), self.shown.clone());
+        let tls = self.tls.clone();
         let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % pool.len();
         let job = move || {
             let mut slot = pool[i].lock().unwrap_or_else(|e| e.into_inner());
             if slot.as_ref().is_none_or(Client::is_closed) {
                 *slot = Some(
                     config
-                        .connect(NoTls)
+                        .connect(tls)
                         .map_err(|e| fail(&shown, format!("cannot connect: {e}")))?,
                 );
             }
@@ -662,11 +744,11 @@ impl PostgresStore {
     /// Ends when the receiver is dropped.
     pub fn listen(&self) -> tokio::sync::mpsc::Receiver<String> {
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        let (config, shown) = (self.config.clone(), self.shown.clone());
+        let (config, shown, tls) = (self.config.clone(), self.shown.clone(), self.tls.clone());
         let run = move || {
             let mut first = true;
             while !tx.is_closed() {
-                let mut client = match config.connect(NoTls) {
+                let mut client = match config.connect(tls.clone()) {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(store = %shown, error = %e, "cannot listen for tunnel changes; retrying");
@@ -872,6 +954,34 @@ impl Store for PostgresStore {
         })
         .await
     }
+
+    async fn swap_operator(
+        &self,
+        before: Option<&OperatorRecord>,
+        after: &OperatorRecord,
+    ) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(after).map_err(|e| fail(&self.shown, e))?;
+        let (before, name) = (before.cloned(), after.name.clone());
+        self.write(move |t| {
+            let stored: Option<OperatorRecord> = match t
+                .query("SELECT rec FROM operators WHERE name = $1", &[&name])?
+                .first()
+            {
+                Some(r) => Some(t.decode(&name, r.get(0))?),
+                None => None,
+            };
+            if !super::same_operator(stored.as_ref(), before.as_ref()) {
+                return Ok(false);
+            }
+            t.exec(
+                "INSERT INTO operators (name, rec) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET rec = EXCLUDED.rec",
+                &[&name, &json],
+            )?;
+            Ok(true)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -886,8 +996,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_relays_on_one_database_admit_a_token_once() {
         let url = tokio::task::spawn_blocking(pg::database).await.unwrap();
-        let a = Arc::new(PostgresStore::open(&url, None).await.unwrap());
-        let b = Arc::new(PostgresStore::open(&url, None).await.unwrap());
+        let a = Arc::new(PostgresStore::open(&url, None, None).await.unwrap());
+        let b = Arc::new(PostgresStore::open(&url, None, None).await.unwrap());
         for i in 0..20 {
             let id = format!("t{i}");
             a.create(&rec(&id, "cell-7", i)).await.unwrap();
@@ -925,7 +1035,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_first_node_to_place_a_tunnel_holds_it_until_it_leaves_or_lapses() {
         let url = tokio::task::spawn_blocking(pg::database).await.unwrap();
-        let s = PostgresStore::open(&url, None).await.unwrap();
+        let s = PostgresStore::open(&url, None, None).await.unwrap();
         let (t0, lease) = (1_000_000, 10_000);
         let beat = |node: &'static str, sides: Vec<(String, Mode)>, now: i64| {
             let s = &s;
@@ -1024,8 +1134,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn closes_and_rotations_are_announced_to_listening_relays() {
         let url = tokio::task::spawn_blocking(pg::database).await.unwrap();
-        let a = PostgresStore::open(&url, None).await.unwrap();
-        let b = PostgresStore::open(&url, None).await.unwrap();
+        let a = PostgresStore::open(&url, None, None).await.unwrap();
+        let b = PostgresStore::open(&url, None, None).await.unwrap();
         let mut changes = b.listen();
         // The listener is up once it hears something: announce until it does.
         a.create(&rec("t0", "cell-7", 0)).await.unwrap();
@@ -1065,18 +1175,18 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_database_of_a_newer_schema_is_refused_and_a_wrong_url_says_what_to_check() {
         let url = tokio::task::spawn_blocking(pg::database).await.unwrap();
-        drop(PostgresStore::open(&url, None).await.unwrap());
+        drop(PostgresStore::open(&url, None, None).await.unwrap());
         let u = url.clone();
         tokio::task::spawn_blocking(move || {
-            let mut c = Client::connect(&u, NoTls).unwrap();
+            let mut c = Client::connect(&u, postgres::NoTls).unwrap();
             c.execute("INSERT INTO culvert_schema (version) VALUES (99)", &[])
                 .unwrap();
         })
         .await
         .unwrap();
-        let e = PostgresStore::open(&url, None).await.err().unwrap();
+        let e = PostgresStore::open(&url, None, None).await.err().unwrap();
         assert!(e.message.contains("newer culvert-relay"), "{e}");
-        let e = PostgresStore::open("postgres://culvert:pw@127.0.0.1:1/none", None)
+        let e = PostgresStore::open("postgres://culvert:pw@127.0.0.1:1/none", None, None)
             .await
             .err()
             .unwrap();
@@ -1085,6 +1195,57 @@ mod tests {
             !e.to_string().contains(":pw@"),
             "the password is not shown: {e}"
         );
+    }
+
+    /// Over TLS (the test server offers it, its certificate from a CA of its own): with that
+    /// CA the relay connects, and its connections are TLS; with the system's roots only, the
+    /// server's certificate is refused, and the error says what to check.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_database_is_reached_over_verified_tls() {
+        let url = tokio::task::spawn_blocking(pg::tls_database).await.unwrap();
+        let s = PostgresStore::open(&url, None, Some(pg::ca()))
+            .await
+            .unwrap();
+        s.create(&rec("t1", "cell-7", 1)).await.unwrap();
+        assert!(s.get("t1").await.unwrap().is_some());
+        let db = url
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .split('?')
+            .next()
+            .unwrap()
+            .to_owned();
+        let base = pg::server().to_owned();
+        let (tls, plain): (i64, i64) = tokio::task::spawn_blocking(move || {
+            let mut c = Client::connect(&format!("{base}/postgres"), postgres::NoTls).unwrap();
+            let row = c
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+                     FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                     WHERE a.application_name = 'culvert-relay' AND a.datname = $1",
+                    &[&db],
+                )
+                .unwrap();
+            (row.get(0), row.get(1))
+        })
+        .await
+        .unwrap();
+        assert!(tls >= 1 && plain == 0, "TLS {tls}, plain {plain}");
+        drop(s);
+        let e = PostgresStore::open(&url, None, None).await.err().unwrap();
+        assert!(e.message.contains("cannot connect"), "{e}");
+        assert!(e.message.contains("store_ca_file"), "{e}");
+    }
+
+    #[test]
+    fn only_a_database_on_this_machine_is_reached_in_clear_by_default() {
+        let local = |u: &str| local_only(&u.parse().unwrap());
+        assert!(local("postgres://relay@127.0.0.1:5432/culvert"));
+        assert!(local("postgres://relay@localhost/culvert"));
+        assert!(local("host=/run/postgresql user=relay dbname=culvert"));
+        assert!(!local("postgres://relay@db.internal:5432/culvert"));
+        assert!(!local("postgres://relay@10.0.0.5/culvert"));
     }
 
     #[test]

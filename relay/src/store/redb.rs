@@ -462,6 +462,37 @@ impl Store for RedbStore {
     async fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError> {
         self.all_json(OPERATORS, "operator").await
     }
+
+    async fn swap_operator(
+        &self,
+        before: Option<&OperatorRecord>,
+        after: &OperatorRecord,
+    ) -> Result<bool, StoreError> {
+        let (db, path) = (self.db.clone(), self.path.clone());
+        let bytes = serde_json::to_vec(after).map_err(|e| fail(&path, e))?;
+        let (before, name) = (before.cloned(), after.name.clone());
+        self.blocking(move || {
+            let tx = db.begin_write().map_err(|e| fail(&path, e))?;
+            {
+                let mut t = tx.open_table(OPERATORS).map_err(|e| fail(&path, e))?;
+                let stored: Option<OperatorRecord> =
+                    match t.get(name.as_str()).map_err(|e| fail(&path, e))? {
+                        Some(v) => Some(serde_json::from_slice(v.value()).map_err(|e| {
+                            fail(&path, format!("operator {name:?} is corrupt: {e}"))
+                        })?),
+                        None => None,
+                    };
+                if !super::same_operator(stored.as_ref(), before.as_ref()) {
+                    return Ok(false);
+                }
+                t.insert(name.as_str(), bytes.as_slice())
+                    .map_err(|e| fail(&path, e))?;
+            }
+            tx.commit().map_err(|e| fail(&path, e))?;
+            Ok(true)
+        })
+        .await
+    }
 }
 
 impl RedbStore {
