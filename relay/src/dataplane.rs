@@ -209,16 +209,12 @@ pub async fn handshake(
             );
         }
     };
-    state.audit.record(
-        "attach",
-        serde_json::json!({
-            "tunnel": adm.live.id,
-            "thing": adm.thing_name,
-            "mode": mode.to_string(),
-            "channel": channel,
-            "format": format!("{format:?}"),
-            "first_use": adm.first_use,
-        }),
+    audit_attach(
+        &state,
+        &adm,
+        &channel,
+        format,
+        ("first_use", adm.first_use.into()),
     );
     let span = info_span!("peer", tunnel = %adm.live.id, mode = %mode, channel = %channel);
     let tracker = state.tasks.clone();
@@ -326,6 +322,25 @@ fn enabled(state: &AppState) -> Extensions {
     }
 }
 
+/// The audit record of an admitted peer, with one more field.
+fn audit_attach(
+    state: &AppState,
+    adm: &Admission,
+    channel: &str,
+    format: Format,
+    (key, value): (&str, serde_json::Value),
+) {
+    let mut rec = serde_json::json!({
+        "tunnel": adm.live.id,
+        "thing": adm.thing_name,
+        "mode": adm.mode.to_string(),
+        "channel": channel,
+        "format": format!("{format:?}"),
+    });
+    rec[key] = value;
+    state.audit.record("attach", rec);
+}
+
 /// Give back the first use of a token whose handshake did not complete.
 async fn release_use(release: Option<(Arc<crate::registry::Registry>, String, Mode, TokenHash)>) {
     let Some((registry, tunnel, mode, token)) = release else {
@@ -402,16 +417,12 @@ pub async fn link_handshake(
             return refuse(StatusCode::FORBIDDEN, "revoked", e.to_string(), &channel);
         }
     };
-    state.audit.record(
-        "attach",
-        serde_json::json!({
-            "tunnel": adm.live.id,
-            "thing": adm.thing_name,
-            "mode": mode.to_string(),
-            "channel": channel,
-            "format": format!("{format:?}"),
-            "via_node": req.from,
-        }),
+    audit_attach(
+        &state,
+        &adm,
+        &channel,
+        format,
+        ("via_node", req.from.clone().into()),
     );
     let span = info_span!("peer", tunnel = %adm.live.id, mode = %mode, channel = %channel, via = %req.from);
     let tracker = state.tasks.clone();

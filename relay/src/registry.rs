@@ -656,14 +656,19 @@ impl Registry {
         })
     }
 
-    /// The sides of tunnels with a peer attached on this relay now.
-    pub fn attached_sides(&self) -> Vec<(String, Mode)> {
-        let lives: Vec<Arc<Live>> = self
-            .lock()
+    /// Every live half this relay has, taken out of the registry's lock (a tunnel's lock is
+    /// never taken under the registry's).
+    fn lives(&self) -> Vec<Arc<Live>> {
+        self.lock()
             .tunnels
             .values()
             .map(|l| l.live.clone())
-            .collect();
+            .collect()
+    }
+
+    /// The sides of tunnels with a peer attached on this relay now.
+    pub fn attached_sides(&self) -> Vec<(String, Mode)> {
+        let lives = self.lives();
         let mut sides = Vec::new();
         for l in lives {
             for mode in [Mode::Source, Mode::Destination] {
@@ -804,13 +809,7 @@ impl Registry {
 
     /// Open tunnels, and how many peers are connected to this relay.
     pub fn counts(&self) -> (usize, usize) {
-        // Take the live halves out first: a tunnel's lock is never taken under the registry's.
-        let lives: Vec<Arc<Live>> = self
-            .lock()
-            .tunnels
-            .values()
-            .map(|l| l.live.clone())
-            .collect();
+        let lives = self.lives();
         let peers = lives
             .iter()
             .map(|l| {
@@ -825,12 +824,7 @@ impl Registry {
 
     /// Disconnect every peer (relay shutdown).
     pub fn kick_all(&self, reason: KickReason) {
-        let lives: Vec<Arc<Live>> = self
-            .lock()
-            .tunnels
-            .values()
-            .map(|l| l.live.clone())
-            .collect();
+        let lives = self.lives();
         for l in lives {
             l.kick(Mode::Source, reason.clone());
             l.kick(Mode::Destination, reason.clone());

@@ -136,17 +136,7 @@ key = "{cpki}/{name}-key.pem"
                 .stdout(Stdio::null()),
             dir,
         );
-        wait_for(&format!("{name} to accept connections"), || {
-            std::net::TcpStream::connect(addr).ok()
-        });
-        Relay {
-            proc,
-            dir: dir.to_owned(),
-            addr,
-            api_key: api_key.to_owned(),
-            ca: pki.join("ca.pem"),
-            mqtt: None,
-        }
+        endpoint(name, proc, dir, addr, api_key, pki)
     }
 
     fn running(&self) -> impl Iterator<Item = &Node> {
@@ -233,7 +223,20 @@ fn haproxy(dir: &Path, servers: &str, api_key: &str, pki: &Path) -> Relay {
         dir,
     );
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_for("haproxy to listen", || {
+    endpoint("haproxy", proc, dir, addr, api_key, pki)
+}
+
+/// `proc` serving the relay API and data plane at `addr` (a node, or HAProxy in front of
+/// them), once it accepts connections, as a [`Relay`] clients can use.
+fn endpoint(
+    name: &str,
+    proc: Proc,
+    dir: &Path,
+    addr: std::net::SocketAddr,
+    api_key: &str,
+    pki: &Path,
+) -> Relay {
+    wait_for(&format!("{name} to accept connections"), || {
         std::net::TcpStream::connect(addr).ok()
     });
     Relay {
