@@ -115,14 +115,7 @@ pub fn run(bins: &Path, bytes: u64, rounds: usize, pings: usize) {
     let echo = echo_server();
     let cross_id;
     let routes = [
-        Route {
-            name: "direct",
-            sink: sink.port(),
-            echo: echo.port(),
-            pids: vec![],
-            _procs: vec![],
-            _sshd: None,
-        },
+        Route::direct(sink, echo),
         tunnel_route(
             bins,
             &dir.join("same"),

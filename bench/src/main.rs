@@ -367,6 +367,20 @@ struct Route {
     _sshd: Option<culvert_devkit::Sshd>,
 }
 
+impl Route {
+    /// The baseline: the client straight to the sink and echo servers.
+    fn direct(sink: SocketAddr, echo: SocketAddr) -> Route {
+        Route {
+            name: "direct",
+            sink: sink.port(),
+            echo: echo.port(),
+            pids: vec![],
+            _procs: vec![],
+            _sshd: None,
+        }
+    }
+}
+
 /// What was measured on one route.
 #[derive(Default)]
 struct Figures {
@@ -555,14 +569,7 @@ fn main() {
     let sink = sink_server();
     let echo = echo_server();
 
-    let mut routes = vec![Route {
-        name: "direct",
-        sink: sink.port(),
-        echo: echo.port(),
-        pids: vec![],
-        _procs: vec![],
-        _sshd: None,
-    }];
+    let mut routes = vec![Route::direct(sink, echo)];
     let mut missing: Vec<String> = Vec::new();
     let flow_control = !std::env::args().any(|a| a == "--no-flow-control");
     routes.push(culvert_route(

@@ -222,18 +222,7 @@ pub async fn start(
     let refusals = RefusalLog::new("mqtt");
     let turns = Arc::new(Turns::default());
     tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(error = %e, "MQTT accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((tcp, peer)) = crate::slots::accept(&listener, &shutdown, "MQTT").await {
             let admitted = match gate.admit(peer.ip()) {
                 Ok(a) => a,
                 Err((pool, full)) => {

@@ -37,6 +37,7 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::config::{pem_certs, pem_key};
 use crate::dataplane::is_too_big;
 use crate::registry::{Kick, KickReason, Registry, now_ms};
 use crate::store::{Placement, PostgresStore, StoreError};
@@ -109,24 +110,6 @@ pub fn valid_node_name(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-fn read_pem_certs(
-    what: &str,
-    path: &Path,
-) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
-    let pem = std::fs::read(path)
-        .map_err(|e| format!("cluster.{what}: cannot read {}: {e}", path.display()))?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("cluster.{what}: {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "cluster.{what}: {} holds no PEM certificate",
-            path.display()
-        ));
-    }
-    Ok(certs)
-}
-
 impl RawCluster {
     pub fn validate(self, resolve: impl Fn(&Path) -> PathBuf) -> Result<ClusterSettings, String> {
         if !valid_node_name(&self.node) {
@@ -162,24 +145,14 @@ impl RawCluster {
         };
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
-        for c in read_pem_certs("ca", &resolve(&self.ca))? {
+        for c in pem_certs("cluster.ca", &resolve(&self.ca))? {
             roots
                 .add(c)
                 .map_err(|e| format!("cluster.ca: not a usable CA certificate: {e}"))?;
         }
         let roots = Arc::new(roots);
-        let certs = read_pem_certs("cert", &resolve(&self.cert))?;
-        let key_path = resolve(&self.key);
-        let key_pem = std::fs::read(&key_path)
-            .map_err(|e| format!("cluster.key: cannot read {}: {e}", key_path.display()))?;
-        let key = rustls_pemfile::private_key(&mut &key_pem[..])
-            .map_err(|e| format!("cluster.key: {}: {e}", key_path.display()))?
-            .ok_or_else(|| {
-                format!(
-                    "cluster.key: {} holds no PEM private key",
-                    key_path.display()
-                )
-            })?;
+        let certs = pem_certs("cluster.cert", &resolve(&self.cert))?;
+        let key = pem_key("cluster.key", &resolve(&self.key))?;
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             roots.clone(),
             provider.clone(),
@@ -314,7 +287,7 @@ impl Cluster {
 
     /// Open a node link to `node` at `addr` for a peer admitted here.
     pub async fn dial(&self, node: &str, addr: &str, req: &LinkRequest) -> Result<Link, String> {
-        let query = link_query(req);
+        let query = serde_urlencoded::to_string(req).map_err(|e| e.to_string())?;
         // The URL names the node (its certificate is checked against that name); the
         // connection goes to its address.
         let request = format!("wss://{node}{LINK_PATH}?{query}")
@@ -456,23 +429,6 @@ impl Cluster {
     }
 }
 
-/// A link request as a query string.
-fn link_query(req: &LinkRequest) -> String {
-    let enc = |s: &str| {
-        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
-    };
-    format!(
-        "tunnel={}&mode={}&generation={}&extensions={}&subprotocol={}&from={}&channel={}",
-        enc(&req.tunnel),
-        enc(&req.mode),
-        req.generation,
-        enc(&req.extensions),
-        enc(&req.subprotocol),
-        enc(&req.from),
-        enc(&req.channel),
-    )
-}
-
 /// The format a link request's subprotocol names.
 pub fn link_format(req: &LinkRequest) -> Option<Format> {
     Format::from_subprotocol(&req.subprotocol)
@@ -503,7 +459,7 @@ mod tests {
             from: "relay-b".into(),
             channel: "c&d=e".into(),
         };
-        let q = link_query(&req);
+        let q = serde_urlencoded::to_string(&req).unwrap();
         let back: LinkRequest =
             axum::extract::Query::try_from_uri(&format!("/x?{q}").parse().unwrap())
                 .unwrap()

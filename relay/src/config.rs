@@ -693,24 +693,41 @@ impl RawConfig {
     }
 }
 
-/// A rustls server configuration (TLS 1.2 and 1.3, ring) from PEM files.
-pub fn server_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
-    let cert_pem = std::fs::read(cert)
-        .map_err(|e| format!("tls.cert: cannot read {}: {e}", cert.display()))?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut &cert_pem[..])
+/// The certificates of PEM file `path`, at least one; errors name the configuration key.
+pub fn pem_certs(
+    key: &str,
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    let pem =
+        std::fs::read(path).map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("tls.cert: {}: {e}", cert.display()))?;
+        .map_err(|e| format!("{key}: {}: {e}", path.display()))?;
     if certs.is_empty() {
         return Err(format!(
-            "tls.cert: {} holds no PEM certificate",
-            cert.display()
+            "{key}: {} holds no PEM certificate",
+            path.display()
         ));
     }
-    let key_pem =
-        std::fs::read(key).map_err(|e| format!("tls.key: cannot read {}: {e}", key.display()))?;
-    let key = rustls_pemfile::private_key(&mut &key_pem[..])
-        .map_err(|e| format!("tls.key: {}: {e}", key.display()))?
-        .ok_or_else(|| format!("tls.key: {} holds no PEM private key", key.display()))?;
+    Ok(certs)
+}
+
+/// The private key of PEM file `path`; errors name the configuration key.
+pub fn pem_key(
+    key: &str,
+    path: &Path,
+) -> Result<rustls::pki_types::PrivateKeyDer<'static>, String> {
+    let pem =
+        std::fs::read(path).map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
+    rustls_pemfile::private_key(&mut &pem[..])
+        .map_err(|e| format!("{key}: {}: {e}", path.display()))?
+        .ok_or_else(|| format!("{key}: {} holds no PEM private key", path.display()))
+}
+
+/// A rustls server configuration (TLS 1.2 and 1.3, ring) from PEM files.
+pub fn server_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+    let certs = pem_certs("tls.cert", cert)?;
+    let key = pem_key("tls.key", key)?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

@@ -162,8 +162,6 @@ pub async fn handshake(
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect();
-    // `restart/1` costs an AWS peer nothing (it never offers it): always accepted.
-    // `resume/1` rides on flow control.
     let extensions = Extensions::parse(&offered.join(",")).intersect(enabled(&state));
     let ws = match ws {
         Ok(ws) => ws,

@@ -129,18 +129,7 @@ async fn serve_links(
     // Node links are few (one per forwarded peer); bound them anyway.
     let slots = Arc::new(tokio::sync::Semaphore::new(100_000));
     let timeout = Duration::from_secs(10);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "node link accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((tcp, peer)) = crate::slots::accept(&listener, &shutdown, "node link").await {
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             warn!(%peer, "too many node links; closing this one");
             continue;
@@ -409,19 +398,7 @@ impl Relay {
         let gate = Arc::new(Gate::new(state.listener.clone()));
         let refusals = RefusalLog::new("https");
         let timeout = gate.limits.handshake_timeout;
-        loop {
-            let (tcp, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((tcp, peer)) = crate::slots::accept(&listener, &shutdown, "HTTPS").await {
             // A slot first: a full pool closes the connection before any TLS work.
             let admitted = match gate.admit(peer.ip()) {
                 Ok(a) => Arc::new(a),

@@ -24,6 +24,27 @@ use tracing::{debug, warn};
 
 use crate::metrics::METRICS;
 
+/// The next connection on `listener`, or `None` once `shutdown` is cancelled. A failed accept
+/// (EMFILE and friends) is logged as `what` and backed off from instead of spun on.
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+    shutdown: &tokio_util::sync::CancellationToken,
+    what: &str,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok(x) => return Some(x),
+                Err(e) => {
+                    warn!(error = %e, "{what} accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
 /// Limits of one listener.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenerLimits {

@@ -354,20 +354,11 @@ fn connector(ca: Option<&std::path::Path>) -> Result<MakeRustlsConnect, String> 
     let roots = match ca {
         None => culvert_protocol::client::root_store(None)?,
         Some(path) => {
-            let pem = std::fs::read(path)
-                .map_err(|e| format!("store_ca_file: cannot read {}: {e}", path.display()))?;
             let mut roots = rustls::RootCertStore::empty();
-            for c in rustls_pemfile::certs(&mut &pem[..]) {
-                let c = c.map_err(|e| format!("store_ca_file: {}: {e}", path.display()))?;
+            for c in crate::config::pem_certs("store_ca_file", path)? {
                 roots
                     .add(c)
                     .map_err(|e| format!("store_ca_file: {}: {e}", path.display()))?;
-            }
-            if roots.is_empty() {
-                return Err(format!(
-                    "store_ca_file: {} holds no PEM certificate",
-                    path.display()
-                ));
             }
             roots
         }
