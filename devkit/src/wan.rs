@@ -62,7 +62,10 @@ impl Wan {
         if !nix::unistd::geteuid().is_root() {
             return Err("the WAN emulator needs root (network namespaces, TUN devices)".into());
         }
-        let tag = std::process::id();
+        // Namespaces are per process and per WAN: tests in one binary run side by side.
+        static WANS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = WANS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("{}-{n}", std::process::id());
         let names = ["op", "relay", "site"].map(|n| format!("cw-{n}-{tag}"));
         for n in &names {
             let _ = Command::new("ip")
@@ -316,7 +319,8 @@ impl Wan {
         })?;
         let token = |k: &str| tunnel[k].as_str().unwrap_or_default().to_owned();
         let rules = dir.join("rules.toml");
-        let mut text = String::from("[acl]\nallow = [\"10.201.0.0/16\"]\n");
+        // The WAN's addresses, and the site's own loopback (a target on the gateway's host).
+        let mut text = String::from("[acl]\nallow = [\"10.201.0.0/16\", \"127.0.0.0/8\"]\n");
         for (name, target) in services {
             text.push_str(&format!("[services.{name}]\ntarget = \"{target}\"\n"));
         }

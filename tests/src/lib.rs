@@ -561,6 +561,20 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
     v
 }
 
+/// `mib` MiB for a large transfer: one random MiB, numbered in each copy (so a MiB out of
+/// place shows), since generating that much at random takes a debug build longer than the
+/// copy.
+pub fn numbered_mibs(mib: u64) -> Vec<u8> {
+    let block = random_bytes(1024 * 1024);
+    (0..mib)
+        .flat_map(|i| {
+            let mut b = block.clone();
+            b[..8].copy_from_slice(&i.to_be_bytes());
+            b
+        })
+        .collect()
+}
+
 pub fn sha256(data: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, data)
         .as_ref()

@@ -95,16 +95,16 @@ fn ssh_command_and_50_mb_scp_through_the_tunnel() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The relay crashes (SIGKILL) in the middle of an interactive ssh session and of a 200 MB
-/// scp: both carry on once it is back (resumable connections), the session never notices, and
-/// the copy is intact.
-#[test]
-fn an_ssh_session_and_a_200_mb_scp_survive_a_relay_crash() {
-    let dir = scratch("ssh-resume");
+/// The relay crashes (SIGKILL) or restarts (SIGTERM) in the middle of an interactive ssh
+/// session and of a 200 MB scp: both carry on once it is back (resumable connections), the
+/// session never notices, and the copy is intact.
+fn an_ssh_session_and_a_200_mb_scp_survive_a_relay_restart(name: &str, signal: &str) {
+    let dir = scratch(name);
     let sshd = Sshd::start(&dir);
     let ssh = require_tool("ssh", "openssh-client");
     let scp = require_tool("scp", "openssh-client");
-    let relay = Relay::start(&dir);
+    let grace = ["--shutdown-grace-secs".to_owned(), "1".to_owned()];
+    let relay = Relay::start_with(&dir, "127.0.0.1:0".parse().unwrap(), &grace);
     let t = relay.open_tunnel("robot-4", &["SSH"]);
     let rules = rules(&dir, &[("SSH", format!("127.0.0.1:{}", sshd.port))]);
     let gw = relay.gateway(&dir, &rules, &t.destination);
@@ -121,16 +121,7 @@ fn an_ssh_session_and_a_200_mb_scp_survive_a_relay_crash() {
     let mut session = Session::start(&mut cmd);
     session.exchange("status");
 
-    // 200 MiB: a random MiB, numbered in each copy (so a MiB out of place shows), since
-    // generating that much at random takes a debug build longer than the copy.
-    let block = random_bytes(1024 * 1024);
-    let data: Vec<u8> = (0..200u64)
-        .flat_map(|i| {
-            let mut b = block.clone();
-            b[..8].copy_from_slice(&i.to_be_bytes());
-            b
-        })
-        .collect();
+    let data = numbered_mibs(200);
     let src = dir.join("payload.bin");
     let dst = dir.join("payload-copy.bin");
     std::fs::write(&src, &data).unwrap();
@@ -149,12 +140,12 @@ fn an_ssh_session_and_a_200_mb_scp_survive_a_relay_crash() {
     });
     let addr = relay.addr;
     let mut relay = relay;
-    relay.proc.signal("KILL");
+    relay.proc.signal(signal);
     relay.proc.wait_exit();
     wait_log(&px, "reconnecting to resume the open connections");
     wait_log(&gw, "reconnecting to resume the open connections");
     drop(relay);
-    let _relay = Relay::start_on(&dir, addr);
+    let _relay = Relay::start_with(&dir, addr, &grace);
     wait_log(&px, "resuming connections");
     session.exchange("still there?");
     let out = copy.wait_with_output().unwrap();
@@ -164,7 +155,23 @@ fn an_ssh_session_and_a_200_mb_scp_survive_a_relay_crash() {
     assert_eq!(sha256(&copy), sha256(&data), "the copy differs");
     session.exchange("bye");
     session.end();
+    let log = sshd.proc.log_text();
+    assert_eq!(
+        log.matches("Accepted publickey").count(),
+        2,
+        "sshd saw the session and the copy once each:\n{log}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_ssh_session_and_a_200_mb_scp_survive_a_relay_crash() {
+    an_ssh_session_and_a_200_mb_scp_survive_a_relay_restart("ssh-resume-kill", "KILL");
+}
+
+#[test]
+fn an_ssh_session_and_a_200_mb_scp_survive_a_graceful_relay_restart() {
+    an_ssh_session_and_a_200_mb_scp_survive_a_relay_restart("ssh-resume-term", "TERM");
 }
 
 /// ssh with `culvert connect --stdio` as its ProxyCommand (what `culvert ssh` runs): the
