@@ -48,8 +48,11 @@ pub enum EndReason {
     NoRoute,
     /// Requests: the upstream failed.
     Error,
-    /// Requests: the HTTP parser refused it before any rule saw it.
+    /// Requests: the protocol's parser refused it before any rule saw it (HTTP), or the
+    /// bytes were not the rule's protocol (Modbus/TCP).
     Rejected,
+    /// Requests: the rule does not allow it (a read-only Modbus rule and a write).
+    Refused,
 }
 
 impl EndReason {
@@ -73,6 +76,7 @@ impl EndReason {
             EndReason::NoRoute => "no_route",
             EndReason::Error => "error",
             EndReason::Rejected => "rejected",
+            EndReason::Refused => "refused",
         }
     }
 }
@@ -125,8 +129,14 @@ pub struct Record {
     pub host: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// HTTP: the response's status. Modbus: the exception code a refused request got.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
+    /// Modbus: the unit id a request addressed, and the first register (or coil) it named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub register: Option<u16>,
 }
 
 impl Record {

@@ -147,6 +147,17 @@ struct RawService {
     max_bytes_per_sec: Option<Spanned<u64>>,
     max_bytes_per_sec_to_target: Option<Spanned<u64>>,
     max_bytes_per_sec_from_target: Option<Spanned<u64>>,
+    modbus: Option<Spanned<RawModbus>>,
+}
+
+/// `[services.NAME.modbus]`: a Modbus/TCP rule's filter.
+#[derive(Deserialize)]
+struct RawModbus {
+    read_only: Option<Spanned<bool>>,
+    #[serde(default)]
+    units: Vec<Spanned<i64>>,
+    #[serde(default)]
+    registers: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -352,6 +363,8 @@ pub struct Service {
     pub connect_timeout: Duration,
     /// Close a connection that carried no byte either way for this long.
     pub idle_timeout: Option<Duration>,
+    /// A read-only Modbus/TCP rule: what its requests may do ([`crate::modbus`]).
+    pub modbus: Option<crate::modbus::Policy>,
 }
 
 /// How the process itself runs (`[daemon]`).
@@ -1312,6 +1325,18 @@ impl Validator<'_> {
                 return None;
             }
         };
+        let modbus = match svc.modbus {
+            None => None,
+            Some(m) if matches!(kind, Kind::Http(_)) => {
+                self.push(
+                    m.span(),
+                    format!("{key}.modbus"),
+                    "a Modbus filter needs a tcp target, not routes",
+                );
+                None
+            }
+            Some(m) => self.modbus(&format!("{key}.modbus"), m),
+        };
         Some(Service {
             name: name.to_owned(),
             kind,
@@ -1319,7 +1344,60 @@ impl Validator<'_> {
             limits,
             connect_timeout,
             idle_timeout,
+            modbus,
         })
+    }
+
+    fn modbus(&mut self, key: &str, m: Spanned<RawModbus>) -> Option<crate::modbus::Policy> {
+        let span = m.span();
+        let m = m.into_inner();
+        match &m.read_only {
+            Some(r) if *r.get_ref() => {}
+            Some(r) => {
+                self.push(
+                    r.span(),
+                    format!("{key}.read_only"),
+                    "only read-only Modbus rules exist: set read_only = true, or remove the \
+                     modbus table for a plain tcp rule",
+                );
+                return None;
+            }
+            None => {
+                self.push(
+                    span,
+                    key,
+                    "needs read_only = true (the filter lets only reads through)",
+                );
+                return None;
+            }
+        }
+        let mut policy = crate::modbus::Policy::default();
+        for u in &m.units {
+            match u8::try_from(*u.get_ref()) {
+                Ok(id) => policy.units.push(id),
+                Err(_) => self.push(
+                    u.span(),
+                    format!("{key}.units"),
+                    format!("unit id {} is not 0-255", u.get_ref()),
+                ),
+            }
+        }
+        for r in &m.registers {
+            let text = r.get_ref().trim();
+            let (lo, hi) = text.split_once('-').unwrap_or((text, text));
+            match (lo.trim().parse::<u16>(), hi.trim().parse::<u16>()) {
+                (Ok(lo), Ok(hi)) if lo <= hi => policy.ranges.push((lo, hi)),
+                _ => self.push(
+                    r.span(),
+                    format!("{key}.registers"),
+                    format!(
+                        "{text:?} is not an address range: \"FIRST-LAST\" or \"ADDRESS\", \
+                         0-65535, FIRST not above LAST"
+                    ),
+                ),
+            }
+        }
+        Some(policy)
     }
 
     fn routes(
@@ -1597,6 +1675,64 @@ mod tests {
         assert_eq!(p[0].line, Some(3), "{p:?}");
         let p = problems("");
         assert_eq!(p[0].key, "services");
+    }
+
+    #[test]
+    fn modbus_rules_are_read_only_and_name_their_bad_values() {
+        let plc = "[services.PLC]\ntarget = \"127.0.0.1:502\"\n";
+        let cfg = parse(
+            &format!(
+                "{ALLOW}{plc}[services.PLC.modbus]\nread_only = true\nunits = [1, 247]\nregisters = [\"0-99\", \" 400 \"]\n"
+            ),
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.services["PLC"].modbus,
+            Some(crate::modbus::Policy {
+                units: vec![1, 247],
+                ranges: vec![(0, 99), (400, 400)],
+            })
+        );
+        let p = problems(&format!("{ALLOW}{plc}[services.PLC.modbus]\nunits = [1]\n"));
+        assert!(
+            p.iter()
+                .any(|p| p.key == "services.PLC.modbus" && p.message.contains("read_only = true")),
+            "{p:?}"
+        );
+        let p = problems(&format!(
+            "{ALLOW}{plc}[services.PLC.modbus]\nread_only = false\n"
+        ));
+        assert!(
+            p.iter().any(|p| p.key == "services.PLC.modbus.read_only"),
+            "{p:?}"
+        );
+        let p = problems(&format!(
+            "{ALLOW}{plc}[services.PLC.modbus]\nread_only = true\nunits = [256]\nregisters = [\"99-0\", \"x\"]\nwrite = true\n"
+        ));
+        assert!(
+            p.iter()
+                .any(|p| p.key == "services.PLC.modbus.units" && p.message.contains("256")),
+            "{p:?}"
+        );
+        assert_eq!(
+            p.iter()
+                .filter(|p| p.key == "services.PLC.modbus.registers")
+                .count(),
+            2,
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|p| p.message.contains("unknown key \"write\"")),
+            "{p:?}"
+        );
+        if cfg!(feature = "http") {
+            let p = problems(&format!(
+                "{ALLOW}[services.HMI]\nroutes = [{{ upstream = \"127.0.0.1:80\" }}]\n[services.HMI.modbus]\nread_only = true\n"
+            ));
+            assert!(p.iter().any(|p| p.key == "services.HMI.modbus"), "{p:?}");
+        }
     }
 
     #[test]

@@ -142,6 +142,33 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: Connecti
         Kind::Tcp(target) => {
             rec.target = Some(target.to_string());
             match connect(svc, target).await {
+                Ok(Local::Tcp(tcp, addr)) if svc.modbus.is_some() => {
+                    rec.address = Some(addr.to_string());
+                    start(&gw, &rec);
+                    pump(
+                        modbus_filter(&gw, svc, &rec, tcp),
+                        stream,
+                        &bw_to,
+                        &bw_from,
+                        svc.idle_timeout,
+                        &counted,
+                        consent::withdrawn(&gw),
+                    )
+                    .await
+                }
+                Ok(Local::Unix(sock)) if svc.modbus.is_some() => {
+                    start(&gw, &rec);
+                    pump(
+                        modbus_filter(&gw, svc, &rec, sock),
+                        stream,
+                        &bw_to,
+                        &bw_from,
+                        svc.idle_timeout,
+                        &counted,
+                        consent::withdrawn(&gw),
+                    )
+                    .await
+                }
                 Ok(Local::Tcp(tcp, addr)) => {
                     rec.address = Some(addr.to_string());
                     start(&gw, &rec);
@@ -218,6 +245,29 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: Connecti
         }
         .duration(started.elapsed()),
     );
+}
+
+/// A read-only Modbus rule's filter in front of the device ([`crate::modbus`]); refused
+/// requests go to the audit trail as `request` records of this connection.
+fn modbus_filter<T>(
+    gw: &Arc<Gateway>,
+    svc: &crate::config::Service,
+    rec: &Record,
+    device: T,
+) -> tokio::io::DuplexStream
+where
+    T: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let policy = Arc::new(svc.modbus.clone().unwrap_or_default());
+    let gw = gw.clone();
+    crate::modbus::filter(
+        device,
+        policy,
+        crate::modbus::Audited {
+            record: Box::new(move |r| gw.audit.record(r)),
+            conn: rec.clone(),
+        },
+    )
 }
 
 /// The connection is up: count it (`handle` counts it down when it ends) and record it.

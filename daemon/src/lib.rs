@@ -34,6 +34,7 @@ pub mod hmi;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod modbus;
 pub mod notify;
 pub mod rules;
 pub mod service;

@@ -555,6 +555,38 @@ pub fn echo_works(port: u16, msg: &[u8]) -> bool {
     false
 }
 
+/// A Python venv under target/NAME holding the packages pinned in `requirements` (a path in
+/// the workspace), made once per test process, and again only when the pins change. Needs
+/// python3 with venv and pip (Debian: python3-venv) and the PyPI registry on first use.
+pub fn python_venv(name: &str, requirements: &str) -> PathBuf {
+    static MADE: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, v)) = made.iter().find(|(n, _)| n == name) {
+        return v.clone();
+    }
+    let pins = workspace().join(requirements);
+    let wanted = std::fs::read_to_string(&pins).unwrap();
+    let venv = workspace().join("target").join(name);
+    let stamp = venv.join("culvert-requirements.txt");
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+        let python = require_tool("python3", "python3 and python3-venv");
+        let _ = std::fs::remove_dir_all(&venv);
+        run_ok(
+            "python3 -m venv (Debian: apt-get install python3-venv)",
+            Command::new(python).args(["-m", "venv"]).arg(&venv),
+        );
+        run_ok(
+            &format!("pip install -r {requirements} (the PyPI registry must answer)"),
+            Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+                .arg(&pins),
+        );
+        std::fs::write(&stamp, &wanted).unwrap();
+    }
+    made.push((name.to_owned(), venv.clone()));
+    venv
+}
+
 pub fn random_bytes(n: usize) -> Vec<u8> {
     let mut v = vec![0u8; n];
     rand::fill(&mut v[..]);

@@ -17,38 +17,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Mutex;
 
 use culvert_e2e::*;
 
-/// The venv holding the pinned aws CLI and boto3, made (or remade when the pins change) once.
+/// The venv holding the pinned aws CLI and boto3.
 fn aws_venv() -> PathBuf {
-    static MADE: Mutex<Option<PathBuf>> = Mutex::new(None);
-    let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(v) = made.as_ref() {
-        return v.clone();
-    }
-    let pins = workspace().join("tests/aws/requirements.txt");
-    let wanted = std::fs::read_to_string(&pins).unwrap();
-    let venv = workspace().join("target/aws-venv");
-    let stamp = venv.join("culvert-requirements.txt");
-    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
-        let python = require_tool("python3", "python3 and python3-venv");
-        let _ = std::fs::remove_dir_all(&venv);
-        run_ok(
-            "python3 -m venv (Debian: apt-get install python3-venv)",
-            Command::new(python).args(["-m", "venv"]).arg(&venv),
-        );
-        run_ok(
-            "pip install -r tests/aws/requirements.txt (the PyPI registry must answer)",
-            Command::new(venv.join("bin/pip"))
-                .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
-                .arg(&pins),
-        );
-        std::fs::write(&stamp, &wanted).unwrap();
-    }
-    *made = Some(venv.clone());
-    venv
+    python_venv("aws-venv", "tests/aws/requirements.txt")
 }
 
 /// What the dev relay's `client.env` exports.
