@@ -121,80 +121,37 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: Connecti
             return refuse(rec, refusal, stream).await;
         }
     }
-    let bw_to: Vec<Arc<Bandwidth>> = [&tl.to_target, &rl.to_target]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
-    let bw_from: Vec<Arc<Bandwidth>> = [&tl.from_target, &rl.from_target]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
     // One statement each: get_or_create hands out a lock guard, and a second call while the
     // first guard lives would wait for itself.
     let to_target = Metrics::label("direction", "to_target");
     let from_target = Metrics::label("direction", "from_target");
     let to_counter = gw.metrics.bytes.get_or_create(&to_target).clone();
     let from_counter = gw.metrics.bytes.get_or_create(&from_target).clone();
-    let counted = (to_counter, from_counter);
+    let carrying = Carrying {
+        to: [&tl.to_target, &rl.to_target]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect(),
+        from: [&tl.from_target, &rl.from_target]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect(),
+        counted: (to_counter, from_counter),
+    };
     let outcome = match &svc.kind {
         Kind::Tcp(target) => {
             rec.target = Some(target.to_string());
             match connect(svc, target).await {
-                Ok(Local::Tcp(tcp, addr)) if svc.modbus.is_some() => {
-                    rec.address = Some(addr.to_string());
-                    start(&gw, &rec);
-                    pump(
-                        modbus_filter(&gw, svc, &rec, tcp),
-                        stream,
-                        &bw_to,
-                        &bw_from,
-                        svc.idle_timeout,
-                        &counted,
-                        consent::withdrawn(&gw),
-                    )
-                    .await
-                }
-                Ok(Local::Unix(sock)) if svc.modbus.is_some() => {
-                    start(&gw, &rec);
-                    pump(
-                        modbus_filter(&gw, svc, &rec, sock),
-                        stream,
-                        &bw_to,
-                        &bw_from,
-                        svc.idle_timeout,
-                        &counted,
-                        consent::withdrawn(&gw),
-                    )
-                    .await
-                }
                 Ok(Local::Tcp(tcp, addr)) => {
                     rec.address = Some(addr.to_string());
                     start(&gw, &rec);
-                    pump(
-                        tcp,
-                        stream,
-                        &bw_to,
-                        &bw_from,
-                        svc.idle_timeout,
-                        &counted,
-                        consent::withdrawn(&gw),
-                    )
-                    .await
+                    carrying.carry(&gw, svc, &rec, tcp, stream).await
                 }
                 Ok(Local::Unix(sock)) => {
                     start(&gw, &rec);
-                    pump(
-                        sock,
-                        stream,
-                        &bw_to,
-                        &bw_from,
-                        svc.idle_timeout,
-                        &counted,
-                        consent::withdrawn(&gw),
-                    )
-                    .await
+                    carrying.carry(&gw, svc, &rec, sock, stream).await
                 }
                 Err(r) => return refuse(rec, r, stream).await,
             }
@@ -206,16 +163,7 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: Connecti
             let local =
                 crate::http::serve(gw.clone(), svc.clone(), http.clone(), rec.clone(), relay_ip);
             start(&gw, &rec);
-            pump(
-                local,
-                stream,
-                &bw_to,
-                &bw_from,
-                svc.idle_timeout,
-                &counted,
-                consent::withdrawn(&gw),
-            )
-            .await
+            carrying.carry(&gw, svc, &rec, local, stream).await
         }
         #[cfg(not(feature = "http"))]
         Kind::Http(_) => {
@@ -247,27 +195,45 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: Connecti
     );
 }
 
-/// A read-only Modbus rule's filter in front of the device ([`crate::modbus`]); refused
-/// requests go to the audit trail as `request` records of this connection.
-fn modbus_filter<T>(
-    gw: &Arc<Gateway>,
-    svc: &crate::config::Service,
-    rec: &Record,
-    device: T,
-) -> tokio::io::DuplexStream
-where
-    T: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let policy = Arc::new(svc.modbus.clone().unwrap_or_default());
-    let gw = gw.clone();
-    crate::modbus::filter(
-        device,
-        policy,
-        crate::modbus::Audited {
-            record: Box::new(move |r| gw.audit.record(r)),
-            conn: rec.clone(),
-        },
-    )
+/// What a started connection is carried under: its bandwidth limits each way and the
+/// gateway's byte counters.
+struct Carrying {
+    to: Vec<Arc<Bandwidth>>,
+    from: Vec<Arc<Bandwidth>>,
+    counted: (Counter, Counter),
+}
+
+impl Carrying {
+    /// Carry bytes between `local` and the tunnel connection ([`pump`]) until either ends,
+    /// through the rule's read-only Modbus filter when it has one ([`crate::modbus`]; refused
+    /// requests go to the audit trail as `request` records of this connection).
+    async fn carry<L>(
+        &self,
+        gw: &Arc<Gateway>,
+        svc: &crate::config::Service,
+        rec: &Record,
+        local: L,
+        stream: Connection,
+    ) -> Outcome
+    where
+        L: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let stop = consent::withdrawn(gw);
+        let (to, from, idle) = (&self.to[..], &self.from[..], svc.idle_timeout);
+        let Some(policy) = &svc.modbus else {
+            return pump(local, stream, to, from, idle, &self.counted, stop).await;
+        };
+        let gw = gw.clone();
+        let filtered = crate::modbus::filter(
+            local,
+            Arc::new(policy.clone()),
+            crate::modbus::Audited {
+                record: Box::new(move |r| gw.audit.record(r)),
+                conn: rec.clone(),
+            },
+        );
+        pump(filtered, stream, to, from, idle, &self.counted, stop).await
+    }
 }
 
 /// The connection is up: count it (`handle` counts it down when it ends) and record it.

@@ -555,6 +555,59 @@ pub fn echo_works(port: u16, msg: &[u8]) -> bool {
     false
 }
 
+/// An interactive ssh session to a far side that answers every line typed with
+/// "robot says <line>".
+pub struct SshSession {
+    child: std::process::Child,
+    typed: std::process::ChildStdin,
+    answers: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl SshSession {
+    /// `ssh` with its options and destination; the far side's command is added here.
+    pub fn start(ssh: &mut Command) -> SshSession {
+        let mut child = ssh
+            .arg("while read l; do echo \"robot says $l\"; done")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let typed = child.stdin.take().unwrap();
+        let answers = BufReader::new(child.stdout.take().unwrap()).lines();
+        SshSession {
+            child,
+            typed,
+            answers,
+        }
+    }
+
+    /// Type a line (its answer is read by [`SshSession::answer`]).
+    pub fn type_line(&mut self, line: &str) {
+        writeln!(self.typed, "{line}").unwrap();
+    }
+
+    /// Read the answer to `line`, typed earlier.
+    pub fn answer(&mut self, line: &str) {
+        let got = self.answers.next().expect("the session ended").unwrap();
+        assert_eq!(got, format!("robot says {line}"));
+    }
+
+    /// Type a line and read its answer.
+    pub fn exchange(&mut self, line: &str) {
+        self.type_line(line);
+        self.answer(line);
+    }
+
+    pub fn end(self) {
+        let SshSession {
+            mut child, typed, ..
+        } = self;
+        drop(typed);
+        let _ = child.wait();
+    }
+}
+
 /// A Python venv under target/NAME holding the packages pinned in `requirements` (a path in
 /// the workspace), made once per test process, and again only when the pins change. Needs
 /// python3 with venv and pip (Debian: python3-venv) and the PyPI registry on first use.

@@ -1,53 +1,9 @@
 //! A real OpenSSH server reached with the real ssh and scp clients through the whole path:
 //! culvert connect → culvert-relay → culvertd → sshd.
 
-use std::io::{BufRead, BufReader, Lines, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use culvert_e2e::*;
-
-/// An interactive ssh session to a far side that answers every line typed with
-/// "robot says <line>".
-struct Session {
-    child: Child,
-    typed: ChildStdin,
-    answers: Lines<BufReader<ChildStdout>>,
-}
-
-impl Session {
-    /// `ssh` with its options and destination; the far side's command is added here.
-    fn start(ssh: &mut Command) -> Session {
-        let mut child = ssh
-            .arg("while read l; do echo \"robot says $l\"; done")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let typed = child.stdin.take().unwrap();
-        let answers = BufReader::new(child.stdout.take().unwrap()).lines();
-        Session {
-            child,
-            typed,
-            answers,
-        }
-    }
-
-    /// Type a line and read its answer.
-    fn exchange(&mut self, line: &str) {
-        writeln!(self.typed, "{line}").unwrap();
-        let got = self.answers.next().expect("the session ended").unwrap();
-        assert_eq!(got, format!("robot says {line}"));
-    }
-
-    fn end(self) {
-        let Session {
-            mut child, typed, ..
-        } = self;
-        drop(typed);
-        let _ = child.wait();
-    }
-}
 
 #[test]
 fn ssh_command_and_50_mb_scp_through_the_tunnel() {
@@ -118,7 +74,7 @@ fn an_ssh_session_and_a_200_mb_scp_survive_a_relay_restart(name: &str, signal: &
     let mut cmd = Command::new(&ssh);
     cmd.args(sshd.client_opts())
         .args(["-T", "-p", &port, &target]);
-    let mut session = Session::start(&mut cmd);
+    let mut session = SshSession::start(&mut cmd);
     session.exchange("status");
 
     let data = numbered_mibs(200);
@@ -200,7 +156,7 @@ fn an_ssh_session_through_the_stdio_proxy_survives_a_relay_crash() {
         .env("CULVERT_CA", &relay.ca)
         .env("CULVERT_ACCESS_TOKEN", &t.source)
         .env("RUST_LOG", "info");
-    let mut session = Session::start(&mut cmd);
+    let mut session = SshSession::start(&mut cmd);
     session.exchange("status");
     let addr = relay.addr;
     let mut relay = relay;

@@ -18,7 +18,7 @@
 //! Needs root (namespaces, TUN devices), iproute2, and OpenSSH (server and client); fails
 //! saying so otherwise.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, TcpStream};
 use std::process::Stdio;
 use std::sync::atomic::Ordering;
@@ -143,29 +143,13 @@ fn a_20_s_black_hole_under_ssh_scp_and_a_telnet_session_goes_unnoticed() {
     ];
 
     // The interactive session: every line typed comes back as "robot says <line>".
-    let mut session = wan
-        .exec(&op, &ssh)
-        .args(sshd.client_opts())
-        .args(alive)
-        .args(["-p", &ssh_port, &target])
-        .arg("while read l; do echo \"robot says $l\"; done")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut typed = session.stdin.take().unwrap();
-    let mut answers = BufReader::new(session.stdout.take().unwrap()).lines();
-    let mut exchange = |lines: &[&str]| {
-        for l in lines {
-            writeln!(typed, "{l}").unwrap();
-        }
-        for l in lines {
-            let got = answers.next().expect("the ssh session ended").unwrap();
-            assert_eq!(got, format!("robot says {l}"));
-        }
-    };
-    exchange(&["before the outage"]);
+    let mut session = SshSession::start(
+        wan.exec(&op, &ssh)
+            .args(sshd.client_opts())
+            .args(alive)
+            .args(["-p", &ssh_port, &target]),
+    );
+    session.exchange("before the outage");
     let mut telnet = Wan::within(&op, move || connect_local(telnet_port));
     telnet
         .set_read_timeout(Some(Duration::from_secs(120)))
@@ -196,7 +180,10 @@ fn a_20_s_black_hole_under_ssh_scp_and_a_telnet_session_goes_unnoticed() {
     // Typed during the outage: they wait, and arrive.
     let mut telnet_w = telnet.try_clone().unwrap();
     telnet_w.write_all(b"typed during the outage\r\n").unwrap();
-    exchange(&["typed during the outage", "and another line"]);
+    session.type_line("typed during the outage");
+    session.type_line("and another line");
+    session.answer("typed during the outage");
+    session.answer("and another line");
     let mut got = vec![0u8; "typed during the outage\r\n".len()];
     telnet
         .read_exact(&mut got)
@@ -217,7 +204,7 @@ fn a_20_s_black_hole_under_ssh_scp_and_a_telnet_session_goes_unnoticed() {
     let _ = std::fs::remove_file(&dst);
 
     // Everything carries on, on the connections it had.
-    exchange(&["after the outage"]);
+    session.exchange("after the outage");
     echo_line(&mut telnet, "AS terminal: HERE #1\r\n");
     assert_eq!(
         accepted.load(Ordering::SeqCst),
@@ -237,7 +224,6 @@ fn a_20_s_black_hole_under_ssh_scp_and_a_telnet_session_goes_unnoticed() {
             "{name} should ride out a 20 s outage on its connection:\n{log}"
         );
     }
-    drop(typed);
-    let _ = session.wait();
+    session.end();
     drop(path);
 }
