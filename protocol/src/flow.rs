@@ -1168,7 +1168,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(512))]
+            #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(512)))]
             #[test]
             fn credit_keeps_its_invariants(
                 ca in config(),

@@ -208,6 +208,17 @@ pub fn new_client_token() -> String {
     )
 }
 
+/// Cases for a property test: `default`, or `PROPTEST_CASES` when set (scripts/arm64 runs
+/// fewer under emulation, where the full count takes minutes and checks the same logic the
+/// native run checks in full).
+#[cfg(test)]
+pub(crate) fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2471,7 +2471,7 @@ mod tests {
             }
 
             proptest! {
-                #![proptest_config(ProptestConfig::with_cases(64))]
+                #![proptest_config(ProptestConfig::with_cases(crate::proptest_cases(64)))]
                 #[test]
                 fn a_dropped_link_loses_nor_repeats_a_byte(ops in proptest::collection::vec(op(), 0..120)) {
                     let mut w = World::new();
