@@ -555,6 +555,15 @@ pub fn echo_works(port: u16, msg: &[u8]) -> bool {
     false
 }
 
+/// One typed line and its echo, on a connection to an echo target that stays open.
+pub fn type_line(s: &mut TcpStream, line: &str) {
+    s.write_all(line.as_bytes()).unwrap();
+    let mut got = vec![0u8; line.len()];
+    s.read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("the echo of {line:?} did not come back: {e}"));
+    assert_eq!(String::from_utf8_lossy(&got), line);
+}
+
 /// An interactive ssh session to a far side that answers every line typed with
 /// "robot says <line>".
 pub struct SshSession {

@@ -6,7 +6,7 @@
 //! localproxy's side of this is in `localproxy.rs`.)
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -34,15 +34,6 @@ fn counting_echo() -> (SocketAddr, Arc<AtomicUsize>) {
         }
     });
     (addr, count)
-}
-
-/// One typed line and its echo, on a connection that stays open.
-fn type_line(s: &mut TcpStream, line: &str) {
-    s.write_all(line.as_bytes()).unwrap();
-    let mut got = vec![0u8; line.len()];
-    s.read_exact(&mut got)
-        .unwrap_or_else(|e| panic!("the echo of {line:?} did not come back: {e}"));
-    assert_eq!(String::from_utf8_lossy(&got), line);
 }
 
 /// Open connections carry on across a relay restart: what was typed before, during and
