@@ -363,8 +363,9 @@ pub struct Service {
     pub connect_timeout: Duration,
     /// Close a connection that carried no byte either way for this long.
     pub idle_timeout: Option<Duration>,
-    /// A read-only Modbus/TCP rule: what its requests may do ([`crate::modbus`]).
-    pub modbus: Option<crate::modbus::Policy>,
+    /// A read-only Modbus/TCP rule: what its requests may do ([`crate::modbus`]), shared
+    /// by its connections' filters.
+    pub modbus: Option<std::sync::Arc<crate::modbus::Policy>>,
 }
 
 /// How the process itself runs (`[daemon]`).
@@ -1335,7 +1336,9 @@ impl Validator<'_> {
                 );
                 None
             }
-            Some(m) => self.modbus(&format!("{key}.modbus"), m),
+            Some(m) => self
+                .modbus(&format!("{key}.modbus"), m)
+                .map(std::sync::Arc::new),
         };
         Some(Service {
             name: name.to_owned(),
@@ -1688,8 +1691,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            cfg.services["PLC"].modbus,
-            Some(crate::modbus::Policy {
+            cfg.services["PLC"].modbus.as_deref(),
+            Some(&crate::modbus::Policy {
                 units: vec![1, 247],
                 ranges: vec![(0, 99), (400, 400)],
             })

@@ -226,7 +226,7 @@ impl Carrying {
         let gw = gw.clone();
         let filtered = crate::modbus::filter(
             local,
-            Arc::new(policy.clone()),
+            policy.clone(),
             crate::modbus::Audited {
                 record: Box::new(move |r| gw.audit.record(r)),
                 conn: rec.clone(),

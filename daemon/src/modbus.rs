@@ -472,4 +472,32 @@ mod tests {
         assert_eq!(lines[0]["method"], "modbus 6 (write single register)");
         assert_eq!(lines[1]["reason"], "rejected");
     }
+
+    /// A device that answers with something other than Modbus/TCP: nothing of it reaches the
+    /// operator, and the connection ends.
+    #[tokio::test]
+    async fn a_device_that_is_not_modbus_ends_the_connection_unforwarded() {
+        let (device, mut other) = tokio::io::duplex(4096);
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            let _ = other.read(&mut buf).await;
+            let _ = other.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+            let _ = other.read(&mut buf).await; // stays open until the filter lets go
+        });
+        let mut tunnel = filter(
+            device,
+            Arc::new(Policy::default()),
+            Audited {
+                record: Box::new(|_| {}),
+                conn: Record::default(),
+            },
+        );
+        tunnel
+            .write_all(&req(1, 1, &[3, 0, 0, 0, 1]))
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        tunnel.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+    }
 }
