@@ -1,7 +1,8 @@
 //! `culvert connect`: the source-side local proxy.
 //!
 //! Listens on local ports mapped to the tunnel's services (`-s SSH=5555,HMI=8080`), carries each
-//! accepted connection through the tunnel (many at once per service with the V3 format), and
+//! accepted connection through the tunnel (many at once per service with the V3 format; a
+//! `udp:PORT` mapping carries UDP flows instead, [`crate::udp`]), and
 //! keeps the relay session up: when it drops, reconnect with the same access token and client
 //! token, with exponential backoff. The listeners stay bound across reconnects, so
 //! `ssh -p 5555 localhost` keeps working once the relay is back. A 4xx from the relay (token
@@ -28,7 +29,7 @@ use culvert_protocol::ext::Extensions;
 use culvert_protocol::mux::Mux;
 use culvert_protocol::session::{self, SessionConfig, SessionHandle};
 use culvert_protocol::{Format, Mode};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -49,18 +50,26 @@ const FLOW_CONTROL_WAIT: Duration = Duration::from_secs(2);
 pub struct Mapping {
     pub service: Option<String>,
     pub port: u16,
+    /// A UDP port (`udp:PORT`), for a gateway rule with a udp target.
+    pub udp: bool,
 }
 
-/// Parse `SSH=5555,HMI=8080` (or a bare `5555` for a one-service tunnel).
+/// Parse `SSH=5555,HMI=8080,DNS=udp:5353` (or a bare `5555` for a one-service tunnel).
 pub fn parse_mappings(s: &str) -> Result<Vec<Mapping>, String> {
-    let usage = "-s SERVICE=PORT[,SERVICE=PORT…]";
-    let pairs = service_pairs(s, "port", usage, |port| {
-        port.parse::<u16>()
-            .map_err(|_| format!("{port:?} is not a port number (0 picks a free one)"))
+    let usage = "-s SERVICE=PORT[,SERVICE=PORT…] (udp:PORT for a UDP service)";
+    let pairs = service_pairs(s, "port", usage, |v| {
+        let (udp, port) = match v.strip_prefix("udp:") {
+            Some(p) => (true, p),
+            None => (false, v),
+        };
+        let port = port.parse::<u16>().map_err(|_| {
+            format!("{port:?} is not a port number (0 picks a free one; udp:PORT for UDP)")
+        })?;
+        Ok((udp, port))
     })?;
     Ok(pairs
         .into_iter()
-        .map(|(service, port)| Mapping { service, port })
+        .map(|(service, (udp, port))| Mapping { service, port, udp })
         .collect())
 }
 
@@ -203,11 +212,16 @@ pub struct ConnectArgs {
     /// How long open connections wait for a dropped tunnel to come back (`None`: they end
     /// with it).
     pub resume_hold: Option<Duration>,
+    /// A UDP flow that carried no datagram either way for this long ends.
+    pub udp_idle: Duration,
 }
+
+/// How long a UDP flow lives without a datagram by default: as long as culvertd keeps one.
+pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(60);
 
 /// The relay session, as the local connections see it.
 #[derive(Clone)]
-enum Relay {
+pub(crate) enum Relay {
     Up(SessionHandle),
     /// The session ended and the first attempt to reconnect is under way: a relay restart
     /// usually ends here, so new connections wait for it.
@@ -276,11 +290,23 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
     let mut listeners = Vec::new();
     if let Local::Listen { mappings, bind } = &args.local {
         for m in mappings {
-            let listener = TcpListener::bind((bind.as_str(), m.port))
-                .await
-                .map_err(|e| {
-                    ConnectError::Fatal(format!("cannot listen on {bind}:{}: {e}", m.port))
-                })?;
+            let cannot = |e: std::io::Error| {
+                let udp = if m.udp { "udp " } else { "" };
+                ConnectError::Fatal(format!("cannot listen on {udp}{bind}:{}: {e}", m.port))
+            };
+            let listener = if m.udp {
+                Listener::Udp(
+                    UdpSocket::bind((bind.as_str(), m.port))
+                        .await
+                        .map_err(cannot)?,
+                )
+            } else {
+                Listener::Tcp(
+                    TcpListener::bind((bind.as_str(), m.port))
+                        .await
+                        .map_err(cannot)?,
+                )
+            };
             listeners.push((listener, m.service.clone()));
         }
     }
@@ -374,6 +400,7 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
             Local::Stdio { service } => vec![Mapping {
                 service: Some(service.clone()),
                 port: 0,
+                udp: false,
             }],
             Local::Destination { .. } => unreachable!("served above"),
         };
@@ -397,21 +424,38 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
         state_tx.send_replace(Relay::Up(handle.clone()));
         // Ready: the relay took the token and the services are there.
         for (listener, service) in listeners.take().into_iter().flatten() {
-            let addr = listener
-                .local_addr()
-                .map_err(|e| ConnectError::Fatal(e.to_string()))?;
             let name = service
                 .clone()
                 .unwrap_or_else(|| "(the tunnel's service)".into());
-            println!("culvert: service {name} listening on {addr}");
-            tokio::spawn(accept_loop(
-                listener,
-                service,
-                v1_service.clone(),
-                state.clone(),
-                limit.clone(),
-                shutdown.clone(),
-            ));
+            let local_addr =
+                |a: std::io::Result<SocketAddr>| a.map_err(|e| ConnectError::Fatal(e.to_string()));
+            match listener {
+                Listener::Tcp(listener) => {
+                    let addr = local_addr(listener.local_addr())?;
+                    println!("culvert: service {name} listening on {addr}");
+                    tokio::spawn(accept_loop(
+                        listener,
+                        service,
+                        v1_service.clone(),
+                        state.clone(),
+                        limit.clone(),
+                        shutdown.clone(),
+                    ));
+                }
+                Listener::Udp(socket) => {
+                    let addr = local_addr(socket.local_addr())?;
+                    println!("culvert: service {name} listening on udp {addr}");
+                    let port = crate::udp::Port {
+                        socket: Arc::new(socket),
+                        service,
+                        v1_service: v1_service.clone(),
+                        current: state.clone(),
+                        limit: limit.clone(),
+                        idle: args.udp_idle,
+                    };
+                    tokio::spawn(crate::udp::serve(port, shutdown.clone()));
+                }
+            }
         }
         match wait_for_link_down(&handle, &shutdown).await {
             Some(true) => held = Some(handle),
@@ -420,6 +464,12 @@ pub async fn run(args: ConnectArgs, shutdown: CancellationToken) -> Result<(), C
         }
         state_tx.send_replace(Relay::Reconnecting);
     }
+}
+
+/// A bound local port of a `-s` mapping.
+enum Listener {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
 }
 
 /// The session settings of this end: connections held for `resume_hold` when the tunnel
@@ -730,13 +780,13 @@ async fn accept_loop(
     }
 }
 
-async fn carry(
-    tcp: TcpStream,
+/// The session a new local connection (or UDP flow) from `peer` goes into: the live one, the
+/// one a reconnect in its first attempt brings (waited for, at most [`WAIT_FOR_SESSION`]), or
+/// none when the relay is unreachable (logged).
+pub(crate) async fn session_for(
     peer: SocketAddr,
-    service: Option<String>,
-    v1: Arc<OnceLock<String>>,
     mut current: watch::Receiver<Relay>,
-) {
+) -> Option<SessionHandle> {
     // A live session, a reconnect to wait for, or an unreachable relay.
     let settled = |r: &Relay| match r {
         Relay::Up(h) => h.ended().is_none(),
@@ -748,16 +798,28 @@ async fn carry(
         Ok(Ok(r)) => r.clone(),
         _ => Relay::Reconnecting,
     };
-    let handle = match state {
-        Relay::Up(h) => h,
+    match state {
+        Relay::Up(h) => Some(h),
         Relay::Unreachable => {
             warn!(%peer, "the relay is unreachable (culvert connect keeps retrying); connection closed");
-            return;
+            None
         }
         Relay::Reconnecting => {
             warn!(%peer, waited = ?started.elapsed(), "no relay session yet (culvert connect keeps retrying); connection closed");
-            return;
+            None
         }
+    }
+}
+
+async fn carry(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    service: Option<String>,
+    v1: Arc<OnceLock<String>>,
+    current: watch::Receiver<Relay>,
+) {
+    let Some(handle) = session_for(peer, current).await else {
+        return;
     };
     let Some(service) = service.or_else(|| v1.get().cloned()) else {
         return;
@@ -786,13 +848,23 @@ mod tests {
             vec![
                 Mapping {
                     service: Some("SSH".into()),
-                    port: 5555
+                    port: 5555,
+                    udp: false,
                 },
                 Mapping {
                     service: Some("HMI".into()),
-                    port: 0
+                    port: 0,
+                    udp: false,
                 }
             ]
+        );
+        let dns = &parse_mappings("DNS=udp:5353").unwrap()[0];
+        assert!(dns.udp && dns.port == 5353, "{dns:?}");
+        assert!(parse_mappings("udp:53").unwrap()[0].udp);
+        assert!(
+            parse_mappings("DNS=udp:x")
+                .unwrap_err()
+                .contains("udp:PORT")
         );
         assert_eq!(parse_mappings("5555").unwrap()[0].service, None);
         assert!(parse_mappings("SSH=x").unwrap_err().contains("not a port"));

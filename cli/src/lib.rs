@@ -8,7 +8,8 @@
 //! - [`output`]: terminal-safe human output and `--json`.
 //! - [`connect`]: `culvert connect`, the source-side local proxy (listen on local ports, carry
 //!   each connection through the tunnel, reconnect with the client token when the relay drops),
-//!   or one connection over stdin and stdout (`--stdio`, ssh's ProxyCommand).
+//!   or one connection over stdin and stdout (`--stdio`, ssh's ProxyCommand); [`udp`]: its
+//!   UDP ports (`-s DNS=udp:5353`), a tunnel connection per client flow.
 //! - [`reach`]: `culvert ssh` and `culvert open`, one command to a device: a tunnel of their
 //!   own, opened, waited for, carried and closed.
 //!
@@ -20,6 +21,7 @@
 
 pub mod api;
 pub mod connect;
+pub mod udp;
 
 // Before the modules that print their output, so that they all print through it (not
 // `connect`, whose stdout may be the data: `--stdio`).

@@ -193,6 +193,9 @@ enum Command {
         /// (seconds; 0: they end with it, as against AWS's relay, which cannot resume).
         #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..=86_400))]
         resume_hold: u64,
+        /// How long a UDP flow (a udp:PORT mapping) lives without a datagram either way.
+        #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        udp_idle_secs: u64,
         /// Log level as the localproxy counts it: 0 off, 1-2 errors, 3 warnings, 4 info
         /// (default), 5 debug, 6 and up trace. Overrides RUST_LOG.
         #[arg(long, short = 'v', value_name = "LEVEL")]
@@ -819,6 +822,7 @@ fn main() -> ExitCode {
             mode,
             format,
             resume_hold,
+            udp_idle_secs,
             verbose: _,
             no_verify,
         } => {
@@ -906,6 +910,7 @@ fn main() -> ExitCode {
                 local,
                 format,
                 resume_hold: (resume_hold > 0).then(|| std::time::Duration::from_secs(resume_hold)),
+                udp_idle: std::time::Duration::from_secs(udp_idle_secs),
             };
             let rt = match culvert_protocol::session::end_runtime() {
                 Ok(rt) => rt,

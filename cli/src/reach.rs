@@ -303,11 +303,13 @@ pub fn open(
                 .map(|s| Mapping {
                     service: Some(s.clone()),
                     port: local.unwrap_or(0),
+                    udp: false,
                 })
                 .collect(),
             bind,
         },
         resume_hold: Some(culvert_protocol::session::DEFAULT_RESUME_HOLD),
+        udp_idle: connect::DEFAULT_UDP_IDLE,
         format: None,
     };
     let rt =

@@ -47,6 +47,10 @@ use crate::acl::{self, Policy};
 
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A UDP flow that carried no datagram either way for this long ends (UDP has no close): as
+/// long as `culvert connect` keeps a flow by default, and between Linux conntrack's 30 s for a
+/// one-way flow and its 120 s for a stream.
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Ports of the gateway itself that no rule reaches unless one allows them explicitly.
 const DEFAULT_MANAGEMENT_PORTS: &[u16] = &[22];
@@ -194,11 +198,14 @@ impl std::fmt::Debug for MqttConfig {
     }
 }
 
-/// Where a tcp service's connections go.
+/// Where a forwarding rule's connections go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
     /// `host:port`; the host may be a name, resolved (and checked) at connect time.
     Tcp(HostPort),
+    /// `udp:host:port`: each tunnel connection is one UDP flow, its datagrams framed in the
+    /// stream ([`culvert_protocol::datagram`]) and sent from a socket connected to the target.
+    Udp(HostPort),
     /// A Unix stream socket.
     Unix(PathBuf),
 }
@@ -265,6 +272,7 @@ impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Target::Tcp(hp) => hp.fmt(f),
+            Target::Udp(hp) => write!(f, "udp:{hp}"),
             Target::Unix(p) => write!(f, "unix:{}", p.display()),
         }
     }
@@ -278,9 +286,12 @@ impl Target {
         if s.starts_with('/') {
             return Target::unix(s);
         }
+        if let Some(hp) = s.strip_prefix("udp:") {
+            return HostPort::parse(hp).map(Target::Udp);
+        }
         HostPort::parse(s)
             .map(Target::Tcp)
-            .map_err(|e| format!("{e}, or unix:/path for a socket"))
+            .map_err(|e| format!("{e}, udp:host:port for UDP, or unix:/path for a socket"))
     }
 
     fn unix(p: &str) -> Result<Target, String> {
@@ -349,7 +360,9 @@ pub struct HttpService {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Kind {
-    Tcp(Target),
+    /// Every connection goes to one target (`target = ...`).
+    Forward(Target),
+    /// HTTP requests go by their Host and path (`routes = [...]`).
     Http(HttpService),
 }
 
@@ -1284,10 +1297,10 @@ impl Validator<'_> {
                 }
                 match Target::parse(t.get_ref()) {
                     Ok(target) => {
-                        if let Target::Tcp(hp) = &target {
+                        if let Target::Tcp(hp) | Target::Udp(hp) = &target {
                             self.check_literal(t.span(), &format!("{key}.target"), hp, &policy);
                         }
-                        Kind::Tcp(target)
+                        Kind::Forward(target)
                     }
                     Err(m) => {
                         self.push(t.span(), format!("{key}.target"), m);
@@ -1326,13 +1339,14 @@ impl Validator<'_> {
                 return None;
             }
         };
+        let udp = matches!(kind, Kind::Forward(Target::Udp(_)));
         let modbus = match svc.modbus {
             None => None,
-            Some(m) if matches!(kind, Kind::Http(_)) => {
+            Some(m) if matches!(kind, Kind::Http(_)) || udp => {
                 self.push(
                     m.span(),
                     format!("{key}.modbus"),
-                    "a Modbus filter needs a tcp target, not routes",
+                    "a Modbus filter needs a tcp target (Modbus/TCP), not routes or udp",
                 );
                 None
             }
@@ -1346,7 +1360,7 @@ impl Validator<'_> {
             policy,
             limits,
             connect_timeout,
-            idle_timeout,
+            idle_timeout: idle_timeout.or(udp.then_some(DEFAULT_UDP_IDLE_TIMEOUT)),
             modbus,
         })
     }
@@ -1645,6 +1659,46 @@ mod tests {
         let scoped = Target::parse("[fe80::1%eth0]:22").unwrap();
         assert_eq!(scoped.to_string(), "[fe80::1%eth0]:22");
         assert!(Target::parse("unix:relative").is_err());
+        let udp = Target::parse("udp:[fd00::5]:161").unwrap();
+        assert_eq!(
+            udp,
+            Target::Udp(HostPort {
+                host: "fd00::5".into(),
+                port: 161
+            })
+        );
+        assert_eq!(udp.to_string(), "udp:[fd00::5]:161");
+        assert!(
+            Target::parse("udp:dns")
+                .unwrap_err()
+                .contains("needs a port")
+        );
+    }
+
+    #[test]
+    fn udp_rules_have_an_idle_timeout_and_no_modbus_filter() {
+        let dns = "[services.DNS]\ntarget = \"udp:127.0.0.1:53\"\n";
+        let cfg = parse(&format!("{ALLOW}{dns}"), Path::new(".")).unwrap();
+        assert_eq!(
+            cfg.services["DNS"].idle_timeout,
+            Some(DEFAULT_UDP_IDLE_TIMEOUT)
+        );
+        let cfg = parse(
+            &format!("{ALLOW}{dns}idle_timeout_secs = 5\n"),
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.services["DNS"].idle_timeout,
+            Some(Duration::from_secs(5))
+        );
+        let p = problems(&format!(
+            "{ALLOW}{dns}[services.DNS.modbus]\nread_only = true\n"
+        ));
+        assert!(p.iter().any(|p| p.key == "services.DNS.modbus"), "{p:?}");
+        // The ACL applies to udp targets as to tcp ones.
+        let p = problems("[services.DNS]\ntarget = \"udp:192.0.2.1:53\"\n");
+        assert!(p.iter().any(|p| p.key == "services.DNS.target"), "{p:?}");
     }
 
     #[test]

@@ -141,13 +141,19 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: Connecti
         counted: (to_counter, from_counter),
     };
     let outcome = match &svc.kind {
-        Kind::Tcp(target) => {
+        Kind::Forward(target) => {
             rec.target = Some(target.to_string());
             match connect(svc, target).await {
                 Ok(Local::Tcp(tcp, addr)) => {
                     rec.address = Some(addr.to_string());
                     start(&gw, &rec);
                     carrying.carry(&gw, svc, &rec, tcp, stream).await
+                }
+                Ok(Local::Udp(udp, addr)) => {
+                    rec.address = Some(addr.to_string());
+                    start(&gw, &rec);
+                    let flow = crate::udp::bridge(udp, rec.conn.clone());
+                    carrying.carry(&gw, svc, &rec, flow, stream).await
                 }
                 Ok(Local::Unix(sock)) => {
                     start(&gw, &rec);

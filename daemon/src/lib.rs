@@ -14,7 +14,9 @@
 //!   the client token), hand each tunnel connection to [`forward`].
 //! - [`forward`]: one connection from arrival to audit record: rule, limits, connect, pump.
 //! - [`target`]: reaching a rule's target: resolve, check every address against the ACL,
-//!   connect (tcp rules and http upstreams alike).
+//!   connect (tcp rules and http upstreams alike; a udp target's socket).
+//! - [`udp`]: a udp rule's flow: datagrams framed in the tunnel connection's stream.
+//! - [`modbus`]: a read-only Modbus/TCP rule's filter in front of its target.
 //! - `http` (feature `http`): HTTP routing by Host and path to device web UIs, pingora embedded.
 //! - [`notify`]: MQTT notifications: each one starts a destination session for its token.
 //! - [`service`]: [`run`]: serve, stop (drain, then cut after the grace period) and reload
@@ -39,6 +41,7 @@ pub mod notify;
 pub mod rules;
 pub mod service;
 pub mod target;
+pub mod udp;
 
 pub use service::{Daemon, Signal, Work, run};
 

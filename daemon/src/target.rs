@@ -1,11 +1,13 @@
 //! Reaching a rule's target: resolve its name (now, not at configuration time), check every
 //! address it resolves to against the rule's ACL, and connect to the first that answers within
-//! the rule's connect timeout. Used for tcp rules and for the upstreams of http routes.
+//! the rule's connect timeout. Used for tcp rules and for the upstreams of http routes. A udp
+//! target is resolved and checked the same way; its socket is connected to the first address
+//! (UDP sends nothing to connect, so there is nothing to wait for).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::{TcpStream, UdpSocket, UnixStream};
 
 use crate::acl;
 use crate::audit::EndReason;
@@ -31,6 +33,7 @@ impl Refusal {
 
 pub enum Local {
     Tcp(TcpStream, SocketAddr),
+    Udp(UdpSocket, SocketAddr),
     Unix(UnixStream),
 }
 
@@ -106,6 +109,24 @@ pub async fn connect(svc: &Service, target: &Target) -> Result<Local, Refusal> {
                 )),
                 Err(_) => Err(timed_out()),
             }
+        }
+        Target::Udp(hp) => {
+            let addrs = resolve(hp, svc.connect_timeout).await?;
+            check_all(svc, hp, &addrs)?;
+            let a = addrs[0];
+            let failed = |e: std::io::Error| Refusal {
+                reason: EndReason::ConnectFailed,
+                detail: format!("{target} ({a}): {e}"),
+                address: Some(a.to_string()),
+            };
+            let any: SocketAddr = if a.is_ipv4() {
+                (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let udp = UdpSocket::bind(any).await.map_err(failed)?;
+            udp.connect(a).await.map_err(failed)?;
+            Ok(Local::Udp(udp, a))
         }
         Target::Tcp(hp) => {
             let addrs = resolve(hp, svc.connect_timeout).await?;

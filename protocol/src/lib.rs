@@ -13,15 +13,18 @@
 //!   connection as an `AsyncRead + AsyncWrite` [`session::Connection`].
 //! - [`client`]: connecting to a relay (AWS's or ours) as source or destination, TLS included.
 //! - [`secret`]: the one type for credentials, never shown in `Debug` or logs.
+//! - [`datagram`]: UDP datagrams inside a tunnel connection's byte stream (a length each).
 //! - [`ext`]: which culvert extensions a session may use, negotiated in the handshake so that
 //!   AWS peers never see one; [`flow`] is the first of them: its negotiation in `mux`, its
 //!   credit arithmetic in [`flow::Credit`].
 //!
-//! The core modules (`message`, `frame`, `mux`, `flow`, `ext`, `rules`, `forward`, `secret`) are
-//! deterministic, use no I/O (`tests/core_has_no_io.rs` checks it) and are tested in memory,
-//! by property tests and by the fuzz targets; only `session` and `client` touch the runtime.
+//! The core modules (`message`, `frame`, `mux`, `flow`, `ext`, `rules`, `forward`, `secret`,
+//! `datagram`) are deterministic, use no I/O (`tests/core_has_no_io.rs` checks it) and are
+//! tested in memory, by property tests and by the fuzz targets; only `session` and `client`
+//! touch the runtime.
 
 pub mod client;
+pub mod datagram;
 pub mod ext;
 pub mod flow;
 pub mod forward;

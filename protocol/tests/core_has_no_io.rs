@@ -10,6 +10,7 @@ const CORE: &[&str] = &[
     "rules.rs",
     "forward.rs",
     "secret.rs",
+    "datagram.rs",
 ];
 
 const IO: &[&str] = &[

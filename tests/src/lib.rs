@@ -296,7 +296,8 @@ impl Relay {
         self.proxy_with(dir, token, services, &[])
     }
 
-    /// [`Relay::proxy`] with extra arguments for `culvert connect` (e.g. `--format V2`).
+    /// [`Relay::proxy`] with extra arguments for `culvert connect` (e.g. `--format V2`). A
+    /// service given as a whole mapping (`DNS=udp:0`) is passed as it is.
     pub fn proxy_with(
         &self,
         dir: &Path,
@@ -304,7 +305,13 @@ impl Relay {
         services: &[&str],
         extra: &[&str],
     ) -> (Proc, HashMap<String, u16>) {
-        let map: Vec<String> = services.iter().map(|s| format!("{s}=0")).collect();
+        let map: Vec<String> = services
+            .iter()
+            .map(|s| match s.contains('=') {
+                true => s.to_string(),
+                false => format!("{s}=0"),
+            })
+            .collect();
         let mut cmd = self.culvert();
         cmd.args(["connect", "-s", &map.join(",")])
             .args(extra)
