@@ -12,6 +12,9 @@ pub enum ApiError {
     Status { status: u16, message: String },
     #[error("cannot reach the relay API at {url}: {message}")]
     Transport { url: String, message: String },
+    /// Refused here, before asking the relay (e.g. `tunnel open --strict`).
+    #[error("{0}")]
+    Refused(String),
 }
 
 pub struct ApiClient {

@@ -360,6 +360,10 @@ enum TunnelCommand {
         /// Tag KEY=VALUE (repeatable).
         #[arg(long = "tag", value_parser = parse_tag)]
         tags: Vec<(String, String)>,
+        /// Refuse (open nothing) unless the gateway's last health report shows a rule for
+        /// every service; without it, a warning.
+        #[arg(long)]
+        strict: bool,
     },
     /// List tunnels, newest first.
     List {
@@ -785,6 +789,7 @@ fn main() -> ExitCode {
                     description,
                     reason,
                     tags,
+                    strict,
                 } => tunnel::open(
                     &api,
                     tunnel::OpenArgs {
@@ -794,6 +799,7 @@ fn main() -> ExitCode {
                         description,
                         reason,
                         tags,
+                        strict,
                     },
                     cli.json,
                 ),

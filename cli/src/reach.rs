@@ -56,6 +56,12 @@ pub fn open_tunnel<'a>(
         "culvert {purpose} by {}",
         if by.is_empty() { "-" } else { &by }
     );
+    // A service the gateway has reported no rule for would only give an empty session: refuse
+    // before opening anything; a target that does not answer is a warning.
+    let check = crate::tunnel::check_services(api, thing, services);
+    if matches!(check, crate::tunnel::ServiceCheck::Reported { .. }) {
+        crate::tunnel::warn_of(thing, &check, true).map_err(|e| e.to_string())?;
+    }
     let mut body = json!({"thingName": thing, "services": services, "description": description});
     if let Some(r) = reason {
         body["reason"] = json!(r);

@@ -13,9 +13,129 @@ pub struct OpenArgs {
     pub description: Option<String>,
     pub reason: Option<String>,
     pub tags: Vec<(String, String)>,
+    /// Refuse to open when the gateway's last report does not show a rule for every service
+    /// (or there is no report to check against).
+    pub strict: bool,
+}
+
+/// What the gateway's last health report says about the services a tunnel is for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ServiceCheck {
+    /// Nothing to check against; why.
+    Unknown(String),
+    Reported {
+        /// The requested services the gateway has no rule for.
+        missing: Vec<String>,
+        /// The gateway's rules, for the message.
+        rules: Vec<String>,
+        /// Requested services whose target did not answer: name, target, why.
+        down: Vec<(String, String, String)>,
+        /// When the report came.
+        at: String,
+    },
+}
+
+/// Check `services` against `thing`'s last health report (`GET /devices`).
+pub fn check_services(api: &ApiClient, thing: &str, services: &[String]) -> ServiceCheck {
+    let v = match api.get("/devices", &[]) {
+        Ok(v) => v,
+        Err(e) => return ServiceCheck::Unknown(format!("the device list is not available: {e}")),
+    };
+    let device = v["devices"]
+        .as_array()
+        .and_then(|l| l.iter().find(|d| d["thingName"] == thing));
+    let Some(device) = device else {
+        return ServiceCheck::Unknown(format!(
+            "{thing} is not a device of this relay's broker, so it reports nothing here"
+        ));
+    };
+    check_against(thing, &device["health"], services)
+}
+
+fn check_against(thing: &str, health: &Value, services: &[String]) -> ServiceCheck {
+    let Some(reported) = health["services"].as_array() else {
+        return ServiceCheck::Unknown(format!(
+            "{thing}'s gateway has not reported its services (culvertd's [mqtt] \
+             health_report_secs turns reports on)"
+        ));
+    };
+    let rules: Vec<String> = reported
+        .iter()
+        .filter_map(|r| r["name"].as_str().map(str::to_owned))
+        .collect();
+    let missing = services
+        .iter()
+        .filter(|s| !rules.contains(s))
+        .cloned()
+        .collect();
+    let down = reported
+        .iter()
+        .filter(|r| r["state"] == "down" && services.iter().any(|s| r["name"] == **s))
+        .map(|r| {
+            let text = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+            (text("name"), text("target"), text("detail"))
+        })
+        .collect();
+    ServiceCheck::Reported {
+        missing,
+        rules,
+        down,
+        at: health["reportedAt"].as_str().unwrap_or_default().to_owned(),
+    }
+}
+
+/// Warn on stderr of what `check` found; the refusal for `--strict`, if it applies.
+pub fn warn_of(thing: &str, check: &ServiceCheck, strict: bool) -> Result<(), ApiError> {
+    match check {
+        ServiceCheck::Unknown(why) if strict => Err(ApiError::Refused(format!(
+            "--strict: cannot check that {thing} has rules for these services: {why}"
+        ))),
+        ServiceCheck::Unknown(why) => {
+            eprintln!(
+                "culvert: note: not checked that {thing} has rules for these services: {why}"
+            );
+            Ok(())
+        }
+        ServiceCheck::Reported {
+            missing,
+            rules,
+            down,
+            at,
+        } => {
+            for (name, target, why) in down {
+                eprintln!(
+                    "culvert: warning: {thing}'s target for {name} ({}) did not answer at {at}: {}",
+                    shown(target),
+                    shown(why)
+                );
+            }
+            if missing.is_empty() {
+                return Ok(());
+            }
+            let msg = format!(
+                "{thing} has no rule for {} (its gateway's rules: {}; reported {at}); \
+                 connections to {} would be refused",
+                missing.join(", "),
+                if rules.is_empty() {
+                    "none".into()
+                } else {
+                    rules.join(", ")
+                },
+                if missing.len() == 1 { "it" } else { "them" },
+            );
+            if strict {
+                return Err(ApiError::Refused(format!("--strict: {msg}")));
+            }
+            eprintln!("culvert: warning: {msg} (--strict refuses to open such a tunnel)");
+            Ok(())
+        }
+    }
 }
 
 pub fn open(api: &ApiClient, a: OpenArgs, as_json: bool) -> Result<(), ApiError> {
+    // Before opening: --strict opens nothing it would refuse.
+    let check = check_services(api, &a.thing, &a.services);
+    warn_of(&a.thing, &check, a.strict)?;
     let mut body = json!({"thingName": a.thing, "services": a.services});
     if let Some(m) = a.lifetime_minutes {
         body["lifetimeMinutes"] = json!(m);
@@ -160,6 +280,10 @@ fn print_tunnel(v: &Value) {
     if let Some(c) = v["closedAt"].as_str() {
         println!("closed       {c} ({})", s(v, "closeReason"));
     }
+    if v["health"].is_object() {
+        println!("at the gateway, as of {}:", s(&v["health"], "reportedAt"));
+        print_health(&v["health"], Some(&services));
+    }
     if let Some(o) = v["onSite"].as_object() {
         let mut line = format!(
             "{} since {}",
@@ -254,6 +378,7 @@ pub fn device_add(
     println!("[mqtt]");
     println!("broker = \"mqtts://{broker}\"");
     println!("thing_name = \"{thing}\"");
+    println!("health_report_secs = 30   # report whether each rule's target answers");
     println!(
         "password = \"{}\"   # or password_file = \"/etc/culvert/mqtt-password\"",
         s(&v, "password")
@@ -310,14 +435,52 @@ pub fn device_list(api: &ApiClient, as_json: bool) -> Result<(), ApiError> {
         println!("no devices");
     }
     for d in &list {
+        let seen = match (d["online"].as_bool(), d["lastSeen"].as_str()) {
+            (Some(true), _) => "online".to_owned(),
+            (_, Some(at)) => format!("offline, last seen {at}"),
+            _ => "never connected".to_owned(),
+        };
         println!(
-            "{:<40}  registered {}  {}",
+            "{:<40}  {seen}  registered {}  {}",
             s(d, "thingName"),
             s(d, "createdAt"),
             tags_shown(d)
         );
+        if d["health"].is_object() {
+            println!(
+                "  its rules' targets, as of {}:",
+                s(&d["health"], "reportedAt")
+            );
+            print_health(&d["health"], None);
+        }
     }
     Ok(())
+}
+
+/// The lines of a health report: each service's target and whether it answered (only those
+/// in `only`, when given, with the ones the gateway has no rule for).
+fn print_health(health: &Value, only: Option<&[&str]>) {
+    let Some(services) = health["services"].as_array() else {
+        return;
+    };
+    for r in services {
+        let name = s(r, "name");
+        if only.is_some_and(|o| !o.contains(&&*name)) {
+            continue;
+        }
+        let state = match r["state"].as_str() {
+            Some("up") => "answers".to_owned(),
+            Some("down") => format!("DOWN: {}", s(r, "detail")),
+            Some("no_rule") => "NO RULE on this gateway: connections are refused".to_owned(),
+            Some("unchecked") => s(r, "detail").into_owned(),
+            other => shown(other.unwrap_or("?")).into_owned(),
+        };
+        let target = match r["target"].as_str() {
+            Some(t) => format!(" {}", shown(t)),
+            None => String::new(),
+        };
+        println!("  {name:<12}{target}  {state}");
+    }
 }
 
 pub fn device_remove(api: &ApiClient, thing: &str, as_json: bool) -> Result<(), ApiError> {

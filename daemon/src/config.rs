@@ -89,6 +89,7 @@ struct RawMqtt {
     client_key: Option<Spanned<PathBuf>>,
     ca: Option<Spanned<PathBuf>>,
     topic: Option<Spanned<String>>,
+    health_report_secs: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -152,6 +153,7 @@ struct RawService {
     max_bytes_per_sec_to_target: Option<Spanned<u64>>,
     max_bytes_per_sec_from_target: Option<Spanned<u64>>,
     modbus: Option<Spanned<RawModbus>>,
+    probe: Option<bool>,
 }
 
 /// `[services.NAME.modbus]`: a Modbus/TCP rule's filter.
@@ -185,6 +187,9 @@ pub struct MqttConfig {
     pub client_cert: Option<(PathBuf, PathBuf)>,
     pub ca: Option<PathBuf>,
     pub topic: String,
+    /// Probe every rule's target this often and report the results to the relay
+    /// ([`crate::health`]; culvert relays only: AWS IoT Core would refuse the topic).
+    pub health_every: Option<Duration>,
 }
 
 impl std::fmt::Debug for MqttConfig {
@@ -379,6 +384,9 @@ pub struct Service {
     /// A read-only Modbus/TCP rule: what its requests may do ([`crate::modbus`]), shared
     /// by its connections' filters.
     pub modbus: Option<std::sync::Arc<crate::modbus::Policy>>,
+    /// Whether health reports probe this rule's target (`probe = false`: a device that
+    /// counts or logs every connection).
+    pub probe: bool,
 }
 
 /// How the process itself runs (`[daemon]`).
@@ -1141,6 +1149,11 @@ impl Validator<'_> {
             );
         }
         let ca = m.ca.as_ref().map(|c| self.path("mqtt.ca", c));
+        let health_every = self.secs(
+            "mqtt.health_report_secs".into(),
+            &m.health_report_secs,
+            3600,
+        );
         let thing = m.thing_name.get_ref().clone();
         let topic = match &m.topic {
             Some(t) if t.get_ref().contains(['+', '#']) => {
@@ -1165,6 +1178,7 @@ impl Validator<'_> {
             client_cert,
             ca,
             topic,
+            health_every,
         })
     }
 
@@ -1362,6 +1376,7 @@ impl Validator<'_> {
             connect_timeout,
             idle_timeout: idle_timeout.or(udp.then_some(DEFAULT_UDP_IDLE_TIMEOUT)),
             modbus,
+            probe: svc.probe.unwrap_or(true),
         })
     }
 

@@ -18,7 +18,8 @@
 //! - [`udp`]: a udp rule's flow: datagrams framed in the tunnel connection's stream.
 //! - [`modbus`]: a read-only Modbus/TCP rule's filter in front of its target.
 //! - `http` (feature `http`): HTTP routing by Host and path to device web UIs, pingora embedded.
-//! - [`notify`]: MQTT notifications: each one starts a destination session for its token.
+//! - [`notify`]: MQTT notifications: each one starts a destination session for its token;
+//!   [`health`]: the rules' targets probed and reported to the relay over the same client.
 //! - [`service`]: [`run`]: serve, stop (drain, then cut after the grace period) and reload
 //!   on [`Signal`]s, under one shutdown; `main` only prepares and calls it.
 //! - [`metrics`]: counters and gauges for the Prometheus endpoint and systemd's STATUS line
@@ -31,6 +32,7 @@ pub mod config;
 pub mod consent;
 pub mod forward;
 pub mod gateway;
+pub mod health;
 pub mod hmi;
 #[cfg(feature = "http")]
 pub mod http;

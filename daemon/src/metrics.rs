@@ -26,6 +26,9 @@ pub struct Metrics {
     pub relay_reconnects: Counter,
     /// SIGHUP reloads, by result (applied, refused).
     pub reloads: Family<Labels, Counter>,
+    /// Whether each rule's target answered its last health probe (1 up, 0 down), by
+    /// service; only with health reports on, and only for targets that are probed.
+    pub target_up: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -40,6 +43,7 @@ impl Default for Metrics {
             bytes: Family::default(),
             relay_reconnects: Counter::default(),
             reloads: Family::default(),
+            target_up: Family::default(),
         };
         r.register("tunnels", "Tunnels served now", m.tunnels.clone());
         r.register(
@@ -67,6 +71,11 @@ impl Default for Metrics {
             "config_reloads",
             "Configuration reloads (SIGHUP), by result",
             m.reloads.clone(),
+        );
+        r.register(
+            "target_up",
+            "Whether each rule's target answered its last health probe, by service",
+            m.target_up.clone(),
         );
         Metrics {
             registry: Arc::new(r),

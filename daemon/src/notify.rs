@@ -160,6 +160,15 @@ pub async fn run(
         opts.set_credentials(u.clone(), password.unwrap_or_default());
     }
     let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    if let Some(every) = m.health_every {
+        tokio::spawn(crate::health::run(
+            gw.clone(),
+            client.clone(),
+            m.thing_name.clone(),
+            every,
+            shutdown.drain.clone(),
+        ));
+    }
     let tunnels = TaskTracker::new();
     let mut seen: (HashSet<String>, VecDeque<String>) = Default::default();
     // The tunnels served now, by tunnel id (or token fingerprint): each task's stop, and a token

@@ -148,9 +148,13 @@ pub async fn connect(svc: &Service, target: &Target) -> Result<Local, Refusal> {
                 }
             }
             let (a, e) = last.expect("at least one address");
+            let detail = match hp.literal() {
+                Some(_) => format!("{target}: {e}"),
+                None => format!("{target} ({a}): {e}"),
+            };
             Err(Refusal {
                 reason: EndReason::ConnectFailed,
-                detail: format!("{target} ({a}): {e}"),
+                detail,
                 address: Some(a.to_string()),
             })
         }

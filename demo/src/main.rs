@@ -239,7 +239,7 @@ fn main() -> ExitCode {
     std::fs::write(
         &gateway_config,
         format!(
-            "[mqtt]\nbroker = \"mqtts://{broker}\"\nthing_name = \"robot-cell-7\"\npassword_file = \"{}\"\n\n{rules}",
+            "[mqtt]\nbroker = \"mqtts://{broker}\"\nthing_name = \"robot-cell-7\"\npassword_file = \"{}\"\nhealth_report_secs = 10\n\n{rules}",
             password_file.display()
         ),
     )
@@ -333,6 +333,11 @@ fn main() -> ExitCode {
     }
     println!(
         "  manage tunnels               . {} && {} tunnel list",
+        env_file.display(),
+        bins.join("culvert").display()
+    );
+    println!(
+        "  the gateway and its targets  . {} && {} device list",
         env_file.display(),
         bins.join("culvert").display()
     );

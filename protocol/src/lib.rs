@@ -155,6 +155,14 @@ pub fn on_site_topic(thing: &str) -> String {
     format!("culvert/things/{thing}/tunnels/on-site")
 }
 
+/// The topic a gateway reports its rules' targets on (`[mqtt] health_report_secs`): a culvert
+/// extension like [`on_site_topic`], taken by a culvert relay's broker from that thing only.
+/// The payload is JSON: `{"services": [{"name", "kind", "target", "state", "detail"}]}`, with
+/// `kind` one of tcp, udp, unix, http and `state` one of up, down, unchecked.
+pub fn health_topic(thing: &str) -> String {
+    format!("culvert/things/{thing}/health")
+}
+
 /// Characters that make text lie when a terminal, browser or log reader shows it: controls
 /// (NUL, CR/LF, ESC sequences) and the bidirectional overrides and isolates ("Trojan Source").
 /// The relay refuses them in stored text, culvertd in what it writes to its audit trail, and

@@ -11,9 +11,10 @@
 //! - a device may subscribe only to its own notify topic; any other filter is refused with a
 //!   SUBACK failure (0x80) and logged;
 //! - devices may not publish (notifications come from the relay), nor leave a last will, with
-//!   one exception: a device's on-site approval reports ([`crate::onsite`]), at QoS 0 on its
-//!   own [`culvert_protocol::on_site_topic`], which the relay takes itself (they never reach
-//!   the router);
+//!   two exceptions: a device's on-site approval reports ([`crate::onsite`]) and health
+//!   reports ([`crate::health`]), at QoS 0 on its own [`culvert_protocol::on_site_topic`] and
+//!   [`culvert_protocol::health_topic`], which the relay takes itself (they never reach the
+//!   router);
 //! - removing a device, or issuing it a new password, cuts its current connection;
 //! - connections are limited overall and per source address ([`crate::slots`]); a connection
 //!   holds a handshake slot only until its CONNECT is accepted, and at most
@@ -408,6 +409,7 @@ where
     let thing = login.username;
     admitted.handshake_done();
     let revoked = ctx.devices.session(&thing);
+    let _online = ctx.devices.online(&thing);
     let Some((_turn, replaced)) = ctx.turns.take(&thing).await else {
         return Err(format!(
             "{thing} connected again meanwhile; this connection is dropped"
@@ -423,6 +425,8 @@ where
         thing: &thing,
         own_topic: topic_for(&ctx.template, &thing),
         report_topic: culvert_protocol::on_site_topic(&thing),
+        health_topic: culvert_protocol::health_topic(&thing),
+        devices: &ctx.devices,
         to_relay: &ctx.to_relay,
         revoked,
         replaced,
@@ -452,8 +456,10 @@ where
 struct Link<'a> {
     thing: &'a str,
     own_topic: String,
-    /// The one topic it may publish on.
+    /// The topics it may publish on: on-site reports and health reports.
     report_topic: String,
+    health_topic: String,
+    devices: &'a Devices,
     to_relay: &'a ToRelay,
     /// The device was removed or got a new password.
     revoked: CancellationToken,
@@ -544,13 +550,17 @@ impl Link<'_> {
                             }
                             Packet::Unsubscribe(u, props)
                         }
-                        Packet::Publish(p, _) if *p.topic == *self.report_topic.as_bytes() => {
+                        Packet::Publish(p, _) if *p.topic == *self.report_topic.as_bytes() || *p.topic == *self.health_topic.as_bytes() => {
                             // rumqttd keeps the QoS to itself; its size estimate counts the
                             // packet id that only QoS 1 and 2 carry.
                             if p.len() != 2 + p.topic.len() + p.payload.len() {
-                                return Err(format!("device {thing} published an on-site report above QoS 0; culvertd sends them at QoS 0"));
+                                return Err(format!("device {thing} published a report above QoS 0; culvertd sends them at QoS 0"));
                             }
-                            crate::onsite::report(&self.to_relay.registry, &self.to_relay.audit, thing, &p.payload).await;
+                            if *p.topic == *self.health_topic.as_bytes() {
+                                crate::health::report(self.devices, thing, &p.payload);
+                            } else {
+                                crate::onsite::report(&self.to_relay.registry, &self.to_relay.audit, thing, &p.payload).await;
+                            }
                             continue;
                         }
                         Packet::Publish(p, _) => {

@@ -18,6 +18,36 @@ pub struct Devices {
     sessions: Mutex<HashMap<String, CancellationToken>>,
     /// Serializes changes and [`Devices::reload`], so a reload never undoes a change made here.
     writes: tokio::sync::Mutex<()>,
+    /// What this relay's broker has seen of each device (not stored: it is rebuilt as
+    /// devices connect and report).
+    presence: Mutex<HashMap<String, Presence>>,
+}
+
+/// A device as this relay's embedded broker sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Presence {
+    /// Broker connections open now (more than one only while a reconnect replaces one).
+    pub connections: usize,
+    /// When it last connected, disconnected or reported.
+    pub last_seen_ms: Option<i64>,
+    /// Its last health report ([`crate::health`]).
+    pub health: Option<crate::health::Health>,
+}
+
+/// Held while a device's broker connection is open.
+pub struct Online {
+    devices: Arc<Devices>,
+    thing: String,
+}
+
+impl Drop for Online {
+    fn drop(&mut self) {
+        let mut p = self.devices.presence();
+        if let Some(e) = p.get_mut(&self.thing) {
+            e.connections = e.connections.saturating_sub(1);
+            e.last_seen_ms = Some(crate::registry::now_ms());
+        }
+    }
 }
 
 impl Devices {
@@ -35,6 +65,7 @@ impl Devices {
             map: Mutex::new(map),
             sessions: Mutex::new(HashMap::new()),
             writes: tokio::sync::Mutex::new(()),
+            presence: Mutex::new(HashMap::new()),
         })
     }
 
@@ -68,6 +99,39 @@ impl Devices {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, DeviceRecord>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn presence(&self) -> std::sync::MutexGuard<'_, HashMap<String, Presence>> {
+        self.presence.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `thing`'s broker connection is open until the guard is dropped.
+    pub fn online(self: &Arc<Self>, thing: &str) -> Online {
+        let mut p = self.presence();
+        let e = p.entry(thing.to_owned()).or_default();
+        e.connections += 1;
+        e.last_seen_ms = Some(crate::registry::now_ms());
+        Online {
+            devices: self.clone(),
+            thing: thing.to_owned(),
+        }
+    }
+
+    /// Keep `thing`'s latest health report.
+    pub fn set_health(&self, thing: &str, services: Vec<crate::health::ServiceHealth>) {
+        let now = crate::registry::now_ms();
+        let mut p = self.presence();
+        let e = p.entry(thing.to_owned()).or_default();
+        e.last_seen_ms = Some(now);
+        e.health = Some(crate::health::Health {
+            at_ms: now,
+            services,
+        });
+    }
+
+    /// What this relay's broker has seen of `thing` (nothing, for a device it never saw).
+    pub fn seen(&self, thing: &str) -> Presence {
+        self.presence().get(thing).cloned().unwrap_or_default()
     }
 
     /// Create the device, or issue it a new password. Returns the password (shown once). Its
@@ -119,6 +183,7 @@ impl Devices {
         let _one_at_a_time = self.writes.lock().await;
         self.store.remove_device(thing).await?;
         self.revoke(thing);
+        self.presence().remove(thing);
         Ok(self.lock().remove(thing).is_some())
     }
 

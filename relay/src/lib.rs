@@ -19,7 +19,9 @@
 //!   device may have missed, announced again when it subscribes (bounded, per thing).
 //! - [`broker`] / [`devices`] / [`topic`]: the embedded MQTT broker (rumqttd's router
 //!   in-process, behind culvert's TLS listener and topic rules, with no port of its own), the
-//!   device credentials it accepts, and topic names.
+//!   device credentials it accepts (and what the broker saw of each: online, last seen), and
+//!   topic names; [`onsite`] and [`health`]: what devices report through it (on-site
+//!   approvals, their rules' targets).
 //! - [`metrics`]: the Prometheus counters.
 //! - [`cluster`]: several nodes on one PostgreSQL store: which node holds a tunnel (leases),
 //!   node links (mTLS) that carry a peer to it, and draining.
@@ -35,6 +37,7 @@ pub mod config;
 pub mod dataplane;
 pub mod dev;
 pub mod devices;
+pub mod health;
 pub mod live;
 pub mod metrics;
 pub mod notify;

@@ -82,6 +82,15 @@ fn quick_start_demo_comes_up_carries_traffic_and_stops_cleanly() {
     assert_eq!(shell(&ssh).trim(), "through the tunnel");
     let list = shell(&printed(". /"));
     assert!(list.contains("robot-cell-7"), "{list}");
+    let devices = lines
+        .iter()
+        .find_map(|l| Some(l[l.find(". /")?..].to_owned()).filter(|_| l.contains("device list")))
+        .unwrap_or_else(|| panic!("no `device list` command printed: {lines:#?}"));
+    let devices = shell(devices.trim());
+    assert!(
+        devices.contains("robot-cell-7") && devices.contains("online"),
+        "{devices}"
+    );
     let started = children(pid);
     assert!(
         started.len() >= 3,

@@ -334,3 +334,148 @@ fn a_device_cannot_read_another_devices_notifications() {
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A gateway with health reports on tells the relay which services it has rules for and
+/// whether their targets answer; `device list` and `tunnel describe` show it, `tunnel open`
+/// warns of a service with no rule and `--strict` refuses to open one.
+#[test]
+fn health_reports_show_each_target_and_strict_open_refuses_a_service_without_a_rule() {
+    let dir = scratch("mqtt-health");
+    let relay = Relay::start(&dir);
+    let password = relay.add_device("press-2");
+    let plc = closed_port("127.0.0.1");
+    let rules = mqtt_rules(
+        &dir,
+        relay.mqtt.unwrap(),
+        "press-2",
+        &password,
+        &[
+            ("SSH", echo_server().to_string()),
+            ("PLC", plc.to_string()),
+            ("SNMP", "udp:127.0.0.1:161".into()),
+        ],
+    );
+    let text = std::fs::read_to_string(&rules)
+        .unwrap()
+        .replace("[mqtt]\n", "[mqtt]\nhealth_report_secs = 1\n");
+    std::fs::write(&rules, text).unwrap();
+    let gw = relay.mqtt_gateway(&dir, &rules);
+    wait_log(&gw, "subscribed");
+
+    let device = |relay: &Relay| {
+        let v = relay.api(&["device", "list"]);
+        v["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["thingName"] == "press-2")
+            .cloned()
+            .unwrap()
+    };
+    let state = |d: &serde_json::Value, name: &str| {
+        d["health"]["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == name))
+            .map(|s| s["state"].as_str().unwrap().to_owned())
+    };
+    let d = wait_for("press-2's first health report", || {
+        let d = device(&relay);
+        d["health"].is_object().then_some(d)
+    });
+    assert_eq!(d["online"], true, "{d}");
+    assert_eq!(state(&d, "SSH").as_deref(), Some("up"), "{d}");
+    assert_eq!(state(&d, "PLC").as_deref(), Some("down"), "{d}");
+    assert_eq!(state(&d, "SNMP").as_deref(), Some("unchecked"), "{d}");
+    let plc_line = d["health"]["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "PLC")
+        .unwrap()
+        .to_string();
+    assert!(plc_line.contains("refused"), "{d}");
+    let human = run_ok("device list", relay.culvert().args(["device", "list"]));
+    assert!(
+        human.contains("press-2") && human.contains("online"),
+        "{human}"
+    );
+    assert!(
+        human
+            .lines()
+            .any(|l| l.contains("PLC") && l.contains(&plc.to_string()) && l.contains("DOWN")),
+        "{human}"
+    );
+    wait_log(&gw, "target does not answer");
+
+    // --strict opens nothing for a service the gateway has no rule for...
+    let out = relay
+        .culvert()
+        .args([
+            "tunnel",
+            "open",
+            "--thing",
+            "press-2",
+            "--service",
+            "SSH,VNC",
+            "--strict",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("press-2 has no rule for VNC") && err.contains("SNMP"),
+        "{err}"
+    );
+    let list = relay.api(&["tunnel", "list"]);
+    assert_eq!(list["tunnels"].as_array().unwrap().len(), 0, "{list}");
+    // ...and without it, opens with a warning; the description shows each service.
+    let out = relay
+        .culvert()
+        .args([
+            "tunnel",
+            "open",
+            "--thing",
+            "press-2",
+            "--service",
+            "PLC,VNC",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("warning: press-2 has no rule for VNC"),
+        "{err}"
+    );
+    assert!(err.contains("target for PLC"), "{err}");
+    let id = relay.api(&["tunnel", "list"])["tunnels"][0]["tunnelId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let v = relay.describe(&id);
+    assert_eq!(v["health"]["services"][0]["state"], "down", "{v}");
+    assert_eq!(v["health"]["services"][1]["state"], "no_rule", "{v}");
+    let human = run_ok(
+        "describe",
+        relay.culvert().args(["tunnel", "describe", &id]),
+    );
+    assert!(
+        human.contains("VNC") && human.contains("NO RULE"),
+        "{human}"
+    );
+
+    // The PLC comes up: the next report says so.
+    let _listening = std::net::TcpListener::bind(plc).unwrap();
+    wait_for("the PLC reported up", || {
+        (state(&device(&relay), "PLC").as_deref() == Some("up")).then_some(())
+    });
+    // The gateway goes away: offline, with when it was last seen.
+    drop(gw);
+    let d = wait_for("press-2 offline", || {
+        let d = device(&relay);
+        (d["online"] == false).then_some(d)
+    });
+    assert!(d["lastSeen"].is_string(), "{d}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -558,9 +558,29 @@ pub async fn describe(
     Path(id): Path<String>,
 ) -> Response {
     match visible(&state, &p, &id).await {
-        Ok(v) => Json(tunnel_json(&v)).into_response(),
+        Ok(v) => {
+            let mut j = serde_json::to_value(tunnel_json(&v)).unwrap_or_default();
+            let seen = state.devices.seen(&v.rec.thing_name);
+            if let Some(h) = &seen.health {
+                j["health"] = tunnel_health(&v.rec.services, h);
+            }
+            Json(j).into_response()
+        }
         Err(r) => r,
     }
+}
+
+/// The tunnel's services as the gateway's last health report has them: each with its rule's
+/// target and state, or `no_rule` when the gateway has no rule for it.
+fn tunnel_health(services: &[String], h: &crate::health::Health) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = services
+        .iter()
+        .map(|name| match h.services.iter().find(|s| s.name == *name) {
+            Some(s) => serde_json::to_value(s).unwrap_or_default(),
+            None => serde_json::json!({"name": name, "state": "no_rule"}),
+        })
+        .collect();
+    serde_json::json!({"reportedAt": rfc3339(h.at_ms), "services": list})
 }
 
 #[derive(Deserialize, Default)]
@@ -700,8 +720,24 @@ fn check_tags(tags: &BTreeMap<String, String>) -> Result<(), Response> {
     Ok(())
 }
 
-fn device_json(d: &crate::store::DeviceRecord) -> serde_json::Value {
-    serde_json::json!({"thingName": d.thing_name, "createdAt": rfc3339(d.created_ms), "tags": d.tags})
+/// A device, with what this relay's broker has seen of it: whether it is connected now, when
+/// it was last seen, and its last health report (the services it has rules for, and whether
+/// their targets answered).
+fn device_json(
+    d: &crate::store::DeviceRecord,
+    seen: &crate::devices::Presence,
+) -> serde_json::Value {
+    let mut j = serde_json::json!({
+        "thingName": d.thing_name,
+        "createdAt": rfc3339(d.created_ms),
+        "tags": d.tags,
+        "online": seen.connections > 0,
+        "lastSeen": seen.last_seen_ms.map(rfc3339),
+    });
+    if let Some(h) = &seen.health {
+        j["health"] = serde_json::json!({"reportedAt": rfc3339(h.at_ms), "services": h.services});
+    }
+    j
 }
 
 /// Register a device for the embedded broker, or give it a new password.
@@ -766,7 +802,7 @@ pub async fn list_devices(
         .list()
         .into_iter()
         .filter(|d| state.access.may_see(&p, &d.thing_name))
-        .map(|d| device_json(&d))
+        .map(|d| device_json(&d, &state.devices.seen(&d.thing_name)))
         .collect();
     Json(serde_json::json!({ "devices": list })).into_response()
 }
@@ -795,7 +831,7 @@ pub async fn set_device_tags(
                 "device_tags",
                 serde_json::json!({"operator": p.label(), "thing": thing, "tags": d.tags}),
             );
-            Json(device_json(&d)).into_response()
+            Json(device_json(&d, &state.devices.seen(&d.thing_name))).into_response()
         }
         Ok(None) => error(
             StatusCode::NOT_FOUND,
