@@ -28,6 +28,8 @@ pub enum EndReason {
     Denied,
     /// A connection limit or rate.
     Limit,
+    /// The target takes one connection at a time and has one (a serial port).
+    InUse,
     /// No rule for the service.
     NoRule,
     ConnectFailed,
@@ -62,6 +64,7 @@ impl EndReason {
             EndReason::TunnelLost => "tunnel_lost",
             EndReason::TargetClosed => "target_closed",
             EndReason::IdleTimeout => "idle_timeout",
+            EndReason::InUse => "in_use",
             EndReason::Denied => "denied",
             EndReason::Limit => "limit",
             EndReason::NoRule => "no_rule",

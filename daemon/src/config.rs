@@ -153,7 +153,19 @@ struct RawService {
     max_bytes_per_sec_to_target: Option<Spanned<u64>>,
     max_bytes_per_sec_from_target: Option<Spanned<u64>>,
     modbus: Option<Spanned<RawModbus>>,
+    serial: Option<Spanned<RawSerial>>,
     probe: Option<bool>,
+}
+
+/// `[services.NAME.serial]`: a serial rule's line settings.
+#[derive(Deserialize)]
+struct RawSerial {
+    baud: Option<Spanned<u64>>,
+    data_bits: Option<Spanned<u64>>,
+    parity: Option<Spanned<String>>,
+    stop_bits: Option<Spanned<u64>>,
+    flow_control: Option<Spanned<String>>,
+    rfc2217: Option<bool>,
 }
 
 /// `[services.NAME.modbus]`: a Modbus/TCP rule's filter.
@@ -213,6 +225,50 @@ pub enum Target {
     Udp(HostPort),
     /// A Unix stream socket.
     Unix(PathBuf),
+    /// `serial:/dev/ttyUSB0`: a serial port, one connection at a time ([`crate::serial`]).
+    Serial(PathBuf),
+}
+
+/// A serial rule's line settings (`[services.NAME.serial]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SerialSettings {
+    pub baud: u32,
+    /// 5-8.
+    pub data_bits: u8,
+    pub parity: Parity,
+    /// 1 or 2.
+    pub stop_bits: u8,
+    pub flow_control: FlowControl,
+    /// The connection speaks RFC 2217 (the operator's tool sets baud, data bits, parity, stop
+    /// bits, flow control, DTR, RTS and break) instead of carrying raw bytes.
+    pub rfc2217: bool,
+}
+
+impl Default for SerialSettings {
+    fn default() -> SerialSettings {
+        SerialSettings {
+            baud: 9600,
+            data_bits: 8,
+            parity: Parity::None,
+            stop_bits: 1,
+            flow_control: FlowControl::None,
+            rfc2217: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parity {
+    None,
+    Odd,
+    Even,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowControl {
+    None,
+    RtsCts,
+    XonXoff,
 }
 
 /// A host (name or address literal) and a port.
@@ -278,6 +334,7 @@ impl std::fmt::Display for Target {
         match self {
             Target::Tcp(hp) => hp.fmt(f),
             Target::Udp(hp) => write!(f, "udp:{hp}"),
+            Target::Serial(p) => write!(f, "serial:{}", p.display()),
             Target::Unix(p) => write!(f, "unix:{}", p.display()),
         }
     }
@@ -294,9 +351,20 @@ impl Target {
         if let Some(hp) = s.strip_prefix("udp:") {
             return HostPort::parse(hp).map(Target::Udp);
         }
-        HostPort::parse(s)
-            .map(Target::Tcp)
-            .map_err(|e| format!("{e}, udp:host:port for UDP, or unix:/path for a socket"))
+        if let Some(p) = s.strip_prefix("serial:") {
+            if !p.starts_with('/') {
+                return Err(format!(
+                    "serial device {p:?} must be an absolute path (serial:/dev/ttyUSB0)"
+                ));
+            }
+            return Ok(Target::Serial(PathBuf::from(p)));
+        }
+        HostPort::parse(s).map(Target::Tcp).map_err(|e| {
+            format!(
+                "{e}, udp:host:port for UDP, unix:/path for a socket, or serial:/dev/… for a \
+                     serial port"
+            )
+        })
     }
 
     fn unix(p: &str) -> Result<Target, String> {
@@ -387,6 +455,8 @@ pub struct Service {
     /// Whether health reports probe this rule's target (`probe = false`: a device that
     /// counts or logs every connection).
     pub probe: bool,
+    /// A serial rule's line settings (the defaults when it has no `serial` table).
+    pub serial: Option<SerialSettings>,
 }
 
 /// How the process itself runs (`[daemon]`).
@@ -1353,14 +1423,28 @@ impl Validator<'_> {
                 return None;
             }
         };
+        let serial = match (svc.serial, matches!(kind, Kind::Forward(Target::Serial(_)))) {
+            (None, false) => None,
+            (None, true) => Some(SerialSettings::default()),
+            (Some(raw), true) => Some(self.serial(&format!("{key}.serial"), raw.into_inner())),
+            (Some(raw), false) => {
+                self.push(
+                    raw.span(),
+                    format!("{key}.serial"),
+                    "serial settings need a serial target (target = \"serial:/dev/ttyUSB0\")",
+                );
+                None
+            }
+        };
         let udp = matches!(kind, Kind::Forward(Target::Udp(_)));
+        let serial_port = matches!(kind, Kind::Forward(Target::Serial(_)));
         let modbus = match svc.modbus {
             None => None,
-            Some(m) if matches!(kind, Kind::Http(_)) || udp => {
+            Some(m) if matches!(kind, Kind::Http(_)) || udp || serial_port => {
                 self.push(
                     m.span(),
                     format!("{key}.modbus"),
-                    "a Modbus filter needs a tcp target (Modbus/TCP), not routes or udp",
+                    "a Modbus filter needs a tcp target (Modbus/TCP), not routes, udp or serial",
                 );
                 None
             }
@@ -1377,7 +1461,64 @@ impl Validator<'_> {
             idle_timeout: idle_timeout.or(udp.then_some(DEFAULT_UDP_IDLE_TIMEOUT)),
             modbus,
             probe: svc.probe.unwrap_or(true),
+            serial,
         })
+    }
+
+    fn serial(&mut self, key: &str, raw: RawSerial) -> SerialSettings {
+        let mut out = SerialSettings {
+            rfc2217: raw.rfc2217.unwrap_or(false),
+            ..SerialSettings::default()
+        };
+        if let Some(b) = &raw.baud {
+            match u32::try_from(*b.get_ref()) {
+                Ok(b @ 50..=4_000_000) => out.baud = b,
+                _ => self.push(b.span(), format!("{key}.baud"), "a baud rate is 50-4000000"),
+            }
+        }
+        if let Some(d) = &raw.data_bits {
+            match *d.get_ref() {
+                d @ 5..=8 => out.data_bits = d as u8,
+                _ => self.push(
+                    d.span(),
+                    format!("{key}.data_bits"),
+                    "data bits are 5, 6, 7 or 8",
+                ),
+            }
+        }
+        if let Some(s) = &raw.stop_bits {
+            match *s.get_ref() {
+                s @ (1 | 2) => out.stop_bits = s as u8,
+                _ => self.push(s.span(), format!("{key}.stop_bits"), "stop bits are 1 or 2"),
+            }
+        }
+        if let Some(p) = &raw.parity {
+            match p.get_ref().as_str() {
+                "none" => out.parity = Parity::None,
+                "odd" => out.parity = Parity::Odd,
+                "even" => out.parity = Parity::Even,
+                other => self.push(
+                    p.span(),
+                    format!("{key}.parity"),
+                    format!("parity {other:?}: expected \"none\", \"odd\" or \"even\""),
+                ),
+            }
+        }
+        if let Some(f) = &raw.flow_control {
+            match f.get_ref().as_str() {
+                "none" => out.flow_control = FlowControl::None,
+                "rts/cts" => out.flow_control = FlowControl::RtsCts,
+                "xon/xoff" => out.flow_control = FlowControl::XonXoff,
+                other => self.push(
+                    f.span(),
+                    format!("{key}.flow_control"),
+                    format!(
+                        "flow control {other:?}: expected \"none\", \"rts/cts\" or \"xon/xoff\""
+                    ),
+                ),
+            }
+        }
+        out
     }
 
     fn modbus(&mut self, key: &str, m: Spanned<RawModbus>) -> Option<crate::modbus::Policy> {
@@ -1687,6 +1828,52 @@ mod tests {
             Target::parse("udp:dns")
                 .unwrap_err()
                 .contains("needs a port")
+        );
+    }
+
+    #[test]
+    fn serial_rules_take_line_settings_and_name_bad_ones() {
+        let console = "[services.CONSOLE]\ntarget = \"serial:/dev/ttyUSB0\"\n";
+        let cfg = parse(console, Path::new(".")).unwrap();
+        assert_eq!(
+            cfg.services["CONSOLE"].serial,
+            Some(SerialSettings::default())
+        );
+        let cfg = parse(
+            &format!(
+                "{console}[services.CONSOLE.serial]\nbaud = 115200\ndata_bits = 7\nparity = \"even\"\n\
+                 stop_bits = 2\nflow_control = \"rts/cts\"\nrfc2217 = true\n"
+            ),
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.services["CONSOLE"].serial,
+            Some(SerialSettings {
+                baud: 115_200,
+                data_bits: 7,
+                parity: Parity::Even,
+                stop_bits: 2,
+                flow_control: FlowControl::RtsCts,
+                rfc2217: true,
+            })
+        );
+        let p = problems(&format!(
+            "{console}[services.CONSOLE.serial]\nbaud = 0\ndata_bits = 9\nparity = \"mark\"\n\
+             stop_bits = 3\nflow_control = \"dtr\"\n"
+        ));
+        for key in ["baud", "data_bits", "parity", "stop_bits", "flow_control"] {
+            let key = format!("services.CONSOLE.serial.{key}");
+            assert!(p.iter().any(|p| p.key == key), "{key}: {p:?}");
+        }
+        let p = problems(&format!(
+            "{ALLOW}[services.SSH]\ntarget = \"127.0.0.1:22\"\n[services.SSH.serial]\nbaud = 9600\n"
+        ));
+        assert!(p.iter().any(|p| p.key == "services.SSH.serial"), "{p:?}");
+        assert!(
+            Target::parse("serial:ttyUSB0")
+                .unwrap_err()
+                .contains("absolute")
         );
     }
 

@@ -159,6 +159,25 @@ pub async fn handle(gw: Arc<Gateway>, tunnel: Arc<TunnelState>, stream: Connecti
                     start(&gw, &rec);
                     carrying.carry(&gw, svc, &rec, sock, stream).await
                 }
+                Ok(Local::Serial(port, _claim)) => {
+                    let settings = svc.serial.clone().unwrap_or_default();
+                    if !settings.rfc2217 {
+                        start(&gw, &rec);
+                        carrying.carry(&gw, svc, &rec, port, stream).await
+                    } else {
+                        match crate::serial::rfc2217_bridge(port, &settings, rec.conn.clone()) {
+                            Ok(session) => {
+                                start(&gw, &rec);
+                                carrying.carry(&gw, svc, &rec, session, stream).await
+                            }
+                            Err(e) => {
+                                let detail = format!("{target}: {e}");
+                                let r = Refusal::new(EndReason::ConnectFailed, detail);
+                                return refuse(rec, r, stream).await;
+                            }
+                        }
+                    }
+                }
                 Err(r) => return refuse(rec, r, stream).await,
             }
         }
@@ -225,9 +244,17 @@ impl Carrying {
         L: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let stop = consent::withdrawn(gw);
-        let (to, from, idle) = (&self.to[..], &self.from[..], svc.idle_timeout);
+        let (to, from) = (&self.to[..], &self.from[..]);
+        let ends = Ends {
+            idle: svc.idle_timeout,
+            // A serial line has no FIN to pass on, nor anything to wait for after one.
+            on_client_fin: matches!(
+                svc.kind,
+                crate::config::Kind::Forward(crate::config::Target::Serial(_))
+            ),
+        };
         let Some(policy) = &svc.modbus else {
-            return pump(local, stream, to, from, idle, &self.counted, stop).await;
+            return pump(local, stream, to, from, ends, &self.counted, stop).await;
         };
         let gw = gw.clone();
         let filtered = crate::modbus::filter(
@@ -238,8 +265,19 @@ impl Carrying {
                 conn: rec.clone(),
             },
         );
-        pump(filtered, stream, to, from, idle, &self.counted, stop).await
+        pump(filtered, stream, to, from, ends, &self.counted, stop).await
     }
+}
+
+/// What ends a connection besides either side closing.
+#[derive(Clone, Copy, Debug)]
+pub struct Ends {
+    /// Nothing moved either way for this long.
+    pub idle: Option<Duration>,
+    /// The client's end (its FIN, or the tunnel connection's reset) ends the connection at
+    /// once, for a target that cannot be half-closed and never closes by itself (a serial
+    /// port).
+    pub on_client_fin: bool,
 }
 
 /// The connection is up: count it (`handle` counts it down when it ends) and record it.
@@ -264,7 +302,7 @@ pub struct Outcome {
 }
 
 /// Carry bytes between the target and the tunnel connection under bandwidth limits, until one
-/// side ends, nothing moved for `idle`, or `stop` resolves (with its reason); `counted` (to
+/// side ends, `ends` says so (idle), or `stop` resolves (with its reason); `counted` (to
 /// target, from target) follow as they go.
 ///
 /// With half-close negotiated (culvert's extension), a FIN from either side reaches the other as
@@ -276,7 +314,7 @@ pub async fn pump<L>(
     tunnel: Connection,
     to_limits: &[Arc<Bandwidth>],
     from_limits: &[Arc<Bandwidth>],
-    idle: Option<Duration>,
+    ends: Ends,
     counted: &(Counter, Counter),
     stop: impl std::future::Future<Output = EndReason>,
 ) -> Outcome
@@ -360,7 +398,7 @@ where
         why
     };
     let idle = async {
-        let Some(idle) = idle else {
+        let Some(idle) = ends.idle else {
             return std::future::pending().await;
         };
         loop {
@@ -382,7 +420,9 @@ where
     tokio::pin!(down, up, idle_watch);
     let reason = tokio::select! {
         (why, finished) = &mut down => {
-            if finished {
+            if ends.on_client_fin {
+                why
+            } else if finished {
                 // The client finished sending (half-close): the target may answer at leisure.
                 tokio::select! {
                     _ = &mut up => why,

@@ -10,6 +10,8 @@
 //! - http rules: the same for each route's upstream; down when any is;
 //! - udp targets: resolved and checked only, and reported `unchecked` (UDP has no handshake:
 //!   a probe would mean sending a datagram the device has to interpret);
+//! - serial targets: `up` when the device node exists (opening the port would raise DTR,
+//!   which resets some devices);
 //! - a rule with `probe = false` (a device that logs or counts every connection, or has few
 //!   connection slots): `unchecked`.
 //!
@@ -56,6 +58,7 @@ pub async fn probe(svc: &Service) -> Probe {
         Kind::Forward(t @ Target::Tcp(_)) => ("tcp", t.to_string()),
         Kind::Forward(t @ Target::Udp(_)) => ("udp", t.to_string()),
         Kind::Forward(t @ Target::Unix(_)) => ("unix", t.to_string()),
+        Kind::Forward(t @ Target::Serial(_)) => ("serial", t.to_string()),
         Kind::Http(h) => (
             "http",
             h.routes
@@ -81,6 +84,15 @@ pub async fn probe(svc: &Service) -> Probe {
                     Err(r) => (State::Down, Some(r.detail)),
                 }
             }
+            // Opening a serial port raises DTR, which resets some devices (Arduinos, some
+            // controllers): only the device node is looked at.
+            Kind::Forward(Target::Serial(path)) => match std::fs::metadata(path) {
+                Ok(_) => (
+                    State::Up,
+                    Some("the device exists (serial ports are not opened to probe them)".into()),
+                ),
+                Err(e) => (State::Down, Some(format!("{}: {e}", path.display()))),
+            },
             Kind::Forward(t) => match target::connect(svc, t).await {
                 Ok(_) => (State::Up, None),
                 Err(r) => (State::Down, Some(r.detail)),

@@ -17,6 +17,7 @@
 //!   connect (tcp rules and http upstreams alike; a udp target's socket).
 //! - [`udp`]: a udp rule's flow: datagrams framed in the tunnel connection's stream.
 //! - [`modbus`]: a read-only Modbus/TCP rule's filter in front of its target.
+//! - [`serial`]: a serial rule's port: one user at a time, raw bytes or RFC 2217.
 //! - `http` (feature `http`): HTTP routing by Host and path to device web UIs, pingora embedded.
 //! - [`notify`]: MQTT notifications: each one starts a destination session for its token;
 //!   [`health`]: the rules' targets probed and reported to the relay over the same client.
@@ -41,6 +42,7 @@ pub mod metrics;
 pub mod modbus;
 pub mod notify;
 pub mod rules;
+pub mod serial;
 pub mod service;
 pub mod target;
 pub mod udp;

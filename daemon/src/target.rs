@@ -35,6 +35,8 @@ pub enum Local {
     Tcp(TcpStream, SocketAddr),
     Udp(UdpSocket, SocketAddr),
     Unix(UnixStream),
+    /// The port, and the claim that keeps other connections off it until it ends.
+    Serial(serial2_tokio::SerialPort, crate::serial::Claim),
 }
 
 /// Resolve `hp` (literal addresses as they are, names now), within `timeout`.
@@ -100,6 +102,18 @@ pub async fn connect(svc: &Service, target: &Target) -> Result<Local, Refusal> {
         )
     };
     match target {
+        Target::Serial(path) => {
+            let claim =
+                crate::serial::claim(path).map_err(|why| Refusal::new(EndReason::InUse, why))?;
+            let settings = svc.serial.clone().unwrap_or_default();
+            match crate::serial::open(path, &settings) {
+                Ok(port) => Ok(Local::Serial(port, claim)),
+                Err(e) => Err(Refusal::new(
+                    EndReason::ConnectFailed,
+                    format!("{target}: {e}"),
+                )),
+            }
+        }
         Target::Unix(path) => {
             match tokio::time::timeout(svc.connect_timeout, UnixStream::connect(path)).await {
                 Ok(Ok(s)) => Ok(Local::Unix(s)),

@@ -158,7 +158,7 @@ pub fn on_site_topic(thing: &str) -> String {
 /// The topic a gateway reports its rules' targets on (`[mqtt] health_report_secs`): a culvert
 /// extension like [`on_site_topic`], taken by a culvert relay's broker from that thing only.
 /// The payload is JSON: `{"services": [{"name", "kind", "target", "state", "detail"}]}`, with
-/// `kind` one of tcp, udp, unix, http and `state` one of up, down, unchecked.
+/// `kind` one of tcp, udp, unix, serial, http and `state` one of up, down, unchecked.
 pub fn health_topic(thing: &str) -> String {
     format!("culvert/things/{thing}/health")
 }

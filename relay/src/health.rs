@@ -68,9 +68,9 @@ pub fn parse(payload: &[u8]) -> Result<Vec<ServiceHealth>, String> {
         if !culvert_protocol::valid_name(&s.name) {
             return Err("a service name that is not 1-128 of A-Z a-z 0-9 : _ -".into());
         }
-        if !matches!(s.kind.as_str(), "tcp" | "udp" | "unix" | "http") {
+        if !matches!(s.kind.as_str(), "tcp" | "udp" | "unix" | "serial" | "http") {
             return Err(format!(
-                "service {}: kind is not tcp, udp, unix or http",
+                "service {}: kind is not tcp, udp, unix, serial or http",
                 s.name
             ));
         }

@@ -1,6 +1,7 @@
 //! The systemd units under packaging/systemd pass `systemd-analyze verify` without a warning, and
 //! keep their hardening (`systemd-analyze security` exposure "OK", at most 2.0), checked offline
-//! against a root holding the built binaries where the units expect them.
+//! against a root holding the built binaries where the units expect them. The drop-in
+//! docs/configuration.md gives for serial rules verifies too, and stays "OK".
 
 use std::path::Path;
 use std::process::Command;
@@ -43,9 +44,27 @@ fn unit_root() -> std::path::PathBuf {
 fn units_verify_cleanly_and_stay_hardened() {
     let analyze = require_tool("systemd-analyze", "systemd");
     let root = unit_root();
+    verify(&analyze, &root);
+    // The serial rules' drop-in, as docs/configuration.md prints it.
+    let docs = std::fs::read_to_string(workspace().join("docs/configuration.md")).unwrap();
+    let at = docs
+        .find("systemctl edit culvertd")
+        .expect("the serial drop-in in docs/configuration.md");
+    let block = docs[at..]
+        .split("```ini\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("an ini block after `systemctl edit culvertd`");
+    let dropin = root.join("etc/systemd/system/culvertd.service.d");
+    std::fs::create_dir_all(&dropin).unwrap();
+    std::fs::write(dropin.join("serial.conf"), block).unwrap();
+    verify(&analyze, &root);
+}
+
+fn verify(analyze: &Path, root: &Path) {
     for unit in ["culvertd.service", "culvert-relay.service"] {
         let path = root.join("etc/systemd/system").join(unit);
-        let out = Command::new(&analyze)
+        let out = Command::new(analyze)
             .arg("verify")
             .arg(format!("--root={}", root.display()))
             .arg(&path)
@@ -56,7 +75,7 @@ fn units_verify_cleanly_and_stay_hardened() {
             out.status.success() && err.trim().is_empty(),
             "systemd-analyze verify {unit}: {err}"
         );
-        let out = Command::new(&analyze)
+        let out = Command::new(analyze)
             .args(["security", "--offline=yes"])
             .arg(format!("--root={}", root.display()))
             .arg(&path)
