@@ -1,6 +1,7 @@
 //! `culvert login`: the relay, CA and API key saved for the commands that follow, in
 //! `$CULVERT_CREDENTIALS`, else `$XDG_CONFIG_HOME/culvert/credentials.json`, else
-//! `~/.config/culvert/credentials.json`, readable by the user alone (0600).
+//! `~/.config/culvert/credentials.json`, readable by the user alone (0600); on Windows
+//! `%APPDATA%\culvert\credentials.json`, which the user profile's ACL protects.
 //!
 //! What the command line or the environment gives (`--relay`, `--api-key`, `CULVERT_*`) wins
 //! over the saved values.
@@ -30,7 +31,8 @@ impl Credentials {
         }
         let base = env("XDG_CONFIG_HOME")
             .map(PathBuf::from)
-            .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+            .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".config")))
+            .or_else(|| env("APPDATA").map(PathBuf::from))?;
         Some(base.join("culvert").join("credentials.json"))
     }
 

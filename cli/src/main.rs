@@ -414,6 +414,7 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 }
 
 /// A token cancelled by SIGTERM, SIGINT or SIGHUP, handled on `rt`.
+#[cfg(unix)]
 fn stop_on_signals(rt: &tokio::runtime::Runtime) -> CancellationToken {
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
@@ -429,6 +430,27 @@ fn stop_on_signals(rt: &tokio::runtime::Runtime) -> CancellationToken {
         tokio::select! {
             _ = term.recv() => {},
             _ = hup.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        stop.cancel();
+    });
+    shutdown
+}
+
+/// A token cancelled by Ctrl-C or Ctrl-Break, or the console window closing, handled on `rt`.
+#[cfg(windows)]
+fn stop_on_signals(rt: &tokio::runtime::Runtime) -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    rt.spawn(async move {
+        use tokio::signal::windows::{ctrl_break, ctrl_close};
+        let (Ok(mut brk), Ok(mut close)) = (ctrl_break(), ctrl_close()) else {
+            eprintln!("culvert: cannot handle Ctrl-Break; stop it with taskkill /F");
+            return;
+        };
+        tokio::select! {
+            _ = brk.recv() => {},
+            _ = close.recv() => {},
             _ = tokio::signal::ctrl_c() => {},
         }
         stop.cancel();

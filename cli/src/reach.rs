@@ -243,6 +243,7 @@ fn proxy_command(culvert: &Path, service: &str) -> String {
 /// Wait for ssh. Ctrl-C belongs to ssh (it is in the terminal's foreground group with us), so
 /// SIGINT is ignored here; SIGTERM and SIGHUP are passed on to ssh, which restores the
 /// terminal before it exits.
+#[cfg(unix)]
 async fn wait_child_forwarding_signals(
     child: &mut tokio::process::Child,
 ) -> Result<std::process::ExitStatus, String> {
@@ -262,6 +263,20 @@ async fn wait_child_forwarding_signals(
         };
         if let (Some(sig), Some(pid)) = (pass_on, child.id()) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+        }
+    }
+}
+
+/// Wait for ssh. On Windows, Ctrl-C reaches every process of the console, ssh included, which
+/// decides what it means: it is ignored here.
+#[cfg(not(unix))]
+async fn wait_child_forwarding_signals(
+    child: &mut tokio::process::Child,
+) -> Result<std::process::ExitStatus, String> {
+    loop {
+        tokio::select! {
+            status = child.wait() => return status.map_err(|e| e.to_string()),
+            _ = tokio::signal::ctrl_c() => {}
         }
     }
 }
