@@ -20,7 +20,8 @@
 //! - [`serial`]: a serial rule's port: one user at a time, raw bytes or RFC 2217.
 //! - `http` (feature `http`): HTTP routing by Host and path to device web UIs, pingora embedded.
 //! - [`notify`]: MQTT notifications: each one starts a destination session for its token;
-//!   [`health`]: the rules' targets probed and reported to the relay over the same client.
+//!   [`health`]: the rules' targets probed and reported to the relay over the same client;
+//!   [`mqtt_proxy`]: that client's way through the site's proxy.
 //! - [`service`]: [`run`]: serve, stop (drain, then cut after the grace period) and reload
 //!   on [`Signal`]s, under one shutdown; `main` only prepares and calls it.
 //! - [`metrics`]: counters and gauges for the Prometheus endpoint and systemd's STATUS line
@@ -40,6 +41,7 @@ pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod modbus;
+pub mod mqtt_proxy;
 pub mod notify;
 pub mod rules;
 pub mod serial;

@@ -148,13 +148,31 @@ pub async fn run(
         .mqtt
         .clone()
         .ok_or("no [mqtt] section in the configuration")?;
-    let mut opts = MqttOptions::new(m.client_id.clone(), m.broker.host.clone(), m.broker.port);
+    // The broker through the site's proxy, as the relay (relay.proxy, else the environment's
+    // for the broker's host).
+    let proxy =
+        culvert_protocol::proxy::Proxy::choose(gw.config().proxy.as_deref(), &m.broker.host)
+            .map_err(|e| format!("relay.proxy: {e}"))?;
+    // The bridge is kept until this function returns: its directory goes with it.
+    let (mut opts, _bridge) = match proxy {
+        None => {
+            let mut o = MqttOptions::new(m.client_id.clone(), m.broker.host.clone(), m.broker.port);
+            o.set_transport(Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls),
+            ));
+            (o, None)
+        }
+        Some(p) => {
+            info!(proxy = %p, broker = %m.broker, "reaching the MQTT broker through a proxy");
+            let b = crate::mqtt_proxy::start(p, m.broker.clone(), tls)?;
+            let mut o = MqttOptions::new(m.client_id.clone(), b.path.to_string_lossy(), 0);
+            o.set_transport(Transport::Unix);
+            (o, Some(b))
+        }
+    };
     opts.set_keep_alive(Duration::from_secs(30))
         .set_clean_session(false)
-        .set_max_packet_size(MAX_MQTT_PACKET, 64 * 1024)
-        .set_transport(Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(tls),
-        ));
+        .set_max_packet_size(MAX_MQTT_PACKET, 64 * 1024);
     if let Some(u) = &m.username {
         let password = m.password.as_ref().map(|p| p.expose().to_owned());
         opts.set_credentials(u.clone(), password.unwrap_or_default());

@@ -392,3 +392,63 @@ fn culvertd_and_culvert_connect_reach_the_relay_through_dante_socks5_with_auth()
     );
     drop(dante.proc);
 }
+
+/// culvertd waiting for notifications behind a proxy: its MQTT connection to the relay's
+/// broker goes through the proxy too (squid's CONNECT with basic auth for one gateway, dante's
+/// SOCKS5 with a user name and password for another), so a tunnel opened for it reaches it and
+/// carries data, and each proxy's log shows the broker's port as well as the relay's.
+#[test]
+fn culvertd_hears_its_notifications_through_squid_and_through_dante() {
+    let dir = scratch("proxy-mqtt");
+    let squid = Squid::start(&dir, "squid-pw");
+    let dante = Dante::start(&dir, "s0cks-pw");
+    let echo = echo_server();
+    let relay = Relay::start(&dir);
+    let broker = relay.mqtt.expect("--dev runs the embedded broker");
+    let mut gateways = Vec::new();
+    for (thing, proxy) in [
+        ("cell-http", squid.url("squid-pw")),
+        ("cell-socks", dante.url("socks5", "s0cks-pw")),
+    ] {
+        let password = relay.add_device(thing);
+        let rules = mqtt_rules(
+            &dir,
+            broker,
+            thing,
+            &password,
+            &[("ECHO", echo.to_string())],
+        );
+        let text = std::fs::read_to_string(&rules).unwrap();
+        std::fs::write(&rules, format!("[relay]\nproxy = \"{proxy}\"\n\n{text}")).unwrap();
+        let gw = relay.mqtt_gateway_with(&dir, &rules, &format!("culvertd-{thing}"), None);
+        wait_log(&gw, "reaching the MQTT broker through a proxy");
+        wait_log(&gw, "subscribed");
+        let t = relay.open_tunnel(thing, &["ECHO"]);
+        relay.wait_side(&t.id, "destination", "CONNECTED");
+        let (_px, ports) = relay.proxy(&dir, &t.source, &["ECHO"]);
+        assert!(echo_works(ports["ECHO"], thing.as_bytes()), "{thing}");
+        gateways.push(gw);
+    }
+    // squid logs a CONNECT when it ends: stopping the gateways ends theirs.
+    drop(gateways);
+    wait_for("squid's CONNECTs to the broker and to the relay", || {
+        let log = squid.access_log();
+        let connected = |port: u16| {
+            log.lines().any(|l| {
+                l.contains("CONNECT")
+                    && l.contains(&format!("127.0.0.1:{port}"))
+                    && l.contains("operator")
+            })
+        };
+        (connected(broker.port()) && connected(relay.addr.port())).then_some(())
+    });
+    assert!(
+        dante.passed_to(broker.port()) >= 1,
+        "the SOCKS gateway's broker connection through dante:\n{}",
+        std::fs::read_to_string(&dante.log).unwrap_or_default()
+    );
+    assert!(dante.passed_to(relay.addr.port()) >= 1);
+    drop(dante.proc);
+    drop(squid.proc);
+    let _ = std::fs::remove_dir_all(&dir);
+}
