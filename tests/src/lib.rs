@@ -656,6 +656,21 @@ pub fn python_venv(name: &str, requirements: &str) -> PathBuf {
     venv
 }
 
+/// Run a test's Python client (`python SCRIPT ARGS`, from the workspace) that prints one JSON
+/// object per line; its lines, parsed. Fails with the client's stderr if it fails.
+pub fn python_json_lines(python: &Path, script: &str, args: &[&str]) -> Vec<Value> {
+    let out = Command::new(python)
+        .arg(workspace().join(script))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{script} failed: {}", stderr_of(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{script}: {l:?}: {e}")))
+        .collect()
+}
+
 pub fn random_bytes(n: usize) -> Vec<u8> {
     let mut v = vec![0u8; n];
     rand::fill(&mut v[..]);

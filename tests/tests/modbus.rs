@@ -52,20 +52,7 @@ fn a_read_only_modbus_rule_passes_reads_and_answers_writes_with_exceptions() {
     relay.wait_side(&t.id, "source", "CONNECTED");
     let port = ports["PLC"];
 
-    let out = Command::new(&python)
-        .arg(workspace().join("tests/modbus/client.py"))
-        .arg(port.to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "the Modbus client failed: {}",
-        stderr_of(&out)
-    );
-    let answers: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
-        .collect();
+    let answers = python_json_lines(&python, "tests/modbus/client.py", &[&port.to_string()]);
     let expect = [
         (
             "read holding 10-14",

@@ -102,20 +102,8 @@ fn serial_rules_carry_a_console_one_user_at_a_time_and_speak_rfc_2217() {
     });
 
     // RFC 2217: pyserial sets the line, the device sees it.
-    let out = Command::new(&python)
-        .arg(workspace().join("tests/serial/client.py"))
-        .arg(ports["RFC"].to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pyserial's RFC 2217 client failed: {}",
-        stderr_of(&out)
-    );
-    let answers: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
-        .collect();
+    let rfc = ports["RFC"].to_string();
+    let answers = python_json_lines(&python, "tests/serial/client.py", &[&rfc]);
     let expect = [
         ("as opened", "LINE 9600 8N1\r\n"),
         ("after the change", "LINE 115200 8N2\r\n"),
