@@ -71,6 +71,24 @@ enum Command {
         #[command(subcommand)]
         command: AccessCommand,
     },
+    /// The newest records of the relay's audit trail (admins), newest first.
+    Audit {
+        /// Only this event (tunnel_open, attach, login_refused, …).
+        #[arg(long)]
+        event: Option<String>,
+        /// Only records of this operator.
+        #[arg(long)]
+        operator: Option<String>,
+        /// Only records of this thing.
+        #[arg(long)]
+        thing: Option<String>,
+        /// Only records of this tunnel.
+        #[arg(long)]
+        tunnel: Option<String>,
+        /// At most this many (1-500).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=500))]
+        limit: u16,
+    },
     /// Manage tunnels through the relay's API.
     Tunnel {
         #[command(subcommand)]
@@ -635,6 +653,29 @@ fn main() -> ExitCode {
             Ok(Err(e)) => fail(e),
             Err(e) => fail(e),
         },
+        Command::Audit {
+            event,
+            operator,
+            thing,
+            tunnel,
+            limit,
+        } => {
+            let q: Vec<(&str, String)> = [
+                ("event", event),
+                ("operator", operator),
+                ("thing", thing),
+                ("tunnel", tunnel),
+                ("limit", Some(limit.to_string())),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect();
+            match api_client(api_key).map(|a| operator::audit(&a, &q, cli.json)) {
+                Ok(Ok(_)) => ExitCode::SUCCESS,
+                Ok(Err(e)) => fail(e),
+                Err(e) => fail(e),
+            }
+        }
         Command::Access { command } => {
             let api = match api_client(api_key) {
                 Ok(a) => a,

@@ -321,6 +321,37 @@ pub fn requests(api: &ApiClient, pending: bool, as_json: bool) -> Result<(), Api
     Ok(())
 }
 
+/// `culvert audit`: one line per record, newest first (`--json`: the records as the relay
+/// sent them).
+pub fn audit(api: &ApiClient, query: &[(&str, String)], as_json: bool) -> Result<(), ApiError> {
+    let v = api.get("/audit", query)?;
+    if as_json {
+        print_json(&v);
+        return Ok(());
+    }
+    let all = v["records"].as_array().cloned().unwrap_or_default();
+    if all.is_empty() {
+        println!("no audit records match");
+    }
+    for r in &all {
+        let mut rest = r.as_object().cloned().unwrap_or_default();
+        let mut take = |k: &str| match rest.remove(k) {
+            Some(Value::String(s)) => s,
+            Some(other) => other.to_string(),
+            None => String::new(),
+        };
+        let (ts, event) = (take("ts"), take("event"));
+        for k in ["seq", "prev", "hash"] {
+            rest.remove(k);
+        }
+        println!("{ts}  {event:<16} {}", Value::Object(rest));
+    }
+    if v["truncated"] == true {
+        println!("(only the newest part of the audit file was searched: narrow the filters)");
+    }
+    Ok(())
+}
+
 /// `culvert access approve|refuse`.
 pub fn decide(
     api: &ApiClient,

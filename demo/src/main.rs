@@ -276,6 +276,34 @@ fn main() -> ExitCode {
             .to_owned()
     };
 
+    // An admin for the web console, with a password of this run (an earlier run's operator
+    // gets the new one).
+    let console = env
+        .iter()
+        .find(|(k, _)| k == "CULVERT_CONSOLE")
+        .map(|(_, v)| v.clone());
+    let console_password = {
+        let mut raw = [0u8; 12];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut raw))
+            .unwrap_or_else(|e| die(e));
+        raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let _ = culvert()
+        .args(["--json", "operator", "add", "demo", "--role", "admin"])
+        .output();
+    let out = culvert()
+        .args(["--json", "operator", "password", "demo"])
+        .env("CULVERT_PASSWORD", &console_password)
+        .output()
+        .unwrap_or_else(|e| die(e));
+    if !out.status.success() {
+        die(format!(
+            "cannot set the console operator's password: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+
     let mut proxy = culvert();
     proxy
         .args(["connect", "-s", "WEB=0,ECHO=0,SSH=0"])
@@ -341,6 +369,12 @@ fn main() -> ExitCode {
         env_file.display(),
         bins.join("culvert").display()
     );
+    if let Some(url) = &console {
+        println!(
+            "  web console                  {url}   (log in as demo, password {console_password}; the browser must trust {} or be told to accept it)",
+            state.join("ca.pem").display()
+        );
+    }
     println!("  logs                         {}/*.log", state.display());
     println!(
         "  gateway audit trail          {}",

@@ -4,13 +4,16 @@
 //! configuration's `audit_file`), and logged under the target `culvert_relay::audit`.
 //! `culvert-relay audit verify FILE…` checks a file.
 
-use std::path::Path;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 
 use culvert_appliance::audit::AuditLog;
 use serde_json::{Map, Value};
 
 pub struct Audit {
     log: AuditLog,
+    /// The file written (none: only the log), for [`Audit::recent`].
+    path: Option<PathBuf>,
     /// Refusals of unauthenticated requests recorded in the current second, and those left
     /// out since the last one written: a flood of bad requests must not fill the disk.
     refusals: std::sync::Mutex<(u64, u32, u64)>,
@@ -39,6 +42,7 @@ impl Audit {
         log.open()?;
         Ok(Audit {
             log,
+            path: Some(path.to_owned()),
             refusals: Default::default(),
         })
     }
@@ -47,6 +51,7 @@ impl Audit {
     pub fn log_only() -> Audit {
         Audit {
             log: AuditLog::new(None),
+            path: None,
             refusals: Default::default(),
         }
     }
@@ -75,6 +80,20 @@ impl Audit {
         self.record(event, fields);
     }
 
+    /// The newest records of the current audit file that `keep` accepts, newest first, at most
+    /// `limit`; read backwards from the end, [`SCAN_LIMIT`] bytes at most (`true`: the scan
+    /// stopped there, older records were not looked at). Rotated files are not read.
+    pub fn recent(
+        &self,
+        keep: impl Fn(&Value) -> bool,
+        limit: usize,
+    ) -> std::io::Result<(Vec<Value>, bool)> {
+        let Some(path) = &self.path else {
+            return Ok((Vec::new(), false));
+        };
+        read_backwards(path, keep, limit, SCAN_LIMIT)
+    }
+
     /// Record `event` with its fields (`None` values are left out).
     pub fn record(&self, event: &str, fields: Value) {
         let mut m = Map::new();
@@ -92,5 +111,105 @@ impl Audit {
         }
         let line = self.log.append(&Value::Object(m).to_string());
         tracing::info!(target: "culvert_relay::audit", "{line}");
+    }
+}
+
+/// Bytes of the audit file one query reads at most.
+pub const SCAN_LIMIT: u64 = 64 << 20;
+/// A line longer than this is skipped (no record the relay writes comes near it).
+const MAX_LINE: usize = 1 << 20;
+
+/// Up to `limit` records of `path` that `keep` accepts, from the end backwards, reading at most
+/// `scan_limit` bytes; `true` when the limit stopped the scan before the file's start.
+fn read_backwards(
+    path: &Path,
+    keep: impl Fn(&Value) -> bool,
+    limit: usize,
+    scan_limit: u64,
+) -> std::io::Result<(Vec<Value>, bool)> {
+    const CHUNK: u64 = 64 * 1024;
+    let mut f = std::fs::File::open(path)?;
+    let mut pos = f.metadata()?.len();
+    let stop = pos.saturating_sub(scan_limit);
+    // The start of a line whose beginning is in a chunk not read yet.
+    let mut carry: Vec<u8> = Vec::new();
+    let mut out = Vec::new();
+    while pos > stop && out.len() < limit {
+        let n = CHUNK.min(pos - stop);
+        pos -= n;
+        f.seek(SeekFrom::Start(pos))?;
+        let mut buf = vec![0u8; n as usize];
+        f.read_exact(&mut buf)?;
+        buf.extend_from_slice(&carry);
+        let mut lines: Vec<&[u8]> = buf.split(|&b| b == b'\n').collect();
+        // Unless this chunk starts the file, its first piece may be the end of a longer line.
+        let first = if pos > 0 { lines.remove(0) } else { &[][..] };
+        for line in lines.iter().rev() {
+            if line.is_empty() || line.len() > MAX_LINE {
+                continue;
+            }
+            if let Ok(v) = serde_json::from_slice::<Value>(line)
+                && keep(&v)
+            {
+                out.push(v);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        carry = if first.len() > MAX_LINE {
+            Vec::new()
+        } else {
+            first.to_vec()
+        };
+    }
+    let cut = pos > 0 && out.len() < limit;
+    Ok((out, cut))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_matching_records_come_first_across_chunks_and_the_scan_is_bounded() {
+        let dir = std::env::temp_dir().join(format!("culvert-audit-recent-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let a = Audit::open(&path).unwrap();
+        // Long enough that records straddle the 64 KiB chunks.
+        let pad = "x".repeat(700);
+        for i in 0..400 {
+            let who = if i % 2 == 0 { "ada" } else { "bob" };
+            a.record(
+                "api",
+                serde_json::json!({"operator": who, "n": i, "pad": pad}),
+            );
+        }
+        let (ada, cut) = a.recent(|v| v["operator"] == "ada", 1000).unwrap();
+        assert!(!cut);
+        let ns: Vec<i64> = ada.iter().map(|v| v["n"].as_i64().unwrap()).collect();
+        assert_eq!(
+            ns,
+            (0..400).rev().filter(|i| i % 2 == 0).collect::<Vec<i64>>()
+        );
+        let (three, _) = a.recent(|_| true, 3).unwrap();
+        assert_eq!(
+            three
+                .iter()
+                .map(|v| v["n"].as_i64().unwrap())
+                .collect::<Vec<_>>(),
+            [399, 398, 397]
+        );
+        // A scan limit below the file's size stops early and says so.
+        let (some, cut) = read_backwards(&path, |_| true, 1000, 100_000).unwrap();
+        assert!(
+            cut && !some.is_empty() && some.len() < 400,
+            "{}",
+            some.len()
+        );
+        assert_eq!(some[0]["n"], 399);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

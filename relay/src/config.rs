@@ -105,6 +105,50 @@ pub struct RawConfig {
     /// This relay is a node of a cluster ([`crate::cluster`]).
     #[serde(default)]
     pub cluster: Option<crate::cluster::RawCluster>,
+    /// The web console ([`crate::console`]), on a listener of its own.
+    #[serde(default)]
+    pub console: Option<RawConsole>,
+}
+
+/// `[console]`: the web console's listener and its sessions.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsole {
+    pub listen: String,
+    /// A session unused this long ends (default 30).
+    #[serde(default)]
+    pub idle_minutes: Option<u64>,
+}
+
+impl RawConsole {
+    pub fn validate(
+        self,
+        relay_listen: SocketAddr,
+    ) -> Result<crate::console::ConsoleSettings, String> {
+        let listen: SocketAddr = self.listen.parse().map_err(|_| {
+            format!(
+                "console.listen: {:?} is not an address:port such as \"0.0.0.0:8444\"",
+                self.listen
+            )
+        })?;
+        if listen == relay_listen {
+            return Err(format!(
+                "console.listen: {listen} is the relay's own listen address; the console needs a port (an origin) of its own"
+            ));
+        }
+        let idle = self
+            .idle_minutes
+            .unwrap_or(crate::console::DEFAULT_IDLE_MINUTES);
+        if !(1..=720).contains(&idle) {
+            return Err(format!(
+                "console.idle_minutes: {idle} is out of range: 1 to 720 (a session lives 12 h at most)"
+            ));
+        }
+        Ok(crate::console::ConsoleSettings {
+            listen,
+            idle: Duration::from_secs(idle * 60),
+        })
+    }
 }
 
 /// Where the relay keeps its state.
@@ -563,6 +607,8 @@ pub struct RelayConfig {
     pub store: StoreSettings,
     /// This relay is a node of a cluster on the (shared) store.
     pub cluster: Option<crate::cluster::ClusterSettings>,
+    /// The web console, if it is served.
+    pub console: Option<crate::console::ConsoleSettings>,
 }
 
 /// A configuration problem, naming the file and key.
@@ -668,10 +714,12 @@ impl RawConfig {
                 Some(c)
             }
         };
+        let console = self.console.map(|c| c.validate(listen)).transpose()?;
         Ok(RelayConfig {
             aws,
             store,
             cluster,
+            console,
             listen,
             audit_file: self
                 .audit_file

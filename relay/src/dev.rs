@@ -86,6 +86,7 @@ pub fn prepare(
             },
             store: Default::default(),
             cluster: None,
+            console: None,
         },
         DevFiles { dir, ca },
     ))
@@ -127,6 +128,7 @@ fn generate_pki(ca_path: &Path, cert_path: &Path, key_path: &Path) -> anyhow::Re
 pub struct KeptPorts {
     pub https: Option<u16>,
     pub mqtt: Option<u16>,
+    pub console: Option<u16>,
 }
 
 const PORTS_FILE: &str = "ports";
@@ -146,6 +148,7 @@ impl KeptPorts {
         KeptPorts {
             https: get("https"),
             mqtt: get("mqtt"),
+            console: get("console"),
         }
     }
 
@@ -172,6 +175,7 @@ pub fn write_client_env(
     addr: SocketAddr,
     api_key: &Secret,
     mqtt: Option<SocketAddr>,
+    console: Option<SocketAddr>,
     aws: Option<AwsEnv>,
 ) -> std::io::Result<PathBuf> {
     let path = files.dir.join("client.env");
@@ -183,6 +187,9 @@ pub fn write_client_env(
     );
     if let Some(m) = mqtt {
         text.push_str(&format!("export CULVERT_MQTT={m}\n"));
+    }
+    if let Some(c) = console {
+        text.push_str(&format!("export CULVERT_CONSOLE=https://{c}/\n"));
     }
     if let Some(a) = aws {
         // AWS_ENDPOINT_URL_IOTSECURETUNNELING is the SDKs' own per-service endpoint variable;
@@ -204,6 +211,9 @@ pub fn write_client_env(
     );
     if let Some(m) = mqtt {
         ports.push_str(&format!("mqtt={}\n", m.port()));
+    }
+    if let Some(c) = console {
+        ports.push_str(&format!("console={}\n", c.port()));
     }
     let tmp = files.dir.join("ports.tmp");
     std::fs::write(&tmp, ports)?;
@@ -238,6 +248,7 @@ mod tests {
             "127.0.0.1:40001".parse().unwrap(),
             &key,
             Some("127.0.0.1:40002".parse().unwrap()),
+            Some("127.0.0.1:40003".parse().unwrap()),
             Some(AwsEnv {
                 access_key_id: "CKID000000000000",
                 secret_access_key: "s/+cret",
@@ -251,11 +262,15 @@ mod tests {
             "export AWS_SECRET_ACCESS_KEY=s/+cret\n",
             "export AWS_DEFAULT_REGION=us-east-1\n",
             "export CULVERT_AWS_ENDPOINT=https://127.0.0.1:40001\n",
+            "export CULVERT_CONSOLE=https://127.0.0.1:40003/\n",
         ] {
             assert!(env.contains(line), "{line:?} missing from:\n{env}");
         }
         let kept = KeptPorts::read(&dir);
-        assert_eq!((kept.https, kept.mqtt), (Some(40001), Some(40002)));
+        assert_eq!(
+            (kept.https, kept.mqtt, kept.console),
+            (Some(40001), Some(40002), Some(40003))
+        );
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         assert_eq!(KeptPorts::apply(any, kept.mqtt).port(), 40002);
         let explicit: SocketAddr = "127.0.0.1:8443".parse().unwrap();

@@ -34,6 +34,7 @@ pub mod bridge;
 pub mod broker;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod dataplane;
 pub mod dev;
 pub mod devices;

@@ -35,6 +35,10 @@ struct Args {
     /// the same one after).
     #[arg(long, default_value = "127.0.0.1:0", requires = "dev")]
     mqtt_listen: String,
+    /// --dev: the web console's listener (port 0: any free port on the first start, the same
+    /// one after); "off" serves none.
+    #[arg(long, default_value = "127.0.0.1:0", requires = "dev")]
+    console_listen: String,
     /// --dev: notify devices through this external broker (mqtts://host:port) instead.
     #[arg(long, requires = "dev")]
     mqtt_broker: Option<String>,
@@ -98,6 +102,24 @@ fn main() -> ExitCode {
             Err(_) => args.mqtt_listen.clone(),
         };
         kept_in_use |= listen != args.listen;
+        let console = if args.console_listen == "off" {
+            None
+        } else {
+            match args.console_listen.parse() {
+                Ok(addr) => {
+                    let a = dev::KeptPorts::apply(addr, kept.console);
+                    kept_in_use |= a != addr;
+                    Some(a)
+                }
+                Err(_) => {
+                    eprintln!(
+                        "culvert-relay: --console-listen {:?}: expected address:port (such as 127.0.0.1:8444) or off",
+                        args.console_listen
+                    );
+                    std::process::exit(64);
+                }
+            }
+        };
         let raw = |dev_ca: &std::path::Path| {
             RawMqtt {
                 listen: broker.is_none().then_some(mqtt_listen),
@@ -121,6 +143,12 @@ fn main() -> ExitCode {
                     c.limits.max_services = n.into();
                 }
                 c.daemon.metrics_listen = args.metrics_listen;
+                c.console = console.map(|listen| culvert_relay::console::ConsoleSettings {
+                    listen,
+                    idle: std::time::Duration::from_secs(
+                        culvert_relay::console::DEFAULT_IDLE_MINUTES * 60,
+                    ),
+                });
                 match culvert_relay::config::StoreSettings::parse(
                     args.store.clone(),
                     None,
@@ -224,6 +252,7 @@ async fn serve(
             addr,
             &cfg.api_key,
             relay.mqtt_addr(),
+            relay.console_addr(),
             aws.as_ref().map(|(id, secret)| dev::AwsEnv {
                 access_key_id: id,
                 secret_access_key: secret,
@@ -237,6 +266,11 @@ async fn serve(
         if let Some(m) = relay.mqtt_addr() {
             println!("  MQTT broker      mqtts://{m}   (devices: culvert device add --thing NAME)");
         }
+        if let Some(c) = relay.console_addr() {
+            println!(
+                "  web console      https://{c}/   (trust the CA above; log in as an operator with a password: culvert operator add, culvert operator password)"
+            );
+        }
         println!(
             "  client settings  . {}   (then: culvert tunnel open --thing NAME --service SSH)",
             env.display()
@@ -246,6 +280,9 @@ async fn serve(
         );
     } else {
         println!("culvert-relay serving https://{addr}");
+        if let Some(c) = relay.console_addr() {
+            println!("culvert-relay web console at https://{c}/");
+        }
     }
     if let Some(addr) = cfg.daemon.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)

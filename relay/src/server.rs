@@ -34,10 +34,11 @@ use crate::{api, aws, dataplane, reannounce};
 /// Largest API request body.
 const MAX_API_BODY: usize = 64 * 1024;
 
-pub fn router(state: Arc<AppState>) -> Router {
+/// The control API's routes (under `/api/v1`), without the layer that authenticates them: the
+/// API key on the relay's listener, the session cookie on the web console's.
+pub fn api_routes() -> Router<Arc<AppState>> {
     use api::operators as ops;
-    // The API key is checked before anything else of a request is read.
-    let api = Router::new()
+    Router::new()
         .route("/tunnels", post(api::open).get(api::list))
         .route("/tunnels/{id}", get(api::describe))
         .route("/tunnels/{id}/close", post(api::close))
@@ -66,16 +67,21 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/requests/{id}/approve", post(api::requests::approve))
         .route("/requests/{id}/refuse", post(api::requests::refuse))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            api::require_api_key,
-        ));
+        .route("/audit", get(api::audit::list))
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    // The API key is checked before anything else of a request is read.
+    let api = api_routes().route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        api::require_api_key,
+    ));
     Router::new()
         // AWS's control API: AWS JSON 1.1, signed with SigV4 (checked by the handler).
         .route("/", post(aws::handle).fallback(not_found))
         .route("/tunnel", get(dataplane::handshake))
         // The one API call without a key: it trades a password for one.
-        .route("/api/v1/login", post(ops::login))
+        .route("/api/v1/login", post(api::operators::login))
         .nest("/api/v1", api)
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(not_found)
@@ -173,6 +179,8 @@ pub struct Relay {
     state: Arc<AppState>,
     /// Stops the MQTT client and the embedded broker.
     background: CancellationToken,
+    /// The web console's listener and settings, when it is served.
+    console: Option<(TcpListener, crate::console::ConsoleSettings)>,
 }
 
 impl Relay {
@@ -230,6 +238,15 @@ impl Relay {
         let listener = TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+        let console = match &cfg.console {
+            None => None,
+            Some(c) => Some((
+                TcpListener::bind(c.listen).await.map_err(|e| {
+                    anyhow::anyhow!("console.listen: cannot listen on {}: {e}", c.listen)
+                })?,
+                c.clone(),
+            )),
+        };
         let background = CancellationToken::new();
         let (notifier, mqtt_listen) = match &cfg.mqtt.mode {
             BrokerMode::Embedded { listen } => {
@@ -299,7 +316,13 @@ impl Relay {
                 cluster,
             }),
             background,
+            console,
         })
+    }
+
+    /// The web console's address, when it is served.
+    pub fn console_addr(&self) -> Option<SocketAddr> {
+        self.console.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -341,8 +364,19 @@ impl Relay {
             tls,
             state,
             background,
+            console,
         } = self;
         let app = router(state.clone());
+        if let Some((listener, settings)) = console {
+            let c = Arc::new(crate::console::Console::new(state.clone(), &settings));
+            tokio::spawn(crate::console::serve(
+                listener,
+                tls.clone(),
+                c,
+                shutdown.clone(),
+                state.listener.handshake_timeout,
+            ));
+        }
         if let Some(mut changes) = changes {
             let state = state.clone();
             let stop = shutdown.clone();

@@ -20,6 +20,8 @@ pub use culvert_devkit::{
 };
 pub use serde_json::Value;
 
+pub mod browser;
+
 /// The directory holding the built binaries (building them once per test process).
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -54,6 +56,8 @@ pub struct Relay {
     pub ca: PathBuf,
     /// The embedded MQTT broker's TLS address (absent with an external broker).
     pub mqtt: Option<SocketAddr>,
+    /// The web console's URL (`https://127.0.0.1:PORT/`).
+    pub console: Option<String>,
 }
 
 impl Relay {
@@ -140,6 +144,7 @@ impl Relay {
             api_key: env["CULVERT_API_KEY"].clone(),
             ca: PathBuf::from(&env["CULVERT_CA"]),
             mqtt: env.get("CULVERT_MQTT").map(|a| a.parse().unwrap()),
+            console: env.get("CULVERT_CONSOLE").cloned(),
         }
     }
 

@@ -246,6 +246,7 @@ fn endpoint(
         api_key: api_key.to_owned(),
         ca: pki.join("ca.pem"),
         mqtt: None,
+        console: None,
     }
 }
 

@@ -91,6 +91,33 @@ fn quick_start_demo_comes_up_carries_traffic_and_stops_cleanly() {
         devices.contains("robot-cell-7") && devices.contains("online"),
         "{devices}"
     );
+    // The web console it prints: its page, and a login with the password it prints.
+    let console = lines
+        .iter()
+        .find(|l| l.contains("web console"))
+        .unwrap_or_else(|| panic!("no web console printed: {lines:#?}"));
+    let url = console
+        .split_whitespace()
+        .find(|w| w.starts_with("https://"))
+        .unwrap();
+    let password = console
+        .split("password ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .unwrap();
+    let ca = dir.join("ca.pem");
+    let login = run_ok(
+        "curl (console login)",
+        Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(&ca)
+            .args(["-X", "POST", "-H", "content-type: application/json", "-H"])
+            .arg(format!("origin: {}", url.trim_end_matches('/')))
+            .arg("--data")
+            .arg(format!(r#"{{"name":"demo","password":"{password}"}}"#))
+            .arg(format!("{url}session")),
+    );
+    assert_eq!(login.trim(), "201", "{console}");
     let started = children(pid);
     assert!(
         started.len() >= 3,

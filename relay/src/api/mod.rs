@@ -13,6 +13,7 @@
 //! | POST | /api/v1/devices/{thing}/tags | replace a device's tags (grants may name things by tag) |
 //! | … | /api/v1/operators… | operators, keys and grants ([`operators`]) |
 //! | … | /api/v1/requests… | access requests and their approval ([`requests`]) |
+//! | GET | /api/v1/audit?event=&operator=&thing=&tunnel=&limit= | the newest audit records (admins; [`audit`]) |
 //!
 //! Opening a tunnel, and rotating its destination token, notify the device over MQTT.
 //!
@@ -31,6 +32,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+pub mod audit;
 pub mod operators;
 pub mod requests;
 
@@ -93,21 +95,33 @@ impl IntoResponse for AccessError {
 /// goes into the request's extensions; the request and its status go into the audit trail.
 pub async fn require_api_key(
     State(state): State<Arc<AppState>>,
-    mut req: axum::extract::Request,
+    req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let method = req.method().to_string();
-    let path = req.uri().path().to_owned();
     let principal = match authorize(&state, req.headers()) {
         Ok(p) => p,
         Err(d) => {
             state.audit.refusal(
                 "api_refused",
-                serde_json::json!({"method": method, "path": crate::audit::clip(&path), "status": 401, "message": d.to_string()}),
+                serde_json::json!({"method": req.method().as_str(), "path": crate::audit::clip(req.uri().path()), "status": 401, "message": d.to_string()}),
             );
             return d.into_response();
         }
     };
+    run_as(&state, principal, req, next).await
+}
+
+/// Run an authenticated request as `principal`, and audit it: the key's first use in this run,
+/// every change and every refusal. The API key middleware and the web console's session
+/// middleware ([`crate::console`]) both end here.
+pub(crate) async fn run_as(
+    state: &AppState,
+    principal: Principal,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
     req.extensions_mut().insert(principal.clone());
     if state.access.first_use_this_run(&principal) {
         state.audit.record(
