@@ -121,6 +121,11 @@ impl Browser {
         );
         b.session = attached["sessionId"].as_str().unwrap().to_owned();
         b.command("Page.enable", json!({}));
+        // Every Content-Security-Policy violation of every page, for `csp_violations`.
+        b.command(
+            "Page.addScriptToEvaluateOnNewDocument",
+            json!({"source": "window.__cspViolations = []; document.addEventListener('securitypolicyviolation', e => window.__cspViolations.push(e.violatedDirective + ' ' + (e.blockedURI || '') + ' ' + (e.sample || '')));"}),
+        );
         b
     }
 
@@ -222,6 +227,26 @@ impl Browser {
         ));
         assert_eq!(found, json!(true), "no input {selector} on the page");
         self.command("Input.insertText", json!({"text": text}));
+    }
+
+    /// Press Enter in the focused element, as the keyboard does.
+    pub fn press_enter(&mut self) {
+        for kind in ["keyDown", "keyUp"] {
+            self.command(
+                "Input.dispatchKeyEvent",
+                json!({"type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13, "text": if kind == "keyDown" { "\r" } else { "" }}),
+            );
+        }
+    }
+
+    /// What the page's Content-Security-Policy refused since it loaded.
+    pub fn csp_violations(&mut self) -> Vec<String> {
+        let v = self.eval("window.__cspViolations || []");
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap_or_default().to_owned())
+            .collect()
     }
 
     /// Click the element matching `selector`.

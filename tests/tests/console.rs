@@ -343,6 +343,26 @@ fn console_cookies_csrf_origin_csp_and_the_login_limit_hold() {
         assert!(csp.contains(d), "{csp}");
     }
     assert!(!csp.contains("unsafe"), "{csp}");
+    // Style elements apply only with the page's nonce, new on every load (the terminal's).
+    let nonce = |csp: &str, body: &str| {
+        let n = csp
+            .split("'nonce-")
+            .nth(1)
+            .and_then(|r| r.split('\'').next())
+            .expect("a style nonce")
+            .to_owned();
+        assert!(
+            body.contains(&format!("content=\"{n}\"")),
+            "the page has its nonce"
+        );
+        n
+    };
+    let first = nonce(csp, &body);
+    let (head2, body2) = curl(&relay, &[&url]);
+    assert_ne!(
+        first,
+        nonce(header(&head2, "content-security-policy").unwrap(), &body2)
+    );
     assert_eq!(header(&head, "x-frame-options"), Some("DENY"));
     assert_eq!(header(&head, "x-content-type-options"), Some("nosniff"));
     assert_eq!(header(&head, "cache-control"), Some("no-store"));
@@ -450,6 +470,27 @@ fn console_cookies_csrf_origin_csp_and_the_login_limit_hold() {
     assert_eq!(status(&head), 201, "{body}");
     assert_eq!(header(&head, "cache-control"), Some("no-store"));
 
+    // A terminal's WebSocket from another site's page is refused before the upgrade.
+    let (head, body) = curl(
+        &relay,
+        &[
+            "-H",
+            &cookie_h,
+            "-H",
+            "origin: https://evil.example",
+            "-H",
+            "connection: Upgrade",
+            "-H",
+            "upgrade: websocket",
+            "-H",
+            "sec-websocket-version: 13",
+            "-H",
+            "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==",
+            &format!("{url}terminal?tunnel=x&service=TELNET&kind=telnet"),
+        ],
+    );
+    assert_eq!(status(&head), 403, "{body}");
+
     // The relay's bootstrap API key is never a console session.
     let (head, _) = curl(
         &relay,
@@ -514,4 +555,205 @@ fn console_cookies_csrf_origin_csp_and_the_login_limit_hold() {
         "an operator may not read the audit trail: {}",
         stderr_of(&out)
     );
+}
+
+/// A telnet-style console that counts its connections: it offers to echo and to suppress
+/// go-ahead, echoes what is typed, and answers each line. What it received (negotiation
+/// included) is kept.
+fn telnet_console() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (g, c) = (got.clone(), count.clone());
+    std::thread::spawn(move || {
+        for s in l.incoming().take(8) {
+            let Ok(mut s) = s else { continue };
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let g = g.clone();
+            std::thread::spawn(move || {
+                // IAC WILL ECHO, IAC WILL SGA, then the banner and a prompt.
+                let _ = s.write_all(b"\xff\xfb\x01\xff\xfb\x03AS terminal ready\r\n>");
+                let mut line = Vec::new();
+                let mut buf = [0u8; 1024];
+                loop {
+                    let n = match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    g.lock().unwrap().extend_from_slice(&buf[..n]);
+                    for &b in &buf[..n] {
+                        match b {
+                            0xff | 0xfd | 0xfe | 0x01 | 0x03 if line.is_empty() && b >= 0xfd => {}
+                            b'\r' => {}
+                            b'\n' => {
+                                let reply = format!(
+                                    "\r\nyou said: {}\r\n>",
+                                    String::from_utf8_lossy(&line)
+                                );
+                                let _ = s.write_all(reply.as_bytes());
+                                line.clear();
+                            }
+                            b if b.is_ascii_graphic() || b == b' ' => {
+                                line.push(b);
+                                let _ = s.write_all(&[b]);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, got, count)
+}
+
+#[test]
+fn a_telnet_console_in_the_browser_carries_typed_lines_to_the_device_and_its_answers_back() {
+    let dir = scratch("console-terminal");
+    let relay = Relay::start(&dir);
+    let url = console_url(&relay);
+    let password = "console-test-password-3";
+    add_operator(&relay, "kai", "operator", password);
+    relay.api(&[
+        "operator",
+        "grant",
+        "add",
+        "kai",
+        "--thing",
+        "robot-7",
+        "--service",
+        "TELNET,RAW",
+    ]);
+    let (target, received, connections) = telnet_console();
+    let device_password = relay.add_device("robot-7");
+    let rules = mqtt_rules(
+        &dir,
+        relay.mqtt.unwrap(),
+        "robot-7",
+        &device_password,
+        &[
+            ("TELNET", target.to_string()),
+            ("RAW", echo_server().to_string()),
+        ],
+    );
+    let gw = relay.mqtt_gateway(&dir, &rules);
+    wait_log(&gw, "subscribed");
+
+    let mut b = Browser::launch(&dir, &relay.dir.join("relay-state/server.pem"));
+    b.open(&url);
+    log_in(&mut b, "kai", password);
+    b.wait_until(
+        "the tunnels hub",
+        "!document.getElementById('tunnels').hidden",
+    );
+    b.click("a[data-view='terminal']");
+    b.wait_until(
+        "the terminal form",
+        "!document.getElementById('terminal').hidden",
+    );
+    b.type_into("#term-thing", "robot-7");
+    b.type_into("#term-service", "TELNET");
+    b.type_into("#term-reason", "checking the AS terminal");
+    b.click("#term-open");
+    b.wait_until(
+        "the terminal connected",
+        "document.getElementById('term-status').innerText.startsWith('Connected')",
+    );
+    b.wait_until(
+        "the console's banner on the screen",
+        "(document.querySelector('#term-screen .xterm-rows') || {innerText: ''}).innerText.includes('AS terminal ready')",
+    );
+    // Typed at the keyboard, into the terminal.
+    b.eval("document.querySelector('#term-screen textarea').focus()");
+    b.command("Input.insertText", serde_json::json!({"text": "here 1"}));
+    b.press_enter();
+    b.wait_until(
+        "the console's answer on the screen",
+        "document.querySelector('#term-screen .xterm-rows').innerText.includes('you said: here 1')",
+    );
+    // The server echoed what was typed (it said WILL ECHO and was told DO), once.
+    let screen = b.text("#term-screen .xterm-rows");
+    assert_eq!(
+        screen.matches("here 1").count(),
+        2,
+        "echo once, answer once: {screen}"
+    );
+    let got = received.lock().unwrap().clone();
+    assert!(
+        got.windows(3).any(|w| w == [0xff, 0xfd, 0x01])
+            && got.windows(3).any(|w| w == [0xff, 0xfd, 0x03]),
+        "the relay agreed to echo and SGA: {got:?}"
+    );
+    assert!(
+        got.windows(8).any(|w| w == b"here 1\r\n"),
+        "Enter arrives as CR LF: {got:?}"
+    );
+    b.screenshot(&screenshots().join("terminal.png"));
+    assert_eq!(
+        b.csp_violations(),
+        Vec::<String>::new(),
+        "the terminal works under the console's Content-Security-Policy"
+    );
+    let tunnel = relay.api(&["tunnel", "list"])["tunnels"][0].clone();
+    let id = tunnel["tunnelId"].as_str().unwrap().to_owned();
+    assert_eq!(tunnel["openedBy"], "kai");
+    assert_eq!(tunnel["reason"], "checking the AS terminal");
+
+    // A terminal's WebSocket without the session's CSRF token gets nowhere.
+    let answer = b.eval(&format!(
+        "new Promise(done => {{ const w = new WebSocket('wss://' + location.host + '/terminal?tunnel={id}&service=TELNET&kind=telnet'); \
+         w.onopen = () => w.send(JSON.stringify({{token: 'not-a-token', csrf: 'not-the-token'}})); \
+         w.onmessage = m => done(m.data); w.onerror = () => done('error'); }})"
+    ));
+    assert!(
+        answer.as_str().unwrap_or_default().contains("CSRF"),
+        "{answer}"
+    );
+
+    // Closing the terminal closes its tunnel; the console saw exactly one connection.
+    b.click("#term-close");
+    wait_for("the terminal's tunnel to close", || {
+        (relay.describe(&id)["status"] == "CLOSED").then_some(())
+    });
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // A raw TCP console: bytes unchanged both ways (here, to an echo service).
+    b.wait_until(
+        "the terminal ready again",
+        "!document.getElementById('term-open').disabled",
+    );
+    b.type_into("#term-service", "RAW");
+    b.eval("document.getElementById('term-kind').value = 'raw'");
+    b.click("#term-open");
+    b.wait_until(
+        "the raw console connected",
+        "document.getElementById('term-status').innerText.startsWith('Connected')",
+    );
+    b.eval("document.querySelector('#term-screen textarea').focus()");
+    b.command("Input.insertText", serde_json::json!({"text": "raw 2"}));
+    b.wait_until(
+        "the echo on the screen",
+        "document.querySelector('#term-screen .xterm-rows').innerText.includes('raw 2')",
+    );
+    b.click("#term-close");
+    let audit = audit_records(&relay.dir.join("relay-state/audit.jsonl"));
+    assert!(audit.iter().any(|r| {
+        r["event"] == "console_terminal"
+            && r["operator"] == "kai"
+            && r["service"] == "TELNET"
+            && r["kind"] == "telnet"
+            && r["tunnel"] == id.as_str()
+    }));
+    wait_for("the terminal's end in the audit trail", || {
+        audit_records(&relay.dir.join("relay-state/audit.jsonl"))
+            .iter()
+            .any(|r| r["event"] == "console_terminal_end" && r["tunnel"] == id.as_str())
+            .then_some(())
+    });
 }

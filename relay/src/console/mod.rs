@@ -41,6 +41,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::access::{LoginError, Principal};
+
+pub mod terminal;
 use crate::reply::error;
 use crate::state::AppState;
 
@@ -61,6 +63,16 @@ const MAX_TRACKED: usize = 10_000;
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
                    connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
+/// The page's policy: as [`CSP`], and `<style>` elements carrying this response's nonce (the
+/// terminal, xterm.js, writes its colours and cell sizes into style elements; the page's
+/// script gives them the nonce, so no other style element applies).
+fn page_csp(nonce: &str) -> String {
+    CSP.replace(
+        "style-src 'self';",
+        &format!("style-src 'self' 'nonce-{nonce}';"),
+    )
+}
+
 /// `Set-Cookie` for the session: `value` for `max_age` seconds (0 clears it).
 macro_rules! concat_cookie {
     ($value:expr, $max_age:expr) => {
@@ -76,6 +88,19 @@ macro_rules! concat_cookie {
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const CONSOLE_JS: &str = include_str!("assets/console.js");
 const CONSOLE_CSS: &str = include_str!("assets/console.css");
+// From the npm registry at build time (relay/build.rs, relay/console-web).
+const XTERM_JS: &str = include_str!(concat!(
+    env!("CULVERT_CONSOLE_MODULES"),
+    "/@xterm/xterm/lib/xterm.js"
+));
+const XTERM_CSS: &str = include_str!(concat!(
+    env!("CULVERT_CONSOLE_MODULES"),
+    "/@xterm/xterm/css/xterm.css"
+));
+const XTERM_FIT_JS: &str = include_str!(concat!(
+    env!("CULVERT_CONSOLE_MODULES"),
+    "/@xterm/addon-fit/lib/addon-fit.js"
+));
 
 /// `[console]` after validation.
 #[derive(Clone, Debug)]
@@ -92,6 +117,8 @@ pub struct Console {
     csrf_key: ring::hmac::Key,
     idle_ms: i64,
     sessions: Mutex<LastUse>,
+    /// Terminals open at once ([`terminal::MAX_TERMINALS`]).
+    terminals: Arc<tokio::sync::Semaphore>,
 }
 
 /// Each session's (login key id's) last use, for the idle timeout; at most [`MAX_TRACKED`].
@@ -131,6 +158,7 @@ impl Console {
                 .expect("the system's random number generator works"),
             idle_ms: i64::try_from(settings.idle.as_millis()).unwrap_or(i64::MAX),
             sessions: Mutex::new(LastUse::default()),
+            terminals: Arc::new(tokio::sync::Semaphore::new(terminal::MAX_TERMINALS)),
         }
     }
 
@@ -145,6 +173,11 @@ impl Console {
             .get(CSRF_HEADER)
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
+        self.csrf_matches(presented, key_id)
+    }
+
+    /// `presented` is session `key_id`'s CSRF token (compared in constant time).
+    fn csrf_matches(&self, presented: &str, key_id: &str) -> bool {
         let expected = self.csrf_token(key_id);
         bool::from(subtle::ConstantTimeEq::ct_eq(
             presented.as_bytes(),
@@ -169,10 +202,7 @@ pub fn router(console: Arc<Console>) -> Router {
         ))
         .with_state(console.relay.clone());
     Router::new()
-        .route(
-            "/",
-            get(|| async { page(INDEX_HTML, "text/html; charset=utf-8") }),
-        )
+        .route("/", get(index))
         .route(
             "/static/console.js",
             get(|| async { page(CONSOLE_JS, "text/javascript; charset=utf-8") }),
@@ -181,6 +211,19 @@ pub fn router(console: Arc<Console>) -> Router {
             "/static/console.css",
             get(|| async { page(CONSOLE_CSS, "text/css; charset=utf-8") }),
         )
+        .route(
+            "/static/xterm.js",
+            get(|| async { page(XTERM_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/static/xterm.css",
+            get(|| async { page(XTERM_CSS, "text/css; charset=utf-8") }),
+        )
+        .route(
+            "/static/addon-fit.js",
+            get(|| async { page(XTERM_FIT_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route("/terminal", get(terminal::terminal))
         .route("/session", post(login).get(session))
         .route("/session/logout", post(logout))
         .with_state(console)
@@ -196,6 +239,20 @@ pub fn router(console: Arc<Console>) -> Router {
         .layer(axum::middleware::map_response(security_headers))
 }
 
+/// The page, with a style nonce of its own in its policy and in a meta element.
+async fn index() -> Response {
+    let nonce = crate::tokens::new_secret();
+    let mut r = (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        INDEX_HTML.replace("{{style-nonce}}", &nonce),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&page_csp(&nonce)) {
+        r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    r
+}
+
 fn page(body: &'static str, content_type: &'static str) -> Response {
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
@@ -203,8 +260,13 @@ fn page(body: &'static str, content_type: &'static str) -> Response {
 /// On every response: the Content-Security-Policy and its companions, and no caching.
 async fn security_headers(mut resp: Response) -> Response {
     let h = resp.headers_mut();
+    if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CSP),
+        );
+    }
     for (name, value) in [
-        (header::CONTENT_SECURITY_POLICY, CSP),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::REFERRER_POLICY, "no-referrer"),
@@ -503,7 +565,9 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .header_read_timeout(timeout)
                 .max_buf_size(64 * 1024)
-                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app))
+                // The terminals' WebSockets.
+                .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => {

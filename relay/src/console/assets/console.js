@@ -3,8 +3,20 @@
 // from the relay is set as text, never as HTML.
 "use strict";
 
-const state = { csrf: null, me: null, view: null, timer: null };
+const state = { csrf: null, me: null, view: null, timer: null, term: null };
 const $ = (id) => document.getElementById(id);
+
+// The terminal (xterm.js) writes its colours and cell sizes into <style> elements; the page's
+// policy lets only style elements with this page's nonce apply, so every one made here gets it.
+const STYLE_NONCE = document.querySelector("meta[name='culvert-style-nonce']").content;
+{
+  const create = Document.prototype.createElement;
+  Document.prototype.createElement = function (tag, options) {
+    const e = create.call(this, tag, options);
+    if (String(tag).toLowerCase() === "style") e.nonce = STYLE_NONCE;
+    return e;
+  };
+}
 
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -65,7 +77,7 @@ async function call(method, path, body) {
 }
 
 function showOnly(id) {
-  for (const s of ["login", "tunnels", "devices", "requests", "audit"]) $(s).hidden = s !== id;
+  for (const s of ["login", "tunnels", "devices", "terminal", "requests", "audit"]) $(s).hidden = s !== id;
   for (const a of document.querySelectorAll("nav a")) {
     a.classList.toggle("active", a.dataset.view === id);
   }
@@ -100,13 +112,13 @@ function loggedIn(me) {
 async function route() {
   if (!state.me) return;
   const view = (location.hash.replace(/^#\//, "") || "tunnels");
-  state.view = ["tunnels", "devices", "requests", "audit"].includes(view) ? view : "tunnels";
+  state.view = ["tunnels", "devices", "terminal", "requests", "audit"].includes(view) ? view : "tunnels";
   showOnly(state.view);
   clearInterval(state.timer);
   flash("");
   await refresh();
-  // The audit trail is read when asked (its form), not polled.
-  if (state.view === "audit") return;
+  // The audit trail is read when asked (its form), not polled; the terminal is live.
+  if (state.view === "audit" || state.view === "terminal") return;
   // What the relay knows changes by itself (a gateway connects, a tunnel expires).
   state.timer = setInterval(() => refresh().catch(() => {}), 3000);
 }
@@ -117,6 +129,7 @@ async function refresh() {
     else if (state.view === "devices") await loadDevices();
     else if (state.view === "requests") await loadRequests();
     else if (state.view === "audit") await loadAudit();
+    else if (state.view === "terminal") await loadThings();
   } catch (e) {
     if (e.message !== "not logged in") flash(e.message);
   }
@@ -287,6 +300,99 @@ async function decide(id, approve) {
   }
 }
 
+// ---- terminal ----
+
+async function loadThings() {
+  const d = await call("GET", "/api/v1/devices").catch(() => ({ devices: [] }));
+  $("things").replaceChildren(...d.devices.map((x) => el("option", { value: x.thingName })));
+}
+
+function termStatus(text) {
+  $("term-status").textContent = text;
+}
+
+// Open a tunnel for the service, then the terminal's WebSocket; the relay attaches to the
+// tunnel as its source and carries the keystrokes and the output.
+async function openTerminal(ev) {
+  ev.preventDefault();
+  if (state.term) return;
+  const service = $("term-service").value.trim();
+  const kind = $("term-kind").value;
+  const body = {
+    thingName: $("term-thing").value.trim(),
+    services: [service],
+    lifetimeMinutes: 720,
+    description: "web console terminal (" + kind + ")",
+  };
+  const reason = $("term-reason").value.trim();
+  if (reason) body.reason = reason;
+  $("term-open").disabled = true;
+  let t;
+  try {
+    t = await call("POST", "/api/v1/tunnels", body);
+  } catch (e) {
+    $("term-open").disabled = false;
+    if (e.message !== "not logged in") termStatus("Could not open the tunnel: " + e.message);
+    return;
+  }
+  const screen = $("term-screen");
+  screen.replaceChildren();
+  const term = new Terminal({ cursorBlink: true, fontSize: 14, scrollback: 5000, convertEol: false });
+  const fit = new FitAddon.FitAddon();
+  term.loadAddon(fit);
+  term.open(screen);
+  fit.fit();
+  const q = new URLSearchParams({ tunnel: t.tunnelId, service, kind });
+  const ws = new WebSocket("wss://" + location.host + "/terminal?" + q.toString());
+  ws.binaryType = "arraybuffer";
+  const session = { ws, term, tunnel: t.tunnelId, ended: false };
+  state.term = session;
+  $("term-close").disabled = false;
+  termStatus("Tunnel " + t.tunnelId.slice(0, 8) + " open; waiting for the device's gateway…");
+  const encoder = new TextEncoder();
+  ws.addEventListener("open", () => ws.send(JSON.stringify({ token: t.sourceAccessToken, csrf: state.csrf })));
+  term.onData((d) => { if (ws.readyState === WebSocket.OPEN) ws.send(encoder.encode(d)); });
+  term.onBinary((d) => {
+    if (ws.readyState !== WebSocket.OPEN) return;
+    const b = new Uint8Array(d.length);
+    for (let i = 0; i < d.length; i++) b[i] = d.charCodeAt(i) & 255;
+    ws.send(b);
+  });
+  ws.addEventListener("message", (m) => {
+    if (typeof m.data !== "string") {
+      term.write(new Uint8Array(m.data));
+      return;
+    }
+    let v = {};
+    try { v = JSON.parse(m.data); } catch (_) { return; }
+    if (v.status === "waiting") termStatus("Waiting for the device's gateway to join the tunnel…");
+    else if (v.status === "connected") { termStatus("Connected to " + body.thingName + " " + service + "."); term.focus(); }
+    else if (v.error) termStatus("Error: " + v.error);
+    else if (v.closed) termStatus("Ended: " + v.closed + ".");
+  });
+  let opened = false;
+  ws.addEventListener("open", () => { opened = true; });
+  ws.addEventListener("close", () => endTerminal(session, opened ? null : "Error: the relay refused the terminal's connection."));
+  window.addEventListener("resize", () => fit.fit());
+}
+
+// End the terminal: its WebSocket and the tunnel it opened.
+async function endTerminal(session, why) {
+  if (!session || session.ended) return;
+  session.ended = true;
+  try { session.ws.close(); } catch (_) { /* closed already */ }
+  if (why) termStatus(why);
+  else if (!$("term-status").textContent.startsWith("Error") && !$("term-status").textContent.startsWith("Ended")) {
+    termStatus("The terminal ended.");
+  }
+  if (state.term === session) state.term = null;
+  $("term-open").disabled = false;
+  $("term-close").disabled = true;
+  try {
+    await call("POST", "/api/v1/tunnels/" + encodeURIComponent(session.tunnel) + "/close", {});
+  } catch (_) { /* closed or expired already */ }
+}
+
 // ---- audit trail ----
 
 const AUDIT_SHOWN = ["ts", "event", "operator", "thing", "tunnel", "seq", "prev", "hash"];
@@ -351,6 +457,8 @@ document.addEventListener("DOMContentLoaded", async () => {
   });
   $("show-closed").addEventListener("change", () => refresh());
   $("audit-form").addEventListener("submit", (ev) => { ev.preventDefault(); refresh(); });
+  $("term-form").addEventListener("submit", openTerminal);
+  $("term-close").addEventListener("click", () => endTerminal(state.term, "Closed; the tunnel is closed too."));
   $("logout").addEventListener("click", logout);
   window.addEventListener("hashchange", route);
   try {
