@@ -124,6 +124,7 @@ impl RawConsole {
     pub fn validate(
         self,
         relay_listen: SocketAddr,
+        state_dir: &Path,
     ) -> Result<crate::console::ConsoleSettings, String> {
         let listen: SocketAddr = self.listen.parse().map_err(|_| {
             format!(
@@ -147,6 +148,7 @@ impl RawConsole {
         Ok(crate::console::ConsoleSettings {
             listen,
             idle: Duration::from_secs(idle * 60),
+            known_hosts: state_dir.join(crate::console::KNOWN_HOSTS_FILE),
         })
     }
 }
@@ -714,7 +716,10 @@ impl RawConfig {
                 Some(c)
             }
         };
-        let console = self.console.map(|c| c.validate(listen)).transpose()?;
+        let console = self
+            .console
+            .map(|c| c.validate(listen, &state_dir))
+            .transpose()?;
         Ok(RelayConfig {
             aws,
             store,

@@ -143,11 +143,13 @@ fn main() -> ExitCode {
                     c.limits.max_services = n.into();
                 }
                 c.daemon.metrics_listen = args.metrics_listen;
+                let known_hosts = c.state_dir.join(culvert_relay::console::KNOWN_HOSTS_FILE);
                 c.console = console.map(|listen| culvert_relay::console::ConsoleSettings {
                     listen,
                     idle: std::time::Duration::from_secs(
                         culvert_relay::console::DEFAULT_IDLE_MINUTES * 60,
                     ),
+                    known_hosts,
                 });
                 match culvert_relay::config::StoreSettings::parse(
                     args.store.clone(),

@@ -37,6 +37,13 @@ fn screenshots() -> PathBuf {
     workspace().join("target/console-screenshots")
 }
 
+/// Choose the terminal's kind, as the select does.
+fn term_kind(b: &mut Browser, kind: &str) {
+    b.eval(&format!(
+        "(() => {{ const s = document.getElementById('term-kind'); s.value = '{kind}'; s.dispatchEvent(new Event('change')); }})()"
+    ));
+}
+
 fn log_in(b: &mut Browser, name: &str, password: &str) {
     b.wait_until("the login form", "!document.getElementById('login').hidden");
     b.type_into("#login-name", name);
@@ -659,6 +666,7 @@ fn a_telnet_console_in_the_browser_carries_typed_lines_to_the_device_and_its_ans
     );
     b.type_into("#term-thing", "robot-7");
     b.type_into("#term-service", "TELNET");
+    term_kind(&mut b, "telnet");
     b.type_into("#term-reason", "checking the AS terminal");
     b.click("#term-open");
     b.wait_until(
@@ -729,7 +737,7 @@ fn a_telnet_console_in_the_browser_carries_typed_lines_to_the_device_and_its_ans
         "!document.getElementById('term-open').disabled",
     );
     b.type_into("#term-service", "RAW");
-    b.eval("document.getElementById('term-kind').value = 'raw'");
+    term_kind(&mut b, "raw");
     b.click("#term-open");
     b.wait_until(
         "the raw console connected",
@@ -756,4 +764,154 @@ fn a_telnet_console_in_the_browser_carries_typed_lines_to_the_device_and_its_ans
             .any(|r| r["event"] == "console_terminal_end" && r["tunnel"] == id.as_str())
             .then_some(())
     });
+}
+
+#[test]
+fn an_ssh_console_in_the_browser_logs_in_with_a_key_pins_the_host_key_and_refuses_a_changed_one() {
+    let dir = scratch("console-ssh");
+    let sshd = Sshd::start(&dir);
+    let relay = Relay::start(&dir);
+    let url = console_url(&relay);
+    let password = "console-test-password-4";
+    add_operator(&relay, "sam", "operator", password);
+    relay.api(&[
+        "operator",
+        "grant",
+        "add",
+        "sam",
+        "--thing",
+        "robot-9",
+        "--service",
+        "SSH",
+    ]);
+    let device_password = relay.add_device("robot-9");
+    let rules = mqtt_rules(
+        &dir,
+        relay.mqtt.unwrap(),
+        "robot-9",
+        &device_password,
+        &[("SSH", format!("127.0.0.1:{}", sshd.port))],
+    );
+    let gw = relay.mqtt_gateway(&dir, &rules);
+    wait_log(&gw, "subscribed");
+    let key = std::fs::read_to_string(&sshd.client_key).unwrap();
+
+    let mut b = Browser::launch(&dir, &relay.dir.join("relay-state/server.pem"));
+    b.open(&url);
+    log_in(&mut b, "sam", password);
+    b.wait_until(
+        "the tunnels hub",
+        "!document.getElementById('tunnels').hidden",
+    );
+    b.click("a[data-view='terminal']");
+    b.wait_until(
+        "the terminal form",
+        "!document.getElementById('terminal').hidden",
+    );
+    let open = |b: &mut Browser| {
+        b.type_into("#term-thing", "robot-9");
+        b.type_into("#term-service", "SSH");
+        term_kind(b, "ssh");
+        b.type_into("#term-user", &Sshd::user());
+        b.type_into("#term-key", &key);
+        b.click("#term-open");
+    };
+    open(&mut b);
+    b.wait_until(
+        "the SSH console connected",
+        "document.getElementById('term-status').innerText.startsWith('Connected')",
+    );
+    assert!(
+        b.text("#term-hostkey").contains("pinned for this device"),
+        "{}",
+        b.text("#term-hostkey")
+    );
+    assert_eq!(
+        b.eval("document.getElementById('term-key').value"),
+        Value::from(""),
+        "the page keeps no key"
+    );
+    b.eval("document.querySelector('#term-screen textarea').focus()");
+    b.command(
+        "Input.insertText",
+        serde_json::json!({"text": "echo console-$((6*7)); stty size"}),
+    );
+    b.press_enter();
+    b.wait_until(
+        "the shell's answer on the screen",
+        "document.querySelector('#term-screen .xterm-rows').innerText.includes('console-42')",
+    );
+    // The pty has the terminal's size.
+    let size = b.text("#term-screen .xterm-rows");
+    let (rows, cols) = (
+        b.eval("document.querySelectorAll('#term-screen .xterm-rows > div').length"),
+        b.eval("Math.round(document.querySelector('#term-screen .xterm-screen').getBoundingClientRect().width)"),
+    );
+    let stty = size
+        .lines()
+        .find_map(|l| {
+            let mut it = l.split_whitespace();
+            let r: u32 = it.next()?.parse().ok()?;
+            let c: u32 = it.next()?.parse().ok()?;
+            it.next().is_none().then_some((r, c))
+        })
+        .unwrap_or_else(|| panic!("no `stty size` answer on the screen: {size}"));
+    assert_eq!(
+        Value::from(stty.0),
+        rows,
+        "pty rows as the terminal's (width {cols})"
+    );
+    assert!(
+        stty.1 > 80,
+        "the pty is as wide as the page's terminal: {stty:?}"
+    );
+    b.screenshot(&screenshots().join("ssh.png"));
+
+    // The host key is pinned for robot-9/SSH: the device's own.
+    let pins = std::fs::read_to_string(relay.dir.join("relay-state/console-known-hosts")).unwrap();
+    let host_pub = std::fs::read_to_string(dir.join("sshd/host_key.pub")).unwrap();
+    let host_key = host_pub.split_whitespace().nth(1).unwrap();
+    assert!(
+        pins.starts_with("robot-9/SSH ssh-ed25519 ") && pins.contains(host_key),
+        "{pins}"
+    );
+    b.click("#term-close");
+    b.wait_until(
+        "the terminal ready again",
+        "!document.getElementById('term-open').disabled",
+    );
+
+    // Another key pinned for the device (as if it were an impostor's): refused, with both
+    // fingerprints, and no login.
+    let other = dir.join("other_key");
+    run_ok(
+        "ssh-keygen",
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&other),
+    );
+    let other_pub = std::fs::read_to_string(dir.join("other_key.pub")).unwrap();
+    let other_pub: Vec<&str> = other_pub.split_whitespace().take(2).collect();
+    std::fs::write(
+        relay.dir.join("relay-state/console-known-hosts"),
+        format!("robot-9/SSH {}\n", other_pub.join(" ")),
+    )
+    .unwrap();
+    open(&mut b);
+    b.wait_until(
+        "the refusal",
+        "document.getElementById('term-status').innerText.includes('REFUSED')",
+    );
+    let status = b.text("#term-status");
+    assert!(
+        status.contains("host key of robot-9/SSH has changed")
+            && status.matches("SHA256:").count() == 2,
+        "{status}"
+    );
+    assert!(b.csp_violations().is_empty(), "{:?}", b.csp_violations());
+    // The key the operator pasted is in no log or audit line of the relay.
+    let secret_line = key.lines().nth(2).unwrap();
+    let relay_log = std::fs::read_to_string(&relay.proc.log).unwrap();
+    let audit = std::fs::read_to_string(relay.dir.join("relay-state/audit.jsonl")).unwrap();
+    assert!(!relay_log.contains(secret_line) && !audit.contains(secret_line));
 }

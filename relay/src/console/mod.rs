@@ -42,6 +42,7 @@ use tracing::{debug, warn};
 
 use crate::access::{LoginError, Principal};
 
+pub mod ssh;
 pub mod terminal;
 use crate::reply::error;
 use crate::state::AppState;
@@ -108,7 +109,12 @@ pub struct ConsoleSettings {
     pub listen: SocketAddr,
     /// A session unused this long ends.
     pub idle: Duration,
+    /// Where SSH consoles pin devices' host keys ([`ssh::KnownHosts`]).
+    pub known_hosts: std::path::PathBuf,
 }
+
+/// The host-key pins' file in the state directory.
+pub const KNOWN_HOSTS_FILE: &str = "console-known-hosts";
 
 /// The console's own state beside the relay's.
 pub struct Console {
@@ -119,6 +125,7 @@ pub struct Console {
     sessions: Mutex<LastUse>,
     /// Terminals open at once ([`terminal::MAX_TERMINALS`]).
     terminals: Arc<tokio::sync::Semaphore>,
+    pins: ssh::KnownHosts,
 }
 
 /// Each session's (login key id's) last use, for the idle timeout; at most [`MAX_TRACKED`].
@@ -159,6 +166,7 @@ impl Console {
             idle_ms: i64::try_from(settings.idle.as_millis()).unwrap_or(i64::MAX),
             sessions: Mutex::new(LastUse::default()),
             terminals: Arc::new(tokio::sync::Semaphore::new(terminal::MAX_TERMINALS)),
+            pins: ssh::KnownHosts::new(settings.known_hosts.clone()),
         }
     }
 

@@ -18,7 +18,10 @@
 //! suppress-go-ahead (character at a time, the server echoing, as consoles expect), refuses
 //! every other option, takes negotiation and subnegotiation out of what the browser gets, and
 //! sends Enter as CR LF and a 0xFF byte as IAC IAC. `raw`: bytes unchanged both ways (a
-//! controller's text console on a TCP port). SSH and serial consoles are not served yet.
+//! controller's text console on a TCP port). `ssh`: the relay is the SSH client
+//! ([`super::ssh`]); the first message also carries `user` and `password` or `key`
+//! (`passphrase`), and `cols`/`rows`; text messages `{"resize": [cols, rows]}` follow the
+//! page's size. Serial consoles are not served yet.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +62,7 @@ const GATEWAY_WAIT: Duration = Duration::from_secs(60);
 pub enum Kind {
     Telnet,
     Raw,
+    Ssh,
 }
 
 #[derive(Deserialize)]
@@ -70,10 +74,12 @@ pub struct TerminalQuery {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct First {
     token: String,
     csrf: String,
+    /// For an SSH console: how to log in.
+    #[serde(flatten)]
+    login: super::ssh::Login,
 }
 
 /// `GET /terminal`: the session, the origin and the tunnel are checked before the upgrade.
@@ -99,7 +105,7 @@ pub async fn terminal(
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
-            "query: expected tunnel, service and kind (telnet or raw)",
+            "query: expected tunnel, service and kind (ssh, telnet or raw)",
         );
     };
     let Ok(ws) = ws else {
@@ -152,7 +158,7 @@ pub async fn terminal(
                 "console_terminal",
                 json!({"operator": operator, "tunnel": q.tunnel, "thing": thing, "service": q.service, "kind": q.kind_str()}),
             );
-            let why = run(&console, socket, &q, &key).await;
+            let why = run(&console, socket, &q, &key, &thing).await;
             state.audit.record(
                 "console_terminal_end",
                 json!({"operator": operator, "tunnel": q.tunnel, "thing": thing, "service": q.service, "why": why}),
@@ -165,6 +171,7 @@ impl TerminalQuery {
         match self.kind {
             Kind::Telnet => "telnet",
             Kind::Raw => "raw",
+            Kind::Ssh => "ssh",
         }
     }
 }
@@ -178,7 +185,13 @@ async fn status(socket: &mut WebSocket, v: serde_json::Value) -> bool {
 
 /// The terminal's life: the first message, the attach, the connection, then bytes both ways
 /// until either end closes. Returns why it ended (for the audit trail).
-async fn run(console: &Console, mut socket: WebSocket, q: &TerminalQuery, key: &str) -> String {
+async fn run(
+    console: &Console,
+    mut socket: WebSocket,
+    q: &TerminalQuery,
+    key: &str,
+    thing: &str,
+) -> String {
     let first = match tokio::time::timeout(FIRST_MESSAGE, socket.recv()).await {
         Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<First>(&t).ok(),
         _ => None,
@@ -254,8 +267,17 @@ async fn run(console: &Console, mut socket: WebSocket, q: &TerminalQuery, key: &
             return m;
         }
     };
-    status(&mut socket, json!({"status": "connected"})).await;
-    let why = carry(socket, conn, q.kind).await;
+    let why = if q.kind == Kind::Ssh {
+        let (local, remote) = tokio::io::duplex(64 * 1024);
+        let splice = tokio::spawn(session::splice(remote, conn));
+        let why =
+            super::ssh::run(socket, local, first.login, &console.pins, thing, &q.service).await;
+        splice.abort();
+        why
+    } else {
+        status(&mut socket, json!({"status": "connected"})).await;
+        carry(socket, conn, q.kind).await
+    };
     handle.close();
     why
 }
@@ -361,7 +383,7 @@ async fn carry(socket: WebSocket, conn: session::Connection, kind: Kind) -> Stri
             };
             let bytes = match kind {
                 Kind::Telnet => telnet::encode_input(&bytes),
-                Kind::Raw => bytes,
+                Kind::Raw | Kind::Ssh => bytes,
             };
             if keys_tx.send(bytes).await.is_err() {
                 break;
@@ -385,7 +407,7 @@ async fn carry(socket: WebSocket, conn: session::Connection, kind: Kind) -> Stri
                     }
                     out
                 }
-                Kind::Raw => buf[..n].to_vec(),
+                Kind::Raw | Kind::Ssh => buf[..n].to_vec(),
             };
             if !out.is_empty() && page_tx.send(Message::Binary(out.into())).await.is_err() {
                 return "the page went away".to_owned();

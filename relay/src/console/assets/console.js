@@ -350,7 +350,26 @@ async function openTerminal(ev) {
   $("term-close").disabled = false;
   termStatus("Tunnel " + t.tunnelId.slice(0, 8) + " open; waiting for the device's gateway…");
   const encoder = new TextEncoder();
-  ws.addEventListener("open", () => ws.send(JSON.stringify({ token: t.sourceAccessToken, csrf: state.csrf })));
+  const first = { token: t.sourceAccessToken, csrf: state.csrf, cols: term.cols, rows: term.rows };
+  if (kind === "ssh") {
+    first.user = $("term-user").value.trim();
+    const key = $("term-key").value;
+    if (key.trim()) {
+      first.key = key;
+      if ($("term-passphrase").value) first.passphrase = $("term-passphrase").value;
+    } else {
+      first.password = $("term-password").value;
+    }
+  }
+  // The credential is sent once and not kept in the page.
+  $("term-password").value = "";
+  $("term-key").value = "";
+  $("term-passphrase").value = "";
+  $("term-hostkey").hidden = true;
+  ws.addEventListener("open", () => ws.send(JSON.stringify(first)));
+  term.onResize(({ cols, rows }) => {
+    if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ resize: [cols, rows] }));
+  });
   term.onData((d) => { if (ws.readyState === WebSocket.OPEN) ws.send(encoder.encode(d)); });
   term.onBinary((d) => {
     if (ws.readyState !== WebSocket.OPEN) return;
@@ -368,6 +387,11 @@ async function openTerminal(ev) {
     if (v.status === "waiting") termStatus("Waiting for the device's gateway to join the tunnel…");
     else if (v.status === "connected") { termStatus("Connected to " + body.thingName + " " + service + "."); term.focus(); }
     else if (v.error) termStatus("Error: " + v.error);
+    else if (v.hostKey) {
+      const h = $("term-hostkey");
+      h.textContent = "Host key " + v.hostKey + (v.pinned === "now" ? " (seen for the first time: pinned for this device)" : " (as pinned)");
+      h.hidden = false;
+    }
     else if (v.closed) termStatus("Ended: " + v.closed + ".");
   });
   let opened = false;
@@ -458,6 +482,9 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("show-closed").addEventListener("change", () => refresh());
   $("audit-form").addEventListener("submit", (ev) => { ev.preventDefault(); refresh(); });
   $("term-form").addEventListener("submit", openTerminal);
+  const sshFields = () => { $("term-ssh").hidden = $("term-kind").value !== "ssh"; };
+  $("term-kind").addEventListener("change", sshFields);
+  sshFields();
   $("term-close").addEventListener("click", () => endTerminal(state.term, "Closed; the tunnel is closed too."));
   $("logout").addEventListener("click", logout);
   window.addEventListener("hashchange", route);
