@@ -274,6 +274,57 @@ pub struct Connected {
     pub extensions: Extensions,
 }
 
+/// The data plane's upgrade request to `url`: the subprotocols, the access token, the client
+/// token if any, and the culvert extensions offered.
+pub fn upgrade_request(
+    url: &str,
+    access_token: &str,
+    client_token: Option<&str>,
+    offer: Extensions,
+) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, String> {
+    let mut req = url.into_client_request().map_err(|e| e.to_string())?;
+    let headers = req.headers_mut();
+    let hv = |v: &str, what: &str| {
+        HeaderValue::from_str(v).map_err(|_| format!("{what} contains invalid characters"))
+    };
+    headers.insert(
+        "sec-websocket-protocol",
+        hv(&SUBPROTOCOLS.join(", "), "protocol")?,
+    );
+    headers.insert("access-token", hv(access_token, "access token")?);
+    if let Some(ct) = client_token {
+        headers.insert("client-token", hv(ct, "client token")?);
+    }
+    if let Some(o) = offer.header_value() {
+        headers.insert(ext::HEADER, hv(&o, "extensions")?);
+    }
+    Ok(req)
+}
+
+/// What a relay's answer to [`upgrade_request`] negotiated: the message format, and the
+/// extensions accepted (only what was offered counts, whatever the relay answers).
+pub fn negotiated(
+    resp: &tokio_tungstenite::tungstenite::handshake::client::Response,
+    offer: Extensions,
+) -> Result<(Format, Extensions), String> {
+    let chosen = resp
+        .headers()
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .and_then(Format::from_subprotocol)
+        .ok_or_else(|| "relay returned no tunnel subprotocol".to_owned())?;
+    let answered: Vec<&str> = resp
+        .headers()
+        .get_all(ext::HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    Ok((
+        chosen,
+        Extensions::parse(&answered.join(",")).intersect(offer),
+    ))
+}
+
 /// Open the data-plane WebSocket.
 pub async fn connect(opts: &ConnectOptions) -> Result<Connected, ConnectError> {
     tokio::time::timeout(HANDSHAKE_TIMEOUT, connect_inner(opts))
@@ -291,30 +342,13 @@ async fn connect_inner(opts: &ConnectOptions) -> Result<Connected, ConnectError>
         endpoint: opts.endpoint.to_string(),
         message,
     };
-    let mut req = opts
-        .endpoint
-        .url(opts.mode)
-        .into_client_request()
-        .map_err(|e| transport(e.to_string()))?;
-    let headers = req.headers_mut();
-    let hv = |v: &str, what: &str| {
-        HeaderValue::from_str(v)
-            .map_err(|_| transport(format!("{what} contains invalid characters")))
-    };
-    headers.insert(
-        "sec-websocket-protocol",
-        hv(&SUBPROTOCOLS.join(", "), "protocol")?,
-    );
-    headers.insert(
-        "access-token",
-        hv(opts.access_token.expose(), "access token")?,
-    );
-    if let Some(ct) = &opts.client_token {
-        headers.insert("client-token", hv(ct.expose(), "client token")?);
-    }
-    if let Some(offer) = opts.extensions.header_value() {
-        headers.insert(ext::HEADER, hv(&offer, "extensions")?);
-    }
+    let req = upgrade_request(
+        &opts.endpoint.url(opts.mode),
+        opts.access_token.expose(),
+        opts.client_token.as_ref().map(Secret::expose),
+        opts.extensions,
+    )
+    .map_err(transport)?;
     let tcp = match &opts.proxy {
         Some(proxy) => {
             proxy
@@ -355,20 +389,7 @@ async fn connect_inner(opts: &ConnectOptions) -> Result<Connected, ConnectError>
             });
         }
     };
-    let chosen = resp
-        .headers()
-        .get("sec-websocket-protocol")
-        .and_then(|v| v.to_str().ok())
-        .and_then(Format::from_subprotocol)
-        .ok_or_else(|| transport("relay returned no tunnel subprotocol".into()))?;
-    // Only what was offered counts, whatever the relay answers.
-    let answered: Vec<&str> = resp
-        .headers()
-        .get_all(ext::HEADER)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let accepted = Extensions::parse(&answered.join(",")).intersect(opts.extensions);
+    let (chosen, accepted) = negotiated(&resp, opts.extensions).map_err(transport)?;
     Ok(Connected {
         ws,
         format: chosen,
@@ -415,7 +436,7 @@ pub async fn connect_retrying_until(
 }
 
 /// The human message in an error body: a JSON `{"message": ...}` (culvert-relay), or the text.
-fn error_message(body: &[u8]) -> Option<String> {
+pub fn error_message(body: &[u8]) -> Option<String> {
     if body.is_empty() {
         return None;
     }

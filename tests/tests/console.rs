@@ -44,6 +44,42 @@ fn term_kind(b: &mut Browser, kind: &str) {
     ));
 }
 
+/// A dev relay; an operator (name, password) with a grant for `thing`'s `services`; and a
+/// culvertd for `thing` serving them, with `health` reporting its targets every second (its
+/// probes connect to them). The operator's API key too.
+fn site(
+    dir: &std::path::Path,
+    (operator, password): (&str, &str),
+    thing: &str,
+    services: &[(&str, String)],
+    health: bool,
+) -> (Relay, Proc, String) {
+    let relay = Relay::start(dir);
+    let key = add_operator(&relay, operator, "operator", password);
+    let names: Vec<&str> = services.iter().map(|(n, _)| *n).collect();
+    relay.api(&[
+        "operator",
+        "grant",
+        "add",
+        operator,
+        "--thing",
+        thing,
+        "--service",
+        &names.join(","),
+    ]);
+    let device_password = relay.add_device(thing);
+    let rules = mqtt_rules(dir, relay.mqtt.unwrap(), thing, &device_password, services);
+    if health {
+        let text = std::fs::read_to_string(&rules)
+            .unwrap()
+            .replace("[mqtt]\n", "[mqtt]\nhealth_report_secs = 1\n");
+        std::fs::write(&rules, text).unwrap();
+    }
+    let gw = relay.mqtt_gateway(dir, &rules);
+    wait_log(&gw, "subscribed");
+    (relay, gw, key)
+}
+
 fn log_in(b: &mut Browser, name: &str, password: &str) {
     b.wait_until("the login form", "!document.getElementById('login').hidden");
     b.type_into("#login-name", name);
@@ -54,36 +90,17 @@ fn log_in(b: &mut Browser, name: &str, password: &str) {
 #[test]
 fn an_operator_logs_in_opens_a_tunnel_to_a_gateway_uses_it_and_closes_it_in_a_real_browser() {
     let dir = scratch("console-browser");
-    let relay = Relay::start(&dir);
-    let url = console_url(&relay);
     let password = "console-test-password-1";
-    let ada_key = add_operator(&relay, "ada", "operator", password);
+    let (relay, _gw, ada_key) = site(
+        &dir,
+        ("ada", password),
+        "robot-1",
+        &[("ECHO", echo_server().to_string())],
+        true,
+    );
+    let url = console_url(&relay);
     let admin_password = "console-admin-password";
     add_operator(&relay, "ida", "admin", admin_password);
-    relay.api(&[
-        "operator",
-        "grant",
-        "add",
-        "ada",
-        "--thing",
-        "robot-1",
-        "--service",
-        "ECHO",
-    ]);
-    let device_password = relay.add_device("robot-1");
-    let rules = mqtt_rules(
-        &dir,
-        relay.mqtt.unwrap(),
-        "robot-1",
-        &device_password,
-        &[("ECHO", echo_server().to_string())],
-    );
-    let text = std::fs::read_to_string(&rules)
-        .unwrap()
-        .replace("[mqtt]\n", "[mqtt]\nhealth_report_secs = 1\n");
-    std::fs::write(&rules, text).unwrap();
-    let gw = relay.mqtt_gateway(&dir, &rules);
-    wait_log(&gw, "subscribed");
 
     let mut b = Browser::launch(&dir, &relay.dir.join("relay-state/server.pem"));
     b.open(&url);
@@ -623,34 +640,19 @@ fn telnet_console() -> (
 #[test]
 fn a_telnet_console_in_the_browser_carries_typed_lines_to_the_device_and_its_answers_back() {
     let dir = scratch("console-terminal");
-    let relay = Relay::start(&dir);
-    let url = console_url(&relay);
     let password = "console-test-password-3";
-    add_operator(&relay, "kai", "operator", password);
-    relay.api(&[
-        "operator",
-        "grant",
-        "add",
-        "kai",
-        "--thing",
-        "robot-7",
-        "--service",
-        "TELNET,RAW",
-    ]);
     let (target, received, connections) = telnet_console();
-    let device_password = relay.add_device("robot-7");
-    let rules = mqtt_rules(
+    let (relay, _gw, _) = site(
         &dir,
-        relay.mqtt.unwrap(),
+        ("kai", password),
         "robot-7",
-        &device_password,
         &[
             ("TELNET", target.to_string()),
             ("RAW", echo_server().to_string()),
         ],
+        false,
     );
-    let gw = relay.mqtt_gateway(&dir, &rules);
-    wait_log(&gw, "subscribed");
+    let url = console_url(&relay);
 
     let mut b = Browser::launch(&dir, &relay.dir.join("relay-state/server.pem"));
     b.open(&url);
@@ -770,30 +772,15 @@ fn a_telnet_console_in_the_browser_carries_typed_lines_to_the_device_and_its_ans
 fn an_ssh_console_in_the_browser_logs_in_with_a_key_pins_the_host_key_and_refuses_a_changed_one() {
     let dir = scratch("console-ssh");
     let sshd = Sshd::start(&dir);
-    let relay = Relay::start(&dir);
-    let url = console_url(&relay);
     let password = "console-test-password-4";
-    add_operator(&relay, "sam", "operator", password);
-    relay.api(&[
-        "operator",
-        "grant",
-        "add",
-        "sam",
-        "--thing",
-        "robot-9",
-        "--service",
-        "SSH",
-    ]);
-    let device_password = relay.add_device("robot-9");
-    let rules = mqtt_rules(
+    let (relay, _gw, _) = site(
         &dir,
-        relay.mqtt.unwrap(),
+        ("sam", password),
         "robot-9",
-        &device_password,
         &[("SSH", format!("127.0.0.1:{}", sshd.port))],
+        false,
     );
-    let gw = relay.mqtt_gateway(&dir, &rules);
-    wait_log(&gw, "subscribed");
+    let url = console_url(&relay);
     let key = std::fs::read_to_string(&sshd.client_key).unwrap();
 
     let mut b = Browser::launch(&dir, &relay.dir.join("relay-state/server.pem"));

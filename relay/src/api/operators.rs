@@ -333,7 +333,6 @@ pub async fn login(
     peer: Option<Extension<crate::state::Peer>>,
     b: ApiBody,
 ) -> Response {
-    use crate::access::LoginError;
     let from = peer.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |Extension(p)| {
         p.0.ip()
     });
@@ -360,20 +359,35 @@ pub async fn login(
             )
                 .into_response()
         }
-        Err(LoginError::Access(e)) => e.into_response(),
-        Err(e) => {
-            let (status, code) = match &e {
-                LoginError::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_logins"),
-                LoginError::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
-                _ => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            };
-            state.audit.refusal(
-                "login_refused",
-                json!({"name": name, "from": from.to_string(), "status": status.as_u16(), "message": e.to_string()}),
-            );
-            error(status, code, e.to_string())
-        }
+        Err(e) => login_refused(&state, &name, from, e, false),
     }
+}
+
+/// A refused login's answer (401, 429 with how long to wait, 503), audited as `login_refused`
+/// (`console`: through the web console's login).
+pub(crate) fn login_refused(
+    state: &AppState,
+    name: &str,
+    from: std::net::IpAddr,
+    e: crate::access::LoginError,
+    console: bool,
+) -> Response {
+    use crate::access::LoginError;
+    let e = match e {
+        // The store failed: not the caller's doing, and not a refusal to record.
+        LoginError::Access(a) => return a.into_response(),
+        e => e,
+    };
+    let (status, code) = match &e {
+        LoginError::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_logins"),
+        LoginError::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+        _ => (StatusCode::UNAUTHORIZED, "unauthorized"),
+    };
+    state.audit.refusal(
+        "login_refused",
+        json!({"name": name, "from": from.to_string(), "status": status.as_u16(), "message": e.to_string(), "console": console.then_some(true)}),
+    );
+    error(status, code, e.to_string())
 }
 
 pub async fn revoke_key(

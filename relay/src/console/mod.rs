@@ -40,7 +40,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::access::{LoginError, Principal};
+use crate::access::Principal;
 
 pub mod ssh;
 pub mod terminal;
@@ -465,19 +465,7 @@ async fn login(
             }
             r
         }
-        Err(LoginError::Access(e)) => e.into_response(),
-        Err(e) => {
-            let (status, code) = match &e {
-                LoginError::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_logins"),
-                LoginError::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
-                _ => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            };
-            state.audit.refusal(
-                "login_refused",
-                json!({"name": name, "from": from.to_string(), "status": status.as_u16(), "message": e.to_string(), "console": true}),
-            );
-            error(status, code, e.to_string())
-        }
+        Err(e) => crate::api::operators::login_refused(state, &name, from, e, true),
     }
 }
 

@@ -30,19 +30,16 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use culvert_protocol::client::ws_config;
-use culvert_protocol::ext::{self, Extensions};
+use culvert_protocol::client::{error_message, negotiated, upgrade_request, ws_config};
+use culvert_protocol::ext::Extensions;
 use culvert_protocol::mux::Mux;
 use culvert_protocol::session::{self, SessionConfig, SessionHandle};
-use culvert_protocol::{Format, SUBPROTOCOLS};
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 use super::{Console, same_origin};
 use crate::reply::error;
@@ -301,52 +298,30 @@ async fn attach_source(state: Arc<AppState>, token: &str) -> Result<SessionHandl
             .await;
     });
     let bad = |what: &str| format!("cannot attach the terminal to the tunnel: {what}");
-    let mut req = "ws://console.relay/tunnel?local-proxy-mode=source"
-        .into_client_request()
-        .map_err(|e| bad(&e.to_string()))?;
     let offer = Extensions {
         // The connection lives in this process: nothing to resume it on.
         resume: false,
         restart: false,
         ..Extensions::ALL
     };
-    let h = req.headers_mut();
-    let value = |v: &str| HeaderValue::from_str(v).map_err(|_| bad("the token is not valid text"));
-    h.insert("sec-websocket-protocol", value(&SUBPROTOCOLS.join(", "))?);
-    h.insert("access-token", value(token)?);
-    h.insert(
-        "client-token",
-        value(&culvert_protocol::new_client_token())?,
-    );
-    if let Some(o) = offer.header_value() {
-        h.insert(ext::HEADER, value(&o)?);
-    }
+    let client_token = culvert_protocol::new_client_token();
+    let req = upgrade_request(
+        "ws://console.relay/tunnel?local-proxy-mode=source",
+        token,
+        Some(&client_token),
+        offer,
+    )
+    .map_err(|e| bad(&e))?;
     let (ws, resp) = tokio_tungstenite::client_async_with_config(req, client, Some(ws_config()))
         .await
         .map_err(|e| match e {
             tokio_tungstenite::tungstenite::Error::Http(r) => {
-                let body = r.body().as_deref().unwrap_or_default();
-                let msg = serde_json::from_slice::<serde_json::Value>(body)
-                    .ok()
-                    .and_then(|v| v["message"].as_str().map(str::to_owned))
-                    .unwrap_or_else(|| r.status().to_string());
-                bad(&msg)
+                bad(&error_message(r.body().as_deref().unwrap_or_default())
+                    .unwrap_or_else(|| r.status().to_string()))
             }
             e => bad(&e.to_string()),
         })?;
-    let format = resp
-        .headers()
-        .get("sec-websocket-protocol")
-        .and_then(|v| v.to_str().ok())
-        .and_then(Format::from_subprotocol)
-        .ok_or_else(|| bad("no tunnel subprotocol in the answer"))?;
-    let answered: Vec<&str> = resp
-        .headers()
-        .get_all(ext::HEADER)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let accepted = Extensions::parse(&answered.join(",")).intersect(offer);
+    let (format, accepted) = negotiated(&resp, offer).map_err(|e| bad(&e))?;
     let cfg = SessionConfig {
         resume_hold: None,
         ..SessionConfig::default()
