@@ -230,11 +230,21 @@ fn an_operator_logs_in_opens_a_tunnel_to_a_gateway_uses_it_and_closes_it_in_a_re
         .unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
 
-    // Logging out ends the session at the relay: the cookie's key no longer works.
+    // A tunnel opened in the session belongs to it.
+    b.click("#tokens-done");
+    b.type_into("#open-thing", "robot-1");
+    b.type_into("#open-services", "ECHO");
+    b.click("#open-submit");
+    b.wait_until("the tokens", "!document.getElementById('tokens').hidden");
+    let session_tunnel = b.text("#tokens-id");
+
+    // Logging out ends the session at the relay: the cookie's key no longer works, and the
+    // tunnel opened in it closes.
     b.click("#logout");
     b.wait_until("the login form", "!document.getElementById('login').hidden");
     let status = b.eval("fetch('/session').then(r => r.status)");
     assert_eq!(status, Value::from(401));
+    assert_eq!(relay.describe(&session_tunnel)["status"], "CLOSED");
 
     // An admin approves ada's request on the page, and reads the audit trail.
     log_in(&mut b, "ida", admin_password);
@@ -279,11 +289,11 @@ fn an_operator_logs_in_opens_a_tunnel_to_a_gateway_uses_it_and_closes_it_in_a_re
     b.type_into("#audit-operator", "ada");
     b.type_into("#audit-event", "tunnel_open");
     b.click("#audit-submit");
-    // Only what the filters ask: ada's two openings, the first with its reason.
+    // Only what the filters ask: ada's three openings, the first with its reason.
     b.wait_until(
-        "ada's two tunnels, and nothing else, in the audit trail",
+        "ada's three tunnels, and nothing else, in the audit trail",
         "[...document.querySelectorAll('#audit-table tbody tr')].every(r => r.dataset.event === 'tunnel_open') \
-         && document.querySelectorAll('#audit-table tbody tr').length === 2",
+         && document.querySelectorAll('#audit-table tbody tr').length === 3",
     );
     assert!(b.text("#audit-table").contains("checking the echo service"));
     b.screenshot(&screenshots().join("audit.png"));
@@ -301,7 +311,9 @@ fn an_operator_logs_in_opens_a_tunnel_to_a_gateway_uses_it_and_closes_it_in_a_re
             && r["path"] == "/tunnels"
             && r["status"] == 201
     }));
-    assert!(has(&|r| r["event"] == "logout" && r["operator"] == "ada"));
+    assert!(has(&|r| r["event"] == "logout"
+        && r["operator"] == "ada"
+        && r["tunnelsClosed"][0] == session_tunnel.as_str()));
 }
 
 /// curl against the console, with `args`; the response head and body.

@@ -90,7 +90,7 @@ fn admin_or_self(
 }
 
 /// Close the tunnels no longer allowed after a change to operator `name`.
-async fn enforce(state: &AppState, name: &str) -> Vec<String> {
+pub(crate) async fn enforce(state: &AppState, name: &str) -> Vec<String> {
     match state
         .access
         .close_revoked(&state.registry, Some(name))

@@ -389,9 +389,11 @@ async fn authenticate(console: &Console, headers: &HeaderMap) -> Result<Principa
         if let Err(e) = state.access.revoke_key(name, key).await {
             warn!(error = %e, operator = name, "could not revoke an idle console session's key");
         }
+        // The tunnels opened in the session close with it, as with any revoked key.
+        let closed = crate::api::operators::enforce(state, name).await;
         state.audit.record(
             "console_session_expired",
-            json!({"operator": name, "key": key, "idleMinutes": console.idle_ms / 60_000}),
+            json!({"operator": name, "key": key, "idleMinutes": console.idle_ms / 60_000, "tunnelsClosed": closed}),
         );
         return Err(not_logged_in(
             "the session ended after being idle: log in again",
@@ -507,9 +509,10 @@ async fn logout(State(console): State<Arc<Console>>, headers: HeaderMap) -> Resp
         warn!(error = %e, operator = name, "could not revoke a console session's key at logout");
         return e.into_response();
     }
+    let closed = crate::api::operators::enforce(state, name).await;
     state.audit.record(
         "logout",
-        json!({"operator": name, "key": key, "console": true}),
+        json!({"operator": name, "key": key, "console": true, "tunnelsClosed": closed}),
     );
     let mut r = StatusCode::NO_CONTENT.into_response();
     r.headers_mut().insert(

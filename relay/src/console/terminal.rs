@@ -155,7 +155,21 @@ pub async fn terminal(
                 "console_terminal",
                 json!({"operator": operator, "tunnel": q.tunnel, "thing": thing, "service": q.service, "kind": q.kind_str()}),
             );
-            let why = run(&console, socket, &q, &key, &thing).await;
+            // An open terminal is a session in use: it does not end by the idle timeout
+            // (whose revocation would close the terminal's tunnel) while the operator types.
+            let why = {
+                let terminal = run(&console, socket, &q, &key, &thing);
+                tokio::pin!(terminal);
+                let mut tick = tokio::time::interval(Duration::from_secs(30));
+                loop {
+                    tokio::select! {
+                        why = &mut terminal => break why,
+                        _ = tick.tick() => {
+                            console.touch(&key, state.access.now());
+                        }
+                    }
+                }
+            };
             state.audit.record(
                 "console_terminal_end",
                 json!({"operator": operator, "tunnel": q.tunnel, "thing": thing, "service": q.service, "why": why}),
