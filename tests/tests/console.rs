@@ -80,6 +80,27 @@ fn site(
     (relay, gw, key)
 }
 
+/// chromium on the console's Terminal page, logged in as (operator, password).
+fn terminal_page(
+    dir: &std::path::Path,
+    relay: &Relay,
+    (operator, password): (&str, &str),
+) -> Browser {
+    let mut b = Browser::launch(dir, &relay.dir.join("relay-state/server.pem"));
+    b.open(&console_url(relay));
+    log_in(&mut b, operator, password);
+    b.wait_until(
+        "the tunnels hub",
+        "!document.getElementById('tunnels').hidden",
+    );
+    b.click("a[data-view='terminal']");
+    b.wait_until(
+        "the terminal form",
+        "!document.getElementById('terminal').hidden",
+    );
+    b
+}
+
 fn log_in(b: &mut Browser, name: &str, password: &str) {
     b.wait_until("the login form", "!document.getElementById('login').hidden");
     b.type_into("#login-name", name);
@@ -402,6 +423,14 @@ fn console_cookies_csrf_origin_csp_and_the_login_limit_hold() {
     assert_eq!(header(&head, "x-frame-options"), Some("DENY"));
     assert_eq!(header(&head, "x-content-type-options"), Some("nosniff"));
     assert_eq!(header(&head, "cache-control"), Some("no-store"));
+    let (head, _) = curl(&relay, &[&format!("{url}static/xterm.js")]);
+    assert_eq!(status(&head), 200);
+    assert_eq!(
+        header(&head, "content-type"),
+        Some("text/javascript; charset=utf-8")
+    );
+    let (head, _) = curl(&relay, &[&format!("{url}static/../../etc/passwd")]);
+    assert_eq!(status(&head), 404);
 
     // A login from another site's page, or with no Origin at all, is refused.
     let login_body = format!(r#"{{"name":"otto","password":"{password}"}}"#);
@@ -664,20 +693,8 @@ fn a_telnet_console_in_the_browser_carries_typed_lines_to_the_device_and_its_ans
         ],
         false,
     );
-    let url = console_url(&relay);
 
-    let mut b = Browser::launch(&dir, &relay.dir.join("relay-state/server.pem"));
-    b.open(&url);
-    log_in(&mut b, "kai", password);
-    b.wait_until(
-        "the tunnels hub",
-        "!document.getElementById('tunnels').hidden",
-    );
-    b.click("a[data-view='terminal']");
-    b.wait_until(
-        "the terminal form",
-        "!document.getElementById('terminal').hidden",
-    );
+    let mut b = terminal_page(&dir, &relay, ("kai", password));
     b.type_into("#term-thing", "robot-7");
     b.type_into("#term-service", "TELNET");
     term_kind(&mut b, "telnet");
@@ -792,21 +809,9 @@ fn an_ssh_console_in_the_browser_logs_in_with_a_key_pins_the_host_key_and_refuse
         &[("SSH", format!("127.0.0.1:{}", sshd.port))],
         false,
     );
-    let url = console_url(&relay);
     let key = std::fs::read_to_string(&sshd.client_key).unwrap();
 
-    let mut b = Browser::launch(&dir, &relay.dir.join("relay-state/server.pem"));
-    b.open(&url);
-    log_in(&mut b, "sam", password);
-    b.wait_until(
-        "the tunnels hub",
-        "!document.getElementById('tunnels').hidden",
-    );
-    b.click("a[data-view='terminal']");
-    b.wait_until(
-        "the terminal form",
-        "!document.getElementById('terminal').hidden",
-    );
+    let mut b = terminal_page(&dir, &relay, ("sam", password));
     let open = |b: &mut Browser| {
         b.type_into("#term-thing", "robot-9");
         b.type_into("#term-service", "SSH");

@@ -211,26 +211,7 @@ pub fn router(console: Arc<Console>) -> Router {
         .with_state(console.relay.clone());
     Router::new()
         .route("/", get(index))
-        .route(
-            "/static/console.js",
-            get(|| async { page(CONSOLE_JS, "text/javascript; charset=utf-8") }),
-        )
-        .route(
-            "/static/console.css",
-            get(|| async { page(CONSOLE_CSS, "text/css; charset=utf-8") }),
-        )
-        .route(
-            "/static/xterm.js",
-            get(|| async { page(XTERM_JS, "text/javascript; charset=utf-8") }),
-        )
-        .route(
-            "/static/xterm.css",
-            get(|| async { page(XTERM_CSS, "text/css; charset=utf-8") }),
-        )
-        .route(
-            "/static/addon-fit.js",
-            get(|| async { page(XTERM_FIT_JS, "text/javascript; charset=utf-8") }),
-        )
+        .route("/static/{file}", get(asset))
         .route("/terminal", get(terminal::terminal))
         .route("/session", post(login).get(session))
         .route("/session/logout", post(logout))
@@ -261,8 +242,31 @@ async fn index() -> Response {
     r
 }
 
-fn page(body: &'static str, content_type: &'static str) -> Response {
-    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+/// The page's script and styles, and xterm.js's: name, content, type.
+const ASSETS: [(&str, &str, &str); 5] = [
+    ("console.js", CONSOLE_JS, "text/javascript; charset=utf-8"),
+    ("console.css", CONSOLE_CSS, "text/css; charset=utf-8"),
+    ("xterm.js", XTERM_JS, "text/javascript; charset=utf-8"),
+    ("xterm.css", XTERM_CSS, "text/css; charset=utf-8"),
+    (
+        "addon-fit.js",
+        XTERM_FIT_JS,
+        "text/javascript; charset=utf-8",
+    ),
+];
+
+/// `GET /static/{file}`: one of [`ASSETS`].
+async fn asset(axum::extract::Path(file): axum::extract::Path<String>) -> Response {
+    match ASSETS.iter().find(|(name, _, _)| *name == file) {
+        Some((_, body, content_type)) => {
+            ([(header::CONTENT_TYPE, *content_type)], *body).into_response()
+        }
+        None => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such file: the console is at /",
+        ),
+    }
 }
 
 /// On every response: the Content-Security-Policy and its companions, and no caching.

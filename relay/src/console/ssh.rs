@@ -81,16 +81,15 @@ impl KnownHosts {
     pub fn pin(&self, thing: &str, service: &str, key: &PublicKey) -> std::io::Result<()> {
         use std::io::Write;
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mut text = key
+        let openssh = key
             .to_openssh()
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         // Algorithm and key only: no comment.
-        if let Some((head, _)) = text.split_once(' ').and_then(|(a, rest)| {
-            let b = rest.split(' ').next()?;
-            Some((format!("{a} {b}"), ()))
-        }) {
-            text = head;
-        }
+        let text = openssh
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
